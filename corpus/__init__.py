@@ -1,0 +1,1 @@
+"""Seed corpus: LIEF-built ELF inputs for the farm."""

@@ -1,0 +1,1 @@
+"""Fuzzing harness: Atheris campaigns over the emulated boot."""

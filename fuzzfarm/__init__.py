@@ -1,0 +1,1 @@
+"""The fuzzfarm command line."""

@@ -1,0 +1,1 @@
+"""Celery workers: campaigns, triage, minimization, verification."""
