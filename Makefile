@@ -1,0 +1,32 @@
+# Quick start:  make demo   (set up, then boot the bundled examples on both kernel builds)
+#               make test   (set up, then run the test suite)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint images bench clean
+
+$(STAMP): pyproject.toml setup.py kernel_emu/native/tracer.c
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fuzzfarm demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+images: $(STAMP)
+	$(BIN)/fuzzfarm build-guest
+
+bench: $(STAMP)
+	$(BIN)/fuzzfarm bench boot
+
+clean:
+	rm -rf $(VENV) build *.egg-info kernel_emu/*.so

@@ -1,0 +1,358 @@
+"""Emulated UEFI firmware: memory map, identity paging, system table, boot services, ramdisk.
+
+Layouts follow the UEFI 2.x specification; addresses follow `guest/ABI.md`.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+from kernel_emu.image import KernelImage
+from kernel_emu.machine import PAGE, Machine
+from kernel_emu.profile import TargetProfile
+
+EFI_SUCCESS = 0
+EFI_ERR = 0x8000_0000_0000_0000
+EFI_INVALID_PARAMETER = EFI_ERR | 2
+EFI_UNSUPPORTED = EFI_ERR | 3
+EFI_BUFFER_TOO_SMALL = EFI_ERR | 5
+EFI_NOT_FOUND = EFI_ERR | 14
+EFI_OUT_OF_RESOURCES = EFI_ERR | 9
+
+RESERVED, LOADER_CODE, LOADER_DATA, BS_CODE, BS_DATA, RT_CODE, RT_DATA, CONVENTIONAL = range(8)
+
+SERVICE_PORT = 0xF0
+DEBUG_PORT = 0xE9
+
+FIRMWARE_BASE = 0x8_0000
+STUBS = 0x8_0000
+SYSTEM_TABLE = 0x8_1000
+CON_OUT = 0x8_1100
+BOOT_SERVICES = 0x8_1200
+RUNTIME_SERVICES = 0x8_1400
+CONFIG_TABLE = 0x8_1600
+RAMDISK_DESCRIPTOR = 0x8_1700
+VENDOR_STRING = 0x8_1800
+POOL_BASE = 0x8_2000
+FIRMWARE_END = 0xA_0000
+PAGE_TABLES = 0x1000
+STACK_TOP = 0x8_0000
+IMAGE_HANDLE = 0x8_1F00
+
+RAMDISK_GUID = uuid.UUID("7c1c9a6e-2b3d-4f7a-9e21-5258524d4653")
+ACPI20_GUID = uuid.UUID("8868e871-e4f1-11d3-bc22-0080c73c8881")
+RAMDISK_MAGIC = 0x4B53_4944_4D41_5252
+DESCRIPTOR_SIZE = 48
+
+PTE_P, PTE_W = 1, 2
+
+# service ids used in the stubs; boot-services table offsets from the UEFI spec
+SVC_OUTPUT_STRING, SVC_ALLOCATE_PAGES, SVC_FREE_PAGES, SVC_GET_MEMORY_MAP = 1, 2, 3, 4
+SVC_ALLOCATE_POOL, SVC_FREE_POOL, SVC_EXIT_BOOT_SERVICES, SVC_UNSUPPORTED = 5, 6, 7, 8
+SVC_CON_RESET, SVC_EFI_MAIN_RETURNED = 9, 10
+BOOT_SERVICE_SLOTS = {
+    40: SVC_ALLOCATE_PAGES, 48: SVC_FREE_PAGES, 56: SVC_GET_MEMORY_MAP, 64: SVC_ALLOCATE_POOL,
+    72: SVC_FREE_POOL, 232: SVC_EXIT_BOOT_SERVICES,
+}
+BOOT_SERVICES_SIZE = 376
+STUB_SIZE = 8
+
+
+def stub_address(service: int) -> int:
+    return STUBS + service * STUB_SIZE
+
+
+def _stub(service: int) -> bytes:
+    # mov eax, imm32 ; out 0xf0, eax ; ret
+    return b"\xb8" + struct.pack("<I", service) + bytes([0xE7, SERVICE_PORT, 0xC3])
+
+
+@dataclass
+class MemoryDescriptor:
+    kind: int
+    start: int
+    pages: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.pages * PAGE
+
+    def pack(self) -> bytes:
+        return struct.pack("<IIQQQQ", self.kind, 0, self.start, 0, self.pages, 0xF).ljust(
+            DESCRIPTOR_SIZE, b"\0")
+
+
+@dataclass
+class FirmwareState:
+    """What the firmware remembers between service calls (copied into snapshots)."""
+
+    console: list[str] = field(default_factory=list)
+    map_key: int = 1
+    exited: bool = False
+    pool_next: int = POOL_BASE
+    calls: list[str] = field(default_factory=list)
+    efi_main_status: int | None = None
+
+    def copy(self) -> FirmwareState:
+        return FirmwareState(list(self.console), self.map_key, self.exited, self.pool_next,
+                             list(self.calls), self.efi_main_status)
+
+
+class Firmware:
+    """Prepares the machine as UEFI firmware leaves it and services the image's calls."""
+
+    def __init__(self, machine: Machine, profile: TargetProfile, image: KernelImage) -> None:
+        self.m = machine
+        self.profile = profile
+        self.image = image
+        self.state = FirmwareState()
+        mem = profile.memory
+        self.stack_top = STACK_TOP
+        self.stack_base = STACK_TOP - mem.firmware_stack_size
+        self.guard_page = self.stack_base - PAGE
+        self.memory_map = self._memory_map()
+        self.page_table_end = PAGE_TABLES
+        if self.guard_page < PAGE_TABLES + 0x50 * PAGE:
+            raise ValueError("firmware stack too large for the firmware area")
+
+    # layout ------------------------------------------------------------------------------
+    def _memory_map(self) -> list[MemoryDescriptor]:
+        mem = self.profile.memory
+        image_end = (max(self.image.end, 0x10_0000) + PAGE - 1) & ~(PAGE - 1)
+        image_end = max(image_end, 0x30_0000)
+        return [
+            MemoryDescriptor(RESERVED, 0, 1),
+            MemoryDescriptor(BS_DATA, PAGE, (FIRMWARE_BASE - PAGE) // PAGE),
+            MemoryDescriptor(RT_DATA, FIRMWARE_BASE, (FIRMWARE_END - FIRMWARE_BASE) // PAGE),
+            MemoryDescriptor(RESERVED, FIRMWARE_END, (0x10_0000 - FIRMWARE_END) // PAGE),
+            MemoryDescriptor(LOADER_CODE, 0x10_0000, (image_end - 0x10_0000) // PAGE),
+            MemoryDescriptor(CONVENTIONAL, image_end, (mem.ram_size - image_end) // PAGE),
+            MemoryDescriptor(LOADER_DATA, mem.ramdisk_base, mem.ramdisk_size // PAGE),
+        ]
+
+    def install(self) -> None:
+        """Write tables, load the image, label memory and point the CPU at efi_main."""
+        m = self.m
+        for seg in self.image.segments:
+            m.write(seg.vaddr, seg.data.ljust(seg.memsz, b"\0"))
+        self._build_page_tables()
+        self._build_tables()
+        mem = self.profile.memory
+        m.label(0, mem.ram_size, "ram")
+        m.label(mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size, "ramdisk")
+        m.label(0, PAGE, "null-page")
+        m.label(PAGE_TABLES, self.page_table_end, "firmware-page-tables")
+        m.label(FIRMWARE_BASE, FIRMWARE_END, "firmware")
+        m.label(self.stack_base, self.stack_top, "firmware-stack")
+        m.label(self.guard_page, self.stack_base, "guard:firmware-stack")
+        m.label(self.image.start, self.image.end, "kernel-image")
+        heap = self.profile.heap
+        m.label(heap.base, heap.end, "heap")
+        m.on_port_write(SERVICE_PORT, self._service)
+        self._enter()
+
+    def _build_page_tables(self) -> None:
+        """4 KiB identity pages for RAM and the ramdisk; page 0 and the stack guard not present."""
+        mem = self.profile.memory
+        m = self.m
+        next_page = PAGE_TABLES
+
+        def alloc() -> int:
+            nonlocal next_page
+            page = next_page
+            next_page += PAGE
+            return page
+
+        pml4 = alloc()
+        tables: dict[tuple[int, int], int] = {}
+
+        def table_for(level_parent: int, index: int, key: tuple[int, int]) -> int:
+            if key not in tables:
+                tables[key] = alloc()
+                m.put_u64(level_parent + index * 8, tables[key] | PTE_P | PTE_W)
+            return tables[key]
+
+        def map_range(start: int, end: int) -> None:
+            for page in range(start, end, PAGE):
+                if page in (0, self.guard_page):
+                    continue
+                i4, i3, i2, i1 = ((page >> s) & 0x1FF for s in (39, 30, 21, 12))
+                pdpt = table_for(pml4, i4, (4, page >> 39))
+                pd = table_for(pdpt, i3, (3, page >> 30))
+                pt = table_for(pd, i2, (2, page >> 21))
+                entries = bytearray()
+                entries += struct.pack("<Q", page | PTE_P | PTE_W)
+                m.write(pt + i1 * 8, bytes(entries))
+
+        map_range(0, mem.ram_size)
+        map_range(mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)
+        self.page_table_end = next_page
+        self.pml4 = pml4
+
+    def _build_tables(self) -> None:
+        m = self.m
+        for svc in range(SVC_EFI_MAIN_RETURNED + 1):
+            m.write(stub_address(svc), _stub(svc))
+        vendor = "Rustux fuzzfarm firmware\0".encode("utf-16-le")
+        m.write(VENDOR_STRING, vendor)
+        # EFI_SIMPLE_TEXT_OUTPUT_PROTOCOL: Reset, OutputString, then unsupported entries
+        con_out = [stub_address(SVC_CON_RESET), stub_address(SVC_OUTPUT_STRING)]
+        con_out += [stub_address(SVC_UNSUPPORTED)] * 7
+        m.write(CON_OUT, struct.pack(f"<{len(con_out)}Q", *con_out))
+        boot = bytearray(BOOT_SERVICES_SIZE)
+        struct.pack_into("<QIIII", boot, 0, 0x56524553544F4F42, 0x0002_0046,
+                         BOOT_SERVICES_SIZE, 0, 0)
+        for off in range(24, BOOT_SERVICES_SIZE, 8):
+            svc = BOOT_SERVICE_SLOTS.get(off, SVC_UNSUPPORTED)
+            struct.pack_into("<Q", boot, off, stub_address(svc))
+        m.write(BOOT_SERVICES, bytes(boot))
+        runtime = bytearray(136)
+        struct.pack_into("<QIIII", runtime, 0, 0x56524553544E5552, 0x0002_0046, 136, 0, 0)
+        for off in range(24, 136, 8):
+            struct.pack_into("<Q", runtime, off, stub_address(SVC_UNSUPPORTED))
+        m.write(RUNTIME_SERVICES, bytes(runtime))
+        # an ACPI 2.0 entry (pointing at nothing useful) before ours, as real firmware has
+        config = ACPI20_GUID.bytes_le + struct.pack("<Q", 0)
+        config += RAMDISK_GUID.bytes_le + struct.pack("<Q", RAMDISK_DESCRIPTOR)
+        m.write(CONFIG_TABLE, config)
+        system = bytearray(120)
+        struct.pack_into("<QIIII", system, 0, 0x5453595320494249, 0x0002_0046, 120, 0, 0)
+        struct.pack_into("<QI", system, 24, VENDOR_STRING, 0x0001_0000)
+        struct.pack_into("<QQ", system, 56, 0x8_1F10, CON_OUT)  # ConsoleOutHandle, ConOut
+        struct.pack_into("<QQ", system, 72, 0x8_1F10, CON_OUT)  # StandardErrorHandle, StdErr
+        struct.pack_into("<QQQQ", system, 88, RUNTIME_SERVICES, BOOT_SERVICES, 2, CONFIG_TABLE)
+        m.write(SYSTEM_TABLE, bytes(system))
+
+    def _enter(self) -> None:
+        m = self.m
+        rsp = self.stack_top - 0x30  # return address + 32 bytes of shadow space, 16-aligned + 8
+        rsp -= 8
+        m.put_u64(rsp, stub_address(SVC_EFI_MAIN_RETURNED))
+        m.set_reg("cr3", self.pml4)
+        m.set_reg("cr4", 0x620)          # PAE | OSFXSR | OSXMMEXCPT
+        m.set_reg("efer", 0xD00)         # LME | LMA | NXE
+        m.set_reg("cr0", 0x8001_0033)    # PG | WP | NE | ET | MP | PE
+        m.set_reg("rsp", rsp)
+        m.set_reg("rcx", IMAGE_HANDLE)
+        m.set_reg("rdx", SYSTEM_TABLE)
+        m.set_reg("rip", self.image.entry)
+
+    # ramdisk -----------------------------------------------------------------------------
+    def hand_over_ramdisk(self, image: bytes, previous_size: int) -> None:
+        """Place the ramdisk and its descriptor; zero what a longer previous one left behind."""
+        base = self.profile.memory.ramdisk_base
+        self.m.write(base, image)
+        if previous_size > len(image):
+            self.m.write(base + len(image), bytes(previous_size - len(image)))
+        self.m.write(RAMDISK_DESCRIPTOR, struct.pack("<QQQ", RAMDISK_MAGIC, base, len(image)))
+
+    @property
+    def ramdisk_ranges(self) -> list[tuple[int, int]]:
+        mem = self.profile.memory
+        return [(RAMDISK_DESCRIPTOR, RAMDISK_DESCRIPTOR + 24),
+                (mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)]
+
+    # services ----------------------------------------------------------------------------
+    def _service(self, _port: int, _size: int, value: int) -> None:
+        m = self.m
+        args = [m.reg("rcx"), m.reg("rdx"), m.reg("r8"), m.reg("r9")]
+        rsp = m.reg("rsp")
+        # stack arguments start above the return address and the 32-byte shadow space
+        fifth = m.u64(rsp + 8 + 32)
+        st = self.state
+        if value == SVC_EFI_MAIN_RETURNED:
+            st.efi_main_status = m.reg("rax")
+            st.calls.append("efi_main returned")
+            m.uc.emu_stop()
+            return
+        if st.exited and value not in (SVC_OUTPUT_STRING, SVC_CON_RESET):
+            st.calls.append(f"service {value} after ExitBootServices")
+            m.set_reg("rax", EFI_UNSUPPORTED)
+            return
+        handler = {
+            SVC_OUTPUT_STRING: self._output_string,
+            SVC_CON_RESET: lambda a, f: EFI_SUCCESS,
+            SVC_GET_MEMORY_MAP: self._get_memory_map,
+            SVC_EXIT_BOOT_SERVICES: self._exit_boot_services,
+            SVC_ALLOCATE_POOL: self._allocate_pool,
+            SVC_FREE_POOL: lambda a, f: EFI_SUCCESS,
+            SVC_ALLOCATE_PAGES: self._allocate_pages,
+            SVC_FREE_PAGES: lambda a, f: EFI_SUCCESS,
+        }.get(value)
+        status = EFI_UNSUPPORTED if handler is None else handler(args, fifth)
+        st.calls.append(f"{_SERVICE_NAMES.get(value, 'unsupported')} -> {status:#x}")
+        m.set_reg("rax", status)
+
+    def _output_string(self, args: list[int], _fifth: int) -> int:
+        raw = bytearray()
+        addr = args[1]
+        for _ in range(4096):
+            ch = self.m.read(addr, 2)
+            if ch == b"\0\0":
+                break
+            raw += ch
+            addr += 2
+        self.state.console.append(raw.decode("utf-16-le", errors="replace"))
+        return EFI_SUCCESS
+
+    def _get_memory_map(self, args: list[int], fifth: int) -> int:
+        size_ptr, buf, key_ptr, desc_size_ptr = args
+        m = self.m
+        needed = len(self.memory_map) * DESCRIPTOR_SIZE
+        if m.bank_for(size_ptr, 8) is None:
+            return EFI_INVALID_PARAMETER
+        have = m.u64(size_ptr)
+        m.put_u64(size_ptr, needed)
+        if desc_size_ptr and m.bank_for(desc_size_ptr, 8):
+            m.put_u64(desc_size_ptr, DESCRIPTOR_SIZE)
+        if fifth and m.bank_for(fifth, 4):
+            m.write(fifth, struct.pack("<I", 1))
+        if have < needed:
+            return EFI_BUFFER_TOO_SMALL
+        if m.bank_for(buf, needed) is None:
+            return EFI_INVALID_PARAMETER
+        m.write(buf, b"".join(d.pack() for d in self.memory_map))
+        if key_ptr and m.bank_for(key_ptr, 8):
+            m.put_u64(key_ptr, self.state.map_key)
+        return EFI_SUCCESS
+
+    def _exit_boot_services(self, args: list[int], _fifth: int) -> int:
+        if args[1] != self.state.map_key:
+            return EFI_INVALID_PARAMETER
+        self.state.exited = True
+        return EFI_SUCCESS
+
+    def _allocate_pool(self, args: list[int], _fifth: int) -> int:
+        size, out_ptr = args[1], args[2]
+        start = (self.state.pool_next + 15) & ~15
+        if size > FIRMWARE_END - start or self.m.bank_for(out_ptr, 8) is None:
+            return EFI_OUT_OF_RESOURCES
+        self.state.pool_next = start + size
+        self.m.put_u64(out_ptr, start)
+        return EFI_SUCCESS
+
+    def _allocate_pages(self, args: list[int], _fifth: int) -> int:
+        # AllocateAnyPages only: carve from the top of the last conventional range
+        kind, mem_type, pages, out_ptr = args
+        conv = [d for d in self.memory_map if d.kind == CONVENTIONAL]
+        if kind != 0 or not conv or pages <= 0 or pages >= conv[-1].pages:
+            return EFI_OUT_OF_RESOURCES
+        if self.m.bank_for(out_ptr, 8) is None:
+            return EFI_INVALID_PARAMETER
+        last = conv[-1]
+        last.pages -= pages
+        given = MemoryDescriptor(mem_type & 0xF, last.end, pages)
+        self.memory_map.insert(self.memory_map.index(last) + 1, given)
+        self.state.map_key += 1
+        self.m.put_u64(out_ptr, given.start)
+        return EFI_SUCCESS
+
+
+_SERVICE_NAMES = {
+    SVC_OUTPUT_STRING: "OutputString", SVC_GET_MEMORY_MAP: "GetMemoryMap",
+    SVC_EXIT_BOOT_SERVICES: "ExitBootServices", SVC_ALLOCATE_POOL: "AllocatePool",
+    SVC_FREE_POOL: "FreePool", SVC_ALLOCATE_PAGES: "AllocatePages", SVC_FREE_PAGES: "FreePages",
+    SVC_CON_RESET: "ConOut.Reset",
+}

@@ -1,0 +1,145 @@
+"""Kernel images: loadable segments, entry point and symbols, read with LIEF."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import lief
+
+from kernel_emu.errors import ImageError
+
+_HASH_SUFFIX = re.compile(r"::h[0-9a-f]{16}$")
+_CRATE_DISAMBIGUATOR = re.compile(r"\[[0-9a-f]+\]")
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    vaddr: int
+    memsz: int
+    data: bytes
+    flags: int  # ELF p_flags: R=4, W=2, X=1
+
+    @property
+    def end(self) -> int:
+        return self.vaddr + self.memsz
+
+
+@dataclass(frozen=True)
+class Symbol:
+    address: int
+    size: int
+    mangled: str
+    name: str  # demangled, hash suffix dropped
+
+
+def clean_rust_name(demangled: str) -> str:
+    """Drop what varies between builds: the legacy `::h<hash>` suffix and v0 crate hashes."""
+    return _CRATE_DISAMBIGUATOR.sub("", _HASH_SUFFIX.sub("", demangled))
+
+
+def _demangle_all(names: list[str]) -> list[str]:
+    tool = shutil.which("c++filt")
+    if tool is None or not names:
+        return names
+    try:
+        out = subprocess.run(
+            [tool], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=60,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return names
+    return out if len(out) == len(names) else names
+
+
+class KernelImage:
+    """An amd64 kernel image with a UEFI-style entry, loaded at its link addresses."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read kernel image {path}: {e.strerror}") from e
+        self.path = path
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        binary = lief.ELF.parse(list(raw)) if raw[:4] == b"\x7fELF" else None
+        if binary is None or binary.header.machine_type != lief.ELF.ARCH.X86_64:
+            raise ImageError(f"{path}: not an x86-64 ELF kernel image")
+        self.entry = binary.entry
+        self.segments = tuple(
+            ImageSegment(
+                vaddr=seg.virtual_address,
+                memsz=seg.virtual_size,
+                data=bytes(seg.content),
+                flags=int(seg.flags),
+            )
+            for seg in binary.segments
+            if seg.type == lief.ELF.Segment.TYPE.LOAD and seg.virtual_size
+        )
+        if not self.segments:
+            raise ImageError(f"{path}: no loadable segments")
+        raw_syms = [
+            s for s in binary.symtab_symbols
+            if s.name and s.value and s.type in (lief.ELF.Symbol.TYPE.FUNC,
+                                                  lief.ELF.Symbol.TYPE.OBJECT,
+                                                  lief.ELF.Symbol.TYPE.NOTYPE)
+        ]
+        demangled = _demangle_all([s.name for s in raw_syms])
+        syms = [
+            Symbol(address=s.value, size=s.size, mangled=s.name, name=clean_rust_name(d))
+            for s, d in zip(raw_syms, demangled, strict=True)
+        ]
+        self.symbols = sorted(syms, key=lambda s: s.address)
+        self._addresses = [s.address for s in self.symbols]
+        self._by_name: dict[str, Symbol] = {}
+        for sym in self.symbols:
+            self._by_name.setdefault(sym.name, sym)
+            self._by_name.setdefault(sym.mangled, sym)
+
+    @property
+    def start(self) -> int:
+        return min(s.vaddr for s in self.segments)
+
+    @property
+    def end(self) -> int:
+        return max(s.end for s in self.segments)
+
+    @property
+    def text_ranges(self) -> list[tuple[int, int]]:
+        return [(s.vaddr, s.end) for s in self.segments if s.flags & 1]
+
+    def symbol(self, name: str) -> Symbol:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ImageError(f"{self.path.name}: no symbol '{name}'") from None
+
+    def function_at(self, address: int) -> Symbol | None:
+        i = bisect.bisect_right(self._addresses, address) - 1
+        while i >= 0:
+            sym = self.symbols[i]
+            if sym.address <= address < sym.address + max(sym.size, 1):
+                return sym
+            if sym.size:
+                return None
+            i -= 1
+        return None
+
+    def describe(self, address: int) -> str:
+        """`name+0x1f`, or the raw address when no symbol covers it."""
+        sym = self.function_at(address)
+        if sym is None:
+            return f"{address:#x}"
+        off = address - sym.address
+        return f"{sym.name}+{off:#x}" if off else sym.name
+
+
+@cache
+def load_image(path: Path) -> KernelImage:
+    return KernelImage(path)

@@ -1,0 +1,179 @@
+"""The emulated amd64 machine: Unicorn CPU, labelled RAM regions backed by host memory, port I/O."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn.x86_const import (
+    UC_X86_INS_IN,
+    UC_X86_INS_OUT,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR2,
+    UC_X86_REG_CR3,
+    UC_X86_REG_CR4,
+    UC_X86_REG_EFER,
+    UC_X86_REG_R8,
+    UC_X86_REG_R9,
+    UC_X86_REG_R10,
+    UC_X86_REG_R11,
+    UC_X86_REG_R12,
+    UC_X86_REG_R13,
+    UC_X86_REG_R14,
+    UC_X86_REG_R15,
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBP,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDI,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RFLAGS,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSI,
+    UC_X86_REG_RSP,
+)
+
+PAGE = 0x1000
+
+REGISTERS = {
+    "rax": UC_X86_REG_RAX, "rbx": UC_X86_REG_RBX, "rcx": UC_X86_REG_RCX, "rdx": UC_X86_REG_RDX,
+    "rsi": UC_X86_REG_RSI, "rdi": UC_X86_REG_RDI, "rbp": UC_X86_REG_RBP, "rsp": UC_X86_REG_RSP,
+    "r8": UC_X86_REG_R8, "r9": UC_X86_REG_R9, "r10": UC_X86_REG_R10, "r11": UC_X86_REG_R11,
+    "r12": UC_X86_REG_R12, "r13": UC_X86_REG_R13, "r14": UC_X86_REG_R14, "r15": UC_X86_REG_R15,
+    "rip": UC_X86_REG_RIP, "rflags": UC_X86_REG_RFLAGS, "cr0": UC_X86_REG_CR0,
+    "cr2": UC_X86_REG_CR2, "cr3": UC_X86_REG_CR3, "cr4": UC_X86_REG_CR4,
+    "efer": UC_X86_REG_EFER,
+}
+
+
+class PortWriteHandler(Protocol):
+    def __call__(self, port: int, size: int, value: int) -> None: ...
+
+
+class PortReadHandler(Protocol):
+    def __call__(self, port: int, size: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class Label:
+    """A named address range, so reports can say `write to [guard:firmware-stack]`."""
+
+    start: int
+    end: int
+    name: str
+
+
+class RamBank:
+    """One contiguous block of guest RAM, mapped into Unicorn from a host buffer."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.size = size
+        self.buffer = mmap.mmap(-1, size)
+        self.view = memoryview(self.buffer)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+
+    def contains(self, addr: int, size: int = 1) -> bool:
+        return self.base <= addr and addr + size <= self.base + self.size
+
+
+class Machine:
+    """Unicorn in 64-bit mode with RAM banks, labels and port I/O dispatch."""
+
+    def __init__(self, banks: list[tuple[int, int]]) -> None:
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.banks = [RamBank(base, size) for base, size in banks]
+        for bank in self.banks:
+            self.uc.mem_map_ptr(bank.base, bank.size, UC_PROT_ALL, bank.address)
+        self.labels: list[Label] = []
+        self._out: dict[int, PortWriteHandler] = {}
+        self._in: dict[int, PortReadHandler] = {}
+        self.unhandled_ports: list[tuple[str, int, int]] = []
+        self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
+        self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
+
+    # memory ------------------------------------------------------------------------------
+    def bank_for(self, addr: int, size: int = 1) -> RamBank | None:
+        for bank in self.banks:
+            if bank.contains(addr, size):
+                return bank
+        return None
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Read guest physical memory; bytes outside RAM read as 0xff, like an open bus."""
+        bank = self.bank_for(addr, size)
+        if bank is not None:
+            off = addr - bank.base
+            return bytes(bank.view[off:off + size])
+        return bytes(self._read_slow(addr, size))
+
+    def _read_slow(self, addr: int, size: int) -> bytearray:
+        out = bytearray(b"\xff" * size)
+        for i in range(size):
+            bank = self.bank_for(addr + i)
+            if bank is not None:
+                out[i] = bank.view[addr + i - bank.base]
+        return out
+
+    def write(self, addr: int, data: bytes) -> None:
+        bank = self.bank_for(addr, len(data))
+        if bank is None:
+            raise ValueError(f"host write outside RAM at {addr:#x}")
+        off = addr - bank.base
+        bank.view[off:off + len(data)] = data
+
+    def u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def put_u64(self, addr: int, value: int) -> None:
+        self.write(addr, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def label(self, start: int, end: int, name: str) -> None:
+        self.labels.append(Label(start, end, name))
+
+    def label_of(self, addr: int) -> str | None:
+        # later labels are more specific (a guard page inside a firmware area)
+        for lab in reversed(self.labels):
+            if lab.start <= addr < lab.end:
+                return lab.name
+        return None
+
+    # registers ---------------------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        return self.uc.reg_read(REGISTERS[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.uc.reg_write(REGISTERS[name], value)
+
+    def registers(self) -> dict[str, int]:
+        return {name: self.uc.reg_read(rid) for name, rid in REGISTERS.items()}
+
+    # port I/O ----------------------------------------------------------------------------
+    def on_port_write(self, port: int, handler: PortWriteHandler) -> None:
+        self._out[port] = handler
+
+    def on_port_read(self, port: int, handler: PortReadHandler) -> None:
+        self._in[port] = handler
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, _user: object) -> None:
+        handler = self._out.get(port)
+        if handler is None:
+            if len(self.unhandled_ports) < 64:
+                self.unhandled_ports.append(("out", port, value))
+            return
+        handler(port, size, value)
+
+    def _on_in(self, uc: Uc, port: int, size: int, _user: object) -> int:
+        handler = self._in.get(port)
+        if handler is None:
+            # no device there: the bus floats high
+            return (1 << (8 * size)) - 1
+        return handler(port, size)
+
+
+HookCallback = Callable[..., object]

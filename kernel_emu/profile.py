@@ -1,0 +1,123 @@
+"""Target profiles: what the emulator must know about one kernel build, read from TOML."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kernel_emu.errors import ProfileError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+BUILTIN_PROFILES = ("seed", "fixed")
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    ram_size: int
+    ramdisk_base: int
+    ramdisk_size: int
+    firmware_stack_size: int
+
+
+@dataclass(frozen=True)
+class HeapLayout:
+    base: int
+    size: int
+    header_size: int
+    magic: int
+    size_offset: int
+    free_offset: int
+    magic_offset: int
+    prev_offset: int
+    next_offset: int
+    free_list_symbol: str
+    alloc_symbol: str
+    dealloc_symbol: str
+
+    @property
+    def end(self) -> int:
+        return self.base + self.size
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    stack_base_symbol: str
+    stack_size: int
+    snapshot_symbol: str
+    success_symbol: str
+    user_top: int
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    budget: int
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    image: Path
+    description: str
+    memory: MemoryLayout
+    heap: HeapLayout
+    kernel: KernelLayout
+    run: RunLimits
+    source: Path
+
+
+def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
+    table = raw.get(key)
+    if not isinstance(table, dict):
+        raise ProfileError(f"{origin}: missing [{key}] table")
+    wanted = {f.name: f.type for f in fields(cls)}
+    missing = sorted(set(wanted) - set(table))
+    if missing:
+        raise ProfileError(f"{origin}: [{key}] lacks {', '.join(missing)}")
+    values = {}
+    for name, typ in wanted.items():
+        value = table[name]
+        expect = str if typ in (str, "str") else int
+        if not isinstance(value, expect) or isinstance(value, bool):
+            raise ProfileError(f"{origin}: [{key}].{name} must be {expect.__name__}")
+        values[name] = value
+    return cls(**values)
+
+
+def load_profile_file(path: Path) -> TargetProfile:
+    """Read a profile TOML; the image path is relative to the profile file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {path}: {e.strerror}") from e
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from e
+    for key in ("name", "image"):
+        if not isinstance(raw.get(key), str):
+            raise ProfileError(f"{path}: missing string field '{key}'")
+    image = (path.parent / raw["image"]).resolve()
+    if not image.is_file():
+        raise ProfileError(f"{path}: kernel image {raw['image']} not found")
+    return TargetProfile(
+        name=raw["name"],
+        image=image,
+        description=str(raw.get("description", "")),
+        memory=_section(raw, "memory", MemoryLayout, path),
+        heap=_section(raw, "heap", HeapLayout, path),
+        kernel=_section(raw, "kernel", KernelLayout, path),
+        run=_section(raw, "run", RunLimits, path),
+        source=path.resolve(),
+    )
+
+
+def load_profile(spec: str) -> TargetProfile:
+    """A built-in profile name (seed, fixed) or a path to a profile TOML."""
+    if spec in BUILTIN_PROFILES:
+        return load_profile_file(PROFILE_DIR / f"{spec}.toml")
+    path = Path(spec)
+    if path.suffix != ".toml" and not path.exists():
+        raise ProfileError(
+            f"unknown kernel '{spec}': use one of {', '.join(BUILTIN_PROFILES)} or a profile .toml"
+        )
+    return load_profile_file(path)
