@@ -1,0 +1,608 @@
+/*
+ * Native Unicorn hook callbacks for kernel_emu.tracing.
+ *
+ * A Python hook costs a few hundred nanoseconds per event, which turns a
+ * fuzzing run that should take microseconds into milliseconds.  These
+ * callbacks are plain C functions that Unicorn calls directly; the Python
+ * side only registers them (through the ctypes handle of the Unicorn library
+ * that the unicorn package already loaded) and reads the results between runs.
+ *
+ * The module deliberately does not link against libunicorn nor include its
+ * headers: it builds with nothing but the Python headers and a C compiler,
+ * and the two Unicorn entry points it calls (uc_emu_stop, uc_reg_read) are
+ * handed in as addresses by the Python wrapper.
+ *
+ * Threading: Unicorn runs the callbacks while ctypes has released the GIL, so
+ * they must never touch a Python object.  Everything they use lives in the
+ * plain C part of TracerState.  The Python-facing methods must not be called
+ * while the engine is running in another thread.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PAGE_SHIFT 12
+#define RING_SIZE 64 /* must stay a power of two: the index is masked */
+#define MAP_SIZE 65536
+#define COVERAGE_MULTIPLIER 0x9E3779B97F4A7C15ULL
+
+/* Values from unicorn/x86.h; copied so the build needs no Unicorn headers. */
+#define UC_X86_REG_CR0 50
+#define CR0_PG (1ULL << 31)
+
+/* Prototypes as in unicorn/unicorn.h (uc_err is an enum, i.e. an int). */
+typedef int (*uc_emu_stop_fn)(void *uc);
+typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
+
+typedef struct {
+    uint64_t first_page; /* base >> PAGE_SHIFT */
+    uint64_t npages;
+    uint64_t *bitmap;    /* one bit per page: already in `dirty` this epoch */
+    uint32_t *dirty;     /* page indices in first-write order; capacity npages */
+    uint64_t ndirty;     /* can never exceed npages: a page enters once */
+} Region;
+
+typedef struct {
+    PyObject_HEAD
+    /* Hot fields first: the code hook touches only these. */
+    uint64_t icount;
+    uint64_t budget;
+    uc_emu_stop_fn emu_stop;
+    int exhausted;
+    int coverage_on;
+    uint32_t prev_loc;
+    uint64_t ring_pos;
+    uint64_t ring[RING_SIZE];
+
+    Region *regions;
+    Py_ssize_t nregions;
+    Py_ssize_t last_region; /* writes cluster, so try the last hit first */
+    uc_reg_read_fn reg_read;
+
+    /* Pages written outside every region: open-addressing set of page + 1
+     * (0 marks an empty slot), grown at half load. */
+    uint64_t *other;
+    size_t other_cap;
+    size_t other_len;
+    /* Set when a guest write could not be pinned to named pages, so the
+     * caller must not trust the dirty set (see take_dirty). */
+    int unknown;
+
+    uint8_t map[MAP_SIZE];
+} TracerState;
+
+/* ------------------------------------------------------------------------ */
+/* Hook callbacks (run without the GIL)                                      */
+/* ------------------------------------------------------------------------ */
+
+static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    TracerState *s = (TracerState *)user_data;
+    (void)address;
+    (void)size;
+    if (s->icount < s->budget) {
+        s->icount++;
+        return;
+    }
+    /* Unicorn checks for a stop request right after the code hook, so the
+     * instruction this hook announced is not executed and the count stays
+     * exactly at the budget. */
+    s->exhausted = 1;
+    s->emu_stop(uc);
+}
+
+static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    TracerState *s = (TracerState *)user_data;
+    (void)uc;
+    (void)size;
+    s->ring[s->ring_pos & (RING_SIZE - 1)] = address;
+    s->ring_pos++;
+    if (s->coverage_on) {
+        /* Fibonacci hashing: the top 16 bits of the product depend on every
+         * address bit, unlike a plain mask of the low bits. */
+        uint32_t cur = (uint32_t)((address * COVERAGE_MULTIPLIER) >> 48);
+        uint8_t *counter = &s->map[cur ^ s->prev_loc];
+        /* Saturating, so a hot loop can never wrap its edge back to zero. */
+        if (*counter != 0xff) {
+            (*counter)++;
+        }
+        s->prev_loc = cur >> 1;
+    }
+}
+
+static uint64_t hash_page(uint64_t page)
+{
+    return page * COVERAGE_MULTIPLIER;
+}
+
+/* Returns 0 on allocation failure (the set is left intact). */
+static int other_grow(TracerState *s)
+{
+    size_t new_cap = s->other_cap ? s->other_cap * 2 : 64;
+    uint64_t *slots = calloc(new_cap, sizeof(uint64_t));
+    if (slots == NULL) {
+        return 0;
+    }
+    for (size_t i = 0; i < s->other_cap; i++) {
+        uint64_t key = s->other[i];
+        if (key == 0) {
+            continue;
+        }
+        size_t j = (size_t)(hash_page(key) >> 32) & (new_cap - 1);
+        while (slots[j] != 0) {
+            j = (j + 1) & (new_cap - 1);
+        }
+        slots[j] = key;
+    }
+    free(s->other);
+    s->other = slots;
+    s->other_cap = new_cap;
+    return 1;
+}
+
+static void other_add(TracerState *s, uint64_t page)
+{
+    /* page < 2^52, so the key can never be 0 */
+    uint64_t key = page + 1;
+    if ((s->other_len + 1) * 2 > s->other_cap && !other_grow(s)) {
+        /* Out of memory inside a hook: losing the page silently would make
+         * a later partial restore wrong, so poison the set instead. */
+        s->unknown = 1;
+        return;
+    }
+    size_t j = (size_t)(hash_page(key) >> 32) & (s->other_cap - 1);
+    while (s->other[j] != 0) {
+        if (s->other[j] == key) {
+            return;
+        }
+        j = (j + 1) & (s->other_cap - 1);
+    }
+    s->other[j] = key;
+    s->other_len++;
+}
+
+static inline void region_mark(Region *r, uint64_t index)
+{
+    uint64_t bit = 1ULL << (index & 63);
+    uint64_t *word = &r->bitmap[index >> 6];
+    if (!(*word & bit)) {
+        *word |= bit;
+        r->dirty[r->ndirty++] = (uint32_t)index;
+    }
+}
+
+static void mark_page(TracerState *s, uint64_t page)
+{
+    Region *r;
+    if (s->nregions > 0) {
+        r = &s->regions[s->last_region];
+        /* Unsigned wrap turns "below the base" into "too large". */
+        if (page - r->first_page < r->npages) {
+            region_mark(r, page - r->first_page);
+            return;
+        }
+        for (Py_ssize_t i = 0; i < s->nregions; i++) {
+            r = &s->regions[i];
+            if (page - r->first_page < r->npages) {
+                s->last_region = i;
+                region_mark(r, page - r->first_page);
+                return;
+            }
+        }
+    }
+    other_add(s, page);
+}
+
+static int paging_enabled(TracerState *s, void *uc)
+{
+    uint64_t cr0 = 0;
+    if (s->reg_read == NULL || s->reg_read(uc, UC_X86_REG_CR0, &cr0) != 0) {
+        return 1; /* cannot tell: assume the worst */
+    }
+    return (cr0 & CR0_PG) != 0;
+}
+
+static void write_hook(void *uc, int type, uint64_t address, int size, int64_t value,
+                       void *user_data)
+{
+    TracerState *s = (TracerState *)user_data;
+    (void)type;
+    (void)value;
+    /* Unicorn 2.1 reports the guest-physical address of the first byte. */
+    uint64_t first = address >> PAGE_SHIFT;
+    uint64_t span = size > 0 ? (uint64_t)size - 1 : 0;
+    uint64_t last = (address + span) >> PAGE_SHIFT;
+    mark_page(s, first);
+    if (last != first) {
+        /* A page-crossing store is reported once, with the physical address
+         * of its first byte only.  Without paging the tail is on the next
+         * physical page; with paging it is wherever the next virtual page
+         * maps, which the callback cannot learn.  Mark the adjacent page
+         * anyway (harmless if wrong) and flag the set as incomplete. */
+        mark_page(s, last);
+        if (paging_enabled(s, uc)) {
+            s->unknown = 1;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* TracerState type                                                          */
+/* ------------------------------------------------------------------------ */
+
+static void state_clear_dirty(TracerState *s)
+{
+    for (Py_ssize_t i = 0; i < s->nregions; i++) {
+        Region *r = &s->regions[i];
+        /* Clear only the bits that were set: cheaper than wiping 4 KiB of
+         * bitmap for a 128 MiB region after a run that dirtied ten pages. */
+        for (uint64_t k = 0; k < r->ndirty; k++) {
+            uint32_t index = r->dirty[k];
+            r->bitmap[index >> 6] &= ~(1ULL << (index & 63));
+        }
+        r->ndirty = 0;
+    }
+    if (s->other_len != 0) {
+        memset(s->other, 0, s->other_cap * sizeof(uint64_t));
+        s->other_len = 0;
+    }
+    s->unknown = 0;
+}
+
+static void state_free_regions(TracerState *s)
+{
+    if (s->regions != NULL) {
+        for (Py_ssize_t i = 0; i < s->nregions; i++) {
+            PyMem_RawFree(s->regions[i].bitmap);
+            PyMem_RawFree(s->regions[i].dirty);
+        }
+        PyMem_RawFree(s->regions);
+        s->regions = NULL;
+    }
+    s->nregions = 0;
+}
+
+static void State_dealloc(TracerState *s)
+{
+    state_free_regions(s);
+    free(s->other);
+    s->other = NULL;
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static int parse_region(PyObject *item, Region *r)
+{
+    unsigned long long base, size;
+    if (!PyArg_ParseTuple(item, "KK;region must be a (base, size) pair", &base, &size)) {
+        return -1;
+    }
+    if (size == 0 || (base | size) & ((1ULL << PAGE_SHIFT) - 1)) {
+        PyErr_Format(PyExc_ValueError,
+                     "region (0x%llx, 0x%llx) must be non-empty and page-aligned", base, size);
+        return -1;
+    }
+    if (base + size < base) {
+        PyErr_SetString(PyExc_ValueError, "region wraps around the address space");
+        return -1;
+    }
+    uint64_t npages = size >> PAGE_SHIFT;
+    if (npages > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "region larger than 2^32 pages");
+        return -1;
+    }
+    r->first_page = base >> PAGE_SHIFT;
+    r->npages = npages;
+    r->bitmap = PyMem_RawCalloc((size_t)((npages + 63) / 64), sizeof(uint64_t));
+    r->dirty = PyMem_RawMalloc((size_t)npages * sizeof(uint32_t));
+    if (r->bitmap == NULL || r->dirty == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"regions", "coverage", "emu_stop", "reg_read", NULL};
+    PyObject *regions_obj;
+    int coverage;
+    unsigned long long emu_stop, reg_read;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK", kwlist, &regions_obj, &coverage,
+                                     &emu_stop, &reg_read)) {
+        return NULL;
+    }
+    if (emu_stop == 0) {
+        PyErr_SetString(PyExc_ValueError, "emu_stop address must not be 0");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(regions_obj, "regions must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    TracerState *s = (TracerState *)type->tp_alloc(type, 0);
+    if (s == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    /* tp_alloc zero-fills, so counters, map, ring and set start empty. */
+    s->budget = UINT64_MAX;
+    s->coverage_on = coverage;
+    s->emu_stop = (uc_emu_stop_fn)(uintptr_t)emu_stop;
+    s->reg_read = (uc_reg_read_fn)(uintptr_t)reg_read;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 0) {
+        s->regions = PyMem_RawCalloc((size_t)n, sizeof(Region));
+        if (s->regions == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* Count the region before parsing so a failure frees what it got. */
+        s->nregions = i + 1;
+        if (parse_region(PySequence_Fast_GET_ITEM(seq, i), &s->regions[i]) < 0) {
+            goto fail;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (Py_ssize_t j = i + 1; j < n; j++) {
+            Region *a = &s->regions[i], *b = &s->regions[j];
+            if (a->first_page < b->first_page + b->npages &&
+                b->first_page < a->first_page + a->npages) {
+                PyErr_Format(PyExc_ValueError, "regions %zd and %zd overlap", i, j);
+                goto fail;
+            }
+        }
+    }
+    Py_DECREF(seq);
+    return (PyObject *)s;
+
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(s);
+    return NULL;
+}
+
+static PyObject *State_reset(TracerState *s, PyObject *arg)
+{
+    unsigned long long budget = PyLong_AsUnsignedLongLong(arg);
+    if (budget == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    s->icount = 0;
+    s->budget = budget;
+    s->exhausted = 0;
+    s->prev_loc = 0;
+    s->ring_pos = 0;
+    memset(s->map, 0, sizeof(s->map));
+    state_clear_dirty(s);
+    Py_RETURN_NONE;
+}
+
+static int compare_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int append_pair(PyObject *list, long long region, unsigned long long page)
+{
+    PyObject *pair = Py_BuildValue("(LK)", region, page);
+    if (pair == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(list, pair);
+    Py_DECREF(pair);
+    return rc;
+}
+
+static PyObject *State_take_dirty(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    /* Output is sorted by (region, page) so both implementations agree and
+     * a restore can copy in address order. */
+    if (s->unknown) {
+        PyObject *pair = Py_BuildValue("(ii)", -1, -1);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            goto fail;
+        }
+        Py_DECREF(pair);
+    }
+    if (s->other_len != 0) {
+        uint64_t *pages = PyMem_RawMalloc(s->other_len * sizeof(uint64_t));
+        if (pages == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < s->other_cap; i++) {
+            if (s->other[i] != 0) {
+                pages[k++] = s->other[i] - 1;
+            }
+        }
+        qsort(pages, k, sizeof(uint64_t), compare_u64);
+        for (size_t i = 0; i < k; i++) {
+            if (append_pair(out, -1, pages[i]) < 0) {
+                PyMem_RawFree(pages);
+                goto fail;
+            }
+        }
+        PyMem_RawFree(pages);
+    }
+    for (Py_ssize_t i = 0; i < s->nregions; i++) {
+        Region *r = &s->regions[i];
+        qsort(r->dirty, (size_t)r->ndirty, sizeof(uint32_t), compare_u32);
+        for (uint64_t k = 0; k < r->ndirty; k++) {
+            if (append_pair(out, i, r->dirty[k]) < 0) {
+                goto fail;
+            }
+        }
+    }
+    state_clear_dirty(s);
+    return out;
+
+fail:
+    /* Leave the dirty state untouched so nothing is lost on a retry. */
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *State_recent_blocks(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t count = s->ring_pos < RING_SIZE ? s->ring_pos : RING_SIZE;
+    PyObject *out = PyList_New((Py_ssize_t)count);
+    if (out == NULL) {
+        return NULL;
+    }
+    uint64_t start = s->ring_pos - count;
+    for (uint64_t k = 0; k < count; k++) {
+        PyObject *addr =
+            PyLong_FromUnsignedLongLong(s->ring[(start + k) & (RING_SIZE - 1)]);
+        if (addr == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, addr);
+    }
+    return out;
+}
+
+static PyObject *State_get_instructions(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(s->icount);
+}
+
+static PyObject *State_get_budget(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(s->budget);
+}
+
+static PyObject *State_get_exhausted(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(s->exhausted);
+}
+
+static PyObject *State_get_address(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromVoidPtr((void *)s);
+}
+
+static int State_getbuffer(TracerState *s, Py_buffer *view, int flags)
+{
+    /* Read-only: only reset() may clear the map, keeping both
+     * implementations' semantics identical. */
+    return PyBuffer_FillInfo(view, (PyObject *)s, s->map, MAP_SIZE, 1, flags);
+}
+
+static PyBufferProcs State_as_buffer = {
+    .bf_getbuffer = (getbufferproc)State_getbuffer,
+    .bf_releasebuffer = NULL,
+};
+
+static PyMethodDef State_methods[] = {
+    {"reset", (PyCFunction)State_reset, METH_O,
+     "reset(budget) -> None\n\nZero counters, coverage, recent blocks and dirty sets; "
+     "stop the guest before instruction number budget + 1."},
+    {"take_dirty", (PyCFunction)State_take_dirty, METH_NOARGS,
+     "take_dirty() -> list[tuple[int, int]]\n\nReturn and clear the pages written since "
+     "the last take or reset, sorted."},
+    {"recent_blocks", (PyCFunction)State_recent_blocks, METH_NOARGS,
+     "recent_blocks() -> list[int]\n\nStart addresses of the last 64 executed blocks, "
+     "oldest first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef State_getset[] = {
+    {"instructions", (getter)State_get_instructions, NULL,
+     "Guest instructions started since reset.", NULL},
+    {"budget", (getter)State_get_budget, NULL, "Armed instruction budget.", NULL},
+    {"exhausted", (getter)State_get_exhausted, NULL, "True once the budget stopped the guest.",
+     NULL},
+    {"address", (getter)State_get_address, NULL,
+     "Address of the C state, to pass as the hooks' user_data.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject StateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kernel_emu._tracer.State",
+    .tp_doc = PyDoc_STR("State(regions, coverage, emu_stop, reg_read)\n\n"
+                        "Counters shared with the native hook callbacks.  The owner must "
+                        "keep it alive for as long as any hook using its address is "
+                        "registered."),
+    .tp_basicsize = sizeof(TracerState),
+    .tp_itemsize = 0,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = State_new,
+    .tp_dealloc = (destructor)State_dealloc,
+    .tp_methods = State_methods,
+    .tp_getset = State_getset,
+    .tp_as_buffer = &State_as_buffer,
+};
+
+/* ------------------------------------------------------------------------ */
+/* Module                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static int add_address(PyObject *module, const char *name, void (*fn)(void))
+{
+    PyObject *value = PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)fn);
+    if (value == NULL) {
+        return -1;
+    }
+    if (PyModule_AddObject(module, name, value) < 0) {
+        Py_DECREF(value);
+        return -1;
+    }
+    return 0;
+}
+
+static struct PyModuleDef tracer_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "kernel_emu._tracer",
+    .m_doc = PyDoc_STR("Native Unicorn hook callbacks; use kernel_emu.tracing instead."),
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__tracer(void)
+{
+    if (PyType_Ready(&StateType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&tracer_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&StateType);
+    if (PyModule_AddObject(m, "State", (PyObject *)&StateType) < 0) {
+        Py_DECREF(&StateType);
+        goto fail;
+    }
+    if (add_address(m, "CODE_HOOK", (void (*)(void))code_hook) < 0 ||
+        add_address(m, "BLOCK_HOOK", (void (*)(void))block_hook) < 0 ||
+        add_address(m, "WRITE_HOOK", (void (*)(void))write_hook) < 0 ||
+        PyModule_AddIntConstant(m, "RING_SIZE", RING_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "MAP_SIZE", MAP_SIZE) < 0) {
+        goto fail;
+    }
+    return m;
+
+fail:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,13 @@
+"""Build the native tracing hooks; all other metadata lives in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "kernel_emu._tracer",
+            ["kernel_emu/native/tracer.c"],
+            extra_compile_args=["-O2"],
+        )
+    ],
+)
