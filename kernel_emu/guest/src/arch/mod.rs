@@ -1,0 +1,64 @@
+//! CPU-level primitives: port I/O, control registers, TLB, stack switch, descriptor tables.
+
+pub mod gdt;
+pub mod idt;
+
+use core::arch::asm;
+
+/// # Safety
+/// Port writes can have device side effects; only use ports the firmware contract names.
+#[inline(always)]
+pub unsafe fn outb(port: u16, value: u8) {
+    asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+}
+
+#[inline(always)]
+pub fn disable_interrupts() {
+    // SAFETY: clearing IF only masks external interrupts.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+}
+
+pub fn halt_forever() -> ! {
+    loop {
+        // SAFETY: stops the CPU with interrupts masked.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+pub fn read_cr3() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+pub fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// # Safety
+/// The caller has just changed the page-table entry for `addr`.
+pub unsafe fn invlpg(addr: u64) {
+    asm!("invlpg [{}]", in(reg) addr, options(nostack, preserves_flags));
+}
+
+/// Moves RSP to `top` and jumps to `continuation`, never coming back: nothing of the old
+/// stack frame is used again. A zero return address is pushed so the continuation starts with
+/// the stack alignment of an ordinary call.
+///
+/// # Safety
+/// `top` must be the 16-byte aligned top of a mapped, unused stack.
+pub unsafe fn switch_stack(top: u64, continuation: extern "C" fn() -> !) -> ! {
+    asm!(
+        "mov rsp, {top}",
+        "xor ebp, ebp",
+        "push rbp",
+        "jmp {cont}",
+        top = in(reg) top,
+        cont = in(reg) continuation,
+        options(noreturn),
+    );
+}

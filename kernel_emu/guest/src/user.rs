@@ -1,0 +1,172 @@
+//! The first user address space and the switch to ring 3.
+
+use core::arch::global_asm;
+use core::convert::Infallible;
+use core::ptr::read_volatile;
+
+use crate::arch::gdt::{USER_CODE, USER_DATA};
+use crate::loader::elf::{self, LoadedElf, PF_W, PF_X};
+use crate::mm::paging::{self, NO_EXECUTE, PRESENT, USER, WRITABLE};
+use crate::mm::{frame, KERNEL_STACK_BASE, KERNEL_STACK_SIZE, PAGE_SIZE};
+
+/// The kernel image, mapped supervisor-only into every address space.
+const KERNEL_IMAGE_START: u64 = 0x10_0000;
+const KERNEL_IMAGE_END: u64 = 0x30_0000;
+
+const USER_STACK_TOP: u64 = 0x7fff_ffff_f000;
+const USER_STACK_PAGES: u64 = 16;
+/// Initial RSP: 16-byte aligned with zeroed words above it (argc = 0, empty argv, envp and
+/// auxiliary vector).
+const USER_STACK_POINTER: u64 = USER_STACK_TOP - 0x40;
+const USER_RFLAGS: u64 = 0x202;
+
+// rustux_enter_user(rip, rsp, cr3): switch to the user page tables and iretq to ring 3.
+global_asm!(
+    ".pushsection .text.rustux_enter_user,\"ax\",@progbits",
+    ".global rustux_enter_user",
+    ".type rustux_enter_user,@function",
+    "rustux_enter_user:",
+    "mov cr3, rdx",
+    "push {ss}",
+    "push rsi",
+    "push {rflags}",
+    "push {cs}",
+    "push rdi",
+    "xor eax, eax",
+    "xor ebx, ebx",
+    "xor ecx, ecx",
+    "xor edx, edx",
+    "xor esi, esi",
+    "xor edi, edi",
+    "xor ebp, ebp",
+    "xor r8d, r8d",
+    "xor r9d, r9d",
+    "xor r10d, r10d",
+    "xor r11d, r11d",
+    "xor r12d, r12d",
+    "xor r13d, r13d",
+    "xor r14d, r14d",
+    "xor r15d, r15d",
+    ".global __rustux_enter_user_iretq",
+    "__rustux_enter_user_iretq:",
+    "iretq",
+    ".size rustux_enter_user, . - rustux_enter_user",
+    ".popsection",
+    ss = const USER_DATA,
+    cs = const USER_CODE,
+    rflags = const USER_RFLAGS,
+);
+
+extern "C" {
+    fn rustux_enter_user(rip: u64, rsp: u64, cr3: u64) -> !;
+}
+
+/// Page-rounded [start, end) of a segment (end may wrap around).
+fn page_span(vaddr: u64, memsz: u64) -> (u64, u64) {
+    let start = vaddr & !(PAGE_SIZE - 1);
+    let end = vaddr.wrapping_add(memsz).wrapping_add(PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+    (start, end)
+}
+
+fn overlaps(start: u64, end: u64, lo: u64, hi: u64) -> bool {
+    start < hi && lo < end
+}
+
+/// Builds the address space for `loaded` and enters it; returns only to refuse the image.
+#[inline(never)]
+pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
+    // SAFETY: `loaded` comes from the ELF loader; the page tables built here are private
+    // until CR3 is loaded.
+    unsafe {
+        let count = read_volatile(&(*loaded).segment_count);
+        let buffers = read_volatile(&(*loaded).buffers);
+        let entry = read_volatile(&(*loaded).entry);
+        let stack_base = KERNEL_STACK_BASE;
+        let stack_top = stack_base + KERNEL_STACK_SIZE;
+
+        for i in 0..count {
+            let s = elf::segment(loaded, i);
+            if s.memsz == 0 {
+                continue;
+            }
+            let (start, end) = page_span(s.vaddr, s.memsz);
+            if overlaps(start, end, KERNEL_IMAGE_START, KERNEL_IMAGE_END)
+                || overlaps(start, end, stack_base, stack_top)
+            {
+                return Err("segment overlaps the kernel");
+            }
+        }
+
+        let root = frame::alloc_zeroed_page();
+        paging::map_identity(root, KERNEL_IMAGE_START, KERNEL_IMAGE_END, PRESENT | WRITABLE);
+        paging::map_identity(root, stack_base, stack_top, PRESENT | WRITABLE | NO_EXECUTE);
+
+        for i in 0..count {
+            let s = elf::segment(loaded, i);
+            let buffer = read_volatile(buffers.add(i));
+            let mut flags = PRESENT | USER;
+            if s.flags & PF_W != 0 {
+                flags |= WRITABLE;
+            }
+            if s.flags & PF_X == 0 {
+                flags |= NO_EXECUTE;
+            }
+            map_segment(root, s.vaddr, s.memsz, buffer, flags);
+        }
+
+        let stack_bottom = USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE;
+        let mut page = stack_bottom;
+        while page < USER_STACK_TOP {
+            user_page(root, page, PRESENT | USER | WRITABLE | NO_EXECUTE);
+            page += PAGE_SIZE;
+        }
+
+        kprintln!(
+            "[user] enter rip={:#x} rsp={:#x} cr3={:#x}",
+            entry,
+            USER_STACK_POINTER,
+            root
+        );
+        rustux_enter_user(entry, USER_STACK_POINTER, root)
+    }
+}
+
+/// Maps the pages covering [vaddr, vaddr + memsz) and copies the segment bytes from its
+/// buffer to the right offsets in them.
+unsafe fn map_segment(root: u64, vaddr: u64, memsz: u64, buffer: *const u8, flags: u64) {
+    if memsz == 0 {
+        return;
+    }
+    let seg_end = vaddr.wrapping_add(memsz);
+    let (start, end) = page_span(vaddr, memsz);
+    let mut page = start;
+    while page < end {
+        let frame = user_page(root, page, flags);
+        let lo = page.max(vaddr);
+        let hi = (page + PAGE_SIZE).min(seg_end);
+        if hi > lo {
+            core::ptr::copy_nonoverlapping(
+                buffer.add((lo - vaddr) as usize),
+                (frame + (lo - page)) as *mut u8,
+                (hi - lo) as usize,
+            );
+        }
+        page += PAGE_SIZE;
+    }
+}
+
+/// The frame mapped at `page`, mapping a zeroed one with `flags` if there is none yet. Pages
+/// shared by two segments get the union of their rights.
+unsafe fn user_page(root: u64, page: u64, flags: u64) -> u64 {
+    let entry = paging::entry_for(root, page, true);
+    if *entry & PRESENT != 0 {
+        *entry |= flags & WRITABLE;
+        if flags & NO_EXECUTE == 0 {
+            *entry &= !NO_EXECUTE;
+        }
+        return *entry & paging::ADDRESS_MASK;
+    }
+    let frame = frame::alloc_zeroed_page();
+    *entry = frame | flags;
+    frame
+}
