@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from kernel_emu.image import KernelImage
-from kernel_emu.machine import PAGE, Machine
+from kernel_emu.machine import MSR_EFER, PAGE, Machine
 from kernel_emu.profile import TargetProfile
 
 EFI_SUCCESS = 0
@@ -46,7 +46,9 @@ ACPI20_GUID = uuid.UUID("8868e871-e4f1-11d3-bc22-0080c73c8881")
 RAMDISK_MAGIC = 0x4B53_4944_4D41_5252
 DESCRIPTOR_SIZE = 48
 
-PTE_P, PTE_W = 1, 2
+# Accessed and Dirty are preset: the CPU sets them behind every write hook's back, and a page
+# table it changed that way would differ between a snapshot restore and a full boot.
+PTE_P, PTE_W, PTE_A, PTE_D = 1, 2, 0x20, 0x40
 
 # service ids used in the stubs; boot-services table offsets from the UEFI spec
 SVC_OUTPUT_STRING, SVC_ALLOCATE_PAGES, SVC_FREE_PAGES, SVC_GET_MEMORY_MAP = 1, 2, 3, 4
@@ -171,7 +173,7 @@ class Firmware:
         def table_for(level_parent: int, index: int, key: tuple[int, int]) -> int:
             if key not in tables:
                 tables[key] = alloc()
-                m.put_u64(level_parent + index * 8, tables[key] | PTE_P | PTE_W)
+                m.put_u64(level_parent + index * 8, tables[key] | PTE_P | PTE_W | PTE_A)
             return tables[key]
 
         def map_range(start: int, end: int) -> None:
@@ -183,7 +185,7 @@ class Firmware:
                 pd = table_for(pdpt, i3, (3, page >> 30))
                 pt = table_for(pd, i2, (2, page >> 21))
                 entries = bytearray()
-                entries += struct.pack("<Q", page | PTE_P | PTE_W)
+                entries += struct.pack("<Q", page | PTE_P | PTE_W | PTE_A | PTE_D)
                 m.write(pt + i1 * 8, bytes(entries))
 
         map_range(0, mem.ram_size)
@@ -232,7 +234,7 @@ class Firmware:
         m.put_u64(rsp, stub_address(SVC_EFI_MAIN_RETURNED))
         m.set_reg("cr3", self.pml4)
         m.set_reg("cr4", 0x620)          # PAE | OSFXSR | OSXMMEXCPT
-        m.set_reg("efer", 0xD00)         # LME | LMA | NXE
+        m.set_msr(MSR_EFER, 0xD00)       # LME | LMA | NXE
         m.set_reg("cr0", 0x8001_0033)    # PG | WP | NE | ET | MP | PE
         m.set_reg("rsp", rsp)
         m.set_reg("rcx", IMAGE_HANDLE)

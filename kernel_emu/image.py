@@ -71,7 +71,7 @@ class KernelImage:
         binary = lief.ELF.parse(list(raw)) if raw[:4] == b"\x7fELF" else None
         if binary is None or binary.header.machine_type != lief.ELF.ARCH.X86_64:
             raise ImageError(f"{path}: not an x86-64 ELF kernel image")
-        self.entry = binary.entry
+        self.entry = binary.header.entrypoint
         self.segments = tuple(
             ImageSegment(
                 vaddr=seg.virtual_address,

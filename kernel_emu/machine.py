@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,7 +16,6 @@ from unicorn.x86_const import (
     UC_X86_REG_CR2,
     UC_X86_REG_CR3,
     UC_X86_REG_CR4,
-    UC_X86_REG_EFER,
     UC_X86_REG_R8,
     UC_X86_REG_R9,
     UC_X86_REG_R10,
@@ -47,8 +45,8 @@ REGISTERS = {
     "r12": UC_X86_REG_R12, "r13": UC_X86_REG_R13, "r14": UC_X86_REG_R14, "r15": UC_X86_REG_R15,
     "rip": UC_X86_REG_RIP, "rflags": UC_X86_REG_RFLAGS, "cr0": UC_X86_REG_CR0,
     "cr2": UC_X86_REG_CR2, "cr3": UC_X86_REG_CR3, "cr4": UC_X86_REG_CR4,
-    "efer": UC_X86_REG_EFER,
 }
+MSR_EFER = 0xC000_0080
 
 
 class PortWriteHandler(Protocol):
@@ -150,6 +148,9 @@ class Machine:
     def set_reg(self, name: str, value: int) -> None:
         self.uc.reg_write(REGISTERS[name], value)
 
+    def set_msr(self, msr: int, value: int) -> None:
+        self.uc.msr_write(msr, value)
+
     def registers(self) -> dict[str, int]:
         return {name: self.uc.reg_read(rid) for name, rid in REGISTERS.items()}
 
@@ -175,5 +176,3 @@ class Machine:
             return (1 << (8 * size)) - 1
         return handler(port, size)
 
-
-HookCallback = Callable[..., object]

@@ -1,0 +1,60 @@
+"""`fuzzfarm bench …`: throughput measured side by side in one run; medians and ratios."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from kernel_emu.errors import HarnessError
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from kernel_emu.result import Result
+
+BENCH_ELF = Path(__file__).parent / "examples" / "three-segments.elf"
+
+
+def _rate(executor: Executor, data: bytes, runs: int) -> tuple[float, Result]:
+    start = time.perf_counter()
+    result = executor.run(data)
+    for _ in range(runs - 1):
+        executor.run(data)
+    return runs / (time.perf_counter() - start), result
+
+
+def bench_boot(kernel: str, runs: int, repeats: int, native: bool = True) -> int:
+    """Boots per second of a gcc-built 3-segment ELF: full boot versus snapshot restore."""
+    if not BENCH_ELF.is_file():
+        raise HarnessError(f"benchmark input {BENCH_ELF} is missing")
+    data = BENCH_ELF.read_bytes()
+    profile = load_profile(kernel)
+    snap = Executor(profile, snapshot=True, native=native)
+    if not snap.use_snapshot:
+        raise HarnessError("; ".join(snap.notes) or "the snapshot is unavailable")
+    full = Executor(profile, snapshot=False, native=native)
+    full_runs = max(5, runs // 40)
+    snap_rates, full_rates = [], []
+    print(f"kernel {kernel}, input {BENCH_ELF.name} ({len(data)} bytes), "
+          f"{'native' if native else 'pure-Python'} hooks; {repeats} repeats of "
+          f"{runs} snapshot runs and {full_runs} full boots, interleaved")
+    snap_result = full_result = None
+    for i in range(repeats):
+        s, snap_result = _rate(snap, data, runs)
+        f, full_result = _rate(full, data, full_runs)
+        snap_rates.append(s)
+        full_rates.append(f)
+        print(f"  repeat {i + 1}: snapshot {s:8.1f} runs/s   full boot {f:7.1f} runs/s")
+    assert snap_result is not None and full_result is not None
+    if snap_result.comparable() != full_result.comparable():
+        raise HarnessError("snapshot and full boot disagree on the benchmark input")
+    s_med, f_med = statistics.median(snap_rates), statistics.median(full_rates)
+    total = full_result.instructions
+    after = total - snap.snapshot_instructions
+    print(f"snapshot:  median {s_med:8.1f} runs/s  ({1e6 / s_med:7.1f} µs/run)")
+    print(f"full boot: median {f_med:8.1f} runs/s  ({1e6 / f_med:7.1f} µs/run)")
+    print(f"ratio snapshot/full: {s_med / f_med:.1f}x")
+    print(f"instructions: full boot {total}, after the snapshot {after} "
+          f"({100 * after / total:.1f}%)")
+    print(f"verdict on both: {snap_result.verdict}")
+    return 0
+

@@ -1,0 +1,298 @@
+"""Executors: boot the kernel (or restore the snapshot) and run one input to a stop.
+
+Observers collect the debug console, allocator calls and faults; `oracles.assess` turns them
+into a Result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import capstone
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
+
+from kernel_emu import oracles
+from kernel_emu.elfview import read_elf
+from kernel_emu.errors import HarnessError, InputError
+from kernel_emu.firmware import DEBUG_PORT, FIRMWARE_BASE, FIRMWARE_END, Firmware, FirmwareState
+from kernel_emu.image import KernelImage, load_image
+from kernel_emu.machine import PAGE, Machine
+from kernel_emu.profile import TargetProfile
+from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
+from kernel_emu.result import Finding, Result
+from kernel_emu.tracing import GuestTracer, attach_tracer
+
+MAX_LOG = 1 << 20
+ZERO_PAGE = bytes(PAGE)
+
+
+@dataclass
+class Fault:
+    vector: int
+    pc: int
+    cr2: int
+    rsp: int
+    rbp: int
+
+
+@dataclass
+class Observations:
+    """Everything seen during one run, in the order it happened."""
+
+    log: bytearray = field(default_factory=bytearray)
+    events: list[Finding] = field(default_factory=list)
+    live: dict[int, tuple[int, int]] = field(default_factory=dict)  # ptr -> (size, seq)
+    pending: list[tuple[int, int, int]] = field(default_factory=list)  # (rsp, size, align)
+    allocations: int = 0
+    heap_checked_bad: bool = False
+    fault: Fault | None = None
+    log_dropped: int = 0
+    uc_error: str = ""
+
+
+@dataclass
+class Snapshot:
+    context: Any
+    pages: list[dict[int, bytes]]
+    firmware: FirmwareState
+    log: bytes
+    instructions: int
+
+
+class Executor:
+    """Runs inputs on one kernel build. With `snapshot=True` the machine boots once to the
+    snapshot point and is restored for every input; otherwise every input is a full boot."""
+
+    def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
+                 coverage: bool = False, budget: int | None = None) -> None:
+        self.profile = profile
+        self.image: KernelImage = load_image(profile.image)
+        self.native = native
+        self.coverage = coverage
+        self.budget = budget or profile.run.budget
+        self.notes: list[str] = []
+        k, h = profile.kernel, profile.heap
+        self.success_addr = self.image.symbol(k.success_symbol).address
+        self.snapshot_addr = self.image.symbol(k.snapshot_symbol).address
+        self.alloc_sym = self.image.symbol(h.alloc_symbol)
+        self.dealloc_addr = self.image.symbol(h.dealloc_symbol).address
+        self.free_list_addr = self.image.symbol(h.free_list_symbol).address
+        self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
+        self.alloc_returns = self._return_sites(self.alloc_sym.address, self.alloc_sym.size)
+        self._snapshot: Snapshot | None = None
+        self._machine: Machine | None = None
+        self._ramdisk_size = 0
+        self.use_snapshot = snapshot
+        if snapshot:
+            self._take_snapshot()
+
+    # set-up ------------------------------------------------------------------------------
+    def _return_sites(self, start: int, size: int) -> list[int]:
+        seg = next((s for s in self.image.segments if s.vaddr <= start < s.end), None)
+        if seg is None or size <= 0:
+            raise HarnessError(f"allocator symbol at {start:#x} has no code in the image")
+        code = seg.data[start - seg.vaddr:start - seg.vaddr + size]
+        md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        sites = [i.address for i in md.disasm(code, start) if i.mnemonic == "ret"]
+        if not sites:
+            raise HarnessError("no return instruction found in the allocator")
+        return sites
+
+    def _new_machine(self) -> tuple[Machine, Firmware, GuestTracer]:
+        mem = self.profile.memory
+        m = Machine([(0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_size)])
+        fw = Firmware(m, self.profile, self.image)
+        fw.install()
+        m.on_port_write(DEBUG_PORT, self._on_debug_out)
+        m.on_port_read(DEBUG_PORT, lambda port, size: DEBUG_PORT)
+        uc = m.uc
+        uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
+        uc.hook_add(UC_HOOK_CODE, self._on_alloc_entry, None, self.alloc_sym.address,
+                    self.alloc_sym.address)
+        for site in self.alloc_returns:
+            uc.hook_add(UC_HOOK_CODE, self._on_alloc_return, None, site, site)
+        uc.hook_add(UC_HOOK_CODE, self._on_dealloc_entry, None, self.dealloc_addr,
+                    self.dealloc_addr)
+        tracer = attach_tracer(uc, [(b.base, b.size) for b in m.banks], native=self.native,
+                               coverage=self.coverage)
+        uc.ctl_flush_tb()
+        self.m, self.fw, self.tracer = m, fw, tracer
+        self.obs = Observations()
+        return m, fw, tracer
+
+    def _take_snapshot(self) -> None:
+        m, fw, tracer = self._new_machine()
+        early_reads: list[int] = []
+
+        def on_read(uc: Any, _access: int, addr: int, _size: int, _value: int, _u: Any) -> None:
+            if not early_reads:
+                early_reads.append(m.reg("rip"))
+
+        hooks = [m.uc.hook_add(UC_HOOK_MEM_READ, on_read, None, lo, hi - 1)
+                 for lo, hi in fw.ramdisk_ranges]
+        m.uc.ctl_flush_tb()
+        tracer.reset(self.budget)
+        stop = self._emulate(until=self.snapshot_addr)
+        for h in hooks:
+            m.uc.hook_del(h)
+        m.uc.ctl_flush_tb()
+        if early_reads:
+            self._no_snapshot(f"the kernel reads the ramdisk at "
+                              f"{self.image.describe(early_reads[0])} before "
+                              f"{self.profile.kernel.snapshot_symbol}")
+            return
+        if stop != "until":
+            self._no_snapshot(f"the boot stopped ({stop}) before "
+                              f"{self.profile.kernel.snapshot_symbol}")
+            return
+        pages = []
+        for bank in m.banks:
+            data = bytes(bank.buffer)
+            pages.append({i // PAGE: data[i:i + PAGE] for i in range(0, bank.size, PAGE)
+                          if data[i:i + PAGE] != ZERO_PAGE})
+        tracer.take_dirty()
+        self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
+                                  bytes(self.obs.log), tracer.instructions)
+        self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
+        self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
+
+    def _no_snapshot(self, why: str) -> None:
+        self.use_snapshot = False
+        self._snapshot = None
+        self.notes.append(f"snapshot disabled, full boots instead: {why}")
+
+    @property
+    def snapshot_instructions(self) -> int:
+        return self._snapshot.instructions if self._snapshot else 0
+
+    # running -----------------------------------------------------------------------------
+    def run(self, data: bytes) -> Result:
+        """Boot `data` as bin/init. Raises HarnessError when the farm, not the kernel, failed."""
+        try:
+            ramdisk = build_init_ramdisk(data)
+        except RamdiskTooLarge as e:
+            raise InputError(str(e)) from e
+        view = read_elf(data)
+        if self._snapshot is not None:
+            self._restore()
+            base = self._snapshot.instructions
+        else:
+            self._new_machine()
+            self.tracer.reset(self.budget)
+            self._ramdisk_size = 0
+            base = 0
+        self.fw.hand_over_ramdisk(ramdisk, self._ramdisk_size)
+        self._ramdisk_size = len(ramdisk)
+        stop = self._emulate(until=self.success_addr)
+        result = oracles.assess(self, view, stop, base + self.tracer.instructions)
+        result.input_sha256 = hashlib.sha256(data).hexdigest()
+        result.snapshot = self._snapshot is not None
+        result.notes = list(self.notes)
+        return result
+
+    def _restore(self) -> None:
+        snap = self._snapshot
+        assert snap is not None
+        m = self.m
+        dirty = self.tracer.take_dirty()
+        if any(region < 0 for region, _ in dirty):
+            dirty = [(r, p) for r, bank in enumerate(m.banks) for p in range(bank.size // PAGE)]
+        for region, page in dirty:
+            bank = m.banks[region]
+            off = page * PAGE
+            bank.view[off:off + PAGE] = snap.pages[region].get(page, ZERO_PAGE)
+            addr = bank.base + off
+            for lo, hi in self._code_ranges:
+                if lo < addr + PAGE and addr < hi:
+                    m.uc.ctl_remove_cache(addr, addr + PAGE)
+        m.uc.context_restore(snap.context)
+        # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
+        m.set_reg("cr3", m.reg("cr3"))
+        self.fw.state = snap.firmware.copy()
+        self.obs = Observations(log=bytearray(snap.log))
+        self.tracer.reset(self.budget - snap.instructions)
+
+    def _emulate(self, until: int) -> str:
+        """Run to `until`; the stop reason: until, fault, budget, halt, efi-return, uc-error."""
+        m = self.m
+        try:
+            m.uc.emu_start(m.reg("rip"), until)
+        except UcError as e:
+            if self.obs.fault is None:
+                self.obs.fault = Fault(-1, m.reg("rip"), 0, m.reg("rsp"), m.reg("rbp"))
+                self.obs.uc_error = str(e)
+            return "uc-error"
+        pc = m.reg("rip")
+        if self.obs.fault is not None:
+            return "fault"
+        if self.tracer.budget_exhausted:
+            return "budget"
+        if pc == until:
+            return "until"
+        if self.fw.state.efi_main_status is not None:
+            return "efi-return"
+        if m.read(pc - 1, 1) == b"\xf4":
+            return "halt"
+        raise HarnessError(f"emulation stopped at {self.image.describe(pc)} for no known reason")
+
+    # observers ---------------------------------------------------------------------------
+    def _on_debug_out(self, _port: int, _size: int, value: int) -> None:
+        if len(self.obs.log) < MAX_LOG:
+            self.obs.log.append(value & 0xFF)
+        else:
+            self.obs.log_dropped += 1
+
+    def _on_interrupt(self, uc: Any, vector: int, _user: Any) -> None:
+        m = self.m
+        if self.obs.fault is None:
+            self.obs.fault = Fault(vector, m.reg("rip"), m.reg("cr2") if vector == 14 else 0,
+                                   m.reg("rsp"), m.reg("rbp"))
+        uc.emu_stop()
+
+    def _on_alloc_entry(self, uc: Any, _addr: int, _size: int, _user: Any) -> None:
+        m, obs = self.m, self.obs
+        obs.pending.append((m.reg("rsp"), m.reg("rsi"), m.reg("rdx")))
+        if not obs.heap_checked_bad:
+            problem = oracles.quick_heap_check(self)
+            if problem is not None:
+                obs.heap_checked_bad = True
+                obs.events.append(problem)
+
+    def _on_alloc_return(self, uc: Any, _addr: int, _size: int, _user: Any) -> None:
+        m, obs = self.m, self.obs
+        rsp = m.reg("rsp")
+        for i in range(len(obs.pending) - 1, -1, -1):
+            if obs.pending[i][0] == rsp:
+                _, size, align = obs.pending.pop(i)
+                break
+        else:
+            return
+        ptr = m.reg("rax")
+        obs.allocations += 1
+        if ptr:
+            overlap = next(((p, s, q) for p, (s, q) in obs.live.items()
+                            if p < ptr + max(size, 1) and ptr < p + max(s, 1)), None)
+            if overlap is not None:
+                p, s, q = overlap
+                obs.events.append(Finding(
+                    "heap-corruption",
+                    [f"allocation #{obs.allocations} of {size:#x} bytes returned {ptr:#x}, "
+                     f"which overlaps live allocation #{q} at {p:#x} ({s:#x} bytes)"],
+                    frames=oracles.backtrace(self, at_boundary=True),
+                    field="allocation.overlap", pc=m.reg("rip")))
+            obs.live[ptr] = (size, obs.allocations)
+
+    def _on_dealloc_entry(self, uc: Any, _addr: int, _size: int, _user: Any) -> None:
+        m, obs = self.m, self.obs
+        ptr = m.reg("rsi")
+        if obs.live.pop(ptr, None) is None and ptr:
+            obs.events.append(Finding(
+                "heap-corruption", [f"free of {ptr:#x}, which is not a live allocation"],
+                frames=oracles.backtrace(self, at_boundary=True), field="free.unknown",
+                pc=m.reg("rip")))
+
+    def kernel_stack_base(self) -> int:
+        return struct.unpack("<Q", self.m.read(self.kstack_sym_addr, 8))[0]

@@ -1,0 +1,341 @@
+"""Oracles: turn what was observed during a run into findings and a Result.
+
+The first anomaly in execution order is the primary finding. Anomalies seen online (an
+allocation overlapping a live one, a heap found damaged when the allocator is entered) keep
+their order; state found damaged after the stop (heap walk, segment table, user page tables)
+happened before the stop, so it is placed before the terminal event (fault, panic, hang).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import capstone
+
+from kernel_emu import heapwalk, pagewalk
+from kernel_emu.elfview import ElfView
+from kernel_emu.klog import KernelLog, parse_log
+from kernel_emu.machine import PAGE
+from kernel_emu.result import Finding, Result
+
+if TYPE_CHECKING:
+    from kernel_emu.executor import Executor
+
+VECTORS = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general protection",
+           14: "#PF page fault", 8: "#DF double fault", 3: "#BP breakpoint", 4: "#OF overflow",
+           5: "#BR bound range", 12: "#SS stack fault", 17: "#AC alignment check"}
+OOM_MARKERS = ("memory allocation of", "out of physical pages", "out of memory")
+QUICK_HEAP_BLOCKS = 256
+USER_STACK_PAGES = 64
+PF_X, PF_W = 1, 2
+
+_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_md.detail = True
+
+
+# ------------------------------------------------------------------------------------------
+# backtraces
+
+def backtrace(ex: Executor, *, at_boundary: bool = False, limit: int = 24) -> list[str]:
+    """Symbolized frames by the frame-pointer chain. At a function's first instruction or its
+    `ret`, the caller's return address is on top of the stack rather than behind rbp."""
+    m, image = ex.m, ex.image
+    pc, rsp, rbp = m.reg("rip"), m.reg("rsp"), m.reg("rbp")
+    frames = [image.describe(pc)]
+    if at_boundary and m.bank_for(rsp, 8):
+        frames.append(image.describe(m.u64(rsp)))
+    seen = set()
+    while len(frames) < limit and rbp and rbp not in seen and m.bank_for(rbp, 16):
+        seen.add(rbp)
+        ret = m.u64(rbp + 8)
+        if not any(lo <= ret < hi for lo, hi in image.text_ranges):
+            break
+        frames.append(image.describe(ret))
+        next_rbp = m.u64(rbp)
+        if next_rbp <= rbp:
+            break
+        rbp = next_rbp
+    return frames
+
+
+# ------------------------------------------------------------------------------------------
+# heap
+
+def _free_list_head(ex: Executor) -> int:
+    return ex.m.u64(ex.free_list_addr)
+
+
+def quick_heap_check(ex: Executor) -> Finding | None:
+    """Cheap walk at allocator entry, so damage is reported before the allocator trips on it."""
+    state = heapwalk.walk_heap(ex.m, ex.profile.heap, _free_list_head(ex),
+                               max_blocks=QUICK_HEAP_BLOCKS)
+    if not state.problems:
+        return None
+    fld, evidence = state.problems[0]
+    return Finding("heap-corruption", [f"on entry to the allocator: {evidence}"],
+                   frames=backtrace(ex, at_boundary=True), field=fld, pc=ex.m.reg("rip"))
+
+
+def _heap_initialised(log: KernelLog) -> bool:
+    return "[heap] init" in log.text
+
+
+# ------------------------------------------------------------------------------------------
+# faults
+
+def _access_kind(ex: Executor, pc: int, cr2: int) -> str:
+    code = ex.m.read(pc, 16)
+    insn = next(_md.disasm(code, pc, 1), None)
+    if insn is None or pc <= cr2 < pc + max(insn.size, 1):
+        return "instruction fetch"
+    mnem = insn.mnemonic
+    if any(s in mnem for s in ("movs", "stos", "cmps", "scas", "lods")):
+        rdi, rsi = ex.m.reg("rdi"), ex.m.reg("rsi")
+        if "stos" in mnem or ("movs" in mnem and abs(cr2 - rdi) < abs(cr2 - rsi)):
+            return "write"
+        return "read"
+    try:
+        for op in insn.operands:
+            if op.type == capstone.x86.X86_OP_MEM and op.access & capstone.CS_AC_WRITE:
+                return "write"
+    except capstone.CsError:
+        pass
+    if mnem.startswith(("push", "call")):
+        return "write"
+    return "read"
+
+
+def _where(ex: Executor, addr: int) -> str:
+    label = ex.m.label_of(addr)
+    return f"{addr:#x} [{label}]" if label else f"{addr:#x} [unmapped]"
+
+
+def _fault_finding(ex: Executor, kstack_base: int | None) -> Finding:
+    fault = ex.obs.fault
+    assert fault is not None
+    image = ex.image
+    frames = backtrace(ex)
+    where = image.describe(fault.pc)
+    if fault.vector == -1:
+        return Finding("cpu-fault", [f"{ex.obs.uc_error} at {where}"], frames=frames,
+                       pc=fault.pc)
+    name = VECTORS.get(fault.vector, f"exception {fault.vector}")
+    if fault.vector == 14:
+        access = _access_kind(ex, fault.pc, fault.cr2)
+        guard = None
+        if ex.m.label_of(fault.cr2) == "guard:firmware-stack":
+            guard = "firmware stack"
+        elif kstack_base and kstack_base - PAGE <= fault.cr2 < kstack_base:
+            guard = "kernel stack"
+        if guard is not None:
+            return Finding("stack-overflow",
+                           [f"{access} of the {guard} guard page at {fault.cr2:#x} "
+                            f"(rsp={fault.rsp:#x}) at {where}"], frames=frames, pc=fault.pc)
+        return Finding("cpu-fault", [f"{name}: {access} of {_where(ex, fault.cr2)} at {where}"],
+                       frames=frames, pc=fault.pc)
+    return Finding("cpu-fault", [f"{name} at {where}"], frames=frames, pc=fault.pc)
+
+
+def _hang_finding(ex: Executor) -> Finding:
+    blocks = ex.tracer.recent_blocks()
+    funcs = Counter(ex.image.describe(b).rsplit("+0x", 1)[0] for b in blocks)
+    spot = funcs.most_common(1)[0][0] if funcs else ex.image.describe(ex.m.reg("rip"))
+    loop = ", ".join(sorted({f"{b:#x}" for b in blocks})[:8])
+    return Finding("hang", [f"instruction budget of {ex.budget} spent; spinning in {spot} "
+                            f"(blocks {loop})"], frames=backtrace(ex), pc=ex.m.reg("rip"))
+
+
+def _panic_finding(ex: Executor, log: KernelLog) -> Finding:
+    msg = log.panic or ""
+    cls = "out-of-memory" if any(k in msg for k in OOM_MARKERS) else "kernel-panic"
+    where = f" at {log.panic_location}" if log.panic_location else ""
+    return Finding(cls, [f"kernel panic: {msg}{where}"], frames=backtrace(ex),
+                   pc=ex.m.reg("rip"), field=log.panic_location)
+
+
+# ------------------------------------------------------------------------------------------
+# what was loaded versus what the ELF says
+
+def _expected(view: ElfView) -> list[dict[str, int]]:
+    return [s.to_json() for s in view.load_segments]
+
+
+def _segment_findings(ex: Executor, log: KernelLog, expected: list[dict[str, int]],
+                      frames: list[str]) -> list[Finding]:
+    if log.segment_count is None:
+        return []
+    out: list[Finding] = []
+    if log.segment_count != len(expected) or len(log.segments) != len(expected):
+        out.append(Finding("vaddr-corruption",
+                           [f"the ELF has {len(expected)} PT_LOAD segments, the kernel loaded "
+                            f"{len(log.segments)} (said count={log.segment_count})"],
+                           frames=frames, field="segments.count"))
+    for i, (want, got) in enumerate(zip(expected, log.segments, strict=False)):
+        for key in ("vaddr", "memsz", "filesz", "offset", "flags"):
+            if want[key] != got[key]:
+                out.append(Finding("vaddr-corruption",
+                                   [f"segment {i}: ELF says {key} {want[key]:#x}, "
+                                    f"kernel loaded {key} {got[key]:#x}"],
+                                   frames=frames, field=f"segments[{i}].{key}"))
+                break
+    return out
+
+
+def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
+                         expected: list[dict[str, int]], frames: list[str],
+                         kstack_base: int | None) -> list[Finding]:
+    """Walk the page tables the kernel is about to enter ring 3 with."""
+    m, prof = ex.m, ex.profile
+    cr3 = m.reg("cr3")
+    mappings = [mp for mp in pagewalk.walk(m, cr3) if mp.user]
+    out: list[Finding] = []
+    covered: set[int] = set()
+    for i, seg in enumerate(expected):
+        if seg["memsz"] == 0:
+            continue
+        first = seg["vaddr"] & ~(PAGE - 1)
+        last = (seg["vaddr"] + seg["memsz"] - 1) & ~(PAGE - 1)
+        if last < first or last - first > (1 << 32):
+            continue
+        covered.update(range(first, last + PAGE, PAGE))
+        for page in (first, last):
+            mp = pagewalk.translate(m, cr3, page)
+            if mp is None or not mp.user:
+                out.append(Finding("vaddr-corruption",
+                                   [f"segment {i}: ELF says vaddr {seg['vaddr']:#x}, but page "
+                                    f"{page:#x} is not mapped for user mode"],
+                                   frames=frames, field=f"segments[{i}].vaddr"))
+                break
+            if mp.writable != bool(seg["flags"] & PF_W) or \
+                    mp.executable != bool(seg["flags"] & PF_X):
+                perms = ("W" if mp.writable else "-") + ("X" if mp.executable else "-")
+                out.append(Finding("vaddr-corruption",
+                                   [f"segment {i}: ELF flags {seg['flags']:#x}, page {page:#x} "
+                                    f"mapped {perms}"], frames=frames,
+                                   field=f"segments[{i}].flags"))
+                break
+    stack_top = log.user_entry[1] if log.user_entry else None
+    kernel_phys = [(ex.image.start, ex.image.end, "kernel image"),
+                   (prof.heap.base, prof.heap.end, "kernel heap"),
+                   (0, 0x10_0000, "firmware memory")]
+    if kstack_base:
+        kernel_phys.append((kstack_base - PAGE, kstack_base + prof.kernel.stack_size,
+                            "kernel stack"))
+    for mp in mappings:
+        if mp.vaddr >= prof.kernel.user_top:
+            out.append(Finding("kernel-mapping",
+                               [f"user page {mp.vaddr:#x} is mapped in the upper (kernel) half "
+                                f"of the address space"], frames=frames, field="mapping.upper"))
+            break
+        hit = next((n for lo, hi, n in kernel_phys if lo < mp.paddr + mp.size and mp.paddr < hi),
+                   None)
+        if hit is not None:
+            out.append(Finding("kernel-mapping",
+                               [f"user page {mp.vaddr:#x} maps physical {mp.paddr:#x}, "
+                                f"which is {hit}"], frames=frames, field="mapping.kernel"))
+            break
+    if not any(f.cls == "vaddr-corruption" for f in out):
+        for mp in mappings:
+            near_stack = stack_top is not None and \
+                stack_top - USER_STACK_PAGES * PAGE <= mp.vaddr <= stack_top
+            if mp.vaddr not in covered and not near_stack and mp.vaddr < prof.kernel.user_top:
+                out.append(Finding("vaddr-corruption",
+                                   [f"user page {mp.vaddr:#x} is mapped but no program header "
+                                    f"covers it"], frames=frames, field="segments.extra"))
+                break
+    out += _entry_findings(ex, cr3, frames)
+    return out
+
+
+def _entry_findings(ex: Executor, cr3: int, frames: list[str]) -> list[Finding]:
+    m = ex.m
+    rsp = m.reg("rsp")
+    rip, cs = m.u64(rsp), m.u64(rsp + 8)
+    if cs & 3 != 3:
+        return [Finding("bad-entry", [f"iretq does not enter ring 3 (CS={cs:#x})"],
+                        frames=frames, field="entry.ring")]
+    mp = pagewalk.translate(m, cr3, rip)
+    if mp is None or not mp.user or not mp.executable:
+        state = "not mapped" if mp is None else ("not user-accessible" if not mp.user
+                                                 else "not executable")
+        return [Finding("bad-entry", [f"ring 3 entered at {rip:#x}, which is {state}"],
+                        frames=frames, field="entry.rip")]
+    return []
+
+
+# ------------------------------------------------------------------------------------------
+
+def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
+    m, obs = ex.m, ex.obs
+    text = obs.log.decode("utf-8", errors="replace")
+    log = parse_log(text)
+    expected = _expected(view)
+    frames = backtrace(ex)
+    kstack_base = ex.kernel_stack_base() or None
+    terminal: Finding | None = None
+    if stop in ("fault", "uc-error"):
+        terminal = _fault_finding(ex, kstack_base)
+    elif stop == "budget":
+        terminal = _hang_finding(ex)
+    elif stop == "halt" and log.panic is not None:
+        terminal = _panic_finding(ex, log)
+    elif stop == "halt" and log.rejected is None:
+        terminal = Finding("kernel-panic", ["the kernel halted without a panic message or a "
+                                            "rejection"], frames=frames, pc=m.reg("rip"))
+    elif stop == "efi-return":
+        terminal = Finding("kernel-panic", [f"efi_main returned to the firmware with status "
+                                            f"{ex.fw.state.efi_main_status:#x}"],
+                           frames=frames, pc=m.reg("rip"))
+    state: list[Finding] = []
+    blocks: list[heapwalk.Block] = []
+    if _heap_initialised(log):
+        heap = heapwalk.walk_heap(m, ex.profile.heap, _free_list_head(ex))
+        blocks = heap.blocks
+        if heap.problems and not obs.heap_checked_bad:
+            fld, evidence = heap.problems[0]
+            state.append(Finding("heap-corruption", [evidence], frames=frames, field=fld))
+    if log.rejected is None:
+        state += _segment_findings(ex, log, expected, frames)
+    if stop == "until":
+        state += _user_space_findings(ex, log, view, expected, frames, kstack_base)
+    findings = _dedupe(obs.events + state + ([terminal] if terminal else []))
+    primary = findings[0] if findings else None
+    if primary is not None:
+        verdict = "crash"
+    elif log.rejected is not None:
+        verdict = "rejected"
+    else:
+        verdict = "ok"
+    hs = ex.profile.heap.header_size
+    return Result(
+        verdict=verdict,
+        crash_class=primary.cls if primary else None,
+        signature=primary.signature() if primary else None,
+        findings=findings,
+        pc=m.reg("rip"),
+        symbol=ex.image.describe(m.reg("rip")),
+        backtrace=frames,
+        segments=log.segments,
+        expected_segments=expected,
+        log=text,
+        instructions=instructions,
+        stop=stop,
+        reject_reason=log.rejected,
+        registers=m.registers(),
+        console=list(ex.fw.state.console),
+        kernel=ex.profile.name,
+        kernel_sha256=ex.image.sha256,
+        heap_blocks=[b.to_json(hs) for b in blocks[:256]],
+    )
+
+
+def _dedupe(findings: list[Finding]) -> list[Finding]:
+    seen: set[tuple[str, str | None]] = set()
+    out = []
+    for f in findings:
+        key = (f.cls, f.field)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
