@@ -36,8 +36,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from kernel_emu.executor import Executor
     from kernel_emu.profile import load_profile
 
-    data = _read_input(args.elf)
     profile = load_profile(args.kernel)
+    data = _read_input(args.elf)
     executor = Executor(profile, snapshot=not args.full_boot, native=not args.no_native)
     result = executor.run(data)
     if args.json:

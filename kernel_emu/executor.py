@@ -156,6 +156,7 @@ class Executor:
         tracer.take_dirty()
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
                                   bytes(self.obs.log), tracer.instructions)
+        tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
 
@@ -197,8 +198,13 @@ class Executor:
         snap = self._snapshot
         assert snap is not None
         m = self.m
+        crossings = self.tracer.identity_crossings
         dirty = self.tracer.take_dirty()
-        if any(region < 0 for region, _ in dirty):
+        # a crossing store's tail page was taken from the identity map: only valid if the
+        # guest left the firmware's page tables alone
+        tables = range(self.fw.pml4 // PAGE, self.fw.page_table_end // PAGE)
+        if any(region < 0 for region, _ in dirty) or (
+                crossings and any(r == 0 and p in tables for r, p in dirty)):
             dirty = [(r, p) for r, bank in enumerate(m.banks) for p in range(bank.size // PAGE)]
         for region, page in dirty:
             bank = m.banks[region]

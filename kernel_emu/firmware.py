@@ -112,7 +112,9 @@ class Firmware:
         self.state = FirmwareState()
         mem = profile.memory
         self.stack_top = STACK_TOP
-        self.stack_base = STACK_TOP - mem.firmware_stack_size
+        # whole pages, so that the guard page sits right under the stack
+        size = (mem.firmware_stack_size + PAGE - 1) & ~(PAGE - 1)
+        self.stack_base = STACK_TOP - max(size, PAGE)
         self.guard_page = self.stack_base - PAGE
         self.memory_map = self._memory_map()
         self.page_table_end = PAGE_TABLES

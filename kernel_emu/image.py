@@ -131,9 +131,11 @@ class KernelImage:
             i -= 1
         return None
 
-    def describe(self, address: int) -> str:
-        """`name+0x1f`, or the raw address when no symbol covers it."""
-        sym = self.function_at(address)
+    def describe(self, address: int, *, return_address: bool = False) -> str:
+        """`name+0x1f`, or the raw address when no symbol covers it. A return address is
+        looked up one byte back: a call that never returns may be a function's last
+        instruction, and its return address the start of the next function."""
+        sym = self.function_at(address - 1 if return_address else address)
         if sym is None:
             return f"{address:#x}"
         off = address - sym.address

@@ -44,14 +44,14 @@ def backtrace(ex: Executor, *, at_boundary: bool = False, limit: int = 24) -> li
     pc, rsp, rbp = m.reg("rip"), m.reg("rsp"), m.reg("rbp")
     frames = [image.describe(pc)]
     if at_boundary and m.bank_for(rsp, 8):
-        frames.append(image.describe(m.u64(rsp)))
+        frames.append(image.describe(m.u64(rsp), return_address=True))
     seen = set()
     while len(frames) < limit and rbp and rbp not in seen and m.bank_for(rbp, 16):
         seen.add(rbp)
         ret = m.u64(rbp + 8)
         if not any(lo <= ret < hi for lo, hi in image.text_ranges):
             break
-        frames.append(image.describe(ret))
+        frames.append(image.describe(ret, return_address=True))
         next_rbp = m.u64(rbp)
         if next_rbp <= rbp:
             break

@@ -27,8 +27,23 @@ def canonical(vaddr: int) -> int:
     return vaddr | 0xFFFF_0000_0000_0000 if vaddr & (1 << 47) else vaddr
 
 
+_PRESENT_BIT = bytes(b & P for b in range(256))
+
+
 def _entries(m: Machine, table: int) -> tuple[int, ...]:
     return struct.unpack("<512Q", m.read(table & ADDR_MASK, PAGE))
+
+
+def _present(m: Machine, table: int) -> list[tuple[int, int]]:
+    """(index, entry) of the present entries, found without a Python loop over all 512."""
+    raw = m.read(table & ADDR_MASK, PAGE)
+    flags = raw[0::8].translate(_PRESENT_BIT)
+    out = []
+    i = flags.find(1)
+    while i >= 0:
+        out.append((i, struct.unpack_from("<Q", raw, i * 8)[0]))
+        i = flags.find(1, i + 1)
+    return out
 
 
 def walk(m: Machine, cr3: int) -> list[Mapping]:
@@ -37,13 +52,14 @@ def walk(m: Machine, cr3: int) -> list[Mapping]:
     out: list[Mapping] = []
 
     def rec(table: int, level: int, base: int, user: bool, writable: bool, nx: bool) -> None:
-        for i, e in enumerate(_entries(m, table)):
-            if not e & P or len(out) >= MAX_LEAVES:
-                continue
-            vaddr = base | (i << (12 + 9 * (level - 1)))
+        shift = 12 + 9 * (level - 1)
+        for i, e in _present(m, table):
+            if len(out) >= MAX_LEAVES:
+                return
+            vaddr = base | (i << shift)
             u, w, x = user and bool(e & U), writable and bool(e & W), nx or bool(e & NX)
             if level == 1 or (level in (2, 3) and e & PS):
-                size = 1 << (12 + 9 * (level - 1))
+                size = 1 << shift
                 paddr = e & ADDR_MASK & ~(size - 1)
                 out.append(Mapping(canonical(vaddr), paddr, size, w, u, not x))
             else:

@@ -63,10 +63,14 @@ def _round8(n: int) -> int:
 def split_trigger(elf: bytes, leftover: int = 80) -> bytes:
     """Grow the last PT_LOAD's memsz so that, after the loader's allocations (the segments
     Vec sized for every program header, then one buffer per segment), the free block left over
-    is `leftover` bytes: under the seed allocator's 160-byte split threshold."""
+    is `leftover` bytes: under the seed allocator's 160-byte split threshold.
+
+    The loader allocates the segment table (40 bytes per program header on seed), a table of
+    buffer pointers (8 bytes per PT_LOAD), then one buffer per PT_LOAD."""
     idx = loads(elf)
     free = HEAP_SIZE - HEADER
     free -= _round8(PHDR_SEGMENT * _phnum(elf)) + HEADER
+    free -= _round8(8 * len(idx)) + HEADER
     for i in idx[:-1]:
         free -= _round8(get_phdr(elf, i)["memsz"]) + HEADER
     return set_phdr(elf, idx[-1], memsz=free - leftover)

@@ -79,6 +79,8 @@ def _garble(rng: random.Random, base: bytes) -> bytes:
     data = bytearray(base)
     for _ in range(rng.randint(1, 12)):
         choice = rng.random()
+        if len(data) < 16:
+            break
         if choice < 0.5:
             i = rng.randrange(min(len(data), 512))
             data[i] = rng.randrange(256)
@@ -129,3 +131,36 @@ def test_snapshot_agrees_with_full_boot(base_elf: bytes) -> None:
             crashes += a.verdict == "crash"
         if kernel == "seed":
             assert crashes >= len(REPRODUCERS)
+
+
+def _custom_profile(tmp_path: Path, **changes: str) -> Path:
+    """A copy of the seed profile with some `key = value` lines replaced."""
+    text = (Path(load_profile("seed").source)).read_text()
+    image = load_profile("seed").image
+    text = text.replace('image = "../images/seed.elf"', f'image = "{image}"')
+    for key, value in changes.items():
+        lines = [f"{key} = {value}" if line.startswith(f"{key} =") else line
+                 for line in text.splitlines()]
+        text = "\n".join(lines) + "\n"
+    path = tmp_path / "custom.toml"
+    path.write_text(text)
+    return path
+
+
+def test_snapshot_falls_back_when_kernel_reads_ramdisk_early(tmp_path: Path,
+                                                             base_elf: bytes) -> None:
+    # a snapshot point after the loader has read bin/init cannot be restored per input
+    path = _custom_profile(tmp_path, snapshot_symbol='"rustux::user::enter"')
+    ex = Executor(load_profile(str(path)))
+    assert not ex.use_snapshot
+    assert "reads the ramdisk" in ex.notes[0]
+    result = ex.run(base_elf)
+    assert result.verdict == "ok" and not result.snapshot
+    assert any("full boots" in n for n in result.notes)
+
+
+def test_small_firmware_stack_overflows_into_guard(tmp_path: Path, base_elf: bytes) -> None:
+    path = _custom_profile(tmp_path, firmware_stack_size="0x1000")
+    result = Executor(load_profile(str(path))).run(base_elf)
+    assert result.crash_class == "stack-overflow", result.findings
+    assert "firmware stack guard page" in result.findings[0].evidence[0]

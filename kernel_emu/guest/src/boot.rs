@@ -5,12 +5,12 @@ use crate::efi::{self, MemoryDescriptor, SystemTable};
 use crate::sync::KCell;
 use crate::{arch, loader, mm};
 
-const MEMORY_MAP_CAPACITY: usize = 16 * 1024;
+/// The memory map is read into a buffer on the firmware stack: 4 KiB of an 8 KiB stack,
+/// which is why the kernel leaves that stack as soon as it has its own.
+const MEMORY_MAP_CAPACITY: usize = 4 * 1024;
 
 #[repr(C, align(16))]
 struct MapBuffer([u8; MEMORY_MAP_CAPACITY]);
-
-static MEMORY_MAP: KCell<MapBuffer> = KCell::new(MapBuffer([0; MEMORY_MAP_CAPACITY]));
 
 /// The system table survives ExitBootServices (it lives in runtime-services memory); the
 /// continuation on the new stack picks it up from here.
@@ -46,9 +46,10 @@ pub fn start(image_handle: usize, system_table: *const SystemTable) -> ! {
         system_table as usize
     );
     // SAFETY: the firmware passed a valid system table and boot services are running.
+    let mut buffer = MapBuffer([0; MEMORY_MAP_CAPACITY]);
     let map = unsafe {
         crate::console::firmware_print(system_table, "Rustux kernel booting\n");
-        exit_boot_services(image_handle, system_table)
+        exit_boot_services(image_handle, system_table, &mut buffer)
     };
     kprintln!("[boot] boot services exited, memory map has {} entries", map.len());
     for i in 0..map.len() {
@@ -73,6 +74,7 @@ extern "C" fn on_kernel_stack() -> ! {
     let (base, system_table) = unsafe { (mm::KERNEL_STACK_BASE, *SYSTEM_TABLE.get()) };
     kprintln!("[mm] kstack base={:#x} top={:#x}", base, base + mm::KERNEL_STACK_SIZE);
     mm::heap::init();
+    mm::frame::prezero(mm::PREZEROED_PAGES);
     arch::gdt::init();
     arch::idt::init();
     kprintln!("[boot] gdt and idt loaded");
@@ -84,15 +86,19 @@ extern "C" fn on_kernel_stack() -> ! {
 ///
 /// # Safety
 /// Boot services must still be running.
-unsafe fn exit_boot_services(image_handle: usize, system_table: *const SystemTable) -> MemoryMap {
+unsafe fn exit_boot_services(
+    image_handle: usize,
+    system_table: *const SystemTable,
+    buffer: &mut MapBuffer,
+) -> MemoryMap {
     let boot_services = (*system_table).boot_services;
-    let (map, key) = get_memory_map(system_table);
+    let (map, key) = get_memory_map(system_table, buffer);
     let status = ((*boot_services).exit_boot_services)(image_handle, key);
     if status == efi::SUCCESS {
         return map;
     }
     kprintln!("[boot] ExitBootServices returned {:#x}, retrying with a fresh map", status);
-    let (map, key) = get_memory_map(system_table);
+    let (map, key) = get_memory_map(system_table, buffer);
     let status = ((*boot_services).exit_boot_services)(image_handle, key);
     if status != efi::SUCCESS {
         panic!("ExitBootServices failed: {:#x}", status);
@@ -100,9 +106,9 @@ unsafe fn exit_boot_services(image_handle: usize, system_table: *const SystemTab
     map
 }
 
-unsafe fn get_memory_map(system_table: *const SystemTable) -> (MemoryMap, usize) {
+unsafe fn get_memory_map(system_table: *const SystemTable, buffer: &mut MapBuffer) -> (MemoryMap, usize) {
     let get_memory_map = (*(*system_table).boot_services).get_memory_map;
-    let buffer = MEMORY_MAP.get().cast::<u8>();
+    let buffer = buffer.0.as_mut_ptr();
     // Start by asking for the size; the second round adds room for two more descriptors in
     // case the map grows between the calls.
     let mut request = 0usize;

@@ -14,7 +14,7 @@ const KERNEL_IMAGE_START: u64 = 0x10_0000;
 const KERNEL_IMAGE_END: u64 = 0x30_0000;
 
 const USER_STACK_TOP: u64 = 0x7fff_ffff_f000;
-const USER_STACK_PAGES: u64 = 16;
+const USER_STACK_PAGES: u64 = 4;
 /// Initial RSP: 16-byte aligned with zeroed words above it (argc = 0, empty argv, envp and
 /// auxiliary vector).
 const USER_STACK_POINTER: u64 = USER_STACK_TOP - 0x40;
@@ -59,6 +59,7 @@ global_asm!(
 
 extern "C" {
     fn rustux_enter_user(rip: u64, rsp: u64, cr3: u64) -> !;
+    static __kernel_end: u8;
 }
 
 /// Page-rounded [start, end) of a segment (end may wrap around).
@@ -98,7 +99,9 @@ pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
         }
 
         let root = frame::alloc_zeroed_page();
-        paging::map_identity(root, KERNEL_IMAGE_START, KERNEL_IMAGE_END, PRESENT | WRITABLE);
+        // only what the image occupies: the rest of its reserved range holds nothing to run
+        let image_end = core::ptr::addr_of!(__kernel_end) as u64;
+        paging::map_identity(root, KERNEL_IMAGE_START, image_end, PRESENT | WRITABLE);
         paging::map_identity(root, stack_base, stack_top, PRESENT | WRITABLE | NO_EXECUTE);
 
         for i in 0..count {

@@ -111,7 +111,36 @@ pub fn alloc_contiguous(pages: u64) -> u64 {
 }
 
 /// One page filled with zeros.
+/// Pages zeroed ahead of time, so building an address space does not wait on zeroing.
+struct ZeroPool {
+    next: u64,
+    end: u64,
+}
+
+static ZERO_POOL: KCell<ZeroPool> = KCell::new(ZeroPool { next: 0, end: 0 });
+
+/// Zeroes `pages` pages now, while the machine has nothing better to do, for later
+/// `alloc_zeroed_page` calls.
+pub fn prezero(pages: u64) {
+    let start = alloc_contiguous(pages);
+    let bytes = pages * PAGE_SIZE;
+    // SAFETY: freshly allocated identity-mapped RAM that nothing else owns.
+    unsafe { core::ptr::write_bytes(start as *mut u8, 0, bytes as usize) };
+    // SAFETY: single CPU, no re-entrancy.
+    let pool = unsafe { &mut *ZERO_POOL.get() };
+    pool.next = start;
+    pool.end = start + bytes;
+    kprintln!("[mm] {} zeroed pages at {:#x}", pages, start);
+}
+
 pub fn alloc_zeroed_page() -> u64 {
+    // SAFETY: single CPU, no re-entrancy.
+    let pool = unsafe { &mut *ZERO_POOL.get() };
+    if pool.next < pool.end {
+        let page = pool.next;
+        pool.next += PAGE_SIZE;
+        return page;
+    }
     let page = alloc_contiguous(1);
     // SAFETY: the page is identity-mapped RAM that nothing else owns.
     unsafe { core::ptr::write_bytes(page as *mut u8, 0, PAGE_SIZE as usize) };

@@ -7,6 +7,8 @@ pub mod paging;
 pub const PAGE_SIZE: u64 = 4096;
 pub const KERNEL_STACK_PAGES: u64 = 64;
 pub const KERNEL_STACK_SIZE: u64 = KERNEL_STACK_PAGES * PAGE_SIZE;
+/// Enough for the page tables, user stack and a few segment pages of a small init.
+pub const PREZEROED_PAGES: u64 = 64;
 
 /// Lowest usable address of the 256 KiB kernel stack (the guard page is just below it).
 #[used]

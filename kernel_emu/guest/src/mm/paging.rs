@@ -79,7 +79,14 @@ pub unsafe fn unmap_current(vaddr: u64) {
 pub unsafe fn map_identity(root: u64, start: u64, end: u64, flags: u64) {
     let mut page = start & !(PAGE_SIZE - 1);
     while page < end {
-        *entry_for(root, page, true) = page | flags;
-        page += PAGE_SIZE;
+        // one walk per page table, then fill its entries up to the next 2 MiB boundary
+        let first = entry_for(root, page, true);
+        let stop = end.min(((page >> 21) + 1) << 21);
+        let mut i = 0;
+        while page < stop {
+            *first.add(i) = page | flags;
+            page += PAGE_SIZE;
+            i += 1;
+        }
     }
 }
