@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -157,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except HarnessError as e:
         print(f"fuzzfarm: harness error: {e}", file=sys.stderr)
+        if os.environ.get("FUZZFARM_DEBUG"):
+            traceback.print_exc()
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("fuzzfarm: interrupted", file=sys.stderr)

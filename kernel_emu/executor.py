@@ -176,6 +176,15 @@ class Executor:
             ramdisk = build_init_ramdisk(data)
         except RamdiskTooLarge as e:
             raise InputError(str(e)) from e
+        try:
+            return self._run(data, ramdisk)
+        except HarnessError:
+            raise
+        except Exception as e:  # a bug of ours must never pass for a kernel finding
+            raise HarnessError(f"internal error while booting the input: "
+                               f"{type(e).__name__}: {e}") from e
+
+    def _run(self, data: bytes, ramdisk: bytes) -> Result:
         view = read_elf(data)
         if self._snapshot is not None:
             self._restore()

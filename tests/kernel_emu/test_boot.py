@@ -164,3 +164,24 @@ def test_small_firmware_stack_overflows_into_guard(tmp_path: Path, base_elf: byt
     result = Executor(load_profile(str(path))).run(base_elf)
     assert result.crash_class == "stack-overflow", result.findings
     assert "firmware stack guard page" in result.findings[0].evidence[0]
+
+
+def test_bug_in_an_observer_is_a_harness_error(monkeypatch: pytest.MonkeyPatch,
+                                               base_elf: bytes) -> None:
+    ex = Executor(load_profile("seed"))
+
+    def broken(_ex: Executor) -> None:
+        raise KeyError("observer bug")
+
+    monkeypatch.setattr("kernel_emu.oracles.quick_heap_check", broken)
+    with pytest.raises(HarnessError, match="internal error"):
+        ex.run(base_elf)
+    monkeypatch.undo()
+    # the next input starts from the snapshot again, unharmed
+    assert ex.run(base_elf).verdict == "ok"
+
+
+def test_profile_naming_missing_symbol_is_a_harness_error(tmp_path: Path) -> None:
+    path = _custom_profile(tmp_path, alloc_symbol='"rustux::no::such"')
+    with pytest.raises(HarnessError, match="no symbol"):
+        Executor(load_profile(str(path)))
