@@ -17,15 +17,21 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 from kernel_emu import oracles
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
-from kernel_emu.firmware import DEBUG_PORT, FIRMWARE_BASE, FIRMWARE_END, Firmware, FirmwareState
+from kernel_emu.firmware import (
+    DEBUG_PORT,
+    FIRMWARE_BASE,
+    FIRMWARE_END,
+    SERVICE_PORT,
+    Firmware,
+    FirmwareState,
+)
 from kernel_emu.image import KernelImage, load_image
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.profile import TargetProfile
 from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
 from kernel_emu.result import Finding, Result
-from kernel_emu.tracing import GuestTracer, attach_tracer
+from kernel_emu.tracing import GuestTracer, PortConfig, attach_tracer
 
-MAX_LOG = 1 << 20
 ZERO_PAGE = bytes(PAGE)
 
 
@@ -42,14 +48,13 @@ class Fault:
 class Observations:
     """Everything seen during one run, in the order it happened."""
 
-    log: bytearray = field(default_factory=bytearray)
+    log_prefix: bytes = b""  # console output before the snapshot
     events: list[Finding] = field(default_factory=list)
     live: dict[int, tuple[int, int]] = field(default_factory=dict)  # ptr -> (size, seq)
     pending: list[tuple[int, int, int]] = field(default_factory=list)  # (rsp, size, align)
     allocations: int = 0
     heap_checked_bad: bool = False
     fault: Fault | None = None
-    log_dropped: int = 0
     uc_error: str = ""
 
 
@@ -106,8 +111,6 @@ class Executor:
         m = Machine([(0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_size)])
         fw = Firmware(m, self.profile, self.image)
         fw.install()
-        m.on_port_write(DEBUG_PORT, self._on_debug_out)
-        m.on_port_read(DEBUG_PORT, lambda port, size: DEBUG_PORT)
         uc = m.uc
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_CODE, self._on_alloc_entry, None, self.alloc_sym.address,
@@ -117,7 +120,9 @@ class Executor:
         uc.hook_add(UC_HOOK_CODE, self._on_dealloc_entry, None, self.dealloc_addr,
                     self.dealloc_addr)
         tracer = attach_tracer(uc, [(b.base, b.size) for b in m.banks], native=self.native,
-                               coverage=self.coverage)
+                               coverage=self.coverage,
+                               ports=PortConfig(console=DEBUG_PORT, service=SERVICE_PORT,
+                                                console_read_value=DEBUG_PORT))
         uc.ctl_flush_tb()
         self.m, self.fw, self.tracer = m, fw, tracer
         self.obs = Observations()
@@ -155,7 +160,7 @@ class Executor:
                           if data[i:i + PAGE] != ZERO_PAGE})
         tracer.take_dirty()
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
-                                  bytes(self.obs.log), tracer.instructions)
+                                  tracer.console(), tracer.instructions)
         tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
@@ -227,39 +232,45 @@ class Executor:
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
         self.fw.state = snap.firmware.copy()
-        self.obs = Observations(log=bytearray(snap.log))
+        self.obs = Observations(log_prefix=snap.log)
         self.tracer.reset(self.budget - snap.instructions)
 
     def _emulate(self, until: int) -> str:
-        """Run to `until`; the stop reason: until, fault, budget, halt, efi-return, uc-error."""
-        m = self.m
-        try:
-            m.uc.emu_start(m.reg("rip"), until)
-        except UcError as e:
-            if self.obs.fault is None:
-                self.obs.fault = Fault(-1, m.reg("rip"), 0, m.reg("rsp"), m.reg("rbp"))
-                self.obs.uc_error = str(e)
-            return "uc-error"
+        """Run to `until`; the stop reason: until, fault, budget, halt, efi-return, uc-error.
+
+        A boot-service stub stops the guest right after its `out`; the firmware performs the
+        service and the guest resumes."""
+        m, tracer = self.m, self.tracer
+        while True:
+            try:
+                m.uc.emu_start(m.reg("rip"), until)
+            except UcError as e:
+                if self.obs.fault is None:
+                    self.obs.fault = Fault(-1, m.reg("rip"), 0, m.reg("rsp"), m.reg("rbp"))
+                    self.obs.uc_error = str(e)
+                return "uc-error"
+            request = tracer.take_service()
+            if request is None or self.obs.fault is not None or tracer.budget_exhausted:
+                break
+            self.fw.service(request)
+            if self.fw.state.efi_main_status is not None:
+                return "efi-return"
         pc = m.reg("rip")
         if self.obs.fault is not None:
             return "fault"
-        if self.tracer.budget_exhausted:
+        if tracer.budget_exhausted:
             return "budget"
         if pc == until:
             return "until"
-        if self.fw.state.efi_main_status is not None:
-            return "efi-return"
         if m.read(pc - 1, 1) == b"\xf4":
             return "halt"
         raise HarnessError(f"emulation stopped at {self.image.describe(pc)} for no known reason")
 
-    # observers ---------------------------------------------------------------------------
-    def _on_debug_out(self, _port: int, _size: int, value: int) -> None:
-        if len(self.obs.log) < MAX_LOG:
-            self.obs.log.append(value & 0xFF)
-        else:
-            self.obs.log_dropped += 1
+    def console(self) -> bytes:
+        """Everything the kernel wrote to its debug console in this boot."""
+        return self.obs.log_prefix + self.tracer.console()
 
+    # observers ---------------------------------------------------------------------------
     def _on_interrupt(self, uc: Any, vector: int, _user: Any) -> None:
         m = self.m
         if self.obs.fault is None:

@@ -154,7 +154,6 @@ class Firmware:
         m.label(self.image.start, self.image.end, "kernel-image")
         heap = self.profile.heap
         m.label(heap.base, heap.end, "heap")
-        m.on_port_write(SERVICE_PORT, self._service)
         self._enter()
 
     def _build_page_tables(self) -> None:
@@ -259,7 +258,9 @@ class Firmware:
                 (mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)]
 
     # services ----------------------------------------------------------------------------
-    def _service(self, _port: int, _size: int, value: int) -> None:
+    def service(self, value: int) -> None:
+        """Perform the boot service whose stub wrote `value` to the service port; the guest
+        is stopped right after that `out`, before the stub's `ret`."""
         m = self.m
         args = [m.reg("rcx"), m.reg("rdx"), m.reg("r8"), m.reg("r9")]
         rsp = m.reg("rsp")
@@ -269,7 +270,6 @@ class Firmware:
         if value == SVC_EFI_MAIN_RETURNED:
             st.efi_main_status = m.reg("rax")
             st.calls.append("efi_main returned")
-            m.uc.emu_stop()
             return
         if st.exited and value not in (SVC_OUTPUT_STRING, SVC_CON_RESET):
             st.calls.append(f"service {value} after ExitBootServices")

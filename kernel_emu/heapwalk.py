@@ -21,10 +21,6 @@ class Block:
     prev: int
     next: int
 
-    @property
-    def payload(self) -> int:
-        return self.addr
-
     def to_json(self, header: int) -> dict[str, Any]:
         return {"addr": self.addr, "payload": self.addr + header, "size": self.size,
                 "free": self.free, "magic_ok": self.magic_ok}
@@ -46,13 +42,16 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     hs = heap.header_size
     blocks: list[Block] = []
     problems: list[tuple[str, str]] = []
+    bank = m.bank_for(heap.base, heap.size)
+    if bank is None:
+        return HeapState([], [("heap.size", f"heap {heap.base:#x}+{heap.size:#x} is not RAM")])
     addr = heap.base
     while addr < heap.end and len(blocks) < max_blocks:
         if addr + hs > heap.end:
             problems.append(("heap.size", f"block at {addr:#x} runs past the heap end "
                                           f"{heap.end:#x}"))
             break
-        raw = m.read(addr, hs)
+        raw = bank.view[addr - bank.base:addr - bank.base + hs]
         size = struct.unpack_from("<Q", raw, heap.size_offset)[0]
         free = raw[heap.free_offset] != 0
         magic = struct.unpack_from("<Q", raw, heap.magic_offset)[0]

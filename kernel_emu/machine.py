@@ -1,4 +1,6 @@
-"""The emulated amd64 machine: Unicorn CPU, labelled RAM regions backed by host memory, port I/O."""
+"""The emulated amd64 machine: Unicorn CPU and labelled RAM regions backed by host memory.
+
+Port I/O is hooked by the tracer (`kernel_emu.tracing`), natively."""
 
 from __future__ import annotations
 
@@ -6,12 +8,10 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
-from typing import Protocol
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn.unicorn_py3.unicorn import uclib
 from unicorn.x86_const import (
-    UC_X86_INS_IN,
-    UC_X86_INS_OUT,
     UC_X86_REG_CR0,
     UC_X86_REG_CR2,
     UC_X86_REG_CR3,
@@ -49,14 +49,6 @@ REGISTERS = {
 MSR_EFER = 0xC000_0080
 
 
-class PortWriteHandler(Protocol):
-    def __call__(self, port: int, size: int, value: int) -> None: ...
-
-
-class PortReadHandler(Protocol):
-    def __call__(self, port: int, size: int) -> int: ...
-
-
 @dataclass(frozen=True)
 class Label:
     """A named address range, so reports can say `write to [guard:firmware-stack]`."""
@@ -81,7 +73,7 @@ class RamBank:
 
 
 class Machine:
-    """Unicorn in 64-bit mode with RAM banks, labels and port I/O dispatch."""
+    """Unicorn in 64-bit mode with RAM banks and labels."""
 
     def __init__(self, banks: list[tuple[int, int]]) -> None:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -89,11 +81,8 @@ class Machine:
         for bank in self.banks:
             self.uc.mem_map_ptr(bank.base, bank.size, UC_PROT_ALL, bank.address)
         self.labels: list[Label] = []
-        self._out: dict[int, PortWriteHandler] = {}
-        self._in: dict[int, PortReadHandler] = {}
-        self.unhandled_ports: list[tuple[str, int, int]] = []
-        self.uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, UC_X86_INS_OUT)
-        self.uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, UC_X86_INS_IN)
+        self._scratch = ctypes.c_uint64()
+        self._scratch_ref = ctypes.byref(self._scratch)
 
     # memory ------------------------------------------------------------------------------
     def bank_for(self, addr: int, size: int = 1) -> RamBank | None:
@@ -143,7 +132,12 @@ class Machine:
 
     # registers ---------------------------------------------------------------------------
     def reg(self, name: str) -> int:
-        return self.uc.reg_read(REGISTERS[name])
+        # straight to the C API: the binding's generic path costs microseconds per read, and
+        # the allocator observers read registers on every call
+        status = uclib.uc_reg_read(self.uc._uch, REGISTERS[name], self._scratch_ref)
+        if status:
+            raise UcError(status)
+        return self._scratch.value
 
     def set_reg(self, name: str, value: int) -> None:
         self.uc.reg_write(REGISTERS[name], value)
@@ -152,27 +146,4 @@ class Machine:
         self.uc.msr_write(msr, value)
 
     def registers(self) -> dict[str, int]:
-        return {name: self.uc.reg_read(rid) for name, rid in REGISTERS.items()}
-
-    # port I/O ----------------------------------------------------------------------------
-    def on_port_write(self, port: int, handler: PortWriteHandler) -> None:
-        self._out[port] = handler
-
-    def on_port_read(self, port: int, handler: PortReadHandler) -> None:
-        self._in[port] = handler
-
-    def _on_out(self, uc: Uc, port: int, size: int, value: int, _user: object) -> None:
-        handler = self._out.get(port)
-        if handler is None:
-            if len(self.unhandled_ports) < 64:
-                self.unhandled_ports.append(("out", port, value))
-            return
-        handler(port, size, value)
-
-    def _on_in(self, uc: Uc, port: int, size: int, _user: object) -> int:
-        handler = self._in.get(port)
-        if handler is None:
-            # no device there: the bus floats high
-            return (1 << (8 * size)) - 1
-        return handler(port, size)
-
+        return {name: self.reg(name) for name in REGISTERS}

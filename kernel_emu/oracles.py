@@ -268,7 +268,7 @@ def _entry_findings(ex: Executor, cr3: int, frames: list[str]) -> list[Finding]:
 
 def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
     m, obs = ex.m, ex.obs
-    text = obs.log.decode("utf-8", errors="replace")
+    text = ex.console().decode("utf-8", errors="replace")
     log = parse_log(text)
     expected = _expected(view)
     frames = backtrace(ex)

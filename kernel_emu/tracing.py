@@ -1,4 +1,4 @@
-"""Per-run guest tracing: instruction budget, edge coverage, recent blocks and dirty pages.
+"""Per-run guest tracing: instruction budget, edge coverage, recent blocks, dirty pages, ports.
 
 The fuzzing loop restores a snapshot between runs, so it needs to know, cheaply, what the
 guest did during one run:
@@ -6,7 +6,9 @@ guest did during one run:
 * how many instructions it executed, with a hard budget that stops a hang exactly;
 * AFL-style edge coverage, to steer the fuzzer;
 * the last blocks it executed, to say where a hang spins;
-* which RAM pages it wrote, so the restore copies only those.
+* which RAM pages it wrote, so the restore copies only those;
+* optionally, what it wrote to its debug console and which service it requested (port I/O,
+  see :class:`PortConfig`), without a Python callback per byte.
 
 Two implementations share the :class:`GuestTracer` interface.  The native one registers
 C callbacks from the ``kernel_emu._tracer`` extension directly with Unicorn (about a
@@ -47,6 +49,16 @@ Edge coverage: each block start address ``a`` is hashed to ``cur = (a * K mod 2*
 with ``K = 0x9E3779B97F4A7C15``; the counter ``map[cur ^ prev]`` is incremented and
 ``prev = cur >> 1`` (``prev`` is 0 after reset).  Counters SATURATE at 255, so a hot edge
 never wraps back to "not hit".
+
+Port I/O (only with ``ports``): an OUT to the service port stops the guest right after the
+OUT, with RIP at the next instruction, which has not run and is not counted.  Unicorn may
+announce that instruction to the code hook before it honours the stop (measured: it does when
+the OUT is not the last instruction of its translation block and the tracer's code hook is
+the only one), so the tracer ignores one announcement, and stops waiting for it when the next
+block starts.  The always-installed code hook is also what makes the stop exact: without one,
+Unicorn would run on to the end of the translation block.  Resuming from RIP
+starts a new block there, which adds an entry to the recent blocks and an edge to the
+coverage that an uninterrupted run would not have: both tracers agree on that too.
 """
 
 from __future__ import annotations
@@ -54,11 +66,17 @@ from __future__ import annotations
 import ctypes
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, Uc, UcError
+from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_MEM_WRITE, Uc, UcError
 from unicorn.unicorn_py3.unicorn import uclib
-from unicorn.x86_const import UC_X86_REG_CR0
+from unicorn.x86_const import (
+    UC_X86_INS_IN,
+    UC_X86_INS_OUT,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR3,
+)
 
 try:
     from kernel_emu import _tracer
@@ -73,12 +91,43 @@ COVERAGE_MULTIPLIER = 0x9E3779B97F4A7C15
 NO_BUDGET = (1 << 64) - 1
 OUTSIDE = -1
 UNKNOWN_PAGE = -1
+CONSOLE_CAP = 1 << 20
+PORT_LOG_SIZE = 64
 
 _CR0_PG = 1 << 31
 _MASK64 = (1 << 64) - 1
 # Attribute on the Uc object that owns the native states: hooks hold raw pointers to them,
 # so they must live exactly as long as the engine that may call those hooks.
 _KEEPALIVE_ATTR = "_kernel_emu_tracer_states"
+
+
+@dataclass(frozen=True)
+class PortConfig:
+    """Which I/O ports the tracer serves itself (see :func:`attach_tracer`).
+
+    * OUT to ``console``: the low byte is appended to :meth:`GuestTracer.console`.
+    * OUT to ``service``: the 32-bit value becomes the pending request returned by
+      :meth:`GuestTracer.take_service` and the guest stops right after the OUT.
+    * OUT to any other port: logged in :meth:`GuestTracer.port_log`.
+    * IN from ``console``: ``console_read_value``, truncated to the access size (a Bochs-style
+      port 0xE9 reads back 0xE9, which guests use to detect the console).
+    * IN from any other port: all ones for the access size (nothing answers, the bus floats
+      high), logged in :meth:`GuestTracer.port_log`.
+    """
+
+    console: int = 0xE9
+    service: int = 0xF0
+    console_read_value: int = 0xE9
+
+    def __post_init__(self) -> None:
+        for name in ("console", "service"):
+            port = getattr(self, name)
+            if not 0 <= port <= 0xFFFF:
+                raise ValueError(f"{name} port {port:#x} is not a 16-bit port number")
+        if self.console == self.service:
+            raise ValueError("the console and service ports must differ")
+        if not 0 <= self.console_read_value <= 0xFFFF_FFFF:
+            raise ValueError("console_read_value must fit in 32 bits")
 
 
 @runtime_checkable
@@ -93,8 +142,19 @@ class GuestTracer(Protocol):
     native: bool
     """True when the callbacks are C functions, False for the slow Python fallback."""
 
+    identity_cr3: int
+    """CR3 of page tables the caller vouches map every tracked page virtual = physical (0:
+    none). A page-crossing store made while CR3 holds it marks the next physical page and is
+    counted in :attr:`identity_crossings` instead of making the dirty set incomplete; the
+    caller must treat the set as incomplete if those tables themselves were written."""
+
+    @property
+    def identity_crossings(self) -> int:
+        """Page-crossing stores since reset resolved through :attr:`identity_cr3`."""
+        ...
+
     def reset(self, budget: int) -> None:
-        """Zero counters, coverage, recent blocks and dirty sets; arm ``budget``.
+        """Zero counters, coverage, recent blocks, dirty sets and port results; arm ``budget``.
 
         The guest is stopped (``uc_emu_stop``) before it starts instruction number
         ``budget + 1``; pass :data:`NO_BUDGET` for no limit.
@@ -129,6 +189,36 @@ class GuestTracer(Protocol):
         """The 65536 saturating 8-bit edge counters (read-only view; zero if disabled)."""
         ...
 
+    def console(self) -> bytes:
+        """Bytes the guest wrote to the console port since reset (at most :data:`CONSOLE_CAP`).
+
+        Always empty when the tracer was attached without ``ports``.
+        """
+        ...
+
+    @property
+    def console_dropped(self) -> int:
+        """Console bytes since reset that did not fit in the :data:`CONSOLE_CAP` buffer."""
+        ...
+
+    def take_service(self) -> int | None:
+        """Return and clear the pending service request (the value OUT to the service port).
+
+        ``None`` when there is none.  A request means the guest stopped right after its
+        OUT: the caller performs the service, sets the guest's registers and resumes
+        ``emu_start`` from RIP.
+        """
+        ...
+
+    def port_log(self) -> list[tuple[str, int, int, int]]:
+        """The first :data:`PORT_LOG_SIZE` accesses to other ports since reset, in order.
+
+        Entries are ``(kind, port, size, value)``: kind ``"out"`` with the value written or
+        ``"in"`` with the value returned (all ones).  Console accesses and service OUTs are
+        not logged; an IN from the service port is logged like any other IN.
+        """
+        ...
+
     def detach(self) -> None:
         """Remove the hooks; the tracer keeps its last results but records nothing more."""
         ...
@@ -159,20 +249,51 @@ def _function_address(function: Any) -> int:
     return address
 
 
+def _add_native_hook(uc: Uc, hook_type: int, callback: int, state_address: int, *extra: Any) -> int:
+    handle = ctypes.c_size_t()
+    status = uclib.uc_hook_add(
+        uc._uch,
+        ctypes.byref(handle),
+        hook_type,
+        ctypes.c_void_p(callback),
+        ctypes.c_void_p(state_address),
+        ctypes.c_uint64(1),  # begin > end: every address
+        ctypes.c_uint64(0),
+        *extra,  # uc_hook_add is variadic: UC_HOOK_INSN takes the instruction id as an int
+    )
+    if status != 0:
+        raise UcError(status)
+    return handle.value
+
+
+def _all_ones(size: int) -> int:
+    return (1 << (8 * min(size, 4))) - 1
+
+
 class NativeTracer:
     """Tracer whose callbacks are the C functions of ``kernel_emu._tracer``."""
 
     native = True
 
-    def __init__(self, uc: Uc, regions: Sequence[tuple[int, int]], coverage: bool) -> None:
+    def __init__(
+        self,
+        uc: Uc,
+        regions: Sequence[tuple[int, int]],
+        coverage: bool,
+        ports: PortConfig | None = None,
+    ) -> None:
         if _tracer is None:
             raise ImportError("kernel_emu._tracer is not built")
         self._uc: Uc | None = uc
+        port_config = ports or PortConfig()
         self._state = _tracer.State(
             _check_regions(regions),
             coverage,
             _function_address(uclib.uc_emu_stop),
             _function_address(uclib.uc_reg_read),
+            console_port=port_config.console,
+            service_port=port_config.service,
+            console_read_value=port_config.console_read_value,
         )
         # Own the state from the engine before any hook can see its address: if the Uc
         # is garbage collected, Unicorn is closed (weakref finalizer) before the Uc's
@@ -180,25 +301,22 @@ class NativeTracer:
         states: dict[int, Any] = uc.__dict__.setdefault(_KEEPALIVE_ATTR, {})
         states[id(self._state)] = self._state
         self._handles: list[int] = []
+        address = self._state.address
         try:
             for hook_type, callback in (
                 (UC_HOOK_CODE, _tracer.CODE_HOOK),
                 (UC_HOOK_BLOCK, _tracer.BLOCK_HOOK),
                 (UC_HOOK_MEM_WRITE, _tracer.WRITE_HOOK),
             ):
-                handle = ctypes.c_size_t()
-                status = uclib.uc_hook_add(
-                    uc._uch,
-                    ctypes.byref(handle),
-                    hook_type,
-                    ctypes.c_void_p(callback),
-                    ctypes.c_void_p(self._state.address),
-                    ctypes.c_uint64(1),  # begin > end: every address
-                    ctypes.c_uint64(0),
-                )
-                if status != 0:
-                    raise UcError(status)
-                self._handles.append(handle.value)
+                self._handles.append(_add_native_hook(uc, hook_type, callback, address))
+            if ports is not None:
+                for callback, insn in (
+                    (_tracer.OUT_HOOK, UC_X86_INS_OUT),
+                    (_tracer.IN_HOOK, UC_X86_INS_IN),
+                ):
+                    self._handles.append(
+                        _add_native_hook(uc, UC_HOOK_INSN, callback, address, ctypes.c_int(insn))
+                    )
         except BaseException:
             self.detach()
             raise
@@ -219,11 +337,36 @@ class NativeTracer:
     def take_dirty(self) -> list[tuple[int, int]]:
         return self._state.take_dirty()
 
+    @property
+    def identity_cr3(self) -> int:
+        return self._state.identity_cr3
+
+    @identity_cr3.setter
+    def identity_cr3(self, value: int) -> None:
+        self._state.identity_cr3 = value
+
+    @property
+    def identity_crossings(self) -> int:
+        return self._state.identity_crossings
+
     def recent_blocks(self) -> list[int]:
         return self._state.recent_blocks()
 
     def coverage(self) -> memoryview:
         return memoryview(self._state)
+
+    def console(self) -> bytes:
+        return self._state.console()
+
+    @property
+    def console_dropped(self) -> int:
+        return self._state.console_dropped
+
+    def take_service(self) -> int | None:
+        return self._state.take_service()
+
+    def port_log(self) -> list[tuple[str, int, int, int]]:
+        return self._state.port_log()
 
     def detach(self) -> None:
         uc = self._uc
@@ -249,8 +392,15 @@ class PythonTracer:
 
     native = False
 
-    def __init__(self, uc: Uc, regions: Sequence[tuple[int, int]], coverage: bool) -> None:
+    def __init__(
+        self,
+        uc: Uc,
+        regions: Sequence[tuple[int, int]],
+        coverage: bool,
+        ports: PortConfig | None = None,
+    ) -> None:
         self._uc: Uc | None = uc
+        self._ports = ports or PortConfig()
         self._regions = [
             (base >> PAGE_SHIFT, size >> PAGE_SHIFT) for base, size in _check_regions(regions)
         ]
@@ -259,11 +409,15 @@ class PythonTracer:
         self._ring = [0] * RING_SIZE
         self._budget = NO_BUDGET
         self._clear()
+        self._identity_cr3 = 0
         self._handles = [
             uc.hook_add(UC_HOOK_CODE, self._on_code),
             uc.hook_add(UC_HOOK_BLOCK, self._on_block),
             uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write),
         ]
+        if ports is not None:
+            for callback, insn in ((self._on_out, UC_X86_INS_OUT), (self._on_in, UC_X86_INS_IN)):
+                self._handles.append(uc.hook_add(UC_HOOK_INSN, callback, None, 1, 0, insn))
         uc.ctl_flush_tb()
 
     def _clear(self) -> None:
@@ -275,8 +429,18 @@ class PythonTracer:
         self._dirty: list[set[int]] = [set() for _ in self._regions]
         self._other: set[int] = set()
         self._unknown = False
+        self._identity_crossings = 0
+        self._stop_pending = False
+        self._console = bytearray()
+        self._console_dropped = 0
+        self._service: int | None = None
+        self._port_log: list[tuple[str, int, int, int]] = []
 
     def _on_code(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
+        if self._stop_pending:
+            # The instruction after a service OUT: announced, but Unicorn stops before it.
+            self._stop_pending = False
+            return
         if self._count < self._budget:
             self._count += 1
             return
@@ -284,6 +448,9 @@ class PythonTracer:
         uc.emu_stop()
 
     def _on_block(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
+        # A block starting after a service OUT means the guest was resumed without the
+        # announcement ever reaching this hook: it will not come (see the native hook).
+        self._stop_pending = False
         self._ring[self._ring_pos % RING_SIZE] = address
         self._ring_pos += 1
         if self._coverage_on:
@@ -311,7 +478,32 @@ class PythonTracer:
             # when paging is off.
             self._mark(last)
             if uc.reg_read(UC_X86_REG_CR0) & _CR0_PG:
-                self._unknown = True
+                cr3 = uc.reg_read(UC_X86_REG_CR3) & ~0xFFF
+                if self._identity_cr3 and cr3 == self._identity_cr3:
+                    self._identity_crossings += 1
+                else:
+                    self._unknown = True
+
+    def _on_out(self, uc: Uc, port: int, size: int, value: int, user_data: Any) -> None:
+        if port == self._ports.console:
+            if len(self._console) < CONSOLE_CAP:
+                self._console.append(value & 0xFF)
+            else:
+                self._console_dropped += 1
+        elif port == self._ports.service:
+            self._service = value
+            self._stop_pending = True
+            uc.emu_stop()
+        elif len(self._port_log) < PORT_LOG_SIZE:
+            self._port_log.append(("out", port, size, value))
+
+    def _on_in(self, uc: Uc, port: int, size: int, user_data: Any) -> int:
+        mask = _all_ones(size)
+        if port == self._ports.console:
+            return self._ports.console_read_value & mask
+        if len(self._port_log) < PORT_LOG_SIZE:
+            self._port_log.append(("in", port, size, mask))
+        return mask
 
     def reset(self, budget: int) -> None:
         self._budget = _check_budget(budget)
@@ -337,6 +529,22 @@ class PythonTracer:
         self._unknown = False
         return out
 
+    @property
+    def identity_cr3(self) -> int:
+        return self._identity_cr3
+
+    @identity_cr3.setter
+    def identity_cr3(self, value: int) -> None:
+        if not isinstance(value, int):
+            raise TypeError("identity_cr3 must be an int")
+        if not 0 <= value < 1 << 64:
+            raise OverflowError("identity_cr3 must fit in 64 bits")
+        self._identity_cr3 = value & ~0xFFF
+
+    @property
+    def identity_crossings(self) -> int:
+        return self._identity_crossings
+
     def recent_blocks(self) -> list[int]:
         count = min(self._ring_pos, RING_SIZE)
         start = self._ring_pos - count
@@ -344,6 +552,20 @@ class PythonTracer:
 
     def coverage(self) -> memoryview:
         return memoryview(self._map).toreadonly()
+
+    def console(self) -> bytes:
+        return bytes(self._console)
+
+    @property
+    def console_dropped(self) -> int:
+        return self._console_dropped
+
+    def take_service(self) -> int | None:
+        service, self._service = self._service, None
+        return service
+
+    def port_log(self) -> list[tuple[str, int, int, int]]:
+        return list(self._port_log)
 
     def detach(self) -> None:
         uc = self._uc
@@ -367,6 +589,7 @@ def attach_tracer(
     *,
     native: bool = True,
     coverage: bool = True,
+    ports: PortConfig | None = None,
 ) -> GuestTracer:
     """Hook ``uc`` and return a tracer for it.
 
@@ -375,13 +598,18 @@ def attach_tracer(
     ``native=False`` forces the Python fallback, which is also used, with a warning, when
     the extension is not built.  The tracer starts with no budget; call ``reset`` before
     each run.
+
+    With ``ports``, the tracer also hooks OUT and IN and serves the ports as described in
+    :class:`PortConfig`; without, it hooks neither and its port results stay empty.  Unicorn
+    calls every OUT hook but asks only the FIRST registered IN hook for the value, so IN
+    from this tracer's ports is only served if no other IN hook was added to ``uc`` before.
     """
     if native:
         if _tracer is not None:
-            return NativeTracer(uc, regions, coverage)
+            return NativeTracer(uc, regions, coverage, ports)
         warnings.warn(
             "kernel_emu._tracer is not built (pip install -e .); tracing with slow Python hooks",
             RuntimeWarning,
             stacklevel=2,
         )
-    return PythonTracer(uc, regions, coverage)
+    return PythonTracer(uc, regions, coverage, ports)

@@ -6,9 +6,12 @@ Run from the repository root after building the extension::
 
 Two ~100k-instruction guest loops are timed: one that only does arithmetic and branches,
 and one that also stores to memory every third instruction (a memory-write hook forces
-every store through Unicorn's slow path, so stores are where that hook costs).  Each
-configuration runs once to translate the code, then is timed over several runs; the best
-run is reported because the noise on a shared machine only ever adds time.
+every store through Unicorn's slow path, so stores are where that hook costs).  A third
+loop writes one byte per iteration to the debug console port, like the guest's log, and
+reports what serving each ``out`` costs: the tracer's native port hook, a Python OUT hook
+next to the native tracer (how ports were served before the tracer did it), and the
+fallback's.  Each configuration runs once to translate the code, then is timed over several
+runs; the best run is reported because the noise on a shared machine only ever adds time.
 """
 
 from __future__ import annotations
@@ -17,10 +20,19 @@ import ctypes
 import struct
 import time
 from collections.abc import Callable
+from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_MEM_WRITE, UC_MODE_64, Uc
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_MEM_WRITE,
+    UC_MODE_64,
+    Uc,
+)
 from unicorn.unicorn_py3.unicorn import uclib
-from unicorn.x86_const import UC_X86_REG_RDI
+from unicorn.x86_const import UC_X86_INS_OUT, UC_X86_REG_RDI
 
 from kernel_emu import tracing
 
@@ -39,6 +51,12 @@ def store_loop(iterations: int) -> tuple[bytes, int]:
     # mov ecx, n; l: mov [rdi], rcx; dec ecx; jnz l; hlt
     code = b"\xb9" + struct.pack("<I", iterations) + b"\x48\x89\x0f\xff\xc9\x75\xf9\xf4"
     return code, 2 + 3 * iterations
+
+
+def console_loop(iterations: int) -> tuple[bytes, int]:
+    # mov ecx, n; l: mov eax, ecx; out 0xe9, al; dec ecx; jnz l; hlt
+    code = b"\xb9" + struct.pack("<I", iterations) + b"\x89\xc8\xe6\xe9\xff\xc9\x75\xf8\xf4"
+    return code, 2 + 4 * iterations
 
 
 def new_engine(code: bytes) -> Uc:
@@ -127,6 +145,53 @@ def bench(name: str, code: bytes, count: int, repeats: int) -> None:
         )
 
 
+def bench_console(iterations: int, repeats: int) -> None:
+    """Nanoseconds each console ``out`` adds on top of the same tracer not serving ports."""
+    code, count = console_loop(iterations)
+    ports = tracing.PortConfig()
+
+    def timed(native: bool, with_ports: bool, python_out_hook: bool, runs: int) -> float:
+        uc = new_engine(code)
+        tracer = tracing.attach_tracer(
+            uc, [(0, RAM)], native=native, ports=ports if with_ports else None
+        )
+        if python_out_hook:
+            captured = bytearray()
+
+            def on_out(_uc: Uc, port: int, _size: int, value: int, _data: Any) -> None:
+                if port == ports.console:
+                    captured.append(value & 0xFF)
+
+            uc.hook_add(UC_HOOK_INSN, on_out, None, 1, 0, UC_X86_INS_OUT)
+            uc.ctl_flush_tb()
+        seconds = time_runs(uc, len(code), runs, lambda: tracer.reset(tracing.NO_BUDGET))
+        assert tracer.instructions == count, (tracer.instructions, count)
+        expected = iterations if with_ports else 0
+        assert len(tracer.console()) == expected, len(tracer.console())
+        return seconds
+
+    rows: list[tuple[str, float, float]] = []
+    if tracing.native_available():
+        base = timed(True, False, False, repeats)
+        for label, with_ports, python_hook in (
+            ("native tracer + native ports", True, False),
+            ("native tracer + Python OUT hook", False, True),
+        ):
+            rows.append((label, timed(True, with_ports, python_hook, repeats), base))
+    else:
+        print("  (kernel_emu._tracer not built: native rows skipped)")
+    slow = max(2, repeats // 10)
+    python_base = timed(False, False, False, slow)
+    rows.append(("python fallback + ports", timed(False, True, False, slow), python_base))
+
+    print(f"console loop: {iterations} one-byte outs, {count} instructions per run")
+    for label, seconds, baseline in rows:
+        print(
+            f"  {label:34s} {(seconds - baseline) * 1e9 / iterations:8.1f} ns/out"
+            f"  {seconds * 1e9 / iterations:8.1f} ns/iteration  {seconds * 1e3:8.3f} ms/run"
+        )
+
+
 def main() -> None:
     repeats = 20
     for name, (code, count) in (
@@ -134,6 +199,7 @@ def main() -> None:
         ("store loop", store_loop(33_333)),
     ):
         bench(name, code, count, repeats)
+    bench_console(25_000, repeats)
 
 
 if __name__ == "__main__":

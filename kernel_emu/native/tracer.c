@@ -12,6 +12,10 @@
  * and the two Unicorn entry points it calls (uc_emu_stop, uc_reg_read) are
  * handed in as addresses by the Python wrapper.
  *
+ * Port I/O: when the owner asks for it, OUT and IN are hooked here too, so the
+ * guest's byte-at-a-time debug console costs a few nanoseconds per byte
+ * instead of a Python callback.
+ *
  * Threading: Unicorn runs the callbacks while ctypes has released the GIL, so
  * they must never touch a Python object.  Everything they use lives in the
  * plain C part of TracerState.  The Python-facing methods must not be called
@@ -29,9 +33,13 @@
 #define RING_SIZE 64 /* must stay a power of two: the index is masked */
 #define MAP_SIZE 65536
 #define COVERAGE_MULTIPLIER 0x9E3779B97F4A7C15ULL
+#define CONSOLE_CAP (1u << 20)
+#define CONSOLE_INITIAL 4096
+#define PORT_LOG_SIZE 64
 
 /* Values from unicorn/x86.h; copied so the build needs no Unicorn headers. */
 #define UC_X86_REG_CR0 50
+#define UC_X86_REG_CR3 53
 #define CR0_PG (1ULL << 31)
 
 /* Prototypes as in unicorn/unicorn.h (uc_err is an enum, i.e. an int). */
@@ -47,6 +55,13 @@ typedef struct {
 } Region;
 
 typedef struct {
+    uint32_t port;
+    uint32_t value;
+    uint8_t size;
+    uint8_t is_in;
+} PortEvent;
+
+typedef struct {
     PyObject_HEAD
     /* Hot fields first: the code hook touches only these. */
     uint64_t icount;
@@ -55,6 +70,14 @@ typedef struct {
     int exhausted;
     int coverage_on;
     uint32_t prev_loc;
+    /* A service OUT stops the guest, but Unicorn may still announce the next
+     * instruction to the code hook before honouring the stop.  To keep that
+     * check off the hot path, the OUT hook parks the real budget here and
+     * lowers `budget` to the current count, so an announcement takes the
+     * code hook's slow path, which undoes the swap without counting.  When
+     * no announcement comes, the next block hook undoes it. */
+    int stop_pending; /* read by every block hook */
+    uint64_t saved_budget;
     uint64_t ring_pos;
     uint64_t ring[RING_SIZE];
 
@@ -71,6 +94,22 @@ typedef struct {
     /* Set when a guest write could not be pinned to named pages, so the
      * caller must not trust the dirty set (see take_dirty). */
     int unknown;
+    /* CR3 of page tables the owner vouches map virtual = physical: a crossing
+     * store made under them has its tail on the next physical page. */
+    uint64_t identity_cr3;
+    uint64_t identity_crossings;
+
+    uint32_t console_port;
+    uint32_t service_port;
+    uint32_t console_read_value;
+    uint8_t *console; /* malloc'd, grown by doubling up to CONSOLE_CAP */
+    size_t console_len;
+    size_t console_cap;
+    uint64_t console_dropped;
+    int service_pending;
+    uint32_t service_value;
+    uint32_t port_log_len;
+    PortEvent port_log[PORT_LOG_SIZE];
 
     uint8_t map[MAP_SIZE];
 } TracerState;
@@ -79,6 +118,12 @@ typedef struct {
 /* Hook callbacks (run without the GIL)                                      */
 /* ------------------------------------------------------------------------ */
 
+static void clear_stop_pending(TracerState *s)
+{
+    s->stop_pending = 0;
+    s->budget = s->saved_budget;
+}
+
 static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     TracerState *s = (TracerState *)user_data;
@@ -86,6 +131,12 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     (void)size;
     if (s->icount < s->budget) {
         s->icount++;
+        return;
+    }
+    if (s->stop_pending) {
+        /* The instruction after a service OUT: announced, but Unicorn stops
+         * before running it, so it is not counted. */
+        clear_stop_pending(s);
         return;
     }
     /* Unicorn checks for a stop request right after the code hook, so the
@@ -100,6 +151,15 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
     TracerState *s = (TracerState *)user_data;
     (void)uc;
     (void)size;
+    if (s->stop_pending) {
+        /* The service OUT's stop was honoured without announcing the next
+         * instruction to this tracer: at the next block's entry check when
+         * the OUT ended its block, or before any code hook when another one
+         * is registered (Unicorn then checks for a stop before calling them).
+         * A block starting means the guest was resumed, so the announcement
+         * the code hook was told to ignore will never come. */
+        clear_stop_pending(s);
+    }
     s->ring[s->ring_pos & (RING_SIZE - 1)] = address;
     s->ring_pos++;
     if (s->coverage_on) {
@@ -226,9 +286,91 @@ static void write_hook(void *uc, int type, uint64_t address, int size, int64_t v
          * anyway (harmless if wrong) and flag the set as incomplete. */
         mark_page(s, last);
         if (paging_enabled(s, uc)) {
-            s->unknown = 1;
+            uint64_t cr3 = 0;
+            if (s->identity_cr3 != 0 && s->reg_read(uc, UC_X86_REG_CR3, &cr3) == 0 &&
+                (cr3 & ~0xfffULL) == s->identity_cr3) {
+                s->identity_crossings++;
+            } else {
+                s->unknown = 1;
+            }
         }
     }
+}
+
+static void console_put(TracerState *s, uint8_t byte)
+{
+    if (s->console_len == s->console_cap) {
+        size_t new_cap = s->console_cap ? s->console_cap * 2 : CONSOLE_INITIAL;
+        if (new_cap > CONSOLE_CAP) {
+            new_cap = CONSOLE_CAP;
+        }
+        uint8_t *grown = new_cap > s->console_cap ? realloc(s->console, new_cap) : NULL;
+        if (grown == NULL) {
+            /* Full, or out of memory inside a hook: losing bytes of a log is
+             * acceptable as long as the loss is counted. */
+            s->console_dropped++;
+            return;
+        }
+        s->console = grown;
+        s->console_cap = new_cap;
+    }
+    s->console[s->console_len++] = byte;
+}
+
+static void log_port(TracerState *s, int is_in, uint32_t port, int size, uint32_t value)
+{
+    if (s->port_log_len < PORT_LOG_SIZE) {
+        PortEvent *e = &s->port_log[s->port_log_len++];
+        e->port = port;
+        e->value = value;
+        e->size = (uint8_t)size;
+        e->is_in = (uint8_t)is_in;
+    }
+}
+
+static uint32_t size_mask(int size)
+{
+    return size >= 4 ? 0xffffffffu : (1u << (8 * size)) - 1;
+}
+
+/* Prototype of uc_cb_insn_out_t. */
+static void out_hook(void *uc, uint32_t port, int size, uint32_t value, void *user_data)
+{
+    TracerState *s = (TracerState *)user_data;
+    if (port == s->console_port) {
+        console_put(s, (uint8_t)value);
+        return;
+    }
+    if (port == s->service_port) {
+        s->service_value = value;
+        s->service_pending = 1;
+        if (!s->stop_pending) {
+            s->saved_budget = s->budget;
+            s->budget = s->icount;
+            s->stop_pending = 1;
+        }
+        /* The OUT itself has completed; Unicorn honours the stop at the next
+         * instruction boundary, which the always-present code hook makes
+         * exact (without one it would run on to the end of the block). */
+        s->emu_stop(uc);
+        return;
+    }
+    log_port(s, 0, port, size, value);
+}
+
+/* Prototype of uc_cb_insn_in_t.  Unicorn asks only the first registered IN
+ * hook, so this one answers for every port. */
+static uint32_t in_hook(void *uc, uint32_t port, int size, void *user_data)
+{
+    TracerState *s = (TracerState *)user_data;
+    (void)uc;
+    uint32_t mask = size_mask(size);
+    if (port == s->console_port) {
+        return s->console_read_value & mask;
+    }
+    /* No device behind the port: the bus floats high. */
+    log_port(s, 1, port, size, mask);
+    return mask;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -272,6 +414,8 @@ static void State_dealloc(TracerState *s)
     state_free_regions(s);
     free(s->other);
     s->other = NULL;
+    free(s->console);
+    s->console = NULL;
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -308,12 +452,21 @@ static int parse_region(PyObject *item, Region *r)
 
 static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"regions", "coverage", "emu_stop", "reg_read", NULL};
+    static char *kwlist[] = {"regions",      "coverage",     "emu_stop",
+                             "reg_read",     "console_port", "service_port",
+                             "console_read_value", NULL};
     PyObject *regions_obj;
     int coverage;
     unsigned long long emu_stop, reg_read;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK", kwlist, &regions_obj, &coverage,
-                                     &emu_stop, &reg_read)) {
+    unsigned int console_port = 0xe9, service_port = 0xf0, console_read_value = 0xe9;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK|$III", kwlist, &regions_obj, &coverage,
+                                     &emu_stop, &reg_read, &console_port, &service_port,
+                                     &console_read_value)) {
+        return NULL;
+    }
+    if (console_port > 0xffff || service_port > 0xffff || console_port == service_port) {
+        PyErr_SetString(PyExc_ValueError,
+                        "console and service ports must be distinct 16-bit port numbers");
         return NULL;
     }
     if (emu_stop == 0) {
@@ -334,6 +487,9 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     s->coverage_on = coverage;
     s->emu_stop = (uc_emu_stop_fn)(uintptr_t)emu_stop;
     s->reg_read = (uc_reg_read_fn)(uintptr_t)reg_read;
+    s->console_port = console_port;
+    s->service_port = service_port;
+    s->console_read_value = console_read_value;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     if (n > 0) {
         s->regions = PyMem_RawCalloc((size_t)n, sizeof(Region));
@@ -376,9 +532,15 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     }
     s->icount = 0;
     s->budget = budget;
+    s->stop_pending = 0;
     s->exhausted = 0;
     s->prev_loc = 0;
     s->ring_pos = 0;
+    s->identity_crossings = 0;
+    s->console_len = 0;
+    s->console_dropped = 0;
+    s->service_pending = 0;
+    s->port_log_len = 0;
     memset(s->map, 0, sizeof(s->map));
     state_clear_dirty(s);
     Py_RETURN_NONE;
@@ -489,7 +651,45 @@ static PyObject *State_get_instructions(TracerState *s, void *Py_UNUSED(closure)
 
 static PyObject *State_get_budget(TracerState *s, void *Py_UNUSED(closure))
 {
-    return PyLong_FromUnsignedLongLong(s->budget);
+    return PyLong_FromUnsignedLongLong(s->stop_pending ? s->saved_budget : s->budget);
+}
+
+static PyObject *State_console(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    return PyBytes_FromStringAndSize((const char *)s->console, (Py_ssize_t)s->console_len);
+}
+
+static PyObject *State_take_service(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    if (!s->service_pending) {
+        Py_RETURN_NONE;
+    }
+    s->service_pending = 0;
+    return PyLong_FromUnsignedLong(s->service_value);
+}
+
+static PyObject *State_port_log(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New((Py_ssize_t)s->port_log_len);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (uint32_t k = 0; k < s->port_log_len; k++) {
+        const PortEvent *e = &s->port_log[k];
+        PyObject *item = Py_BuildValue("(sIII)", e->is_in ? "in" : "out", e->port,
+                                       (unsigned int)e->size, e->value);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, item);
+    }
+    return out;
+}
+
+static PyObject *State_get_console_dropped(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(s->console_dropped);
 }
 
 static PyObject *State_get_exhausted(TracerState *s, void *Py_UNUSED(closure))
@@ -524,13 +724,54 @@ static PyMethodDef State_methods[] = {
     {"recent_blocks", (PyCFunction)State_recent_blocks, METH_NOARGS,
      "recent_blocks() -> list[int]\n\nStart addresses of the last 64 executed blocks, "
      "oldest first."},
+    {"console", (PyCFunction)State_console, METH_NOARGS,
+     "console() -> bytes\n\nBytes written to the console port since reset."},
+    {"take_service", (PyCFunction)State_take_service, METH_NOARGS,
+     "take_service() -> int | None\n\nReturn and clear the pending service request."},
+    {"port_log", (PyCFunction)State_port_log, METH_NOARGS,
+     "port_log() -> list[tuple[str, int, int, int]]\n\nThe first 64 accesses to other "
+     "ports since reset: (\"out\" or \"in\", port, size, value)."},
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *State_get_identity_cr3(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->identity_cr3);
+}
+
+static int State_set_identity_cr3(TracerState *s, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "identity_cr3 cannot be deleted");
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        return -1;
+    }
+    s->identity_cr3 = v & ~0xfffULL;
+    return 0;
+}
+
+static PyObject *State_get_identity_crossings(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->identity_crossings);
+}
+
 static PyGetSetDef State_getset[] = {
+    {"identity_cr3", (getter)State_get_identity_cr3, (setter)State_set_identity_cr3,
+     "CR3 of identity page tables (0: none); crossing stores under it mark the next page.",
+     NULL},
+    {"identity_crossings", (getter)State_get_identity_crossings, NULL,
+     "Page-crossing stores since reset resolved through identity_cr3.", NULL},
     {"instructions", (getter)State_get_instructions, NULL,
      "Guest instructions started since reset.", NULL},
     {"budget", (getter)State_get_budget, NULL, "Armed instruction budget.", NULL},
+    {"console_dropped", (getter)State_get_console_dropped, NULL,
+     "Console bytes since reset that did not fit in the buffer.", NULL},
     {"exhausted", (getter)State_get_exhausted, NULL, "True once the budget stopped the guest.",
      NULL},
     {"address", (getter)State_get_address, NULL,
@@ -541,7 +782,8 @@ static PyGetSetDef State_getset[] = {
 static PyTypeObject StateType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kernel_emu._tracer.State",
-    .tp_doc = PyDoc_STR("State(regions, coverage, emu_stop, reg_read)\n\n"
+    .tp_doc = PyDoc_STR("State(regions, coverage, emu_stop, reg_read, *, console_port=0xe9, "
+                        "service_port=0xf0, console_read_value=0xe9)\n\n"
                         "Counters shared with the native hook callbacks.  The owner must "
                         "keep it alive for as long as any hook using its address is "
                         "registered."),
@@ -596,6 +838,10 @@ PyMODINIT_FUNC PyInit__tracer(void)
     if (add_address(m, "CODE_HOOK", (void (*)(void))code_hook) < 0 ||
         add_address(m, "BLOCK_HOOK", (void (*)(void))block_hook) < 0 ||
         add_address(m, "WRITE_HOOK", (void (*)(void))write_hook) < 0 ||
+        add_address(m, "OUT_HOOK", (void (*)(void))out_hook) < 0 ||
+        add_address(m, "IN_HOOK", (void (*)(void))in_hook) < 0 ||
+        PyModule_AddIntConstant(m, "CONSOLE_CAP", CONSOLE_CAP) < 0 ||
+        PyModule_AddIntConstant(m, "PORT_LOG_SIZE", PORT_LOG_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RING_SIZE", RING_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "MAP_SIZE", MAP_SIZE) < 0) {
         goto fail;

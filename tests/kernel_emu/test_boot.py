@@ -185,3 +185,12 @@ def test_profile_naming_missing_symbol_is_a_harness_error(tmp_path: Path) -> Non
     path = _custom_profile(tmp_path, alloc_symbol='"rustux::no::such"')
     with pytest.raises(HarnessError, match="no symbol"):
         Executor(load_profile(str(path)))
+
+
+def test_pure_python_tracer_gives_the_same_results(executors: dict[str, Executor],
+                                                   base_elf: bytes) -> None:
+    slow = Executor(load_profile("seed"), native=False)
+    assert not slow.tracer.native and executors["seed"].tracer.native
+    small_crashes = [r.make(base_elf) for r in REPRODUCERS if r.bug in ("RX-05", "RX-07")]
+    for data in (base_elf, b"junk", *small_crashes):
+        assert slow.run(data).comparable() == executors["seed"].run(data).comparable()
