@@ -188,7 +188,7 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     """Walk the page tables the kernel is about to enter ring 3 with."""
     m, prof = ex.m, ex.profile
     cr3 = m.reg("cr3")
-    mappings = [mp for mp in pagewalk.walk(m, cr3) if mp.user]
+    mappings = pagewalk.walk_user(m, cr3)
     out: list[Finding] = []
     covered: set[int] = set()
     for i, seg in enumerate(expected):

@@ -11,6 +11,8 @@ P, W, U, PS = 1, 2, 4, 0x80
 NX = 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 MAX_LEAVES = 1 << 20
+# per low byte of an entry: 1 when both PRESENT and USER are set
+_USER_PRESENT = bytes(int(b & (P | U) == P | U) for b in range(256))
 
 
 @dataclass(frozen=True)
@@ -27,17 +29,22 @@ def canonical(vaddr: int) -> int:
     return vaddr | 0xFFFF_0000_0000_0000 if vaddr & (1 << 47) else vaddr
 
 
-_PRESENT_BIT = bytes(b & P for b in range(256))
+def _table(m: Machine, table: int) -> memoryview | bytes:
+    addr = table & ADDR_MASK
+    bank = m.bank_for(addr, PAGE)
+    if bank is None:
+        return m.read(addr, PAGE)  # outside RAM: reads as all ones, like the bus
+    return bank.view[addr - bank.base:addr - bank.base + PAGE]
 
 
-def _entries(m: Machine, table: int) -> tuple[int, ...]:
-    return struct.unpack("<512Q", m.read(table & ADDR_MASK, PAGE))
+def _entry(m: Machine, table: int, index: int) -> int:
+    return struct.unpack_from("<Q", _table(m, table), index * 8)[0]
 
 
-def _present(m: Machine, table: int) -> list[tuple[int, int]]:
-    """(index, entry) of the present entries, found without a Python loop over all 512."""
-    raw = m.read(table & ADDR_MASK, PAGE)
-    flags = raw[0::8].translate(_PRESENT_BIT)
+def _user_entries(m: Machine, table: int) -> list[tuple[int, int]]:
+    """(index, entry) of the entries with PRESENT and USER, without a Python loop over 512."""
+    raw = _table(m, table)
+    flags = bytes(raw[0::8]).translate(_USER_PRESENT)
     out = []
     i = flags.find(1)
     while i >= 0:
@@ -46,26 +53,27 @@ def _present(m: Machine, table: int) -> list[tuple[int, int]]:
     return out
 
 
-def walk(m: Machine, cr3: int) -> list[Mapping]:
-    """Every present leaf, with permissions combined over the levels (U and W need all levels,
-    NX on any level forbids execution)."""
+def walk_user(m: Machine, cr3: int) -> list[Mapping]:
+    """Every leaf user mode can reach, with permissions combined over the levels (W needs all
+    levels, NX on any level forbids execution). Subtrees without USER are skipped: nothing
+    under them is user-accessible."""
     out: list[Mapping] = []
 
-    def rec(table: int, level: int, base: int, user: bool, writable: bool, nx: bool) -> None:
+    def rec(table: int, level: int, base: int, writable: bool, nx: bool) -> None:
         shift = 12 + 9 * (level - 1)
-        for i, e in _present(m, table):
+        for i, e in _user_entries(m, table):
             if len(out) >= MAX_LEAVES:
                 return
             vaddr = base | (i << shift)
-            u, w, x = user and bool(e & U), writable and bool(e & W), nx or bool(e & NX)
+            w, x = writable and bool(e & W), nx or bool(e & NX)
             if level == 1 or (level in (2, 3) and e & PS):
                 size = 1 << shift
-                paddr = e & ADDR_MASK & ~(size - 1)
-                out.append(Mapping(canonical(vaddr), paddr, size, w, u, not x))
+                out.append(Mapping(canonical(vaddr), e & ADDR_MASK & ~(size - 1), size, w,
+                                   True, not x))
             else:
-                rec(e & ADDR_MASK, level - 1, vaddr, u, w, x)
+                rec(e & ADDR_MASK, level - 1, vaddr, w, x)
 
-    rec(cr3, 4, 0, True, True, False)
+    rec(cr3, 4, 0, True, False)
     return out
 
 
@@ -74,7 +82,7 @@ def translate(m: Machine, cr3: int, vaddr: int) -> Mapping | None:
     table, user, writable, nx = cr3, True, True, False
     for level in (4, 3, 2, 1):
         shift = 12 + 9 * (level - 1)
-        e = _entries(m, table)[(vaddr >> shift) & 0x1FF]
+        e = _entry(m, table, (vaddr >> shift) & 0x1FF)
         if not e & P:
             return None
         user, writable, nx = user and bool(e & U), writable and bool(e & W), nx or bool(e & NX)
