@@ -1,0 +1,113 @@
+"""The emulated UEFI firmware's tables and services, driven directly."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kernel_emu import firmware as fw
+from kernel_emu.firmware import Firmware
+from kernel_emu.image import load_image
+from kernel_emu.machine import PAGE, Machine
+from kernel_emu.pagewalk import translate
+from kernel_emu.profile import load_profile
+
+SCRATCH = 0x7_0000
+
+
+@pytest.fixture()
+def firmware() -> Firmware:
+    profile = load_profile("seed")
+    mem = profile.memory
+    m = Machine([(0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_size)])
+    f = Firmware(m, profile, load_image(profile.image))
+    f.install()
+    return f
+
+
+def call(f: Firmware, service: int, *args: int, fifth: int = 0) -> int:
+    m = f.m
+    for reg, value in zip(("rcx", "rdx", "r8", "r9"), args, strict=False):
+        m.set_reg(reg, value)
+    rsp = SCRATCH + 0x800
+    m.set_reg("rsp", rsp)
+    m.put_u64(rsp + 8 + 32, fifth)
+    f.service(service)
+    return m.reg("rax")
+
+
+def test_entry_state_follows_the_uefi_convention(firmware: Firmware) -> None:
+    m = firmware.m
+    assert m.reg("rcx") == fw.IMAGE_HANDLE and m.reg("rdx") == fw.SYSTEM_TABLE
+    assert m.reg("rip") == firmware.image.entry
+    assert m.reg("cr0") & 0x8000_0001 == 0x8000_0001
+    assert m.u64(m.reg("rsp")) == fw.stub_address(fw.SVC_EFI_MAIN_RETURNED)
+    st = fw.SYSTEM_TABLE
+    assert m.u64(st) == 0x5453595320494249  # "IBI SYST"
+    assert m.u64(st + 64) == fw.CON_OUT and m.u64(st + 96) == fw.BOOT_SERVICES
+    assert m.u64(fw.BOOT_SERVICES + 232) == fw.stub_address(fw.SVC_EXIT_BOOT_SERVICES)
+
+
+def test_identity_paging_with_holes(firmware: Firmware) -> None:
+    m, cr3 = firmware.m, firmware.pml4
+    assert translate(m, cr3, 0x30_0000).paddr == 0x30_0000
+    assert translate(m, cr3, 0x1_0000_0000).paddr == 0x1_0000_0000
+    assert translate(m, cr3, 0) is None, "null page must fault"
+    assert translate(m, cr3, firmware.guard_page) is None
+    assert firmware.stack_base - firmware.guard_page == PAGE
+    assert translate(m, cr3, 0x1000_0000) is None, "no RAM between 128 MiB and 4 GiB"
+
+
+def test_get_memory_map_sizes_and_contents(firmware: Firmware) -> None:
+    m = firmware.m
+    size_p, key_p, dsize_p, ver_p, buf = (SCRATCH + i * 8 for i in range(5))
+    buf = SCRATCH + 0x100
+    m.put_u64(size_p, 0)
+    status = call(firmware, fw.SVC_GET_MEMORY_MAP, size_p, buf, key_p, dsize_p, fifth=ver_p)
+    assert status == fw.EFI_BUFFER_TOO_SMALL
+    needed = m.u64(size_p)
+    assert needed == len(firmware.memory_map) * fw.DESCRIPTOR_SIZE
+    status = call(firmware, fw.SVC_GET_MEMORY_MAP, size_p, buf, key_p, dsize_p, fifth=ver_p)
+    assert status == fw.EFI_SUCCESS and m.u64(dsize_p) == 48
+    kinds = [struct.unpack_from("<IIQQQ", m.read(buf + i * 48, 40)) for i in
+             range(needed // 48)]
+    conventional = [(start, pages) for kind, _, start, _, pages in kinds
+                    if kind == fw.CONVENTIONAL]
+    assert conventional and all(start >= 0x10_0000 for start, _ in conventional)
+    # ExitBootServices wants the current key; a stale one is refused
+    key = m.u64(key_p)
+    assert call(firmware, fw.SVC_EXIT_BOOT_SERVICES, fw.IMAGE_HANDLE, key + 1) == \
+        fw.EFI_INVALID_PARAMETER
+    assert call(firmware, fw.SVC_EXIT_BOOT_SERVICES, fw.IMAGE_HANDLE, key) == fw.EFI_SUCCESS
+    # after the exit, boot services are gone
+    assert call(firmware, fw.SVC_GET_MEMORY_MAP, size_p, buf, key_p, dsize_p) == \
+        fw.EFI_UNSUPPORTED
+
+
+def test_allocate_pages_changes_the_map_key(firmware: Firmware) -> None:
+    m = firmware.m
+    out = SCRATCH
+    before = firmware.state.map_key
+    assert call(firmware, fw.SVC_ALLOCATE_PAGES, 0, fw.LOADER_DATA, 4, out) == fw.EFI_SUCCESS
+    assert firmware.state.map_key == before + 1
+    page = m.u64(out)
+    assert page % PAGE == 0 and page + 4 * PAGE <= firmware.profile.memory.ram_size
+    assert call(firmware, fw.SVC_ALLOCATE_POOL, fw.LOADER_DATA, 100, out) == fw.EFI_SUCCESS
+    assert fw.POOL_BASE <= m.u64(out) < fw.FIRMWARE_END
+
+
+def test_output_string_is_captured(firmware: Firmware) -> None:
+    firmware.m.write(SCRATCH, "héllo\r\n\0".encode("utf-16-le"))
+    assert call(firmware, fw.SVC_OUTPUT_STRING, fw.CON_OUT, SCRATCH) == fw.EFI_SUCCESS
+    assert firmware.state.console == ["héllo\r\n"]
+
+
+def test_ramdisk_hand_over_clears_a_longer_previous_image(firmware: Firmware) -> None:
+    m = firmware.m
+    base = firmware.profile.memory.ramdisk_base
+    firmware.hand_over_ramdisk(b"\xaa" * 100, 0)
+    firmware.hand_over_ramdisk(b"\xbb" * 10, 100)
+    assert m.read(base, 100) == b"\xbb" * 10 + bytes(90)
+    magic, rd_base, rd_size = struct.unpack("<QQQ", m.read(fw.RAMDISK_DESCRIPTOR, 24))
+    assert (magic, rd_base, rd_size) == (fw.RAMDISK_MAGIC, base, 10)
