@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import capstone
-from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
+from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 
 from kernel_emu import oracles
+from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.firmware import (
@@ -50,10 +51,6 @@ class Observations:
 
     log_prefix: bytes = b""  # console output before the snapshot
     events: list[Finding] = field(default_factory=list)
-    live: dict[int, tuple[int, int]] = field(default_factory=dict)  # ptr -> (size, seq)
-    pending: list[tuple[int, int, int]] = field(default_factory=list)  # (rsp, size, align)
-    allocations: int = 0
-    heap_checked_bad: bool = False
     fault: Fault | None = None
     uc_error: str = ""
 
@@ -82,11 +79,12 @@ class Executor:
         k, h = profile.kernel, profile.heap
         self.success_addr = self.image.symbol(k.success_symbol).address
         self.snapshot_addr = self.image.symbol(k.snapshot_symbol).address
-        self.alloc_sym = self.image.symbol(h.alloc_symbol)
-        self.dealloc_addr = self.image.symbol(h.dealloc_symbol).address
+        alloc = self.image.symbol(h.alloc_symbol)
+        self.alloc_sites = AllocatorSites(alloc.address,
+                                          tuple(self._return_sites(alloc.address, alloc.size)),
+                                          self.image.symbol(h.dealloc_symbol).address)
         self.free_list_addr = self.image.symbol(h.free_list_symbol).address
         self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
-        self.alloc_returns = self._return_sites(self.alloc_sym.address, self.alloc_sym.size)
         self._snapshot: Snapshot | None = None
         self._machine: Machine | None = None
         self._ramdisk_size = 0
@@ -113,16 +111,11 @@ class Executor:
         fw.install()
         uc = m.uc
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
-        uc.hook_add(UC_HOOK_CODE, self._on_alloc_entry, None, self.alloc_sym.address,
-                    self.alloc_sym.address)
-        for site in self.alloc_returns:
-            uc.hook_add(UC_HOOK_CODE, self._on_alloc_return, None, site, site)
-        uc.hook_add(UC_HOOK_CODE, self._on_dealloc_entry, None, self.dealloc_addr,
-                    self.dealloc_addr)
         tracer = attach_tracer(uc, [(b.base, b.size) for b in m.banks], native=self.native,
                                coverage=self.coverage,
                                ports=PortConfig(console=DEBUG_PORT, service=SERVICE_PORT,
                                                 console_read_value=DEBUG_PORT))
+        tracer.watch(self.alloc_sites.addresses)
         uc.ctl_flush_tb()
         self.m, self.fw, self.tracer = m, fw, tracer
         self.obs = Observations()
@@ -202,6 +195,8 @@ class Executor:
         self.fw.hand_over_ramdisk(ramdisk, self._ramdisk_size)
         self._ramdisk_size = len(ramdisk)
         stop = self._emulate(until=self.success_addr)
+        self.obs.events, _ = replay(self.tracer.take_events(), self.alloc_sites,
+                                    lambda a, ret: self.image.describe(a, return_address=ret))
         result = oracles.assess(self, view, stop, base + self.tracer.instructions)
         result.input_sha256 = hashlib.sha256(data).hexdigest()
         result.snapshot = self._snapshot is not None
@@ -277,48 +272,6 @@ class Executor:
             self.obs.fault = Fault(vector, m.reg("rip"), m.reg("cr2") if vector == 14 else 0,
                                    m.reg("rsp"), m.reg("rbp"))
         uc.emu_stop()
-
-    def _on_alloc_entry(self, uc: Any, _addr: int, _size: int, _user: Any) -> None:
-        m, obs = self.m, self.obs
-        obs.pending.append((m.reg("rsp"), m.reg("rsi"), m.reg("rdx")))
-        if not obs.heap_checked_bad:
-            problem = oracles.quick_heap_check(self)
-            if problem is not None:
-                obs.heap_checked_bad = True
-                obs.events.append(problem)
-
-    def _on_alloc_return(self, uc: Any, _addr: int, _size: int, _user: Any) -> None:
-        m, obs = self.m, self.obs
-        rsp = m.reg("rsp")
-        for i in range(len(obs.pending) - 1, -1, -1):
-            if obs.pending[i][0] == rsp:
-                _, size, align = obs.pending.pop(i)
-                break
-        else:
-            return
-        ptr = m.reg("rax")
-        obs.allocations += 1
-        if ptr:
-            overlap = next(((p, s, q) for p, (s, q) in obs.live.items()
-                            if p < ptr + max(size, 1) and ptr < p + max(s, 1)), None)
-            if overlap is not None:
-                p, s, q = overlap
-                obs.events.append(Finding(
-                    "heap-corruption",
-                    [f"allocation #{obs.allocations} of {size:#x} bytes returned {ptr:#x}, "
-                     f"which overlaps live allocation #{q} at {p:#x} ({s:#x} bytes)"],
-                    frames=oracles.backtrace(self, at_boundary=True),
-                    field="allocation.overlap", pc=m.reg("rip")))
-            obs.live[ptr] = (size, obs.allocations)
-
-    def _on_dealloc_entry(self, uc: Any, _addr: int, _size: int, _user: Any) -> None:
-        m, obs = self.m, self.obs
-        ptr = m.reg("rsi")
-        if obs.live.pop(ptr, None) is None and ptr:
-            obs.events.append(Finding(
-                "heap-corruption", [f"free of {ptr:#x}, which is not a live allocation"],
-                frames=oracles.backtrace(self, at_boundary=True), field="free.unknown",
-                pc=m.reg("rip")))
 
     def kernel_stack_base(self) -> int:
         return struct.unpack("<Q", self.m.read(self.kstack_sym_addr, 8))[0]

@@ -1,8 +1,8 @@
 """Oracles: turn what was observed during a run into findings and a Result.
 
-The first anomaly in execution order is the primary finding. Anomalies seen online (an
-allocation overlapping a live one, a heap found damaged when the allocator is entered) keep
-their order; state found damaged after the stop (heap walk, segment table, user page tables)
+The first anomaly in execution order is the primary finding. Anomalies seen while the guest
+ran (an allocation overlapping a live one, a free of a pointer that is not live) keep their
+order; state found damaged after the stop (heap walk, segment table, user page tables)
 happened before the stop, so it is placed before the terminal event (fault, panic, hang).
 """
 
@@ -26,7 +26,6 @@ VECTORS = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general prot
            14: "#PF page fault", 8: "#DF double fault", 3: "#BP breakpoint", 4: "#OF overflow",
            5: "#BR bound range", 12: "#SS stack fault", 17: "#AC alignment check"}
 OOM_MARKERS = ("memory allocation of", "out of physical pages", "out of memory")
-QUICK_HEAP_BLOCKS = 256
 USER_STACK_PAGES = 64
 PF_X, PF_W = 1, 2
 
@@ -64,17 +63,6 @@ def backtrace(ex: Executor, *, at_boundary: bool = False, limit: int = 24) -> li
 
 def _free_list_head(ex: Executor) -> int:
     return ex.m.u64(ex.free_list_addr)
-
-
-def quick_heap_check(ex: Executor) -> Finding | None:
-    """Cheap walk at allocator entry, so damage is reported before the allocator trips on it."""
-    state = heapwalk.walk_heap(ex.m, ex.profile.heap, _free_list_head(ex),
-                               max_blocks=QUICK_HEAP_BLOCKS)
-    if not state.problems:
-        return None
-    fld, evidence = state.problems[0]
-    return Finding("heap-corruption", [f"on entry to the allocator: {evidence}"],
-                   frames=backtrace(ex, at_boundary=True), field=fld, pc=ex.m.reg("rip"))
 
 
 def _heap_initialised(log: KernelLog) -> bool:
@@ -292,7 +280,7 @@ def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
     if _heap_initialised(log):
         heap = heapwalk.walk_heap(m, ex.profile.heap, _free_list_head(ex))
         blocks = heap.blocks
-        if heap.problems and not obs.heap_checked_bad:
+        if heap.problems:
             fld, evidence = heap.problems[0]
             state.append(Finding("heap-corruption", [evidence], frames=frames, field=fld))
     if log.rejected is None:

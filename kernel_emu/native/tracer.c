@@ -9,12 +9,17 @@
  *
  * The module deliberately does not link against libunicorn nor include its
  * headers: it builds with nothing but the Python headers and a C compiler,
- * and the two Unicorn entry points it calls (uc_emu_stop, uc_reg_read) are
- * handed in as addresses by the Python wrapper.
+ * and the Unicorn entry points it calls (uc_emu_stop, uc_reg_read,
+ * uc_mem_read) are handed in as addresses by the Python wrapper.
  *
  * Port I/O: when the owner asks for it, OUT and IN are hooked here too, so the
  * guest's byte-at-a-time debug console costs a few nanoseconds per byte
  * instead of a Python callback.
+ *
+ * Watches: the code hook also records registers and a frame-pointer backtrace
+ * when the guest reaches one of a few watched addresses (allocator entries and
+ * returns), so observing them needs neither a Python callback nor another
+ * UC_HOOK_CODE hook, each of which would slow down every instruction.
  *
  * Threading: Unicorn runs the callbacks while ctypes has released the GIL, so
  * they must never touch a Python object.  Everything they use lives in the
@@ -36,15 +41,51 @@
 #define CONSOLE_CAP (1u << 20)
 #define CONSOLE_INITIAL 4096
 #define PORT_LOG_SIZE 64
+#define WATCH_MAX 32
+#define EVENT_CAP 4096
+#define MAX_FRAMES 16
+#define WATCH_FILTER_BITS 4096 /* power of two: indexed by the low address bits */
 
 /* Values from unicorn/x86.h; copied so the build needs no Unicorn headers. */
+#define UC_X86_REG_RAX 35
+#define UC_X86_REG_RBP 36
+#define UC_X86_REG_RCX 38
+#define UC_X86_REG_RDI 39
+#define UC_X86_REG_RDX 40
+#define UC_X86_REG_RIP 41
+#define UC_X86_REG_RSI 43
+#define UC_X86_REG_RSP 44
 #define UC_X86_REG_CR0 50
 #define UC_X86_REG_CR3 53
 #define CR0_PG (1ULL << 31)
 
+#if defined(__GNUC__)
+#define NOINLINE __attribute__((noinline))
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define NOINLINE
+#define UNLIKELY(x) (x)
+#endif
+
 /* Prototypes as in unicorn/unicorn.h (uc_err is an enum, i.e. an int). */
 typedef int (*uc_emu_stop_fn)(void *uc);
 typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*uc_mem_read_fn)(void *uc, uint64_t address, void *bytes, uint64_t size);
+
+/* Registers a watch event records, in WatchEvent field order. */
+enum { W_RIP, W_RSP, W_RBP, W_RAX, W_RDI, W_RSI, W_RDX, W_RCX, W_NREGS };
+static const int watch_regs[W_NREGS] = {
+    UC_X86_REG_RIP, UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RAX,
+    UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX, UC_X86_REG_RCX,
+};
+
+typedef struct {
+    uint64_t address;
+    uint64_t instructions;
+    uint64_t regs[W_NREGS];
+    uint64_t frames[MAX_FRAMES];
+    uint32_t nframes;
+} WatchEvent;
 
 typedef struct {
     uint64_t first_page; /* base >> PAGE_SHIFT */
@@ -66,6 +107,10 @@ typedef struct {
     /* Hot fields first: the code hook touches only these. */
     uint64_t icount;
     uint64_t budget;
+    /* Every watched address is in [watch_min, watch_min + watch_span]; with
+     * no watches the range is {UINT64_MAX}, which the filter below rejects. */
+    uint64_t watch_min;
+    uint64_t watch_span;
     uc_emu_stop_fn emu_stop;
     int exhausted;
     int coverage_on;
@@ -111,6 +156,18 @@ typedef struct {
     uint32_t port_log_len;
     PortEvent port_log[PORT_LOG_SIZE];
 
+    /* Watched code addresses come from anywhere in a kernel, so their range
+     * may span most of its code: a bit per value of the low 12 address bits
+     * lets at most 32 in 4096 in-range instructions on to the exact
+     * comparison. */
+    uint64_t watch_filter[WATCH_FILTER_BITS / 64];
+    uint64_t watched[WATCH_MAX]; /* sorted, distinct */
+    uint32_t nwatched;
+    uc_mem_read_fn mem_read;
+    WatchEvent *events; /* EVENT_CAP entries, allocated by the first watch */
+    uint32_t nevents;
+    uint64_t events_dropped;
+
     uint8_t map[MAP_SIZE];
 } TracerState;
 
@@ -124,12 +181,87 @@ static void clear_stop_pending(TracerState *s)
     s->budget = s->saved_budget;
 }
 
+static uint64_t load_le64(const uint8_t *p)
+{
+    /* The guest is little-endian whatever the host is; compilers turn this
+     * into a single load on little-endian hosts. */
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+/* uc_mem_read takes guest-PHYSICAL addresses even with paging on (Unicorn
+ * 2.1.4), so the walk is right only where the stack is identity-mapped, as
+ * the kernel's is.  uc_vmem_read would translate, but its page walk sets
+ * Accessed bits in the page tables: a guest-visible write that the write hook
+ * never sees, so a dirty-page restore would miss it. */
+static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp,
+                            uint64_t *frames)
+{
+    uint8_t buf[16];
+    uint32_t n = 0;
+    /* At a function's entry or its ret the return address is on top of the
+     * stack, not behind rbp: the frame there is the caller's. */
+    if (s->mem_read(uc, rsp, buf, 8) != 0) {
+        return 0;
+    }
+    frames[n++] = load_le64(buf);
+    /* Requiring rising, aligned frame pointers ends the walk on a corrupt
+     * or absent chain instead of looping or reading junk forever. */
+    while (n < MAX_FRAMES && rbp != 0 && (rbp & 7) == 0 && rbp <= UINT64_MAX - 15) {
+        if (s->mem_read(uc, rbp, buf, 16) != 0) {
+            break;
+        }
+        uint64_t next = load_le64(buf);
+        frames[n++] = load_le64(buf + 8);
+        if (next <= rbp) {
+            break;
+        }
+        rbp = next;
+    }
+    return n;
+}
+
+/* Out of line so the common case of the code hook stays a few instructions. */
+static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
+{
+    uint32_t i = 0;
+    while (i < s->nwatched && s->watched[i] < address) {
+        i++;
+    }
+    if (i == s->nwatched || s->watched[i] != address) {
+        return;
+    }
+    if (s->nevents == EVENT_CAP) {
+        s->events_dropped++;
+        return;
+    }
+    WatchEvent *e = &s->events[s->nevents++];
+    e->address = address;
+    e->instructions = s->icount;
+    for (int r = 0; r < W_NREGS; r++) {
+        e->regs[r] = 0;
+        (void)s->reg_read(uc, watch_regs[r], &e->regs[r]);
+    }
+    e->nframes = walk_frames(s, uc, e->regs[W_RSP], e->regs[W_RBP], e->frames);
+}
+
 static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     TracerState *s = (TracerState *)user_data;
-    (void)address;
     (void)size;
     if (s->icount < s->budget) {
+        /* Watching happens only here, for instructions that will run: one
+         * the budget or a service stop keeps from running is announced
+         * again when the guest resumes, and must not give a second event. */
+        if (UNLIKELY(address - s->watch_min <= s->watch_span)) {
+            uint64_t bit = address & (WATCH_FILTER_BITS - 1);
+            if (UNLIKELY((s->watch_filter[bit >> 6] >> (bit & 63)) & 1)) {
+                watch_check(s, uc, address);
+            }
+        }
         s->icount++;
         return;
     }
@@ -416,6 +548,8 @@ static void State_dealloc(TracerState *s)
     s->other = NULL;
     free(s->console);
     s->console = NULL;
+    PyMem_RawFree(s->events);
+    s->events = NULL;
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -454,14 +588,14 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"regions",      "coverage",     "emu_stop",
                              "reg_read",     "console_port", "service_port",
-                             "console_read_value", NULL};
+                             "console_read_value", "mem_read", NULL};
     PyObject *regions_obj;
     int coverage;
-    unsigned long long emu_stop, reg_read;
+    unsigned long long emu_stop, reg_read, mem_read = 0;
     unsigned int console_port = 0xe9, service_port = 0xf0, console_read_value = 0xe9;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK|$III", kwlist, &regions_obj, &coverage,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK|$IIIK", kwlist, &regions_obj, &coverage,
                                      &emu_stop, &reg_read, &console_port, &service_port,
-                                     &console_read_value)) {
+                                     &console_read_value, &mem_read)) {
         return NULL;
     }
     if (console_port > 0xffff || service_port > 0xffff || console_port == service_port) {
@@ -484,6 +618,8 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     /* tp_alloc zero-fills, so counters, map, ring and set start empty. */
     s->budget = UINT64_MAX;
+    s->watch_min = UINT64_MAX;
+    s->mem_read = (uc_mem_read_fn)(uintptr_t)mem_read;
     s->coverage_on = coverage;
     s->emu_stop = (uc_emu_stop_fn)(uintptr_t)emu_stop;
     s->reg_read = (uc_reg_read_fn)(uintptr_t)reg_read;
@@ -524,6 +660,18 @@ fail:
     return NULL;
 }
 
+static int compare_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
 static PyObject *State_reset(TracerState *s, PyObject *arg)
 {
     unsigned long long budget = PyLong_AsUnsignedLongLong(arg);
@@ -541,21 +689,125 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->console_dropped = 0;
     s->service_pending = 0;
     s->port_log_len = 0;
+    s->nevents = 0;
+    s->events_dropped = 0;
     memset(s->map, 0, sizeof(s->map));
     state_clear_dirty(s);
     Py_RETURN_NONE;
 }
 
-static int compare_u32(const void *a, const void *b)
+static PyObject *State_watch(TracerState *s, PyObject *arg)
 {
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return (x > y) - (x < y);
+    uint64_t addresses[WATCH_MAX];
+    PyObject *seq = PySequence_Fast(arg, "addresses must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > WATCH_MAX) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "at most %d watched addresses, got %zd",
+                            WATCH_MAX, n);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (a == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        addresses[i] = a;
+    }
+    Py_DECREF(seq);
+    if (n > 0) {
+        if (s->reg_read == NULL || s->mem_read == NULL) {
+            PyErr_SetString(PyExc_ValueError, "watching needs the reg_read and mem_read addresses");
+            return NULL;
+        }
+        if (s->events == NULL) {
+            s->events = PyMem_RawMalloc(EVENT_CAP * sizeof(WatchEvent));
+            if (s->events == NULL) {
+                return PyErr_NoMemory();
+            }
+        }
+    }
+    qsort(addresses, (size_t)n, sizeof(uint64_t), compare_u64);
+    /* Build the new set completely before publishing it: nothing runs
+     * concurrently, but a failure above must leave the old set intact. */
+    uint32_t count = 0;
+    memset(s->watch_filter, 0, sizeof(s->watch_filter));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (count > 0 && s->watched[count - 1] == addresses[i]) {
+            continue;
+        }
+        uint64_t bit = addresses[i] & (WATCH_FILTER_BITS - 1);
+        s->watch_filter[bit >> 6] |= 1ULL << (bit & 63);
+        s->watched[count++] = addresses[i];
+    }
+    s->nwatched = count;
+    if (count == 0) {
+        s->watch_min = UINT64_MAX;
+        s->watch_span = 0;
+    } else {
+        s->watch_min = s->watched[0];
+        s->watch_span = s->watched[count - 1] - s->watched[0];
+    }
+    Py_RETURN_NONE;
 }
 
-static int compare_u64(const void *a, const void *b)
+static PyObject *State_watched(TracerState *s, PyObject *Py_UNUSED(ignored))
 {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
+    PyObject *out = PyTuple_New((Py_ssize_t)s->nwatched);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (uint32_t i = 0; i < s->nwatched; i++) {
+        PyObject *a = PyLong_FromUnsignedLongLong(s->watched[i]);
+        if (a == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, (Py_ssize_t)i, a);
+    }
+    return out;
+}
+
+static PyObject *event_tuple(const WatchEvent *e)
+{
+    PyObject *frames = PyTuple_New((Py_ssize_t)e->nframes);
+    if (frames == NULL) {
+        return NULL;
+    }
+    for (uint32_t k = 0; k < e->nframes; k++) {
+        PyObject *f = PyLong_FromUnsignedLongLong(e->frames[k]);
+        if (f == NULL) {
+            Py_DECREF(frames);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(frames, (Py_ssize_t)k, f);
+    }
+    /* "N" hands the frames reference to the tuple, also on failure. */
+    return Py_BuildValue("(KKKKKKKKKKN)", e->address, e->instructions, e->regs[W_RIP],
+                         e->regs[W_RSP], e->regs[W_RBP], e->regs[W_RAX], e->regs[W_RDI],
+                         e->regs[W_RSI], e->regs[W_RDX], e->regs[W_RCX], frames);
+}
+
+static PyObject *State_take_events(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New((Py_ssize_t)s->nevents);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (uint32_t k = 0; k < s->nevents; k++) {
+        PyObject *item = event_tuple(&s->events[k]);
+        if (item == NULL) {
+            /* Keep the events so nothing is lost on a retry. */
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, item);
+    }
+    s->nevents = 0;
+    return out;
 }
 
 static int append_pair(PyObject *list, long long region, unsigned long long page)
@@ -692,6 +944,11 @@ static PyObject *State_get_console_dropped(TracerState *s, void *Py_UNUSED(closu
     return PyLong_FromUnsignedLongLong(s->console_dropped);
 }
 
+static PyObject *State_get_events_dropped(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(s->events_dropped);
+}
+
 static PyObject *State_get_exhausted(TracerState *s, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(s->exhausted);
@@ -731,6 +988,14 @@ static PyMethodDef State_methods[] = {
     {"port_log", (PyCFunction)State_port_log, METH_NOARGS,
      "port_log() -> list[tuple[str, int, int, int]]\n\nThe first 64 accesses to other "
      "ports since reset: (\"out\" or \"in\", port, size, value)."},
+    {"watch", (PyCFunction)State_watch, METH_O,
+     "watch(addresses) -> None\n\nReplace the watched code addresses (at most 32); kept by "
+     "reset."},
+    {"watched", (PyCFunction)State_watched, METH_NOARGS,
+     "watched() -> tuple[int, ...]\n\nThe watched addresses, sorted."},
+    {"take_events", (PyCFunction)State_take_events, METH_NOARGS,
+     "take_events() -> list[tuple]\n\nReturn and forget the watch events: (address, "
+     "instructions, rip, rsp, rbp, rax, rdi, rsi, rdx, rcx, frames)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -772,6 +1037,8 @@ static PyGetSetDef State_getset[] = {
     {"budget", (getter)State_get_budget, NULL, "Armed instruction budget.", NULL},
     {"console_dropped", (getter)State_get_console_dropped, NULL,
      "Console bytes since reset that did not fit in the buffer.", NULL},
+    {"events_dropped", (getter)State_get_events_dropped, NULL,
+     "Watch events since reset that did not fit in the buffer.", NULL},
     {"exhausted", (getter)State_get_exhausted, NULL, "True once the budget stopped the guest.",
      NULL},
     {"address", (getter)State_get_address, NULL,
@@ -783,7 +1050,7 @@ static PyTypeObject StateType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "kernel_emu._tracer.State",
     .tp_doc = PyDoc_STR("State(regions, coverage, emu_stop, reg_read, *, console_port=0xe9, "
-                        "service_port=0xf0, console_read_value=0xe9)\n\n"
+                        "service_port=0xf0, console_read_value=0xe9, mem_read=0)\n\n"
                         "Counters shared with the native hook callbacks.  The owner must "
                         "keep it alive for as long as any hook using its address is "
                         "registered."),
@@ -843,7 +1110,10 @@ PyMODINIT_FUNC PyInit__tracer(void)
         PyModule_AddIntConstant(m, "CONSOLE_CAP", CONSOLE_CAP) < 0 ||
         PyModule_AddIntConstant(m, "PORT_LOG_SIZE", PORT_LOG_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "RING_SIZE", RING_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "MAP_SIZE", MAP_SIZE) < 0) {
+        PyModule_AddIntConstant(m, "MAP_SIZE", MAP_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "WATCH_MAX", WATCH_MAX) < 0 ||
+        PyModule_AddIntConstant(m, "EVENT_CAP", EVENT_CAP) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_FRAMES", MAX_FRAMES) < 0) {
         goto fail;
     }
     return m;

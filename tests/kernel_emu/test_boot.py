@@ -170,10 +170,10 @@ def test_bug_in_an_observer_is_a_harness_error(monkeypatch: pytest.MonkeyPatch,
                                                base_elf: bytes) -> None:
     ex = Executor(load_profile("seed"))
 
-    def broken(_ex: Executor) -> None:
+    def broken(*_args: object) -> None:
         raise KeyError("observer bug")
 
-    monkeypatch.setattr("kernel_emu.oracles.quick_heap_check", broken)
+    monkeypatch.setattr("kernel_emu.executor.replay", broken)
     with pytest.raises(HarnessError, match="internal error"):
         ex.run(base_elf)
     monkeypatch.undo()

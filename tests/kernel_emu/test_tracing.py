@@ -1,4 +1,5 @@
-"""Guest tracing on hand-assembled x86-64 snippets: counts, budget, dirty pages, coverage, ports.
+"""Guest tracing on hand-assembled x86-64 snippets: counts, budget, dirty pages, coverage, ports,
+watches.
 
 Every behavioural test runs against both the native hooks and the Python fallback, and one
 test runs a mixed program through both and compares every result.
@@ -23,6 +24,7 @@ from unicorn.x86_const import (
     UC_X86_REG_EBX,
     UC_X86_REG_ECX,
     UC_X86_REG_RAX,
+    UC_X86_REG_RBP,
     UC_X86_REG_RBX,
     UC_X86_REG_RIP,
     UC_X86_REG_RSP,
@@ -35,6 +37,7 @@ from kernel_emu.tracing import (
     UNKNOWN_PAGE,
     GuestTracer,
     PortConfig,
+    WatchEvent,
     attach_tracer,
 )
 
@@ -1100,6 +1103,463 @@ def test_native_and_python_agree_on_ports() -> None:
     assert full[5] == [("in", 0x3F8, 1, 0xFF), ("out", 0x80, 1, 0xFF), ("out", 0x3F8, 4, 10)]
     assert full[6] == [(1, page) for page in range(21)]
     assert full[9:] == (end - 2, 10, 8)
+
+
+# --- watches -------------------------------------------------------------------------------
+
+PROLOGUE = b"\x55\x48\x89\xe5"  # push rbp; mov rbp, rsp
+EPILOGUE = b"\x5d\xc3"  # pop rbp; ret
+HLT = b"\xf4"
+# A fake outermost frame above the stack: its saved rbp of 0 ends every frame-pointer walk.
+OUTER_FRAME = STACK_TOP + 0x100
+OUTER_RETURN = 0xFFFF_FFFF_8000_1234
+
+
+def call(at: int, target: int) -> bytes:
+    return b"\xe8" + struct.pack("<i", target - (at + 5))
+
+
+def watch_run(
+    code: bytes,
+    native: bool,
+    watch: list[int],
+    budget: int = NO_BUDGET,
+    rbp: int = 0,
+    **kwargs: Any,
+) -> tuple[Uc, GuestTracer]:
+    uc = engine(code)
+    uc.mem_write(OUTER_FRAME, q(0) + q(OUTER_RETURN))
+    uc.reg_write(UC_X86_REG_RBP, rbp)
+    tracer = attach_tracer(uc, REGIONS, native=native, **kwargs)
+    tracer.watch(watch)
+    tracer.reset(budget)
+    uc.emu_start(CODE, 0)
+    return uc, tracer
+
+
+# main: mov rdi, A; mov rsi, B; mov rdx, C; mov ecx, D; call f; hlt
+# f:    push rbp; mov rbp, rsp; mov rax, rdi; add rax, rsi; pop rbp; ret
+MAIN = b"".join(
+    [
+        mov_rdi(0x1111_0000_0000_1111),
+        b"\x48\xbe" + q(0x2222),  # mov rsi, imm64
+        b"\x48\xba" + q(0x3333),  # mov rdx, imm64
+        b"\xb9" + d(0x4444),  # mov ecx, imm32
+    ]
+)
+CALL_SITE = CODE + len(MAIN)
+AFTER_CALL = CALL_SITE + 5
+F = AFTER_CALL + 1
+F_BODY = PROLOGUE + b"\x48\x89\xf8" + b"\x48\x01\xf0" + EPILOGUE
+F_RET = F + len(F_BODY) - 1
+CALL_PROGRAM = MAIN + call(CALL_SITE, F) + HLT + F_BODY
+
+
+def test_watch_records_entry_and_ret_with_registers(native: bool) -> None:
+    uc, tracer = watch_run(CALL_PROGRAM, native, [F_RET, F])
+    assert tracer.instructions == 5 + 6 + 1
+    assert uc.reg_read(UC_X86_REG_RIP) == AFTER_CALL + 1  # the guest was never stopped
+    entry, ret = tracer.take_events()
+    # At f's first instruction: four movs and the call have run; rbp is still main's (0).
+    assert entry == WatchEvent(
+        address=F,
+        instructions=5,
+        rip=F,
+        rsp=STACK_TOP - 8,
+        rbp=0,
+        rax=0,
+        rdi=0x1111_0000_0000_1111,
+        rsi=0x2222,
+        rdx=0x3333,
+        rcx=0x4444,
+        frames=(AFTER_CALL,),
+    )
+    # At the ret: push, mov, mov, add and pop have run too; rax holds the result.
+    assert ret == WatchEvent(
+        address=F_RET,
+        instructions=10,
+        rip=F_RET,
+        rsp=STACK_TOP - 8,
+        rbp=0,
+        rax=0x1111_0000_0000_3333,
+        rdi=0x1111_0000_0000_1111,
+        rsi=0x2222,
+        rdx=0x3333,
+        rcx=0x4444,
+        frames=(AFTER_CALL,),
+    )
+    assert tracer.events_dropped == 0
+
+
+def test_watch_event_is_frozen() -> None:
+    event = WatchEvent(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, (11,))
+    with pytest.raises(AttributeError):
+        event.rax = 0  # type: ignore[misc]
+
+
+def chain_program(tail: bytes = HLT) -> tuple[bytes, dict[str, int]]:
+    """main calls a, a calls b, b calls c, then main jumps to ``tail``.
+
+    a, b and c keep frame pointers.
+    """
+    a = CODE + 7
+    b = a + 11
+    c = b + 11
+    end = c + 11
+    code = b"".join(
+        [
+            call(CODE, a) + b"\xeb" + bytes([end - (CODE + 7)]),  # call a; jmp tail
+            PROLOGUE + call(a + 4, b) + EPILOGUE,
+            PROLOGUE + call(b + 4, c) + EPILOGUE,
+            PROLOGUE + b"\xb8" + d(1) + EPILOGUE,  # mov eax, 1
+            tail,
+        ]
+    )
+    labels = {
+        "a": a,
+        "c": c,
+        "c_ret": c + 10,
+        "tail": end,
+        "ret_main": CODE + 5,
+        "ret_a": a + 9,
+        "ret_b": b + 9,
+    }
+    return code, labels
+
+
+def test_watch_frames_follow_the_frame_pointer_chain(native: bool) -> None:
+    code, at = chain_program()
+    _, tracer = watch_run(code, native, [at["a"], at["c"], at["c_ret"]], rbp=OUTER_FRAME)
+    a_entry, c_entry, c_ret = tracer.take_events()
+    assert a_entry.frames == (at["ret_main"], OUTER_RETURN)
+    assert (a_entry.instructions, a_entry.rbp) == (1, OUTER_FRAME)
+    chain = (at["ret_b"], at["ret_a"], at["ret_main"], OUTER_RETURN)
+    # At c's entry rbp is b's frame; at c's ret, pop rbp has restored it.
+    for event, instructions in ((c_entry, 7), (c_ret, 11)):
+        assert event.frames == chain
+        assert event.instructions == instructions
+        assert event.rsp == STACK_TOP - 5 * 8
+        assert event.rbp == STACK_TOP - 4 * 8
+    assert c_ret.rax == 1
+
+
+def walk_program() -> bytes:
+    return b"\x90" + HLT  # nop (watched); hlt
+
+
+def walk(native: bool, rsp: int, rbp: int, memory: dict[int, int]) -> tuple[int, ...]:
+    uc = engine(walk_program())
+    for address, value in memory.items():
+        uc.mem_write(address, q(value))
+    uc.reg_write(UC_X86_REG_RSP, rsp)
+    uc.reg_write(UC_X86_REG_RBP, rbp)
+    tracer = attach_tracer(uc, REGIONS, native=native)
+    tracer.watch([CODE])
+    tracer.reset(NO_BUDGET)
+    uc.emu_start(CODE, 0)
+    (event,) = tracer.take_events()
+    assert (event.rsp, event.rbp) == (rsp, rbp)
+    return event.frames
+
+
+def frames_at(base: int, count: int, step: int = 0x40) -> dict[int, int]:
+    """A chain of ``count`` rising frames at base, base + step, ...; the last saves rbp 0."""
+    memory = {}
+    for k in range(count):
+        frame = base + k * step
+        memory[frame] = frame + step if k + 1 < count else 0
+        memory[frame + 8] = 0xF000 + k
+    return memory
+
+
+TOP = STACK_TOP - 0x800  # where the walk tests put [rsp]
+UNMAPPED = RAM_SIZE + 0x1000
+
+
+@pytest.mark.parametrize(
+    ("rbp", "memory", "expected"),
+    [
+        pytest.param(0, {}, (0xAA,), id="rbp-zero"),
+        pytest.param(STACK_TOP, frames_at(STACK_TOP, 3), (0xAA, 0xF000, 0xF001, 0xF002), id="3"),
+        pytest.param(STACK_TOP, frames_at(STACK_TOP, 40), (0xAA, *range(0xF000, 0xF00F)), id="cap"),
+        pytest.param(STACK_TOP + 4, frames_at(STACK_TOP + 4, 3), (0xAA,), id="misaligned-rbp"),
+        pytest.param(
+            STACK_TOP,
+            {**frames_at(STACK_TOP, 3), STACK_TOP + 0x40: STACK_TOP + 0x44},
+            (0xAA, 0xF000, 0xF001),
+            id="misaligned-next",
+        ),
+        pytest.param(
+            STACK_TOP,
+            {**frames_at(STACK_TOP, 3), STACK_TOP + 0x40: STACK_TOP},
+            (0xAA, 0xF000, 0xF001),
+            id="falling",
+        ),
+        pytest.param(
+            STACK_TOP,
+            {**frames_at(STACK_TOP, 3), STACK_TOP + 0x40: STACK_TOP + 0x40},
+            (0xAA, 0xF000, 0xF001),
+            id="self-loop",
+        ),
+        pytest.param(UNMAPPED, {}, (0xAA,), id="rbp-unmapped"),
+        pytest.param(RAM_SIZE - 8, {RAM_SIZE - 8: 0}, (0xAA,), id="frame-straddles-end"),
+        pytest.param(
+            STACK_TOP,
+            {**frames_at(STACK_TOP, 3), STACK_TOP + 0x40: UNMAPPED},
+            (0xAA, 0xF000, 0xF001),
+            id="next-unmapped",
+        ),
+        pytest.param((1 << 64) - 8, {}, (0xAA,), id="rbp-top-of-space"),
+    ],
+)
+def test_watch_frame_walk_rules(
+    native: bool, rbp: int, memory: dict[int, int], expected: tuple[int, ...]
+) -> None:
+    assert walk(native, TOP, rbp, {TOP: 0xAA, **memory}) == expected
+
+
+def test_watch_frame_walk_stops_at_unreadable_rsp(native: bool) -> None:
+    assert walk(native, UNMAPPED, STACK_TOP, frames_at(STACK_TOP, 3)) == ()
+
+
+def test_watch_frame_walk_is_capped() -> None:
+    assert tracing.MAX_FRAMES == 16
+    if tracing.native_available():
+        from kernel_emu import _tracer
+
+        assert _tracer.MAX_FRAMES == tracing.MAX_FRAMES
+        assert _tracer.WATCH_MAX == tracing.WATCH_MAX == 32
+        assert _tracer.EVENT_CAP == tracing.EVENT_CAP == 4096
+
+
+def test_watch_reads_stack_memory_by_physical_address(native: bool) -> None:
+    # Unicorn's uc_mem_read ignores paging: with the stack page remapped, [rsp] is read from
+    # the physical page numbered like the virtual one.  The kernel is identity-mapped.
+    uc = engine(CALL_PROGRAM)
+    enable_paging(uc, {(STACK_TOP - 8) >> 12: 0x230})
+    uc.mem_write(STACK_TOP - 8, q(0xFEED))
+    tracer = attach_tracer(uc, REGIONS, native=native)
+    tracer.watch([F])
+    tracer.reset(NO_BUDGET)
+    uc.emu_start(CODE, 0)
+    (event,) = tracer.take_events()
+    assert event.rsp == STACK_TOP - 8
+    assert event.frames == (0xFEED,)
+    assert uc.mem_read(0x230000 + ((STACK_TOP - 8) & 0xFFF), 8) == q(AFTER_CALL)
+
+
+def test_watch_gives_one_event_per_execution(native: bool) -> None:
+    n = 50
+    _, tracer = watch_run(loop(n), native, [CODE + 5])  # dec ecx
+    events = tracer.take_events()
+    assert [e.instructions for e in events] == [1 + 2 * k for k in range(n)]
+    assert [e.rcx for e in events] == list(range(n, 0, -1))
+    assert {e.address for e in events} == {CODE + 5}
+
+
+def test_watch_respects_the_budget(native: bool) -> None:
+    # mov, (dec, jnz) x 3: the fourth dec is announced but does not run: no event for it.
+    uc, tracer = watch_run(loop(100), native, [CODE + 5], budget=7)
+    assert tracer.budget_exhausted
+    assert [e.instructions for e in tracer.take_events()] == [1, 3, 5]
+    tracer.reset(2)
+    uc.emu_start(uc.reg_read(UC_X86_REG_RIP), 0)
+    (event,) = tracer.take_events()
+    assert (event.instructions, event.rcx) == (0, 97)
+
+
+@pytest.mark.parametrize("where", ["announced", "end of block", "other code hook"])
+def test_watch_after_a_service_stop_gives_one_event(
+    native: bool, where: str, request: pytest.FixtureRequest
+) -> None:
+    # The instruction after a service OUT may be announced before the stop; it runs only
+    # after the resume and must give exactly one event, counted like the instruction.
+    pad = request.getfixturevalue("block_ending_pad") if where == "end of block" else 3
+    uc = engine(padded_service_program(pad))
+    if where == "other code hook":
+        uc.hook_add(UC_HOOK_CODE, lambda *args: None)
+    tracer = attach_tracer(uc, REGIONS, native=native, ports=PORTS)
+    tracer.watch([CODE + pad + 2])  # inc ebx
+    tracer.reset(NO_BUDGET)
+    uc.emu_start(CODE, 0)
+    assert tracer.take_service() == 0
+    assert tracer.take_events() == []
+    uc.emu_start(uc.reg_read(UC_X86_REG_RIP), 0)
+    (event,) = tracer.take_events()
+    assert (event.address, event.instructions) == (CODE + pad + 2, pad + 1)
+
+
+def test_take_events_forgets_and_reset_clears(native: bool) -> None:
+    uc, tracer = watch_run(CALL_PROGRAM, native, [F, F_RET])
+    assert len(tracer.take_events()) == 2
+    assert tracer.take_events() == []
+    # Events of a later run without reset are appended after a take, counted on.
+    uc.reg_write(UC_X86_REG_RSP, STACK_TOP)
+    uc.emu_start(CODE, 0)
+    assert [(e.address, e.instructions) for e in tracer.take_events()] == [(F, 17), (F_RET, 22)]
+    uc.reg_write(UC_X86_REG_RSP, STACK_TOP)
+    uc.emu_start(CODE, 0)
+    tracer.reset(NO_BUDGET)
+    assert tracer.take_events() == []
+    # The watched set survives the reset.
+    uc.reg_write(UC_X86_REG_RSP, STACK_TOP)
+    uc.emu_start(CODE, 0)
+    assert [(e.address, e.instructions) for e in tracer.take_events()] == [(F, 5), (F_RET, 10)]
+
+
+def test_watch_replaces_the_set(native: bool) -> None:
+    uc, tracer = watch_run(CALL_PROGRAM, native, [F, F_RET])
+    tracer.take_events()
+    for watched, expected in (([F_RET], [F_RET]), ([], []), ([CALL_SITE, F], [CALL_SITE, F])):
+        tracer.watch(watched)
+        tracer.reset(NO_BUDGET)
+        uc.reg_write(UC_X86_REG_RSP, STACK_TOP)
+        uc.emu_start(CODE, 0)
+        assert [e.address for e in tracer.take_events()] == expected
+
+
+def test_watch_without_watches_records_nothing(native: bool) -> None:
+    _, tracer = run(CALL_PROGRAM, native)
+    assert tracer.take_events() == []
+    assert tracer.events_dropped == 0
+
+
+def check_event_cap(native: bool) -> None:
+    cap = tracing.EVENT_CAP
+    n = cap + 37
+    uc, tracer = watch_run(loop(n), native, [CODE + 5])
+    assert tracer.instructions == 2 + 2 * n
+    events = tracer.take_events()
+    assert [e.instructions for e in events] == [1 + 2 * k for k in range(cap)]
+    assert tracer.events_dropped == 37
+    # A take makes room again; drops keep counting until reset.
+    uc.emu_start(CODE, 0)
+    assert len(tracer.take_events()) == cap
+    assert tracer.events_dropped == 37 + 37
+    tracer.reset(NO_BUDGET)
+    assert tracer.events_dropped == 0
+
+
+def test_events_are_capped_and_drops_counted(native: bool) -> None:
+    check_event_cap(native)
+
+
+def test_python_event_cap_is_read_at_run_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracing, "EVENT_CAP", 10)
+    check_event_cap(native=False)
+
+
+def test_watch_rejects_bad_sets(native: bool) -> None:
+    _, tracer = run(b"\xf4", native)
+    tracer.watch(range(CODE, CODE + tracing.WATCH_MAX))
+    tracer.watch([CODE] * 100)  # duplicates count once
+    with pytest.raises(ValueError):
+        tracer.watch(range(CODE, CODE + tracing.WATCH_MAX + 1))
+    with pytest.raises(ValueError):
+        tracer.watch([-1])
+    with pytest.raises(ValueError):
+        tracer.watch([1 << 64])
+    with pytest.raises(TypeError):
+        tracer.watch([1.5])  # type: ignore[list-item]
+
+
+def test_native_state_rejects_too_many_watches() -> None:
+    if not tracing.native_available():
+        pytest.skip("kernel_emu._tracer is not built")
+    uc = engine(b"\xf4")
+    tracer = attach_tracer(uc, REGIONS, native=True)
+    state = tracer._state  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        state.watch(list(range(tracing.WATCH_MAX + 1)))
+    state.watch([5, 3, 3, 9])
+    assert state.watched() == (3, 5, 9)
+
+
+def mixed_watch_program() -> tuple[bytes, list[int]]:
+    """The call chain, then a loop calling f: many events with varied registers."""
+    _, at = chain_program()
+    # tail: mov ecx, 30; l: mov rdi, rcx; push rcx; call c; pop rcx; dec ecx; jnz l; hlt
+    loop_at = at["tail"] + 5
+    body = b"\x48\x89\xcf\x51" + call(loop_at + 4, at["c"]) + b"\x59\xff\xc9"
+    code, at = chain_program(b"\xb9" + d(30) + body + b"\x75" + bytes([256 - len(body) - 2]) + HLT)
+    return code, [at["a"], at["c"], at["c_ret"], loop_at]
+
+
+def test_native_and_python_agree_on_watches() -> None:
+    if not tracing.native_available():
+        pytest.skip("kernel_emu._tracer is not built")
+    code, watched = mixed_watch_program()
+    outcomes = {}
+    for native in (True, False):
+        for budget in (NO_BUDGET, 3, 8, 11, 57, 150):
+            _, tracer = watch_run(code, native, watched, budget, rbp=OUTER_FRAME)
+            outcomes[native, budget] = (
+                tracer.take_events(),
+                tracer.events_dropped,
+                tracer.instructions,
+                tracer.recent_blocks(),
+            )
+    for key, outcome in outcomes.items():
+        assert outcome == outcomes[False, key[1]], key
+    events = outcomes[True, NO_BUDGET][0]
+    assert len(events) == 3 + 30 * 3
+    assert {len(e.frames) for e in events} == {2, 4}
+    assert {e.rdi for e in events} == set(range(31))
+
+
+def test_native_watch_uses_no_python_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not tracing.native_available():
+        pytest.skip("kernel_emu._tracer is not built")
+    uc = engine(CALL_PROGRAM)
+
+    def no_python_hooks(*args: object, **kwargs: object) -> int:
+        raise AssertionError("the native tracer registered a Python hook")
+
+    monkeypatch.setattr(uc, "hook_add", no_python_hooks)
+    tracer = attach_tracer(uc, REGIONS, native=True)
+    tracer.watch([F, F_RET])
+    tracer.reset(NO_BUDGET)
+    uc.emu_start(CODE, 0)
+    assert len(tracer.take_events()) == 2
+    assert not getattr(uc, "_callbacks", {})
+
+
+def test_native_unhit_watches_cost_nothing_measurable() -> None:
+    # Measured against one more native code hook (about 1.3 ns per instruction), which is
+    # what observing an address with a hook of its own adds to every instruction: no or
+    # far watches cost nothing measurable, watches around the loop about 0.5 ns.
+    # Interleaved best-of runs, relative, so a slow or busy machine does not matter.
+    if not tracing.native_available():
+        pytest.skip("kernel_emu._tracer is not built")
+    from kernel_emu import _tracer
+
+    code = loop(50_000)
+    far = [0xFFFF_8000_0000_0000 + 16 * k for k in range(tracing.WATCH_MAX)]
+    around = [CODE - 0x10, CODE + 0x1100, CODE + 0x1200, CODE + 0x2000]
+    configs: dict[str, tuple[Uc, GuestTracer]] = {}
+    for name, watched in (("none", []), ("far", far), ("around", around), ("extra hook", [])):
+        uc = engine(code)
+        tracer = attach_tracer(uc, REGIONS, native=True)
+        tracer.watch(watched)
+        if name == "extra hook":
+            # The tracer's own hook once more: it counts twice, but costs what any code
+            # hook costs.
+            state = tracer._state  # type: ignore[attr-defined]
+            tracing._add_native_hook(uc, UC_HOOK_CODE, _tracer.CODE_HOOK, state.address)
+            uc.ctl_flush_tb()
+        configs[name] = (uc, tracer)
+    best = dict.fromkeys(configs, float("inf"))
+    for _ in range(9):
+        for name, (uc, tracer) in configs.items():
+            tracer.reset(NO_BUDGET)
+            start = time.perf_counter()
+            uc.emu_start(CODE, 0)
+            best[name] = min(best[name], time.perf_counter() - start)
+            assert tracer.take_events() == []
+    hook_cost = best["extra hook"] - best["none"]
+    assert hook_cost > 0, best
+    assert best["far"] - best["none"] < hook_cost / 4, best
+    assert best["around"] - best["none"] < hook_cost, best
 
 
 # --- lifetime -----------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""The allocator observer: replays the allocator's entries and returns, recorded natively by
+the tracer's watchpoints, and reports allocations that overlap a live one and frees of
+pointers that are not live."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kernel_emu.result import Finding
+from kernel_emu.tracing import WatchEvent
+
+
+@dataclass(frozen=True)
+class AllocatorSites:
+    """Watched addresses: allocate's first instruction, its `ret`s, deallocate's first."""
+
+    alloc_entry: int
+    alloc_returns: tuple[int, ...]
+    dealloc_entry: int
+
+    @property
+    def addresses(self) -> list[int]:
+        return [self.alloc_entry, *self.alloc_returns, self.dealloc_entry]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    seq: int
+    ptr: int
+    size: int
+
+
+def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
+           describe: Callable[[int, bool], str]) -> tuple[list[Finding], list[Allocation]]:
+    """Findings in the order they happened, and the allocations still live at the end.
+
+    Entry and return are paired by the stack pointer: at allocate's `ret` it is back where it
+    was on entry. `describe(address, is_return_address)` symbolizes frames."""
+    returns = set(sites.alloc_returns)
+    pending: list[tuple[int, int]] = []  # (rsp, size)
+    live: dict[int, Allocation] = {}
+    findings: list[Finding] = []
+    seq = 0
+    for ev in events:
+        if ev.address == sites.alloc_entry:
+            pending.append((ev.rsp, ev.rsi))
+        elif ev.address in returns:
+            match = next((i for i in range(len(pending) - 1, -1, -1)
+                          if pending[i][0] == ev.rsp), None)
+            if match is None:
+                continue
+            _, size = pending.pop(match)
+            seq += 1
+            ptr = ev.rax
+            if not ptr:
+                continue
+            other = next((a for a in live.values()
+                          if a.ptr < ptr + max(size, 1) and ptr < a.ptr + max(a.size, 1)), None)
+            if other is not None:
+                findings.append(Finding(
+                    "heap-corruption",
+                    [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which overlaps "
+                     f"live allocation #{other.seq} at {other.ptr:#x} ({other.size:#x} bytes)"],
+                    frames=_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
+            live[ptr] = Allocation(seq, ptr, size)
+        elif ev.address == sites.dealloc_entry:
+            ptr = ev.rsi
+            if ptr and live.pop(ptr, None) is None:
+                findings.append(Finding(
+                    "heap-corruption", [f"free of {ptr:#x}, which is not a live allocation"],
+                    frames=_frames(ev, describe), field="free.unknown", pc=ev.rip))
+    return findings, list(live.values())
+
+
+def _frames(ev: WatchEvent, describe: Callable[[int, bool], str]) -> list[str]:
+    return [describe(ev.rip, False)] + [describe(f, True) for f in ev.frames]
