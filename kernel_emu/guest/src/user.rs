@@ -114,7 +114,7 @@ pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
             if s.flags & PF_X == 0 {
                 flags |= NO_EXECUTE;
             }
-            map_segment(root, s.vaddr, s.memsz, buffer, flags);
+            map_segment(root, s.vaddr, s.memsz, s.filesz, buffer, flags);
         }
 
         let stack_bottom = USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE;
@@ -136,17 +136,25 @@ pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
 
 /// Maps the pages covering [vaddr, vaddr + memsz) and copies the segment bytes from its
 /// buffer to the right offsets in them.
-unsafe fn map_segment(root: u64, vaddr: u64, memsz: u64, buffer: *const u8, flags: u64) {
+unsafe fn map_segment(
+    root: u64,
+    vaddr: u64,
+    memsz: u64,
+    filesz: u64,
+    buffer: *const u8,
+    flags: u64,
+) {
     if memsz == 0 {
         return;
     }
-    let seg_end = vaddr.wrapping_add(memsz);
+    // frames come zeroed, so only the file-backed bytes need copying: the BSS is already there
+    let data_end = vaddr.wrapping_add(filesz.min(memsz));
     let (start, end) = page_span(vaddr, memsz);
     let mut page = start;
     while page < end {
         let frame = user_page(root, page, flags);
         let lo = page.max(vaddr);
-        let hi = (page + PAGE_SIZE).min(seg_end);
+        let hi = (page + PAGE_SIZE).min(data_end);
         if hi > lo {
             core::ptr::copy_nonoverlapping(
                 buffer.add((lo - vaddr) as usize),
