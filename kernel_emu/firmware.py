@@ -157,42 +157,47 @@ class Firmware:
         self._enter()
 
     def _build_page_tables(self) -> None:
-        """4 KiB identity pages for RAM and the ramdisk; page 0 and the stack guard not present."""
+        """4 KiB identity pages for RAM and the ramdisk; page 0 and the stack guard not present.
+
+        Each table is packed whole and written once: tens of thousands of single-entry writes
+        would dominate a full boot."""
         mem = self.profile.memory
         m = self.m
-        next_page = PAGE_TABLES
+        holes = {0, self.guard_page}
+        tables: dict[tuple[int, int], list[int]] = {}  # (level, index of what it maps) -> entries
+        order: list[tuple[int, int]] = []
 
-        def alloc() -> int:
-            nonlocal next_page
-            page = next_page
-            next_page += PAGE
-            return page
-
-        pml4 = alloc()
-        tables: dict[tuple[int, int], int] = {}
-
-        def table_for(level_parent: int, index: int, key: tuple[int, int]) -> int:
+        def table(key: tuple[int, int]) -> list[int]:
             if key not in tables:
-                tables[key] = alloc()
-                m.put_u64(level_parent + index * 8, tables[key] | PTE_P | PTE_W | PTE_A)
+                tables[key] = [0] * 512
+                order.append(key)
             return tables[key]
 
-        def map_range(start: int, end: int) -> None:
-            for page in range(start, end, PAGE):
-                if page in (0, self.guard_page):
-                    continue
-                i4, i3, i2, i1 = ((page >> s) & 0x1FF for s in (39, 30, 21, 12))
-                pdpt = table_for(pml4, i4, (4, page >> 39))
-                pd = table_for(pdpt, i3, (3, page >> 30))
-                pt = table_for(pd, i2, (2, page >> 21))
-                entries = bytearray()
-                entries += struct.pack("<Q", page | PTE_P | PTE_W | PTE_A | PTE_D)
-                m.write(pt + i1 * 8, bytes(entries))
-
-        map_range(0, mem.ram_size)
-        map_range(mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)
-        self.page_table_end = next_page
-        self.pml4 = pml4
+        table((4, 0))
+        leaf = PTE_P | PTE_W | PTE_A | PTE_D
+        for lo, hi in ((0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)):
+            for chunk in range(lo & ~0x1F_FFFF, hi, 0x20_0000):
+                pt = table((1, chunk >> 21))
+                first, last = max(chunk, lo), min(chunk + 0x20_0000, hi)
+                pt[(first >> 12) & 0x1FF:((last - 1) >> 12 & 0x1FF) + 1] = [
+                    page | leaf for page in range(first, last, PAGE)]
+                for hole in holes:
+                    if first <= hole < last:
+                        pt[(hole >> 12) & 0x1FF] = 0
+                table((3, chunk >> 39))
+                table((2, chunk >> 30))
+        # addresses in creation order, PML4 first
+        address = {key: PAGE_TABLES + i * PAGE for i, key in enumerate(order)}
+        link = PTE_P | PTE_W | PTE_A
+        for (level, index), entries in tables.items():
+            if level == 4:
+                continue
+            parent = (level + 1, index >> 9) if level < 3 else (4, 0)
+            tables[parent][index & 0x1FF] = address[(level, index)] | link
+        for key in order:
+            m.write(address[key], struct.pack("<512Q", *tables[key]))
+        self.pml4 = address[(4, 0)]
+        self.page_table_end = PAGE_TABLES + len(order) * PAGE
 
     def _build_tables(self) -> None:
         m = self.m
