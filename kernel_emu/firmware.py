@@ -189,7 +189,7 @@ class Firmware:
         # addresses in creation order, PML4 first
         address = {key: PAGE_TABLES + i * PAGE for i, key in enumerate(order)}
         link = PTE_P | PTE_W | PTE_A
-        for (level, index), entries in tables.items():
+        for level, index in order:
             if level == 4:
                 continue
             parent = (level + 1, index >> 9) if level < 3 else (4, 0)
