@@ -88,21 +88,6 @@ def new_engine(code: bytes) -> Uc:
     return uc
 
 
-def add_raw_hook(uc: Uc, hook_type: int, callback: int, state: object) -> None:
-    handle = ctypes.c_size_t()
-    status = uclib.uc_hook_add(
-        uc._uch,
-        ctypes.byref(handle),
-        hook_type,
-        ctypes.c_void_p(callback),
-        ctypes.c_void_p(state.address),  # type: ignore[attr-defined]
-        ctypes.c_uint64(1),
-        ctypes.c_uint64(0),
-    )
-    if status != 0:
-        raise RuntimeError(f"uc_hook_add failed: {status}")
-
-
 def time_runs(uc: Uc, code_len: int, repeats: int, before: Callable[[], None]) -> float:
     """Best wall time of one run, in seconds, after one untimed warm-up run."""
     samples = []
@@ -139,7 +124,7 @@ def bench(name: str, code: bytes, count: int, repeats: int) -> None:
                 ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value,
             )
             for hook_type, callback in hooks:
-                add_raw_hook(uc, hook_type, callback, state)
+                tracing._add_native_hook(uc, hook_type, callback, state.address)
             uc.ctl_flush_tb()
             seconds = time_runs(uc, len(code), repeats, lambda s=state: s.reset(tracing.NO_BUDGET))
             results.append((label, seconds))
