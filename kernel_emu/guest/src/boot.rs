@@ -3,7 +3,7 @@
 
 use crate::efi::{self, MemoryDescriptor, SystemTable};
 use crate::sync::KCell;
-use crate::{arch, loader, mm};
+use crate::{arch, loader, mm, user};
 
 /// The memory map is read into a buffer on the firmware stack: 4 KiB of an 8 KiB stack,
 /// which is why the kernel leaves that stack as soon as it has its own.
@@ -78,7 +78,7 @@ extern "C" fn on_kernel_stack() -> ! {
     arch::gdt::init();
     arch::idt::init();
     kprintln!("[boot] gdt and idt loaded");
-    loader::load_init(system_table as *const SystemTable)
+    loader::load_init(system_table as *const SystemTable, user::AddressSpace::new())
 }
 
 /// Fetches the memory map (growing the request on EFI_BUFFER_TOO_SMALL) and leaves boot

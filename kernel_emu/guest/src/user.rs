@@ -5,6 +5,7 @@ use core::convert::Infallible;
 use core::ptr::read_volatile;
 
 use crate::arch::gdt::{USER_CODE, USER_DATA};
+use crate::console::Hex;
 use crate::loader::elf::{self, LoadedElf, PF_W, PF_X};
 use crate::mm::paging::{self, NO_EXECUTE, PRESENT, USER, WRITABLE};
 use crate::mm::{frame, KERNEL_STACK_BASE, KERNEL_STACK_SIZE, PAGE_SIZE};
@@ -73,9 +74,37 @@ fn overlaps(start: u64, end: u64, lo: u64, hi: u64) -> bool {
     start < hi && lo < end
 }
 
-/// Builds the address space for `loaded` and enters it; returns only to refuse the image.
+/// The address space `bin/init` will run in, made before the loader looks at the file (as a
+/// kernel creates a process's address space before exec): a root table with the kernel image
+/// and the kernel stack mapped supervisor-only, which the kernel needs while it finishes the
+/// switch to ring 3. Nothing in it depends on the file; the user pages come in `enter`.
+pub struct AddressSpace {
+    root: u64,
+}
+
+impl AddressSpace {
+    pub fn new() -> Self {
+        // SAFETY: the root is a fresh zeroed page and stays private until `enter` loads it.
+        unsafe {
+            let stack_base = KERNEL_STACK_BASE;
+            let root = frame::alloc_zeroed_page();
+            // only what the image occupies: the rest of its reserved range holds nothing to run
+            let image_end = core::ptr::addr_of!(__kernel_end) as u64;
+            paging::map_identity(root, KERNEL_IMAGE_START, image_end, PRESENT | WRITABLE);
+            paging::map_identity(
+                root,
+                stack_base,
+                stack_base + KERNEL_STACK_SIZE,
+                PRESENT | WRITABLE | NO_EXECUTE,
+            );
+            AddressSpace { root }
+        }
+    }
+}
+
+/// Maps `loaded` into `space` and enters it; returns only to refuse the image.
 #[inline(never)]
-pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
+pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible, &'static str> {
     // SAFETY: `loaded` comes from the ELF loader; the page tables built here are private
     // until CR3 is loaded.
     unsafe {
@@ -98,12 +127,8 @@ pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
             }
         }
 
-        let root = frame::alloc_zeroed_page();
-        // only what the image occupies: the rest of its reserved range holds nothing to run
-        let image_end = core::ptr::addr_of!(__kernel_end) as u64;
-        paging::map_identity(root, KERNEL_IMAGE_START, image_end, PRESENT | WRITABLE);
-        paging::map_identity(root, stack_base, stack_top, PRESENT | WRITABLE | NO_EXECUTE);
-
+        let root = space.root;
+        let mut tables = LeafTables::new(root);
         for i in 0..count {
             let s = elf::segment(loaded, i);
             let buffer = read_volatile(buffers.add(i));
@@ -114,21 +139,23 @@ pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
             if s.flags & PF_X == 0 {
                 flags |= NO_EXECUTE;
             }
-            map_segment(root, s.vaddr, s.memsz, s.filesz, buffer, flags);
+            map_segment(&mut tables, s.vaddr, s.memsz, s.filesz, buffer, flags);
         }
 
         let stack_bottom = USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE;
         let mut page = stack_bottom;
         while page < USER_STACK_TOP {
-            user_page(root, page, PRESENT | USER | WRITABLE | NO_EXECUTE);
+            user_page(&mut tables, page, PRESENT | USER | WRITABLE | NO_EXECUTE);
             page += PAGE_SIZE;
         }
 
-        kprintln!(
-            "[user] enter rip={:#x} rsp={:#x} cr3={:#x}",
-            entry,
-            USER_STACK_POINTER,
-            root
+        kline!(
+            "[user] enter rip=",
+            Hex(entry),
+            " rsp=",
+            Hex(USER_STACK_POINTER),
+            " cr3=",
+            Hex(root),
         );
         rustux_enter_user(entry, USER_STACK_POINTER, root)
     }
@@ -137,7 +164,7 @@ pub fn enter(loaded: *const LoadedElf) -> Result<Infallible, &'static str> {
 /// Maps the pages covering [vaddr, vaddr + memsz) and copies the segment bytes from its
 /// buffer to the right offsets in them.
 unsafe fn map_segment(
-    root: u64,
+    tables: &mut LeafTables,
     vaddr: u64,
     memsz: u64,
     filesz: u64,
@@ -152,7 +179,7 @@ unsafe fn map_segment(
     let (start, end) = page_span(vaddr, memsz);
     let mut page = start;
     while page < end {
-        let frame = user_page(root, page, flags);
+        let frame = user_page(tables, page, flags);
         let lo = page.max(vaddr);
         let hi = (page + PAGE_SIZE).min(data_end);
         if hi > lo {
@@ -168,8 +195,8 @@ unsafe fn map_segment(
 
 /// The frame mapped at `page`, mapping a zeroed one with `flags` if there is none yet. Pages
 /// shared by two segments get the union of their rights.
-unsafe fn user_page(root: u64, page: u64, flags: u64) -> u64 {
-    let entry = paging::entry_for(root, page, true);
+unsafe fn user_page(tables: &mut LeafTables, page: u64, flags: u64) -> u64 {
+    let entry = tables.entry(page);
     if *entry & PRESENT != 0 {
         *entry |= flags & WRITABLE;
         if flags & NO_EXECUTE == 0 {
@@ -180,4 +207,33 @@ unsafe fn user_page(root: u64, page: u64, flags: u64) -> u64 {
     let frame = frame::alloc_zeroed_page();
     *entry = frame | flags;
     frame
+}
+
+/// Level-1 entries of one address space being built, remembering the last level-1 table
+/// reached: the pages of a segment or of the stack mostly share one, and a walk from the root
+/// costs three table reads. Only leaf entries change while the tables are in use (and no
+/// table there is a large page to split), so a remembered table stays the one `entry_for`
+/// would reach.
+struct LeafTables {
+    root: u64,
+    /// `page >> 21` of the pages `table` maps.
+    region: u64,
+    table: *mut u64,
+}
+
+impl LeafTables {
+    fn new(root: u64) -> Self {
+        LeafTables { root, region: 0, table: core::ptr::null_mut() }
+    }
+
+    /// The level-1 entry for `page`, creating missing tables as `paging::entry_for` does.
+    unsafe fn entry(&mut self, page: u64) -> *mut u64 {
+        let index = ((page >> 12) & 511) as usize;
+        let region = page >> 21;
+        if self.table.is_null() || region != self.region {
+            self.table = paging::entry_for(self.root, page, true).sub(index);
+            self.region = region;
+        }
+        self.table.add(index)
+    }
 }

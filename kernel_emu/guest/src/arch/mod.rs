@@ -5,11 +5,21 @@ pub mod idt;
 
 use core::arch::asm;
 
+/// Writes every byte of `bytes` to `port` with one `rep outsb`: a single instruction however
+/// long the string, where a loop of `out`s costs a load, a compare and a branch per byte.
+///
 /// # Safety
 /// Port writes can have device side effects; only use ports the firmware contract names.
 #[inline(always)]
-pub unsafe fn outb(port: u16, value: u8) {
-    asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+pub unsafe fn out_bytes(port: u16, bytes: &[u8]) {
+    // DF is clear on entry to any Rust code (System V ABI), so outsb walks forwards.
+    asm!(
+        "rep outsb",
+        inout("rsi") bytes.as_ptr() => _,
+        inout("rcx") bytes.len() => _,
+        in("dx") port,
+        options(readonly, nostack, preserves_flags),
+    );
 }
 
 #[inline(always)]

@@ -4,7 +4,7 @@
 pub mod elf;
 
 use crate::efi::{Guid, SystemTable};
-use crate::{arch, user};
+use crate::{arch, console::{Dec, Hex}, user::{self, AddressSpace}};
 
 /// 7c1c9a6e-2b3d-4f7a-9e21-5258524d4653 in EFI_GUID byte order.
 const RAMDISK_GUID: Guid = Guid([
@@ -27,7 +27,7 @@ struct RamdiskDescriptor {
 
 /// The first code that touches the ramdisk: everything before it is independent of the input.
 #[inline(never)]
-pub fn load_init(system_table: *const SystemTable) -> ! {
+pub fn load_init(system_table: *const SystemTable, space: AddressSpace) -> ! {
     let descriptor = find_descriptor(system_table);
     // SAFETY: the firmware's configuration table points at a descriptor in its own memory.
     let (magic, base, size) = unsafe { ((*descriptor).magic, (*descriptor).base, (*descriptor).size) };
@@ -40,24 +40,24 @@ pub fn load_init(system_table: *const SystemTable) -> ! {
         Ok(file) => file,
         Err(reason) => panic!("ramdisk: {}", reason),
     };
-    kprintln!("[elf] bin/init at {:#x}, {} bytes", file.as_ptr() as usize, file.len());
+    kline!("[elf] bin/init at ", Hex(file.as_ptr() as u64), ", ", Dec(file.len() as u64), " bytes");
     let loaded = match elf::load(file) {
         Ok(loaded) => loaded,
         Err(reason) => reject(reason),
     };
     elf::log_segment_table(loaded);
-    match user::enter(loaded) {
+    match user::enter(loaded, space) {
         Ok(never) => match never {},
         Err(reason) => reject(reason),
     }
 }
 
 #[used]
-static SNAPSHOT_POINT: fn(*const SystemTable) -> ! = load_init;
+static SNAPSHOT_POINT: fn(*const SystemTable, AddressSpace) -> ! = load_init;
 
 /// The loader refused the ELF: say why and stop.
 pub fn reject(reason: &str) -> ! {
-    kprintln!("rejected: {}", reason);
+    kline!("rejected: ", reason);
     arch::halt_forever()
 }
 
@@ -77,12 +77,14 @@ fn find_descriptor(system_table: *const SystemTable) -> *const RamdiskDescriptor
     panic!("no ramdisk in the configuration table")
 }
 
+// One bounds check and one load per field rather than one per byte: the callers have already
+// checked that the superblock or file header they read lies inside the image.
 fn read_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+    u32::from_le_bytes(*bytes[at..].first_chunk().expect("ramdisk field outside the image"))
 }
 
 fn read_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from(read_u32(bytes, at)) | (u64::from(read_u32(bytes, at + 4)) << 32)
+    u64::from_le_bytes(*bytes[at..].first_chunk().expect("ramdisk field outside the image"))
 }
 
 /// `start..start + len` of `image` if it lies inside.
