@@ -177,8 +177,9 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     m, prof = ex.m, ex.profile
     cr3 = m.reg("cr3")
     mappings = pagewalk.walk_user(m, cr3)
+    user_pages = {mp.vaddr: mp for mp in mappings if mp.size == PAGE}
     out: list[Finding] = []
-    covered: set[int] = set()
+    covered: list[tuple[int, int]] = []
     for i, seg in enumerate(expected):
         if seg["memsz"] == 0:
             continue
@@ -186,9 +187,9 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
         last = (seg["vaddr"] + seg["memsz"] - 1) & ~(PAGE - 1)
         if last < first or last - first > (1 << 32):
             continue
-        covered.update(range(first, last + PAGE, PAGE))
+        covered.append((first, last))
         for page in (first, last):
-            mp = pagewalk.translate(m, cr3, page)
+            mp = user_pages.get(page) or pagewalk.translate(m, cr3, page)
             if mp is None or not mp.user:
                 out.append(Finding("vaddr-corruption",
                                    [f"segment {i}: ELF says vaddr {seg['vaddr']:#x}, but page "
@@ -227,7 +228,8 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
         for mp in mappings:
             near_stack = stack_top is not None and \
                 stack_top - USER_STACK_PAGES * PAGE <= mp.vaddr <= stack_top
-            if mp.vaddr not in covered and not near_stack and mp.vaddr < prof.kernel.user_top:
+            inside = any(lo <= mp.vaddr <= hi for lo, hi in covered)
+            if not inside and not near_stack and mp.vaddr < prof.kernel.user_top:
                 out.append(Finding("vaddr-corruption",
                                    [f"user page {mp.vaddr:#x} is mapped but no program header "
                                     f"covers it"], frames=frames, field="segments.extra"))
