@@ -96,7 +96,7 @@ class Machine:
         bank = self.bank_for(addr, size)
         if bank is not None:
             off = addr - bank.base
-            return bytes(bank.view[off:off + size])
+            return bank.buffer[off:off + size]
         return bytes(self._read_slow(addr, size))
 
     def _read_slow(self, addr: int, size: int) -> bytearray:

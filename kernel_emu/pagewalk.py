@@ -29,12 +29,9 @@ def canonical(vaddr: int) -> int:
     return vaddr | 0xFFFF_0000_0000_0000 if vaddr & (1 << 47) else vaddr
 
 
-def _table(m: Machine, table: int) -> memoryview | bytes:
-    addr = table & ADDR_MASK
-    bank = m.bank_for(addr, PAGE)
-    if bank is None:
-        return m.read(addr, PAGE)  # outside RAM: reads as all ones, like the bus
-    return bank.view[addr - bank.base:addr - bank.base + PAGE]
+def _table(m: Machine, table: int) -> bytes:
+    # outside RAM a table reads as all ones, like the bus
+    return m.read(table & ADDR_MASK, PAGE)
 
 
 def _entry(m: Machine, table: int, index: int) -> int:
@@ -44,7 +41,7 @@ def _entry(m: Machine, table: int, index: int) -> int:
 def _user_entries(m: Machine, table: int) -> list[tuple[int, int]]:
     """(index, entry) of the entries with PRESENT and USER, without a Python loop over 512."""
     raw = _table(m, table)
-    flags = bytes(raw[0::8]).translate(_USER_PRESENT)
+    flags = raw[0::8].translate(_USER_PRESENT)
     out = []
     i = flags.find(1)
     while i >= 0:
