@@ -32,6 +32,8 @@ class KernelLog:
 def parse_log(text: str) -> KernelLog:
     log = KernelLog(text)
     for line in text.splitlines():
+        if not line.startswith(("[elf]", "rejected: ", "[PANIC]", "[mm] kstack", "[user]")):
+            continue
         if m := _SEG.match(line):
             vals = [int(v, 16) for v in m.groups()[1:]]
             log.segments.append(dict(zip(("vaddr", "memsz", "filesz", "offset", "flags"), vals,

@@ -83,6 +83,10 @@ class Machine:
         self.labels: list[Label] = []
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
+        self._batch_values = [ctypes.c_uint64() for _ in REGISTERS]
+        self._batch_ids = (ctypes.c_int32 * len(REGISTERS))(*REGISTERS.values())
+        self._batch_ptrs = (ctypes.c_void_p * len(REGISTERS))(
+            *(ctypes.addressof(v) for v in self._batch_values))
 
     # memory ------------------------------------------------------------------------------
     def bank_for(self, addr: int, size: int = 1) -> RamBank | None:
@@ -146,4 +150,8 @@ class Machine:
         self.uc.msr_write(msr, value)
 
     def registers(self) -> dict[str, int]:
-        return {name: self.reg(name) for name in REGISTERS}
+        status = uclib.uc_reg_read_batch(self.uc._uch, self._batch_ids, self._batch_ptrs,
+                                         len(REGISTERS))
+        if status:
+            raise UcError(status)
+        return {name: v.value for name, v in zip(REGISTERS, self._batch_values, strict=True)}
