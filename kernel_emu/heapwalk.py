@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kernel_emu.machine import Machine
 from kernel_emu.profile import HeapLayout
@@ -12,8 +12,8 @@ from kernel_emu.profile import HeapLayout
 MAX_BLOCKS = 100_000
 
 
-@dataclass(frozen=True)
-class Block:
+# NamedTuples: built for every input, several times cheaper than frozen dataclasses
+class Block(NamedTuple):
     addr: int
     size: int
     free: bool

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kernel_emu.machine import PAGE, Machine
 
@@ -15,8 +15,8 @@ MAX_LEAVES = 1 << 20
 _USER_PRESENT = bytes(int(b & (P | U) == P | U) for b in range(256))
 
 
-@dataclass(frozen=True)
-class Mapping:
+# NamedTuples: built for every input, several times cheaper than frozen dataclasses
+class Mapping(NamedTuple):
     vaddr: int
     paddr: int
     size: int
