@@ -86,7 +86,6 @@ class Executor:
         self.free_list_addr = self.image.symbol(h.free_list_symbol).address
         self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
         self._snapshot: Snapshot | None = None
-        self._machine: Machine | None = None
         self._ramdisk_size = 0
         self.use_snapshot = snapshot
         if snapshot:

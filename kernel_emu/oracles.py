@@ -36,14 +36,11 @@ _md.detail = True
 # ------------------------------------------------------------------------------------------
 # backtraces
 
-def backtrace(ex: Executor, *, at_boundary: bool = False, limit: int = 24) -> list[str]:
-    """Symbolized frames by the frame-pointer chain. At a function's first instruction or its
-    `ret`, the caller's return address is on top of the stack rather than behind rbp."""
+def backtrace(ex: Executor, *, limit: int = 24) -> list[str]:
+    """Symbolized frames where the guest stopped, by the frame-pointer chain."""
     m, image = ex.m, ex.image
-    pc, rsp, rbp = m.reg("rip"), m.reg("rsp"), m.reg("rbp")
+    pc, rbp = m.reg("rip"), m.reg("rbp")
     frames = [image.describe(pc)]
-    if at_boundary and m.bank_for(rsp, 8):
-        frames.append(image.describe(m.u64(rsp), return_address=True))
     seen = set()
     while len(frames) < limit and rbp and rbp not in seen and m.bank_for(rbp, 16):
         seen.add(rbp)
