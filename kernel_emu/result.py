@@ -14,6 +14,9 @@ CLASSES = (
 # classes about what the kernel built rather than where it stopped: their signature names the
 # field that disagreed
 SEMANTIC_CLASSES = ("heap-corruption", "vaddr-corruption", "kernel-mapping", "bad-entry")
+PANIC_PLUMBING = ("core::panicking::", "__rustc::", "rust_begin_unwind", "core::panic::",
+                  "alloc::alloc::handle_alloc_error", "core::result::unwrap_failed",
+                  "core::option::unwrap_failed", "core::option::expect_failed")
 
 
 @dataclass
@@ -27,7 +30,9 @@ class Finding:
     pc: int | None = None
 
     def signature(self) -> str:
-        top = [_frame_name(f) for f in self.frames[:3]]
+        names = [_frame_name(f) for f in self.frames]
+        # the panic machinery is the same for every panic: name where it was called from
+        top = [n for n in names if not n.startswith(PANIC_PLUMBING)][:3] or names[:3]
         parts = [self.cls, " < ".join(top) if top else "?"]
         if self.field and self.cls in SEMANTIC_CLASSES:
             parts.append(self.field)

@@ -1,0 +1,32 @@
+"""Signatures: stable across inputs and builds, specific to where the bug is."""
+
+from __future__ import annotations
+
+from kernel_emu.result import Finding
+
+
+def test_signature_drops_offsets_and_keeps_the_field_of_semantic_classes() -> None:
+    a = Finding("vaddr-corruption", ["x"], frames=["f+0x10", "g+0x4", "h", "i"],
+                field="segments[0].vaddr")
+    b = Finding("vaddr-corruption", ["y"], frames=["f+0x22", "g+0x8", "h+0x1"],
+                field="segments[0].vaddr")
+    assert a.signature() == b.signature() == "vaddr-corruption | f < g < h | segments[0].vaddr"
+
+
+def test_signature_of_a_non_semantic_class_ignores_the_field() -> None:
+    f = Finding("kernel-panic", ["x"], frames=["f"], field="src/a.rs:10")
+    assert f.signature() == "kernel-panic | f"
+
+
+def test_signature_skips_the_panic_machinery() -> None:
+    frames = ["__rustc::rust_begin_unwind+0x20", "core::panicking::panic_fmt+0x30",
+              "core::panicking::panic_const::panic_const_rem_by_zero+0x10",
+              "rustux::loader::elf::collect_segments+0x99", "rustux::loader::elf::load+0x1",
+              "rustux::loader::load_init+0x2"]
+    f = Finding("kernel-panic", ["x"], frames=frames)
+    assert f.signature() == ("kernel-panic | rustux::loader::elf::collect_segments < "
+                             "rustux::loader::elf::load < rustux::loader::load_init")
+
+
+def test_signature_without_frames() -> None:
+    assert Finding("hang", ["x"]).signature() == "hang | ?"
