@@ -11,7 +11,7 @@ from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 from tests.elfs import build_elf, readelf_loads
-from tests.reproducers import REPRODUCERS, split_trigger
+from tests.reproducers import REPRODUCERS, loads, set_phdr, split_trigger
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,13 @@ def test_pure_python_tracer_gives_the_same_results(executors: dict[str, Executor
     small_crashes = [r.make(base_elf) for r in REPRODUCERS if r.bug in ("RX-05", "RX-07")]
     for data in (base_elf, b"junk", *small_crashes):
         assert slow.run(data).comparable() == executors["seed"].run(data).comparable()
+
+
+def test_running_out_of_physical_pages_is_out_of_memory(tmp_path: Path, base_elf: bytes) -> None:
+    # 32 MiB of RAM leaves ~12 MiB of frames once the heap and kernel stack are carved out;
+    # a 14 MiB segment fits the 16 MiB heap but not the frames
+    path = _custom_profile(tmp_path, ram_size="0x2000000")
+    data = set_phdr(base_elf, loads(base_elf)[-1], memsz=0xE0_0000)
+    result = Executor(load_profile(str(path))).run(data)
+    assert result.crash_class == "out-of-memory", result.findings
+    assert "out of physical pages" in result.findings[0].evidence[0]
