@@ -204,3 +204,39 @@ def test_running_out_of_physical_pages_is_out_of_memory(tmp_path: Path, base_elf
     result = Executor(load_profile(str(path))).run(data)
     assert result.crash_class == "out-of-memory", result.findings
     assert "out of physical pages" in result.findings[0].evidence[0]
+
+
+def test_oracles_on_a_user_address_space_changed_after_the_run(base_elf: bytes) -> None:
+    """Real state at the ring-3 entry, then one page-table entry rewritten by hand: the page
+    oracles must notice a user page over kernel memory and an entry that is not executable."""
+    from kernel_emu import oracles, pagewalk
+    from kernel_emu.elfview import read_elf
+
+    ex = Executor(load_profile("seed"))
+    view = read_elf(base_elf)
+    assert ex.run(base_elf).verdict == "ok"
+    cr3 = ex.m.reg("cr3")
+    text = [s for s in view.load_segments if s.flags & 1][0]
+    entry_page = ex.m.u64(ex.m.reg("rsp")) & ~0xFFF
+
+    def pte_of(vaddr: int) -> int:
+        table = cr3
+        for shift in (39, 30, 21):
+            table = ex.m.u64((table & ~0xFFF) + ((vaddr >> shift) & 0x1FF) * 8) & \
+                0x000F_FFFF_FFFF_F000
+        return table + ((vaddr >> 12) & 0x1FF) * 8
+
+    data_page = [s for s in view.load_segments if s.flags & 2][0].vaddr & ~0xFFF
+    pte = pte_of(data_page)
+    ex.m.put_u64(pte, (ex.m.u64(pte) & ~0x000F_FFFF_FFFF_F000) | 0x30_0000)
+    result = oracles.assess(ex, view, "until", 0)
+    assert result.crash_class == "kernel-mapping", result.findings
+    assert "which is kernel heap" in result.findings[0].evidence[0]
+
+    assert text.vaddr & ~0xFFF <= entry_page
+    pte = pte_of(entry_page)
+    ex.m.put_u64(pte, ex.m.u64(pte) | (1 << 63))  # NX on the entry page
+    result = oracles.assess(ex, view, "until", 0)
+    assert any(f.cls == "bad-entry" and "not executable" in f.evidence[0]
+               for f in result.findings)
+    assert pagewalk.translate(ex.m, cr3, entry_page).executable is False
