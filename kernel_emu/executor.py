@@ -31,7 +31,7 @@ from kernel_emu.machine import PAGE, Machine
 from kernel_emu.profile import TargetProfile
 from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
 from kernel_emu.result import Finding, Result
-from kernel_emu.tracing import GuestTracer, PortConfig, attach_tracer
+from kernel_emu.tracing import PORT_LOG_SIZE, GuestTracer, PortConfig, attach_tracer
 
 ZERO_PAGE = bytes(PAGE)
 
@@ -50,6 +50,7 @@ class Observations:
     """Everything seen during one run, in the order it happened."""
 
     log_prefix: bytes = b""  # console output before the snapshot
+    ports_prefix: tuple[tuple[str, int, int, int], ...] = ()  # other ports, likewise
     events: list[Finding] = field(default_factory=list)
     fault: Fault | None = None
     uc_error: str = ""
@@ -61,6 +62,7 @@ class Snapshot:
     pages: list[dict[int, bytes]]
     firmware: FirmwareState
     log: bytes
+    ports: tuple[tuple[str, int, int, int], ...]
     instructions: int
 
 
@@ -152,7 +154,8 @@ class Executor:
                           if data[i:i + PAGE] != ZERO_PAGE})
         tracer.take_dirty()
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
-                                  tracer.console(), tracer.instructions)
+                                  tracer.console(), tuple(tracer.port_log()),
+                                  tracer.instructions)
         tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
@@ -226,7 +229,7 @@ class Executor:
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
         self.fw.state = snap.firmware.copy()
-        self.obs = Observations(log_prefix=snap.log)
+        self.obs = Observations(log_prefix=snap.log, ports_prefix=snap.ports)
         self.tracer.reset(self.budget - snap.instructions)
 
     def _emulate(self, until: int) -> str:
@@ -263,6 +266,10 @@ class Executor:
     def console(self) -> bytes:
         """Everything the kernel wrote to its debug console in this boot."""
         return self.obs.log_prefix + self.tracer.console()
+
+    def port_accesses(self) -> list[tuple[str, int, int, int]]:
+        """Accesses to ports other than the console and the service port in this boot."""
+        return [*self.obs.ports_prefix, *self.tracer.port_log()][:PORT_LOG_SIZE]
 
     # observers ---------------------------------------------------------------------------
     def _on_interrupt(self, uc: Any, vector: int, _user: Any) -> None:

@@ -314,6 +314,8 @@ def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
         kernel=ex.profile.name,
         kernel_sha256=ex.image.sha256,
         heap_blocks=[b.to_json(hs) for b in blocks[:256]],
+        ports=[{"access": kind, "port": port, "size": size, "value": value}
+               for kind, port, size, value in ex.port_accesses()],
     )
 
 

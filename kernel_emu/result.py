@@ -71,6 +71,8 @@ class Result:
     snapshot: bool = False
     notes: list[str] = field(default_factory=list)
     heap_blocks: list[dict[str, Any]] = field(default_factory=list)
+    # port accesses other than the debug console and the firmware's service port
+    ports: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
