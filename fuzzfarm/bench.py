@@ -38,8 +38,12 @@ def bench_boot(kernel: str, runs: int, repeats: int, native: bool = True) -> int
           f"{'native' if native else 'pure-Python'} hooks; {repeats} repeats of "
           f"{runs} snapshot runs and {full_runs} full boots, interleaved")
     snap_result = full_result = None
+    phases: dict[str, list[float]] = {"prepare": [], "guest": [], "oracles": []}
     for i in range(repeats):
+        snap.phase_seconds.clear()
         s, snap_result = _rate(snap, data, runs)
+        for name, seconds in snap.phase_seconds.items():
+            phases[name].append(seconds / runs)
         f, full_result = _rate(full, data, full_runs)
         snap_rates.append(s)
         full_rates.append(f)
@@ -53,6 +57,8 @@ def bench_boot(kernel: str, runs: int, repeats: int, native: bool = True) -> int
     print(f"snapshot:  median {s_med:8.1f} runs/s  ({1e6 / s_med:7.1f} µs/run)")
     print(f"full boot: median {f_med:8.1f} runs/s  ({1e6 / f_med:7.1f} µs/run)")
     print(f"ratio snapshot/full: {s_med / f_med:.1f}x")
+    print("snapshot run by phase (medians): " + ", ".join(
+        f"{name} {1e6 * statistics.median(v):.0f} µs" for name, v in phases.items()))
     print(f"instructions: full boot {total}, after the snapshot {after} "
           f"({100 * after / total:.1f}%)")
     print(f"verdict on both: {snap_result.verdict}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,8 @@ class Executor:
         self._snapshot: Snapshot | None = None
         self._ramdisk_size = 0
         self.use_snapshot = snapshot
+        # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
+        self.phase_seconds: Counter[str] = Counter()
         if snapshot:
             self._take_snapshot()
 
@@ -185,6 +189,7 @@ class Executor:
                                f"{type(e).__name__}: {e}") from e
 
     def _run(self, data: bytes, ramdisk: bytes) -> Result:
+        t0 = time.perf_counter()
         view = read_elf(data)
         if self._snapshot is not None:
             self._restore()
@@ -196,13 +201,20 @@ class Executor:
             base = 0
         self.fw.hand_over_ramdisk(ramdisk, self._ramdisk_size)
         self._ramdisk_size = len(ramdisk)
+        t1 = time.perf_counter()
         stop = self._emulate(until=self.success_addr)
+        t2 = time.perf_counter()
         self.obs.events, _ = replay(self.tracer.take_events(), self.alloc_sites,
                                     lambda a, ret: self.image.describe(a, return_address=ret))
         result = oracles.assess(self, view, stop, base + self.tracer.instructions)
         result.input_sha256 = hashlib.sha256(data).hexdigest()
         result.snapshot = self._snapshot is not None
         result.notes = list(self.notes)
+        t3 = time.perf_counter()
+        phases = self.phase_seconds
+        phases["prepare"] += t1 - t0
+        phases["guest"] += t2 - t1
+        phases["oracles"] += t3 - t2
         return result
 
     def _restore(self) -> None:
