@@ -193,8 +193,9 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
                                     f"{page:#x} is not mapped for user mode"],
                                    frames=frames, field=f"segments[{i}].vaddr"))
                 break
-            if mp.writable != bool(seg["flags"] & PF_W) or \
-                    mp.executable != bool(seg["flags"] & PF_X):
+            # a page two segments share carries the rights of both
+            flags = _page_flags(expected, page)
+            if mp.writable != bool(flags & PF_W) or mp.executable != bool(flags & PF_X):
                 perms = ("W" if mp.writable else "-") + ("X" if mp.executable else "-")
                 out.append(Finding("vaddr-corruption",
                                    [f"segment {i}: ELF flags {seg['flags']:#x}, page {page:#x} "
@@ -233,6 +234,15 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
                 break
     out += _entry_findings(ex, cr3, frames)
     return out
+
+
+def _page_flags(expected: list[dict[str, int]], page: int) -> int:
+    """The union of the p_flags of every segment with bytes in `page`."""
+    flags = 0
+    for seg in expected:
+        if seg["memsz"] and seg["vaddr"] < page + PAGE and page < seg["vaddr"] + seg["memsz"]:
+            flags |= seg["flags"]
+    return flags
 
 
 def _entry_findings(ex: Executor, cr3: int, frames: list[str]) -> list[Finding]:
