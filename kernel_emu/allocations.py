@@ -4,8 +4,10 @@ pointers that are not live."""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kernel_emu.result import Finding
 from kernel_emu.tracing import WatchEvent
@@ -24,8 +26,7 @@ class AllocatorSites:
         return [self.alloc_entry, *self.alloc_returns, self.dealloc_entry]
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):
     seq: int
     ptr: int
     size: int
@@ -40,6 +41,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     returns = set(sites.alloc_returns)
     pending: list[tuple[int, int]] = []  # (rsp, size)
     live: dict[int, Allocation] = {}
+    starts: list[int] = []  # sorted keys of `live`, to find a neighbour that overlaps
     findings: list[Finding] = []
     seq = 0
     for ev in events:
@@ -55,22 +57,41 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             ptr = ev.rax
             if not ptr:
                 continue
-            other = next((a for a in live.values()
-                          if a.ptr < ptr + max(size, 1) and ptr < a.ptr + max(a.size, 1)), None)
+            other = _overlapping(live, starts, ptr, max(size, 1))
             if other is not None:
                 findings.append(Finding(
                     "heap-corruption",
                     [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which overlaps "
                      f"live allocation #{other.seq} at {other.ptr:#x} ({other.size:#x} bytes)"],
                     frames=_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
+            if ptr not in live:
+                bisect.insort(starts, ptr)
             live[ptr] = Allocation(seq, ptr, size)
         elif ev.address == sites.dealloc_entry:
             ptr = ev.rsi
-            if ptr and live.pop(ptr, None) is None:
+            if not ptr:
+                continue
+            if live.pop(ptr, None) is None:
                 findings.append(Finding(
                     "heap-corruption", [f"free of {ptr:#x}, which is not a live allocation"],
                     frames=_frames(ev, describe), field="free.unknown", pc=ev.rip))
+            else:
+                del starts[bisect.bisect_left(starts, ptr)]
     return findings, list(live.values())
+
+
+def _overlapping(live: dict[int, Allocation], starts: list[int], ptr: int,
+                 size: int) -> Allocation | None:
+    """A live allocation sharing a byte with [ptr, ptr + size): the one starting at or before
+    ptr, or the first starting inside the range."""
+    i = bisect.bisect_right(starts, ptr)
+    if i:
+        before = live[starts[i - 1]]
+        if ptr < before.ptr + max(before.size, 1):
+            return before
+    if i < len(starts) and starts[i] < ptr + size:
+        return live[starts[i]]
+    return None
 
 
 def _frames(ev: WatchEvent, describe: Callable[[int, bool], str]) -> list[str]:
