@@ -8,6 +8,7 @@ happened before the stop, so it is placed before the terminal event (fault, pani
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -177,6 +178,7 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     user_pages = {mp.vaddr: mp for mp in mappings if mp.size == PAGE}
     out: list[Finding] = []
     covered: list[tuple[int, int]] = []
+    page_flags = _shared_page_flags(expected)
     for i, seg in enumerate(expected):
         if seg["memsz"] == 0:
             continue
@@ -194,7 +196,7 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
                                    frames=frames, field=f"segments[{i}].vaddr"))
                 break
             # a page two segments share carries the rights of both
-            flags = _page_flags(expected, page)
+            flags = page_flags.get(page, 0)
             if mp.writable != bool(flags & PF_W) or mp.executable != bool(flags & PF_X):
                 perms = ("W" if mp.writable else "-") + ("X" if mp.executable else "-")
                 out.append(Finding("vaddr-corruption",
@@ -223,10 +225,11 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
                                 f"which is {hit}"], frames=frames, field="mapping.kernel"))
             break
     if not any(f.cls == "vaddr-corruption" for f in out):
+        merged = _merge(covered)
         for mp in mappings:
             near_stack = stack_top is not None and \
                 stack_top - USER_STACK_PAGES * PAGE <= mp.vaddr <= stack_top
-            inside = any(lo <= mp.vaddr <= hi for lo, hi in covered)
+            inside = _covers(merged, mp.vaddr)
             if not inside and not near_stack and mp.vaddr < prof.kernel.user_top:
                 out.append(Finding("vaddr-corruption",
                                    [f"user page {mp.vaddr:#x} is mapped but no program header "
@@ -236,13 +239,35 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     return out
 
 
-def _page_flags(expected: list[dict[str, int]], page: int) -> int:
-    """The union of the p_flags of every segment with bytes in `page`."""
-    flags = 0
-    for seg in expected:
-        if seg["memsz"] and seg["vaddr"] < page + PAGE and page < seg["vaddr"] + seg["memsz"]:
-            flags |= seg["flags"]
+def _shared_page_flags(expected: list[dict[str, int]]) -> dict[int, int]:
+    """For the first and last page of every segment: the union of the p_flags of all segments
+    with bytes in that page. Linear in the segments plus the pages they share."""
+    spans = sorted((s["vaddr"], s["vaddr"] + s["memsz"], s["flags"]) for s in expected
+                   if s["memsz"] and s["vaddr"] + s["memsz"] <= 1 << 64)
+    pages = sorted({p for lo, hi, _ in spans for p in (lo & ~(PAGE - 1), (hi - 1) & ~(PAGE - 1))})
+    flags = dict.fromkeys(pages, 0)
+    for lo, hi, f in spans:
+        i = bisect.bisect_left(pages, lo & ~(PAGE - 1))
+        while i < len(pages) and pages[i] < hi:
+            flags[pages[i]] |= f
+            i += 1
     return flags
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive page ranges, sorted and merged."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + PAGE:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _covers(merged: list[tuple[int, int]], page: int) -> bool:
+    i = bisect.bisect_right(merged, (page, 1 << 65)) - 1
+    return i >= 0 and merged[i][0] <= page <= merged[i][1]
 
 
 def _entry_findings(ex: Executor, cr3: int, frames: list[str]) -> list[Finding]:
