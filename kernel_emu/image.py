@@ -44,10 +44,43 @@ def clean_rust_name(demangled: str) -> str:
     return _CRATE_DISAMBIGUATOR.sub("", _HASH_SUFFIX.sub("", demangled))
 
 
+_LEGACY_ESCAPES = {"$SP$": "@", "$BP$": "*", "$RF$": "&", "$LT$": "<", "$GT$": ">",
+                   "$LP$": "(", "$RP$": ")", "$C$": ",", "$u7e$": "~", "$u20$": " ",
+                   "$u27$": "'", "$u5b$": "[", "$u5d$": "]", "$u7b$": "{", "$u7d$": "}",
+                   "$u3b$": ";", "$u2b$": "+", "$u22$": '"'}
+_LLVM_SUFFIX = re.compile(r"(\.llvm\.[0-9A-Za-z]+|\.\d+)+$")
+_LEGACY_ESCAPE = re.compile("|".join(re.escape(k) for k in _LEGACY_ESCAPES))
+
+
+def demangle_legacy(name: str) -> str | None:
+    """Rust's legacy (`_ZN…E`) mangling, which c++filt also reads; None if `name` is not in
+    that form. Used when c++filt is missing: the symbols a profile names are all legacy."""
+    name = _LLVM_SUFFIX.sub("", name)
+    if not name.startswith("_ZN") or not name.endswith("E"):
+        return None
+    parts, i, body = [], 3, name[:-1]
+    while i < len(body):
+        j = i
+        while j < len(body) and body[j].isdigit():
+            j += 1
+        if j == i:
+            return None
+        n = int(body[i:j])
+        part = body[j:j + n]
+        if len(part) != n:
+            return None
+        if part.startswith("_$"):
+            part = part[1:]
+        parts.append(_LEGACY_ESCAPE.sub(lambda m: _LEGACY_ESCAPES[m.group(0)], part)
+                     .replace("..", "::"))
+        i = j + n
+    return "::".join(parts) if parts else None
+
+
 def _demangle_all(names: list[str]) -> list[str]:
     tool = shutil.which("c++filt")
     if tool is None or not names:
-        return names
+        return [demangle_legacy(n) or n for n in names]
     try:
         out = subprocess.run(
             [tool], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=60,
