@@ -77,6 +77,10 @@ def demangle_legacy(name: str) -> str | None:
     return "::".join(parts) if parts else None
 
 
+def have_cxxfilt() -> bool:
+    return shutil.which("c++filt") is not None
+
+
 def _demangle_all(names: list[str]) -> list[str]:
     tool = shutil.which("c++filt")
     if tool is None or not names:
