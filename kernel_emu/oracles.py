@@ -174,7 +174,8 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     """Walk the page tables the kernel is about to enter ring 3 with."""
     m, prof = ex.m, ex.profile
     cr3 = m.reg("cr3")
-    mappings = pagewalk.walk_user(m, cr3)
+    tables: set[int] = set()
+    mappings = pagewalk.walk_user(m, cr3, tables)
     user_pages = {mp.vaddr: mp for mp in mappings if mp.size == PAGE}
     out: list[Finding] = []
     covered: list[tuple[int, int]] = []
@@ -207,7 +208,9 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     stack_top = log.user_entry[1] if log.user_entry else None
     kernel_phys = [(ex.image.start, ex.image.end, "kernel image"),
                    (prof.heap.base, prof.heap.end, "kernel heap"),
-                   (0, 0x10_0000, "firmware memory")]
+                   (0, 0x10_0000, "firmware memory"),
+                   (prof.memory.ramdisk_base, prof.memory.ramdisk_base + prof.memory.ramdisk_size,
+                    "the ramdisk")]
     if kstack_base:
         kernel_phys.append((kstack_base - PAGE, kstack_base + prof.kernel.stack_size,
                             "kernel stack"))
@@ -219,6 +222,8 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
             break
         hit = next((n for lo, hi, n in kernel_phys if lo < mp.paddr + mp.size and mp.paddr < hi),
                    None)
+        if hit is None and any(mp.paddr <= t < mp.paddr + mp.size for t in tables):
+            hit = "a page table of this address space"
         if hit is not None:
             out.append(Finding("kernel-mapping",
                                [f"user page {mp.vaddr:#x} maps physical {mp.paddr:#x}, "

@@ -50,13 +50,15 @@ def _user_entries(m: Machine, table: int) -> list[tuple[int, int]]:
     return out
 
 
-def walk_user(m: Machine, cr3: int) -> list[Mapping]:
+def walk_user(m: Machine, cr3: int, tables: set[int] | None = None) -> list[Mapping]:
     """Every leaf user mode can reach, with permissions combined over the levels (W needs all
     levels, NX on any level forbids execution). Subtrees without USER are skipped: nothing
-    under them is user-accessible."""
+    under them is user-accessible. The tables visited are added to `tables` when given."""
     out: list[Mapping] = []
 
     def rec(table: int, level: int, base: int, writable: bool, nx: bool) -> None:
+        if tables is not None:
+            tables.add(table & ADDR_MASK)
         shift = 12 + 9 * (level - 1)
         for i, e in _user_entries(m, table):
             if len(out) >= MAX_LEAVES:

@@ -233,6 +233,12 @@ def test_oracles_on_a_user_address_space_changed_after_the_run(base_elf: bytes) 
     assert result.crash_class == "kernel-mapping", result.findings
     assert "which is kernel heap" in result.findings[0].evidence[0]
 
+    # the same user page now maps the page table that maps it
+    ex.m.put_u64(pte, (ex.m.u64(pte) & ~0x000F_FFFF_FFFF_F000) | (pte & ~0xFFF))
+    result = oracles.assess(ex, view, "until", 0)
+    assert result.crash_class == "kernel-mapping", result.findings
+    assert "a page table of this address space" in result.findings[0].evidence[0]
+
     assert text.vaddr & ~0xFFF <= entry_page
     pte = pte_of(entry_page)
     ex.m.put_u64(pte, ex.m.u64(pte) | (1 << 63))  # NX on the entry page
