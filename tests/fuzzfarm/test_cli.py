@@ -86,3 +86,22 @@ def test_help_on_every_command() -> None:
     for cmd in ("boot", "demo", "build-guest", "bench"):
         proc = fuzzfarm(cmd, "--help")
         assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+def test_bench_boot_runs_and_reports_ratios() -> None:
+    proc = fuzzfarm("bench", "boot", "--runs", "20", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("snapshot:  median", "full boot: median", "ratio snapshot/full:",
+                 "snapshot run by phase", "instructions: full boot"):
+        assert text in proc.stdout
+
+
+def test_demo_shows_the_seed_bug() -> None:
+    proc = fuzzfarm("demo")
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines()
+               if line.startswith("vaddr-0x300028.elf") and " seed " in line)
+    assert "crash" in row and "kernel loaded vaddr 0x300028" in row
+    fixed = next(line for line in proc.stdout.splitlines()
+                 if line.startswith("vaddr-0x300028.elf") and " fixed " in line)
+    assert " ok " in fixed or "rejected" in fixed
