@@ -90,6 +90,9 @@ class Machine:
 
     # memory ------------------------------------------------------------------------------
     def bank_for(self, addr: int, size: int = 1) -> RamBank | None:
+        low = self.banks[0]  # almost every access: RAM from address 0
+        if low.base <= addr and addr + size <= low.base + low.size:
+            return low
         for bank in self.banks:
             if bank.contains(addr, size):
                 return bank

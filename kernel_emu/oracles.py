@@ -222,7 +222,8 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
             break
         hit = next((n for lo, hi, n in kernel_phys if lo < mp.paddr + mp.size and mp.paddr < hi),
                    None)
-        if hit is None and any(mp.paddr <= t < mp.paddr + mp.size for t in tables):
+        if hit is None and (mp.paddr in tables if mp.size == PAGE else
+                            any(mp.paddr <= t < mp.paddr + mp.size for t in tables)):
             hit = "a page table of this address space"
         if hit is not None:
             out.append(Finding("kernel-mapping",
