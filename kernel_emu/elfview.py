@@ -258,10 +258,13 @@ def _read_program_headers(
     if phnum == 0:
         problems.add("e_phnum is 0: no program headers")
         return ()
+    # entries are e_phentsize apart (a larger entry has padding after the Elf64_Phdr); a
+    # smaller one cannot hold an entry, so those are read 56 bytes apart
+    stride = phentsize if phentsize > ELF64_PHDR_SIZE else ELF64_PHDR_SIZE
     if phentsize != ELF64_PHDR_SIZE:
         problems.add(
             f"e_phentsize is 0x{phentsize:x}, not 0x{ELF64_PHDR_SIZE:x}; "
-            f"reading with a {ELF64_PHDR_SIZE}-byte stride anyway"
+            f"reading with a {stride}-byte stride"
         )
     if phnum == PN_XNUM:
         problems.add("e_phnum is PN_XNUM (0xffff); extended numbering is not followed")
@@ -276,7 +279,8 @@ def _read_program_headers(
         )
         return ()
     wanted = min(phnum, MAX_PROGRAM_HEADERS)
-    fit = (size - phoff) // ELF64_PHDR_SIZE
+    fit = (size - phoff - ELF64_PHDR_SIZE) // stride + 1 if size - phoff >= ELF64_PHDR_SIZE \
+        else 0
     count = min(wanted, fit)
     if count < phnum:
         problems.add(
@@ -284,10 +288,12 @@ def _read_program_headers(
             f"read {count} of {phnum}"
         )
 
-    raw = memoryview(data)[phoff:phoff + count * ELF64_PHDR_SIZE]
-    headers = tuple(
-        ProgramHeader(index, *fields) for index, fields in enumerate(_PHDR64.iter_unpack(raw))
-    )
+    if stride == ELF64_PHDR_SIZE:
+        raw = memoryview(data)[phoff:phoff + count * ELF64_PHDR_SIZE]
+        rows = list(_PHDR64.iter_unpack(raw))
+    else:
+        rows = [_PHDR64.unpack_from(data, phoff + i * stride) for i in range(count)]
+    headers = tuple(ProgramHeader(index, *fields) for index, fields in enumerate(rows))
     for ph in headers:
         if ph.p_type == PT_LOAD:
             _check_load(ph, size, problems)

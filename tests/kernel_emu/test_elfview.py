@@ -225,8 +225,8 @@ def test_phoff_past_the_end(phoff: int) -> None:
     assert any("past the end of the file" in p for p in view.problems)
 
 
-@pytest.mark.parametrize("phentsize", [0, 1, 55, 57, 0x70, 0xFFFF])
-def test_phentsize_is_ignored_for_the_stride(phentsize: int) -> None:
+@pytest.mark.parametrize("phentsize", [0, 1, 55])
+def test_phentsize_too_small_for_an_entry_reads_56_apart(phentsize: int) -> None:
     data = _minimal_elf(phentsize=phentsize, phnum=2, phdrs=[
         (PT_LOAD, 5, 0, 0x400000, 0x400000, 0x100, 0x100, 0x1000),
         (PT_LOAD, 6, 0x1000, 0x401000, 0x401000, 0, 0x2000, 0x1000),
@@ -234,6 +234,27 @@ def test_phentsize_is_ignored_for_the_stride(phentsize: int) -> None:
     view = read_elf(data)
     assert [seg.vaddr for seg in view.load_segments] == [0x400000, 0x401000]
     assert any("e_phentsize" in p for p in view.problems)
+
+
+@pytest.mark.parametrize("phentsize", [57, 0x70, 0x100])
+def test_larger_phentsize_is_the_stride(phentsize: int) -> None:
+    """Entries are e_phentsize apart; the bytes after each Elf64_Phdr are padding."""
+    first = struct.pack("<IIQQQQQQ", PT_LOAD, 5, 0, 0x400000, 0x400000, 0x100, 0x100, 0x1000)
+    second = struct.pack("<IIQQQQQQ", PT_LOAD, 6, 0x1000, 0x401000, 0x401000, 0, 0x2000,
+                         0x1000)
+    table = first.ljust(phentsize, b"\xee") + second.ljust(phentsize, b"\xee")
+    data = (_minimal_elf(phentsize=phentsize, phnum=2, phdrs=[])[:64] + table).ljust(0x400,
+                                                                                   b"\0")
+    view = read_elf(data)
+    assert [seg.vaddr for seg in view.load_segments] == [0x400000, 0x401000]
+    assert any("e_phentsize" in p for p in view.problems)
+
+
+def test_huge_phentsize_reads_what_fits() -> None:
+    data = _minimal_elf(phentsize=0xFFFF, phnum=2, size=0x400)
+    view = read_elf(data)
+    assert len(view.program_headers) == 1
+    assert any("past the end of the file" in p for p in view.problems)
 
 
 def test_phnum_zero() -> None:
