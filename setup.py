@@ -8,6 +8,11 @@ setup(
             "kernel_emu._tracer",
             ["kernel_emu/native/tracer.c"],
             extra_compile_args=["-O2"],
-        )
+        ),
+        Extension(
+            "kernel_emu._walk",
+            ["kernel_emu/native/walk.c"],
+            extra_compile_args=["-O2"],
+        ),
     ],
 )

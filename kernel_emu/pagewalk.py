@@ -7,6 +7,11 @@ from typing import NamedTuple
 
 from kernel_emu.machine import PAGE, Machine
 
+try:
+    from kernel_emu import _walk
+except ImportError:  # not built: the Python walk gives the same answer, slower
+    _walk = None
+
 P, W, U, PS = 1, 2, 4, 0x80
 NX = 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
@@ -54,6 +59,19 @@ def walk_user(m: Machine, cr3: int, tables: set[int] | None = None) -> list[Mapp
     """Every leaf user mode can reach, with permissions combined over the levels (W needs all
     levels, NX on any level forbids execution). Subtrees without USER are skipped: nothing
     under them is user-accessible. The tables visited are added to `tables` when given."""
+    if _walk is not None:
+        low = m.banks[0]
+        native = _walk.user_leaves(low.buffer, low.base, cr3, MAX_LEAVES)
+        if native is not None:
+            leaves, visited = native
+            if tables is not None:
+                tables.update(visited)
+            return [Mapping(v, p, size, w, True, x) for v, p, size, w, x in leaves]
+    return walk_user_python(m, cr3, tables)
+
+
+def walk_user_python(m: Machine, cr3: int, tables: set[int] | None = None) -> list[Mapping]:
+    """`walk_user` in Python: for tables outside the first RAM bank, and as the reference."""
     out: list[Mapping] = []
 
     def rec(table: int, level: int, base: int, writable: bool, nx: bool) -> None:

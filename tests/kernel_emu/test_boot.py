@@ -246,3 +246,22 @@ def test_oracles_on_a_user_address_space_changed_after_the_run(base_elf: bytes) 
     assert any(f.cls == "bad-entry" and "not executable" in f.evidence[0]
                for f in result.findings)
     assert pagewalk.translate(ex.m, cr3, entry_page).executable is False
+
+
+def test_native_page_walk_matches_the_python_walk(executors: dict[str, Executor],
+                                                  base_elf: bytes) -> None:
+    from kernel_emu import pagewalk
+
+    assert pagewalk._walk is not None, "the native walker is not built"
+    inputs = [base_elf] + [r.make(base_elf) for r in REPRODUCERS if r.bug in
+                           ("RX-03", "RX-04", "RX-08")]
+    for data in inputs:
+        ex = executors["seed"]
+        result = ex.run(data)
+        assert result.stop == "until"
+        cr3 = ex.m.reg("cr3")
+        native_tables: set[int] = set()
+        python_tables: set[int] = set()
+        native = pagewalk.walk_user(ex.m, cr3, native_tables)
+        assert native == pagewalk.walk_user_python(ex.m, cr3, python_tables)
+        assert native and native_tables == python_tables
