@@ -32,7 +32,7 @@ def bench_boot(kernel: str, runs: int, repeats: int, native: bool = True) -> int
     if not snap.use_snapshot:
         raise HarnessError("; ".join(snap.notes) or "the snapshot is unavailable")
     full = Executor(profile, snapshot=False, native=native)
-    full_runs = max(5, runs // 40)
+    full_runs = max(10, runs // 10)
     snap_rates, full_rates = [], []
     print(f"kernel {kernel}, input {BENCH_ELF.name} ({len(data)} bytes), "
           f"{'native' if native else 'pure-Python'} hooks; {repeats} repeats of "
