@@ -97,11 +97,10 @@ def _where(ex: Executor, addr: int) -> str:
     return f"{addr:#x} [{label}]" if label else f"{addr:#x} [unmapped]"
 
 
-def _fault_finding(ex: Executor, kstack_base: int | None) -> Finding:
+def _fault_finding(ex: Executor, kstack_base: int | None, frames: list[str]) -> Finding:
     fault = ex.obs.fault
     assert fault is not None
     image = ex.image
-    frames = backtrace(ex)
     where = image.describe(fault.pc)
     if fault.vector == -1:
         return Finding("cpu-fault", [f"{ex.obs.uc_error} at {where}"], frames=frames,
@@ -123,20 +122,20 @@ def _fault_finding(ex: Executor, kstack_base: int | None) -> Finding:
     return Finding("cpu-fault", [f"{name} at {where}"], frames=frames, pc=fault.pc)
 
 
-def _hang_finding(ex: Executor) -> Finding:
+def _hang_finding(ex: Executor, frames: list[str]) -> Finding:
     blocks = ex.tracer.recent_blocks()
     funcs = Counter(ex.image.describe(b).rsplit("+0x", 1)[0] for b in blocks)
     spot = funcs.most_common(1)[0][0] if funcs else ex.image.describe(ex.m.reg("rip"))
     loop = ", ".join(sorted({f"{b:#x}" for b in blocks})[:8])
     return Finding("hang", [f"instruction budget of {ex.budget} spent; spinning in {spot} "
-                            f"(blocks {loop})"], frames=backtrace(ex), pc=ex.m.reg("rip"))
+                            f"(blocks {loop})"], frames=frames, pc=ex.m.reg("rip"))
 
 
-def _panic_finding(ex: Executor, log: KernelLog) -> Finding:
+def _panic_finding(ex: Executor, log: KernelLog, frames: list[str]) -> Finding:
     msg = log.panic or ""
     cls = "out-of-memory" if any(k in msg for k in OOM_MARKERS) else "kernel-panic"
     where = f" at {log.panic_location}" if log.panic_location else ""
-    return Finding(cls, [f"kernel panic: {msg}{where}"], frames=backtrace(ex),
+    return Finding(cls, [f"kernel panic: {msg}{where}"], frames=frames,
                    pc=ex.m.reg("rip"), field=log.panic_location)
 
 
@@ -303,11 +302,11 @@ def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
     kstack_base = ex.kernel_stack_base() or None
     terminal: Finding | None = None
     if stop in ("fault", "uc-error"):
-        terminal = _fault_finding(ex, kstack_base)
+        terminal = _fault_finding(ex, kstack_base, frames)
     elif stop == "budget":
-        terminal = _hang_finding(ex)
+        terminal = _hang_finding(ex, frames)
     elif stop == "halt" and log.panic is not None:
-        terminal = _panic_finding(ex, log)
+        terminal = _panic_finding(ex, log, frames)
     elif stop == "halt" and log.rejected is None:
         terminal = Finding("kernel-panic", ["the kernel halted without a panic message or a "
                                             "rejection"], frames=frames, pc=m.reg("rip"))
