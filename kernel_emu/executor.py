@@ -10,6 +10,7 @@ import hashlib
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ from kernel_emu.result import Finding, Result
 from kernel_emu.tracing import PORT_LOG_SIZE, GuestTracer, PortConfig, attach_tracer
 
 ZERO_PAGE = bytes(PAGE)
+# routines whose long loops are progress (every iteration moves on through memory)
+BULK_ROUTINES = ("memset", "memcpy", "memmove")
 
 
 @dataclass
@@ -73,12 +76,21 @@ class Executor:
     snapshot point and is restored for every input; otherwise every input is a full boot."""
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
-                 coverage: bool = False, budget: int | None = None) -> None:
+                 coverage: bool = False, budget: int | None = None,
+                 watchdog: int | None = None) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image)
         self.native = native
         self.coverage = coverage
         self.budget = budget or profile.run.budget
+        # Every `watchdog` instructions, a run whose guest is not inside a bulk memory routine
+        # (zeroing or copying a large segment) is stopped as stalled: a fuzzer's early verdict
+        # on a loop that makes no progress, instead of spending the whole budget on it.
+        self.watchdog = watchdog
+        self.stalled_at = 0
+        self._run_budget = self.budget
+        # pages the watchdog took from the tracer's dirty set during this run
+        self._written: set[tuple[int, int]] = set()
         self.notes: list[str] = []
         if not have_cxxfilt():
             self.notes.append("c++filt (binutils) not found: Rust standard-library frames stay "
@@ -91,8 +103,12 @@ class Executor:
                                           tuple(self._return_sites(alloc.address, alloc.size)),
                                           self.image.symbol(h.dealloc_symbol).address)
         self.free_list_addr = self.image.symbol(h.free_list_symbol).address
+        self._bulk_ranges = [(sym.address, sym.address + sym.size)
+                             for sym in (self.image.find_symbol(n) for n in BULK_ROUTINES)
+                             if sym is not None and sym.size > 0]
         self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
         self._snapshot: Snapshot | None = None
+        self._machine_hooks: list[Callable[[Any], object]] = []
         self._ramdisk_size = 0
         self.use_snapshot = snapshot
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
@@ -124,6 +140,8 @@ class Executor:
                                ports=PortConfig(console=DEBUG_PORT, service=SERVICE_PORT,
                                                 console_read_value=DEBUG_PORT))
         tracer.watch(self.alloc_sites.addresses)
+        for attach in self._machine_hooks:
+            attach(uc)
         uc.ctl_flush_tb()
         self.m, self.fw, self.tracer = m, fw, tracer
         self.obs = Observations()
@@ -167,6 +185,15 @@ class Executor:
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
 
+    def add_machine_hook(self, attach: Callable[[Any], object]) -> None:
+        """Call `attach(uc)` on the current machine and on every machine built later, so an
+        observer (e.g. the fuzzer's compare hook) sees snapshot runs and full boots alike."""
+        self._machine_hooks.append(attach)
+        machine = getattr(self, "m", None)
+        if machine is not None:
+            attach(machine.uc)
+            machine.uc.ctl_flush_tb()
+
     def _no_snapshot(self, why: str) -> None:
         self.use_snapshot = False
         self._snapshot = None
@@ -199,7 +226,7 @@ class Executor:
             base = self._snapshot.instructions
         else:
             self._new_machine()
-            self.tracer.reset(self.budget)
+            self.tracer.reset(self._first_stop(self.budget))
             self._ramdisk_size = 0
             base = 0
         self.fw.hand_over_ramdisk(ramdisk, self._ramdisk_size)
@@ -225,7 +252,7 @@ class Executor:
         assert snap is not None
         m = self.m
         crossings = self.tracer.identity_crossings
-        dirty = self.tracer.take_dirty()
+        dirty = sorted(self._written.union(self.tracer.take_dirty()))
         # a crossing store's tail page was taken from the identity map: only valid if the
         # guest left the firmware's page tables alone
         tables = range(self.fw.pml4 // PAGE, self.fw.page_table_end // PAGE)
@@ -245,7 +272,29 @@ class Executor:
         m.set_reg("cr3", m.reg("cr3"))
         self.fw.state = snap.firmware.copy()
         self.obs = Observations(log_prefix=snap.log, ports_prefix=snap.ports)
-        self.tracer.reset(self.budget - snap.instructions)
+        self.tracer.reset(self._first_stop(self.budget - snap.instructions))
+
+    def _first_stop(self, run_budget: int) -> int:
+        self._run_budget = run_budget
+        self.stalled_at = 0
+        self._written.clear()
+        return min(run_budget, self.watchdog) if self.watchdog else run_budget
+
+    def _keep_going(self) -> bool:
+        """At a watchdog stop: resume (True) or call the run stalled (False). Progress is a
+        page written for the first time in this run, or being inside a bulk memory routine."""
+        tracer = self.tracer
+        if not self.watchdog or tracer.instructions >= self._run_budget:
+            return False
+        written = self._written
+        fresh = [p for p in tracer.take_dirty() if p not in written]
+        written.update(fresh)
+        pc = self.m.reg("rip")
+        if fresh or any(lo <= pc < hi for lo, hi in self._bulk_ranges):
+            tracer.extend(min(tracer.instructions + self.watchdog, self._run_budget))
+            return True
+        self.stalled_at = tracer.instructions
+        return False
 
     def _emulate(self, until: int) -> str:
         """Run to `until`; the stop reason: until, fault, budget, halt, efi-return, uc-error.
@@ -262,7 +311,10 @@ class Executor:
                     self.obs.uc_error = str(e)
                 return "uc-error"
             request = tracer.take_service()
-            if request is None or self.obs.fault is not None or tracer.budget_exhausted:
+            if tracer.budget_exhausted and self.obs.fault is None and self._keep_going():
+                if request is None:
+                    continue
+            elif request is None or self.obs.fault is not None or tracer.budget_exhausted:
                 break
             self.fw.service(request)
             if self.fw.state.efi_main_status is not None:

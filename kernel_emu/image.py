@@ -157,6 +157,9 @@ class KernelImage:
         except KeyError:
             raise ImageError(f"{self.path.name}: no symbol '{name}'") from None
 
+    def find_symbol(self, name: str) -> Symbol | None:
+        return self._by_name.get(name)
+
     def function_at(self, address: int) -> Symbol | None:
         i = bisect.bisect_right(self._addresses, address) - 1
         while i >= 0:

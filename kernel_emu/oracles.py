@@ -127,8 +127,13 @@ def _hang_finding(ex: Executor, frames: list[str]) -> Finding:
     funcs = Counter(ex.image.describe(b).rsplit("+0x", 1)[0] for b in blocks)
     spot = funcs.most_common(1)[0][0] if funcs else ex.image.describe(ex.m.reg("rip"))
     loop = ", ".join(sorted({f"{b:#x}" for b in blocks})[:8])
-    return Finding("hang", [f"instruction budget of {ex.budget} spent; spinning in {spot} "
-                            f"(blocks {loop})"], frames=frames, pc=ex.m.reg("rip"))
+    if ex.stalled_at:
+        why = (f"no progress: stopped by the watchdog after {ex.stalled_at} instructions of "
+               f"this run outside the bulk memory routines")
+    else:
+        why = f"instruction budget of {ex.budget} spent"
+    return Finding("hang", [f"{why}; spinning in {spot} (blocks {loop})"], frames=frames,
+                   pc=ex.m.reg("rip"))
 
 
 def _panic_finding(ex: Executor, log: KernelLog, frames: list[str]) -> Finding:

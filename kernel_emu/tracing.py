@@ -248,6 +248,11 @@ class GuestTracer(Protocol):
         """True if the budget stopped the guest since reset."""
         ...
 
+    def extend(self, budget: int) -> None:
+        """Raise the budget (counted since reset, not below :attr:`instructions`) and clear
+        :attr:`budget_exhausted`: resuming the guest then continues the same run exactly."""
+        ...
+
     def take_dirty(self) -> list[tuple[int, int]]:
         """Return and forget the pages the GUEST wrote since the last take or reset.
 
@@ -454,6 +459,9 @@ class NativeTracer:
 
     def reset(self, budget: int) -> None:
         self._state.reset(_check_budget(budget))
+
+    def extend(self, budget: int) -> None:
+        self._state.extend(_check_budget(budget))
 
     @property
     def instructions(self) -> int:
@@ -662,6 +670,12 @@ class PythonTracer:
     def reset(self, budget: int) -> None:
         self._budget = _check_budget(budget)
         self._clear()
+
+    def extend(self, budget: int) -> None:
+        if _check_budget(budget) < self._count:
+            raise ValueError("a budget cannot be extended below the count")
+        self._budget = budget
+        self._exhausted = False
 
     @property
     def instructions(self) -> int:

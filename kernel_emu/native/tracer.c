@@ -696,6 +696,26 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *State_extend(TracerState *s, PyObject *arg)
+{
+    unsigned long long budget = PyLong_AsUnsignedLongLong(arg);
+    if (budget == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (budget < s->icount) {
+        PyErr_SetString(PyExc_ValueError, "a budget cannot be extended below the count");
+        return NULL;
+    }
+    /* While a service stop is pending the real budget is parked. */
+    if (s->stop_pending) {
+        s->saved_budget = budget;
+    } else {
+        s->budget = budget;
+    }
+    s->exhausted = 0;
+    Py_RETURN_NONE;
+}
+
 static PyObject *State_watch(TracerState *s, PyObject *arg)
 {
     uint64_t addresses[WATCH_MAX];
@@ -975,6 +995,9 @@ static PyMethodDef State_methods[] = {
     {"reset", (PyCFunction)State_reset, METH_O,
      "reset(budget) -> None\n\nZero counters, coverage, recent blocks and dirty sets; "
      "stop the guest before instruction number budget + 1."},
+    {"extend", (PyCFunction)State_extend, METH_O,
+     "extend(budget) -> None\n\nRaise the budget (counted since reset) of a run the budget "
+     "stopped, so the guest can be resumed where it stopped."},
     {"take_dirty", (PyCFunction)State_take_dirty, METH_NOARGS,
      "take_dirty() -> list[tuple[int, int]]\n\nReturn and clear the pages written since "
      "the last take or reset, sorted."},
