@@ -5,7 +5,8 @@ compiled and linked by gcc with a generated linker script (`corpus.toolchain`), 
 through LIEF, which edits what a linker script cannot say directly (entry point, p_align,
 p_memsz, extra segments) and strips the symbols. The catalogue covers 1 to 20 PT_LOADs,
 BSS, several alignments, entry points away from the start of the text, segment sizes at page
-boundaries and heap use right at the kernel allocator's split threshold.
+boundaries and large BSS. Seeds stay clear of the allocator's edge cases on purpose: finding
+those is the fuzzer's job, not the corpus's.
 
 Every seed is meant to boot to the ring-3 entry on both kernel builds. `_check` enforces the
 parts of that which follow from the ELF alone (including a model of the loader's heap use),
@@ -133,12 +134,6 @@ def heap_leftovers(requests: Sequence[int], threshold: int) -> list[int]:
     return out
 
 
-def _free_before_last_buffer(phnum: int, memsz: Sequence[int]) -> int:
-    requests = loader_requests(phnum, memsz, fixed=False)
-    before = heap_leftovers(requests[:-2], SEED_SPLIT_THRESHOLD)
-    return before[-1] - HEAP_HEADER
-
-
 # ------------------------------------------------------------------------------------------
 # LIEF edits
 
@@ -167,22 +162,6 @@ def set_alignments(*aligns: int) -> Edit:
 def set_memsz(index: int, memsz: int) -> Edit:
     def edit(binary: lief.ELF.Binary) -> None:
         _loads(binary)[index].virtual_size = memsz
-
-    return edit
-
-
-def heap_split_edge(rounding: int = 0) -> Edit:
-    """Grows the last PT_LOAD's BSS so that its heap buffer leaves exactly the seed build's
-    split threshold (160 bytes) in the free block. That is the largest last segment the
-    seed build still loads: 8 bytes more and the block is handed out whole, leaving the
-    free list empty for the LoadedElf. `rounding` bytes are taken off again, which the
-    kernel's round-up to a multiple of 8 gives back."""
-
-    def edit(binary: lief.ELF.Binary) -> None:
-        loads = _loads(binary)
-        memsz = [s.virtual_size for s in loads]
-        free = _free_before_last_buffer(binary.header.numberof_segments, memsz)
-        loads[-1].virtual_size = free - SEED_SPLIT_THRESHOLD - rounding
 
     return edit
 
@@ -391,15 +370,6 @@ def catalogue() -> list[SeedSpec]:
     add("bss-1m", "1 MiB of BSS behind a few bytes of data", basic(2, init_bss=0x10_0000))
     add("bss-tiny", "a BSS-only PT_LOAD of 1 byte", basic(4), set_memsz(3, 1))
 
-    # the kernel heap at the allocator's split threshold
-    add("heap-edge-1load", "e_phnum 1, the buffer leaves exactly 160 bytes (the seed "
-        "build's split threshold) in the heap's free block",
-        basic(1, gnu_stack=False), heap_split_edge())
-    add("heap-edge-rounded", "last BSS sized 5 bytes short of the split edge: the kernel "
-        "rounds it up to exactly 160 bytes left", basic(2), heap_split_edge(rounding=5))
-    add("heap-edge-phnum-gap", "PT_PHDR, PT_NOTE and PT_GNU_STACK besides 3 PT_LOADs "
-        "(the seed build sizes its segment table by e_phnum); 160 bytes left on the seed "
-        "build", basic(3, phdr=True, note=True), heap_split_edge())
 
     # where the segments are
     add("base-low", "segments at 0x10000, below the kernel image", basic(2, base=0x1_0000))

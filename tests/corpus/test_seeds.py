@@ -108,17 +108,17 @@ def test_the_corpus_covers_what_it_should(manifest: Manifest) -> None:
     assert entry_later_segment >= 3
 
 
-def test_heap_edge_seeds_leave_exactly_the_split_threshold(manifest: Manifest) -> None:
+def test_no_seed_is_tailored_to_the_allocator_edge(manifest: Manifest) -> None:
+    """Reaching the split threshold is for the fuzzer to find: every seed leaves the heap's
+    free block far from it on the seed build."""
     from corpus.seeds import SEED_SPLIT_THRESHOLD, heap_leftovers, loader_requests
 
-    edges = [info for info in manifest.seeds if info.file.startswith("heap-edge")]
-    assert len(edges) >= 3
-    for info in edges:
+    for info in manifest.seeds:
         binary = lief.ELF.parse(_seed(info))
         memsz = [s.virtual_size for s in _loads(binary)]
-        requests = loader_requests(info.phnum, memsz, fixed=False)
-        left = heap_leftovers(requests, SEED_SPLIT_THRESHOLD)
-        assert left[-2] == SEED_SPLIT_THRESHOLD, info.file
+        left = heap_leftovers(loader_requests(info.phnum, memsz, fixed=False),
+                              SEED_SPLIT_THRESHOLD)
+        assert min(left) >= 0x10000, info.file
 
 
 @needs_gcc
