@@ -14,5 +14,10 @@ setup(
             ["kernel_emu/native/walk.c"],
             extra_compile_args=["-O2"],
         ),
+        Extension(
+            "fuzz._feedback",
+            ["fuzz/native/feedback.c"],
+            extra_compile_args=["-O2"],
+        ),
     ],
 )

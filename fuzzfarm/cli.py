@@ -70,6 +70,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# fuzz -------------------------------------------------------------------------------------
+
+def _seed_dirs(values: list[str] | None) -> list[str]:
+    import corpus
+
+    dirs = values or [str(Path(corpus.__file__).parent / "seeds")]
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise UsageError(f"seed directory not found: {d}")
+    return [str(Path(d).resolve()) for d in dirs]
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from fuzz.campaign import findings_table, run_campaign
+    from fuzz.harness import JobConfig
+    from kernel_emu.profile import load_profile
+
+    load_profile(args.kernel)  # a bad kernel is one error here, not one per job
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    if args.seconds is not None and args.seconds <= 0:
+        raise UsageError("--seconds must be positive")
+    if args.runs is not None and args.runs <= 0:
+        raise UsageError("--runs must be positive")
+    out = Path(args.out).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create {args.out}: {e.strerror}") from None
+    kernel = args.kernel if args.kernel in ("seed", "fixed") else str(Path(args.kernel).resolve())
+    config = JobConfig(kernel=kernel, out=str(out), seeds=_seed_dirs(args.seeds),
+                       seconds=args.seconds if args.seconds or args.runs else 60.0,
+                       runs=args.runs, coverage=not args.no_feedback,
+                       compares=not args.no_feedback and not args.no_compares,
+                       mutator=not args.no_elf_mutator, native=not args.no_native)
+    print(f"fuzzing kernel {args.kernel} with {args.jobs} job(s); output in {args.out}",
+          file=sys.stderr)
+    summary = run_campaign(config, args.jobs)
+    print(f"\n{summary.execs:,} execs in {summary.seconds:.1f} s "
+          f"({summary.execs_per_second:,.0f}/s), {summary.edges} edges, "
+          f"corpus {summary.corpus}\n")
+    print(findings_table(summary))
+    for failure in summary.job_failures:
+        print(f"fuzzfarm: {failure}", file=sys.stderr)
+    if summary.harness_errors:
+        print(f"fuzzfarm: {summary.harness_errors} harness error(s), not counted as findings: "
+              f"see {Path(args.out) / 'harness-errors'}", file=sys.stderr)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if summary.job_failures and summary.execs == 0:
+        return EXIT_ERROR
+    return EXIT_CRASH if summary.buckets else EXIT_OK
+
+
+def cmd_minimize(args: argparse.Namespace) -> int:
+    from fuzz.minimize import run
+
+    return run(args)
+
+
+def cmd_seeds(args: argparse.Namespace) -> int:
+    from corpus.seeds import main as seeds_main
+
+    return seeds_main(["--out", args.out] if args.out else [])
+
+
 # build-guest ------------------------------------------------------------------------------
 
 def cmd_build_guest(args: argparse.Namespace) -> int:
@@ -124,6 +190,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native", action="store_true",
                    help="use the pure-Python hooks instead of the native tracer (slow)")
     p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("fuzz", help="fuzz the kernel's ELF loader locally",
+                       description="Run a coverage-guided campaign (Atheris/libFuzzer fed with "
+                                   "guest coverage and compares) on one kernel build, with a "
+                                   "live progress line, then print the findings by signature. "
+                                   "Exit status: 0 nothing found, 1 findings, 2 error.")
+    p.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
+                   help="kernel build (default: seed)")
+    p.add_argument("--seconds", type=float, default=None, metavar="N",
+                   help="how long to fuzz (default: 60, or unlimited with --runs)")
+    p.add_argument("--runs", type=int, default=None, metavar="N",
+                   help="stop each job after N executions instead (with no --seconds)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="parallel fuzzing processes sharing one corpus (default: 1)")
+    p.add_argument("--out", default="out/fuzz", metavar="DIR",
+                   help="corpus, findings and logs go here (default: out/fuzz)")
+    p.add_argument("--seeds", action="append", metavar="DIR",
+                   help="seed corpus directory, repeatable (default: the bundled corpus/seeds)")
+    p.add_argument("--no-feedback", action="store_true",
+                   help="no guest coverage or compares (for measuring their cost)")
+    p.add_argument("--no-compares", action="store_true", help="guest coverage only")
+    p.add_argument("--no-elf-mutator", action="store_true",
+                   help="only libFuzzer's byte-level mutations")
+    p.add_argument("--no-native", action="store_true",
+                   help="pure-Python hooks instead of the native ones (slow)")
+    p.set_defaults(func=cmd_fuzz)
+
+    p = sub.add_parser("minimize", help="shrink a crashing input, keeping its signature",
+                       description="Shrink a crashing input while it keeps crashing with the "
+                                   "same signature: structure-aware passes (program headers, "
+                                   "fields, segment data, section headers), then byte-level "
+                                   "delta debugging. Exit status: 0 done, 2 error (including "
+                                   "an input that does not crash).")
+    from fuzz.minimize import add_arguments as add_minimize_arguments
+
+    add_minimize_arguments(p)
+    p.set_defaults(func=cmd_minimize)
+
+    p = sub.add_parser("seeds", help="regenerate the seed corpus with gcc and LIEF",
+                       description="Rebuild the seed ELFs (gcc-compiled templates edited with "
+                                   "LIEF) and their manifest.json.")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: the package's corpus/seeds)")
+    p.set_defaults(func=cmd_seeds)
 
     p = sub.add_parser("demo", help="boot the bundled example ELFs on both kernel builds",
                        description="Boot every bundled example ELF on the seed and fixed builds "

@@ -1,0 +1,348 @@
+"""One fuzzing job: a libFuzzer campaign (through Atheris) over the emulated boot.
+
+A job runs in a process of its own (``python -m fuzz.harness CONFIG``) because libFuzzer ends
+its process with ``exit()``. The job decides when to stop (time, runs, or a stop signal), so it
+can write its last statistics first; libFuzzer's own limits are only a backstop.
+
+What the fuzzer learns from is the guest: edge coverage and compare operands of the kernel run
+after the snapshot (see :mod:`fuzz.feedback`). The harness's own Python is not instrumented.
+
+A kernel crash is recorded (input + Result, one folder per signature) and fuzzing goes on; a
+hang is the instruction budget's verdict, not libFuzzer's timeout. An exception in our own code
+is a *harness error*: written apart, never counted as a finding, and the executor is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fuzz.feedback import Feedback, LibFuzzer, make_feedback
+from fuzz.solutions import Solutions, bucket_id, write_atomic
+from kernel_emu.errors import HarnessError, InputError
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+
+STATS_INTERVAL = 1.0
+# A run that writes no new page for this many instructions (and is not in memset/memcpy) is
+# stopped as stalled: a hang costs ~1 ms instead of the profile's whole budget (~1 s or more),
+# while a legitimate load of 16 MiB of segments (millions of instructions) runs to its end.
+# A stalled run is confirmed once per signature with the profile's budget and no watchdog.
+WATCHDOG = 200_000
+# libFuzzer's timeout only guards against a bug of ours: the guest's hangs end on the budget
+LIBFUZZER_TIMEOUT = 300
+
+
+@dataclass
+class JobConfig:
+    kernel: str
+    out: str
+    job: int = 0
+    seeds: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    runs: int | None = None
+    coverage: bool = True
+    compares: bool = True
+    mutator: bool = True
+    native: bool = True
+    seed: int = 0
+    max_len: int = 32768
+    rss_limit_mb: int = 2048
+    watchdog: int = WATCHDOG
+    stop_on: str | None = None  # end the job once a finding of this class is seen
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def loads(cls, text: str) -> JobConfig:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class FindingStats:
+    crash_class: str
+    bucket: str
+    count: int = 0
+    first_exec: int = 0
+    first_seconds: float = 0.0
+    smallest: int = 0
+
+
+@dataclass
+class JobStats:
+    job: int
+    kernel: str
+    pid: int
+    started: float = 0.0
+    updated: float = 0.0
+    execs: int = 0
+    edges: int = 0
+    compares: int = 0
+    harness_errors: int = 0
+    skipped: int = 0
+    slow: int = 0  # stalled under the watchdog, but finished under the profile's budget
+    done: bool = False
+    stop_reason: str = ""
+    notes: list[str] = field(default_factory=list)
+    findings: dict[str, FindingStats] = field(default_factory=dict)
+    # class -> (exec, seconds) of its first sighting, as cause or consequence
+    first_class: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def elapsed(self) -> float:
+        return max(self.updated - self.started, 0.0) if self.started else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["elapsed"] = self.elapsed
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobStats:
+        data = dict(data)
+        data.pop("elapsed", None)
+        findings = {k: FindingStats(**v) for k, v in data.pop("findings", {}).items()}
+        first = {k: (int(v[0]), float(v[1])) for k, v in data.pop("first_class", {}).items()}
+        return cls(**data, findings=findings, first_class=first)
+
+
+def stats_path(out: Path, job: int) -> Path:
+    return out / "jobs" / f"job-{job}.json"
+
+
+class Job:
+    """The state behind libFuzzer's callbacks."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.profile = load_profile(config.kernel)
+        self.solutions = Solutions(self.out)
+        self.stats = JobStats(config.job, config.kernel, os.getpid())
+        self.feedback: Feedback = make_feedback(config.native)
+        self.executor = self._new_executor()
+        self.stats.notes = list(self.executor.notes)
+        self._libfuzzer_connected = False
+        self._stop_signal = 0
+        self._last_flush = 0.0
+        self._mutator: Any = None
+        self._confirmer: Executor | None = None
+        self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
+
+    def _new_executor(self) -> Executor:
+        executor = Executor(self.profile, native=self.config.native,
+                            coverage=self.config.coverage, watchdog=self.config.watchdog or None)
+        if self.config.compares:
+            executor.add_machine_hook(self.feedback.attach)
+        return executor
+
+    # libFuzzer callbacks -----------------------------------------------------------------
+    def test_one_input(self, data: bytes) -> None:
+        if not self._libfuzzer_connected:
+            try:
+                self._connect()
+            except Exception as e:  # noqa: BLE001 - without feedback the job is pointless
+                self.stats.notes.append(f"harness error: cannot connect to libFuzzer: {e}")
+                self.stats.harness_errors += 1
+                self.finish("harness-error", status=3)
+        now = time.monotonic()
+        self._run(data, now)
+        self.stats.execs += 1
+        if self._stop_signal:
+            self.finish(f"signal {self._stop_signal}")
+        cfg = self.config
+        if cfg.stop_on is not None and cfg.stop_on in self.stats.first_class:
+            self.finish("found")
+        if cfg.runs is not None and self.stats.execs >= cfg.runs:
+            self.finish("runs")
+        if cfg.seconds is not None and now - self.stats.started >= cfg.seconds:
+            self.finish("time")
+        if now - self._last_flush >= STATS_INTERVAL:
+            self.flush(now)
+
+    def _connect(self) -> None:
+        libfuzzer = LibFuzzer()
+        if self.config.coverage:
+            self.feedback.connect(libfuzzer, compares=self.config.compares)
+        self._libfuzzer_connected = True
+        self.stats.started = time.monotonic()
+
+    def _run(self, data: bytes, now: float) -> None:
+        try:
+            result = self.executor.run(data)
+        except InputError:
+            self.stats.skipped += 1  # e.g. larger than the ramdisk: nothing the kernel can see
+            return
+        except Exception as e:  # noqa: BLE001 - our failure, whatever it is, is not the kernel's
+            self._harness_error(data, e, rebuild=True)
+            return
+        if self.config.coverage:
+            self.feedback.collect(self.executor.tracer.coverage())
+        if result.verdict == "crash" and result.signature:
+            self._finding(data, result, now)
+
+    def _finding(self, data: bytes, result: Any, now: float, *, checked: bool = False) -> None:
+        sig = result.signature
+        entry = self.stats.findings.get(sig)
+        if result.crash_class == "hang" and self.executor.stalled_at and not checked:
+            if sig in self._unconfirmed:
+                self.stats.slow += 1
+                return
+            if entry is None:
+                confirmed = self._confirm_hang(data)
+                if confirmed is None or confirmed.signature != sig:
+                    self._unconfirmed.add(sig)
+                    self.stats.slow += 1
+                    if confirmed is not None and confirmed.verdict == "crash":
+                        # a slow input's real crash
+                        self._finding(data, confirmed, now, checked=True)
+                    return
+                result = confirmed
+        if entry is None:
+            entry = FindingStats(result.crash_class or "?", bucket_id(sig),
+                                 first_exec=self.stats.execs + 1,
+                                 first_seconds=now - self.stats.started)
+            self.stats.findings[sig] = entry
+        entry.count += 1
+        for finding in result.findings:  # consequences too: when was each class first seen
+            if finding.cls not in self.stats.first_class:
+                self.stats.first_class[finding.cls] = (self.stats.execs + 1,
+                                                       now - self.stats.started)
+        if entry.smallest == 0 or len(data) < entry.smallest:
+            entry.smallest = len(data)
+            self.solutions.record(data, result)
+            self.flush(now)  # a new reproducer is worth telling the parent at once
+
+    def _confirm_hang(self, data: bytes) -> Any:
+        """The Result of `data` with the profile's budget and no watchdog (None on failure)."""
+        try:
+            if self._confirmer is None:
+                self._confirmer = Executor(self.profile, native=self.config.native)
+            return self._confirmer.run(data)
+        except Exception as e:  # noqa: BLE001
+            self._confirmer = None
+            self._harness_error(data, e)
+            return None
+
+    def _harness_error(self, data: bytes, error: BaseException, rebuild: bool = False) -> None:
+        self.stats.harness_errors += 1
+        kind = "harness error" if isinstance(error, HarnessError) else "internal error"
+        self.solutions.record_error(data, f"{kind}: {type(error).__name__}: {error}",
+                                    traceback.format_exc())
+        if rebuild:  # the machine may be in any state now: start again from a fresh one
+            self.executor = self._new_executor()
+
+    # mutator -----------------------------------------------------------------------------
+    def mutate(self, data: bytes, max_size: int, seed: int) -> bytes:
+        import atheris
+
+        try:
+            return self._get_mutator().mutate(data, max_size, seed)
+        except Exception as e:  # noqa: BLE001
+            self._harness_error(data, e)
+            return atheris.Mutate(data, max_size)
+
+    def crossover(self, a: bytes, b: bytes, max_size: int, seed: int) -> bytes:
+        import atheris
+
+        try:
+            return self._get_mutator().crossover(a, b, max_size, seed)
+        except Exception as e:  # noqa: BLE001
+            self._harness_error(a, e)
+            return atheris.Mutate(a, max_size)
+
+    def _get_mutator(self) -> Any:
+        if self._mutator is None:
+            import atheris
+
+            from fuzz.mutator import ElfMutator
+
+            # looked up at call time: Fuzz() replaces atheris.Mutate once it starts
+            self._mutator = ElfMutator(lambda d, n: atheris.Mutate(d, n), seed=self.config.seed)
+        return self._mutator
+
+    # stopping ----------------------------------------------------------------------------
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def flush(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._last_flush = now
+        self.stats.updated = now
+        self.stats.edges = self.feedback.edges
+        self.stats.compares = self.feedback.compares
+        write_atomic(stats_path(self.out, self.config.job),
+                     json.dumps(self.stats.to_json()).encode())
+
+    def finish(self, reason: str, status: int = 0) -> None:
+        self.stats.done = True
+        self.stats.stop_reason = reason
+        self.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # libFuzzer's exit path would not return to Python anyway
+
+
+def libfuzzer_args(config: JobConfig) -> list[str]:
+    out = Path(config.out)
+    args = [
+        "fuzzfarm-job",
+        f"-seed={config.seed or 1 + config.job}",
+        f"-max_len={config.max_len}",
+        f"-timeout={LIBFUZZER_TIMEOUT}",
+        f"-rss_limit_mb={config.rss_limit_mb}",
+        "-handle_int=0",
+        "-handle_term=0",
+        "-reload=1",
+        "-print_final_stats=0",
+        f"-artifact_prefix={out / 'jobs' / f'job-{config.job}-'}",
+    ]
+    if config.seconds is not None:
+        args.append(f"-max_total_time={int(config.seconds) + 60}")
+    args.append(str(out / "corpus"))
+    args.extend(config.seeds)
+    return args
+
+
+def run_job(config: JobConfig) -> None:
+    """Run one job to its end; never returns (libFuzzer or the job exits the process)."""
+    import atheris
+
+    out = Path(config.out)
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    job = Job(config)
+    signal.signal(signal.SIGINT, job.on_signal)
+    signal.signal(signal.SIGTERM, job.on_signal)
+    job.flush()
+    kwargs: dict[str, Any] = {}
+    if config.mutator:
+        kwargs = {"custom_mutator": job.mutate, "custom_crossover": job.crossover}
+    atheris.Setup(libfuzzer_args(config), job.test_one_input, **kwargs)
+    atheris.Fuzz()
+    job.finish("libfuzzer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m fuzz.harness CONFIG_JSON", file=sys.stderr)
+        return 2
+    try:
+        config = JobConfig.loads(argv[0])
+    except (ValueError, TypeError) as e:
+        print(f"fuzz.harness: bad job configuration: {e}", file=sys.stderr)
+        return 2
+    run_job(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Local campaigns with real Atheris/libFuzzer job processes and the real emulated kernel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fuzz.campaign import run_campaign
+from fuzz.harness import JobConfig
+
+SEEDS = Path(__file__).parents[2] / "corpus" / "seeds"
+
+
+def _config(tmp_path: Path, kernel: str, **kw: object) -> JobConfig:
+    return JobConfig(kernel=kernel, out=str(tmp_path / "out"), seeds=[str(SEEDS)], **kw)
+
+
+def test_seed_campaign_finds_the_vaddr_corruption(tmp_path: Path) -> None:
+    # a bound on executions, not on time: the job stops at the first vaddr-corruption
+    summary = run_campaign(_config(tmp_path, "seed", runs=2_000, stop_on="vaddr-corruption"),
+                           1, live=False)
+    assert summary.job_failures == []
+    assert summary.harness_errors == 0
+    assert "vaddr-corruption" in summary.first_class, summary.first_class
+    stats = json.loads((tmp_path / "out" / "jobs" / "job-0.json").read_text())
+    assert stats["stop_reason"] == "found"
+    assert stats["execs"] <= 2_000
+    # every bucket keeps a reproducer with its Result, and the Result says what was found
+    assert summary.buckets
+    for bucket in summary.buckets:
+        report = json.loads(bucket.reproducer.with_suffix(".json").read_text())
+        assert report["verdict"] == "crash"
+        assert report["signature"] == bucket.signature
+    classes = {f["class"] for b in summary.buckets
+               for f in json.loads(b.reproducer.with_suffix(".json").read_text())["findings"]}
+    assert "vaddr-corruption" in classes
+
+
+def test_fixed_campaign_finds_nothing(tmp_path: Path) -> None:
+    summary = run_campaign(_config(tmp_path, "fixed", runs=400), 1, live=False)
+    assert summary.job_failures == []
+    assert summary.harness_errors == 0
+    assert summary.execs >= 400
+    assert summary.buckets == []
+    assert summary.edges > 0  # the guest's coverage reached the fuzzer
+
+
+def test_fuzz_command_reports_bad_options_in_one_line(tmp_path: Path) -> None:
+    for args, needle in ((["--kernel", "nope"], "nope"), (["--jobs", "0"], "--jobs"),
+                         (["--seeds", str(tmp_path / "missing")], "seed directory")):
+        proc = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "fuzz", "--out",
+                               str(tmp_path / "o"), *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -1,0 +1,82 @@
+"""Guest feedback for libFuzzer: the native hooks and their pure-Python twin agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fuzz.feedback import MAP_SIZE, NativeFeedback, PythonFeedback
+from fuzz.harness import Job, JobConfig
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from tests.reproducers import REPRODUCERS
+
+EXAMPLE = Path(__file__).parents[2] / "fuzzfarm" / "examples" / "three-segments.elf"
+
+
+@pytest.fixture(scope="module")
+def inputs() -> list[bytes]:
+    base = EXAMPLE.read_bytes()
+    return [base, b"", b"\x7fELF" + bytes(60)] + [r.make(base) for r in REPRODUCERS
+                                                  if r.bug not in ("RX-01", "RX-06")]
+
+
+def _observe(feedback_cls: type, inputs: list[bytes]) -> list[tuple[int, int, bytes]]:
+    ex = Executor(load_profile("seed"), coverage=True)
+    fb = feedback_cls()
+    ex.add_machine_hook(fb.attach)
+    out = []
+    for data in inputs:
+        before = fb.compares
+        ex.run(data)
+        coverage = bytes(ex.tracer.coverage())
+        fresh = fb.collect(ex.tracer.coverage())
+        out.append((fresh, fb.compares - before, coverage))
+    return out
+
+
+def test_native_and_python_feedback_agree(inputs: list[bytes]) -> None:
+    native = _observe(NativeFeedback, inputs)
+    python = _observe(PythonFeedback, inputs)
+    assert native == python
+    assert all(n[1] > 0 for n in native)  # every boot compares something
+    assert native[0][0] > 0  # the first run brings new edges
+    assert sum(1 for n in native[1:] if n[0] > 0) >= 2  # different inputs, different paths
+
+
+def test_collect_counts_only_new_edges() -> None:
+    for fb in (NativeFeedback(), PythonFeedback()):
+        run = bytearray(MAP_SIZE)
+        run[7] = 3
+        run[9000] = 1
+        assert fb.collect(memoryview(bytes(run))) == 2
+        assert fb.collect(memoryview(bytes(run))) == 0
+        run[12] = 255
+        assert fb.collect(memoryview(bytes(run))) == 1
+        assert fb.edges == 3
+        with pytest.raises(ValueError):
+            fb.collect(memoryview(b"short"))
+
+
+def test_harness_error_is_recorded_apart_and_never_a_finding(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path)))
+    broken = job.executor
+
+    def explode(data: bytes) -> None:
+        raise RuntimeError("a bug in the harness")
+
+    monkeypatch.setattr(broken, "run", explode)
+    job._run(b"\x7fELF input", 0.0)
+    assert job.stats.harness_errors == 1
+    assert job.stats.findings == {}
+    assert job.solutions.buckets() == []
+    errors = list((tmp_path / "harness-errors").glob("*.json"))
+    assert len(errors) == 1
+    assert "a bug in the harness" in errors[0].read_text()
+    # the executor was rebuilt and the job goes on booting real inputs
+    assert job.executor is not broken
+    job._run(EXAMPLE.read_bytes(), 0.0)
+    assert job.stats.harness_errors == 1
