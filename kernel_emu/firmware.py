@@ -47,7 +47,8 @@ RAMDISK_MAGIC = 0x4B53_4944_4D41_5252
 DESCRIPTOR_SIZE = 48
 
 # Accessed and Dirty are preset: the CPU sets them behind every write hook's back, and a page
-# table it changed that way would differ between a snapshot restore and a full boot.
+# table it changed that way would differ between a snapshot restore and a full boot. (A
+# snapshot clears them where it uses them as its write log: see kernel_emu.dirtylog.)
 PTE_P, PTE_W, PTE_A, PTE_D = 1, 2, 0x20, 0x40
 PTE_NX = 1 << 63
 
