@@ -19,6 +19,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 
 from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
+from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_leaves
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.firmware import (
@@ -34,7 +35,14 @@ from kernel_emu.machine import PAGE, Machine
 from kernel_emu.profile import TargetProfile
 from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
 from kernel_emu.result import Finding, Result
-from kernel_emu.tracing import PORT_LOG_SIZE, GuestTracer, PortConfig, attach_tracer
+from kernel_emu.tracing import (
+    PORT_LOG_SIZE,
+    WATCH_MAX,
+    GuestTracer,
+    PortConfig,
+    WatchEvent,
+    attach_tracer,
+)
 
 ZERO_PAGE = bytes(PAGE)
 # routines whose long loops are progress (every iteration moves on through memory)
@@ -91,6 +99,7 @@ class Executor:
         self._run_budget = self.budget
         # pages the watchdog took from the tracer's dirty set during this run
         self._written: set[tuple[int, int]] = set()
+        self._dirty_count = 0
         self.notes: list[str] = []
         if not have_cxxfilt():
             self.notes.append("c++filt (binutils) not found: Rust standard-library frames stay "
@@ -109,6 +118,11 @@ class Executor:
         self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
         self._snapshot: Snapshot | None = None
         self._machine_hooks: list[Callable[[Any], object]] = []
+        # how a snapshot restore learns the written pages: the page tables' Dirty bits, or
+        # (None) the tracer's write hook, which keeps every guest store on the slow path
+        self._log: PageTableLog | None = None
+        self._paging_sites: frozenset[int] = frozenset()
+        self._paging_writes = 0
         self._ramdisk_size = 0
         self.use_snapshot = snapshot
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
@@ -128,7 +142,7 @@ class Executor:
             raise HarnessError("no return instruction found in the allocator")
         return sites
 
-    def _new_machine(self) -> tuple[Machine, Firmware, GuestTracer]:
+    def _new_machine(self, track_writes: bool = True) -> tuple[Machine, Firmware, GuestTracer]:
         mem = self.profile.memory
         m = Machine([(0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_size)])
         fw = Firmware(m, self.profile, self.image)
@@ -138,7 +152,8 @@ class Executor:
         tracer = attach_tracer(uc, [(b.base, b.size) for b in m.banks], native=self.native,
                                coverage=self.coverage,
                                ports=PortConfig(console=DEBUG_PORT, service=SERVICE_PORT,
-                                                console_read_value=DEBUG_PORT))
+                                                console_read_value=DEBUG_PORT),
+                               track_writes=track_writes)
         tracer.watch(self.alloc_sites.addresses)
         for attach in self._machine_hooks:
             attach(uc)
@@ -147,8 +162,8 @@ class Executor:
         self.obs = Observations()
         return m, fw, tracer
 
-    def _take_snapshot(self) -> None:
-        m, fw, tracer = self._new_machine()
+    def _take_snapshot(self, use_page_tables: bool = True) -> None:
+        m, fw, tracer = self._new_machine(track_writes=not use_page_tables)
         early_reads: list[int] = []
 
         def on_read(uc: Any, _access: int, addr: int, _size: int, _value: int, _u: Any) -> None:
@@ -172,12 +187,23 @@ class Executor:
             self._no_snapshot(f"the boot stopped ({stop}) before "
                               f"{self.profile.kernel.snapshot_symbol}")
             return
+        if use_page_tables:
+            log = self._page_table_log()
+            if log is None:
+                # boot again, this time with the write hook
+                self._take_snapshot(use_page_tables=False)
+                return
+            log.arm()
+            self._log = log
+            self._paging_sites = frozenset(log.sites)
+            tracer.watch([*self.alloc_sites.addresses, *log.sites])
+        else:
+            tracer.take_dirty()
         pages = []
         for bank in m.banks:
             data = bytes(bank.buffer)
             pages.append({i // PAGE: data[i:i + PAGE] for i in range(0, bank.size, PAGE)
                           if data[i:i + PAGE] != ZERO_PAGE})
-        tracer.take_dirty()
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
                                   tracer.console(), tuple(tracer.port_log()),
                                   tracer.instructions)
@@ -193,6 +219,22 @@ class Executor:
         if machine is not None:
             attach(machine.uc)
             machine.uc.ctl_flush_tb()
+
+    def _page_table_log(self) -> PageTableLog | None:
+        """The Dirty-bit log over the firmware's tables, if it can serve this kernel: CR3 must
+        still hold those tables at the snapshot point, and the places that could change paging
+        must fit in the tracer's watches next to the allocator's."""
+        m, fw = self.m, self.fw
+        if m.reg("cr3") & ~0xFFF != fw.pml4 or not m.reg("cr0") & CR0_PG:
+            return None
+        try:
+            log = PageTableLog(m, fw.pml4, fw.executable_ranges)
+        except ValueError:
+            return None
+        alloc = set(self.alloc_sites.addresses)
+        if alloc & set(log.sites) or len(alloc) + len(log.sites) > WATCH_MAX:
+            return None
+        return log
 
     def _no_snapshot(self, why: str) -> None:
         self.use_snapshot = False
@@ -234,7 +276,7 @@ class Executor:
         t1 = time.perf_counter()
         stop = self._emulate(until=self.success_addr)
         t2 = time.perf_counter()
-        self.obs.events, _ = replay(self.tracer.take_events(), self.alloc_sites,
+        self.obs.events, _ = replay(self._take_events(), self.alloc_sites,
                                     lambda a, ret: self.image.describe(a, return_address=ret))
         result = oracles.assess(self, view, stop, base + self.tracer.instructions)
         result.input_sha256 = hashlib.sha256(data).hexdigest()
@@ -247,17 +289,48 @@ class Executor:
         phases["oracles"] += t3 - t2
         return result
 
+    def _take_events(self) -> list[WatchEvent]:
+        """The tracer's watch events without those of the paging sites, which are counted."""
+        events = self.tracer.take_events()
+        sites = self._paging_sites
+        if sites and any(e.address in sites for e in events):
+            self._paging_writes += sum(e.address in sites for e in events)
+            events = [e for e in events if e.address not in sites]
+        return events
+
+    def _written_pages(self) -> list[tuple[int, int]] | None:
+        """(bank, page) of every page the last run may have changed; None: all of them."""
+        m = self.m
+        if self._log is None:
+            crossings = self.tracer.identity_crossings
+            dirty = sorted(self._written.union(self.tracer.take_dirty()))
+            # a crossing store's tail page was taken from the identity map: only valid if the
+            # guest left the firmware's page tables alone
+            tables = range(self.fw.pml4 // PAGE, self.fw.page_table_end // PAGE)
+            if any(region < 0 for region, _ in dirty) or (
+                    crossings and any(r == 0 and p in tables for r, p in dirty)):
+                return None
+            return dirty
+        self._take_events()  # a run that ended in an exception left its events behind
+        writes, self._paging_writes = self._paging_writes, 0
+        # a dropped event may have been a paging site's
+        pages = None if self.tracer.events_dropped else self._log.collect(writes)
+        if pages is None:
+            return None
+        out = []
+        for addr in pages:
+            bank = m.bank_for(addr, PAGE)
+            if bank is None:
+                return None
+            out.append((m.banks.index(bank), (addr - bank.base) // PAGE))
+        return out
+
     def _restore(self) -> None:
         snap = self._snapshot
         assert snap is not None
         m = self.m
-        crossings = self.tracer.identity_crossings
-        dirty = sorted(self._written.union(self.tracer.take_dirty()))
-        # a crossing store's tail page was taken from the identity map: only valid if the
-        # guest left the firmware's page tables alone
-        tables = range(self.fw.pml4 // PAGE, self.fw.page_table_end // PAGE)
-        if any(region < 0 for region, _ in dirty) or (
-                crossings and any(r == 0 and p in tables for r, p in dirty)):
+        dirty = self._written_pages()
+        if dirty is None:
             dirty = [(r, p) for r, bank in enumerate(m.banks) for p in range(bank.size // PAGE)]
         for region, page in dirty:
             bank = m.banks[region]
@@ -278,6 +351,7 @@ class Executor:
         self._run_budget = run_budget
         self.stalled_at = 0
         self._written.clear()
+        self._dirty_count = 0
         return min(run_budget, self.watchdog) if self.watchdog else run_budget
 
     def _keep_going(self) -> bool:
@@ -286,15 +360,28 @@ class Executor:
         tracer = self.tracer
         if not self.watchdog or tracer.instructions >= self._run_budget:
             return False
-        written = self._written
-        fresh = [p for p in tracer.take_dirty() if p not in written]
-        written.update(fresh)
         pc = self.m.reg("rip")
-        if fresh or any(lo <= pc < hi for lo, hi in self._bulk_ranges):
+        if self._wrote_new_pages() or any(lo <= pc < hi for lo, hi in self._bulk_ranges):
             tracer.extend(min(tracer.instructions + self.watchdog, self._run_budget))
             return True
         self.stalled_at = tracer.instructions
         return False
+
+    def _wrote_new_pages(self) -> bool:
+        """Whether the guest wrote a page since the last checkpoint that it had not written
+        before in this run (without disturbing what the snapshot restore will need)."""
+        if self._log is None or self._snapshot is None:
+            written = self._written
+            fresh = [p for p in self.tracer.take_dirty() if p not in written]
+            written.update(fresh)
+            return bool(fresh)
+        walk = dirty_leaves(self.m, self.fw.pml4)
+        if walk is None:
+            return True  # the scan gave up: no verdict, so no early stop
+        count = len(walk.pages)
+        fresh = count > self._dirty_count
+        self._dirty_count = count
+        return fresh
 
     def _emulate(self, until: int) -> str:
         """Run to `until`; the stop reason: until, fault, budget, halt, efi-return, uc-error.

@@ -47,8 +47,10 @@ RAMDISK_MAGIC = 0x4B53_4944_4D41_5252
 DESCRIPTOR_SIZE = 48
 
 # Accessed and Dirty are preset: the CPU sets them behind every write hook's back, and a page
-# table it changed that way would differ between a snapshot restore and a full boot.
+# table it changed that way would differ between a snapshot restore and a full boot. (A
+# snapshot clears them where it uses them as its write log: see kernel_emu.dirtylog.)
 PTE_P, PTE_W, PTE_A, PTE_D = 1, 2, 0x20, 0x40
+PTE_NX = 1 << 63
 
 # service ids used in the stubs; boot-services table offsets from the UEFI spec
 SVC_OUTPUT_STRING, SVC_ALLOCATE_PAGES, SVC_FREE_PAGES, SVC_GET_MEMORY_MAP = 1, 2, 3, 4
@@ -156,8 +158,21 @@ class Firmware:
         m.label(heap.base, heap.end, "heap")
         self._enter()
 
+    @property
+    def executable_ranges(self) -> list[tuple[int, int]]:
+        """Page-aligned [start, end) ranges the identity map leaves executable: the image's
+        executable segments and the page of service stubs."""
+        ranges = [(seg.vaddr & ~(PAGE - 1), (seg.end + PAGE - 1) & ~(PAGE - 1))
+                  for seg in self.image.segments if seg.flags & 1]
+        ranges.append((STUBS, STUBS + PAGE))
+        return ranges
+
     def _build_page_tables(self) -> None:
-        """4 KiB identity pages for RAM and the ramdisk; page 0 and the stack guard not present.
+        """4 KiB identity pages for RAM and the ramdisk; page 0 and the stack guard not present;
+        no-execute everywhere but :attr:`executable_ranges`.
+
+        NX is more than hygiene: Unicorn gives a store the fast path only on a page the TLB
+        does not hold as executable, so without it every guest store costs a slow-path call.
 
         Each table is packed whole and written once: tens of thousands of single-entry writes
         would dominate a full boot."""
@@ -175,12 +190,16 @@ class Firmware:
 
         table((4, 0))
         leaf = PTE_P | PTE_W | PTE_A | PTE_D
+        executable = self.executable_ranges
         for lo, hi in ((0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)):
             for chunk in range(lo & ~0x1F_FFFF, hi, 0x20_0000):
                 pt = table((1, chunk >> 21))
                 first, last = max(chunk, lo), min(chunk + 0x20_0000, hi)
                 pt[(first >> 12) & 0x1FF:((last - 1) >> 12 & 0x1FF) + 1] = [
-                    page | leaf for page in range(first, last, PAGE)]
+                    page | leaf | PTE_NX for page in range(first, last, PAGE)]
+                for start, end in executable:
+                    for page in range(max(start, first), min(end, last), PAGE):
+                        pt[(page >> 12) & 0x1FF] = page | leaf
                 for hole in holes:
                     if first <= hole < last:
                         pt[(hole >> 12) & 0x1FF] = 0

@@ -6,7 +6,8 @@ guest did during one run:
 * how many instructions it executed, with a hard budget that stops a hang exactly;
 * AFL-style edge coverage, to steer the fuzzer;
 * the last blocks it executed, to say where a hang spins;
-* which RAM pages it wrote, so the restore copies only those;
+* which RAM pages it wrote, so the restore copies only those (unless attached with
+  ``track_writes=False``, see :func:`attach_tracer`);
 * optionally, what it wrote to its debug console and which service it requested (port I/O,
   see :class:`PortConfig`), without a Python callback per byte;
 * optionally, registers and a frame-pointer backtrace each time it reaches one of a few
@@ -260,6 +261,7 @@ class GuestTracer(Protocol):
         region index :data:`OUTSIDE` mean the set is incomplete and a full restore is
         needed: ``(OUTSIDE, n)`` is a write to physical page ``n`` outside every region,
         ``(OUTSIDE, UNKNOWN_PAGE)`` a write whose physical pages could not all be named.
+        Raises ``RuntimeError`` if the tracer was attached with ``track_writes=False``.
         """
         ...
 
@@ -357,6 +359,12 @@ def _check_watch(addresses: Sequence[int]) -> tuple[int, ...]:
     return tuple(checked)
 
 
+def _check_tracking(track_writes: bool) -> None:
+    # an empty list would read as "nothing written" and make a partial restore silently wrong
+    if not track_writes:
+        raise RuntimeError("the tracer was attached with track_writes=False")
+
+
 def _function_address(function: Any) -> int:
     address = ctypes.cast(function, ctypes.c_void_p).value
     if not address:
@@ -414,10 +422,12 @@ class NativeTracer:
         regions: Sequence[tuple[int, int]],
         coverage: bool,
         ports: PortConfig | None = None,
+        track_writes: bool = True,
     ) -> None:
         if _tracer is None:
             raise ImportError("kernel_emu._tracer is not built")
         self._uc: Uc | None = uc
+        self._track_writes = track_writes
         port_config = ports or PortConfig()
         self._state = _tracer.State(
             _check_regions(regions),
@@ -437,11 +447,10 @@ class NativeTracer:
         self._handles: list[int] = []
         address = self._state.address
         try:
-            for hook_type, callback in (
-                (UC_HOOK_CODE, _tracer.CODE_HOOK),
-                (UC_HOOK_BLOCK, _tracer.BLOCK_HOOK),
-                (UC_HOOK_MEM_WRITE, _tracer.WRITE_HOOK),
-            ):
+            hooks = [(UC_HOOK_CODE, _tracer.CODE_HOOK), (UC_HOOK_BLOCK, _tracer.BLOCK_HOOK)]
+            if track_writes:
+                hooks.append((UC_HOOK_MEM_WRITE, _tracer.WRITE_HOOK))
+            for hook_type, callback in hooks:
                 self._handles.append(_add_native_hook(uc, hook_type, callback, address))
             if ports is not None:
                 for callback, insn in (
@@ -472,6 +481,7 @@ class NativeTracer:
         return self._state.exhausted
 
     def take_dirty(self) -> list[tuple[int, int]]:
+        _check_tracking(self._track_writes)
         return self._state.take_dirty()
 
     @property
@@ -546,9 +556,11 @@ class PythonTracer:
         regions: Sequence[tuple[int, int]],
         coverage: bool,
         ports: PortConfig | None = None,
+        track_writes: bool = True,
     ) -> None:
         self._uc: Uc | None = uc
         self._ports = ports or PortConfig()
+        self._track_writes = track_writes
         self._regions = [
             (base >> PAGE_SHIFT, size >> PAGE_SHIFT) for base, size in _check_regions(regions)
         ]
@@ -562,8 +574,9 @@ class PythonTracer:
         self._handles = [
             uc.hook_add(UC_HOOK_CODE, self._on_code),
             uc.hook_add(UC_HOOK_BLOCK, self._on_block),
-            uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write),
         ]
+        if track_writes:
+            self._handles.append(uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write))
         if ports is not None:
             for callback, insn in ((self._on_out, UC_X86_INS_OUT), (self._on_in, UC_X86_INS_IN)):
                 self._handles.append(uc.hook_add(UC_HOOK_INSN, callback, None, 1, 0, insn))
@@ -686,6 +699,7 @@ class PythonTracer:
         return self._exhausted
 
     def take_dirty(self) -> list[tuple[int, int]]:
+        _check_tracking(self._track_writes)
         out: list[tuple[int, int]] = []
         if self._unknown:
             out.append((OUTSIDE, UNKNOWN_PAGE))
@@ -769,6 +783,7 @@ def attach_tracer(
     native: bool = True,
     coverage: bool = True,
     ports: PortConfig | None = None,
+    track_writes: bool = True,
 ) -> GuestTracer:
     """Hook ``uc`` and return a tracer for it.
 
@@ -782,13 +797,17 @@ def attach_tracer(
     :class:`PortConfig`; without, it hooks neither and its port results stay empty.  Unicorn
     calls every OUT hook but asks only the FIRST registered IN hook for the value, so IN
     from this tracer's ports is only served if no other IN hook was added to ``uc`` before.
+
+    ``track_writes=False`` leaves guest stores unhooked and makes :meth:`GuestTracer.take_dirty`
+    raise.  A ``UC_HOOK_MEM_WRITE`` hook over a page keeps every store to it on Unicorn's slow
+    path, so a caller that learns the written pages another way should not pay for one.
     """
     if native:
         if _tracer is not None:
-            return NativeTracer(uc, regions, coverage, ports)
+            return NativeTracer(uc, regions, coverage, ports, track_writes)
         warnings.warn(
             "kernel_emu._tracer is not built (pip install -e .); tracing with slow Python hooks",
             RuntimeWarning,
             stacklevel=2,
         )
-    return PythonTracer(uc, regions, coverage, ports)
+    return PythonTracer(uc, regions, coverage, ports, track_writes)

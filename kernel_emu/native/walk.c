@@ -1,4 +1,4 @@
-/* Native walk of the user-reachable part of amd64 4-level page tables.
+/* Native walks of amd64 4-level page tables.
  *
  * The oracles walk the address space the kernel is about to enter ring 3 with after every
  * run; in Python that is tens of microseconds per input, a visible share of a fuzzing
@@ -11,6 +11,19 @@
  *   leaves     [(vaddr, paddr, size, writable, executable)] in walk order, vaddr canonical
  *   tables     [table address] of every table visited
  *   None       a table lies outside `ram`: the caller walks in Python instead
+ *
+ * dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables)
+ *     -> (pages, tables, executable) | None
+ *   The same RAM, every present entry, user or not, in walk order:
+ *   pages      the physical address of each 4 KiB page under a leaf with the Dirty bit
+ *   tables     every table visited
+ *   executable [(vaddr, paddr, size)] of the leaves with the Accessed bit that no level
+ *              marks NX, vaddr canonical
+ *   Non-leaf entries at level `accessed_level` (0: none) without the Accessed bit are not
+ *   descended. None when a table lies outside `ram` or the walk would pass max_pages or
+ *   max_tables.
+ *   kernel_emu.dirtylog.dirty_leaves_python is the reference; snapshot restores use this
+ *   after every run, where the Python walk would cost tens of microseconds.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +33,8 @@
 #define P 1ULL
 #define W 2ULL
 #define U 4ULL
+#define A 0x20ULL
+#define D 0x40ULL
 #define PS 0x80ULL
 #define NX (1ULL << 63)
 #define ADDR_MASK 0x000FFFFFFFFFF000ULL
@@ -124,15 +139,132 @@ static PyObject *user_leaves(PyObject *self, PyObject *args)
     return result;
 }
 
+typedef struct {
+    const uint8_t *ram;
+    uint64_t base;
+    uint64_t size;
+    int accessed_level;
+    Py_ssize_t max_pages;
+    Py_ssize_t max_tables;
+    PyObject *pages;
+    PyObject *tables;
+    PyObject *executable;
+    int give_up;
+} DirtyWalk;
+
+static int append_u64(PyObject *list, uint64_t value)
+{
+    PyObject *item = PyLong_FromUnsignedLongLong(value);
+    if (item == NULL || PyList_Append(list, item) < 0) {
+        Py_XDECREF(item);
+        return -1;
+    }
+    Py_DECREF(item);
+    return 0;
+}
+
+static int dirty_walk(DirtyWalk *d, uint64_t table, int level, uint64_t base, int nx)
+{
+    table &= ADDR_MASK;
+    /* Tables may be shared or loop back: the cap bounds the work whatever the guest wrote
+     * into them. */
+    if (table < d->base || table - d->base > d->size - PAGE ||
+        PyList_GET_SIZE(d->tables) >= d->max_tables) {
+        d->give_up = 1;
+        return 0;
+    }
+    if (append_u64(d->tables, table) < 0) {
+        return -1;
+    }
+    const uint8_t *entries = d->ram + (table - d->base);
+    unsigned shift = 12 + 9 * (unsigned)(level - 1);
+    for (unsigned i = 0; i < 512; i++) {
+        uint64_t e;
+        memcpy(&e, entries + 8 * i, sizeof e);
+        if (!(e & P)) {
+            continue;
+        }
+        uint64_t vaddr = base | ((uint64_t)i << shift);
+        int x_off = nx || (e & NX);
+        if (level == 1 || ((level == 2 || level == 3) && (e & PS))) {
+            uint64_t size = 1ULL << shift;
+            uint64_t paddr = e & ADDR_MASK & ~(size - 1);
+            if ((e & A) && !x_off) {
+                uint64_t canonical = (vaddr & (1ULL << 47)) ? vaddr | 0xFFFF000000000000ULL
+                                                             : vaddr;
+                PyObject *item = Py_BuildValue("(KKK)", (unsigned long long)canonical,
+                                               (unsigned long long)paddr,
+                                               (unsigned long long)size);
+                if (item == NULL || PyList_Append(d->executable, item) < 0) {
+                    Py_XDECREF(item);
+                    return -1;
+                }
+                Py_DECREF(item);
+            }
+            if (!(e & D)) {
+                continue;
+            }
+            if ((uint64_t)(d->max_pages - PyList_GET_SIZE(d->pages)) < size / PAGE) {
+                d->give_up = 1;
+                return 0;
+            }
+            for (uint64_t off = 0; off < size; off += PAGE) {
+                if (append_u64(d->pages, paddr + off) < 0) {
+                    return -1;
+                }
+            }
+        } else if (level != d->accessed_level || (e & A)) {
+            if (dirty_walk(d, e, level - 1, vaddr, x_off) < 0) {
+                return -1;
+            }
+            if (d->give_up) {
+                return 0;
+            }
+        }
+    }
+    return 0;
+}
+
+static PyObject *dirty_leaves(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer ram;
+    unsigned long long base, root;
+    int accessed_level;
+    Py_ssize_t max_pages, max_tables;
+    if (!PyArg_ParseTuple(args, "y*KKinn", &ram, &base, &root, &accessed_level, &max_pages,
+                          &max_tables)) {
+        return NULL;
+    }
+    DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,
+                   PyList_New(0), PyList_New(0), PyList_New(0), 0};
+    PyObject *result = NULL;
+    if (d.pages != NULL && d.tables != NULL && d.executable != NULL &&
+        (uint64_t)ram.len >= PAGE && max_pages >= 0 && dirty_walk(&d, root, 4, 0, 0) == 0) {
+        result = d.give_up ? Py_NewRef(Py_None)
+                           : PyTuple_Pack(3, d.pages, d.tables, d.executable);
+    } else if (!PyErr_Occurred()) {
+        result = Py_NewRef(Py_None);
+    }
+    Py_XDECREF(d.pages);
+    Py_XDECREF(d.tables);
+    Py_XDECREF(d.executable);
+    PyBuffer_Release(&ram);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"user_leaves", user_leaves, METH_VARARGS,
      "user_leaves(ram, base, cr3, max_leaves) -> (leaves, tables) | None"},
+    {"dirty_leaves", dirty_leaves, METH_VARARGS,
+     "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables) -> "
+     "(pages, tables, executable) | None"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "kernel_emu._walk",
-    "Native walk of the user-reachable part of guest page tables.", -1, methods,
+    "Native walks of guest page tables.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -111,3 +111,18 @@ def test_ramdisk_hand_over_clears_a_longer_previous_image(firmware: Firmware) ->
     assert m.read(base, 100) == b"\xbb" * 10 + bytes(90)
     magic, rd_base, rd_size = struct.unpack("<QQQ", m.read(fw.RAMDISK_DESCRIPTOR, 24))
     assert (magic, rd_base, rd_size) == (fw.RAMDISK_MAGIC, base, 10)
+
+
+def test_identity_map_executes_only_code(firmware: Firmware) -> None:
+    m, cr3 = firmware.m, firmware.pml4
+    text = [s for s in firmware.image.segments if s.flags & 1]
+    assert text
+    for seg in text:
+        assert translate(m, cr3, seg.vaddr).executable
+        assert translate(m, cr3, seg.end - 1).executable
+    assert translate(m, cr3, fw.STUBS).executable
+    data = [s for s in firmware.image.segments if not s.flags & 1]
+    for addr in [s.vaddr for s in data] + [fw.SYSTEM_TABLE, firmware.stack_top - 8, 0x30_0000,
+                                           0x1_0000_0000]:
+        mapping = translate(m, cr3, addr)
+        assert mapping is not None and mapping.writable and not mapping.executable, hex(addr)

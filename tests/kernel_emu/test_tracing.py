@@ -222,6 +222,17 @@ def test_take_dirty_forgets_and_reset_clears(native: bool) -> None:
     assert tracer.take_dirty() == []
 
 
+def test_untracked_writes_leave_the_rest_alone(native: bool) -> None:
+    uc, tracked = run(stores_program(), native)
+    uc, untracked = run(stores_program(), native, track_writes=False)
+    assert untracked.instructions == tracked.instructions
+    assert untracked.recent_blocks() == tracked.recent_blocks()
+    assert bytes(untracked.coverage()) == bytes(tracked.coverage())
+    assert uc.mem_read(DATA + 0x4FFC, 8) == q(0x11223344)
+    with pytest.raises(RuntimeError, match="track_writes"):
+        untracked.take_dirty()
+
+
 def test_host_writes_are_not_counted(native: bool) -> None:
     uc, tracer = run(b"\xf4", native)
     uc.mem_write(DATA, b"x" * 0x3000)

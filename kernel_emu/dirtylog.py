@@ -1,0 +1,219 @@
+"""Which RAM pages a snapshot run wrote, read from the Dirty bits of the page tables.
+
+A ``UC_HOOK_MEM_WRITE`` hook would name every written page, but Unicorn 2.1.4 keeps every
+store to a hooked page on its slow path, which costs several times the rest of a short run.
+The CPU keeps the same record itself: QEMU's x86 page walker grants a TLB entry write access
+only once the leaf entry's Dirty bit is set, and sets it on the first write through that
+entry.  So :meth:`PageTableLog.arm` clears Dirty in every leaf of the firmware's identity
+tables when the snapshot is taken, the restore flushes the TLB before every run, and after
+the run the leaves with Dirty set name the written pages (:meth:`PageTableLog.collect`).
+
+Accessed is cleared in the page-directory entries at the same time: the walker sets it in
+every entry it passes through, so the scan skips the page tables the run never used (a few
+of the ~70).  The walker writes Accessed and Dirty straight to guest memory, so every table
+the scan visits is restored too, which also clears the bits again.
+
+The Dirty bits of the identity tables cover the writes made while CR3 holds them.  Only an
+instruction that writes a control register (``mov crN``) or an MSR (``wrmsr``, for EFER) can
+make the CPU translate otherwise, so the caller watches every address in the executable
+pages where one could start (:meth:`PageTableLog.sites`) and passes how many ran.  With none,
+the identity tables are the whole story; with one, the tables CR3 holds after the run are
+scanned as well (the switch to a user address space the kernel makes right before ring 3).
+Whenever the log cannot vouch for the set, :meth:`collect` returns ``None`` and the caller
+must restore everything:
+
+* a page of the identity tables was written (its entries may no longer say what was written
+  through them), or a page of the final tables was written through those tables;
+* an executable page of the identity map was written (the code may no longer be the code
+  whose sites are watched);
+* more than one watched instruction ran, paging is off, or CR3 changed with none running;
+* under the final tables, code may have run from a page other than the identity map's own
+  executable pages at their own addresses, where a site would not be watched (seen as a leaf
+  with Accessed set that no level marks NX);
+* a table lies outside the first RAM bank, or a walk passes its caps.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kernel_emu.machine import PAGE, Machine
+
+try:
+    from kernel_emu import _walk
+except ImportError:  # not built: the Python walk gives the same answer, slower
+    _walk = None
+
+P, A, D, PS, NX = 1, 0x20, 0x40, 0x80, 1 << 63
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
+CR0_PG = 1 << 31
+MAX_PAGES = 1 << 16
+MAX_TABLES = 1 << 12
+
+# Legacy and REX prefixes: bytes that may come before an opcode in one instruction.
+_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(range(0x40, 0x50)))
+# mov to a control register; wrmsr, which can rewrite EFER
+_PAGING_OPCODES = (b"\x0f\x22", b"\x0f\x30")
+_MAX_PREFIXES = 14  # an instruction is at most 15 bytes
+
+
+class Walk:
+    """What one walk of a page-table tree found (see :func:`dirty_leaves`)."""
+
+    __slots__ = ("pages", "tables", "executable")
+
+    def __init__(self, pages: list[int], tables: list[int],
+                 executable: list[tuple[int, int, int]]) -> None:
+        self.pages = pages
+        self.tables = tables
+        self.executable = executable
+
+
+def dirty_leaves(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
+    """Walk every present entry under ``root`` (tables in the first RAM bank): the pages under
+    leaves with Dirty set, the tables visited and the executable leaves with Accessed set.
+    Non-leaf entries at level ``accessed_level`` (0: none) without Accessed are not descended.
+    ``None`` when a table lies outside the bank or the walk passes its caps."""
+    if _walk is not None:
+        low = m.banks[0]
+        native = _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+                                    MAX_TABLES)
+        return None if native is None else Walk(*native)
+    return dirty_leaves_python(m, root, accessed_level)
+
+
+class _GiveUp(Exception):
+    pass
+
+
+def dirty_leaves_python(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
+    """:func:`dirty_leaves` in Python: the reference for the native walk."""
+    low = m.banks[0]
+    out = Walk([], [], [])
+
+    def rec(table: int, level: int, base: int, nx: bool) -> None:
+        table &= ADDR_MASK
+        if not low.contains(table, PAGE) or len(out.tables) >= MAX_TABLES:
+            raise _GiveUp
+        out.tables.append(table)
+        shift = 12 + 9 * (level - 1)
+        for i, e in enumerate(struct.unpack("<512Q", m.read(table, PAGE))):
+            if not e & P:
+                continue
+            vaddr = base | (i << shift)
+            x_off = nx or bool(e & NX)
+            if level == 1 or (level in (2, 3) and e & PS):
+                size = 1 << shift
+                paddr = e & ADDR_MASK & ~(size - 1)
+                if e & A and not x_off:
+                    canonical = vaddr | 0xFFFF_0000_0000_0000 if vaddr & (1 << 47) else vaddr
+                    out.executable.append((canonical, paddr, size))
+                if e & D:
+                    if MAX_PAGES - len(out.pages) < size // PAGE:
+                        raise _GiveUp
+                    out.pages.extend(range(paddr, paddr + size, PAGE))
+            elif level != accessed_level or e & A:
+                rec(e, level - 1, vaddr, x_off)
+
+    try:
+        rec(root, 4, 0, False)
+    except _GiveUp:
+        return None
+    return out
+
+
+def paging_sites(code: bytes, base: int) -> list[int]:
+    """Every address in ``code`` (loaded at ``base``) where an instruction that writes a
+    control register or an MSR may start: each ``0F 22`` and ``0F 30`` and each start of the
+    run of prefix bytes right before it.  Any byte offset counts, not only the instruction
+    boundaries of a linear disassembly, because a corrupted jump can land anywhere."""
+    sites: set[int] = set()
+    for opcode in _PAGING_OPCODES:
+        i = code.find(opcode)
+        while i >= 0:
+            start = i
+            while start > 0 and i - start < _MAX_PREFIXES and code[start - 1] in _PREFIXES:
+                start -= 1
+            sites.update(range(base + start, base + i + 1))
+            i = code.find(opcode, i + 1)
+    return sorted(sites)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+class PageTableLog:
+    """Dirty-bit bookkeeping over the identity tables at ``cr3``, whose page-aligned
+    ``executable`` ranges are the only code the guest can run while CR3 holds them."""
+
+    def __init__(self, m: Machine, cr3: int, executable: list[tuple[int, int]]) -> None:
+        self.m = m
+        self.identity = cr3 & ADDR_MASK
+        self.executable = _merge(executable)
+        self._exec_pages = frozenset(page for lo, hi in self.executable
+                                     for page in range(lo, hi, PAGE))
+        full = dirty_leaves_python(m, self.identity)
+        if full is None:
+            raise ValueError("the identity page tables are not all in the first RAM bank")
+        self._identity_tables = frozenset(full.tables)
+        self.sites = sorted({site for lo, hi in self.executable
+                             for site in paging_sites(m.read(lo, hi - lo), lo)})
+
+    def arm(self) -> None:
+        """Clear Dirty in the leaves and Accessed in the page-directory entries of the
+        identity tables; call it once, before the snapshot is taken."""
+        m = self.m
+
+        def rec(table: int, level: int) -> None:
+            entries = list(struct.unpack("<512Q", m.read(table, PAGE)))
+            for i, e in enumerate(entries):
+                if not e & P:
+                    continue
+                if level == 1 or (level in (2, 3) and e & PS):
+                    entries[i] = e & ~D
+                else:
+                    if level == 2:
+                        entries[i] = e & ~A
+                    rec(e & ADDR_MASK, level - 1)
+            m.write(table, struct.pack("<512Q", *entries))
+
+        rec(self.identity, 4)
+
+    def _runs_only_own_code(self, walk: Walk) -> bool:
+        return all(vaddr == paddr and all(page in self._exec_pages
+                                          for page in range(paddr, paddr + size, PAGE))
+                   for vaddr, paddr, size in walk.executable)
+
+    def collect(self, paging_writes: int) -> list[int] | None:
+        """The physical pages to restore after a run in which ``paging_writes`` watched
+        instructions ran, or ``None`` when only a full restore is safe (see the module doc).
+        Read it before the next restore; the pages include the tables the walks visited."""
+        m = self.m
+        identity = dirty_leaves(m, self.identity, accessed_level=2)
+        if identity is None or paging_writes > 1:
+            return None
+        written = set(identity.pages)
+        if written & self._identity_tables or written & self._exec_pages:
+            return None
+        restore = written.union(identity.tables)
+        cr3 = m.reg("cr3") & ADDR_MASK
+        if not m.reg("cr0") & CR0_PG or (cr3 != self.identity and not paging_writes):
+            return None
+        if cr3 != self.identity:
+            final = dirty_leaves(m, cr3)
+            if final is None or not self._runs_only_own_code(final):
+                return None
+            through = set(final.pages)
+            if through & (self._identity_tables | self._exec_pages) or \
+                    through.intersection(final.tables):
+                return None
+            restore |= through
+            restore.update(final.tables)
+        return sorted(restore)

@@ -1,0 +1,157 @@
+"""The Dirty-bit log of snapshot runs: complete restores, native walk, and its refusals."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kernel_emu import dirtylog
+from kernel_emu.dirtylog import D, dirty_leaves_python, paging_sites
+from kernel_emu.executor import ZERO_PAGE, Executor
+from kernel_emu.machine import PAGE
+from kernel_emu.profile import load_profile
+from tests.elfs import build_elf
+from tests.reproducers import REPRODUCERS
+
+
+@pytest.fixture(scope="module")
+def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def seed() -> Executor:
+    ex = Executor(load_profile("seed"))
+    assert ex.use_snapshot and ex._log is not None
+    return ex
+
+
+def _inputs(base_elf: bytes) -> list[bytes]:
+    rng = random.Random(7)
+    garbled = []
+    for _ in range(6):
+        data = bytearray(base_elf)
+        for _ in range(8):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        garbled.append(bytes(data))
+    return [base_elf, b"", b"junk", *(r.make(base_elf) for r in REPRODUCERS), *garbled]
+
+
+def _differences(ex: Executor) -> list[tuple[int, int]]:
+    """(bank, page) whose bytes differ from the snapshot, outside what the host rewrites per
+    input (the ramdisk and its descriptor)."""
+    snap = ex._snapshot
+    assert snap is not None
+    host = ex.fw.ramdisk_ranges
+    out = []
+    for r, bank in enumerate(ex.m.banks):
+        for p in range(bank.size // PAGE):
+            addr = bank.base + p * PAGE
+            actual = bytearray(bank.buffer[p * PAGE:(p + 1) * PAGE])
+            expected = bytearray(snap.pages[r].get(p, ZERO_PAGE))
+            for lo, hi in host:
+                lo, hi = max(lo, addr), min(hi, addr + PAGE)
+                if lo < hi:
+                    actual[lo - addr:hi - addr] = expected[lo - addr:hi - addr]
+            if actual != expected:
+                out.append((r, p))
+    return out
+
+
+def test_restore_brings_back_every_byte(seed: Executor, base_elf: bytes) -> None:
+    """After any run, crashing or not, the restore leaves RAM exactly as in the snapshot,
+    page tables included (the CPU sets their Accessed and Dirty bits behind every hook)."""
+    verdicts = set()
+    for data in _inputs(base_elf):
+        verdicts.add(seed.run(data).verdict)
+        seed._restore()
+        assert _differences(seed) == [], data[:16]
+    assert {"ok", "crash", "rejected"} <= verdicts
+
+
+def test_snapshot_runs_need_no_full_restore(seed: Executor, base_elf: bytes) -> None:
+    for data in _inputs(base_elf):
+        seed.run(data)
+        assert seed._written_pages() is not None, data[:16]
+        seed._restore()
+
+
+def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: bytes) -> None:
+    assert dirtylog._walk is not None, "the native walker is not built"
+    for data in _inputs(base_elf):
+        seed.run(data)
+        for root, level in ((seed.fw.pml4, 2), (seed.fw.pml4, 0), (seed.m.reg("cr3"), 0)):
+            native = dirtylog.dirty_leaves(seed.m, root, level)
+            python = dirty_leaves_python(seed.m, root, level)
+            assert native is not None and python is not None
+            assert (native.pages, native.tables, native.executable) == \
+                (python.pages, python.tables, python.executable)
+        seed._restore()
+
+
+def _set_dirty(ex: Executor, addr: int) -> None:
+    """Mark `addr`'s identity leaf Dirty, as a guest write to it would."""
+    for pte_table in range(ex.fw.pml4, ex.fw.page_table_end, PAGE):
+        for i in range(512):
+            e = ex.m.u64(pte_table + 8 * i)
+            if e & 1 and e & dirtylog.ADDR_MASK == addr and pte_table != ex.fw.pml4:
+                leaf = e & 0x80 == 0
+                if leaf:
+                    ex.m.put_u64(pte_table + 8 * i, e | D)
+                    return
+    raise AssertionError(f"no leaf for {addr:#x}")
+
+
+@pytest.mark.parametrize("what", ["page-table", "code", "two-paging-writes", "dropped-event"])
+def test_untrustworthy_runs_restore_everything(monkeypatch: pytest.MonkeyPatch, base_elf: bytes,
+                                               what: str) -> None:
+    ex = Executor(load_profile("seed"))
+    assert ex.run(base_elf).verdict == "ok"
+    if what == "page-table":
+        _set_dirty(ex, ex.fw.pml4)
+    elif what == "code":
+        _set_dirty(ex, ex.fw.executable_ranges[0][0])
+    elif what == "two-paging-writes":
+        ex._paging_writes += 1
+    else:  # the lost event may have been the paging site's
+        monkeypatch.setattr(type(ex.tracer), "events_dropped", property(lambda _: 1))
+    assert ex._written_pages() is None
+    monkeypatch.undo()
+    ex._restore()
+    assert _differences(ex) == []
+    assert ex.run(base_elf).verdict == "ok"
+
+
+def test_paging_sites_cover_every_possible_start() -> None:
+    code = bytes.fromhex("90 41 0f 22 d8 0b 0f 22 da 90 66 f3 0f 30 0f 01")
+    assert paging_sites(code, 0x1000) == [0x1001, 0x1002, 0x1006, 0x100A, 0x100B, 0x100C]
+    assert paging_sites(bytes(64), 0) == []
+    # at most 14 prefixes: an instruction is 15 bytes at most
+    assert paging_sites(b"\x66" * 20 + b"\x0f\x22\xd8", 0) == list(range(6, 21))
+
+
+def test_kernel_paging_sites_are_watched(seed: Executor) -> None:
+    enter = seed.image.symbol("rustux_enter_user").address
+    assert seed._paging_sites == {enter}  # `mov cr3, rdx`, the switch to ring 3's tables
+    assert seed.tracer.native
+
+
+def test_python_executor_uses_the_same_log(base_elf: bytes) -> None:
+    slow = Executor(load_profile("seed"), native=False)
+    assert slow._log is not None and not slow.tracer.native
+    slow.run(base_elf)
+    slow._restore()
+    assert _differences(slow) == []
+
+
+def test_without_the_log_the_write_hook_restores(monkeypatch: pytest.MonkeyPatch,
+                                                 base_elf: bytes) -> None:
+    """A kernel the log cannot serve (here: pretend its paging sites do not fit in the
+    watches) still gets snapshots, restored from the tracer's write hook."""
+    monkeypatch.setattr(Executor, "_page_table_log", lambda self: None)
+    profile = load_profile("seed")
+    hooked, full = Executor(profile), Executor(profile, snapshot=False)
+    assert hooked.use_snapshot and hooked._log is None
+    for data in _inputs(base_elf)[:6] * 2:
+        assert hooked.run(data).comparable() == full.run(data).comparable()
