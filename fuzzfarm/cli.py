@@ -164,6 +164,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "boot":
         return bench_boot(kernel=args.kernel, runs=args.runs, repeats=args.repeats,
                           native=not args.no_native)
+    if args.what == "fuzz":
+        from fuzzfarm.bench_fuzz import bench_fuzz
+
+        return bench_fuzz(kernel=args.kernel, seconds=args.seconds, repeats=args.repeats,
+                          first_runs=args.first_runs, bug_seconds=args.bug_seconds,
+                          first_cap=args.first_cap)
     raise UsageError(f"unknown benchmark '{args.what}'")
 
 
@@ -247,13 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)
 
-    p = sub.add_parser("bench", help="benchmarks (boot)",
-                       description="Measure throughput; prints medians and ratios.")
-    p.add_argument("what", choices=["boot"], help="what to measure")
+    p = sub.add_parser("bench", help="benchmarks (boot, fuzz)",
+                       description="Measure throughput; prints medians and ratios. boot: "
+                                   "snapshot versus full boot. fuzz: feedback cost, time to "
+                                   "the seed bug with 1 and 2 jobs, BUGS.md bugs found.")
+    p.add_argument("what", choices=["boot", "fuzz"], help="what to measure")
     p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")
     p.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported")
     p.add_argument("--no-native", action="store_true", help="pure-Python hooks")
+    p.add_argument("--seconds", type=float, default=30.0,
+                   help="fuzz: length of each feedback on/off campaign (default: 30)")
+    p.add_argument("--first-runs", type=int, default=5,
+                   help="fuzz: campaigns per job count for the time to the seed bug")
+    p.add_argument("--first-cap", type=float, default=120.0,
+                   help="fuzz: give up on one such campaign after this many seconds")
+    p.add_argument("--bug-seconds", type=float, default=300.0,
+                   help="fuzz: length of the known-bugs campaigns (default: 300)")
     p.set_defaults(func=cmd_bench)
     return parser
 

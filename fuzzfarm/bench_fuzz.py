@@ -1,0 +1,169 @@
+"""`fuzzfarm bench fuzz`: what the fuzzer achieves on this machine, measured side by side.
+
+1. Feedback cost: execs/s of 1-job campaigns with guest coverage and compares on and off,
+   interleaved, medians; plus the same fixed mix of mutated inputs replayed through an
+   executor with and without the feedback hooks (isolates the hooks from corpus drift).
+2. Time to the first vaddr-corruption on `seed` (as cause or consequence), median of N
+   campaigns, with 1 and 2 jobs.
+3. Known bugs found: a 2-job campaign on `seed`, its buckets attributed to kernel_emu/guest/
+   BUGS.md by the oracle and place each bug's entry names; then the same on `fixed`, where
+   any bucket is a false positive.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fuzz.campaign import CampaignSummary, run_campaign
+from fuzz.feedback import make_feedback
+from fuzz.harness import WATCHDOG, JobConfig
+from fuzz.mutator import ElfMutator
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+
+SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
+
+
+def _frames(finding: dict[str, Any]) -> str:
+    return " ".join(finding.get("frames") or [])
+
+
+# BUGS.md, "Oracle" and "Where" of each entry: how a finding of that bug looks
+KNOWN_BUGS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "RX-01": lambda f: (f["class"] == "heap-corruption" and "elf::finish" in _frames(f))
+    or (f["class"] == "vaddr-corruption" and f.get("field") == "segments[0].vaddr"),
+    "RX-02": lambda f: f["class"] == "cpu-fault" and "load_segments" in _frames(f),
+    "RX-03": lambda f: f["class"] == "vaddr-corruption"
+    and str(f.get("field") or "").endswith("].memsz"),
+    "RX-04": lambda f: f["class"] == "kernel-mapping",
+    "RX-05": lambda f: f["class"] == "heap-corruption" and "elf::finish" not in _frames(f),
+    "RX-06": lambda f: f["class"] == "hang" and "collect_segments" in _frames(f),
+    "RX-07": lambda f: f["class"] == "kernel-panic"
+    and any("divisor of zero" in e for e in f.get("evidence", [])),
+    "RX-08": lambda f: f["class"] == "bad-entry",
+    "RX-09": lambda f: f["class"] == "out-of-memory",
+}
+
+
+def attribute(summary: CampaignSummary) -> dict[str, int]:
+    """BUGS.md id -> number of buckets whose report shows that bug."""
+    found: dict[str, int] = {}
+    for bucket in summary.buckets:
+        try:
+            report = json.loads(bucket.reproducer.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            continue
+        for bug, matches in KNOWN_BUGS.items():
+            if any(matches(f) for f in report.get("findings", [])):
+                found[bug] = found.get(bug, 0) + 1
+    return found
+
+
+def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
+    config = JobConfig(kernel=kernel, out=str(out), seeds=[str(SEEDS)], **kw)
+    return run_campaign(config, jobs, live=False, stream=io.StringIO())
+
+
+def _replay_rates(kernel: str, inputs: list[bytes], repeats: int) -> tuple[float, float]:
+    profile = load_profile(kernel)
+    on = Executor(profile, coverage=True, watchdog=WATCHDOG)
+    feedback = make_feedback()
+    on.add_machine_hook(feedback.attach)
+    off = Executor(profile, watchdog=WATCHDOG)
+    rates_on, rates_off = [], []
+    for _ in range(repeats):
+        for executor, rates, collect in ((on, rates_on, True), (off, rates_off, False)):
+            start = time.perf_counter()
+            for data in inputs:
+                executor.run(data)
+                if collect:
+                    feedback.collect(executor.tracer.coverage())
+            rates.append(len(inputs) / (time.perf_counter() - start))
+    return statistics.median(rates_on), statistics.median(rates_off)
+
+
+def _mutated_inputs(count: int, seed: int = 7) -> list[bytes]:
+    seeds = [p.read_bytes() for p in sorted(SEEDS.glob("*.elf"))]
+    mutator = ElfMutator(None, seed=seed)
+    rng = random.Random(seed)
+    return [mutator.mutate(rng.choice(seeds), 32768, rng.randrange(1 << 32))
+            for _ in range(count)]
+
+
+def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
+               bug_seconds: float, first_cap: float) -> int:
+    print(f"bench fuzz: kernel {kernel}, seeds {len(list(SEEDS.glob('*.elf')))} files")
+    with tempfile.TemporaryDirectory(prefix="fuzzfarm-bench-") as tmp:
+        root = Path(tmp)
+        n = 0
+
+        def fresh() -> Path:
+            nonlocal n
+            n += 1
+            return root / f"c{n}"
+
+        # 1. feedback cost
+        on_rates, off_rates = [], []
+        for _ in range(repeats):
+            on_rates.append(_campaign(kernel, 1, fresh(), seconds=seconds).execs_per_second)
+            off_rates.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=False,
+                                       compares=False).execs_per_second)
+        on, off = statistics.median(on_rates), statistics.median(off_rates)
+        print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats "
+              f"(execs/s, median): feedback on {on:,.0f}, off {off:,.0f}, "
+              f"off/on {off / on if on else float('inf'):.2f}x")
+        inputs = _mutated_inputs(1000)
+        r_on, r_off = _replay_rates(kernel, inputs, 3)
+        print(f"   same 1,000 mutated inputs replayed (execs/s, median of 3): feedback on "
+              f"{r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x")
+
+        # 2. time to the first vaddr-corruption
+        print(f"\n2. time to the first vaddr-corruption on seed ({first_runs} campaigns each, "
+              f"capped at {first_cap:.0f} s)")
+        for jobs in (1, 2):
+            times = []
+            for _ in range(first_runs):
+                s = _campaign("seed", jobs, fresh(), seconds=first_cap,
+                              stop_on="vaddr-corruption")
+                times.append(s.first_class.get("vaddr-corruption", float("inf")))
+            shown = ", ".join(f"{t:.1f}" for t in times)
+            print(f"   {jobs} job(s): median {statistics.median(times):.1f} s  [{shown}]")
+
+        # 3. known bugs, and false positives on fixed
+        s = _campaign("seed", 2, fresh(), seconds=bug_seconds)
+        found = attribute(s)
+        print(f"\n3. seed, 2 jobs, {bug_seconds:.0f} s: {s.execs:,} execs "
+              f"({s.execs_per_second:,.0f}/s), {len(s.buckets)} buckets, "
+              f"{len(found)} of {len(KNOWN_BUGS)} BUGS.md bugs: "
+              + ", ".join(f"{b} ({k} bucket{'s' if k > 1 else ''})"
+                          for b, k in sorted(found.items())))
+        for bug, when in sorted(_first_times(s, found).items()):
+            print(f"   {bug} first seen after {when:.1f} s")
+        f = _campaign("fixed", 2, fresh(), seconds=bug_seconds)
+        print(f"   fixed, 2 jobs, {bug_seconds:.0f} s: {f.execs:,} execs, "
+              f"{len(f.buckets)} buckets, {f.harness_errors} harness errors")
+    return 0
+
+
+def _first_times(summary: CampaignSummary, found: dict[str, int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for bucket in summary.buckets:
+        try:
+            report = json.loads(bucket.reproducer.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            continue
+        when = summary.first_seen.get(bucket.signature)
+        if when is None:
+            continue
+        for bug, matches in KNOWN_BUGS.items():
+            if bug in found and any(matches(x) for x in report.get("findings", [])):
+                out[bug] = min(out.get(bug, when), when)
+    return out
