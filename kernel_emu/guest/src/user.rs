@@ -125,6 +125,11 @@ pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible
             {
                 return Err("segment overlaps the kernel");
             }
+            // The stack pages are mapped after the segments and would share a segment's page
+            // table entry: its code would become writable and the stack executable.
+            if overlaps(start, end, USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE, USER_STACK_TOP) {
+                return Err("segment overlaps the user stack");
+            }
         }
 
         let root = space.root;
