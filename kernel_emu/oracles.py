@@ -152,11 +152,15 @@ def _expected(view: ElfView) -> list[dict[str, int]]:
 
 
 def _segment_findings(ex: Executor, log: KernelLog, expected: list[dict[str, int]],
-                      frames: list[str]) -> list[Finding]:
+                      frames: list[str], cut_short: bool = False) -> list[Finding]:
+    """`cut_short`: the run was stopped (budget or watchdog), so a segment table still being
+    printed is unfinished, not short."""
     if log.segment_count is None:
         return []
     out: list[Finding] = []
-    if log.segment_count != len(expected) or len(log.segments) != len(expected):
+    unfinished = cut_short and len(log.segments) < log.segment_count
+    if log.segment_count != len(expected) or (
+            len(log.segments) != len(expected) and not unfinished):
         out.append(Finding("vaddr-corruption",
                            [f"the ELF has {len(expected)} PT_LOAD segments, the kernel loaded "
                             f"{len(log.segments)} (said count={log.segment_count})"],
@@ -328,7 +332,7 @@ def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
             fld, evidence = heap.problems[0]
             state.append(Finding("heap-corruption", [evidence], frames=frames, field=fld))
     if log.rejected is None:
-        state += _segment_findings(ex, log, expected, frames)
+        state += _segment_findings(ex, log, expected, frames, cut_short=stop == "budget")
     if stop == "until":
         state += _user_space_findings(ex, log, view, expected, frames, kstack_base)
     findings = _dedupe(obs.events + state + ([terminal] if terminal else []))
