@@ -41,9 +41,11 @@ class CampaignSummary:
     job_failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    rate: float = 0.0  # sum over jobs of execs / seconds fuzzing (start-up excluded)
+
     @property
     def execs_per_second(self) -> float:
-        return self.execs / self.seconds if self.seconds > 0 else 0.0
+        return self.rate
 
     def classes(self) -> Counter[str]:
         counts: Counter[str] = Counter()
@@ -103,14 +105,15 @@ def summarize(out: Path, jobs: int, seconds: float) -> CampaignSummary:
             first[sig] = min(first.get(sig, f.first_seconds), f.first_seconds)
     first_class: dict[str, float] = {}
     for s in stats:
-        for cls, (_exec, seconds) in s.first_class.items():
-            first_class[cls] = min(first_class.get(cls, seconds), seconds)
+        for cls, (_exec, when) in s.first_class.items():
+            first_class[cls] = min(first_class.get(cls, when), when)
     notes = sorted({n for s in stats for n in s.notes})
     return CampaignSummary(
         out=out, seconds=seconds, execs=sum(s.execs for s in stats),
         edges=max((s.edges for s in stats), default=0), corpus=_corpus_size(out),
         harness_errors=sum(s.harness_errors for s in stats), findings=dict(findings),
-        first_seen=first, first_class=first_class, buckets=Solutions(out).buckets(), notes=notes)
+        first_seen=first, first_class=first_class, buckets=Solutions(out).buckets(), notes=notes,
+        rate=sum(s.execs / s.elapsed for s in stats if s.elapsed > 0))
 
 
 def progress_line(summary: CampaignSummary, total: float | None) -> str:

@@ -192,12 +192,14 @@ class Job:
     def _finding(self, data: bytes, result: Any, now: float, *, checked: bool = False) -> None:
         sig = result.signature
         entry = self.stats.findings.get(sig)
-        if result.crash_class == "hang" and self.executor.stalled_at and not checked:
+        # the watchdog ended this run early: only the profile's own budget can say what the
+        # run really comes to (a hang, something else, or nothing)
+        if self.executor.stalled_at and not checked:
             if sig in self._unconfirmed:
                 self.stats.slow += 1
                 return
             if entry is None:
-                confirmed = self._confirm_hang(data)
+                confirmed = self._confirm(data)
                 if confirmed is None or confirmed.signature != sig:
                     self._unconfirmed.add(sig)
                     self.stats.slow += 1
@@ -221,7 +223,7 @@ class Job:
             self.solutions.record(data, result)
             self.flush(now)  # a new reproducer is worth telling the parent at once
 
-    def _confirm_hang(self, data: bytes) -> Any:
+    def _confirm(self, data: bytes) -> Any:
         """The Result of `data` with the profile's budget and no watchdog (None on failure)."""
         try:
             if self._confirmer is None:
@@ -303,6 +305,10 @@ def libfuzzer_args(config: JobConfig) -> list[str]:
         "-handle_term=0",
         "-reload=1",
         "-print_final_stats=0",
+        # a corpus entry that loads 16 MiB costs ~100 ms; favour fast entries' mutations
+        "-entropic_scale_per_exec_time=1",
+        # without coverage feedback libFuzzer would drop every seed after the first run
+        f"-keep_seed={0 if config.coverage else 1}",
         f"-artifact_prefix={out / 'jobs' / f'job-{config.job}-'}",
     ]
     if config.seconds is not None:
