@@ -53,8 +53,11 @@ class JobConfig:
     mutator: bool = True
     native: bool = True
     seed: int = 0
-    max_len: int = 32768
+    max_len: int = 16384
     rss_limit_mb: int = 2048
+    # hit counts as features (libFuzzer -use_counters): they pull the corpus towards inputs
+    # with ever more segments, each slower to boot, for little new behaviour of the loader
+    counters: bool = False
     watchdog: int = WATCHDOG
     stop_on: str | None = None  # end the job once a finding of this class is seen
 
@@ -89,6 +92,7 @@ class JobStats:
     harness_errors: int = 0
     skipped: int = 0
     slow: int = 0  # stalled under the watchdog, but finished under the profile's budget
+    seconds: dict[str, float] = field(default_factory=dict)  # where the job's time went
     done: bool = False
     stop_reason: str = ""
     notes: list[str] = field(default_factory=list)
@@ -134,6 +138,7 @@ class Job:
         self._stop_signal = 0
         self._last_flush = 0.0
         self._mutator: Any = None
+        self._mutator_seconds = 0.0
         self._confirmer: Executor | None = None
         self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
 
@@ -246,11 +251,14 @@ class Job:
     def mutate(self, data: bytes, max_size: int, seed: int) -> bytes:
         import atheris
 
+        start = time.perf_counter()
         try:
             return self._get_mutator().mutate(data, max_size, seed)
         except Exception as e:  # noqa: BLE001
             self._harness_error(data, e)
             return atheris.Mutate(data, max_size)
+        finally:
+            self._mutator_seconds += time.perf_counter() - start
 
     def crossover(self, a: bytes, b: bytes, max_size: int, seed: int) -> bytes:
         import atheris
@@ -281,6 +289,8 @@ class Job:
         self.stats.updated = now
         self.stats.edges = self.feedback.edges
         self.stats.compares = self.feedback.compares
+        self.stats.seconds = {**{k: round(v, 3) for k, v in self.executor.phase_seconds.items()},
+                              "mutator": round(self._mutator_seconds, 3)}
         write_atomic(stats_path(self.out, self.config.job),
                      json.dumps(self.stats.to_json()).encode())
 
@@ -305,6 +315,7 @@ def libfuzzer_args(config: JobConfig) -> list[str]:
         "-handle_term=0",
         "-reload=1",
         "-print_final_stats=0",
+        f"-use_counters={int(config.counters)}",
         # a corpus entry that loads 16 MiB costs ~100 ms; favour fast entries' mutations
         "-entropic_scale_per_exec_time=1",
         # without coverage feedback libFuzzer would drop every seed after the first run

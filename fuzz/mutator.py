@@ -234,7 +234,7 @@ class ElfMutator:
             ("arith", self._op_arith, 12),
             ("relation", self._op_relation, 10),
             # rare on purpose: its outputs fill the 16 MiB heap, ~100 ms per boot
-            ("heap_fit", self._op_heap_fit, 2),
+            ("heap_fit", self._op_heap_fit, 1),
             ("flip_segment", self._op_flip_segment, 6),
             ("resize_segment", self._op_resize_segment, 5),
         ]
