@@ -1,4 +1,4 @@
-# Quick start:  make demo   (set up, then boot the bundled examples on both kernel builds)
+# Quick start:  make demo   (set up, boot the bundled examples, then fuzz the seed kernel 60 s)
 #               make test   (set up, then run the test suite)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard kernel_emu/native/*.c fuzz/native/*
 
 demo: $(STAMP)
 	$(BIN)/fuzzfarm demo
+	@# exit status 1 means findings: on the seed kernel, that is the point
+	$(BIN)/fuzzfarm fuzz --kernel seed --seconds 60 --out out/demo || test $$? -eq 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
