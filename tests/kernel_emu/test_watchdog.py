@@ -66,3 +66,19 @@ def test_python_tracer_agrees_on_a_watchdog_stop() -> None:
     native = Executor(load_profile("seed"), watchdog=WATCHDOG).run(data)
     python = Executor(load_profile("seed"), watchdog=WATCHDOG, native=False).run(data)
     assert python.comparable() == native.comparable()
+
+
+def test_a_segment_table_cut_off_by_the_budget_is_not_a_short_one() -> None:
+    ex = Executor(load_profile("fixed"))
+    full = ex.run(BASE)
+    assert full.verdict == "ok"
+    cut_runs = 0
+    for budget in range(ex.snapshot_instructions + 1000, full.instructions, 97):
+        ex.budget = budget
+        result = ex.run(BASE)
+        said = "[elf] segments count=3" in result.log
+        if said and result.log.count("[elf] seg ") < 3:
+            cut_runs += 1
+            assert result.crash_class == "hang"
+            assert all(f.field != "segments.count" for f in result.findings), result.findings
+    assert cut_runs > 0  # some budget really did stop the kernel inside its table
