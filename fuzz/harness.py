@@ -59,7 +59,8 @@ class JobConfig:
     # with ever more segments, each slower to boot, for little new behaviour of the loader
     counters: bool = False
     watchdog: int = WATCHDOG
-    stop_on: str | None = None  # end the job once a finding of this class is seen
+    # end the job once a finding of this class ("class" or "class:field") is seen
+    stop_on: str | None = None
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -97,7 +98,7 @@ class JobStats:
     stop_reason: str = ""
     notes: list[str] = field(default_factory=list)
     findings: dict[str, FindingStats] = field(default_factory=dict)
-    # class -> (exec, seconds) of its first sighting, as cause or consequence
+    # class, and class:field, -> (exec, seconds) of its first sighting, as cause or consequence
     first_class: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @property
@@ -220,9 +221,11 @@ class Job:
             self.stats.findings[sig] = entry
         entry.count += 1
         for finding in result.findings:  # consequences too: when was each class first seen
-            if finding.cls not in self.stats.first_class:
-                self.stats.first_class[finding.cls] = (self.stats.execs + 1,
-                                                       now - self.stats.started)
+            keys = [finding.cls] + ([f"{finding.cls}:{finding.field}"] if finding.field else [])
+            for key in keys:
+                if key not in self.stats.first_class:
+                    self.stats.first_class[key] = (self.stats.execs + 1,
+                                                   now - self.stats.started)
         if entry.smallest == 0 or len(data) < entry.smallest:
             entry.smallest = len(data)
             self.solutions.record(data, result)
