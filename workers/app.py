@@ -1,0 +1,53 @@
+"""The farm's Celery application: a Redis broker, JSON only, late acknowledgement.
+
+``celery -A workers.app worker -Q fuzz,triage,minimize`` runs a worker; every setting comes
+from the environment (:class:`workers.settings.Settings`).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from workers.settings import Settings
+
+QUEUES = ("fuzz", "triage", "minimize")
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.from_env()
+    app = Celery("fuzzfarm", broker=settings.redis_url, include=["workers.tasks"])
+    app.conf.update(
+        # JSON only: a message is never code to run
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        # a task is acknowledged when it is done, so a worker that dies loses nothing: Redis
+        # hands the message out again once the visibility timeout has passed
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name)
+                     for name in QUEUES],
+        task_default_queue="fuzz",
+        task_default_exchange="fuzz",
+        task_default_routing_key="fuzz",
+        task_routes={
+            "workers.tasks.fuzz_slice": {"queue": "fuzz"},
+            "workers.tasks.triage": {"queue": "triage"},
+            "workers.tasks.minimize": {"queue": "minimize"},
+            "workers.tasks.verify": {"queue": "triage"},
+        },
+        worker_hijack_root_logger=False,
+        worker_max_tasks_per_child=500,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.conf.fuzzfarm_settings = settings
+    return app
+
+
+app = make_app()

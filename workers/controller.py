@@ -1,0 +1,132 @@
+"""The controller keeps campaigns going: N fuzz slices in flight per running campaign, lost
+slices replaced, unfinished triage sent again, a time series of progress for the dashboard.
+
+It holds no state of its own (everything is in Redis), so it can be restarted at any time;
+run exactly one per farm: ``python -m workers.controller`` or ``fuzzfarm controller``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from workers.settings import Settings
+from workers.store import FarmStore
+
+log = logging.getLogger("fuzzfarm.controller")
+
+SERIES_INTERVAL = 5.0
+TRIAGE_GRACE = 120.0  # a triage task takes well under a second; this one was lost
+
+
+class Controller:
+    def __init__(self, store: FarmStore, settings: Settings,
+                 send_slice: Callable[[str], Any], send_triage: Callable[[str, str], Any],
+                 *, lost_grace: float = 90.0, triage_grace: float = TRIAGE_GRACE) -> None:
+        self.store = store
+        self.settings = settings
+        self.send_slice = send_slice
+        self.send_triage = send_triage
+        self.lost_grace = lost_grace
+        self.triage_grace = triage_grace
+        self._last_point: dict[str, float] = {}
+        self._last_execs: dict[str, tuple[float, int]] = {}
+
+    def step(self) -> None:
+        now = time.time()
+        for campaign in self.store.campaigns():
+            state = campaign.get("state")
+            if state not in ("running", "stopping"):
+                continue
+            cid = campaign["id"]
+            inflight = self._check_inflight(cid, float(campaign["slice_seconds"]), now)
+            if state == "running":
+                for _ in range(int(campaign["slices"]) - len(inflight)):
+                    sid = self.store.new_slice(cid, campaign["kernel"],
+                                               float(campaign["slice_seconds"]))
+                    try:
+                        self.send_slice(sid)
+                    except Exception:
+                        self.store.drop_slice(sid, cid, "unsent")  # the next step tries again
+                        raise
+            elif not inflight:
+                self.store.set_campaign_state(cid, "stopped")
+            if now - self._last_point.get(cid, 0.0) >= SERIES_INTERVAL:
+                self._point(cid, campaign, now)
+        for sha, kernel in self.store.stale_triage(self.triage_grace):
+            self.store.touch_triage(sha, kernel)
+            self.store.count("triage_resent")
+            self.send_triage(sha, kernel)
+
+    def _check_inflight(self, cid: str, seconds: float, now: float) -> list[str]:
+        alive = []
+        for sid in self.store.inflight(cid):
+            info = self.store.slice(sid)
+            if info is None:
+                continue
+            state = info.get("state")
+            started = float(info.get("started", 0) or 0)
+            queued = float(info.get("queued", 0) or 0)
+            lost = (state == "running" and now - started > seconds + self.lost_grace) or (
+                state == "queued" and now - queued > self.settings.visibility_timeout + seconds)
+            if state in ("done", "cancelled"):
+                continue
+            if lost:
+                # its worker died (or the message vanished): another slice takes its place
+                self.store.drop_slice(sid, cid, "lost")
+                self.store.count("slices_lost")
+                log.warning("slice %s of campaign %s lost; replacing it", sid, cid)
+                continue
+            alive.append(sid)
+        return alive
+
+    def _point(self, cid: str, campaign: dict[str, str], now: float) -> None:
+        self._last_point[cid] = now
+        execs = int(campaign.get("execs", 0))
+        prev_t, prev_execs = self._last_execs.get(cid, (now, execs))
+        rate = (execs - prev_execs) / (now - prev_t) if now > prev_t else 0.0
+        self._last_execs[cid] = (now, execs)
+        buckets = self.store.buckets()
+        self.store.add_series_point(cid, {
+            "t": now, "execs": execs, "execs_per_second": rate,
+            "edges": int(campaign.get("edges", 0)),
+            "corpus": self.store.corpus_size(campaign["kernel"]),
+            "buckets": len(buckets), "workers": len(self.store.workers())})
+
+    def run(self, poll: float = 2.0, stop: Callable[[], bool] = lambda: False) -> None:
+        while not stop():
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - Redis restarting, say: try again shortly
+                log.warning("controller step failed: %s", e)
+            time.sleep(poll)
+
+
+def main() -> int:
+    from workers import tasks
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s controller %(message)s")
+    settings = Settings.from_env()
+    store = FarmStore.connect(settings.redis_url)
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    controller = Controller(store, settings, lambda sid: tasks.fuzz_slice.delay(sid),
+                            lambda sha, kernel: tasks.triage.delay(sha, kernel),
+                            lost_grace=settings.lost_grace, triage_grace=settings.triage_grace)
+    log.info("controller started on %s", settings.redis_url)
+    controller.run(stop=lambda: stopping)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Everything the farm keeps in Redis, and the only code that writes it (see SCHEMA.md).
+
+Bytes (inputs, kernel images) are stored once, by sha256; everything else refers to them by
+that id. Multi-key updates run as Lua scripts or MULTI/EXEC, so a worker killed midway leaves
+either the old state or the new one, and every update is idempotent: doing it twice (a task
+delivered again after a crash) changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+P = "ff:"
+SAMPLES_KEPT = 5
+SERIES_KEPT = 2000
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _hash(raw: dict[Any, Any]) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+# KEYS: bucket hash, bucket inputs set, bucket samples list, buckets zset
+# ARGV: bucket id, signature, class, kernel, input sha, input size, now, sample json,
+#       index of the last sample kept
+UPSERT_BUCKET = """
+if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
+  return {0, 0}
+end
+local new = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  new = 1
+  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'signature', ARGV[2], 'class', ARGV[3],
+             'kernel', ARGV[4], 'first_seen', ARGV[7], 'count', 0)
+end
+redis.call('HINCRBY', KEYS[1], 'count', 1)
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[7])
+local shrank = 0
+local size = tonumber(redis.call('HGET', KEYS[1], 'reproducer_size') or '-1')
+if size < 0 or tonumber(ARGV[6]) < size then
+  redis.call('HSET', KEYS[1], 'reproducer', ARGV[5], 'reproducer_size', ARGV[6])
+  if new == 0 then shrank = 1 end
+end
+redis.call('LPUSH', KEYS[3], ARGV[8])
+redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[9]))
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
+return {new, shrank}
+"""
+
+# KEYS: bucket hash. ARGV: minimized sha, size. Keeps the smallest.
+SET_MINIMIZED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local size = tonumber(redis.call('HGET', KEYS[1], 'minimized_size') or '-1')
+if size < 0 or tonumber(ARGV[2]) < size then
+  redis.call('HSET', KEYS[1], 'minimized', ARGV[1], 'minimized_size', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: slice hash, campaign hash. ARGV: slice id, stats json, execs, edges, now.
+# A slice's statistics are added to its campaign once, however often it is reported.
+FINISH_SLICE = """
+if redis.call('HGET', KEYS[1], 'state') == 'done' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[5], 'stats', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'execs', ARGV[3])
+local edges = tonumber(redis.call('HGET', KEYS[2], 'edges') or '0')
+if tonumber(ARGV[4]) > edges then redis.call('HSET', KEYS[2], 'edges', ARGV[4]) end
+redis.call('HINCRBY', KEYS[2], 'slices_done', 1)
+return 1
+"""
+
+
+@dataclass
+class Bucket:
+    id: str
+    signature: str
+    crash_class: str
+    kernel: str
+    count: int
+    first_seen: float
+    last_seen: float
+    reproducer: str
+    reproducer_size: int
+    minimized: str | None
+    minimized_size: int | None
+    verify: dict[str, dict[str, Any]]
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Bucket:
+        verify = {k.split(":", 1)[1]: json.loads(v) for k, v in h.items()
+                  if k.startswith("verify:")}
+        return cls(h["id"], h["signature"], h["class"], h["kernel"], int(h.get("count", 0)),
+                   float(h.get("first_seen", 0)), float(h.get("last_seen", 0)),
+                   h.get("reproducer", ""), int(h.get("reproducer_size", 0)),
+                   h.get("minimized"), int(h["minimized_size"]) if "minimized_size" in h
+                   else None, verify)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "signature": self.signature, "class": self.crash_class,
+                "kernel": self.kernel, "count": self.count, "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "reproducer": self.reproducer,
+                "reproducer_size": self.reproducer_size, "minimized": self.minimized,
+                "minimized_size": self.minimized_size, "verify": self.verify}
+
+
+class FarmStore:
+    """Typed access to the farm's Redis keys."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._upsert = client.register_script(UPSERT_BUCKET)
+        self._set_min = client.register_script(SET_MINIMIZED)
+        self._finish = client.register_script(FINISH_SLICE)
+
+    @classmethod
+    def connect(cls, url: str) -> FarmStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
+                                        retry_on_timeout=True, health_check_interval=30))
+
+    # bytes by sha256 ----------------------------------------------------------------------
+    def put_blob(self, data: bytes) -> str:
+        sha = sha256(data)
+        self.r.set(P + "blob:" + sha, data, nx=True)
+        return sha
+
+    def get_blob(self, sha: str) -> bytes | None:
+        return self.r.get(P + "blob:" + sha)
+
+    def get_blobs(self, shas: list[str]) -> list[bytes | None]:
+        return self.r.mget([P + "blob:" + s for s in shas]) if shas else []
+
+    # kernels -------------------------------------------------------------------------------
+    def put_kernel(self, name: str, profile_toml: str, image_sha: str, description: str) -> None:
+        with self.r.pipeline() as p:
+            p.hset(P + "kernel:" + name, mapping={
+                "name": name, "profile": profile_toml, "image": image_sha,
+                "description": description, "added": time.time()})
+            p.sadd(P + "kernels", name)
+            p.execute()
+
+    def get_kernel(self, name: str) -> dict[str, str] | None:
+        h = _hash(self.r.hgetall(P + "kernel:" + name))
+        return h or None
+
+    def kernels(self) -> list[str]:
+        return sorted(_s(k) for k in self.r.smembers(P + "kernels"))
+
+    # corpus (per kernel build) -------------------------------------------------------------
+    def corpus_members(self, kernel: str) -> set[str]:
+        return {_s(m) for m in self.r.smembers(P + "corpus:" + kernel)}
+
+    def corpus_add(self, kernel: str, inputs: list[bytes]) -> int:
+        if not inputs:
+            return 0
+        with self.r.pipeline() as p:
+            for data in inputs:
+                p.set(P + "blob:" + sha256(data), data, nx=True)
+            p.sadd(P + "corpus:" + kernel, *[sha256(d) for d in inputs])
+            return int(p.execute()[-1])
+
+    def corpus_size(self, kernel: str) -> int:
+        return int(self.r.scard(P + "corpus:" + kernel))
+
+    # campaigns and slices -----------------------------------------------------------------
+    def create_campaign(self, kernel: str, slices: int, slice_seconds: float) -> str:
+        cid = uuid.uuid4().hex[:12]
+        with self.r.pipeline() as p:
+            p.hset(P + "campaign:" + cid, mapping={
+                "id": cid, "kernel": kernel, "state": "running", "slices": slices,
+                "slice_seconds": slice_seconds, "created": time.time(), "execs": 0,
+                "edges": 0, "slices_done": 0})
+            p.zadd(P + "campaigns", {cid: time.time()})
+            p.execute()
+        return cid
+
+    def campaign(self, cid: str) -> dict[str, str] | None:
+        return _hash(self.r.hgetall(P + "campaign:" + cid)) or None
+
+    def campaigns(self) -> list[dict[str, str]]:
+        ids = [_s(c) for c in self.r.zrange(P + "campaigns", 0, -1)]
+        return [c for c in (self.campaign(i) for i in ids) if c]
+
+    def set_campaign_state(self, cid: str, state: str) -> None:
+        self.r.hset(P + "campaign:" + cid, "state", state)
+
+    def new_slice(self, cid: str, kernel: str, seconds: float) -> str:
+        sid = uuid.uuid4().hex[:12]
+        with self.r.pipeline() as p:
+            p.hset(P + "slice:" + sid, mapping={
+                "id": sid, "campaign": cid, "kernel": kernel, "seconds": seconds,
+                "state": "queued", "queued": time.time()})
+            p.sadd(P + "campaign:" + cid + ":inflight", sid)
+            p.execute()
+        return sid
+
+    def slice(self, sid: str) -> dict[str, str] | None:
+        return _hash(self.r.hgetall(P + "slice:" + sid)) or None
+
+    def start_slice(self, sid: str, worker: str) -> bool:
+        """Mark a slice running; False if it already finished (a redelivered message)."""
+        key = P + "slice:" + sid
+        if _s(self.r.hget(key, "state") or b"") == "done":
+            return False
+        self.r.hset(key, mapping={"state": "running", "worker": worker, "started": time.time()})
+        return True
+
+    def finish_slice(self, sid: str, cid: str, stats: dict[str, Any]) -> bool:
+        done = self._finish(keys=[P + "slice:" + sid, P + "campaign:" + cid],
+                            args=[sid, json.dumps(stats), int(stats.get("execs", 0)),
+                                  int(stats.get("edges", 0)), time.time()])
+        self.r.srem(P + "campaign:" + cid + ":inflight", sid)
+        return bool(done)
+
+    def drop_slice(self, sid: str, cid: str, state: str) -> None:
+        with self.r.pipeline() as p:
+            p.hset(P + "slice:" + sid, "state", state)
+            p.srem(P + "campaign:" + cid + ":inflight", sid)
+            p.execute()
+
+    def inflight(self, cid: str) -> list[str]:
+        return sorted(_s(s) for s in self.r.smembers(P + "campaign:" + cid + ":inflight"))
+
+    def add_series_point(self, cid: str, point: dict[str, Any]) -> None:
+        with self.r.pipeline() as p:
+            p.rpush(P + "campaign:" + cid + ":series", json.dumps(point))
+            p.ltrim(P + "campaign:" + cid + ":series", -SERIES_KEPT, -1)
+            p.execute()
+
+    def series(self, cid: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(P + "campaign:" + cid + ":series", 0, -1)]
+
+    # triage work not yet done (so nothing is lost when a worker dies) ----------------------
+    def pending_triage(self, sha: str, kernel: str) -> None:
+        self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": time.time()}, nx=True)
+
+    def triage_done(self, sha: str, kernel: str) -> None:
+        self.r.zrem(P + "triage:pending", f"{kernel}:{sha}")
+
+    def stale_triage(self, older_than: float) -> list[tuple[str, str]]:
+        items = self.r.zrangebyscore(P + "triage:pending", 0, time.time() - older_than)
+        out = []
+        for item in items:
+            kernel, sha = _s(item).rsplit(":", 1)
+            out.append((sha, kernel))
+        return out
+
+    def touch_triage(self, sha: str, kernel: str) -> None:
+        self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": time.time()}, xx=True)
+
+    # buckets -------------------------------------------------------------------------------
+    def upsert_bucket(self, bucket_id: str, signature: str, crash_class: str, kernel: str,
+                      sha: str, size: int, sample: dict[str, Any]) -> tuple[bool, bool]:
+        """Count one crashing input in its bucket; (new bucket, reproducer shrank). An input
+        already counted changes nothing."""
+        key = P + "bucket:" + bucket_id
+        new, shrank = self._upsert(
+            keys=[key, key + ":inputs", key + ":samples", P + "buckets"],
+            args=[bucket_id, signature, crash_class, kernel, sha, size, time.time(),
+                  json.dumps(sample), SAMPLES_KEPT - 1])
+        return bool(new), bool(shrank)
+
+    def bucket(self, bucket_id: str) -> Bucket | None:
+        h = _hash(self.r.hgetall(P + "bucket:" + bucket_id))
+        return Bucket.from_hash(h) if h else None
+
+    def buckets(self) -> list[Bucket]:
+        ids = [_s(b) for b in self.r.zrevrange(P + "buckets", 0, -1)]
+        return [b for b in (self.bucket(i) for i in ids) if b]
+
+    def bucket_samples(self, bucket_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(P + "bucket:" + bucket_id + ":samples",
+                                                     0, -1)]
+
+    def set_minimized(self, bucket_id: str, sha: str, size: int) -> bool:
+        return bool(self._set_min(keys=[P + "bucket:" + bucket_id], args=[sha, size]))
+
+    def set_verify(self, bucket_id: str, kernel: str, state: dict[str, Any]) -> None:
+        self.r.hset(P + "bucket:" + bucket_id, "verify:" + kernel, json.dumps(state))
+
+    # reports (a Result JSON per input and kernel) ------------------------------------------
+    def put_report(self, sha: str, kernel: str, report: dict[str, Any]) -> None:
+        self.r.set(P + "report:" + kernel + ":" + sha, json.dumps(report))
+
+    def report(self, sha: str, kernel: str) -> dict[str, Any] | None:
+        raw = self.r.get(P + "report:" + kernel + ":" + sha)
+        return json.loads(raw) if raw else None
+
+    # counters and health --------------------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        self.r.hincrby(P + "counters", name, n)
+
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in _hash(self.r.hgetall(P + "counters")).items()}
+
+    def heartbeat(self, worker: str, info: dict[str, Any]) -> None:
+        self.r.hset(P + "workers", worker, json.dumps({**info, "seen": time.time()}))
+
+    def workers(self, max_age: float = 120.0) -> dict[str, dict[str, Any]]:
+        now = time.time()
+        out = {}
+        for k, v in _hash(self.r.hgetall(P + "workers")).items():
+            info = json.loads(v)
+            if now - float(info.get("seen", 0)) <= max_age:
+                out[k] = info
+        return out

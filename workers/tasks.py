@@ -1,0 +1,83 @@
+"""Celery tasks: thin wrappers that call `workers.work` with ids only (never input bytes)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import cache
+from typing import Any
+
+from workers import work
+from workers.app import app
+from workers.settings import Settings
+from workers.store import FarmStore
+
+log = logging.getLogger("fuzzfarm.workers")
+
+
+@cache
+def _store() -> FarmStore:
+    return FarmStore.connect(_settings().redis_url)
+
+
+def _settings() -> Settings:
+    return app.conf.fuzzfarm_settings
+
+
+def _worker_name(task: Any) -> str:
+    return str(getattr(task.request, "hostname", None) or socket.gethostname())
+
+
+def send_triage(sha: str, kernel: str) -> None:
+    triage.delay(sha, kernel)
+
+
+def send_minimize(bucket: str) -> None:
+    minimize.delay(bucket)
+
+
+@app.task(bind=True, name="workers.tasks.fuzz_slice")
+def fuzz_slice(self: Any, slice_id: str) -> dict[str, Any] | None:
+    store = _store()
+    store.heartbeat(_worker_name(self), {"task": "fuzz", "slice": slice_id})
+    try:
+        return work.run_fuzz_slice(store, _settings(), slice_id, _worker_name(self),
+                                   send_triage)
+    except Exception as e:  # noqa: BLE001 - a failed slice is ours, never the kernel's
+        work.record_harness_error(store, f"fuzz slice {slice_id}", f"{type(e).__name__}: {e}")
+        return None
+    finally:
+        store.heartbeat(_worker_name(self), {"task": None})
+
+
+@app.task(bind=True, name="workers.tasks.triage")
+def triage(self: Any, sha: str, kernel: str) -> dict[str, Any]:
+    store = _store()
+    store.heartbeat(_worker_name(self), {"task": "triage"})
+    try:
+        return work.triage_input(store, _settings(), sha, kernel, send_minimize)
+    except Exception as e:  # noqa: BLE001
+        work.record_harness_error(store, "triage", f"{type(e).__name__}: {e}", sha)
+        store.triage_done(sha, kernel)
+        return {"state": "harness-error"}
+
+
+@app.task(bind=True, name="workers.tasks.minimize")
+def minimize(self: Any, bucket: str) -> dict[str, Any]:
+    store = _store()
+    store.heartbeat(_worker_name(self), {"task": "minimize"})
+    try:
+        return work.minimize_bucket(store, _settings(), bucket)
+    except Exception as e:  # noqa: BLE001
+        work.record_harness_error(store, "minimize", f"{type(e).__name__}: {e}")
+        return {"state": "harness-error"}
+
+
+@app.task(bind=True, name="workers.tasks.verify")
+def verify(self: Any, bucket: str, kernel: str) -> dict[str, Any]:
+    store = _store()
+    try:
+        return work.verify_bucket(store, _settings(), bucket, kernel)
+    except Exception as e:  # noqa: BLE001
+        work.record_harness_error(store, f"verify on {kernel}", f"{type(e).__name__}: {e}")
+        return {"state": "harness-error"}

@@ -1,0 +1,265 @@
+"""What the farm's tasks do, as plain functions (the Celery tasks in `tasks.py` only call these,
+so tests and the command line can run them directly).
+
+Every function is idempotent: Celery hands a task out again when its worker died before
+acknowledging it, and the controller re-sends triage work that was never finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fuzz.harness import JobConfig, JobStats, stats_path
+from fuzz.minimize import NotACrash, minimize
+from fuzz.solutions import bucket_id
+from kernel_emu.errors import HarnessError
+from kernel_emu.executor import Executor
+from kernel_emu.result import Result
+from workers.kernels import materialize
+from workers.settings import Settings
+from workers.store import FarmStore, sha256
+
+log = logging.getLogger("fuzzfarm.workers")
+
+SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
+ERRORS_KEPT = 50
+SLICE_GRACE = 120.0  # start-up and wind-down of a slice's job process
+Enqueue = Callable[..., None]
+
+_executors: dict[tuple[str, str, bool], Executor] = {}
+
+
+def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bool) -> Executor:
+    """One executor per kernel build and mode in this worker process (a build's profile is
+    keyed by its image and profile bytes, so a replaced build gets a new one)."""
+    profile = materialize(store, kernel, settings.cache_dir)
+    key = (kernel, str(profile.source), snapshot)
+    ex = _executors.get(key)
+    if ex is None:
+        ex = _executors[key] = Executor(profile, snapshot=snapshot)
+    return ex
+
+
+def record_harness_error(store: FarmStore, where: str, error: BaseException | str,
+                         sha: str | None = None) -> None:
+    entry = {"where": where, "error": str(error), "input": sha, "time": time.time()}
+    store.count("harness_errors")
+    with store.r.pipeline() as p:
+        p.lpush("ff:harness-errors", json.dumps(entry))
+        p.ltrim("ff:harness-errors", 0, ERRORS_KEPT - 1)
+        p.execute()
+    log.warning("harness error in %s: %s", where, error)
+
+
+# fuzz slice ----------------------------------------------------------------------------------
+
+def _sync_corpus(store: FarmStore, kernel: str, folder: Path) -> set[str]:
+    """Bring the local copy of the shared corpus up to date; returns the shared set."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = store.corpus_members(kernel)
+    local = {p.name for p in folder.iterdir()}
+    missing = sorted(shared - local)
+    for i in range(0, len(missing), 200):
+        chunk = missing[i:i + 200]
+        for sha, data in zip(chunk, store.get_blobs(chunk), strict=True):
+            if data is not None and sha256(data) == sha:
+                (folder / sha).write_bytes(data)
+    return shared
+
+
+def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: str,
+                   enqueue_triage: Enqueue) -> dict[str, Any] | None:
+    info = store.slice(slice_id)
+    if info is None:
+        log.warning("unknown slice %s", slice_id)
+        return None
+    cid, kernel = info["campaign"], info["kernel"]
+    campaign = store.campaign(cid) or {}
+    if campaign.get("state") != "running":
+        store.drop_slice(slice_id, cid, "cancelled")
+        return None
+    if not store.start_slice(slice_id, worker):
+        return None  # delivered again after it finished
+    profile = materialize(store, kernel, settings.cache_dir)
+    corpus_dir = settings.cache_dir / "corpus" / kernel / f"{os.getpid()}"
+    shared = _sync_corpus(store, kernel, corpus_dir)
+    work = Path(tempfile.mkdtemp(prefix=f"slice-{slice_id}-", dir=settings.cache_dir))
+    try:
+        stats = _run_job(store, settings, profile.source, work, corpus_dir,
+                         float(info["seconds"]), cid)
+        fresh = [p.read_bytes() for p in (work / "corpus").iterdir()
+                 if p.is_file() and p.name not in shared]
+        store.corpus_add(kernel, fresh)
+        for data in fresh:
+            (corpus_dir / sha256(data)).write_bytes(data)
+        found = _push_findings(store, work, kernel, enqueue_triage)
+        errors = sorted((work / "harness-errors").glob("*.json"))
+        for report in errors:
+            detail = json.loads(report.read_text())
+            record_harness_error(store, f"fuzz slice {slice_id}", detail.get("error", "?"),
+                                 detail.get("input_sha256"))
+        summary = {"execs": stats.execs if stats else 0, "edges": stats.edges if stats else 0,
+                   "seconds": stats.elapsed if stats else 0.0,
+                   "execs_per_second": stats.execs / stats.elapsed
+                   if stats and stats.elapsed > 0 else 0.0,
+                   "new_inputs": len(fresh), "findings": found,
+                   "harness_errors": len(errors), "worker": worker,
+                   "stop_reason": stats.stop_reason if stats else "no statistics"}
+        store.finish_slice(slice_id, cid, summary)
+        return summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, corpus: Path,
+             seconds: float, cid: str) -> JobStats | None:
+    config = JobConfig(kernel=str(profile), out=str(work), seeds=[str(corpus), str(SEEDS)],
+                       seconds=seconds, rss_limit_mb=settings.slice_rss_mb,
+                       seed=int.from_bytes(os.urandom(3), "little"))
+    (work / "jobs").mkdir(parents=True, exist_ok=True)
+    with (work / "jobs" / "job-0.log").open("w") as out:
+        child = subprocess.Popen([sys.executable, "-m", "fuzz.harness", config.dumps()],
+                                 stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + seconds + SLICE_GRACE
+        stopping = False
+        try:
+            while child.poll() is None:
+                time.sleep(0.5)
+                if not stopping and (store.campaign(cid) or {}).get("state") != "running":
+                    child.send_signal(signal.SIGTERM)  # the job writes its stats and exits
+                    stopping = True
+                if time.monotonic() > deadline:
+                    child.kill()
+                    child.wait()
+                    record_harness_error(store, "fuzz slice", "job process overran its slice")
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if child.returncode not in (0, None):
+        record_harness_error(store, "fuzz slice",
+                             f"job process exited with status {child.returncode}")
+    try:
+        return JobStats.from_json(json.loads(stats_path(work, 0).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: Enqueue) -> int:
+    found = 0
+    root = work / "solutions"
+    if not root.is_dir():
+        return 0
+    for path in sorted(root.glob("*/*.elf")):
+        data = path.read_bytes()
+        sha = store.put_blob(data)
+        # recorded before the task is sent: if this worker dies now, the controller re-sends it
+        store.pending_triage(sha, kernel)
+        enqueue_triage(sha, kernel)
+        found += 1
+    return found
+
+
+# triage --------------------------------------------------------------------------------------
+
+def triage_input(store: FarmStore, settings: Settings, sha: str, kernel: str,
+                 enqueue_minimize: Enqueue) -> dict[str, Any]:
+    """Re-run a crashing input with a full boot and every oracle, and count it in its bucket."""
+    data = store.get_blob(sha)
+    if data is None:
+        store.triage_done(sha, kernel)
+        record_harness_error(store, "triage", "input not found in Redis", sha)
+        return {"state": "missing"}
+    try:
+        result = _executor(store, settings, kernel, snapshot=False).run(data)
+    except HarnessError as e:
+        store.triage_done(sha, kernel)
+        record_harness_error(store, "triage", e, sha)
+        return {"state": "harness-error", "error": str(e)}
+    store.put_report(sha, kernel, result.to_json())
+    if result.verdict != "crash" or not result.signature:
+        store.count(f"triage_{result.verdict}")
+        store.triage_done(sha, kernel)
+        return {"state": result.verdict}
+    bid = bucket_id(result.signature)
+    new, shrank = store.upsert_bucket(bid, result.signature, result.crash_class or "?", kernel,
+                                      sha, len(data), _sample(sha, kernel, result))
+    if new or shrank:
+        enqueue_minimize(bid)
+    store.triage_done(sha, kernel)
+    return {"state": "crash", "bucket": bid, "new": new, "shrank": shrank}
+
+
+def _sample(sha: str, kernel: str, result: Result) -> dict[str, Any]:
+    return {"input": sha, "kernel": kernel, "time": time.time(), "class": result.crash_class,
+            "evidence": [e for f in result.findings[:3] for e in f.evidence[:2]],
+            "symbol": result.symbol}
+
+
+# minimize and verify -------------------------------------------------------------------------
+
+def minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
+    bucket = store.bucket(bid)
+    if bucket is None:
+        return {"state": "unknown bucket"}
+    data = store.get_blob(bucket.reproducer)
+    if data is None:
+        record_harness_error(store, "minimize", "reproducer not found in Redis",
+                             bucket.reproducer)
+        return {"state": "missing"}
+    ex = _executor(store, settings, bucket.kernel, snapshot=True)
+    try:
+        outcome = minimize(data, ex, max_executions=settings.minimize_executions)
+    except NotACrash as e:
+        store.r.hset("ff:bucket:" + bid, "minimize_error", str(e))
+        return {"state": "not a crash", "error": str(e)}
+    except HarnessError as e:
+        record_harness_error(store, "minimize", e, bucket.reproducer)
+        return {"state": "harness-error"}
+    if outcome.signature != bucket.signature:
+        # the snapshot executor disagrees with triage's full boot: keep the reproducer as is
+        record_harness_error(store, "minimize", "signature changed under the snapshot executor",
+                             bucket.reproducer)
+        return {"state": "signature changed"}
+    min_sha = store.put_blob(outcome.data)
+    store.put_report(min_sha, bucket.kernel, outcome.result.to_json())
+    stored = store.set_minimized(bid, min_sha, outcome.size)
+    return {"state": "minimized", "size": outcome.size, "from": outcome.original_size,
+            "stored": stored, "executions": outcome.executions}
+
+
+def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -> dict[str, Any]:
+    """Does this bucket's reproducer still crash the same way on `kernel`?"""
+    bucket = store.bucket(bid)
+    if bucket is None:
+        return {"state": "unknown bucket"}
+    sha = bucket.minimized or bucket.reproducer
+    data = store.get_blob(sha)
+    if data is None:
+        return {"state": "missing"}
+    try:
+        result = _executor(store, settings, kernel, snapshot=False).run(data)
+    except HarnessError as e:
+        record_harness_error(store, f"verify on {kernel}", e, sha)
+        state = {"state": "harness-error", "error": str(e), "time": time.time()}
+        store.set_verify(bid, kernel, state)
+        return state
+    store.put_report(sha, kernel, result.to_json())
+    same = result.verdict == "crash" and result.crash_class == bucket.crash_class
+    state = {"state": "reproduces" if same else "fixed", "verdict": result.verdict,
+             "class": result.crash_class, "signature": result.signature, "input": sha,
+             "time": time.time()}
+    store.set_verify(bid, kernel, state)
+    return state
