@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fuzzfarm.farm_cli import FarmUsageError
 from kernel_emu.errors import HarnessError
 
 EXIT_OK, EXIT_CRASH, EXIT_ERROR = 0, 1, 2
@@ -127,6 +128,14 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 def cmd_minimize(args: argparse.Namespace) -> int:
     from fuzz.minimize import run
 
+    if args.bucket:
+        if args.crash:
+            raise UsageError("give either CRASH or --bucket, not both")
+        from fuzzfarm.farm_cli import minimize_bucket
+
+        return minimize_bucket(args)
+    if not args.crash:
+        raise UsageError("minimize needs a CRASH file (or --bucket ID for a farm bucket)")
     return run(args)
 
 
@@ -169,7 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         return bench_fuzz(kernel=args.kernel, seconds=args.seconds, repeats=args.repeats,
                           first_runs=args.first_runs, bug_seconds=args.bug_seconds,
-                          first_cap=args.first_cap)
+                          first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
+                          parts=args.parts)
     raise UsageError(f"unknown benchmark '{args.what}'")
 
 
@@ -231,8 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "an input that does not crash).")
     from fuzz.minimize import add_arguments as add_minimize_arguments
 
-    add_minimize_arguments(p)
+    add_minimize_arguments(p, crash_optional=True)
+    p.add_argument("--bucket", default=None, metavar="ID",
+                   help="minimize a farm bucket's reproducer on the farm's workers instead")
+    p.add_argument("--wait", type=float, default=900.0, help=argparse.SUPPRESS)
+    p.add_argument("--redis-url", default=None, metavar="URL",
+                   help="with --bucket: the farm's Redis (default: $REDIS_URL)")
     p.set_defaults(func=cmd_minimize)
+
+    from fuzzfarm.farm_cli import add_parsers as add_farm_parsers
+
+    add_farm_parsers(sub)
 
     p = sub.add_parser("seeds", help="regenerate the seed corpus with gcc and LIEF",
                        description="Rebuild the seed ELFs (gcc-compiled templates edited with "
@@ -269,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-cap", type=float, default=120.0,
                    help="fuzz: give up on one such campaign after this many seconds")
     p.add_argument("--bug-seconds", type=float, default=300.0,
-                   help="fuzz: length of the known-bugs campaigns (default: 300)")
+                   help="fuzz: length of the known-bugs campaign on seed (default: 300)")
+    p.add_argument("--fixed-seconds", type=float, default=600.0,
+                   help="fuzz: length of the campaign on fixed (default: 600)")
+    p.add_argument("--parts", default="123",
+                   help="fuzz: which parts to run: 1 feedback cost, 2 time to the bug, "
+                        "3 known bugs (default: 123)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -280,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UsageError as e:
+    except (UsageError, FarmUsageError) as e:
         print(f"fuzzfarm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except HarnessError as e:

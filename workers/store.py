@@ -34,7 +34,7 @@ def _hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {_s(k): _s(v) for k, v in raw.items()}
 
 
-# KEYS: bucket hash, bucket inputs set, bucket samples list, buckets zset
+# KEYS: bucket hash, bucket inputs set, bucket samples list, buckets zset, sizes hash
 # ARGV: bucket id, signature, class, kernel, input sha, input size, now, sample json,
 #       index of the last sample kept
 UPSERT_BUCKET = """
@@ -53,6 +53,7 @@ local shrank = 0
 local size = tonumber(redis.call('HGET', KEYS[1], 'reproducer_size') or '-1')
 if size < 0 or tonumber(ARGV[6]) < size then
   redis.call('HSET', KEYS[1], 'reproducer', ARGV[5], 'reproducer_size', ARGV[6])
+  redis.call('HSET', KEYS[5], ARGV[1], ARGV[6])
   if new == 0 then shrank = 1 end
 end
 redis.call('LPUSH', KEYS[3], ARGV[8])
@@ -160,21 +161,43 @@ class FarmStore:
     def kernels(self) -> list[str]:
         return sorted(_s(k) for k in self.r.smembers(P + "kernels"))
 
-    # corpus (per kernel build) -------------------------------------------------------------
-    def corpus_members(self, kernel: str) -> set[str]:
-        return {_s(m) for m in self.r.smembers(P + "corpus:" + kernel)}
+    # corpus (per kernel build): a sorted set of input shas scored by when they were added --
+    def corpus_sample(self, kernel: str, recent: int, sampled: int) -> set[str]:
+        """The `recent` newest inputs plus up to `sampled` others picked at random."""
+        key = P + "corpus:" + kernel
+        with self.r.pipeline() as p:
+            p.zrevrange(key, 0, recent - 1)
+            p.zrandmember(key, sampled)
+            newest, random_ones = p.execute()
+        return {_s(m) for m in [*newest, *(random_ones or [])]}
 
     def corpus_add(self, kernel: str, inputs: list[bytes]) -> int:
+        """Add inputs to the shared corpus in three commands, whatever their number."""
         if not inputs:
             return 0
+        by_sha = {sha256(d): d for d in inputs}
+        key = P + "corpus:" + kernel
+        scores = self.r.zmscore(key, list(by_sha))
+        new = {sha: by_sha[sha] for sha, score in zip(by_sha, scores, strict=True)
+               if score is None}
+        if not new:
+            return 0
         with self.r.pipeline() as p:
-            for data in inputs:
-                p.set(P + "blob:" + sha256(data), data, nx=True)
-            p.sadd(P + "corpus:" + kernel, *[sha256(d) for d in inputs])
+            # content-addressed: overwriting a blob writes the same bytes
+            p.mset({P + "blob:" + sha: data for sha, data in new.items()})
+            p.zadd(key, dict.fromkeys(new, time.time()), nx=True)
             return int(p.execute()[-1])
 
+    def reproducer_sizes(self, bucket_ids: list[str]) -> dict[str, int | None]:
+        """The current reproducer size of each bucket (None: no such bucket), one command."""
+        if not bucket_ids:
+            return {}
+        sizes = self.r.hmget(P + "bucket-sizes", bucket_ids)
+        return {b: int(v) if v is not None else None
+                for b, v in zip(bucket_ids, sizes, strict=True)}
+
     def corpus_size(self, kernel: str) -> int:
-        return int(self.r.scard(P + "corpus:" + kernel))
+        return int(self.r.zcard(P + "corpus:" + kernel))
 
     # campaigns and slices -----------------------------------------------------------------
     def create_campaign(self, kernel: str, slices: int, slice_seconds: float) -> str:
@@ -269,7 +292,8 @@ class FarmStore:
         already counted changes nothing."""
         key = P + "bucket:" + bucket_id
         new, shrank = self._upsert(
-            keys=[key, key + ":inputs", key + ":samples", P + "buckets"],
+            keys=[key, key + ":inputs", key + ":samples", P + "buckets",
+                  P + "bucket-sizes"],
             args=[bucket_id, signature, crash_class, kernel, sha, size, time.time(),
                   json.dumps(sample), SAMPLES_KEPT - 1])
         return bool(new), bool(shrank)
@@ -288,6 +312,10 @@ class FarmStore:
 
     def set_minimized(self, bucket_id: str, sha: str, size: int) -> bool:
         return bool(self._set_min(keys=[P + "bucket:" + bucket_id], args=[sha, size]))
+
+    def mark_minimize_done(self, bucket_id: str) -> None:
+        if self.r.exists(P + "bucket:" + bucket_id):
+            self.r.hset(P + "bucket:" + bucket_id, "minimize_done", time.time())
 
     def set_verify(self, bucket_id: str, kernel: str, state: dict[str, Any]) -> None:
         self.r.hset(P + "bucket:" + bucket_id, "verify:" + kernel, json.dumps(state))

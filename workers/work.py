@@ -35,6 +35,8 @@ log = logging.getLogger("fuzzfarm.workers")
 SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
 ERRORS_KEPT = 50
 SLICE_GRACE = 120.0  # start-up and wind-down of a slice's job process
+CORPUS_RECENT = 128
+CORPUS_RANDOM = 128
 Enqueue = Callable[..., None]
 
 _executors: dict[tuple[str, str, bool], Executor] = {}
@@ -64,18 +66,24 @@ def record_harness_error(store: FarmStore, where: str, error: BaseException | st
 
 # fuzz slice ----------------------------------------------------------------------------------
 
-def _sync_corpus(store: FarmStore, kernel: str, folder: Path) -> set[str]:
-    """Bring the local copy of the shared corpus up to date; returns the shared set."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shared = store.corpus_members(kernel)
-    local = {p.name for p in folder.iterdir()}
-    missing = sorted(shared - local)
+def _sync_corpus(store: FarmStore, kernel: str, cache: Path, seeds: Path) -> set[str]:
+    """Fill `seeds` with a sample of the shared corpus (the newest entries and a random few):
+    libFuzzer runs every seed once when it starts, so the whole corpus would eat the slice.
+    Downloads are kept in `cache`. Returns the sample's shas."""
+    cache.mkdir(parents=True, exist_ok=True)
+    seeds.mkdir(parents=True, exist_ok=True)
+    sample = store.corpus_sample(kernel, CORPUS_RECENT, CORPUS_RANDOM)
+    local = {p.name for p in cache.iterdir()}
+    missing = sorted(sample - local)
     for i in range(0, len(missing), 200):
         chunk = missing[i:i + 200]
         for sha, data in zip(chunk, store.get_blobs(chunk), strict=True):
             if data is not None and sha256(data) == sha:
-                (folder / sha).write_bytes(data)
-    return shared
+                _write_once(cache / sha, data)
+    for sha in sample:
+        if (cache / sha).is_file():
+            os.symlink(cache / sha, seeds / sha)
+    return sample
 
 
 def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: str,
@@ -92,17 +100,17 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
     if not store.start_slice(slice_id, worker):
         return None  # delivered again after it finished
     profile = materialize(store, kernel, settings.cache_dir)
-    corpus_dir = settings.cache_dir / "corpus" / kernel / f"{os.getpid()}"
-    shared = _sync_corpus(store, kernel, corpus_dir)
+    corpus_dir = settings.cache_dir / "corpus" / kernel
     work = Path(tempfile.mkdtemp(prefix=f"slice-{slice_id}-", dir=settings.cache_dir))
     try:
-        stats = _run_job(store, settings, profile.source, work, corpus_dir,
+        shared = _sync_corpus(store, kernel, corpus_dir, work / "seeds")
+        stats = _run_job(store, settings, profile.source, work, work / "seeds",
                          float(info["seconds"]), cid)
         fresh = [p.read_bytes() for p in (work / "corpus").iterdir()
                  if p.is_file() and p.name not in shared]
         store.corpus_add(kernel, fresh)
         for data in fresh:
-            (corpus_dir / sha256(data)).write_bytes(data)
+            _write_once(corpus_dir / sha256(data), data)
         found = _push_findings(store, work, kernel, enqueue_triage)
         errors = sorted((work / "harness-errors").glob("*.json"))
         for report in errors:
@@ -120,6 +128,15 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Several workers on one machine share the cache: write under a private name, rename."""
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, corpus: Path,
@@ -158,18 +175,30 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
 
 
 def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: Enqueue) -> int:
-    found = 0
+    """Send the slice's crashing inputs to triage: one per signature (the job kept the
+    smallest), and only when the bucket is new or this input is smaller than its reproducer;
+    the job's own counts are in the slice's statistics."""
     root = work / "solutions"
     if not root.is_dir():
         return 0
-    for path in sorted(root.glob("*/*.elf")):
+    smallest: dict[str, Path] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        inputs = sorted(folder.glob("*.elf"), key=lambda p: (p.stat().st_size, p.name))
+        if inputs:
+            smallest[folder.name] = inputs[0]
+    known = store.reproducer_sizes(list(smallest))
+    sent = 0
+    for bid, path in smallest.items():
+        size = known.get(bid)
+        if size is not None and path.stat().st_size >= size:
+            continue
         data = path.read_bytes()
         sha = store.put_blob(data)
         # recorded before the task is sent: if this worker dies now, the controller re-sends it
         store.pending_triage(sha, kernel)
         enqueue_triage(sha, kernel)
-        found += 1
-    return found
+        sent += 1
+    return sent
 
 
 # triage --------------------------------------------------------------------------------------
@@ -211,6 +240,13 @@ def _sample(sha: str, kernel: str, result: Result) -> dict[str, Any]:
 # minimize and verify -------------------------------------------------------------------------
 
 def minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
+    try:
+        return _minimize_bucket(store, settings, bid)
+    finally:
+        store.mark_minimize_done(bid)
+
+
+def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
     bucket = store.bucket(bid)
     if bucket is None:
         return {"state": "unknown bucket"}

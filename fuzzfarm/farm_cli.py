@@ -1,0 +1,343 @@
+"""The farm's commands: up, status, campaign, buckets, verify, kernel, controller, worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_ERROR = 0, 2
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+class FarmUsageError(Exception):
+    """A farm command that cannot run as asked (one line for the user)."""
+
+
+def _url(args: argparse.Namespace) -> str:
+    return args.redis_url or os.environ.get("REDIS_URL") or DEFAULT_URL
+
+
+def _store(args: argparse.Namespace) -> Any:
+    import redis
+
+    from workers.store import FarmStore
+
+    url = _url(args)
+    store = FarmStore.connect(url)
+    try:
+        store.r.ping()
+    except redis.RedisError as e:
+        raise FarmUsageError(f"cannot reach Redis at {url} ({e}); is `fuzzfarm up` running, "
+                             f"or is --redis-url / REDIS_URL right?") from None
+    return store
+
+
+def _wait(until: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not until():
+        if time.monotonic() > deadline:
+            raise FarmUsageError(f"timed out after {seconds:.0f} s waiting for {what} "
+                                 f"(are workers running?)")
+        time.sleep(0.5)
+
+
+# up ------------------------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from workers.local import FarmError, LocalFarm, status_line
+
+    if args.workers < 1:
+        raise FarmUsageError("--workers must be at least 1")
+    farm = LocalFarm(data=Path(args.data), workers=args.workers, kernel=args.kernel,
+                     redis_url=args.redis_url or os.environ.get("REDIS_URL"),
+                     slice_seconds=args.slice_seconds, dashboard_port=args.port)
+    store = None
+    started = time.monotonic()
+    interrupted = False
+    try:
+        try:
+            store = farm.start()
+        except FarmError as e:
+            raise FarmUsageError(str(e)) from None
+        _check_kernel(store, args.kernel)
+        cid = farm.ensure_campaign(store)
+        print(f"farm up: Redis {farm.url}, {args.workers} worker(s), campaign {cid} on "
+              f"{args.kernel}; logs in {farm.data / 'logs'}", file=sys.stderr)
+        if args.port is not None:
+            print(f"dashboard: http://127.0.0.1:{args.port}/", file=sys.stderr)
+        print(f"in another shell: REDIS_URL={farm.url} fuzzfarm status", file=sys.stderr)
+        tty = sys.stderr.isatty()
+        last = 0.0
+        while args.seconds is None or time.monotonic() - started < args.seconds:
+            time.sleep(1.0)
+            dead = farm.dead()
+            if dead:
+                raise FarmUsageError(f"farm process(es) exited: {', '.join(dead)} "
+                                     f"(see {farm.data / 'logs'})")
+            if time.monotonic() - last >= (1.0 if tty else 10.0):
+                last = time.monotonic()
+                line = status_line(store, started)
+                sys.stderr.write(("\r\033[K" + line) if tty else line + "\n")
+                sys.stderr.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if store is not None or farm.procs:
+            print("\nstopping: campaigns first (running slices report), then workers, "
+                  "controller and Redis", file=sys.stderr)
+            farm.stop(store)
+    return 130 if interrupted else EXIT_OK
+
+
+def _check_kernel(store: Any, kernel: str) -> None:
+    if kernel not in store.kernels():
+        raise FarmUsageError(f"unknown kernel build '{kernel}': known are "
+                             f"{', '.join(store.kernels())} (fuzzfarm kernel add PROFILE.toml)")
+
+
+# status, campaigns, buckets -----------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    campaigns = store.campaigns()
+    buckets = store.buckets()
+    workers = store.workers()
+    info = {"redis": _url(args), "campaigns": campaigns, "workers": workers,
+            "buckets": len(buckets), "counters": store.counters(),
+            "kernels": store.kernels()}
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"Redis {info['redis']} · kernels: {', '.join(info['kernels']) or 'none'}")
+    print(f"workers seen in the last 2 minutes: {len(workers)}")
+    for c in campaigns:
+        print(f"campaign {c['id']} [{c['state']}] kernel {c['kernel']}: {int(c['execs']):,} "
+              f"execs, {c['edges']} edges, {c['slices_done']} slices done, "
+              f"{len(store.inflight(c['id']))} in flight")
+    classes: dict[str, int] = {}
+    for b in buckets:
+        classes[b.crash_class] = classes.get(b.crash_class, 0) + 1
+    print(f"buckets: {len(buckets)}"
+          + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())) + ")"
+             if classes else ""))
+    counters = info["counters"]
+    if counters.get("harness_errors"):
+        print(f"harness errors: {counters['harness_errors']} (not findings)")
+    return EXIT_OK
+
+
+def cmd_campaign(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if args.action == "start":
+        from workers.kernels import ensure_builtin
+
+        ensure_builtin(store)
+        _check_kernel(store, args.kernel)
+        if args.slices < 1 or args.slice_seconds <= 0:
+            raise FarmUsageError("--slices must be >= 1 and --slice-seconds positive")
+        cid = store.create_campaign(args.kernel, args.slices, args.slice_seconds)
+        print(cid)
+        return EXIT_OK
+    running = [c for c in store.campaigns() if c["state"] == "running"]
+    targets = [c for c in running if args.id in (None, c["id"])]
+    if args.id and not targets:
+        raise FarmUsageError(f"no running campaign {args.id}")
+    for c in targets:
+        store.set_campaign_state(c["id"], "stopping")
+        print(f"stopping {c['id']}")
+    return EXIT_OK
+
+
+def cmd_buckets(args: argparse.Namespace) -> int:
+    store = _store(args)
+    buckets = [b for b in store.buckets() if args.cls in (None, b.crash_class)]
+    if args.json:
+        print(json.dumps([b.to_json() for b in buckets], indent=2, sort_keys=True))
+        return EXIT_OK
+    if not buckets:
+        print("no buckets")
+        return EXIT_OK
+    print(f"{'bucket':<16}  {'class':<16} {'count':>5}  {'repro':>6}  {'min':>5}  verify  "
+          "signature")
+    for b in buckets:
+        verify = ",".join(f"{k}:{v.get('state')}" for k, v in sorted(b.verify.items())) or "-"
+        print(f"{b.id:<16}  {b.crash_class:<16} {b.count:>5}  {b.reproducer_size:>6}  "
+              f"{b.minimized_size or '-':>5}  {verify}  {b.signature}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from workers import tasks
+    from workers.kernels import ensure_builtin
+
+    store = _store(args)
+    ensure_builtin(store)
+    _check_kernel(store, args.kernel)
+    buckets = store.buckets()
+    if not buckets:
+        print("no buckets to verify")
+        return EXIT_OK
+    started = time.time()
+    for b in buckets:
+        tasks.verify.delay(b.id, args.kernel)
+
+    def done() -> bool:
+        return all(float((store.bucket(b.id).verify.get(args.kernel) or {}).get("time", 0))
+                   >= started for b in buckets)
+
+    _wait(done, args.wait, f"{len(buckets)} verifications on {args.kernel}")
+    counts: dict[str, int] = {}
+    for b in buckets:
+        state = store.bucket(b.id).verify[args.kernel]["state"]
+        counts[state] = counts.get(state, 0) + 1
+        print(f"{b.id}  {state:<10}  {b.signature}")
+    print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" on {args.kernel}")
+    return EXIT_OK
+
+
+def minimize_bucket(args: argparse.Namespace) -> int:
+    from workers import tasks
+
+    store = _store(args)
+    bucket = store.bucket(args.bucket)
+    if bucket is None:
+        raise FarmUsageError(f"no bucket {args.bucket} (see fuzzfarm buckets)")
+    before = bucket.minimized_size
+    started = time.time()
+    tasks.minimize.delay(bucket.id)
+
+    def done() -> bool:
+        b = store.bucket(bucket.id)
+        return b is not None and (b.minimized_size != before or float(
+            store.r.hget("ff:bucket:" + bucket.id, "minimize_done") or 0) >= started)
+
+    _wait(done, args.wait, f"the minimization of bucket {bucket.id}")
+    b = store.bucket(bucket.id)
+    print(f"bucket {b.id}: reproducer {b.reproducer_size} bytes, minimized "
+          f"{b.minimized_size} bytes ({b.minimized}); signature: {b.signature}")
+    return EXIT_OK
+
+
+# kernels ---------------------------------------------------------------------------------------
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from workers.kernels import add_kernel, ensure_builtin
+
+    store = _store(args)
+    ensure_builtin(store)
+    if args.action == "add":
+        if not args.profile:
+            raise FarmUsageError("kernel add needs a PROFILE.toml")
+        name = add_kernel(store, Path(args.profile), args.name)
+        entry = store.get_kernel(name)
+        print(f"added kernel build '{name}' (image sha256 {entry['image']})")
+        return EXIT_OK
+    for name in store.kernels():
+        entry = store.get_kernel(name) or {}
+        print(f"{name:<16} image {entry.get('image', '?')[:16]}  {entry.get('description', '')}")
+    return EXIT_OK
+
+
+# processes for docker-compose and by hand -----------------------------------------------------
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from workers.controller import main
+
+    if args.redis_url:
+        os.environ["REDIS_URL"] = args.redis_url
+    return main()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.local import worker_command
+
+    if args.redis_url:
+        os.environ["REDIS_URL"] = args.redis_url
+    cmd = worker_command(args.name, args.queues)
+    os.execv(cmd[0], cmd)  # the worker replaces this process (signals go straight to it)
+    return EXIT_ERROR
+
+
+def add_parsers(sub: Any) -> None:
+    def redis_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--redis-url", default=None, metavar="URL",
+                       help=f"the farm's Redis (default: $REDIS_URL or {DEFAULT_URL})")
+
+    p = sub.add_parser("up", help="run the whole farm locally (Redis, workers, controller)",
+                       description="Start the farm on this machine: a Redis server (unless "
+                                   "--redis-url/REDIS_URL names one), N Celery workers, the "
+                                   "controller and the dashboard, and a campaign on the kernel "
+                                   "build. Ctrl-C stops everything in order, losing nothing.")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="worker processes (default: one per CPU)")
+    p.add_argument("--port", type=int, default=None, metavar="P",
+                   help="serve the dashboard on 127.0.0.1:P")
+    p.add_argument("--kernel", default="seed", help="kernel build to fuzz (default: seed)")
+    p.add_argument("--slice-seconds", type=float, default=30.0, metavar="S",
+                   help="length of one fuzzing task (default: 30)")
+    p.add_argument("--data", default="out/farm", metavar="DIR",
+                   help="Redis data (AOF), logs and caches (default: out/farm)")
+    p.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
+    redis_opt(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="campaigns, workers and findings of the farm",
+                       description="Show the farm's campaigns, live workers and buckets.")
+    p.add_argument("--json", action="store_true")
+    redis_opt(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("campaign", help="start or stop a campaign",
+                       description="start: fuzz a kernel build with N slices in flight. "
+                                   "stop: stop one campaign (or all running ones).")
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("id", nargs="?", default=None, help="campaign to stop (default: all)")
+    p.add_argument("--kernel", default="seed")
+    p.add_argument("--slices", type=int, default=2, help="slices in flight (default: 2)")
+    p.add_argument("--slice-seconds", type=float, default=30.0)
+    redis_opt(p)
+    p.set_defaults(func=cmd_campaign)
+
+    p = sub.add_parser("buckets", help="list the farm's buckets",
+                       description="One line per bucket: class, count, reproducer and "
+                                   "minimized sizes, verification per kernel build, signature.")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--class", dest="cls", default=None, help="only this crash class")
+    redis_opt(p)
+    p.set_defaults(func=cmd_buckets)
+
+    p = sub.add_parser("verify", help="re-run every bucket on another kernel build",
+                       description="Boot every bucket's reproducer on KERNEL and record "
+                                   "'reproduces' or 'fixed' per bucket.")
+    p.add_argument("--kernel", required=True)
+    p.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the results")
+    redis_opt(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("kernel", help="add or list kernel builds",
+                       description="add: upload a profile and its image so every worker boots "
+                                   "the same bytes. list: the builds the farm knows.")
+    p.add_argument("action", choices=["add", "list"])
+    p.add_argument("profile", nargs="?", metavar="PROFILE.toml")
+    p.add_argument("--name", default=None, help="build name (default: the profile's name)")
+    redis_opt(p)
+    p.set_defaults(func=cmd_kernel)
+
+    p = sub.add_parser("controller", help="run the farm's controller (one per farm)",
+                       description="Keep campaigns going: slices in flight, lost work resent.")
+    redis_opt(p)
+    p.set_defaults(func=cmd_controller)
+
+    p = sub.add_parser("worker", help="run one Celery worker of the farm",
+                       description="A Celery worker consuming the fuzz, triage and minimize "
+                                   "queues (one task at a time).")
+    p.add_argument("--name", default="worker", help="worker name (default: worker)")
+    p.add_argument("--queues", default="fuzz,triage,minimize")
+    redis_opt(p)
+    p.set_defaults(func=cmd_worker)

@@ -1,0 +1,197 @@
+"""`fuzzfarm up`: the whole farm on one machine, as separate processes — a Redis server (unless
+one is given), N Celery workers, the controller and the dashboard — configured only through the
+environment variables the docker-compose file sets, so both run the same topology."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import redis
+
+from workers.kernels import ensure_builtin
+from workers.store import FarmStore
+
+DEFAULT_REDIS_PORT = 6379
+STOP_WAIT = 45.0
+
+
+class FarmError(Exception):
+    """The local farm could not be started (one line for the user)."""
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise FarmError("no free TCP port on 127.0.0.1")
+
+
+def redis_server_command(port: int, data: Path) -> list[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FarmError("redis-server not found: install it (Debian: apt install redis-server) "
+                        "or point the farm at a Redis with --redis-url / REDIS_URL")
+    return [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--maxmemory-policy", "noeviction", "--protected-mode", "yes", "--daemonize", "no"]
+
+
+def wait_for_redis(url: str, timeout: float = 15.0) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.ping():
+                return
+        except redis.BusyLoadingError:
+            pass  # replaying its AOF
+        except redis.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise FarmError(f"Redis at {url} did not answer within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: TextIO
+
+
+@dataclass
+class LocalFarm:
+    data: Path
+    workers: int
+    kernel: str = "seed"
+    redis_url: str | None = None
+    slice_seconds: float = 30.0
+    dashboard_port: int | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    url: str = ""
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["REDIS_URL"] = self.url
+        env.setdefault("FUZZFARM_SLICE_SECONDS", str(self.slice_seconds))
+        env.setdefault("FUZZFARM_CACHE", str(self.data / "cache"))
+        return env
+
+    def _spawn(self, name: str, cmd: list[str]) -> Proc:
+        logs = self.data / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = (logs / f"{name}.log").open("a")
+        # own sessions: a Ctrl-C reaches only `fuzzfarm up`, which stops the rest in order
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, env=self.env(),
+                                 start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> FarmStore:
+        self.data.mkdir(parents=True, exist_ok=True)
+        if self.redis_url:
+            self.url = self.redis_url
+        else:
+            (self.data / "redis").mkdir(exist_ok=True)
+            port = free_port(DEFAULT_REDIS_PORT)
+            self.url = f"redis://127.0.0.1:{port}/0"
+            self._spawn("redis", redis_server_command(port, self.data / "redis"))
+        wait_for_redis(self.url)
+        store = FarmStore.connect(self.url)
+        ensure_builtin(store)
+        for i in range(self.workers):
+            self._spawn(f"worker-{i}", worker_command(f"worker{i}"))
+        self._spawn("controller", [sys.executable, "-m", "workers.controller"])
+        if self.dashboard_port is not None:
+            self._spawn("dashboard", [sys.executable, "-m", "dashboard",
+                                      "--port", str(self.dashboard_port)])
+        return store
+
+    def ensure_campaign(self, store: FarmStore) -> str:
+        for c in store.campaigns():
+            if c.get("state") == "running" and c.get("kernel") == self.kernel:
+                return c["id"]
+        return store.create_campaign(self.kernel, self.workers, self.slice_seconds)
+
+    def dead(self) -> list[str]:
+        return [p.name for p in self.procs if p.popen.poll() is not None]
+
+    def stop(self, store: FarmStore | None, say: TextIO = sys.stderr) -> None:
+        """Stop in order: campaigns (slices end within seconds and report), workers,
+        controller, dashboard, and last Redis, which writes its AOF."""
+        if store is not None:
+            try:
+                for c in store.campaigns():
+                    if c.get("state") == "running":
+                        store.set_campaign_state(c["id"], "stopping")
+                deadline = time.monotonic() + STOP_WAIT
+                while time.monotonic() < deadline and any(
+                        store.inflight(c["id"]) and _slices_running(store, c["id"])
+                        for c in store.campaigns()):
+                    time.sleep(0.5)
+            except redis.RedisError as e:
+                say.write(f"fuzzfarm: Redis unavailable while stopping: {e}\n")
+        order = [p for p in self.procs if p.name != "redis"]
+        for p in order:
+            _terminate(p)
+        for p in self.procs:
+            if p.name == "redis":
+                _terminate(p)
+        for p in self.procs:
+            p.log.close()
+
+
+def _slices_running(store: FarmStore, cid: str) -> bool:
+    return any((store.slice(s) or {}).get("state") == "running" for s in store.inflight(cid))
+
+
+def _terminate(p: Proc, wait: float = 20.0) -> None:
+    if p.popen.poll() is not None:
+        return
+    p.popen.send_signal(signal.SIGTERM)
+    try:
+        p.popen.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        p.popen.kill()
+        p.popen.wait()
+
+
+def worker_command(name: str, queues: str = "fuzz,triage,minimize") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
+            "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+            "-l", "INFO"]
+
+
+def status_line(store: FarmStore, started: float) -> str:
+    campaigns = [c for c in store.campaigns() if c.get("state") in ("running", "stopping")]
+    execs = sum(int(c.get("execs", 0)) for c in campaigns)
+    rate = 0.0
+    for c in campaigns:
+        series = store.series(c["id"])
+        if series:
+            rate += float(series[-1].get("execs_per_second", 0.0))
+    buckets = store.buckets()
+    by_class = Counter(b.crash_class for b in buckets)
+    minimized = sum(1 for b in buckets if b.minimized)
+    found = ", ".join(f"{k} {v}" for k, v in sorted(by_class.items())) or "none yet"
+    return (f"[{time.monotonic() - started:5.0f}s] workers {len(store.workers())} · execs "
+            f"{execs:,} ({rate:,.0f}/s) · buckets {len(buckets)} ({minimized} minimized): "
+            f"{found}")
