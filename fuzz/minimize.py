@@ -472,9 +472,10 @@ class _UsageError(Exception):
     """A mistake in how the command was called (bad path, bad option value)."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, crash_optional: bool = False) -> None:
     """The options of `fuzzfarm minimize`, for a parser of its own or a subcommand's."""
-    parser.add_argument("crash", metavar="CRASH", help="an input that crashes the kernel")
+    parser.add_argument("crash", metavar="CRASH", nargs="?" if crash_optional else None,
+                        help="an input that crashes the kernel")
     parser.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
                         help="kernel build: a built-in profile or a profile file "
                              "(default: seed)")
