@@ -282,6 +282,9 @@ class FarmStore:
             out.append((sha, kernel))
         return out
 
+    def triage_backlog(self) -> int:
+        return int(self.r.zcard(P + "triage:pending"))
+
     def touch_triage(self, sha: str, kernel: str) -> None:
         self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": time.time()}, xx=True)
 

@@ -7,6 +7,7 @@ acknowledging it, and the controller re-sends triage work that was never finishe
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ log = logging.getLogger("fuzzfarm.workers")
 SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
 ERRORS_KEPT = 50
 SLICE_GRACE = 120.0  # start-up and wind-down of a slice's job process
+PR_SET_PDEATHSIG = 1
 CORPUS_RECENT = 128
 CORPUS_RANDOM = 128
 Enqueue = Callable[..., None]
@@ -130,6 +132,12 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """In the job process, before exec: if the worker process is killed (even with SIGKILL),
+    the kernel kills the job too, so no orphan keeps fuzzing."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _write_once(path: Path, data: bytes) -> None:
     """Several workers on one machine share the cache: write under a private name, rename."""
     if path.exists():
@@ -148,7 +156,8 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
     with (work / "jobs" / "job-0.log").open("w") as out:
         child = subprocess.Popen([sys.executable, "-m", "fuzz.harness", config.dumps()],
                                  stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
         deadline = time.monotonic() + seconds + SLICE_GRACE
         stopping = False
         try:

@@ -1,0 +1,153 @@
+"""Real Redis servers and real Celery worker processes for the farm's tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from workers.kernels import ensure_builtin
+from workers.store import FarmStore
+
+ROOT = Path(__file__).parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    data: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is needed by the farm's tests (apt install redis-server)"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+             "--maxmemory-policy", "noeviction"],
+            stdout=(self.data / "redis.log").open("a"), stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if client.ping():
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            assert time.monotonic() < deadline, "Redis did not start"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: Redis fsyncs its AOF and exits
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(_free_port(), data)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(redis_server: RedisServer) -> FarmStore:
+    s = FarmStore.connect(redis_server.url)
+    ensure_builtin(s)
+    return s
+
+
+@dataclass
+class Farm:
+    """Worker and controller processes started as `fuzzfarm up` starts them."""
+
+    url: str
+    tmp: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"{name}.log").open("a")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def worker(self, name: str) -> subprocess.Popen[bytes]:
+        from workers.local import worker_command
+
+        return self.start(name, worker_command(name))
+
+    def controller(self) -> subprocess.Popen[bytes]:
+        return self.start("controller", [sys.executable, "-m", "workers.controller"])
+
+    def kill9(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool children
+        proc.wait()
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def farm(redis_server: RedisServer, tmp_path: Path) -> Iterator[Farm]:
+    env = dict(os.environ)
+    env.update({"REDIS_URL": redis_server.url, "FUZZFARM_SLICE_SECONDS": "6",
+                "FUZZFARM_VISIBILITY_TIMEOUT": "20", "FUZZFARM_LOST_GRACE": "8",
+                "FUZZFARM_CACHE": str(tmp_path / "cache"),
+                "FUZZFARM_MINIMIZE_EXECUTIONS": "1500", "PYTHONPATH": str(ROOT)})
+    f = Farm(redis_server.url, tmp_path, env)
+    yield f
+    f.stop()
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             poll: float = 0.5) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s: {what}"
+        time.sleep(poll)

@@ -1,0 +1,192 @@
+"""The farm with real processes: Redis, Celery workers, the controller, job processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.reproducers import REPRODUCERS
+from tests.workers.conftest import ROOT, Farm, RedisServer, wait_for
+from workers.app import make_app
+from workers.settings import Settings
+from workers.store import FarmStore
+
+EXAMPLES = ROOT / "fuzzfarm" / "examples"
+
+
+def _vaddr_buckets(store: FarmStore) -> list[str]:
+    out = []
+    for b in store.buckets():
+        report = store.report(b.reproducer, b.kernel) or {}
+        if any(f["class"] == "vaddr-corruption" for f in report.get("findings", [])):
+            out.append(b.id)
+    return out
+
+
+def _cli(url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fuzzfarm.cli", *args, "--redis-url", url],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
+                                                                store: FarmStore) -> None:
+    farm.worker("w1")
+    farm.controller()
+    cid = store.create_campaign("seed", 1, 6)
+
+    def minimized_vaddr_bucket() -> list[str]:
+        return [b for b in _vaddr_buckets(store) if store.bucket(b).minimized]
+
+    wait_for(minimized_vaddr_bucket, 150, "a minimized bucket with vaddr-corruption")
+    campaign = store.campaign(cid)
+    assert int(campaign["execs"]) > 0 and int(campaign["slices_done"]) >= 1
+    assert store.corpus_size("seed") > 0  # slices pushed new inputs back
+    stop = _cli(farm.url, "campaign", "stop", cid)
+    assert stop.returncode == 0, stop.stderr
+    wait_for(lambda: store.campaign(cid)["state"] == "stopped", 60, "the campaign to stop")
+    wait_for(lambda: store.triage_backlog() == 0 and all(
+        store.r.hget("ff:bucket:" + b.id, "minimize_done") for b in store.buckets()), 300,
+        "triage and minimization to drain")
+    verify = _cli(farm.url, "verify", "--kernel", "fixed")
+    assert verify.returncode == 0, verify.stderr
+    for b in store.buckets():
+        assert b.verify["fixed"]["state"] == "fixed", (b.signature, b.verify)
+    listing = _cli(farm.url, "buckets", "--json")
+    assert {b["id"] for b in json.loads(listing.stdout)} == {b.id for b in store.buckets()}
+    assert store.counters().get("harness_errors", 0) == 0
+
+
+def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore) -> None:
+    farm.worker("w1")
+    farm.controller()
+    cid = store.create_campaign("seed", 1, 6)
+
+    def running_slice() -> str | None:
+        for sid in store.inflight(cid):
+            if (store.slice(sid) or {}).get("state") == "running":
+                return sid
+        return None
+
+    sid = wait_for(running_slice, 90, "a running slice")
+    time.sleep(2)  # well inside the slice's job
+    farm.kill9("w1")
+    # the job process dies with its worker: no orphan keeps fuzzing
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
+                                    capture_output=True).returncode != 0, 10,
+             "the killed slice's job process to exit")
+    farm.worker("w2")
+    wait_for(lambda: store.counters().get("slices_lost", 0) >= 1, 60,
+             "the controller to replace the lost slice")
+    done_before = int(store.campaign(cid)["slices_done"])
+    wait_for(lambda: int(store.campaign(cid)["slices_done"]) > done_before, 90,
+             "a slice to finish on the new worker")
+    assert store.counters().get("harness_errors", 0) == 0
+    ids = [b.id for b in store.buckets()]
+    assert len(ids) == len(set(ids))
+
+
+def test_kill_9_mid_triage_then_the_triage_runs_again(farm: Farm, store: FarmStore) -> None:
+    farm.env["FUZZFARM_TRIAGE_GRACE"] = "6"
+    farm.worker("w1")
+    farm.controller()
+    app = make_app(Settings(redis_url=farm.url))
+    base = (EXAMPLES / "three-segments.elf").read_bytes()
+    hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)  # ~1 s of full boot
+    sha = store.put_blob(hang)
+    store.pending_triage(sha, "seed")
+    wait_for(lambda: "ready." in farm.log("w1"), 60, "the worker to be up")
+    app.send_task("workers.tasks.triage", args=[sha, "seed"])
+
+    def triaging() -> bool:
+        info = store.workers().get("w1@" + os.uname().nodename, {})
+        return info.get("task") == "triage"
+
+    wait_for(triaging, 60, "the triage to start", poll=0.02)
+    farm.kill9("w1")
+    assert store.buckets() == []  # killed before it could finish
+    farm.worker("w2")
+    wait_for(lambda: store.buckets(), 90, "the triage to be sent again and finish")
+    (bucket,) = store.buckets()
+    assert bucket.crash_class == "hang" and bucket.count == 1
+    wait_for(lambda: store.triage_backlog() == 0, 30, "the pending triage to clear")
+    assert store.counters().get("triage_resent", 0) >= 1
+
+
+def test_redis_restart_mid_campaign_keeps_buckets(farm: Farm, store: FarmStore,
+                                                  redis_server: RedisServer) -> None:
+    farm.worker("w1")
+    farm.controller()
+    cid = store.create_campaign("seed", 1, 5)
+    wait_for(lambda: store.buckets() and int(store.campaign(cid)["slices_done"]) >= 1, 150,
+             "a finished slice and a bucket")
+    time.sleep(1.5)  # AOF everysec
+    before = {b.id: b.count for b in store.buckets()}
+    done = int(store.campaign(cid)["slices_done"])
+    redis_server.stop()
+    time.sleep(2)
+    redis_server.start()
+    after = FarmStore.connect(redis_server.url)
+    for bid, count in before.items():
+        b = after.bucket(bid)
+        assert b is not None and b.count >= count
+    wait_for(lambda: int(after.campaign(cid)["slices_done"]) >= done + 2, 180,
+             "workers and controller to reconnect and finish more slices")
+    for proc in farm.procs.values():
+        assert proc.poll() is None  # nothing died of the restart
+
+
+def test_garbage_sent_to_triage_never_kills_a_worker(farm: Farm, store: FarmStore) -> None:
+    farm.worker("w1")
+    app = make_app(Settings(redis_url=farm.url))
+    for junk in (b"", b"MZ garbage", os.urandom(3000), b"\x7fELF\x02\x01\x01" + bytes(120)):
+        app.send_task("workers.tasks.triage", args=[store.put_blob(junk), "seed"])
+    app.send_task("workers.tasks.triage", args=["f" * 64, "seed"])  # no such input
+    app.send_task("workers.tasks.triage", args=["not a sha", "no-such-kernel"])
+    good = store.put_blob((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
+    app.send_task("workers.tasks.triage", args=[good, "seed"])
+    wait_for(lambda: store.buckets(), 90, "the valid input's bucket after the garbage")
+    assert len(store.buckets()) == 1
+    assert farm.procs["w1"].poll() is None
+    assert "Traceback" not in farm.log("w1")
+
+
+def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "farm"
+    err = (tmp_path / "up.err").open("w")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FUZZFARM_MINIMIZE_EXECUTIONS="1000")
+    env.pop("REDIS_URL", None)
+    up = subprocess.Popen([sys.executable, "-m", "fuzzfarm.cli", "up", "--workers", "1",
+                           "--slice-seconds", "6", "--data", str(data)],
+                          stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
+    try:
+        def url() -> str | None:
+            m = re.search(r"Redis (redis://\S+),", (tmp_path / "up.err").read_text())
+            return m.group(1) if m else None
+
+        redis_url = wait_for(url, 60, "fuzzfarm up to start Redis")
+        store = FarmStore.connect(str(redis_url))
+        wait_for(lambda: store.buckets(), 120, "a bucket from the local farm")
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=120) == 130
+    finally:
+        if up.poll() is None:
+            up.kill()
+        err.close()
+    log = (tmp_path / "up.err").read_text()
+    assert "Traceback" not in log
+    port = int(str(redis_url).rsplit(":", 1)[1].split("/")[0])
+    # everything stopped; the AOF holds what was found
+    server = RedisServer(port, data / "redis")
+    server.start()
+    try:
+        reopened = FarmStore.connect(server.url)
+        assert reopened.buckets()
+        assert all(c["state"] in ("stopping", "stopped") for c in reopened.campaigns())
+    finally:
+        server.stop()

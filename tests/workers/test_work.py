@@ -1,0 +1,67 @@
+"""The farm's work functions, run in this process against a real Redis and the real kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers import work
+from workers.settings import Settings
+from workers.store import FarmStore
+
+EXAMPLES = Path(__file__).parents[2] / "fuzzfarm" / "examples"
+SEED_BUG = (EXAMPLES / "vaddr-0x300028.elf").read_bytes()
+
+
+@pytest.fixture
+def settings(redis_server, tmp_path: Path) -> Settings:
+    return Settings(redis_url=redis_server.url, cache_dir=tmp_path / "cache",
+                    minimize_executions=600)
+
+
+def test_triage_buckets_the_seed_bug_once_per_input(store: FarmStore,
+                                                    settings: Settings) -> None:
+    sent: list[str] = []
+    sha = store.put_blob(SEED_BUG)
+    store.pending_triage(sha, "seed")
+    first = work.triage_input(store, settings, sha, "seed", sent.append)
+    again = work.triage_input(store, settings, sha, "seed", sent.append)  # delivered twice
+    assert first["state"] == "crash" and first["new"]
+    assert again == {**first, "new": False}
+    assert sent == [first["bucket"]]  # one minimization for a new bucket
+    bucket = store.bucket(first["bucket"])
+    assert bucket is not None and bucket.count == 1 and bucket.kernel == "seed"
+    report = store.report(sha, "seed")
+    assert report is not None
+    assert any(f["field"] == "segments[0].vaddr" for f in report["findings"])
+    assert any(s["vaddr"] == 0x300028 for s in report["segments"])
+    assert store.triage_backlog() == 0  # nothing left pending
+
+
+def test_garbage_for_triage_is_rejected_not_fatal(store: FarmStore, settings: Settings) -> None:
+    for junk in (b"", b"not an elf at all", b"\x7fELF" + bytes(200)):
+        sha = store.put_blob(junk)
+        out = work.triage_input(store, settings, sha, "seed", lambda _b: None)
+        assert out["state"] in ("rejected", "harness-error"), out
+    assert store.buckets() == []
+    assert work.triage_input(store, settings, "0" * 64, "seed", lambda _b: None) == \
+        {"state": "missing"}
+    assert store.counters().get("harness_errors") == 1  # the missing input, as our error
+
+
+def test_minimize_then_verify_on_fixed(store: FarmStore, settings: Settings) -> None:
+    sha = store.put_blob(SEED_BUG)
+    bid = work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"]
+    out = work.minimize_bucket(store, settings, bid)
+    assert out["state"] == "minimized", out
+    bucket = store.bucket(bid)
+    assert bucket is not None and bucket.minimized_size is not None
+    assert bucket.minimized_size < len(SEED_BUG)
+    again = work.minimize_bucket(store, settings, bid)
+    assert store.bucket(bid).minimized_size <= bucket.minimized_size  # never grows
+    assert again["state"] == "minimized"
+    assert work.verify_bucket(store, settings, bid, "fixed")["state"] == "fixed"
+    assert work.verify_bucket(store, settings, bid, "seed")["state"] == "reproduces"
+    verify = store.bucket(bid).verify
+    assert verify["fixed"]["state"] == "fixed" and verify["seed"]["state"] == "reproduces"
