@@ -38,6 +38,14 @@ def _store(args: argparse.Namespace) -> Any:
     return store
 
 
+def _sender(args: argparse.Namespace) -> Any:
+    """A Celery app that sends to the farm at --redis-url (tasks are sent by name)."""
+    from workers.app import make_app
+    from workers.settings import Settings
+
+    return make_app(Settings(redis_url=_url(args)))
+
+
 def _wait(until: Callable[[], bool], seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not until():
@@ -173,7 +181,6 @@ def cmd_buckets(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from workers import tasks
     from workers.kernels import ensure_builtin
 
     store = _store(args)
@@ -184,8 +191,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("no buckets to verify")
         return EXIT_OK
     started = time.time()
+    app = _sender(args)
     for b in buckets:
-        tasks.verify.delay(b.id, args.kernel)
+        app.send_task("workers.tasks.verify", args=[b.id, args.kernel])
 
     def done() -> bool:
         return all(float((store.bucket(b.id).verify.get(args.kernel) or {}).get("time", 0))
@@ -202,15 +210,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def minimize_bucket(args: argparse.Namespace) -> int:
-    from workers import tasks
-
     store = _store(args)
     bucket = store.bucket(args.bucket)
     if bucket is None:
         raise FarmUsageError(f"no bucket {args.bucket} (see fuzzfarm buckets)")
     before = bucket.minimized_size
     started = time.time()
-    tasks.minimize.delay(bucket.id)
+    _sender(args).send_task("workers.tasks.minimize", args=[bucket.id])
 
     def done() -> bool:
         b = store.bucket(bucket.id)
@@ -252,6 +258,15 @@ def cmd_controller(args: argparse.Namespace) -> int:
     if args.redis_url:
         os.environ["REDIS_URL"] = args.redis_url
     return main()
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.__main__ import main
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.redis_url:
+        argv += ["--redis-url", args.redis_url]
+    return main(argv)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -333,6 +348,15 @@ def add_parsers(sub: Any) -> None:
                        description="Keep campaigns going: slices in flight, lost work resent.")
     redis_opt(p)
     p.set_defaults(func=cmd_controller)
+
+    p = sub.add_parser("dashboard", help="serve the findings dashboard",
+                       description="Serve the dashboard (overview, buckets, coverage) from the "
+                                   "farm's Redis. Binds 127.0.0.1 unless told otherwise; "
+                                   "beyond localhost FUZZFARM_DASHBOARD_TOKEN must be set.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    redis_opt(p)
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("worker", help="run one Celery worker of the farm",
                        description="A Celery worker consuming the fuzz, triage and minimize "

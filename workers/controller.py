@@ -8,18 +8,22 @@ run exactly one per farm: ``python -m workers.controller`` or ``fuzzfarm control
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from workers.settings import Settings
 from workers.store import FarmStore
 
 log = logging.getLogger("fuzzfarm.controller")
 
-SERIES_INTERVAL = 5.0
+SERIES_INTERVAL = 10.0
+POLL = 5.0  # lost work is noticed within a minute anyway; each step costs ~10 commands
 TRIAGE_GRACE = 120.0  # a triage task takes well under a second; this one was lost
 
 
@@ -90,20 +94,45 @@ class Controller:
         prev_t, prev_execs = self._last_execs.get(cid, (now, execs))
         rate = (execs - prev_execs) / (now - prev_t) if now > prev_t else 0.0
         self._last_execs[cid] = (now, execs)
-        buckets = self.store.buckets()
         self.store.add_series_point(cid, {
             "t": now, "execs": execs, "execs_per_second": rate,
             "edges": int(campaign.get("edges", 0)),
             "corpus": self.store.corpus_size(campaign["kernel"]),
-            "buckets": len(buckets), "workers": len(self.store.workers())})
+            "buckets": self.store.bucket_count(), "workers": len(self.store.workers())})
 
-    def run(self, poll: float = 2.0, stop: Callable[[], bool] = lambda: False) -> None:
+    def run(self, poll: float = POLL, stop: Callable[[], bool] = lambda: False) -> None:
         while not stop():
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - Redis restarting, say: try again shortly
                 log.warning("controller step failed: %s", e)
             time.sleep(poll)
+
+
+def _start_configured_campaign(store: FarmStore) -> None:
+    """FUZZFARM_CAMPAIGN=<kernel build> (as docker-compose sets it): make sure a campaign runs
+    on that build, with FUZZFARM_CAMPAIGN_SLICES slices in flight (default 2)."""
+    kernel = os.environ.get("FUZZFARM_CAMPAIGN")
+    if not kernel:
+        return
+    from workers.kernels import ensure_builtin
+
+    slices = int(os.environ.get("FUZZFARM_CAMPAIGN_SLICES") or 2)
+    seconds = Settings.from_env().slice_seconds
+    while True:
+        try:
+            ensure_builtin(store)
+            if kernel not in store.kernels():
+                log.error("FUZZFARM_CAMPAIGN names an unknown kernel build '%s'", kernel)
+                return
+            if not any(c.get("state") == "running" and c.get("kernel") == kernel
+                       for c in store.campaigns()):
+                cid = store.create_campaign(kernel, slices, seconds)
+                log.info("started campaign %s on %s", cid, kernel)
+            return
+        except redis.RedisError as e:
+            log.warning("waiting for Redis: %s", e)
+            time.sleep(2.0)
 
 
 def main() -> int:
@@ -124,6 +153,7 @@ def main() -> int:
                             lambda sha, kernel: tasks.triage.delay(sha, kernel),
                             lost_grace=settings.lost_grace, triage_grace=settings.triage_grace)
     log.info("controller started on %s", settings.redis_url)
+    _start_configured_campaign(store)
     controller.run(stop=lambda: stopping)
     return 0
 

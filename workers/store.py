@@ -309,6 +309,9 @@ class FarmStore:
         ids = [_s(b) for b in self.r.zrevrange(P + "buckets", 0, -1)]
         return [b for b in (self.bucket(i) for i in ids) if b]
 
+    def bucket_count(self) -> int:
+        return int(self.r.zcard(P + "buckets"))
+
     def bucket_samples(self, bucket_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(P + "bucket:" + bucket_id + ":samples",
                                                      0, -1)]
