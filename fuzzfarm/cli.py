@@ -173,6 +173,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "boot":
         return bench_boot(kernel=args.kernel, runs=args.runs, repeats=args.repeats,
                           native=not args.no_native)
+    if args.what == "farm":
+        from fuzzfarm.bench_farm import bench_farm
+
+        return bench_farm(seconds=args.farm_seconds, slice_seconds=args.slice_seconds,
+                          repeats=args.farm_repeats, cap=args.bug_cap)
     if args.what == "fuzz":
         from fuzzfarm.bench_fuzz import bench_fuzz
 
@@ -272,11 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)
 
-    p = sub.add_parser("bench", help="benchmarks (boot, fuzz)",
+    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm)",
                        description="Measure throughput; prints medians and ratios. boot: "
                                    "snapshot versus full boot. fuzz: feedback cost, time to "
-                                   "the seed bug with 1 and 2 jobs, BUGS.md bugs found.")
-    p.add_argument("what", choices=["boot", "fuzz"], help="what to measure")
+                                   "the seed bug with 1 and 2 jobs, BUGS.md bugs found. farm: "
+                                   "execs/s with 1 and 2 workers, Redis commands per 1,000 "
+                                   "execs, time from `fuzzfarm up` to the seed bug minimized.")
+    p.add_argument("what", choices=["boot", "fuzz", "farm"], help="what to measure")
     p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")
     p.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported")
@@ -291,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuzz: length of the known-bugs campaign on seed (default: 300)")
     p.add_argument("--fixed-seconds", type=float, default=600.0,
                    help="fuzz: length of the campaign on fixed (default: 600)")
+    p.add_argument("--farm-seconds", type=float, default=120.0,
+                   help="farm: steady-state window per run (default: 120)")
+    p.add_argument("--slice-seconds", type=float, default=30.0,
+                   help="farm: length of a fuzz slice (default: 30)")
+    p.add_argument("--farm-repeats", type=int, default=1,
+                   help="farm: runs per worker count (default: 1)")
+    p.add_argument("--bug-cap", type=float, default=300.0,
+                   help="farm: give up waiting for the seed bug after this many seconds")
     p.add_argument("--parts", default="123",
                    help="fuzz: which parts to run: 1 feedback cost, 2 time to the bug, "
                         "3 known bugs (default: 123)")

@@ -22,7 +22,7 @@ from workers.store import FarmStore
 
 log = logging.getLogger("fuzzfarm.controller")
 
-SERIES_INTERVAL = 10.0
+SERIES_INTERVAL = 15.0
 POLL = 5.0  # lost work is noticed within a minute anyway; each step costs ~10 commands
 TRIAGE_GRACE = 120.0  # a triage task takes well under a second; this one was lost
 
@@ -42,7 +42,7 @@ class Controller:
 
     def step(self) -> None:
         now = time.time()
-        for campaign in self.store.campaigns():
+        for campaign in self.store.active_campaigns():
             state = campaign.get("state")
             if state not in ("running", "stopping"):
                 continue

@@ -177,7 +177,7 @@ def _terminate(p: Proc, wait: float = 20.0) -> None:
 def worker_command(name: str, queues: str = "fuzz,triage,minimize") -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
             "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-            "-l", "INFO"]
+            "--without-heartbeat", "-l", "INFO"]
 
 
 def status_line(store: FarmStore, started: float) -> str:

@@ -208,6 +208,7 @@ class FarmStore:
                 "slice_seconds": slice_seconds, "created": time.time(), "execs": 0,
                 "edges": 0, "slices_done": 0})
             p.zadd(P + "campaigns", {cid: time.time()})
+            p.sadd(P + "campaigns:active", cid)
             p.execute()
         return cid
 
@@ -218,8 +219,21 @@ class FarmStore:
         ids = [_s(c) for c in self.r.zrange(P + "campaigns", 0, -1)]
         return [c for c in (self.campaign(i) for i in ids) if c]
 
+    def active_campaigns(self) -> list[dict[str, str]]:
+        """Campaigns running or stopping (what the controller looks after)."""
+        ids = sorted(_s(c) for c in self.r.smembers(P + "campaigns:active"))
+        return [c for c in (self.campaign(i) for i in ids) if c]
+
     def set_campaign_state(self, cid: str, state: str) -> None:
-        self.r.hset(P + "campaign:" + cid, "state", state)
+        with self.r.pipeline() as p:
+            p.hset(P + "campaign:" + cid, "state", state)
+            if state == "stopped":
+                p.srem(P + "campaigns:active", cid)
+            p.execute()
+
+    def campaign_state(self, cid: str) -> str | None:
+        state = self.r.hget(P + "campaign:" + cid, "state")
+        return _s(state) if state is not None else None
 
     def new_slice(self, cid: str, kernel: str, seconds: float) -> str:
         sid = uuid.uuid4().hex[:12]
