@@ -97,7 +97,9 @@ def _time_to_seed_bug(data: Path, workers: int, cap: float) -> float:
 def bench_farm(seconds: float, slice_seconds: float, repeats: int, cap: float) -> int:
     print(f"bench farm: campaigns on seed, {slice_seconds:.0f} s slices, {seconds:.0f} s "
           f"measured after every worker finished a slice, {repeats} repeat(s)", flush=True)
-    with tempfile.TemporaryDirectory(prefix="fuzzfarm-bench-farm-") as tmp:
+    # a worker that is still winding down may write into it while it is removed
+    with tempfile.TemporaryDirectory(prefix="fuzzfarm-bench-farm-",
+                                     ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
         for r in range(repeats):

@@ -106,7 +106,9 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
                bug_seconds: float, first_cap: float, fixed_seconds: float = 600.0,
                parts: str = "123") -> int:
     print(f"bench fuzz: kernel {kernel}, seeds {len(list(SEEDS.glob('*.elf')))} files")
-    with tempfile.TemporaryDirectory(prefix="fuzzfarm-bench-") as tmp:
+    # a worker that is still winding down may write into it while it is removed
+    with tempfile.TemporaryDirectory(prefix="fuzzfarm-bench-",
+                                     ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         n = 0
 
