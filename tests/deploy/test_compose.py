@@ -1,0 +1,229 @@
+"""docker-compose.yml: valid for Compose, safe by default, and running only what the image has."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from tests.deploy.compose import (
+    ROOT,
+    SCHEMA,
+    TEST_ENV,
+    InterpolationError,
+    app_services,
+    command,
+    health_words,
+    host_ports,
+    interpolate_text,
+    load,
+    load_raw,
+    service_env,
+)
+
+APP = ("worker", "controller", "dashboard")
+
+
+def _fuzzfarm() -> Path:
+    exe = Path(sys.executable).parent / "fuzzfarm"
+    assert exe.is_file(), f"the fuzzfarm entry point is not installed next to {sys.executable}"
+    return exe
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load()
+
+
+def test_interpolation_follows_compose_syntax() -> None:
+    env = {"SET": "v", "EMPTY": ""}
+    cases = {
+        "$$HOME": "$HOME", "$SET/x": "v/x", "${SET}": "v", "${NOPE}": "",
+        "${NOPE:-d}": "d", "${EMPTY:-d}": "d", "${EMPTY-d}": "", "${SET:-d}": "v",
+        "${SET:?e}": "v", "${SET:+alt}": "alt", "${EMPTY:+alt}": "", "${EMPTY+alt}": "alt",
+        "a ${NOPE:-x y} b": "a x y b",
+    }
+    for text, expected in cases.items():
+        assert interpolate_text(text, env) == expected, text
+    for text in ("${NOPE:?needed}", "${EMPTY:?needed}", "${NOPE?needed}"):
+        with pytest.raises(InterpolationError, match="needed"):
+            interpolate_text(text, env)
+    assert interpolate_text("${EMPTY?needed}", env) == ""
+
+
+def test_the_file_validates_against_the_compose_specification(compose: dict[str, Any]) -> None:
+    if not SCHEMA.is_file():
+        pytest.skip(f"the Compose Specification schema is not beside the project ({SCHEMA})")
+    schema = json.loads(SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    # as written (what `docker-compose config` reads) and as Compose sees it after interpolation
+    for document in (load_raw(), compose):
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in validator.iter_errors(document)]
+        assert not errors, "\n".join(errors)
+
+
+def test_the_file_has_no_version_key_and_the_expected_services(compose: dict[str, Any]) -> None:
+    assert "version" not in load_raw()
+    assert {"redis", *APP} <= set(compose["services"])
+    assert set(app_services(compose)) == set(APP)
+
+
+def test_secrets_are_required_not_defaulted() -> None:
+    for missing in ("REDIS_PASSWORD", "FUZZFARM_DASHBOARD_TOKEN"):
+        env = {k: v for k, v in TEST_ENV.items() if k != missing}
+        with pytest.raises(InterpolationError, match=missing):
+            load(env)
+    # Flower is optional: its password is checked in its own container, not by Compose
+    without_flower = {k: v for k, v in TEST_ENV.items() if not k.startswith("FLOWER_")}
+    assert load(without_flower)["services"]["flower"]["environment"]["FLOWER_PASSWORD"] == ""
+
+
+def test_workers_scale(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    assert "container_name" not in worker
+    # a fixed host port would let only one replica start
+    assert all(not published for _, published, _ in host_ports(worker))
+    assert "hostname" not in worker
+
+
+def test_app_services_wait_for_a_healthy_redis(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name == "redis":
+            continue
+        depends = service.get("depends_on")
+        assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
+        assert set(depends) == {"redis"}, name
+        for dep in depends.values():
+            assert dep["condition"] == "service_healthy", name
+
+
+def test_every_service_has_a_health_check_but_flower(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name != "flower":
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+
+
+def test_redis_is_durable_and_password_protected(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    args = command(redis)
+    assert args[0] == "redis-server"
+    pairs = dict(zip(args[1::2], args[2::2], strict=True))
+    assert pairs["--appendonly"] == "yes"
+    assert pairs["--appendfsync"] == "everysec"
+    assert pairs["--maxmemory-policy"] == "noeviction"
+    assert pairs["--requirepass"] == TEST_ENV["REDIS_PASSWORD"]
+    # the health check must authenticate, or it fails on a password-protected Redis
+    words = health_words(redis)
+    assert words[0] == "redis-cli" and "ping" in words
+    assert ("-a" in words or
+            service_env(redis).get("REDISCLI_AUTH") == TEST_ENV["REDIS_PASSWORD"])
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+    assert not redis.get("ports"), "Redis is reached over the compose network only"
+
+
+def test_app_services_reach_redis_with_the_password(compose: dict[str, Any]) -> None:
+    expected = f"redis://:{TEST_ENV['REDIS_PASSWORD']}@redis:6379/0"
+    for name, service in app_services(compose).items():
+        assert service_env(service)["REDIS_URL"] == expected, name
+    flower = compose["services"]["flower"]
+    assert service_env(flower)["CELERY_BROKER_URL"] == expected
+
+
+def test_published_ports_are_on_the_loopback_only(compose: dict[str, Any]) -> None:
+    dashboard = compose["services"]["dashboard"]
+    assert host_ports(dashboard) == [("127.0.0.1", "8000", "8000")]
+    args = command(dashboard)
+    assert args[args.index("--port") + 1] == "8000"
+    assert "http://127.0.0.1:8000/healthz" in " ".join(health_words(dashboard))
+    assert service_env(dashboard)["FUZZFARM_DASHBOARD_TOKEN"] == TEST_ENV[
+        "FUZZFARM_DASHBOARD_TOKEN"]
+    for name, service in compose["services"].items():
+        for host, _, _ in host_ports(service):
+            assert host == "127.0.0.1", f"{name} publishes beyond localhost"
+
+
+def test_flower_is_optional_and_behind_basic_auth(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["profiles"] == ["flower"]
+    script = " ".join(command(flower))
+    assert '--basic-auth="$FLOWER_USER:$FLOWER_PASSWORD"' in script
+    assert 'test -n "$FLOWER_PASSWORD"' in script
+
+
+def test_the_controller_starts_a_campaign_on_seed(compose: dict[str, Any]) -> None:
+    env = service_env(compose["services"]["controller"])
+    assert env["FUZZFARM_CAMPAIGN"] == "seed"
+    assert int(env["FUZZFARM_CAMPAIGN_SLICES"]) >= 1
+
+
+def test_the_worker_health_check_pings_its_own_node(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    args = command(worker)
+    name = args[args.index("--name") + 1] if "--name" in args else "worker"
+    words = health_words(worker)
+    assert words[:5] == ["celery", "-A", "workers.app", "inspect", "ping"]
+    # `fuzzfarm worker --name N` runs the node N@%h; in a container %h is $HOSTNAME
+    assert words[words.index("-d") + 1] == f"{name}@$HOSTNAME"
+
+
+def _installed_scripts() -> set[str]:
+    return {ep.name for ep in importlib.metadata.entry_points(group="console_scripts")}
+
+
+def _project_scripts() -> set[str]:
+    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+def _check_runnable(words: list[str], where: str) -> None:
+    """What the image has: the project's own entry points, the dependencies' (celery) and
+    python; a module named with -A or -m must import, code given with -c must compile."""
+    exe = words[0]
+    if exe in ("python", "python3"):
+        if words[1] == "-m":
+            assert importlib.util.find_spec(words[2]), f"{where}: no module {words[2]}"
+        else:
+            assert words[1] == "-c", where
+            compile(words[2], where, "exec")
+        return
+    if exe in _project_scripts():
+        return
+    assert exe in _installed_scripts(), f"{where}: {exe} is not an installed entry point"
+    if "-A" in words:
+        module = words[words.index("-A") + 1]
+        assert importlib.util.find_spec(module), f"{where}: no module {module}"
+
+
+def test_every_command_is_an_entry_point_of_the_image(compose: dict[str, Any]) -> None:
+    assert "fuzzfarm" in _project_scripts()
+    for name, service in app_services(compose).items():
+        assert "entrypoint" not in service, name
+        _check_runnable(command(service), f"{name} command")
+        _check_runnable(health_words(service), f"{name} health check")
+
+
+def _subcommands(compose: dict[str, Any]) -> set[str]:
+    subs = set()
+    for service in app_services(compose).values():
+        for words in (command(service), health_words(service)):
+            if words[0] == "fuzzfarm":
+                subs.add(words[1])
+    return subs
+
+
+def test_every_fuzzfarm_subcommand_used_exists(compose: dict[str, Any]) -> None:
+    subs = _subcommands(compose)
+    assert {"worker", "controller", "dashboard"} <= subs
+    for sub in sorted(subs):
+        run = subprocess.run([str(_fuzzfarm()), sub, "--help"], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, f"fuzzfarm {sub} --help: {run.stderr}"
