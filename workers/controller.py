@@ -125,8 +125,13 @@ def _start_configured_campaign(store: FarmStore) -> None:
             if kernel not in store.kernels():
                 log.error("FUZZFARM_CAMPAIGN names an unknown kernel build '%s'", kernel)
                 return
-            if not any(c.get("state") == "running" and c.get("kernel") == kernel
-                       for c in store.campaigns()):
+            running = [c for c in store.active_campaigns()
+                       if c.get("state") == "running" and c.get("kernel") == kernel]
+            for c in running:
+                if int(c.get("slices", 0)) != slices:  # e.g. after --scale worker=N
+                    store.set_campaign_slices(c["id"], slices)
+                    log.info("campaign %s now keeps %d slices in flight", c["id"], slices)
+            if not running:
                 cid = store.create_campaign(kernel, slices, seconds)
                 log.info("started campaign %s on %s", cid, kernel)
             return

@@ -231,6 +231,9 @@ class FarmStore:
                 p.srem(P + "campaigns:active", cid)
             p.execute()
 
+    def set_campaign_slices(self, cid: str, slices: int) -> None:
+        self.r.hset(P + "campaign:" + cid, "slices", slices)
+
     def campaign_state(self, cid: str) -> str | None:
         state = self.r.hget(P + "campaign:" + cid, "state")
         return _s(state) if state is not None else None
