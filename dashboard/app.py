@@ -1,0 +1,573 @@
+"""The findings dashboard: a Flask app over the farm's Redis (read through FarmStore).
+
+Pages: overview, buckets, one bucket's report, coverage of a kernel build. Parts that change
+are fragments polled with htmx. Everything the kernel printed and everything an ELF contains
+is untrusted and only ever reaches a page through Jinja2's autoescaping.
+
+State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token:
+FUZZFARM_DASHBOARD_TOKEN when it is set (it must be, beyond localhost), else a token made for
+this process and put in the forms.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
+from jinja2 import Undefined, select_autoescape
+
+from dashboard import charts, coverage, kernelinfo, metrics, report
+from workers.kernels import NAME
+from workers.settings import Settings
+from workers.store import Bucket, FarmStore
+
+TOKEN_ENV = "FUZZFARM_DASHBOARD_TOKEN"
+TOKEN_HEADER = "X-Fuzzfarm-Token"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+BUCKET_ID = re.compile(r"^[0-9a-f]{8,64}$")
+POLL = "every 5s"
+ROOT = Path(__file__).parents[1]
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+NOTICES = {
+    "minimize": "Minimization sent to the workers.",
+    "verify": "Verification sent to the workers.",
+    "sample": "Coverage sampler started.",
+    "sample-busy": "A coverage sampler is already running for this build.",
+}
+SendTask = Callable[[str, list[Any]], None]
+
+
+@dataclass
+class Config:
+    redis_url: str
+    cache_dir: Path
+    token: str | None  # FUZZFARM_DASHBOARD_TOKEN
+    local: bool
+    coverage_sample: int
+    csrf: str
+
+
+def _celery_sender(redis_url: str) -> SendTask:
+    lock = threading.Lock()
+    holder: list[Any] = []
+
+    def send(name: str, args: list[Any]) -> None:
+        with lock:
+            if not holder:
+                from workers.app import make_app
+
+                holder.append(make_app(Settings(redis_url=redis_url)))
+        # bounded retries: a request must not hang on a broker that is down
+        holder[0].send_task(name, args=args, retry=True,
+                            retry_policy={"max_retries": 3, "interval_start": 0,
+                                          "interval_step": 0.5, "interval_max": 1})
+
+    return send
+
+
+def create_app(redis_url: str | None = None, *, token: str | None = None, local: bool = True,
+               cache_dir: Path | None = None, coverage_sample: int = coverage.DEFAULT_SAMPLE,
+               send_task: SendTask | None = None) -> Flask:
+    settings = Settings.from_env()
+    url = redis_url or settings.redis_url
+    cfg = Config(url, cache_dir or settings.cache_dir, token or None, local, coverage_sample,
+                 secrets.token_urlsafe(32))
+    store = FarmStore.connect(url)
+    send = send_task or _celery_sender(url)
+    app = Flask(__name__)
+    # every template, whatever its extension, and strings rendered from code
+    app.jinja_env.autoescape = select_autoescape(default=True, default_for_string=True)
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
+    app.extensions["fuzzfarm"] = {"config": cfg, "store": store}
+    _filters(app)
+
+    @app.context_processor
+    def _globals() -> dict[str, Any]:
+        return {"cfg": cfg, "poll": POLL, "notice": NOTICES.get(request.args.get("notice", ""))}
+
+    @app.before_request
+    def _host_check() -> Response | None:
+        # a page on localhost can still be read through DNS rebinding: answer only to the
+        # names a browser uses for this machine
+        if cfg.local and _hostname(request.host) not in LOCAL_HOSTS:
+            return Response("unknown Host\n", 400, mimetype="text/plain")
+        return None
+
+    @app.after_request
+    def _headers(resp: Response) -> Response:
+        resp.headers["Content-Security-Policy"] = CSP
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        resp.headers["X-Frame-Options"] = "DENY"
+        resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
+
+    @app.errorhandler(redis.exceptions.RedisError)
+    def _redis_down(e: Exception) -> tuple[str, int]:
+        return render_template("error.html", message=f"Redis is unreachable: {e}"), 503
+
+    def check_token() -> None:
+        given = request.form.get("token") or request.headers.get(TOKEN_HEADER) or ""
+        expected = cfg.token or cfg.csrf
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            abort(403, description="missing or wrong dashboard token")
+
+    # health and metrics ---------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        try:
+            store.r.ping()
+        except redis.exceptions.RedisError as e:
+            return jsonify({"redis": "down", "error": str(e)}), 503
+        return jsonify({"redis": "ok"}), 200
+
+    @app.get("/metrics")
+    def metrics_page() -> Response:
+        return Response(metrics.render(store), mimetype="text/plain; version=0.0.4")
+
+    # overview -------------------------------------------------------------------------------
+    @app.get("/")
+    def overview() -> str:
+        return render_template("overview.html", **_overview(store, request.args.get("campaign")))
+
+    @app.get("/fragment/overview")
+    def overview_fragment() -> str:
+        return render_template("_overview_live.html",
+                               **_overview(store, request.args.get("campaign")))
+
+    # buckets --------------------------------------------------------------------------------
+    @app.get("/buckets")
+    def buckets_page() -> str:
+        return render_template("buckets.html", **_buckets(store, request.args))
+
+    @app.get("/fragment/buckets")
+    def buckets_fragment() -> str:
+        return render_template("_buckets_table.html", **_buckets(store, request.args))
+
+    @app.get("/bucket/<bid>")
+    def bucket_page(bid: str) -> str:
+        bucket = _bucket_or_404(store, bid)
+        return render_template("bucket.html",
+                               **_bucket_view(store, cfg, bucket, request.args))
+
+    @app.get("/fragment/bucket/<bid>/status")
+    def bucket_status(bid: str) -> str:
+        bucket = _bucket_or_404(store, bid)
+        return render_template("_bucket_status.html", b=bucket,
+                               extra=_bucket_extra(store, bucket.id))
+
+    @app.post("/bucket/<bid>/minimize")
+    def minimize(bid: str) -> Response:
+        check_token()
+        bucket = _bucket_or_404(store, bid)
+        send("workers.tasks.minimize", [bucket.id])
+        return redirect(url_for("bucket_page", bid=bucket.id, notice="minimize"), 303)
+
+    @app.post("/bucket/<bid>/verify")
+    def verify(bid: str) -> Response:
+        check_token()
+        bucket = _bucket_or_404(store, bid)
+        kernel = request.form.get("kernel", "")
+        if not NAME.match(kernel) or kernel not in store.kernels():
+            abort(400, description="unknown kernel build")
+        send("workers.tasks.verify", [bucket.id, kernel])
+        return redirect(url_for("bucket_page", bid=bucket.id, notice="verify"), 303)
+
+    # downloads: only a bucket's inputs and their reports, by sha256 --------------------------
+    @app.get("/download/<sha>.elf")
+    def download_elf(sha: str) -> Response:
+        if not kernelinfo.SHA256.match(sha) or sha not in _bucket_inputs(store):
+            abort(404)
+        data = store.get_blob(sha)
+        if data is None:
+            abort(404)
+        return Response(data, mimetype="application/octet-stream", headers={
+            "Content-Disposition": f'attachment; filename="{sha}.elf"'})
+
+    @app.get("/download/<sha>.json")
+    def download_report(sha: str) -> Response:
+        kernel = request.args.get("kernel", "")
+        if not kernelinfo.SHA256.match(sha) or not NAME.match(kernel) or \
+                sha not in _bucket_inputs(store):
+            abort(404)
+        rep = store.report(sha, kernel)
+        if rep is None:
+            abort(404)
+        return Response(json.dumps(rep, indent=1, sort_keys=True), mimetype="application/json",
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="{sha}.{kernel}.json"'})
+
+    # coverage -------------------------------------------------------------------------------
+    @app.get("/coverage")
+    def coverage_index() -> str:
+        rows = []
+        for k in store.kernels():
+            rows.append({"kernel": k, "record": coverage.load_record(store, k),
+                         "job": coverage.job_state(store, k), "corpus": store.corpus_size(k)})
+        return render_template("coverage_index.html", rows=rows)
+
+    @app.get("/coverage/<kernel>")
+    def coverage_page(kernel: str) -> str:
+        _kernel_or_404(store, kernel)
+        return render_template("coverage.html",
+                               **_coverage_view(store, cfg, kernel, request.args))
+
+    @app.get("/coverage/<kernel>/fn/<addr>")
+    def coverage_function(kernel: str, addr: str) -> str:
+        _kernel_or_404(store, kernel)
+        return render_template("coverage_fn.html",
+                               **_coverage_function(store, cfg, kernel, addr))
+
+    @app.get("/fragment/coverage/<kernel>/job")
+    def coverage_job(kernel: str) -> str:
+        _kernel_or_404(store, kernel)
+        return render_template("_coverage_job.html", kernel=kernel,
+                               job=coverage.job_state(store, kernel))
+
+    @app.post("/coverage/<kernel>/sample")
+    def coverage_sample(kernel: str) -> Response:
+        check_token()
+        _kernel_or_404(store, kernel)
+        started = _start_sampler(store, cfg, kernel)
+        return redirect(url_for("coverage_page", kernel=kernel,
+                                notice="sample" if started else "sample-busy"), 303)
+
+    return app
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+# template filters ---------------------------------------------------------------------------------
+
+def _filters(app: Flask) -> None:
+    def when(t: Any) -> str:
+        if isinstance(t, Undefined) or t is None:
+            return "—"
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(t)))
+        except (TypeError, ValueError, OverflowError):
+            return "—"
+
+    def ago(t: Any) -> str:
+        if isinstance(t, Undefined) or t is None:
+            return "—"
+        try:
+            s = max(0.0, time.time() - float(t))
+        except (TypeError, ValueError):
+            return "—"
+        if s < 90:
+            return f"{s:.0f} s ago"
+        if s < 5400:
+            return f"{s / 60:.0f} min ago"
+        if s < 172800:
+            return f"{s / 3600:.1f} h ago"
+        return f"{s / 86400:.0f} days ago"
+
+    def size(n: Any) -> str:
+        if not isinstance(n, int):
+            return "—"
+        return f"{n} B" if n < 10240 else f"{n / 1024:.1f} KiB"
+
+    def hexa(n: Any) -> str:
+        return f"{n:#x}" if isinstance(n, int) else "—"
+
+    app.jinja_env.filters.update(when=when, ago=ago, size=size, hex=hexa,
+                                 num=lambda n: f"{int(n):,}" if str(n).isdigit() else str(n),
+                                 human=charts.human)
+
+
+# view data ----------------------------------------------------------------------------------------
+
+def _bucket_or_404(store: FarmStore, bid: str) -> Bucket:
+    bucket = store.bucket(bid) if BUCKET_ID.match(bid) else None
+    if bucket is None:
+        abort(404)
+    return bucket
+
+
+def _kernel_or_404(store: FarmStore, kernel: str) -> None:
+    if not NAME.match(kernel) or store.get_kernel(kernel) is None:
+        abort(404)
+
+
+def _bucket_inputs(store: FarmStore) -> set[str]:
+    """The reproducer and minimized input of every bucket: all a download may serve."""
+    ids = [b.decode() for b in store.r.zrange("ff:buckets", 0, -1)]
+    with store.r.pipeline(transaction=False) as p:
+        for bid in ids:
+            p.hmget("ff:bucket:" + bid, "reproducer", "minimized")
+        rows = p.execute()
+    return {v.decode() for row in rows for v in row if v}
+
+
+def _bucket_extra(store: FarmStore, bid: str) -> dict[str, str]:
+    """Fields of the bucket hash that the Bucket type does not carry."""
+    raw = store.r.hmget("ff:bucket:" + bid, "minimize_done", "minimize_error")
+    return {k: v.decode(errors="replace") for k, v in zip(("minimize_done", "minimize_error"),
+                                                           raw, strict=True) if v}
+
+
+def _overview(store: FarmStore, selected: str | None) -> dict[str, Any]:
+    campaigns = list(reversed(store.campaigns()))
+    chosen = next((c for c in campaigns if c["id"] == selected), None) or next(
+        (c for c in campaigns if c.get("state") in ("running", "stopping")), None) or (
+        campaigns[0] if campaigns else None)
+    series = store.series(chosen["id"]) if chosen else []
+    latest = series[-1] if series else {}
+    buckets = store.buckets()
+    kernels = store.kernels()
+    errors = []
+    for raw in store.r.lrange("ff:harness-errors", 0, 4):
+        try:
+            errors.append(json.loads(raw))
+        except ValueError:
+            continue
+    return {
+        "campaigns": campaigns, "chosen": chosen, "latest": latest,
+        "charts": [charts.line_chart("executions per second", series, "execs_per_second"),
+                   charts.line_chart("edges covered", series, "edges", integer=True),
+                   charts.line_chart("corpus size", series, "corpus", integer=True),
+                   charts.line_chart("buckets", series, "buckets", integer=True)],
+        "workers": store.workers(), "by_class": sorted(Counter(
+            b.crash_class for b in buckets).items(), key=lambda kv: (-kv[1], kv[0])),
+        "bucket_total": len(buckets), "inputs_total": sum(b.count for b in buckets),
+        "minimized": sum(1 for b in buckets if b.minimized),
+        "corpus": [(k, store.corpus_size(k)) for k in kernels],
+        "backlog": store.triage_backlog(), "counters": store.counters(), "errors": errors,
+    }
+
+
+BUCKET_SORTS: dict[str, Callable[[Bucket], Any]] = {
+    "class": lambda b: b.crash_class, "signature": lambda b: b.signature,
+    "count": lambda b: b.count, "first_seen": lambda b: b.first_seen,
+    "last_seen": lambda b: b.last_seen, "kernel": lambda b: b.kernel,
+    "size": lambda b: b.reproducer_size,
+    "minimized_size": lambda b: b.minimized_size if b.minimized_size is not None else 1 << 62,
+}
+
+
+def _buckets(store: FarmStore, args: Any) -> dict[str, Any]:
+    sort = args.get("sort", "last_seen")
+    sort = sort if sort in BUCKET_SORTS else "last_seen"
+    order = "asc" if args.get("order") == "asc" else "desc"
+    cls = args.get("class", "")
+    kernel = args.get("kernel", "")
+    q = args.get("q", "").strip()
+    every = store.buckets()
+    rows = [b for b in every if (not cls or b.crash_class == cls)
+            and (not kernel or b.kernel == kernel or kernel in b.verify)
+            and (not q or q.lower() in b.signature.lower() or b.id.startswith(q.lower()))]
+    rows.sort(key=BUCKET_SORTS[sort], reverse=order == "desc")
+    params = {k: v for k, v in (("sort", sort), ("order", order), ("class", cls),
+                                ("kernel", kernel), ("q", q)) if v}
+    return {"rows": rows, "total": len(every), "sort": sort, "order": order, "cls": cls,
+            "kernel": kernel, "q": q, "params": params,
+            "classes": sorted({b.crash_class for b in every}), "kernels": store.kernels()}
+
+
+def _symbolize(image: Any, frames: list[str], image_sha: str,
+               first_is_pc: bool = True) -> list[dict[str, Any]]:
+    out = []
+    table = kernelinfo.line_table(image.path) if image is not None else None
+    for i, frame in enumerate(frames):
+        addr = kernelinfo.frame_address(image, frame) if image is not None else None
+        line = None
+        if addr is not None and table is not None:
+            # a return address is the instruction after the call
+            line = table.lookup(addr if i == 0 and first_is_pc else addr - 1)
+        out.append({"frame": frame, "addr": addr, "line": line,
+                    "source": kernelinfo.source_text(image_sha, line)})
+    return out
+
+
+def _bucket_view(store: FarmStore, cfg: Config, bucket: Bucket, args: Any) -> dict[str, Any]:
+    which = args.get("input")
+    if which not in ("minimized", "original"):
+        which = "minimized" if bucket.minimized else "original"
+    sha = bucket.minimized if which == "minimized" and bucket.minimized else bucket.reproducer
+    which = "minimized" if sha == bucket.minimized else "original"
+    kernels = store.kernels()
+    kernel = args.get("kernel", bucket.kernel)
+    if kernel not in kernels:
+        kernel = bucket.kernel
+    rep = store.report(sha, kernel) if sha else None
+    data = store.get_blob(sha) if sha else None
+    view: dict[str, Any] = {
+        "b": bucket, "extra": _bucket_extra(store, bucket.id), "which": which, "sha": sha,
+        "kernel": kernel, "kernels": kernels, "report": rep,
+        "samples": store.bucket_samples(bucket.id),
+        "has_report": {k: store.r.exists(f"ff:report:{k}:{sha}") > 0 for k in kernels}
+        if sha else {},
+    }
+    if data is not None:
+        view["elf"] = report.elf_tables(data, {})
+    if rep is None:
+        return view
+    found = report.findings(rep)
+    marks = report.field_marks(found)
+    log_lines, log_hidden = report.mark_log(rep)
+    image_sha = rep.get("kernel_sha256") if isinstance(rep.get("kernel_sha256"), str) else ""
+    image = kernelinfo.image_for(store, image_sha, cfg.cache_dir)
+    pcs = []
+    if found and found[0].pc is not None:
+        pcs.append(("where the first finding was seen", found[0].pc))
+    pc = rep.get("pc")
+    if isinstance(pc, int) and pc not in [p for _, p in pcs]:
+        pcs.append(("where the guest stopped", pc))
+    code = []
+    if image is not None:
+        for label, addr in pcs:
+            insns, note = kernelinfo.disassemble_around(image, addr)
+            code.append({"label": label, "pc": addr, "where": image.describe(addr),
+                         "insns": insns, "note": note,
+                         "sources": {i.address: kernelinfo.source_text(image_sha, i.line)
+                                     for i in insns}})
+    backtrace = rep.get("backtrace") if isinstance(rep.get("backtrace"), list) else []
+    view.update({
+        "findings": found, "marks": marks, "log_lines": log_lines, "log_hidden": log_hidden,
+        "segments": report.segment_rows(rep, marks),
+        "heap": report.heap_picture(rep, found), "registers": report.registers(rep),
+        "image": image, "image_sha": image_sha, "code": code,
+        "dwarf": kernelinfo.line_table(image.path).present if image is not None else False,
+        "backtrace": _symbolize(image, [str(f) for f in backtrace], image_sha),
+        "finding_frames": [_symbolize(image, f.frames, image_sha) for f in found],
+        "ports": [p for p in rep.get("ports", []) if isinstance(p, dict)]
+        if isinstance(rep.get("ports"), list) else [],
+    })
+    if data is not None:
+        view["elf"] = report.elf_tables(data, marks)
+    return view
+
+
+# coverage -----------------------------------------------------------------------------------------
+
+def _start_sampler(store: FarmStore, cfg: Config, kernel: str) -> bool:
+    if not coverage.claim_job(store, kernel, cfg.coverage_sample):
+        return False
+    folder = cfg.cache_dir / "dashboard"
+    env = dict(os.environ)
+    env.update({"REDIS_URL": cfg.redis_url, "FUZZFARM_CACHE": str(cfg.cache_dir)})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with (folder / f"coverage-{kernel}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dashboard.coverage", "--kernel", kernel, "--limit",
+                 str(cfg.coverage_sample)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    except OSError as e:
+        coverage.set_job(store, kernel, {"state": "failed", "error": f"cannot start: {e}",
+                                         "finished": time.time()}, coverage.DONE_TTL)
+        return True
+
+    def reap() -> None:
+        code = proc.wait()
+        try:
+            state = coverage.job_state(store, kernel) or {}
+            if code != 0 and state.get("state") in ("starting", "running"):
+                coverage.set_job(store, kernel, {"state": "failed", "error":
+                                                 f"sampler exited with status {code}",
+                                                 "finished": time.time()}, coverage.DONE_TTL)
+        except redis.exceptions.RedisError:
+            pass  # the slot expires by itself
+
+    threading.Thread(target=reap, name=f"coverage-{kernel}", daemon=True).start()
+    return True
+
+
+FN_SORTS = ("address", "name", "blocks", "covered", "percent")
+
+
+def _coverage_view(store: FarmStore, cfg: Config, kernel: str, args: Any) -> dict[str, Any]:
+    record = coverage.load_record(store, kernel)
+    view: dict[str, Any] = {"kernel": kernel, "record": record, "rows": [],
+                            "job": coverage.job_state(store, kernel),
+                            "corpus": store.corpus_size(kernel)}
+    current = store.get_kernel(kernel) or {}
+    if record is None:
+        return view
+    image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir)
+    view["stale"] = record.get("image") != current.get("image")
+    if image is None:
+        view["missing_image"] = True
+        return view
+    executed = coverage.Intervals(record.get("blocks", []))
+    entry_only = set(record.get("entry_only", []))
+    table = kernelinfo.line_table(image.path)
+    rows = []
+    for fn in kernelinfo.functions(image):
+        covered = sum(1 for b in fn.blocks if b in executed)
+        rows.append({"fn": fn, "blocks": len(fn.blocks), "covered": covered,
+                     "percent": 100.0 * covered / len(fn.blocks), "line": table.lookup(
+                         fn.address), "entry_only": fn.name in entry_only})
+    total_blocks = sum(r["blocks"] for r in rows)
+    total_covered = sum(r["covered"] for r in rows)
+    q = args.get("q", "").strip()
+    show = args.get("show", "")
+    sort = args.get("sort", "address")
+    sort = sort if sort in FN_SORTS else "address"
+    order = "desc" if args.get("order") == "desc" else "asc"
+    picked = [r for r in rows if (not q or q.lower() in r["fn"].name.lower()) and (
+        show != "covered" or r["covered"]) and (show != "uncovered" or not r["covered"]) and (
+        show != "partial" or 0 < r["covered"] < r["blocks"])]
+    keys: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "address": lambda r: r["fn"].address, "name": lambda r: r["fn"].name,
+        "blocks": lambda r: r["blocks"], "covered": lambda r: r["covered"],
+        "percent": lambda r: r["percent"]}
+    picked.sort(key=keys[sort], reverse=order == "desc")
+    view.update({"rows": picked, "functions": len(rows),
+                 "functions_hit": sum(1 for r in rows if r["covered"]),
+                 "total_blocks": total_blocks, "total_covered": total_covered,
+                 "dwarf": table.present, "q": q, "show": show, "sort": sort, "order": order})
+    return view
+
+
+def _coverage_function(store: FarmStore, cfg: Config, kernel: str, addr: str) -> dict[str, Any]:
+    try:
+        address = int(addr, 16)
+    except ValueError:
+        abort(404)
+    record = coverage.load_record(store, kernel)
+    if record is None:
+        abort(404)
+    image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir)
+    if image is None:
+        abort(404)
+    fn = next((f for f in kernelinfo.functions(image) if f.address == address), None)
+    if fn is None:
+        abort(404)
+    executed = coverage.Intervals(record.get("blocks", []))
+    leaders = set(fn.blocks)
+    image_sha = str(record.get("image"))
+    rows = []
+    last_line = None
+    for insn in kernelinfo.function_listing(image, fn)[:4000]:
+        new_line = insn.line is not None and insn.line != last_line
+        rows.append({"insn": insn, "leader": insn.address in leaders,
+                     "executed": insn.address in executed, "new_line": new_line,
+                     "source": kernelinfo.source_text(image_sha, insn.line)
+                     if new_line else None})
+        last_line = insn.line or last_line
+    covered = sum(1 for b in fn.blocks if b in executed)
+    return {"kernel": kernel, "fn": fn, "rows": rows, "covered": covered, "record": record,
+            "dwarf": kernelinfo.line_table(image.path).present,
+            "entry_only": fn.name in set(record.get("entry_only", []))}

@@ -1,0 +1,258 @@
+"""The coverage sampler: which basic blocks of a kernel build a sample of its corpus reaches.
+
+The fuzz jobs' coverage map is a hashed edge map kept per run, and it names no addresses, so
+the dashboard measures coverage itself: it boots up to N inputs of the build's shared corpus
+(plus the reproducers of the build's buckets) with a block hook over the kernel's code and
+stores the executed blocks in Redis (`ff:coverage:<kernel>`). Runs in a process of its own
+(``python -m dashboard.coverage``): it takes a while and boots untrusted inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from unicorn import UC_HOOK_BLOCK
+
+from fuzz.harness import WATCHDOG
+from kernel_emu.errors import HarnessError
+from kernel_emu.executor import BULK_ROUTINES, Executor
+from kernel_emu.image import KernelImage
+from workers.kernels import NAME, materialize
+from workers.settings import Settings
+from workers.store import FarmStore
+
+log = logging.getLogger("fuzzfarm.dashboard")
+
+KEY = "ff:coverage:"
+JOB_KEY = "ff:coverage-job:"
+DEFAULT_SAMPLE = 200
+# a sampler that died without saying so must not block the next one forever
+JOB_TTL = 6 * 3600
+DONE_TTL = 24 * 3600
+
+Progress = Callable[[int, int], None]
+
+
+def coverage_key(kernel: str) -> str:
+    return KEY + kernel
+
+
+def job_key(kernel: str) -> str:
+    return JOB_KEY + kernel
+
+
+def hook_ranges(image: KernelImage) -> tuple[list[tuple[int, int]], list[str]]:
+    """Inclusive address ranges to hook, and the bulk routines hooked at their entry only.
+
+    memset and friends loop millions of times per boot (zeroing a segment), and a Python
+    callback per iteration would make a sample take hours; their entry block still says
+    whether they ran."""
+    cut: list[tuple[int, int]] = []
+    names = []
+    for name in BULK_ROUTINES:
+        sym = image.find_symbol(name)
+        if sym is not None and sym.size > 0:
+            cut.append((sym.address, sym.address + sym.size))
+            names.append(name)
+    out: list[tuple[int, int]] = []
+    for lo, hi in image.text_ranges:
+        pos = lo
+        for c_lo, c_hi in sorted(cut):
+            if c_hi <= pos or c_lo >= hi:
+                continue
+            if c_lo > pos:
+                out.append((pos, c_lo - 1))
+            out.append((c_lo, c_lo))
+            pos = max(pos, c_hi)
+        if pos < hi:
+            out.append((pos, hi - 1))
+    return out, names
+
+
+@dataclass
+class BlockRecorder:
+    """Start and size of every translation block executed, however often."""
+
+    blocks: dict[int, int]
+
+    def attach(self, ranges: list[tuple[int, int]]) -> Callable[[Any], object]:
+        def on_block(_uc: Any, address: int, size: int, _user: Any) -> None:
+            self.blocks[address] = max(size, self.blocks.get(address, 0))
+
+        def attach(uc: Any) -> object:
+            return [uc.hook_add(UC_HOOK_BLOCK, on_block, None, lo, hi) for lo, hi in ranges]
+
+        return attach
+
+
+def _inputs(store: FarmStore, kernel: str, limit: int) -> tuple[list[str], list[str]]:
+    """Corpus shas (the newest half, a random rest) and the bucket reproducers of `kernel`."""
+    corpus = sorted(store.corpus_sample(kernel, limit // 2, limit - limit // 2))[:limit]
+    repro: list[str] = []
+    for b in store.buckets():
+        if b.kernel == kernel:
+            repro += [s for s in (b.reproducer, b.minimized) if s and s not in repro]
+    return corpus, [s for s in repro if s not in corpus]
+
+
+def sample_coverage(store: FarmStore, settings: Settings, kernel: str,
+                    limit: int = DEFAULT_SAMPLE,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Boot the sample, store and return the coverage record."""
+    t0 = time.time()
+    profile = materialize(store, kernel, settings.cache_dir)
+    corpus, repro = _inputs(store, kernel, limit)
+    shas = corpus + repro
+    recorder = BlockRecorder({})
+    verdicts: Counter[str] = Counter()
+    errors: list[str] = []
+    ran = 0
+    # The snapshot executor starts each input at the snapshot point, so the boot before it is
+    # covered by one full boot (the executor checked that this part reads no input).
+    full = Executor(profile, snapshot=False, watchdog=WATCHDOG)
+    image = full.image
+    ranges, bulk = hook_ranges(image)
+    full.add_machine_hook(recorder.attach(ranges))
+    snap: Executor | None = None
+    for i in range(0, len(shas), 50):
+        chunk = shas[i:i + 50]
+        for sha, data in zip(chunk, store.get_blobs(chunk), strict=True):
+            if data is None:
+                errors.append(f"{sha}: not in Redis")
+                continue
+            if ran == 0:
+                ex = full
+            else:
+                if snap is None:
+                    snap = Executor(profile, snapshot=True, watchdog=WATCHDOG)
+                    snap.add_machine_hook(recorder.attach(ranges))
+                ex = snap
+            try:
+                result = ex.run(data)
+            except HarnessError as e:
+                errors.append(f"{sha}: {e}")
+            else:
+                verdicts[result.crash_class or result.verdict] += 1
+            ran += 1
+            if progress is not None:
+                progress(ran, len(shas))
+    record = {
+        "kernel": kernel, "image": image.sha256, "time": time.time(),
+        "seconds": round(time.time() - t0, 1), "inputs": ran, "corpus_inputs": len(corpus),
+        "reproducers": len(repro), "limit": limit, "verdicts": dict(verdicts),
+        "errors": errors[:20], "error_count": len(errors), "entry_only": bulk,
+        "blocks": sorted([a, s] for a, s in recorder.blocks.items()),
+    }
+    store.r.set(coverage_key(kernel), json.dumps(record))
+    return record
+
+
+def load_record(store: FarmStore, kernel: str) -> dict[str, Any] | None:
+    raw = store.r.get(coverage_key(kernel))
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def job_state(store: FarmStore, kernel: str) -> dict[str, Any] | None:
+    raw = store.r.get(job_key(kernel))
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+# KEYS: job key. ARGV: new state JSON, ttl. Takes the slot unless a sampler holds it.
+CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, state = pcall(cjson.decode, cur)
+  if ok and type(state) == 'table' and (state['state'] == 'starting' or
+                                        state['state'] == 'running') then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+return 1
+"""
+
+
+def claim_job(store: FarmStore, kernel: str, limit: int) -> bool:
+    """Take the one sampler slot of this build (False: a sampler is already on it)."""
+    state = {"state": "starting", "done": 0, "total": 0, "started": time.time(),
+             "limit": limit}
+    return bool(store.r.eval(CLAIM, 1, job_key(kernel), json.dumps(state), JOB_TTL))
+
+
+def set_job(store: FarmStore, kernel: str, state: dict[str, Any], ttl: int = JOB_TTL) -> None:
+    store.r.set(job_key(kernel), json.dumps(state), ex=ttl)
+
+
+class Intervals:
+    """Merged executed address ranges, for 'was the instruction at A executed'."""
+
+    def __init__(self, blocks: list[list[int]]) -> None:
+        merged: list[list[int]] = []
+        for start, size in sorted((int(a), max(int(s), 1)) for a, s in blocks):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], start + size)
+            else:
+                merged.append([start, start + size])
+        self._starts = [m[0] for m in merged]
+        self._ends = [m[1] for m in merged]
+
+    def __contains__(self, address: int) -> bool:
+        i = bisect.bisect_right(self._starts, address) - 1
+        return i >= 0 and address < self._ends[i]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dashboard.coverage",
+                                description="Sample the coverage of a kernel build's corpus.")
+    p.add_argument("--kernel", required=True)
+    p.add_argument("--limit", type=int, default=DEFAULT_SAMPLE)
+    p.add_argument("--redis-url", default=None)
+    args = p.parse_args(argv)
+    if not NAME.match(args.kernel):
+        print(f"bad kernel name {args.kernel!r}", file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    store = FarmStore.connect(args.redis_url or settings.redis_url)
+    started = time.time()
+
+    def progress(done: int, total: int) -> None:
+        set_job(store, args.kernel, {"state": "running", "done": done, "total": total,
+                                     "started": started, "limit": args.limit,
+                                     "pid": os.getpid()})
+
+    try:
+        progress(0, 0)
+        record = sample_coverage(store, settings, args.kernel, args.limit, progress)
+    except Exception as e:  # noqa: BLE001 - said on the page instead of lost in a log
+        traceback.print_exc()
+        set_job(store, args.kernel, {"state": "failed", "error": f"{type(e).__name__}: {e}",
+                                     "started": started, "finished": time.time()}, DONE_TTL)
+        return 1
+    set_job(store, args.kernel, {"state": "done", "done": record["inputs"],
+                                 "total": record["inputs"], "started": started,
+                                 "finished": time.time()}, DONE_TTL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
