@@ -1,17 +1,22 @@
-# Quick start:  make demo   (set up, boot the bundled examples, then fuzz the seed kernel 60 s)
+# Quick start:  make up     (set up, then run the farm locally until Ctrl-C: fuzzfarm up)
 #               make test   (set up, then run the test suite)
+#               make demo   (a one-minute tour: boot the examples, fuzz the seed kernel 60 s)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint images bench clean
+.PHONY: up demo test lint images bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard kernel_emu/native/*.c fuzz/native/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+up: $(STAMP)
+	@command -v redis-server >/dev/null || { echo "redis-server is needed (Debian: apt install redis-server)"; exit 2; }
+	$(BIN)/fuzzfarm up --port 8000
 
 demo: $(STAMP)
 	$(BIN)/fuzzfarm demo
