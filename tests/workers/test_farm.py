@@ -53,6 +53,10 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
     wait_for(lambda: store.triage_backlog() == 0 and all(
         store.r.hget("ff:bucket:" + b.id, "minimize_done") for b in store.buckets()), 300,
         "triage and minimization to drain")
+    target = minimized_vaddr_bucket()[0]
+    again = _cli(farm.url, "minimize", "--bucket", target)
+    assert again.returncode == 0, again.stderr
+    assert "minimized" in again.stdout and target in again.stdout
     verify = _cli(farm.url, "verify", "--kernel", "fixed")
     assert verify.returncode == 0, verify.stderr
     for b in store.buckets():

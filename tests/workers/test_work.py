@@ -65,3 +65,40 @@ def test_minimize_then_verify_on_fixed(store: FarmStore, settings: Settings) -> 
     assert work.verify_bucket(store, settings, bid, "seed")["state"] == "reproduces"
     verify = store.bucket(bid).verify
     assert verify["fixed"]["state"] == "fixed" and verify["seed"]["state"] == "reproduces"
+
+
+def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
+                                                              settings: Settings,
+                                                              tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from kernel_emu.profile import PROFILE_DIR
+    from workers.kernels import materialize
+
+    build = tmp_path / "build"
+    (build / "out").mkdir(parents=True)
+    shutil.copy(PROFILE_DIR.parent / "images" / "fixed.elf", build / "out" / "rustux.elf")
+    profile = (PROFILE_DIR / "fixed.toml").read_text()
+    profile = profile.replace('image = "../images/fixed.elf"', 'image = "out/rustux.elf"')
+    profile = profile.replace('name = "fixed"', 'name = "my-build"')
+    (build / "my-build.toml").write_text(profile)
+    url = ["--redis-url", settings.redis_url]
+    add = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "kernel", "add",
+                          str(build / "my-build.toml"), *url], capture_output=True, text=True,
+                         timeout=120)
+    assert add.returncode == 0, add.stderr
+    listing = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "kernel", "list", *url],
+                             capture_output=True, text=True, timeout=120)
+    assert "my-build" in listing.stdout
+    bad = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "kernel", "add",
+                          str(build / "missing.toml"), *url], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    # a worker boots the uploaded bytes, not the file on this machine
+    (build / "out" / "rustux.elf").unlink()
+    loaded = materialize(store, "my-build", settings.cache_dir)
+    assert loaded.image.read_bytes() == (PROFILE_DIR.parent / "images" / "fixed.elf").read_bytes()
+    sha = store.put_blob(SEED_BUG)
+    assert work.triage_input(store, settings, sha, "my-build", lambda _b: None)["state"] == "ok"
