@@ -98,8 +98,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         if store is not None or farm.procs:
             print("\nstopping: campaigns first (running slices report), then workers, "
-                  "controller and Redis", file=sys.stderr)
-            farm.stop(store)
+                  "controller and Redis; Ctrl-C again to stop at once", file=sys.stderr)
+            try:
+                farm.stop(store)
+            except KeyboardInterrupt:
+                farm.kill_all()
     return 130 if interrupted else EXIT_OK
 
 

@@ -4,6 +4,7 @@ environment variables the docker-compose file sets, so both run the same topolog
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from workers.kernels import ensure_builtin
 from workers.store import FarmStore
 
 DEFAULT_REDIS_PORT = 6379
-STOP_WAIT = 45.0
+STOP_WAIT = 30.0
 
 
 class FarmError(Exception):
@@ -131,6 +132,18 @@ class LocalFarm:
                 return c["id"]
         return store.create_campaign(self.kernel, self.workers, self.slice_seconds)
 
+    def kill_all(self) -> None:
+        """The second Ctrl-C: stop everything now (Redis still gets a SIGTERM to write its
+        AOF; unacknowledged tasks are delivered again later)."""
+        for p in self.procs:
+            if p.name != "redis" and p.popen.poll() is None:
+                _kill(p)
+        for p in self.procs:
+            if p.name == "redis":
+                _terminate(p)
+            if not p.log.closed:
+                p.log.close()
+
     def dead(self) -> list[str]:
         return [p.name for p in self.procs if p.popen.poll() is not None]
 
@@ -163,15 +176,25 @@ def _slices_running(store: FarmStore, cid: str) -> bool:
     return any((store.slice(s) or {}).get("state") == "running" for s in store.inflight(cid))
 
 
-def _terminate(p: Proc, wait: float = 20.0) -> None:
-    if p.popen.poll() is not None:
-        return
-    p.popen.send_signal(signal.SIGTERM)
-    try:
-        p.popen.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        p.popen.kill()
-        p.popen.wait()
+def _terminate(p: Proc, wait: float = 10.0) -> None:
+    """SIGTERM (a Celery worker finishes its task), then SIGQUIT (a worker stops at once; its
+    unacknowledged task goes back to the queue), then SIGKILL for the whole process group."""
+    for sig in (signal.SIGTERM, signal.SIGQUIT):
+        if p.popen.poll() is not None:
+            return
+        p.popen.send_signal(sig)
+        try:
+            p.popen.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    _kill(p)
+
+
+def _kill(p: Proc) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.popen.pid, signal.SIGKILL)  # its own session: the worker and its children
+    p.popen.wait()
 
 
 def worker_command(name: str, queues: str = "fuzz,triage,minimize") -> list[str]:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fuzz.harness import JobConfig, JobStats, stats_path
+from fuzz.harness import WATCHDOG, JobConfig, JobStats, stats_path
 from fuzz.minimize import NotACrash, minimize
 from fuzz.solutions import bucket_id
 from kernel_emu.errors import HarnessError
@@ -50,12 +50,16 @@ _executors: dict[tuple[str, str, bool], Executor] = {}
 
 def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bool) -> Executor:
     """One executor per kernel build and mode in this worker process (a build's profile is
-    keyed by its image and profile bytes, so a replaced build gets a new one)."""
+    keyed by its image and profile bytes, so a replaced build gets a new one). Snapshot
+    executors serve minimization and stop stalled candidates early (the minimizer keeps only
+    candidates with the bucket's own signature, and triage already judged with the full
+    budget); full boots, for triage and verify, never do."""
     profile = materialize(store, kernel, settings.cache_dir)
     key = (kernel, str(profile.source), snapshot)
     ex = _executors.get(key)
     if ex is None:
-        ex = _executors[key] = Executor(profile, snapshot=snapshot)
+        ex = _executors[key] = Executor(profile, snapshot=snapshot,
+                                        watchdog=WATCHDOG if snapshot else None)
     return ex
 
 

@@ -177,7 +177,7 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
         store = FarmStore.connect(str(redis_url))
         wait_for(lambda: store.buckets(), 120, "a bucket from the local farm")
         up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=120) == 130
+        assert up.wait(timeout=180) == 130
     finally:
         if up.poll() is None:
             up.kill()
