@@ -14,6 +14,7 @@ is a *harness error*: written apart, never counted as a finding, and the executo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -31,6 +32,10 @@ from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 
 STATS_INTERVAL = 1.0
+# inputs slower than this (e.g. ones that fill the 16 MiB heap) are listed in the statistics,
+# so that a farm does not hand them to every later job as seeds
+SLOW_INPUT = 0.02
+SLOW_INPUTS_KEPT = 20_000
 # A run that writes no new page for this many instructions (and is not in memset/memcpy) is
 # stopped as stalled: a hang costs ~1 ms instead of the profile's whole budget (~1 s or more),
 # while a legitimate load of 16 MiB of segments (millions of instructions) runs to its end.
@@ -98,6 +103,7 @@ class JobStats:
     stop_reason: str = ""
     notes: list[str] = field(default_factory=list)
     findings: dict[str, FindingStats] = field(default_factory=dict)
+    slow_inputs: list[str] = field(default_factory=list)  # sha256 of inputs over SLOW_INPUT
     # class, and class:field, -> (exec, seconds) of its first sighting, as cause or consequence
     first_class: dict[str, tuple[int, float]] = field(default_factory=dict)
 
@@ -183,7 +189,11 @@ class Job:
 
     def _run(self, data: bytes, now: float) -> None:
         try:
+            started = time.perf_counter()
             result = self.executor.run(data)
+            if time.perf_counter() - started > SLOW_INPUT and \
+                    len(self.stats.slow_inputs) < SLOW_INPUTS_KEPT:
+                self.stats.slow_inputs.append(hashlib.sha256(data).hexdigest())
         except InputError:
             self.stats.skipped += 1  # e.g. larger than the ramdisk: nothing the kernel can see
             return

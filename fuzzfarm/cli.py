@@ -300,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuzz: length of the campaign on fixed (default: 600)")
     p.add_argument("--farm-seconds", type=float, default=120.0,
                    help="farm: steady-state window per run (default: 120)")
-    p.add_argument("--slice-seconds", type=float, default=30.0,
-                   help="farm: length of a fuzz slice (default: 30)")
+    p.add_argument("--slice-seconds", type=float, default=60.0,
+                   help="farm: length of a fuzz slice (default: 60)")
     p.add_argument("--farm-repeats", type=int, default=1,
                    help="farm: runs per worker count (default: 1)")
     p.add_argument("--bug-cap", type=float, default=300.0,

@@ -297,8 +297,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--port", type=int, default=None, metavar="P",
                    help="serve the dashboard on 127.0.0.1:P")
     p.add_argument("--kernel", default="seed", help="kernel build to fuzz (default: seed)")
-    p.add_argument("--slice-seconds", type=float, default=30.0, metavar="S",
-                   help="length of one fuzzing task (default: 30)")
+    p.add_argument("--slice-seconds", type=float, default=60.0, metavar="S",
+                   help="length of one fuzzing task (default: 60)")
     p.add_argument("--data", default="out/farm", metavar="DIR",
                    help="Redis data (AOF), logs and caches (default: out/farm)")
     p.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
@@ -318,7 +318,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("id", nargs="?", default=None, help="campaign to stop (default: all)")
     p.add_argument("--kernel", default="seed")
     p.add_argument("--slices", type=int, default=2, help="slices in flight (default: 2)")
-    p.add_argument("--slice-seconds", type=float, default=30.0)
+    p.add_argument("--slice-seconds", type=float, default=60.0)
     redis_opt(p)
     p.set_defaults(func=cmd_campaign)
 

@@ -80,7 +80,7 @@ class LocalFarm:
     workers: int
     kernel: str = "seed"
     redis_url: str | None = None
-    slice_seconds: float = 30.0
+    slice_seconds: float = 60.0
     dashboard_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)

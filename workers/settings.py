@@ -22,7 +22,7 @@ def _float(name: str, default: float) -> float:
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # one fuzzing task: a job process run for this long on one kernel build
-    slice_seconds: float = 30.0
+    slice_seconds: float = 60.0
     # above the longest task (a slice, a minimization), or Redis hands a running task out again
     visibility_timeout: float = 900.0
     slice_rss_mb: int = 1024

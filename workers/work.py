@@ -41,8 +41,8 @@ STATE_CHECK = 10.0  # how often a slice asks whether its campaign is still runni
 # a known bucket's reproducer is replaced by a slice's input only if clearly smaller: each
 # triage costs ~10 Redis commands, and minimization shrinks reproducers anyway
 SHRINK_WORTH_TRIAGE = 0.9
-CORPUS_RECENT = 128
-CORPUS_RANDOM = 128
+CORPUS_RECENT = 64
+CORPUS_RANDOM = 64
 Enqueue = Callable[..., None]
 
 _executors: dict[tuple[str, str, bool], Executor] = {}
@@ -116,8 +116,11 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
         shared = _sync_corpus(store, kernel, corpus_dir, work / "seeds")
         stats = _run_job(store, settings, profile.source, work, work / "seeds",
                          float(info["seconds"]), cid)
-        fresh = [p.read_bytes() for p in (work / "corpus").iterdir()
-                 if p.is_file() and p.name not in shared]
+        # libFuzzer names corpus files by sha1; slow inputs are kept out of the shared corpus
+        slow = set(stats.slow_inputs) if stats else set()
+        fresh = [data for data in (p.read_bytes() for p in (work / "corpus").iterdir()
+                                   if p.is_file())
+                 if sha256(data) not in shared and sha256(data) not in slow]
         store.corpus_add(kernel, fresh)
         for data in fresh:
             _write_once(corpus_dir / sha256(data), data)
