@@ -5,6 +5,7 @@ environment variables the docker-compose file sets, so both run the same topolog
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from workers.kernels import ensure_builtin
 from workers.store import FarmStore
 
 DEFAULT_REDIS_PORT = 6379
+PR_SET_PDEATHSIG = 1
 STOP_WAIT = 30.0
 
 
@@ -101,7 +103,7 @@ class LocalFarm:
         # own sessions: a Ctrl-C reaches only `fuzzfarm up`, which stops the rest in order
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, env=self.env(),
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=_stop_with_parent)
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -170,6 +172,12 @@ class LocalFarm:
                 _terminate(p)
         for p in self.procs:
             p.log.close()
+
+
+def _stop_with_parent() -> None:
+    """In each farm process, before exec: if `fuzzfarm up` dies without stopping it (killed,
+    say), the kernel sends it SIGTERM, so no orphaned farm keeps running."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _slices_running(store: FarmStore, cid: str) -> bool:
