@@ -185,6 +185,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           first_runs=args.first_runs, bug_seconds=args.bug_seconds,
                           first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
                           parts=args.parts)
+    if args.what == "tracer":
+        from fuzzfarm.bench_tracer import bench_tracer
+
+        return bench_tracer(repeats=args.repeats)
     raise UsageError(f"unknown benchmark '{args.what}'")
 
 
@@ -277,13 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)
 
-    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm)",
+    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm, tracer)",
                        description="Measure throughput; prints medians and ratios. boot: "
                                    "snapshot versus full boot. fuzz: feedback cost, time to "
                                    "the seed bug with 1 and 2 jobs, BUGS.md bugs found. farm: "
                                    "execs/s with 1 and 2 workers, Redis commands per 1,000 "
-                                   "execs, time from `fuzzfarm up` to the seed bug minimized.")
-    p.add_argument("what", choices=["boot", "fuzz", "farm"], help="what to measure")
+                                   "execs, time from `fuzzfarm up` to the seed bug minimized. "
+                                   "tracer: what native port capture and address watches "
+                                   "cost per instruction.")
+    p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer"], help="what to measure")
     p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")
     p.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported")

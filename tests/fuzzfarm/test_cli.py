@@ -96,6 +96,14 @@ def test_bench_boot_runs_and_reports_ratios() -> None:
         assert text in proc.stdout
 
 
+def test_bench_tracer_reports_costs_and_ratios() -> None:
+    proc = fuzzfarm("bench", "tracer", "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("native capture", "Python OUT hook", "ratio Python/native",
+                 "32 far watches", "4 watches around the loop", "of one more code hook"):
+        assert text in proc.stdout
+
+
 def test_demo_shows_the_seed_bug() -> None:
     proc = fuzzfarm("demo")
     assert proc.returncode == 0, proc.stderr
