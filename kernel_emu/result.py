@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,12 +36,22 @@ class Finding:
         top = [n for n in names if not n.startswith(PANIC_PLUMBING)][:3] or names[:3]
         parts = [self.cls, " < ".join(top) if top else "?"]
         if self.field and self.cls in SEMANTIC_CLASSES:
-            parts.append(self.field)
+            parts.append(signature_field(self.field))
         return " | ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         return {"class": self.cls, "evidence": self.evidence, "frames": self.frames,
                 "field": self.field, "pc": self.pc, "signature": self.signature()}
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def signature_field(field: str) -> str:
+    """The field as a signature names it: `segments[0]` stays (the head of the segment table
+    is what an allocator that hands one block out twice overwrites), any later index becomes
+    `segments[n]`, because it only says how many program headers the input had."""
+    return _INDEX.sub(lambda m: m.group(0) if m.group(1) == "0" else "[n]", field)
 
 
 def _frame_name(frame: str) -> str:

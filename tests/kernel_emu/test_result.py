@@ -13,6 +13,18 @@ def test_signature_drops_offsets_and_keeps_the_field_of_semantic_classes() -> No
     assert a.signature() == b.signature() == "vaddr-corruption | f < g < h | segments[0].vaddr"
 
 
+def test_signature_keeps_segment_zero_and_folds_later_indexes() -> None:
+    # how many program headers came before the bad one depends on the input, not on the bug
+    frames = ["rustux::loader::map_segments+0x10"]
+    later = [Finding("vaddr-corruption", ["x"], frames=frames, field=f"segments[{i}].memsz")
+             for i in (1, 8, 89, 95)]
+    assert {f.signature() for f in later} == {
+        "vaddr-corruption | rustux::loader::map_segments | segments[n].memsz"}
+    head = Finding("vaddr-corruption", ["x"], frames=frames, field="segments[0].memsz")
+    assert head.signature().endswith("| segments[0].memsz")
+    assert head.field == "segments[0].memsz" and later[2].field == "segments[89].memsz"
+
+
 def test_signature_of_a_non_semantic_class_ignores_the_field() -> None:
     f = Finding("kernel-panic", ["x"], frames=["f"], field="src/a.rs:10")
     assert f.signature() == "kernel-panic | f"
