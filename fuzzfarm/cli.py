@@ -186,9 +186,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
                           parts=args.parts)
     if args.what == "tracer":
-        from fuzzfarm.bench_tracer import bench_tracer
+        from kernel_emu.native import bench_tracer
 
-        return bench_tracer(repeats=args.repeats)
+        bench_tracer.main(repeats=args.repeats)
+        return EXIT_OK
     raise UsageError(f"unknown benchmark '{args.what}'")
 
 
@@ -287,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the seed bug with 1 and 2 jobs, BUGS.md bugs found. farm: "
                                    "execs/s with 1 and 2 workers, Redis commands per 1,000 "
                                    "execs, time from `fuzzfarm up` to the seed bug minimized. "
-                                   "tracer: what native port capture and address watches "
-                                   "cost per instruction.")
+                                   "tracer: nanoseconds per guest instruction of the tracing "
+                                   "hooks, native versus Python.")
     p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer"], help="what to measure")
     p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")

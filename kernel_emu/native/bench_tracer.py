@@ -2,7 +2,7 @@
 
 Run from the repository root after building the extension::
 
-    python -m kernel_emu.native.bench_tracer
+    python -m kernel_emu.native.bench_tracer      (or: fuzzfarm bench tracer)
 
 Two ~100k-instruction guest loops are timed: one that only does arithmetic and branches,
 and one that also stores to memory every third instruction (a memory-write hook forces
@@ -274,8 +274,7 @@ def bench_watches(repeats: int) -> None:
         )
 
 
-def main() -> None:
-    repeats = 20
+def main(repeats: int = 20) -> None:
     for name, (code, count) in (
         ("alu loop", alu_loop(50_000)),
         ("store loop", store_loop(33_333)),

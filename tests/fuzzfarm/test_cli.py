@@ -99,8 +99,8 @@ def test_bench_boot_runs_and_reports_ratios() -> None:
 def test_bench_tracer_reports_costs_and_ratios() -> None:
     proc = fuzzfarm("bench", "tracer", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr
-    for text in ("native capture", "Python OUT hook", "ratio Python/native",
-                 "32 far watches", "4 watches around the loop", "of one more code hook"):
+    for text in ("alu loop:", "store loop:", "native tracer + native ports",
+                 "32 watches far from the loop", "native tracer + native watches"):
         assert text in proc.stdout
 
 
