@@ -28,7 +28,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Kombu pings an idle connection every 25 s by default; once a minute is plenty
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                  "health_check_interval": 60},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name)
@@ -39,6 +41,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_routes={
             "workers.tasks.fuzz_slice": {"queue": "fuzz"},
             "workers.tasks.triage": {"queue": "triage"},
+            "workers.tasks.triage_many": {"queue": "triage"},
             "workers.tasks.minimize": {"queue": "minimize"},
             "workers.tasks.verify": {"queue": "triage"},
         },

@@ -22,14 +22,17 @@ from workers.store import FarmStore
 
 log = logging.getLogger("fuzzfarm.controller")
 
-SERIES_INTERVAL = 15.0
-POLL = 5.0  # lost work is noticed within a minute anyway; each step costs ~10 commands
-TRIAGE_GRACE = 120.0  # a triage task takes well under a second; this one was lost
+SERIES_INTERVAL = 30.0
+# The controller wakes when a slice finishes or a campaign changes (a blocking pop: one
+# command), and at least this often to find lost work: each look costs ~5 commands.
+SWEEP = 25.0
+TRIAGE_GRACE = 120.0  # a triage task takes seconds; one pending this long was lost
 
 
 class Controller:
     def __init__(self, store: FarmStore, settings: Settings,
-                 send_slice: Callable[[str], Any], send_triage: Callable[[str, str], Any],
+                 send_slice: Callable[[str], Any],
+                 send_triage: Callable[[str, list[str]], Any],
                  *, lost_grace: float = 90.0, triage_grace: float = TRIAGE_GRACE) -> None:
         self.store = store
         self.settings = settings
@@ -61,10 +64,15 @@ class Controller:
                 self.store.set_campaign_state(cid, "stopped")
             if now - self._last_point.get(cid, 0.0) >= SERIES_INTERVAL:
                 self._point(cid, campaign, now)
-        for sha, kernel in self.store.stale_triage(self.triage_grace):
-            self.store.touch_triage(sha, kernel)
-            self.store.count("triage_resent")
-            self.send_triage(sha, kernel)
+        stale = self.store.stale_triage(self.triage_grace)
+        if stale:
+            self.store.touch_triage(stale)
+            self.store.count("triage_resent", len(stale))
+            by_kernel: dict[str, list[str]] = {}
+            for sha, kernel in stale:
+                by_kernel.setdefault(kernel, []).append(sha)
+            for kernel, shas in by_kernel.items():
+                self.send_triage(kernel, shas)
 
     def _check_inflight(self, cid: str, seconds: float, now: float) -> list[str]:
         alive = []
@@ -100,13 +108,23 @@ class Controller:
             "corpus": self.store.corpus_size(campaign["kernel"]),
             "buckets": self.store.bucket_count(), "workers": len(self.store.workers())})
 
-    def run(self, poll: float = POLL, stop: Callable[[], bool] = lambda: False) -> None:
+    def run(self, sweep: float = SWEEP, stop: Callable[[], bool] = lambda: False,
+            wait: Callable[[float], Any] | None = None) -> None:
+        """Step, then wait for a wake-up (`wait`, by default a blocking pop on the store's
+        wake-up list) or `sweep` seconds."""
+        wait = wait or self.store.wait_for_wake
         while not stop():
             try:
                 self.step()
+                if not stop():
+                    wait(sweep)
             except Exception as e:  # noqa: BLE001 - Redis restarting, say: try again shortly
                 log.warning("controller step failed: %s", e)
-            time.sleep(poll)
+                time.sleep(2.0)
+
+
+class _Stop(Exception):
+    """Raised by the signal handler to end a blocking wait at once."""
 
 
 def _start_configured_campaign(store: FarmStore) -> None:
@@ -147,19 +165,33 @@ def main() -> int:
     settings = Settings.from_env()
     store = FarmStore.connect(settings.redis_url)
     stopping = False
+    waiting = False
 
     def on_signal(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        if waiting:  # only a wait is interrupted, never a step halfway through its writes
+            raise _Stop
+
+    def wait(seconds: float) -> None:
+        nonlocal waiting
+        waiting = True
+        try:
+            if not stopping:
+                store.wait_for_wake(seconds)
+        except _Stop:
+            pass
+        finally:
+            waiting = False
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     controller = Controller(store, settings, lambda sid: tasks.fuzz_slice.delay(sid),
-                            lambda sha, kernel: tasks.triage.delay(sha, kernel),
+                            lambda kernel, shas: tasks.triage_many.delay(kernel, shas),
                             lost_grace=settings.lost_grace, triage_grace=settings.triage_grace)
     log.info("controller started on %s", settings.redis_url)
     _start_configured_campaign(store)
-    controller.run(stop=lambda: stopping)
+    controller.run(stop=lambda: stopping, wait=wait)
     return 0
 
 

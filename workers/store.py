@@ -13,17 +13,23 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
 P = "ff:"
 SAMPLES_KEPT = 5
 SERIES_KEPT = 2000
+WAKE = P + "controller:wake"
+SERIES_SLACK = 100  # trimmed once per this many points, not at every point
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def state_channel(cid: str) -> str:
+    return P + "campaign:" + cid + ":state"
 
 
 def _s(value: Any) -> str:
@@ -37,53 +43,94 @@ def _hash(raw: dict[Any, Any]) -> dict[str, str]:
 # KEYS: bucket hash, bucket inputs set, bucket samples list, buckets zset, sizes hash
 # ARGV: bucket id, signature, class, kernel, input sha, input size, now, sample json,
 #       index of the last sample kept
+# Returns {new bucket, reproducer shrank, minimize it}: minimization is asked for a new
+# bucket, and for a smaller reproducer only if it is smaller than the minimized one too and
+# no minimization is queued already (`minimize_queued`, cleared when one ends).
 UPSERT_BUCKET = """
 if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
-  return {0, 0}
+  return {0, 0, 0}
 end
-local new = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  new = 1
+local size = tonumber(ARGV[6])
+local cur = redis.call('HMGET', KEYS[1], 'reproducer_size', 'minimized_size', 'minimize_queued')
+local new, shrank, minimize = 0, 0, 0
+if not cur[1] then
+  new, minimize = 1, 1
   redis.call('HSET', KEYS[1], 'id', ARGV[1], 'signature', ARGV[2], 'class', ARGV[3],
-             'kernel', ARGV[4], 'first_seen', ARGV[7], 'count', 0)
-end
-redis.call('HINCRBY', KEYS[1], 'count', 1)
-redis.call('HSET', KEYS[1], 'last_seen', ARGV[7])
-local shrank = 0
-local size = tonumber(redis.call('HGET', KEYS[1], 'reproducer_size') or '-1')
-if size < 0 or tonumber(ARGV[6]) < size then
-  redis.call('HSET', KEYS[1], 'reproducer', ARGV[5], 'reproducer_size', ARGV[6])
+             'kernel', ARGV[4], 'first_seen', ARGV[7], 'last_seen', ARGV[7], 'count', 1,
+             'reproducer', ARGV[5], 'reproducer_size', ARGV[6], 'minimize_queued', ARGV[7])
   redis.call('HSET', KEYS[5], ARGV[1], ARGV[6])
-  if new == 0 then shrank = 1 end
+else
+  redis.call('HINCRBY', KEYS[1], 'count', 1)
+  if size < tonumber(cur[1]) then
+    shrank = 1
+    local below_minimized = (not cur[2]) or size < tonumber(cur[2])
+    if below_minimized and not cur[3] then minimize = 1 end
+    if minimize == 1 then
+      redis.call('HSET', KEYS[1], 'last_seen', ARGV[7], 'reproducer', ARGV[5],
+                 'reproducer_size', ARGV[6], 'minimize_queued', ARGV[7])
+    else
+      redis.call('HSET', KEYS[1], 'last_seen', ARGV[7], 'reproducer', ARGV[5],
+                 'reproducer_size', ARGV[6])
+    end
+    if below_minimized then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
+  else
+    redis.call('HSET', KEYS[1], 'last_seen', ARGV[7])
+  end
 end
-redis.call('LPUSH', KEYS[3], ARGV[8])
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[9]))
+if redis.call('LPUSH', KEYS[3], ARGV[8]) > tonumber(ARGV[9]) + 1 then
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[9]))
+end
 redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
-return {new, shrank}
+return {new, shrank, minimize}
 """
 
-# KEYS: bucket hash. ARGV: minimized sha, size. Keeps the smallest.
+# KEYS: bucket hash, sizes hash. ARGV: bucket id, minimized sha, size. Keeps the smallest;
+# the sizes hash then holds the smallest known input, so slices stop sending bigger ones.
 SET_MINIMIZED = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local size = tonumber(redis.call('HGET', KEYS[1], 'minimized_size') or '-1')
-if size < 0 or tonumber(ARGV[2]) < size then
-  redis.call('HSET', KEYS[1], 'minimized', ARGV[1], 'minimized_size', ARGV[2])
+if size < 0 or tonumber(ARGV[3]) < size then
+  redis.call('HSET', KEYS[1], 'minimized', ARGV[2], 'minimized_size', ARGV[3])
+  local known = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
+  if known < 0 or tonumber(ARGV[3]) < known then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  end
   return 1
 end
 return 0
 """
 
-# KEYS: slice hash, campaign hash. ARGV: slice id, stats json, execs, edges, now.
-# A slice's statistics are added to its campaign once, however often it is reported.
+# KEYS: slice hash, campaign hash, campaign's in-flight set, controller wake-up list.
+# ARGV: slice id, stats json, execs, edges, now.
+# A slice's statistics are added to its campaign once, however often it is reported; the
+# controller is woken to send the next slice at once.
 FINISH_SLICE = """
+redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') == 'done' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[5], 'stats', ARGV[2])
 redis.call('HINCRBY', KEYS[2], 'execs', ARGV[3])
 local edges = tonumber(redis.call('HGET', KEYS[2], 'edges') or '0')
 if tonumber(ARGV[4]) > edges then redis.call('HSET', KEYS[2], 'edges', ARGV[4]) end
 redis.call('HINCRBY', KEYS[2], 'slices_done', 1)
+if redis.call('LPUSH', KEYS[4], ARGV[1]) > 1 then redis.call('LTRIM', KEYS[4], 0, 0) end
 return 1
 """
+
+
+# KEYS: bucket hash. ARGV: now.
+MINIMIZE_DONE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'minimize_done', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'minimize_queued')
+end
+return 0
+"""
+
+
+class Upsert(NamedTuple):
+    new: bool  # the bucket did not exist
+    shrank: bool  # this input is the bucket's smallest reproducer now
+    minimize: bool  # a minimization is worth queueing
 
 
 @dataclass
@@ -102,11 +149,13 @@ class Bucket:
     verify: dict[str, dict[str, Any]]
 
     @classmethod
-    def from_hash(cls, h: dict[str, str]) -> Bucket:
+    def from_hash(cls, h: dict[str, str], seen: Any = None) -> Bucket:
+        """`seen`: when a slice last hit the bucket without sending the input to triage."""
         verify = {k.split(":", 1)[1]: json.loads(v) for k, v in h.items()
                   if k.startswith("verify:")}
+        last = max(float(h.get("last_seen", 0)), float(_s(seen)) if seen else 0.0)
         return cls(h["id"], h["signature"], h["class"], h["kernel"], int(h.get("count", 0)),
-                   float(h.get("first_seen", 0)), float(h.get("last_seen", 0)),
+                   float(h.get("first_seen", 0)), last,
                    h.get("reproducer", ""), int(h.get("reproducer_size", 0)),
                    h.get("minimized"), int(h["minimized_size"]) if "minimized_size" in h
                    else None, verify)
@@ -127,6 +176,7 @@ class FarmStore:
         self._upsert = client.register_script(UPSERT_BUCKET)
         self._set_min = client.register_script(SET_MINIMIZED)
         self._finish = client.register_script(FINISH_SLICE)
+        self._min_done = client.register_script(MINIMIZE_DONE)
 
     @classmethod
     def connect(cls, url: str) -> FarmStore:
@@ -138,6 +188,14 @@ class FarmStore:
         sha = sha256(data)
         self.r.set(P + "blob:" + sha, data, nx=True)
         return sha
+
+    def put_blobs(self, inputs: list[bytes]) -> list[str]:
+        """Store several inputs in one command (a blob's bytes are its name, so writing one
+        that exists changes nothing)."""
+        by_sha = {sha256(d): d for d in inputs}
+        if by_sha:
+            self.r.mset({P + "blob:" + sha: data for sha, data in by_sha.items()})
+        return [sha256(d) for d in inputs]
 
     def get_blob(self, sha: str) -> bytes | None:
         return self.r.get(P + "blob:" + sha)
@@ -165,7 +223,7 @@ class FarmStore:
     def corpus_sample(self, kernel: str, recent: int, sampled: int) -> set[str]:
         """The `recent` newest inputs plus up to `sampled` others picked at random."""
         key = P + "corpus:" + kernel
-        with self.r.pipeline() as p:
+        with self.r.pipeline(transaction=False) as p:
             p.zrevrange(key, 0, recent - 1)
             p.zrandmember(key, sampled)
             newest, random_ones = p.execute()
@@ -182,14 +240,17 @@ class FarmStore:
                if score is None}
         if not new:
             return 0
-        with self.r.pipeline() as p:
+        # no MULTI: the blobs go first, so the corpus never names a missing one, and a blob
+        # left without its corpus entry by a crash in between is harmless
+        with self.r.pipeline(transaction=False) as p:
             # content-addressed: overwriting a blob writes the same bytes
             p.mset({P + "blob:" + sha: data for sha, data in new.items()})
             p.zadd(key, dict.fromkeys(new, time.time()), nx=True)
             return int(p.execute()[-1])
 
     def reproducer_sizes(self, bucket_ids: list[str]) -> dict[str, int | None]:
-        """The current reproducer size of each bucket (None: no such bucket), one command."""
+        """The size of the smallest known input of each bucket, the minimized one included
+        (None: no such bucket), in one command."""
         if not bucket_ids:
             return {}
         sizes = self.r.hmget(P + "bucket-sizes", bucket_ids)
@@ -209,6 +270,7 @@ class FarmStore:
                 "edges": 0, "slices_done": 0})
             p.zadd(P + "campaigns", {cid: time.time()})
             p.sadd(P + "campaigns:active", cid)
+            p.lpush(WAKE, cid)
             p.execute()
         return cid
 
@@ -225,14 +287,27 @@ class FarmStore:
         return [c for c in (self.campaign(i) for i in ids) if c]
 
     def set_campaign_state(self, cid: str, state: str) -> None:
+        """Change a campaign's state and tell its running slices and the controller at once."""
         with self.r.pipeline() as p:
             p.hset(P + "campaign:" + cid, "state", state)
             if state == "stopped":
                 p.srem(P + "campaigns:active", cid)
+            p.publish(state_channel(cid), state)
+            p.lpush(WAKE, cid)
             p.execute()
 
     def set_campaign_slices(self, cid: str, slices: int) -> None:
-        self.r.hset(P + "campaign:" + cid, "slices", slices)
+        with self.r.pipeline() as p:
+            p.hset(P + "campaign:" + cid, "slices", slices)
+            p.lpush(WAKE, cid)
+            p.execute()
+
+    def watch_campaign_state(self, cid: str) -> redis.client.PubSub:
+        """A subscription that receives the campaign's state changes as they happen (no
+        polling: messages cost no commands)."""
+        sub = self.r.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(state_channel(cid))
+        return sub
 
     def campaign_state(self, cid: str) -> str | None:
         state = self.r.hget(P + "campaign:" + cid, "state")
@@ -240,7 +315,8 @@ class FarmStore:
 
     def new_slice(self, cid: str, kernel: str, seconds: float) -> str:
         sid = uuid.uuid4().hex[:12]
-        with self.r.pipeline() as p:
+        # no MULTI: a slice hash left without its in-flight entry by a crash is never run
+        with self.r.pipeline(transaction=False) as p:
             p.hset(P + "slice:" + sid, mapping={
                 "id": sid, "campaign": cid, "kernel": kernel, "seconds": seconds,
                 "state": "queued", "queued": time.time()})
@@ -260,11 +336,16 @@ class FarmStore:
         return True
 
     def finish_slice(self, sid: str, cid: str, stats: dict[str, Any]) -> bool:
-        done = self._finish(keys=[P + "slice:" + sid, P + "campaign:" + cid],
+        done = self._finish(keys=[P + "slice:" + sid, P + "campaign:" + cid,
+                                  P + "campaign:" + cid + ":inflight", WAKE],
                             args=[sid, json.dumps(stats), int(stats.get("execs", 0)),
                                   int(stats.get("edges", 0)), time.time()])
-        self.r.srem(P + "campaign:" + cid + ":inflight", sid)
         return bool(done)
+
+    def wait_for_wake(self, timeout: float) -> bool:
+        """Block until a slice finishes or `timeout` seconds pass (one command either way);
+        True if woken."""
+        return self.r.blpop([WAKE], timeout=max(1, int(timeout))) is not None
 
     def drop_slice(self, sid: str, cid: str, state: str) -> None:
         with self.r.pipeline() as p:
@@ -276,20 +357,28 @@ class FarmStore:
         return sorted(_s(s) for s in self.r.smembers(P + "campaign:" + cid + ":inflight"))
 
     def add_series_point(self, cid: str, point: dict[str, Any]) -> None:
-        with self.r.pipeline() as p:
-            p.rpush(P + "campaign:" + cid + ":series", json.dumps(point))
-            p.ltrim(P + "campaign:" + cid + ":series", -SERIES_KEPT, -1)
-            p.execute()
+        key = P + "campaign:" + cid + ":series"
+        if self.r.rpush(key, json.dumps(point)) > SERIES_KEPT + SERIES_SLACK:
+            self.r.ltrim(key, -SERIES_KEPT, -1)
 
     def series(self, cid: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(P + "campaign:" + cid + ":series", 0, -1)]
 
     # triage work not yet done (so nothing is lost when a worker dies) ----------------------
     def pending_triage(self, sha: str, kernel: str) -> None:
-        self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": time.time()}, nx=True)
+        self.pending_triage_many([sha], kernel)
+
+    def pending_triage_many(self, shas: list[str], kernel: str) -> None:
+        if shas:
+            now = time.time()
+            self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": now for sha in shas}, nx=True)
 
     def triage_done(self, sha: str, kernel: str) -> None:
-        self.r.zrem(P + "triage:pending", f"{kernel}:{sha}")
+        self.triage_done_many([sha], kernel)
+
+    def triage_done_many(self, shas: list[str], kernel: str) -> None:
+        if shas:
+            self.r.zrem(P + "triage:pending", *[f"{kernel}:{sha}" for sha in shas])
 
     def stale_triage(self, older_than: float) -> list[tuple[str, str]]:
         items = self.r.zrangebyscore(P + "triage:pending", 0, time.time() - older_than)
@@ -302,29 +391,51 @@ class FarmStore:
     def triage_backlog(self) -> int:
         return int(self.r.zcard(P + "triage:pending"))
 
-    def touch_triage(self, sha: str, kernel: str) -> None:
-        self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": time.time()}, xx=True)
+    def touch_triage(self, items: list[tuple[str, str]]) -> None:
+        """Restart the grace period of (sha, kernel) entries that are being sent again."""
+        if items:
+            now = time.time()
+            self.r.zadd(P + "triage:pending", {f"{kernel}:{sha}": now for sha, kernel in items},
+                        xx=True)
 
     # buckets -------------------------------------------------------------------------------
     def upsert_bucket(self, bucket_id: str, signature: str, crash_class: str, kernel: str,
-                      sha: str, size: int, sample: dict[str, Any]) -> tuple[bool, bool]:
-        """Count one crashing input in its bucket; (new bucket, reproducer shrank). An input
-        already counted changes nothing."""
+                      sha: str, size: int, sample: dict[str, Any]) -> Upsert:
+        """Count one crashing input in its bucket. An input already counted changes
+        nothing."""
         key = P + "bucket:" + bucket_id
-        new, shrank = self._upsert(
+        new, shrank, minimize = self._upsert(
             keys=[key, key + ":inputs", key + ":samples", P + "buckets",
                   P + "bucket-sizes"],
             args=[bucket_id, signature, crash_class, kernel, sha, size, time.time(),
                   json.dumps(sample), SAMPLES_KEPT - 1])
-        return bool(new), bool(shrank)
+        return Upsert(bool(new), bool(shrank), bool(minimize))
+
+    def mark_seen(self, bucket_ids: list[str]) -> None:
+        """Known buckets a slice hit again (it sends only new or smaller inputs to triage):
+        their last-seen time, all in one command."""
+        if bucket_ids:
+            now = time.time()
+            self.r.hset(P + "bucket-seen", mapping=dict.fromkeys(bucket_ids, now))
 
     def bucket(self, bucket_id: str) -> Bucket | None:
-        h = _hash(self.r.hgetall(P + "bucket:" + bucket_id))
-        return Bucket.from_hash(h) if h else None
+        with self.r.pipeline(transaction=False) as p:
+            p.hgetall(P + "bucket:" + bucket_id)
+            p.hget(P + "bucket-seen", bucket_id)
+            raw, seen = p.execute()
+        return Bucket.from_hash(_hash(raw), seen) if raw else None
 
     def buckets(self) -> list[Bucket]:
         ids = [_s(b) for b in self.r.zrevrange(P + "buckets", 0, -1)]
-        return [b for b in (self.bucket(i) for i in ids) if b]
+        if not ids:
+            return []
+        with self.r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(P + "bucket:" + i)
+            p.hmget(P + "bucket-seen", ids)
+            *raws, seen = p.execute()
+        return [Bucket.from_hash(_hash(raw), t) for raw, t in zip(raws, seen, strict=True)
+                if raw]
 
     def bucket_count(self) -> int:
         return int(self.r.zcard(P + "buckets"))
@@ -334,18 +445,23 @@ class FarmStore:
                                                      0, -1)]
 
     def set_minimized(self, bucket_id: str, sha: str, size: int) -> bool:
-        return bool(self._set_min(keys=[P + "bucket:" + bucket_id], args=[sha, size]))
+        return bool(self._set_min(keys=[P + "bucket:" + bucket_id, P + "bucket-sizes"],
+                                  args=[bucket_id, sha, size]))
 
     def mark_minimize_done(self, bucket_id: str) -> None:
-        if self.r.exists(P + "bucket:" + bucket_id):
-            self.r.hset(P + "bucket:" + bucket_id, "minimize_done", time.time())
+        self._min_done(keys=[P + "bucket:" + bucket_id], args=[time.time()])
 
     def set_verify(self, bucket_id: str, kernel: str, state: dict[str, Any]) -> None:
         self.r.hset(P + "bucket:" + bucket_id, "verify:" + kernel, json.dumps(state))
 
     # reports (a Result JSON per input and kernel) ------------------------------------------
     def put_report(self, sha: str, kernel: str, report: dict[str, Any]) -> None:
-        self.r.set(P + "report:" + kernel + ":" + sha, json.dumps(report))
+        self.put_reports(kernel, {sha: report})
+
+    def put_reports(self, kernel: str, reports: dict[str, dict[str, Any]]) -> None:
+        if reports:
+            self.r.mset({P + "report:" + kernel + ":" + sha: json.dumps(report)
+                         for sha, report in reports.items()})
 
     def report(self, sha: str, kernel: str) -> dict[str, Any] | None:
         raw = self.r.get(P + "report:" + kernel + ":" + sha)

@@ -28,8 +28,8 @@ def _worker_name(task: Any) -> str:
     return str(getattr(task.request, "hostname", None) or socket.gethostname())
 
 
-def send_triage(sha: str, kernel: str) -> None:
-    triage.delay(sha, kernel)
+def send_triage(kernel: str, shas: list[str]) -> None:
+    triage_many.delay(kernel, shas)
 
 
 def send_minimize(bucket: str) -> None:
@@ -52,14 +52,28 @@ def fuzz_slice(self: Any, slice_id: str) -> dict[str, Any] | None:
 
 @app.task(bind=True, name="workers.tasks.triage")
 def triage(self: Any, sha: str, kernel: str) -> dict[str, Any]:
+    """One input."""
+    return _triage(self, kernel, [sha])[0]
+
+
+@app.task(bind=True, name="workers.tasks.triage_many")
+def triage_many(self: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
+    """A slice's crashing inputs, one per signature: one task, so a few commands in all."""
+    return _triage(self, kernel, shas)
+
+
+def _triage(task: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
     store = _store()
-    store.heartbeat(_worker_name(self), {"task": "triage"})
+    store.heartbeat(_worker_name(task), {"task": "triage"})
     try:
-        return work.triage_input(store, _settings(), sha, kernel, send_minimize)
+        if not isinstance(shas, list) or not all(isinstance(s, str) for s in shas):
+            raise TypeError(f"triage needs a list of input ids, got {type(shas).__name__}")
+        return work.triage_inputs(store, _settings(), str(kernel), shas, send_minimize)
     except Exception as e:  # noqa: BLE001
-        work.record_harness_error(store, "triage", f"{type(e).__name__}: {e}", sha)
-        store.triage_done(sha, kernel)
-        return {"state": "harness-error"}
+        work.record_harness_error(store, "triage", f"{type(e).__name__}: {e}")
+        if isinstance(shas, list):
+            store.triage_done_many([str(s) for s in shas], str(kernel))
+        return [{"state": "harness-error"}]
 
 
 @app.task(bind=True, name="workers.tasks.minimize")

@@ -7,6 +7,7 @@ acknowledging it, and the controller re-sends triage work that was never finishe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from fuzz.harness import WATCHDOG, JobConfig, JobStats, stats_path
 from fuzz.minimize import NotACrash, minimize
@@ -37,7 +40,8 @@ SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
 ERRORS_KEPT = 50
 SLICE_GRACE = 120.0  # start-up and wind-down of a slice's job process
 PR_SET_PDEATHSIG = 1
-STATE_CHECK = 10.0  # how often a slice asks whether its campaign is still running
+# how often a slice reads its campaign's state, in case the message saying it stopped was lost
+STATE_CHECK = 60.0
 # a known bucket's reproducer is replaced by a slice's input only if clearly smaller: each
 # triage costs ~10 Redis commands, and minimization shrinks reproducers anyway
 SHRINK_WORTH_TRIAGE = 0.9
@@ -170,25 +174,26 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
                                  stderr=subprocess.STDOUT, start_new_session=True,
                                  preexec_fn=_die_with_parent)
         deadline = time.monotonic() + seconds + SLICE_GRACE
-        stopping = False
-        next_check = time.monotonic() + STATE_CHECK
+        watch = _CampaignWatch(store, cid)
+        asked_to_stop = False
         try:
             while child.poll() is None:
-                time.sleep(0.25)
-                if not stopping and time.monotonic() >= next_check:
-                    next_check += STATE_CHECK
-                    if store.campaign_state(cid) != "running":
-                        child.send_signal(signal.SIGTERM)  # the job writes its stats, exits
-                        stopping = True
+                if watch.stopped(wait=0.25):
+                    child.send_signal(signal.SIGTERM)  # the job writes its stats, exits
+                    asked_to_stop = True
+                    watch.close()
                 if time.monotonic() > deadline:
                     child.kill()
                     child.wait()
                     record_harness_error(store, "fuzz slice", "job process overran its slice")
         finally:
+            watch.close()
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    if child.returncode not in (0, None):
+    # a job stopped before it could install its own handler dies of the signal: not a failure
+    stopped_early = asked_to_stop and child.returncode == -signal.SIGTERM
+    if child.returncode not in (0, None) and not stopped_early:
         record_harness_error(store, "fuzz slice",
                              f"job process exited with status {child.returncode}")
     try:
@@ -197,10 +202,64 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
         return None
 
 
+class _CampaignWatch:
+    """Tells a running slice that its campaign no longer runs: a state change arrives at once
+    on a subscription (free of commands); the state is also read every STATE_CHECK seconds in
+    case a message was missed (Redis restarted, say)."""
+
+    def __init__(self, store: FarmStore, cid: str) -> None:
+        self.store, self.cid = store, cid
+        self.sub: Any = None
+        self.done = False
+        self.next_check = time.monotonic() + STATE_CHECK
+        try:
+            self.sub = store.watch_campaign_state(cid)
+        except redis.RedisError:
+            self.sub = None
+
+    def stopped(self, wait: float) -> bool:
+        if self.done:
+            time.sleep(wait)
+            return False
+        if self.sub is not None:
+            try:
+                message = self.sub.get_message(timeout=wait)
+            except (redis.RedisError, OSError):
+                self._drop_subscription()
+                message = None
+            if message is not None and message.get("type") == "message":
+                self.done = _s(message.get("data")) != "running"
+                return self.done
+        else:
+            time.sleep(wait)
+        if time.monotonic() >= self.next_check:
+            self.next_check = time.monotonic() + STATE_CHECK
+            try:
+                self.done = self.store.campaign_state(self.cid) != "running"
+            except redis.RedisError:
+                return False  # Redis restarting: the slice goes on
+        return self.done
+
+    def _drop_subscription(self) -> None:
+        sub, self.sub = self.sub, None
+        with contextlib.suppress(redis.RedisError, OSError):
+            sub.close()
+
+    def close(self) -> None:
+        if self.sub is not None:
+            self._drop_subscription()
+        self.done = True
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: Enqueue) -> int:
-    """Send the slice's crashing inputs to triage: one per signature (the job kept the
-    smallest), and only when the bucket is new or this input is clearly smaller than its
-    reproducer; the job's own counts are in the slice's statistics."""
+    """Send the slice's crashing inputs to triage, all in one task: one input per signature
+    (the job kept the smallest), and only when the bucket is new or this input is clearly
+    smaller than its smallest known input. Known buckets hit again are marked seen. The
+    job's own counts are in the slice's statistics."""
     root = work / "solutions"
     if not root.is_dir():
         return 0
@@ -210,48 +269,78 @@ def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: En
         if inputs:
             smallest[folder.name] = inputs[0]
     known = store.reproducer_sizes(list(smallest))
-    sent = 0
+    send: list[bytes] = []
     for bid, path in smallest.items():
         size = known.get(bid)
-        if size is not None and path.stat().st_size >= size * SHRINK_WORTH_TRIAGE:
-            continue
-        data = path.read_bytes()
-        sha = store.put_blob(data)
-        # recorded before the task is sent: if this worker dies now, the controller re-sends it
-        store.pending_triage(sha, kernel)
-        enqueue_triage(sha, kernel)
-        sent += 1
-    return sent
+        if size is None or path.stat().st_size < size * SHRINK_WORTH_TRIAGE:
+            send.append(path.read_bytes())
+    store.mark_seen([bid for bid, size in known.items() if size is not None])
+    if not send:
+        return 0
+    shas = store.put_blobs(send)
+    # recorded before the task is sent: if this worker dies now, the controller re-sends it
+    store.pending_triage_many(shas, kernel)
+    enqueue_triage(kernel, shas)
+    return len(shas)
 
 
 # triage --------------------------------------------------------------------------------------
 
 def triage_input(store: FarmStore, settings: Settings, sha: str, kernel: str,
                  enqueue_minimize: Enqueue) -> dict[str, Any]:
-    """Re-run a crashing input with a full boot and every oracle, and count it in its bucket."""
-    data = store.get_blob(sha)
-    if data is None:
-        store.triage_done(sha, kernel)
-        record_harness_error(store, "triage", "input not found in Redis", sha)
-        return {"state": "missing"}
+    """Re-run one crashing input with a full boot and every oracle; count it in its bucket."""
+    return triage_inputs(store, settings, kernel, [sha], enqueue_minimize)[0]
+
+
+def triage_inputs(store: FarmStore, settings: Settings, kernel: str, shas: list[str],
+                  enqueue_minimize: Enqueue) -> list[dict[str, Any]]:
+    """Triage several inputs of one kernel build: their bytes, reports and the pending marks
+    move in one command each, whatever their number; each crash is counted in its bucket."""
+    shas = list(dict.fromkeys(shas))
     try:
-        result = _executor(store, settings, kernel, snapshot=False).run(data)
-    except HarnessError as e:
-        store.triage_done(sha, kernel)
-        record_harness_error(store, "triage", e, sha)
-        return {"state": "harness-error", "error": str(e)}
-    store.put_report(sha, kernel, result.to_json())
-    if result.verdict != "crash" or not result.signature:
-        store.count(f"triage_{result.verdict}")
-        store.triage_done(sha, kernel)
-        return {"state": result.verdict}
-    bid = bucket_id(result.signature)
-    new, shrank = store.upsert_bucket(bid, result.signature, result.crash_class or "?", kernel,
-                                      sha, len(data), _sample(sha, kernel, result))
-    if new or shrank:
-        enqueue_minimize(bid)
-    store.triage_done(sha, kernel)
-    return {"state": "crash", "bucket": bid, "new": new, "shrank": shrank}
+        blobs = store.get_blobs(shas)
+        ex = _executor(store, settings, kernel, snapshot=False)
+    except HarnessError as e:  # an unknown or broken kernel build: every input says so
+        for sha in shas:
+            record_harness_error(store, "triage", e, sha)
+        store.triage_done_many(shas, kernel)
+        return [{"state": "harness-error", "error": str(e)} for _ in shas]
+    outcomes: list[dict[str, Any]] = []
+    reports: dict[str, dict[str, Any]] = {}
+    crashes: list[tuple[int, str, int, Result]] = []
+    verdicts: dict[str, int] = {}
+    for sha, data in zip(shas, blobs, strict=True):
+        if data is None:
+            record_harness_error(store, "triage", "input not found in Redis", sha)
+            outcomes.append({"state": "missing"})
+            continue
+        try:
+            result = ex.run(data)
+        except HarnessError as e:
+            record_harness_error(store, "triage", e, sha)
+            outcomes.append({"state": "harness-error", "error": str(e)})
+            continue
+        reports[sha] = result.to_json()
+        outcomes.append({"state": result.verdict})
+        if result.verdict == "crash" and result.signature:
+            crashes.append((len(outcomes) - 1, sha, len(data), result))
+        else:
+            verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
+    # reports first: a bucket never names a reproducer whose report is missing
+    store.put_reports(kernel, reports)
+    for i, sha, size, result in crashes:
+        assert result.signature is not None
+        bid = bucket_id(result.signature)
+        up = store.upsert_bucket(bid, result.signature, result.crash_class or "?", kernel, sha,
+                                 size, _sample(sha, kernel, result))
+        if up.minimize:
+            enqueue_minimize(bid)
+        outcomes[i] = {"state": "crash", "bucket": bid, "new": up.new, "shrank": up.shrank,
+                       "minimize": up.minimize}
+    for verdict, n in verdicts.items():
+        store.count(f"triage_{verdict}", n)
+    store.triage_done_many(shas, kernel)
+    return outcomes
 
 
 def _sample(sha: str, kernel: str, result: Result) -> dict[str, Any]:

@@ -27,8 +27,8 @@ def test_triage_buckets_the_seed_bug_once_per_input(store: FarmStore,
     store.pending_triage(sha, "seed")
     first = work.triage_input(store, settings, sha, "seed", sent.append)
     again = work.triage_input(store, settings, sha, "seed", sent.append)  # delivered twice
-    assert first["state"] == "crash" and first["new"]
-    assert again == {**first, "new": False}
+    assert first["state"] == "crash" and first["new"] and first["minimize"]
+    assert again == {**first, "new": False, "minimize": False}
     assert sent == [first["bucket"]]  # one minimization for a new bucket
     bucket = store.bucket(first["bucket"])
     assert bucket is not None and bucket.count == 1 and bucket.kernel == "seed"
@@ -37,6 +37,21 @@ def test_triage_buckets_the_seed_bug_once_per_input(store: FarmStore,
     assert any(f["field"] == "segments[0].vaddr" for f in report["findings"])
     assert any(s["vaddr"] == 0x300028 for s in report["segments"])
     assert store.triage_backlog() == 0  # nothing left pending
+
+
+def test_one_triage_task_takes_a_slice_s_inputs_together(store: FarmStore,
+                                                         settings: Settings) -> None:
+    sent: list[str] = []
+    junk = b"\x7fELF" + bytes(60)
+    shas = store.put_blobs([SEED_BUG, junk])
+    store.pending_triage_many([*shas, "0" * 64], "seed")
+    out = work.triage_inputs(store, settings, "seed", [*shas, "0" * 64], sent.append)
+    assert [o["state"] for o in out] == ["crash", "rejected", "missing"]
+    assert sent == [out[0]["bucket"]]
+    assert store.report(shas[0], "seed") and store.report(shas[1], "seed")
+    assert store.triage_backlog() == 0
+    assert store.counters()["harness_errors"] == 1  # the missing input, never a bucket
+    assert len(store.buckets()) == 1
 
 
 def test_garbage_for_triage_is_rejected_not_fatal(store: FarmStore, settings: Settings) -> None:
