@@ -11,6 +11,8 @@ from kombu import Exchange, Queue
 
 from workers.settings import Settings
 
+# A worker takes from its queues in turn (Kombu's round robin), so a slice's findings are
+# triaged, and their buckets minimized, before the worker's next slice but one.
 QUEUES = ("fuzz", "triage", "minimize")
 
 
@@ -43,6 +45,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             "workers.tasks.triage": {"queue": "triage"},
             "workers.tasks.triage_many": {"queue": "triage"},
             "workers.tasks.minimize": {"queue": "minimize"},
+            "workers.tasks.minimize_many": {"queue": "minimize"},
             "workers.tasks.verify": {"queue": "triage"},
         },
         worker_hijack_root_logger=False,

@@ -32,8 +32,9 @@ def send_triage(kernel: str, shas: list[str]) -> None:
     triage_many.delay(kernel, shas)
 
 
-def send_minimize(bucket: str) -> None:
-    minimize.delay(bucket)
+def send_minimize(buckets: list[str]) -> None:
+    if buckets:
+        minimize_many.delay(buckets)
 
 
 @app.task(bind=True, name="workers.tasks.fuzz_slice")
@@ -78,13 +79,30 @@ def _triage(task: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
 
 @app.task(bind=True, name="workers.tasks.minimize")
 def minimize(self: Any, bucket: str) -> dict[str, Any]:
+    """One bucket (what the dashboard and `fuzzfarm minimize --bucket` send)."""
+    return _minimize(self, [bucket])[0]
+
+
+@app.task(bind=True, name="workers.tasks.minimize_many")
+def minimize_many(self: Any, buckets: list[str]) -> list[dict[str, Any]]:
+    """The buckets one triage task found new or smaller, one after the other."""
+    return _minimize(self, buckets)
+
+
+def _minimize(task: Any, buckets: list[str]) -> list[dict[str, Any]]:
     store = _store()
-    store.heartbeat(_worker_name(self), {"task": "minimize"})
-    try:
-        return work.minimize_bucket(store, _settings(), bucket)
-    except Exception as e:  # noqa: BLE001
-        work.record_harness_error(store, "minimize", f"{type(e).__name__}: {e}")
-        return {"state": "harness-error"}
+    store.heartbeat(_worker_name(task), {"task": "minimize"})
+    if not isinstance(buckets, list):
+        work.record_harness_error(store, "minimize", f"not a list of buckets: {buckets!r:.80}")
+        return [{"state": "harness-error"}]
+    out = []
+    for bucket in buckets:
+        try:
+            out.append(work.minimize_bucket(store, _settings(), str(bucket)))
+        except Exception as e:  # noqa: BLE001
+            work.record_harness_error(store, "minimize", f"{type(e).__name__}: {e}")
+            out.append({"state": "harness-error"})
+    return out
 
 
 @app.task(bind=True, name="workers.tasks.verify")

@@ -328,15 +328,18 @@ def triage_inputs(store: FarmStore, settings: Settings, kernel: str, shas: list[
             verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
     # reports first: a bucket never names a reproducer whose report is missing
     store.put_reports(kernel, reports)
+    to_minimize: list[str] = []
     for i, sha, size, result in crashes:
         assert result.signature is not None
         bid = bucket_id(result.signature)
         up = store.upsert_bucket(bid, result.signature, result.crash_class or "?", kernel, sha,
                                  size, _sample(sha, kernel, result))
         if up.minimize:
-            enqueue_minimize(bid)
+            to_minimize.append(bid)
         outcomes[i] = {"state": "crash", "bucket": bid, "new": up.new, "shrank": up.shrank,
                        "minimize": up.minimize}
+    if to_minimize:
+        enqueue_minimize(to_minimize)  # one task for all of them
     for verdict, n in verdicts.items():
         store.count(f"triage_{verdict}", n)
     store.triage_done_many(shas, kernel)

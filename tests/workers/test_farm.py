@@ -194,3 +194,21 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
         assert all(c["state"] in ("stopping", "stopped") for c in reopened.campaigns())
     finally:
         server.stop()
+
+
+def test_one_triage_task_queues_one_minimization_for_its_new_buckets(
+        farm: Farm, store: FarmStore) -> None:
+    app = make_app(Settings(redis_url=farm.url))
+    base = (EXAMPLES / "three-segments.elf").read_bytes()
+    bugs = [r for r in REPRODUCERS if r.bug in ("RX-01", "RX-04")]
+    shas = store.put_blobs([r.make(base) for r in bugs] + [b"not an ELF at all"])
+    store.pending_triage_many(shas, "seed")
+    farm.worker("w1")
+    app.send_task("workers.tasks.triage_many", args=["seed", shas])
+    wait_for(lambda: len(store.buckets()) >= 2 and all(b.minimized for b in store.buckets()),
+             120, "both buckets to be minimized")
+    assert store.triage_backlog() == 0
+    assert store.report(shas[-1], "seed")["verdict"] == "rejected"
+    log = farm.log("w1")
+    assert len(re.findall(r"Task workers\.tasks\.minimize_many\[\S+\] succeeded", log)) == 1
+    assert "Task workers.tasks.minimize[" not in log

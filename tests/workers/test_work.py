@@ -25,8 +25,8 @@ def test_triage_buckets_the_seed_bug_once_per_input(store: FarmStore,
     sent: list[str] = []
     sha = store.put_blob(SEED_BUG)
     store.pending_triage(sha, "seed")
-    first = work.triage_input(store, settings, sha, "seed", sent.append)
-    again = work.triage_input(store, settings, sha, "seed", sent.append)  # delivered twice
+    first = work.triage_input(store, settings, sha, "seed", sent.extend)
+    again = work.triage_input(store, settings, sha, "seed", sent.extend)  # delivered twice
     assert first["state"] == "crash" and first["new"] and first["minimize"]
     assert again == {**first, "new": False, "minimize": False}
     assert sent == [first["bucket"]]  # one minimization for a new bucket
@@ -45,7 +45,7 @@ def test_one_triage_task_takes_a_slice_s_inputs_together(store: FarmStore,
     junk = b"\x7fELF" + bytes(60)
     shas = store.put_blobs([SEED_BUG, junk])
     store.pending_triage_many([*shas, "0" * 64], "seed")
-    out = work.triage_inputs(store, settings, "seed", [*shas, "0" * 64], sent.append)
+    out = work.triage_inputs(store, settings, "seed", [*shas, "0" * 64], sent.extend)
     assert [o["state"] for o in out] == ["crash", "rejected", "missing"]
     assert sent == [out[0]["bucket"]]
     assert store.report(shas[0], "seed") and store.report(shas[1], "seed")
