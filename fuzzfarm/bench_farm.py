@@ -2,8 +2,10 @@
 
 1. Total execs/s with 1 and with 2 workers (each run: a fresh Redis, N workers, the
    controller, one campaign on `seed` with N slices in flight), and their ratio.
-2. Redis commands per 1,000 execs in steady state (Redis's own command counter, between the
-   first finished slice and the end of the run), hence how many workers one Redis can serve.
+2. Redis commands per 1,000 execs in steady state (Redis's own command counter, from when
+   every worker has finished a slice and the first findings are triaged and minimized, to
+   the end of the run; the whole run's figure is printed too), hence how many workers one
+   Redis can serve.
 3. Time from `fuzzfarm up` (a subprocess, as a user runs it) to a triaged and minimized bucket
    of the seed bug (segment 0's vaddr = 0x300028).
 """
@@ -34,18 +36,34 @@ def _commands(store: FarmStore) -> int:
     return int(store.r.info("stats")["total_commands_processed"])
 
 
+def _backlog(store: FarmStore) -> int:
+    """Triage and minimization not yet done (queued, or running)."""
+    ids = [b.decode() for b in store.r.zrange("ff:buckets", 0, -1)]
+    with store.r.pipeline(transaction=False) as p:
+        p.zcard("ff:triage:pending")
+        p.llen("triage")
+        p.llen("minimize")
+        for bid in ids:
+            p.hexists("ff:bucket:" + bid, "minimize_queued")
+        return sum(int(x) for x in p.execute())
+
+
 def _run_farm(workers: int, seconds: float, slice_seconds: float, data: Path) -> dict[str, Any]:
     farm = LocalFarm(data=data, workers=workers, slice_seconds=slice_seconds,
                      extra_env={"FUZZFARM_CACHE": str(data / "cache")})
     store = farm.start()
     try:
+        cmds_start = _commands(store)
         cid = farm.ensure_campaign(store)
         start = time.time()
-        # steady state begins once every worker has finished one slice
-        while int(store.campaign(cid)["slices_done"]) < workers:
-            time.sleep(0.5)
-            if time.time() - start > seconds + 300:
-                raise RuntimeError("no slices finished; see " + str(data / "logs"))
+        # steady state begins once every worker has finished one slice and the first burst
+        # of findings is triaged and minimized (a new campaign finds most of its buckets in
+        # its first minutes; a long-running one rarely finds a new one)
+        while int(store.campaign(cid)["slices_done"]) < workers or _backlog(store):
+            time.sleep(2.0)
+            if time.time() - start > seconds + 900:
+                raise RuntimeError("the farm did not settle; see " + str(data / "logs"))
+        warmup = time.time() - start
         t0, execs0, cmds0 = time.time(), int(store.campaign(cid)["execs"]), _commands(store)
         while time.time() - t0 < seconds:
             time.sleep(1.0)
@@ -54,7 +72,8 @@ def _run_farm(workers: int, seconds: float, slice_seconds: float, data: Path) ->
             time.sleep(0.5)
         t1, execs1, cmds1 = time.time(), int(store.campaign(cid)["execs"]), _commands(store)
         return {"execs": execs1 - execs0, "seconds": t1 - t0, "commands": cmds1 - cmds0,
-                "rate": (execs1 - execs0) / (t1 - t0)}
+                "rate": (execs1 - execs0) / (t1 - t0), "warmup": warmup,
+                "all_execs": execs1, "all_commands": cmds1 - cmds_start}
     finally:
         farm.stop(None)
 
@@ -108,7 +127,10 @@ def bench_farm(seconds: float, slice_seconds: float, repeats: int, cap: float) -
                 runs[workers].append(out)
                 print(f"   {workers} worker(s): {out['rate']:,.0f} execs/s, "
                       f"{out['commands'] * 1000 / max(out['execs'], 1):.2f} Redis commands "
-                      f"per 1,000 execs", flush=True)
+                      f"per 1,000 execs in steady state (after {out['warmup']:.0f} s of "
+                      f"warm-up); whole run incl. warm-up "
+                      f"{out['all_commands'] * 1000 / max(out['all_execs'], 1):.2f}",
+                      flush=True)
         one = statistics.median(o["rate"] for o in runs[1])
         two = statistics.median(o["rate"] for o in runs[2])
         per_k = statistics.median(o["commands"] * 1000 / max(o["execs"], 1)

@@ -22,7 +22,7 @@ from workers.store import FarmStore
 
 log = logging.getLogger("fuzzfarm.controller")
 
-SERIES_INTERVAL = 30.0
+SERIES_INTERVAL = 25.0
 # The controller wakes when a slice finishes or a campaign changes (a blocking pop: one
 # command), and at least this often to find lost work: each look costs ~5 commands.
 SWEEP = 25.0
@@ -42,15 +42,21 @@ class Controller:
         self.triage_grace = triage_grace
         self._last_point: dict[str, float] = {}
         self._last_execs: dict[str, tuple[float, int]] = {}
+        self._last_full = 0.0
 
-    def step(self) -> None:
+    def step(self, full: bool = True) -> None:
+        """Keep every campaign's slices in flight. A full step also looks for lost slices and
+        lost triage; a step on a wake-up (a slice finished, a campaign changed) need not."""
         now = time.time()
+        if full:
+            self._last_full = now
         for campaign in self.store.active_campaigns():
             state = campaign.get("state")
             if state not in ("running", "stopping"):
                 continue
             cid = campaign["id"]
-            inflight = self._check_inflight(cid, float(campaign["slice_seconds"]), now)
+            inflight = (self._check_inflight(cid, float(campaign["slice_seconds"]), now) if full
+                        else self.store.inflight(cid))
             if state == "running":
                 for _ in range(int(campaign["slices"]) - len(inflight)):
                     sid = self.store.new_slice(cid, campaign["kernel"],
@@ -64,7 +70,7 @@ class Controller:
                 self.store.set_campaign_state(cid, "stopped")
             if now - self._last_point.get(cid, 0.0) >= SERIES_INTERVAL:
                 self._point(cid, campaign, now)
-        stale = self.store.stale_triage(self.triage_grace)
+        stale = self.store.stale_triage(self.triage_grace) if full else []
         if stale:
             self.store.touch_triage(stale)
             self.store.count("triage_resent", len(stale))
@@ -113,11 +119,13 @@ class Controller:
         """Step, then wait for a wake-up (`wait`, by default a blocking pop on the store's
         wake-up list) or `sweep` seconds."""
         wait = wait or self.store.wait_for_wake
+        woken = False
         while not stop():
             try:
-                self.step()
+                self.step(full=not woken or time.time() - self._last_full >= sweep)
+                woken = False
                 if not stop():
-                    wait(sweep)
+                    woken = bool(wait(sweep))
             except Exception as e:  # noqa: BLE001 - Redis restarting, say: try again shortly
                 log.warning("controller step failed: %s", e)
                 time.sleep(2.0)
@@ -173,14 +181,13 @@ def main() -> int:
         if waiting:  # only a wait is interrupted, never a step halfway through its writes
             raise _Stop
 
-    def wait(seconds: float) -> None:
+    def wait(seconds: float) -> bool:
         nonlocal waiting
         waiting = True
         try:
-            if not stopping:
-                store.wait_for_wake(seconds)
+            return not stopping and store.wait_for_wake(seconds)
         except _Stop:
-            pass
+            return False
         finally:
             waiting = False
 

@@ -84,20 +84,26 @@ redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
 return {new, shrank, minimize}
 """
 
-# KEYS: bucket hash, sizes hash. ARGV: bucket id, minimized sha, size. Keeps the smallest;
-# the sizes hash then holds the smallest known input, so slices stop sending bigger ones.
+# KEYS: bucket hash, sizes hash. ARGV: bucket id, minimized sha, size, now.
+# Keeps the smallest minimized input and marks the minimization done; the sizes hash then
+# holds the smallest known input, so slices stop sending bigger ones.
 SET_MINIMIZED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local size = tonumber(redis.call('HGET', KEYS[1], 'minimized_size') or '-1')
-if size < 0 or tonumber(ARGV[3]) < size then
-  redis.call('HSET', KEYS[1], 'minimized', ARGV[2], 'minimized_size', ARGV[3])
-  local known = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1')
-  if known < 0 or tonumber(ARGV[3]) < known then
-    redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-  end
-  return 1
+local cur = redis.call('HMGET', KEYS[1], 'id', 'minimized_size', 'reproducer_size')
+if not cur[1] then return 0 end
+local size = tonumber(ARGV[3])
+local stored = 0
+if (not cur[2]) or size < tonumber(cur[2]) then
+  redis.call('HSET', KEYS[1], 'minimized', ARGV[2], 'minimized_size', ARGV[3],
+             'minimize_done', ARGV[4])
+  local smallest = size
+  if cur[3] and tonumber(cur[3]) < smallest then smallest = tonumber(cur[3]) end
+  redis.call('HSET', KEYS[2], ARGV[1], smallest)
+  stored = 1
+else
+  redis.call('HSET', KEYS[1], 'minimize_done', ARGV[4])
 end
-return 0
+redis.call('HDEL', KEYS[1], 'minimize_queued')
+return stored
 """
 
 # KEYS: slice hash, campaign hash, campaign's in-flight set, controller wake-up list.
@@ -445,8 +451,10 @@ class FarmStore:
                                                      0, -1)]
 
     def set_minimized(self, bucket_id: str, sha: str, size: int) -> bool:
+        """Record a minimized input (kept if the smallest so far) and that the minimization
+        ended; False if it was not the smallest."""
         return bool(self._set_min(keys=[P + "bucket:" + bucket_id, P + "bucket-sizes"],
-                                  args=[bucket_id, sha, size]))
+                                  args=[bucket_id, sha, size, time.time()]))
 
     def mark_minimize_done(self, bucket_id: str) -> None:
         self._min_done(keys=[P + "bucket:" + bucket_id], args=[time.time()])
@@ -455,6 +463,13 @@ class FarmStore:
         self.r.hset(P + "bucket:" + bucket_id, "verify:" + kernel, json.dumps(state))
 
     # reports (a Result JSON per input and kernel) ------------------------------------------
+    def put_input_and_report(self, data: bytes, kernel: str, report: dict[str, Any]) -> str:
+        """An input and its report in one command; returns the input's sha256."""
+        sha = sha256(data)
+        self.r.mset({P + "blob:" + sha: data,
+                     P + "report:" + kernel + ":" + sha: json.dumps(report)})
+        return sha
+
     def put_report(self, sha: str, kernel: str, report: dict[str, Any]) -> None:
         self.put_reports(kernel, {sha: report})
 

@@ -29,6 +29,7 @@ from fuzz.minimize import NotACrash, minimize
 from fuzz.solutions import bucket_id
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
+from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result
 from workers.kernels import materialize
 from workers.settings import Settings
@@ -58,13 +59,30 @@ def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bo
     executors serve minimization and stop stalled candidates early (the minimizer keeps only
     candidates with the bucket's own signature, and triage already judged with the full
     budget); full boots, for triage and verify, never do."""
-    profile = materialize(store, kernel, settings.cache_dir)
+    profile = _profile(store, settings, kernel)
     key = (kernel, str(profile.source), snapshot)
     ex = _executors.get(key)
     if ex is None:
         ex = _executors[key] = Executor(profile, snapshot=snapshot,
                                         watchdog=WATCHDOG if snapshot else None)
     return ex
+
+
+PROFILE_TTL = 10.0
+_profiles: dict[tuple[int, str, str], tuple[float, TargetProfile]] = {}
+
+
+def _profile(store: FarmStore, settings: Settings, kernel: str) -> TargetProfile:
+    """The build's profile, looked up in Redis at most every PROFILE_TTL seconds: a batch of
+    minimizations asks for it once, and a replaced build is picked up within seconds."""
+    now = time.monotonic()
+    key = (id(store), str(settings.cache_dir), kernel)
+    hit = _profiles.get(key)
+    if hit is not None and now - hit[0] < PROFILE_TTL:
+        return hit[1]
+    profile = materialize(store, kernel, settings.cache_dir)
+    _profiles[key] = (now, profile)
+    return profile
 
 
 def record_harness_error(store: FarmStore, where: str, error: BaseException | str,
@@ -355,10 +373,13 @@ def _sample(sha: str, kernel: str, result: Result) -> dict[str, Any]:
 # minimize and verify -------------------------------------------------------------------------
 
 def minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
+    outcome: dict[str, Any] = {}
     try:
-        return _minimize_bucket(store, settings, bid)
+        outcome = _minimize_bucket(store, settings, bid)
+        return outcome
     finally:
-        store.mark_minimize_done(bid)
+        if outcome.get("state") != "minimized":  # storing the result marked it done
+            store.mark_minimize_done(bid)
 
 
 def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
@@ -384,8 +405,7 @@ def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str
         record_harness_error(store, "minimize", "signature changed under the snapshot executor",
                              bucket.reproducer)
         return {"state": "signature changed"}
-    min_sha = store.put_blob(outcome.data)
-    store.put_report(min_sha, bucket.kernel, outcome.result.to_json())
+    min_sha = store.put_input_and_report(outcome.data, bucket.kernel, outcome.result.to_json())
     stored = store.set_minimized(bid, min_sha, outcome.size)
     return {"state": "minimized", "size": outcome.size, "from": outcome.original_size,
             "stored": stored, "executions": outcome.executions}
