@@ -22,10 +22,11 @@ from workers.store import FarmStore
 
 log = logging.getLogger("fuzzfarm.controller")
 
-SERIES_INTERVAL = 25.0
+SERIES_INTERVAL = 60.0
 # The controller wakes when a slice finishes or a campaign changes (a blocking pop: one
-# command), and at least this often to find lost work: each look costs ~5 commands.
-SWEEP = 25.0
+# command), and at least every half lost-slice grace (at most this often) to look for lost
+# work, which costs ~5 commands a look.
+MAX_SWEEP = 60.0
 TRIAGE_GRACE = 120.0  # a triage task takes seconds; one pending this long was lost
 
 
@@ -114,11 +115,12 @@ class Controller:
             "corpus": self.store.corpus_size(campaign["kernel"]),
             "buckets": self.store.bucket_count(), "workers": len(self.store.workers())})
 
-    def run(self, sweep: float = SWEEP, stop: Callable[[], bool] = lambda: False,
+    def run(self, stop: Callable[[], bool] = lambda: False,
             wait: Callable[[float], Any] | None = None) -> None:
         """Step, then wait for a wake-up (`wait`, by default a blocking pop on the store's
-        wake-up list) or `sweep` seconds."""
+        wake-up list) or a sweep's time: a lost slice is replaced within 1.5 grace periods."""
         wait = wait or self.store.wait_for_wake
+        sweep = min(MAX_SWEEP, max(1.0, self.lost_grace / 2))
         woken = False
         while not stop():
             try:

@@ -179,6 +179,7 @@ class FarmStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._blocking: redis.Redis | None = None
         self._upsert = client.register_script(UPSERT_BUCKET)
         self._set_min = client.register_script(SET_MINIMIZED)
         self._finish = client.register_script(FINISH_SLICE)
@@ -351,7 +352,14 @@ class FarmStore:
     def wait_for_wake(self, timeout: float) -> bool:
         """Block until a slice finishes or `timeout` seconds pass (one command either way);
         True if woken."""
-        return self.r.blpop([WAKE], timeout=max(1, int(timeout))) is not None
+        seconds = max(1, int(timeout))
+        if self._blocking is None:
+            # a connection of its own, whose socket timeout outlasts the wait
+            pool = self.r.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": seconds + 15}
+            self._blocking = redis.Redis(connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class, **kwargs))
+        return self._blocking.blpop([WAKE], timeout=seconds) is not None
 
     def drop_slice(self, sid: str, cid: str, state: str) -> None:
         with self.r.pipeline() as p:
