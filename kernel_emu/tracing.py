@@ -178,6 +178,18 @@ class PortConfig:
             raise ValueError("console_read_value must fit in 32 bits")
 
 
+class BulkSite(NamedTuple):
+    """A ``rep stosq`` (kind ``"stosq"``) or ``rep movsq`` (``"movsq"``) instruction of the
+    guest's memory routines that the native tracer may fast-forward (see
+    :meth:`GuestTracer.fast_forward`)."""
+
+    address: int
+    kind: str
+
+
+BULK_KINDS = ("stosq", "movsq")
+
+
 class WatchEvent(NamedTuple):
     """The guest was about to run the instruction at a watched ``address``.
 
@@ -314,6 +326,24 @@ class GuestTracer(Protocol):
         """
         ...
 
+    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+        """Fast-forward the bulk ``sites`` from now on (an empty sequence: never).
+
+        ``ram`` lists the guest RAM as ``(physical base, size, host address)``.  The native
+        tracer performs, at the site, the iterations it can prove equivalent on the RAM
+        directly (see ``kernel_emu/native/bulk.h``): registers, memory, page-table
+        Accessed/Dirty bits, :attr:`instructions` (one per iteration, as if the guest had run
+        them), budget stops, recent blocks, coverage and dirty pages come out as without it;
+        memory hooks do not see those accesses.  The Python tracer runs the sites normally.
+        A watched address is never fast-forwarded.
+        """
+        ...
+
+    @property
+    def fast_units(self) -> int:
+        """Iterations fast-forwarded since reset (always 0 for the Python tracer)."""
+        ...
+
     def take_events(self) -> list[WatchEvent]:
         """Return and forget the watch events recorded since the last take or reset, in order.
 
@@ -407,6 +437,12 @@ def _walk_frames(uc: Uc, rsp: int, rbp: int) -> tuple[int, ...]:
     return tuple(frames)
 
 
+def _bulk_kind(kind: str) -> int:
+    if kind not in BULK_KINDS:
+        raise ValueError(f"unknown bulk site kind {kind!r}")
+    return BULK_KINDS.index(kind)
+
+
 def _all_ones(size: int) -> int:
     return (1 << (8 * min(size, 4))) - 1
 
@@ -438,6 +474,7 @@ class NativeTracer:
             service_port=port_config.service,
             console_read_value=port_config.console_read_value,
             mem_read=_function_address(uclib.uc_mem_read),
+            reg_write=_function_address(uclib.uc_reg_write),
         )
         # Own the state from the engine before any hook can see its address: if the Uc
         # is garbage collected, Unicorn is closed (weakref finalizer) before the Uc's
@@ -517,6 +554,15 @@ class NativeTracer:
 
     def watch(self, addresses: Sequence[int]) -> None:
         self._state.watch(_check_watch(addresses))
+
+    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+        self._state.bulk([(site.address, _bulk_kind(site.kind)) for site in sites],
+                         [(base, size, host) for base, size, host in ram])
+        self._state.bulk_on = bool(sites)
+
+    @property
+    def fast_units(self) -> int:
+        return self._state.bulk_units
 
     def take_events(self) -> list[WatchEvent]:
         # a NamedTuple: a few hundred of these per run, built far faster than dataclasses
@@ -751,6 +797,14 @@ class PythonTracer:
 
     def watch(self, addresses: Sequence[int]) -> None:
         self._watched = frozenset(_check_watch(addresses))
+
+    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+        for site in sites:
+            _bulk_kind(site.kind)  # same validation as the native tracer, nothing else
+
+    @property
+    def fast_units(self) -> int:
+        return 0
 
     def take_events(self) -> list[WatchEvent]:
         events, self._events = self._events, []
