@@ -38,6 +38,7 @@ from kernel_emu.result import Finding, Result
 from kernel_emu.tracing import (
     PORT_LOG_SIZE,
     WATCH_MAX,
+    BulkSite,
     GuestTracer,
     PortConfig,
     WatchEvent,
@@ -47,6 +48,9 @@ from kernel_emu.tracing import (
 ZERO_PAGE = bytes(PAGE)
 # routines whose long loops are progress (every iteration moves on through memory)
 BULK_ROUTINES = ("memset", "memcpy", "memmove")
+# the instructions of those routines the native tracer may fast-forward, as encoded (REP,
+# REX.W and the opcode, no segment or address-size override)
+BULK_ENCODINGS = {b"\xf3\x48\xab": "stosq", b"\xf3\x48\xa5": "movsq"}
 
 
 @dataclass
@@ -85,7 +89,7 @@ class Executor:
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
-                 watchdog: int | None = None) -> None:
+                 watchdog: int | None = None, fast_routines: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image)
         self.native = native
@@ -115,6 +119,10 @@ class Executor:
         self._bulk_ranges = [(sym.address, sym.address + sym.size)
                              for sym in (self.image.find_symbol(n) for n in BULK_ROUTINES)
                              if sym is not None and sym.size > 0]
+        # The bulk moves of memset/memcpy/memmove run natively where that is provably the same
+        # (native tracer only; see kernel_emu/native/bulk.h). Off: the guest runs every one.
+        self.fast_routines = fast_routines
+        self._bulk_sites = self._find_bulk_sites() if fast_routines else []
         self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
         self._snapshot: Snapshot | None = None
         self._machine_hooks: list[Callable[[Any], object]] = []
@@ -141,6 +149,29 @@ class Executor:
         if not sites:
             raise HarnessError("no return instruction found in the allocator")
         return sites
+
+    def _find_bulk_sites(self) -> list[BulkSite]:
+        md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        sites = []
+        for lo, hi in self._bulk_ranges:
+            seg = next((s for s in self.image.segments if s.vaddr <= lo and hi <= s.end), None)
+            if seg is None or not seg.flags & 1:
+                continue
+            code = seg.data[lo - seg.vaddr:hi - seg.vaddr]
+            sites.extend(BulkSite(i.address, BULK_ENCODINGS[bytes(i.bytes)])
+                         for i in md.disasm(code, lo) if bytes(i.bytes) in BULK_ENCODINGS)
+        return sites
+
+    def _fast_forward(self, on: bool) -> None:
+        """Arm the bulk sites on the current machine; only while no memory hook watches guest
+        data (the snapshot boot's ramdisk read hook would miss the routines' reads)."""
+        sites = self._bulk_sites if on and self.fast_routines else []
+        self.tracer.fast_forward(sites, [(b.base, b.size, b.address) for b in self.m.banks])
+
+    @property
+    def fast_units(self) -> int:
+        """Iterations of the guest's bulk moves performed natively in the last run."""
+        return self.tracer.fast_units
 
     def _new_machine(self, track_writes: bool = True) -> tuple[Machine, Firmware, GuestTracer]:
         mem = self.profile.memory
@@ -207,6 +238,7 @@ class Executor:
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
                                   tracer.console(), tuple(tracer.port_log()),
                                   tracer.instructions)
+        self._fast_forward(True)
         tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
@@ -268,6 +300,7 @@ class Executor:
             base = self._snapshot.instructions
         else:
             self._new_machine()
+            self._fast_forward(True)
             self.tracer.reset(self._first_stop(self.budget))
             self._ramdisk_size = 0
             base = 0
