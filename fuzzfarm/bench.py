@@ -8,10 +8,12 @@ from pathlib import Path
 
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
-from kernel_emu.profile import load_profile
+from kernel_emu.profile import TargetProfile, load_profile
 from kernel_emu.result import Result
 
 BENCH_ELF = Path(__file__).parent / "examples" / "three-segments.elf"
+# fills the 16 MiB heap: a segment buffer zeroed and copied by memset/memcpy
+BULK_ELF = Path(__file__).parent / "examples" / "vaddr-0x300028.elf"
 
 
 def _rate(executor: Executor, data: bytes, runs: int) -> tuple[float, Result]:
@@ -62,5 +64,29 @@ def bench_boot(kernel: str, runs: int, repeats: int, native: bool = True) -> int
     print(f"instructions: full boot {total}, after the snapshot {after} "
           f"({100 * after / total:.1f}%)")
     print(f"verdict on both: {snap_result.verdict}")
+    _bench_bulk(profile, runs, repeats, native)
     return 0
+
+
+def _bench_bulk(profile: TargetProfile, runs: int, repeats: int, native: bool) -> None:
+    """Snapshot runs with the guest's memset/memcpy bulk moves native versus in the guest."""
+    fast = Executor(profile, native=native)
+    slow = Executor(profile, native=native, fast_routines=False)
+    print(f"\nbulk moves native (default) versus in the guest, snapshot runs, {repeats} "
+          f"interleaved repeats:")
+    for path, n in ((BENCH_ELF, runs), (BULK_ELF, max(5, runs // 40))):
+        data = path.read_bytes()
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        results = {}
+        for _ in range(repeats):
+            for on, executor in ((True, fast), (False, slow)):
+                rate, results[on] = _rate(executor, data, n)
+                rates[on].append(rate)
+        if results[True].comparable() != results[False].comparable():
+            raise HarnessError(f"the fast path changes the result of {path.name}")
+        on, off = statistics.median(rates[True]), statistics.median(rates[False])
+        print(f"  {path.name} ({results[True].instructions:,} instructions, {n} runs): "
+              f"native {on:8.1f} runs/s ({1e3 / on:6.2f} ms), in the guest {off:8.1f} runs/s "
+              f"({1e3 / off:6.2f} ms), ratio {on / off:.2f}x; {fast.fast_units:,} iterations "
+              f"taken over per run")
 

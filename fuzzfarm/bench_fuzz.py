@@ -1,8 +1,9 @@
 """`fuzzfarm bench fuzz`: what the fuzzer achieves on this machine, measured side by side.
 
 1. Feedback cost: execs/s of 1-job campaigns with guest coverage and compares on and off,
-   interleaved, medians; plus the same fixed mix of mutated inputs replayed through an
-   executor with and without the feedback hooks (isolates the hooks from corpus drift).
+   each with the guest's memset/memcpy bulk moves native and in the guest, interleaved,
+   medians; plus the same fixed mix of mutated inputs replayed through an executor with and
+   without the feedback hooks (isolates the hooks from corpus drift), likewise both ways.
 2. Time to the first vaddr-corruption on `seed` (as cause or consequence), median of N
    campaigns, with 1 and 2 jobs.
 3. Known bugs found: a 2-job campaign on `seed`, its buckets attributed to kernel_emu/guest/
@@ -76,12 +77,13 @@ def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
     return run_campaign(config, jobs, live=False, stream=io.StringIO())
 
 
-def _replay_rates(kernel: str, inputs: list[bytes], repeats: int) -> tuple[float, float]:
+def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
+                  fast_routines: bool = True) -> tuple[float, float]:
     profile = load_profile(kernel)
-    on = Executor(profile, coverage=True, watchdog=WATCHDOG)
+    on = Executor(profile, coverage=True, watchdog=WATCHDOG, fast_routines=fast_routines)
     feedback = make_feedback()
     on.add_machine_hook(feedback.attach)
-    off = Executor(profile, watchdog=WATCHDOG)
+    off = Executor(profile, watchdog=WATCHDOG, fast_routines=fast_routines)
     rates_on, rates_off = [], []
     for _ in range(repeats):
         for executor, rates, collect in ((on, rates_on, True), (off, rates_off, False)):
@@ -127,19 +129,35 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
 
 
 def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path]) -> None:
-    on_rates, off_rates = [], []
+    # the four set-ups run interleaved, so another load on the machine hits them alike
+    rates: dict[tuple[bool, bool], list[float]] = {
+        (feedback, fast): [] for fast in (True, False) for feedback in (True, False)}
     for _ in range(repeats):
-        on_rates.append(_campaign(kernel, 1, fresh(), seconds=seconds).execs_per_second)
-        off_rates.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=False,
-                                   compares=False).execs_per_second)
-    on, off = statistics.median(on_rates), statistics.median(off_rates)
+        for (feedback, fast), got in rates.items():
+            got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
+                                 compares=feedback, fast_routines=fast).execs_per_second)
+    med = {key: statistics.median(v) for key, v in rates.items()}
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "inf"
+
     print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats "
-          f"(execs/s, median): feedback on {on:,.0f}, off {off:,.0f}, "
-          f"off/on {off / on if on else float('inf'):.2f}x", flush=True)
+          f"(execs/s, median):", flush=True)
+    for fast, label in ((True, "memset/memcpy native (default)"),
+                        (False, "memset/memcpy in the guest   ")):
+        on, off = med[(True, fast)], med[(False, fast)]
+        shown = ", ".join(f"{r:,.0f}" for r in rates[(True, fast)])
+        print(f"   {label}: feedback on {on:,.0f} [{shown}], off {off:,.0f}, "
+              f"off/on {ratio(off, on)}")
+    print(f"   native/guest bulk moves: feedback on "
+          f"{ratio(med[(True, True)], med[(True, False)])}, off "
+          f"{ratio(med[(False, True)], med[(False, False)])}")
     inputs = _mutated_inputs(1000)
-    r_on, r_off = _replay_rates(kernel, inputs, 3)
-    print(f"   same 1,000 mutated inputs replayed (execs/s, median of 3): feedback on "
-          f"{r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x")
+    for fast, label in ((True, "native"), (False, "in the guest")):
+        r_on, r_off = _replay_rates(kernel, inputs, 3, fast_routines=fast)
+        print(f"   same 1,000 mutated inputs replayed, bulk moves {label} (execs/s, median of "
+              f"3): feedback on {r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x",
+              flush=True)
 
 
 def _time_to_first(first_runs: int, first_cap: float, fresh: Callable[[], Path]) -> None:
