@@ -196,6 +196,15 @@ typedef struct {
     uint64_t memo_rcx;
     uint64_t memo_dst_page;
     uint64_t memo_src_page;
+    /* A one-shot stop before the nth next arrival at stop_addr (see
+     * stop_at), and whether the next block entry is a resume to be left out
+     * of the recent blocks and the coverage (see quiet_resume). */
+    uint64_t stop_addr;
+    uint64_t stop_left;
+    uint64_t stop_armed_at; /* count when armed: the stopped instruction is no arrival */
+    int stop_hit;
+    int quiet_block;
+    uint64_t events_seen; /* recorded or dropped since reset, taken or not */
     WatchEvent *events; /* EVENT_CAP entries, allocated by the first watch */
     uint32_t nevents;
     uint64_t events_dropped;
@@ -263,6 +272,14 @@ static void mark_page(TracerState *s, uint64_t page);
 /* Out of line so the common case of the code hook stays a few instructions. */
 static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
 {
+    if (address == s->stop_addr && s->icount != s->stop_armed_at && --s->stop_left == 0) {
+        /* stop like the budget does: before the instruction, uncounted, so
+         * it runs (and gives its watch event) when the guest resumes */
+        s->stop_addr = UINT64_MAX;
+        s->stop_hit = 1;
+        s->budget = s->icount;
+        return;
+    }
     uint32_t i = 0;
     while (i < s->nwatched && s->watched[i] < address) {
         i++;
@@ -277,6 +294,7 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
         }
         return;
     }
+    s->events_seen++;
     if (s->nevents == EVENT_CAP) {
         s->events_dropped++;
         return;
@@ -358,6 +376,12 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
          * A block starting means the guest was resumed, so the announcement
          * the code hook was told to ignore will never come. */
         clear_stop_pending(s);
+    }
+    if (s->quiet_block) {
+        /* the block a resume starts mid-way: an uninterrupted run has no
+         * such entry */
+        s->quiet_block = 0;
+        return;
     }
     record_block(s, address);
 }
@@ -564,6 +588,8 @@ static uint32_t in_hook(void *uc, uint32_t port, int size, void *user_data)
 /* TracerState type                                                          */
 /* ------------------------------------------------------------------------ */
 
+static void rebuild_filter(TracerState *s);
+
 static void state_clear_dirty(TracerState *s)
 {
     for (Py_ssize_t i = 0; i < s->nregions; i++) {
@@ -677,6 +703,7 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     s->mem_read = (uc_mem_read_fn)(uintptr_t)mem_read;
     s->reg_write = (uc_reg_write_fn)(uintptr_t)reg_write;
     s->memo_site = UINT64_MAX;
+    s->stop_addr = UINT64_MAX;
     s->coverage_on = coverage;
     s->emu_stop = (uc_emu_stop_fn)(uintptr_t)emu_stop;
     s->reg_read = (uc_reg_read_fn)(uintptr_t)reg_read;
@@ -750,6 +777,14 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->events_dropped = 0;
     s->bulk_units = 0;
     s->memo_site = UINT64_MAX;
+    if (s->stop_addr != UINT64_MAX) {
+        s->stop_addr = UINT64_MAX;
+        rebuild_filter(s);
+    }
+    s->stop_left = 0;
+    s->stop_hit = 0;
+    s->quiet_block = 0;
+    s->events_seen = 0;
     memset(s->map, 0, sizeof(s->map));
     state_clear_dirty(s);
     Py_RETURN_NONE;
@@ -781,8 +816,11 @@ static void rebuild_filter(TracerState *s)
 {
     uint64_t lo = UINT64_MAX, hi = 0;
     memset(s->watch_filter, 0, sizeof(s->watch_filter));
-    for (uint32_t i = 0; i < s->nwatched + s->nbulk; i++) {
-        uint64_t a = i < s->nwatched ? s->watched[i] : s->bulk_sites[i - s->nwatched];
+    uint32_t n = s->nwatched + s->nbulk + (s->stop_addr != UINT64_MAX);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t a = i < s->nwatched ? s->watched[i]
+                     : i < s->nwatched + s->nbulk ? s->bulk_sites[i - s->nwatched]
+                                                   : s->stop_addr;
         uint64_t bit = a & (WATCH_FILTER_BITS - 1);
         s->watch_filter[bit >> 6] |= 1ULL << (bit & 63);
         lo = a < lo ? a : lo;
@@ -865,6 +903,88 @@ fail:
     Py_DECREF(sites);
     Py_DECREF(banks);
     return NULL;
+}
+
+static PyObject *State_stop_at(TracerState *s, PyObject *args)
+{
+    PyObject *addr_obj;
+    unsigned long long nth = 1;
+    if (!PyArg_ParseTuple(args, "O|K", &addr_obj, &nth)) {
+        return NULL;
+    }
+    if (addr_obj == Py_None) {
+        s->stop_addr = UINT64_MAX;
+    } else {
+        unsigned long long a = PyLong_AsUnsignedLongLong(addr_obj);
+        if (a == (unsigned long long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (a == UINT64_MAX || nth == 0) {
+            PyErr_SetString(PyExc_ValueError, "bad stop address or arrival count");
+            return NULL;
+        }
+        s->stop_addr = a;
+        s->stop_left = nth;
+        s->stop_armed_at = s->icount;
+    }
+    s->stop_hit = 0;
+    rebuild_filter(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_quiet_resume(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    s->quiet_block = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_skip(TracerState *s, PyObject *args)
+{
+    unsigned long long instructions, blocks, periods;
+    Py_buffer before, after;
+    if (!PyArg_ParseTuple(args, "KKKy*y*", &instructions, &blocks, &periods, &before, &after)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (before.len != MAP_SIZE || after.len != MAP_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "coverage maps must be MAP_SIZE bytes");
+        goto done;
+    }
+    if (instructions > s->budget - s->icount || s->stop_pending || s->ring_pos < RING_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "skip past the budget, during a service stop or "
+                                          "before the recent blocks are full");
+        goto done;
+    }
+    const uint8_t *b = before.buf, *a = after.buf;
+    for (size_t i = 0; i < MAP_SIZE; i++) {
+        if (a[i] < b[i]) {
+            PyErr_SetString(PyExc_ValueError, "coverage map went down");
+            goto done;
+        }
+    }
+    s->icount += instructions;
+    uint64_t old[RING_SIZE];
+    memcpy(old, s->ring, sizeof(old));
+    for (uint64_t k = 0; k < RING_SIZE; k++) {
+        uint64_t n = s->ring_pos - RING_SIZE + k;
+        s->ring[(n + blocks) & (RING_SIZE - 1)] = old[n & (RING_SIZE - 1)];
+    }
+    s->ring_pos += blocks;
+    if (s->coverage_on) {
+        for (size_t i = 0; i < MAP_SIZE; i++) {
+            uint64_t d = (uint64_t)(a[i] - b[i]);
+            if (d != 0) {
+                uint64_t v = periods >= 255 ? 255 : s->map[i] + d * periods;
+                s->map[i] = (uint8_t)(v > 255 ? 255 : v);
+            }
+        }
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&before);
+    PyBuffer_Release(&after);
+    return result;
 }
 
 static PyObject *State_watch(TracerState *s, PyObject *arg)
@@ -1156,6 +1276,16 @@ static PyMethodDef State_methods[] = {
     {"watch", (PyCFunction)State_watch, METH_O,
      "watch(addresses) -> None\n\nReplace the watched code addresses (at most 32); kept by "
      "reset."},
+    {"stop_at", (PyCFunction)State_stop_at, METH_VARARGS,
+     "stop_at(address, nth=1) -> None\n\nStop before the nth next arrival at address, like "
+     "a budget stop (uncounted); None cancels."},
+    {"quiet_resume", (PyCFunction)State_quiet_resume, METH_NOARGS,
+     "quiet_resume() -> None\n\nLeave the next block entry out of the recent blocks and "
+     "the coverage."},
+    {"skip", (PyCFunction)State_skip, METH_VARARGS,
+     "skip(instructions, blocks, periods, before, after) -> None\n\nAccount for `periods` "
+     "repetitions of a periodic stretch: count, recent blocks, coverage (after - before per "
+     "repetition)."},
     {"bulk", (PyCFunction)State_bulk, METH_VARARGS,
      "bulk(sites, banks) -> None\n\nReplace the bulk sites ((address, kind), kind 0 for rep "
      "stosq, 1 for rep movsq) and the RAM banks ((base, size, host_address)) they may use."},
@@ -1222,7 +1352,29 @@ static int State_set_bulk_on(TracerState *s, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *State_get_stop_hit(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(s->stop_hit);
+}
+
+static PyObject *State_get_blocks(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->ring_pos);
+}
+
+static PyObject *State_get_event_count(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->events_seen);
+}
+
 static PyGetSetDef State_getset[] = {
+    {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
+    {"blocks", (getter)State_get_blocks, NULL, "Block entries recorded since reset.", NULL},
+    {"event_count", (getter)State_get_event_count, NULL,
+     "Watch events recorded or dropped since reset, taken or not.", NULL},
     {"bulk_on", (getter)State_get_bulk_on, (setter)State_set_bulk_on,
      "Whether the bulk sites are fast-forwarded (off: they only pass the filter).", NULL},
     {"bulk_units", (getter)State_get_bulk_units, NULL,
