@@ -19,6 +19,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 
 from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
+from kernel_emu.cycles import CycleFinder
 from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_leaves
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
@@ -89,7 +90,8 @@ class Executor:
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
-                 watchdog: int | None = None, fast_routines: bool = True) -> None:
+                 watchdog: int | None = None, fast_routines: bool = True,
+                 skip_cycles: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image)
         self.native = native
@@ -101,6 +103,12 @@ class Executor:
         self.watchdog = watchdog
         self.stalled_at = 0
         self._run_budget = self.budget
+        self.next_checkpoint = self.budget
+        # With the watchdog on, a run whose whole state repeats is moved on by whole periods
+        # (kernel_emu/cycles.py): the same Result, without running them. Off: run them all.
+        self.skip_cycles = skip_cycles
+        self._cycles: CycleFinder | None = None
+        self.services = 0  # boot services performed in this run
         # pages the watchdog took from the tracer's dirty set during this run
         self._written: set[tuple[int, int]] = set()
         self._dirty_count = 0
@@ -385,7 +393,21 @@ class Executor:
         self.stalled_at = 0
         self._written.clear()
         self._dirty_count = 0
-        return min(run_budget, self.watchdog) if self.watchdog else run_budget
+        self.services = 0
+        self.next_checkpoint = min(run_budget, self.watchdog) if self.watchdog else run_budget
+        self._cycles = CycleFinder(self) if (self.watchdog and self.skip_cycles
+                                             and self._log is not None
+                                             and self._snapshot is not None) else None
+        return self._next_stop()
+
+    def _next_stop(self) -> int:
+        probe = self._cycles.next_probe if self._cycles is not None else None
+        return self.next_checkpoint if probe is None else min(probe, self.next_checkpoint)
+
+    @property
+    def skipped_instructions(self) -> int:
+        """Instructions of the last run accounted for by whole periods of an exact cycle."""
+        return self._cycles.skipped if self._cycles is not None else 0
 
     def _keep_going(self) -> bool:
         """At a watchdog stop: resume (True) or call the run stalled (False). Progress is a
@@ -393,9 +415,19 @@ class Executor:
         tracer = self.tracer
         if not self.watchdog or tracer.instructions >= self._run_budget:
             return False
+        if tracer.instructions < self.next_checkpoint:
+            # a stop of the cycle search, not a checkpoint
+            assert self._cycles is not None
+            tracer.extend(self.next_checkpoint)  # a skip may go up to the checkpoint
+            self._cycles.on_stop()
+            tracer.extend(self._next_stop())
+            return True
         pc = self.m.reg("rip")
         if self._wrote_new_pages() or any(lo <= pc < hi for lo, hi in self._bulk_ranges):
-            tracer.extend(min(tracer.instructions + self.watchdog, self._run_budget))
+            self.next_checkpoint = min(tracer.instructions + self.watchdog, self._run_budget)
+            if self._cycles is not None:
+                self._cycles.after_checkpoint()
+            tracer.extend(self._next_stop())
             return True
         self.stalled_at = tracer.instructions
         return False
@@ -437,6 +469,7 @@ class Executor:
             elif request is None or self.obs.fault is not None or tracer.budget_exhausted:
                 break
             self.fw.service(request)
+            self.services += 1
             if self.fw.state.efi_main_status is not None:
                 return "efi-return"
         pc = m.reg("rip")
