@@ -66,8 +66,10 @@ class JobConfig:
     watchdog: int = WATCHDOG
     # end the job once a finding of this class ("class" or "class:field") is seen
     stop_on: str | None = None
-    # memset/memcpy bulk moves performed natively (same results; off to measure or compare)
+    # memset/memcpy bulk moves performed natively, and exact cycles skipped by whole periods
+    # under the watchdog (same results either way; off to measure or compare)
     fast_routines: bool = True
+    skip_cycles: bool = True
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -154,7 +156,8 @@ class Job:
     def _new_executor(self) -> Executor:
         executor = Executor(self.profile, native=self.config.native,
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
-                            fast_routines=self.config.fast_routines)
+                            fast_routines=self.config.fast_routines,
+                            skip_cycles=self.config.skip_cycles)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor

@@ -1,9 +1,10 @@
 """`fuzzfarm bench fuzz`: what the fuzzer achieves on this machine, measured side by side.
 
 1. Feedback cost: execs/s of 1-job campaigns with guest coverage and compares on and off,
-   each with the guest's memset/memcpy bulk moves native and in the guest, interleaved,
-   medians; plus the same fixed mix of mutated inputs replayed through an executor with and
-   without the feedback hooks (isolates the hooks from corpus drift), likewise both ways.
+   with and without the two speed-ups (memset/memcpy bulk moves performed natively, exact
+   cycles skipped under the watchdog), interleaved, medians; plus the same fixed mix of
+   mutated inputs replayed through an executor with and without the feedback hooks (isolates
+   the hooks from corpus drift), likewise with and without the speed-ups.
 2. Time to the first vaddr-corruption on `seed` (as cause or consequence), median of N
    campaigns, with 1 and 2 jobs.
 3. Known bugs found: a 2-job campaign on `seed`, its buckets attributed to kernel_emu/guest/
@@ -78,12 +79,13 @@ def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
 
 
 def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
-                  fast_routines: bool = True) -> tuple[float, float]:
+                  speedups: bool = True) -> tuple[float, float]:
     profile = load_profile(kernel)
-    on = Executor(profile, coverage=True, watchdog=WATCHDOG, fast_routines=fast_routines)
+    kw = {"fast_routines": speedups, "skip_cycles": speedups}
+    on = Executor(profile, coverage=True, watchdog=WATCHDOG, **kw)
     feedback = make_feedback()
     on.add_machine_hook(feedback.attach)
-    off = Executor(profile, watchdog=WATCHDOG, fast_routines=fast_routines)
+    off = Executor(profile, watchdog=WATCHDOG, **kw)
     rates_on, rates_off = [], []
     for _ in range(repeats):
         for executor, rates, collect in ((on, rates_on, True), (off, rates_off, False)):
@@ -128,35 +130,39 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
     return 0
 
 
+# (label, feedback, native bulk moves, cycle skipping), run interleaved
+_SETUPS = [("both speed-ups (default)", True, True, True),
+           ("native bulk moves only  ", True, True, False),
+           ("neither                 ", True, False, False),
+           ("both speed-ups (default)", False, True, True),
+           ("neither                 ", False, False, False)]
+
+
 def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path]) -> None:
-    # the four set-ups run interleaved, so another load on the machine hits them alike
-    rates: dict[tuple[bool, bool], list[float]] = {
-        (feedback, fast): [] for fast in (True, False) for feedback in (True, False)}
-    for _ in range(repeats):
-        for (feedback, fast), got in rates.items():
+    rates: list[list[float]] = [[] for _ in _SETUPS]
+    for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
+        for got, (_, feedback, fast, skip) in zip(rates, _SETUPS, strict=True):
             got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
-                                 compares=feedback, fast_routines=fast).execs_per_second)
-    med = {key: statistics.median(v) for key, v in rates.items()}
+                                 compares=feedback, fast_routines=fast,
+                                 skip_cycles=skip).execs_per_second)
+    med = [statistics.median(r) for r in rates]
 
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "inf"
 
     print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats "
-          f"(execs/s, median):", flush=True)
-    for fast, label in ((True, "memset/memcpy native (default)"),
-                        (False, "memset/memcpy in the guest   ")):
-        on, off = med[(True, fast)], med[(False, fast)]
-        shown = ", ".join(f"{r:,.0f}" for r in rates[(True, fast)])
-        print(f"   {label}: feedback on {on:,.0f} [{shown}], off {off:,.0f}, "
-              f"off/on {ratio(off, on)}")
-    print(f"   native/guest bulk moves: feedback on "
-          f"{ratio(med[(True, True)], med[(True, False)])}, off "
-          f"{ratio(med[(False, True)], med[(False, False)])}")
+          f"(execs/s, median [each repeat]):", flush=True)
+    for (label, feedback, _, _), m, r in zip(_SETUPS, med, rates, strict=True):
+        shown = ", ".join(f"{x:,.0f}" for x in r)
+        print(f"   feedback {'on ' if feedback else 'off'}, {label}: {m:7,.0f}  [{shown}]")
+    print(f"   feedback on, both speed-ups / neither: {ratio(med[0], med[2])}; "
+          f"feedback off / on with both: {ratio(med[3], med[0])}, with neither: "
+          f"{ratio(med[4], med[2])}")
     inputs = _mutated_inputs(1000)
-    for fast, label in ((True, "native"), (False, "in the guest")):
-        r_on, r_off = _replay_rates(kernel, inputs, 3, fast_routines=fast)
-        print(f"   same 1,000 mutated inputs replayed, bulk moves {label} (execs/s, median of "
-              f"3): feedback on {r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x",
+    for speedups, label in ((True, "both speed-ups"), (False, "neither")):
+        r_on, r_off = _replay_rates(kernel, inputs, 3, speedups=speedups)
+        print(f"   same 1,000 mutated inputs replayed, {label} (execs/s, median of 3): "
+              f"feedback on {r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x",
               flush=True)
 
 

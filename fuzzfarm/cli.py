@@ -111,7 +111,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                        runs=args.runs, coverage=not args.no_feedback,
                        compares=not args.no_feedback and not args.no_compares,
                        mutator=not args.no_elf_mutator, native=not args.no_native,
-                       fast_routines=not args.no_fast_routines)
+                       fast_routines=not args.no_fast_routines,
+                       skip_cycles=not args.no_cycle_skip)
     print(f"fuzzing kernel {args.kernel} with {args.jobs} job(s); output in {args.out}",
           file=sys.stderr)
     summary = run_campaign(config, args.jobs)
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native", action="store_true",
                    help="pure-Python hooks instead of the native ones (slow)")
     p.add_argument("--no-fast-routines", action="store_true", help=FAST_ROUTINES_HELP)
+    p.add_argument("--no-cycle-skip", action="store_true",
+                   help="run every instruction of an endless loop up to the watchdog instead "
+                        "of skipping its exact repetitions (same results, slower)")
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("minimize", help="shrink a crashing input, keeping its signature",
