@@ -46,6 +46,11 @@ from kernel_emu.tracing import (
     attach_tracer,
 )
 
+try:
+    from kernel_emu import _walk
+except ImportError:  # not built: the restore copies page by page in Python
+    _walk = None
+
 ZERO_PAGE = bytes(PAGE)
 # routines whose long loops are progress (every iteration moves on through memory)
 BULK_ROUTINES = ("memset", "memcpy", "memmove")
@@ -250,6 +255,12 @@ class Executor:
         tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
+        # (bank, page) of the pages whose translated code a restore must drop
+        self._code_pages = frozenset(
+            (r, (addr - bank.base) // PAGE)
+            for lo, hi in self._code_ranges
+            for addr in range(lo & ~(PAGE - 1), hi, PAGE)
+            for r, bank in enumerate(m.banks) if bank.contains(addr))
 
     def add_machine_hook(self, attach: Callable[[Any], object]) -> None:
         """Call `attach(uc)` on the current machine and on every machine built later, so an
@@ -358,6 +369,12 @@ class Executor:
         pages = None if self.tracer.events_dropped else self._log.collect(writes)
         if pages is None:
             return None
+        low = m.banks[0]
+        base, last = low.base, low.base + low.size - PAGE
+        # nearly every page is in the first bank: one pass over them all
+        out = [(0, (addr - base) // PAGE) for addr in pages if base <= addr <= last]
+        if len(out) == len(pages):
+            return out
         out = []
         for addr in pages:
             bank = m.bank_for(addr, PAGE)
@@ -373,14 +390,20 @@ class Executor:
         dirty = self._written_pages()
         if dirty is None:
             dirty = [(r, p) for r, bank in enumerate(m.banks) for p in range(bank.size // PAGE)]
-        for region, page in dirty:
-            bank = m.banks[region]
-            off = page * PAGE
-            bank.view[off:off + PAGE] = snap.pages[region].get(page, ZERO_PAGE)
-            addr = bank.base + off
-            for lo, hi in self._code_ranges:
-                if lo < addr + PAGE and addr < hi:
-                    m.uc.ctl_remove_cache(addr, addr + PAGE)
+        # first: Unicorn finds the code to drop with a page walk under the run's CR3, which
+        # sets Accessed bits in those tables; the copies below put them back
+        for region, page in self._code_pages.intersection(dirty):
+            addr = m.banks[region].base + page * PAGE
+            m.uc.ctl_remove_cache(addr, addr + PAGE)
+        if _walk is not None:
+            for region, bank in enumerate(m.banks):
+                pages = [p for r, p in dirty if r == region]
+                if pages:
+                    _walk.restore_pages(bank.buffer, snap.pages[region], pages)
+        else:
+            for region, page in dirty:
+                off = page * PAGE
+                m.banks[region].view[off:off + PAGE] = snap.pages[region].get(page, ZERO_PAGE)
         m.uc.context_restore(snap.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
