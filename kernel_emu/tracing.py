@@ -77,6 +77,14 @@ budget or a service stop keeps from running gives no event, and gives its event 
 guest resumes there.  Like the count, an instruction that faults and is restarted gives a
 second event.
 
+Two services exist to make runs cheaper without changing what they observe.  Bulk sites
+(:meth:`GuestTracer.fast_forward`, native only): the ``rep stosq``/``rep movsq`` of the
+guest's memory routines are performed on RAM directly where that is provably the same,
+counted one instruction per iteration as the guest would have been.  Cycle stops
+(:meth:`GuestTracer.stop_at`, :meth:`GuestTracer.quiet_resume`, :meth:`GuestTracer.skip`):
+what ``kernel_emu.cycles`` needs to prove that a run repeats and to account for repetitions
+it does not run.
+
 Guest memory for the backtrace is read with ``uc_mem_read``, which takes guest-PHYSICAL
 addresses also with paging on (measured on Unicorn 2.1.4), so the frames are right only where
 the stack is identity-mapped, as the kernel's is; elsewhere they are read from the physical
