@@ -111,7 +111,10 @@ static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int st
         }
         uint64_t e;
         memcpy(&e, slot, 8);
-        if (!(e & PTE_P) || (e & PTE_PS) || (e & PTE_HIGH_FRAME) || ((e & PTE_NX) && !nxe)) {
+        /* bit 7 is PS above the leaf level (large pages are left to the guest) and PAT,
+         * harmless here, in a leaf */
+        if (!(e & PTE_P) || ((e & PTE_PS) && level > 1) || (e & PTE_HIGH_FRAME) ||
+            ((e & PTE_NX) && !nxe)) {
             return UINT64_MAX;
         }
         allowed &= e;
