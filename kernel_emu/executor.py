@@ -463,7 +463,9 @@ class Executor:
             fresh = [p for p in self.tracer.take_dirty() if p not in written]
             written.update(fresh)
             return bool(fresh)
-        walk = dirty_leaves(self.m, self.fw.pml4)
+        # the log clears Accessed in the page directories: tables not used since hold no
+        # Dirty leaf, and skipping them makes a checkpoint ~10x cheaper
+        walk = dirty_leaves(self.m, self.fw.pml4, accessed_level=2)
         if walk is None:
             return True  # the scan gave up: no verdict, so no early stop
         count = len(walk.pages)
