@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: up demo test lint images bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard kernel_emu/native/*.c fuzz/native/*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard kernel_emu/native/*.[ch] fuzz/native/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

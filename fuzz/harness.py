@@ -66,6 +66,10 @@ class JobConfig:
     watchdog: int = WATCHDOG
     # end the job once a finding of this class ("class" or "class:field") is seen
     stop_on: str | None = None
+    # memset/memcpy bulk moves performed natively, and exact cycles skipped by whole periods
+    # under the watchdog (same results either way; off to measure or compare)
+    fast_routines: bool = True
+    skip_cycles: bool = True
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -151,7 +155,9 @@ class Job:
 
     def _new_executor(self) -> Executor:
         executor = Executor(self.profile, native=self.config.native,
-                            coverage=self.config.coverage, watchdog=self.config.watchdog or None)
+                            coverage=self.config.coverage, watchdog=self.config.watchdog or None,
+                            fast_routines=self.config.fast_routines,
+                            skip_cycles=self.config.skip_cycles)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor
@@ -245,7 +251,8 @@ class Job:
         """The Result of `data` with the profile's budget and no watchdog (None on failure)."""
         try:
             if self._confirmer is None:
-                self._confirmer = Executor(self.profile, native=self.config.native)
+                self._confirmer = Executor(self.profile, native=self.config.native,
+                                           fast_routines=self.config.fast_routines)
             return self._confirmer.run(data)
         except Exception as e:  # noqa: BLE001
             self._confirmer = None

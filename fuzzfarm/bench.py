@@ -8,10 +8,12 @@ from pathlib import Path
 
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
-from kernel_emu.profile import load_profile
+from kernel_emu.profile import TargetProfile, load_profile
 from kernel_emu.result import Result
 
 BENCH_ELF = Path(__file__).parent / "examples" / "three-segments.elf"
+# fills the 16 MiB heap: a segment buffer zeroed and copied by memset/memcpy
+BULK_ELF = Path(__file__).parent / "examples" / "vaddr-0x300028.elf"
 
 
 def _rate(executor: Executor, data: bytes, runs: int) -> tuple[float, Result]:
@@ -62,5 +64,38 @@ def bench_boot(kernel: str, runs: int, repeats: int, native: bool = True) -> int
     print(f"instructions: full boot {total}, after the snapshot {after} "
           f"({100 * after / total:.1f}%)")
     print(f"verdict on both: {snap_result.verdict}")
+    _bench_bulk(profile, runs, repeats, native)
     return 0
 
+
+def _bench_bulk(profile: TargetProfile, runs: int, repeats: int, native: bool) -> None:
+    """Snapshot runs with each speed-up on versus off, interleaved: the guest's memset/memcpy
+    bulk moves performed natively, and an endless loop's exact cycles skipped under the
+    fuzzer's watchdog (the input: the benchmark ELF with e_phentsize 0, on which the seed's
+    program-header walk never moves on)."""
+    from fuzz.harness import WATCHDOG
+
+    hang = bytearray(BENCH_ELF.read_bytes())
+    hang[0x36:0x38] = b"\0\0"
+    cases = [
+        (BENCH_ELF.name, BENCH_ELF.read_bytes(), runs, "fast_routines", {}),
+        (BULK_ELF.name, BULK_ELF.read_bytes(), max(5, runs // 40), "fast_routines", {}),
+        ("e_phentsize 0 (watchdog)", bytes(hang), max(10, runs // 10), "skip_cycles",
+         {"watchdog": WATCHDOG}),
+    ]
+    print(f"\nspeed-ups on (default) versus off, snapshot runs, {repeats} interleaved repeats:")
+    for name, data, n, switch, kw in cases:
+        on_ex = Executor(profile, native=native, **kw)
+        off_ex = Executor(profile, native=native, **kw, **{switch: False})
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        results = {}
+        for _ in range(repeats):
+            for on, executor in ((True, on_ex), (False, off_ex)):
+                rate, results[on] = _rate(executor, data, n)
+                rates[on].append(rate)
+        if results[True].comparable() != results[False].comparable():
+            raise HarnessError(f"{switch} changes the result of {name}")
+        on, off = statistics.median(rates[True]), statistics.median(rates[False])
+        print(f"  {switch}, {name} ({results[True].instructions:,} instructions, {n} runs): "
+              f"on {on:7.1f} runs/s ({1e3 / on:6.2f} ms), off {off:7.1f} runs/s "
+              f"({1e3 / off:6.2f} ms), on/off {on / off:.2f}x")

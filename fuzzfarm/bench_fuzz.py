@@ -1,8 +1,10 @@
 """`fuzzfarm bench fuzz`: what the fuzzer achieves on this machine, measured side by side.
 
 1. Feedback cost: execs/s of 1-job campaigns with guest coverage and compares on and off,
-   interleaved, medians; plus the same fixed mix of mutated inputs replayed through an
-   executor with and without the feedback hooks (isolates the hooks from corpus drift).
+   with and without the two speed-ups (memset/memcpy bulk moves performed natively, exact
+   cycles skipped under the watchdog), interleaved, medians; plus the same fixed mix of
+   mutated inputs replayed through an executor with and without the feedback hooks (isolates
+   the hooks from corpus drift), likewise with and without the speed-ups.
 2. Time to the first vaddr-corruption on `seed` (as cause or consequence), median of N
    campaigns, with 1 and 2 jobs.
 3. Known bugs found: a 2-job campaign on `seed`, its buckets attributed to kernel_emu/guest/
@@ -76,12 +78,14 @@ def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
     return run_campaign(config, jobs, live=False, stream=io.StringIO())
 
 
-def _replay_rates(kernel: str, inputs: list[bytes], repeats: int) -> tuple[float, float]:
+def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
+                  speedups: bool = True) -> tuple[float, float]:
     profile = load_profile(kernel)
-    on = Executor(profile, coverage=True, watchdog=WATCHDOG)
+    kw = {"fast_routines": speedups, "skip_cycles": speedups}
+    on = Executor(profile, coverage=True, watchdog=WATCHDOG, **kw)
     feedback = make_feedback()
     on.add_machine_hook(feedback.attach)
-    off = Executor(profile, watchdog=WATCHDOG)
+    off = Executor(profile, watchdog=WATCHDOG, **kw)
     rates_on, rates_off = [], []
     for _ in range(repeats):
         for executor, rates, collect in ((on, rates_on, True), (off, rates_off, False)):
@@ -126,20 +130,40 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
     return 0
 
 
+# (label, feedback, native bulk moves, cycle skipping), run interleaved
+_SETUPS = [("both speed-ups (default)", True, True, True),
+           ("native bulk moves only  ", True, True, False),
+           ("neither                 ", True, False, False),
+           ("both speed-ups (default)", False, True, True),
+           ("neither                 ", False, False, False)]
+
+
 def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path]) -> None:
-    on_rates, off_rates = [], []
-    for _ in range(repeats):
-        on_rates.append(_campaign(kernel, 1, fresh(), seconds=seconds).execs_per_second)
-        off_rates.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=False,
-                                   compares=False).execs_per_second)
-    on, off = statistics.median(on_rates), statistics.median(off_rates)
+    rates: list[list[float]] = [[] for _ in _SETUPS]
+    for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
+        for got, (_, feedback, fast, skip) in zip(rates, _SETUPS, strict=True):
+            got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
+                                 compares=feedback, fast_routines=fast,
+                                 skip_cycles=skip).execs_per_second)
+    med = [statistics.median(r) for r in rates]
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "inf"
+
     print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats "
-          f"(execs/s, median): feedback on {on:,.0f}, off {off:,.0f}, "
-          f"off/on {off / on if on else float('inf'):.2f}x", flush=True)
+          f"(execs/s, median [each repeat]):", flush=True)
+    for (label, feedback, _, _), m, r in zip(_SETUPS, med, rates, strict=True):
+        shown = ", ".join(f"{x:,.0f}" for x in r)
+        print(f"   feedback {'on ' if feedback else 'off'}, {label}: {m:7,.0f}  [{shown}]")
+    print(f"   feedback on, both speed-ups / neither: {ratio(med[0], med[2])}; "
+          f"feedback off / on with both: {ratio(med[3], med[0])}, with neither: "
+          f"{ratio(med[4], med[2])}")
     inputs = _mutated_inputs(1000)
-    r_on, r_off = _replay_rates(kernel, inputs, 3)
-    print(f"   same 1,000 mutated inputs replayed (execs/s, median of 3): feedback on "
-          f"{r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x")
+    for speedups, label in ((True, "both speed-ups"), (False, "neither")):
+        r_on, r_off = _replay_rates(kernel, inputs, 3, speedups=speedups)
+        print(f"   same 1,000 mutated inputs replayed, {label} (execs/s, median of 3): "
+              f"feedback on {r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x",
+              flush=True)
 
 
 def _time_to_first(first_runs: int, first_cap: float, fresh: Callable[[], Path]) -> None:

@@ -32,6 +32,10 @@ def _read_input(path: str) -> bytes:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
+FAST_ROUTINES_HELP = ("run the guest's memset/memcpy bulk moves instruction by instruction "
+                      "instead of natively (same results, slower)")
+
+
 # boot -------------------------------------------------------------------------------------
 
 def cmd_boot(args: argparse.Namespace) -> int:
@@ -41,7 +45,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.kernel)
     data = _read_input(args.elf)
-    executor = Executor(profile, snapshot=not args.full_boot, native=not args.no_native)
+    executor = Executor(profile, snapshot=not args.full_boot, native=not args.no_native,
+                        fast_routines=not args.no_fast_routines)
     result = executor.run(data)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
@@ -105,7 +110,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                        seconds=args.seconds if args.seconds or args.runs else 60.0,
                        runs=args.runs, coverage=not args.no_feedback,
                        compares=not args.no_feedback and not args.no_compares,
-                       mutator=not args.no_elf_mutator, native=not args.no_native)
+                       mutator=not args.no_elf_mutator, native=not args.no_native,
+                       fast_routines=not args.no_fast_routines,
+                       skip_cycles=not args.no_cycle_skip)
     print(f"fuzzing kernel {args.kernel} with {args.jobs} job(s); output in {args.out}",
           file=sys.stderr)
     summary = run_campaign(config, args.jobs)
@@ -215,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lines of kernel log to show (default: 12)")
     p.add_argument("--no-native", action="store_true",
                    help="use the pure-Python hooks instead of the native tracer (slow)")
+    p.add_argument("--no-fast-routines", action="store_true", help=FAST_ROUTINES_HELP)
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("fuzz", help="fuzz the kernel's ELF loader locally",
@@ -241,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only libFuzzer's byte-level mutations")
     p.add_argument("--no-native", action="store_true",
                    help="pure-Python hooks instead of the native ones (slow)")
+    p.add_argument("--no-fast-routines", action="store_true", help=FAST_ROUTINES_HELP)
+    p.add_argument("--no-cycle-skip", action="store_true",
+                   help="run every instruction of an endless loop up to the watchdog instead "
+                        "of skipping its exact repetitions (same results, slower)")
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("minimize", help="shrink a crashing input, keeping its signature",

@@ -19,6 +19,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 
 from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
+from kernel_emu.cycles import CycleFinder
 from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_leaves
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
@@ -38,15 +39,24 @@ from kernel_emu.result import Finding, Result
 from kernel_emu.tracing import (
     PORT_LOG_SIZE,
     WATCH_MAX,
+    BulkSite,
     GuestTracer,
     PortConfig,
     WatchEvent,
     attach_tracer,
 )
 
+try:
+    from kernel_emu import _walk
+except ImportError:  # not built: the restore copies page by page in Python
+    _walk = None
+
 ZERO_PAGE = bytes(PAGE)
 # routines whose long loops are progress (every iteration moves on through memory)
 BULK_ROUTINES = ("memset", "memcpy", "memmove")
+# the instructions of those routines the native tracer may fast-forward, as encoded (REP,
+# REX.W and the opcode, no segment or address-size override)
+BULK_ENCODINGS = {b"\xf3\x48\xab": "stosq", b"\xf3\x48\xa5": "movsq"}
 
 
 @dataclass
@@ -85,7 +95,8 @@ class Executor:
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
-                 watchdog: int | None = None) -> None:
+                 watchdog: int | None = None, fast_routines: bool = True,
+                 skip_cycles: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image)
         self.native = native
@@ -97,6 +108,12 @@ class Executor:
         self.watchdog = watchdog
         self.stalled_at = 0
         self._run_budget = self.budget
+        self.next_checkpoint = self.budget
+        # With the watchdog on, a run whose whole state repeats is moved on by whole periods
+        # (kernel_emu/cycles.py): the same Result, without running them. Off: run them all.
+        self.skip_cycles = skip_cycles
+        self._cycles: CycleFinder | None = None
+        self.services = 0  # boot services performed in this run
         # pages the watchdog took from the tracer's dirty set during this run
         self._written: set[tuple[int, int]] = set()
         self._dirty_count = 0
@@ -115,6 +132,10 @@ class Executor:
         self._bulk_ranges = [(sym.address, sym.address + sym.size)
                              for sym in (self.image.find_symbol(n) for n in BULK_ROUTINES)
                              if sym is not None and sym.size > 0]
+        # The bulk moves of memset/memcpy/memmove run natively where that is provably the same
+        # (native tracer only; see kernel_emu/native/bulk.h). Off: the guest runs every one.
+        self.fast_routines = fast_routines
+        self._bulk_sites = self._find_bulk_sites() if fast_routines else []
         self.kstack_sym_addr = self.image.symbol(k.stack_base_symbol).address
         self._snapshot: Snapshot | None = None
         self._machine_hooks: list[Callable[[Any], object]] = []
@@ -141,6 +162,29 @@ class Executor:
         if not sites:
             raise HarnessError("no return instruction found in the allocator")
         return sites
+
+    def _find_bulk_sites(self) -> list[BulkSite]:
+        md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        sites = []
+        for lo, hi in self._bulk_ranges:
+            seg = next((s for s in self.image.segments if s.vaddr <= lo and hi <= s.end), None)
+            if seg is None or not seg.flags & 1:
+                continue
+            code = seg.data[lo - seg.vaddr:hi - seg.vaddr]
+            sites.extend(BulkSite(i.address, BULK_ENCODINGS[bytes(i.bytes)])
+                         for i in md.disasm(code, lo) if bytes(i.bytes) in BULK_ENCODINGS)
+        return sites
+
+    def _fast_forward(self, on: bool) -> None:
+        """Arm the bulk sites on the current machine; only while no memory hook watches guest
+        data (the snapshot boot's ramdisk read hook would miss the routines' reads)."""
+        sites = self._bulk_sites if on and self.fast_routines else []
+        self.tracer.fast_forward(sites, [(b.base, b.size, b.address) for b in self.m.banks])
+
+    @property
+    def fast_units(self) -> int:
+        """Iterations of the guest's bulk moves performed natively in the last run."""
+        return self.tracer.fast_units
 
     def _new_machine(self, track_writes: bool = True) -> tuple[Machine, Firmware, GuestTracer]:
         mem = self.profile.memory
@@ -207,9 +251,16 @@ class Executor:
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
                                   tracer.console(), tuple(tracer.port_log()),
                                   tracer.instructions)
+        self._fast_forward(True)
         tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
+        # (bank, page) of the pages whose translated code a restore must drop
+        self._code_pages = frozenset(
+            (r, (addr - bank.base) // PAGE)
+            for lo, hi in self._code_ranges
+            for addr in range(lo & ~(PAGE - 1), hi, PAGE)
+            for r, bank in enumerate(m.banks) if bank.contains(addr))
 
     def add_machine_hook(self, attach: Callable[[Any], object]) -> None:
         """Call `attach(uc)` on the current machine and on every machine built later, so an
@@ -268,6 +319,7 @@ class Executor:
             base = self._snapshot.instructions
         else:
             self._new_machine()
+            self._fast_forward(True)
             self.tracer.reset(self._first_stop(self.budget))
             self._ramdisk_size = 0
             base = 0
@@ -317,6 +369,12 @@ class Executor:
         pages = None if self.tracer.events_dropped else self._log.collect(writes)
         if pages is None:
             return None
+        low = m.banks[0]
+        base, last = low.base, low.base + low.size - PAGE
+        # nearly every page is in the first bank: one pass over them all
+        out = [(0, (addr - base) // PAGE) for addr in pages if base <= addr <= last]
+        if len(out) == len(pages):
+            return out
         out = []
         for addr in pages:
             bank = m.bank_for(addr, PAGE)
@@ -332,14 +390,20 @@ class Executor:
         dirty = self._written_pages()
         if dirty is None:
             dirty = [(r, p) for r, bank in enumerate(m.banks) for p in range(bank.size // PAGE)]
-        for region, page in dirty:
-            bank = m.banks[region]
-            off = page * PAGE
-            bank.view[off:off + PAGE] = snap.pages[region].get(page, ZERO_PAGE)
-            addr = bank.base + off
-            for lo, hi in self._code_ranges:
-                if lo < addr + PAGE and addr < hi:
-                    m.uc.ctl_remove_cache(addr, addr + PAGE)
+        # first: Unicorn finds the code to drop with a page walk under the run's CR3, which
+        # sets Accessed bits in those tables; the copies below put them back
+        for region, page in self._code_pages.intersection(dirty):
+            addr = m.banks[region].base + page * PAGE
+            m.uc.ctl_remove_cache(addr, addr + PAGE)
+        if _walk is not None:
+            for region, bank in enumerate(m.banks):
+                pages = [p for r, p in dirty if r == region]
+                if pages:
+                    _walk.restore_pages(bank.buffer, snap.pages[region], pages)
+        else:
+            for region, page in dirty:
+                off = page * PAGE
+                m.banks[region].view[off:off + PAGE] = snap.pages[region].get(page, ZERO_PAGE)
         m.uc.context_restore(snap.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
@@ -352,7 +416,21 @@ class Executor:
         self.stalled_at = 0
         self._written.clear()
         self._dirty_count = 0
-        return min(run_budget, self.watchdog) if self.watchdog else run_budget
+        self.services = 0
+        self.next_checkpoint = min(run_budget, self.watchdog) if self.watchdog else run_budget
+        self._cycles = CycleFinder(self) if (self.watchdog and self.skip_cycles
+                                             and self._log is not None
+                                             and self._snapshot is not None) else None
+        return self._next_stop()
+
+    def _next_stop(self) -> int:
+        probe = self._cycles.next_probe if self._cycles is not None else None
+        return self.next_checkpoint if probe is None else min(probe, self.next_checkpoint)
+
+    @property
+    def skipped_instructions(self) -> int:
+        """Instructions of the last run accounted for by whole periods of an exact cycle."""
+        return self._cycles.skipped if self._cycles is not None else 0
 
     def _keep_going(self) -> bool:
         """At a watchdog stop: resume (True) or call the run stalled (False). Progress is a
@@ -360,9 +438,19 @@ class Executor:
         tracer = self.tracer
         if not self.watchdog or tracer.instructions >= self._run_budget:
             return False
+        if tracer.instructions < self.next_checkpoint:
+            # a stop of the cycle search, not a checkpoint
+            assert self._cycles is not None
+            tracer.extend(self.next_checkpoint)  # a skip may go up to the checkpoint
+            self._cycles.on_stop()
+            tracer.extend(self._next_stop())
+            return True
         pc = self.m.reg("rip")
         if self._wrote_new_pages() or any(lo <= pc < hi for lo, hi in self._bulk_ranges):
-            tracer.extend(min(tracer.instructions + self.watchdog, self._run_budget))
+            self.next_checkpoint = min(tracer.instructions + self.watchdog, self._run_budget)
+            if self._cycles is not None:
+                self._cycles.after_checkpoint()
+            tracer.extend(self._next_stop())
             return True
         self.stalled_at = tracer.instructions
         return False
@@ -375,7 +463,9 @@ class Executor:
             fresh = [p for p in self.tracer.take_dirty() if p not in written]
             written.update(fresh)
             return bool(fresh)
-        walk = dirty_leaves(self.m, self.fw.pml4)
+        # the log clears Accessed in the page directories: tables not used since hold no
+        # Dirty leaf, and skipping them makes a checkpoint ~10x cheaper
+        walk = dirty_leaves(self.m, self.fw.pml4, accessed_level=2)
         if walk is None:
             return True  # the scan gave up: no verdict, so no early stop
         count = len(walk.pages)
@@ -404,6 +494,7 @@ class Executor:
             elif request is None or self.obs.fault is not None or tracer.budget_exhausted:
                 break
             self.fw.service(request)
+            self.services += 1
             if self.fw.state.efi_main_status is not None:
                 return "efi-return"
         pc = m.reg("rip")

@@ -77,6 +77,14 @@ budget or a service stop keeps from running gives no event, and gives its event 
 guest resumes there.  Like the count, an instruction that faults and is restarted gives a
 second event.
 
+Two services exist to make runs cheaper without changing what they observe.  Bulk sites
+(:meth:`GuestTracer.fast_forward`, native only): the ``rep stosq``/``rep movsq`` of the
+guest's memory routines are performed on RAM directly where that is provably the same,
+counted one instruction per iteration as the guest would have been.  Cycle stops
+(:meth:`GuestTracer.stop_at`, :meth:`GuestTracer.quiet_resume`, :meth:`GuestTracer.skip`):
+what ``kernel_emu.cycles`` needs to prove that a run repeats and to account for repetitions
+it does not run.
+
 Guest memory for the backtrace is read with ``uc_mem_read``, which takes guest-PHYSICAL
 addresses also with paging on (measured on Unicorn 2.1.4), so the frames are right only where
 the stack is identity-mapped, as the kernel's is; elsewhere they are read from the physical
@@ -176,6 +184,18 @@ class PortConfig:
             raise ValueError("the console and service ports must differ")
         if not 0 <= self.console_read_value <= 0xFFFF_FFFF:
             raise ValueError("console_read_value must fit in 32 bits")
+
+
+class BulkSite(NamedTuple):
+    """A ``rep stosq`` (kind ``"stosq"``) or ``rep movsq`` (``"movsq"``) instruction of the
+    guest's memory routines that the native tracer may fast-forward (see
+    :meth:`GuestTracer.fast_forward`)."""
+
+    address: int
+    kind: str
+
+
+BULK_KINDS = ("stosq", "movsq")
 
 
 class WatchEvent(NamedTuple):
@@ -314,6 +334,60 @@ class GuestTracer(Protocol):
         """
         ...
 
+    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+        """Fast-forward the bulk ``sites`` from now on (an empty sequence: never).
+
+        ``ram`` lists the guest RAM as ``(physical base, size, host address)``.  The native
+        tracer performs, at the site, the iterations it can prove equivalent on the RAM
+        directly (see ``kernel_emu/native/bulk.h``): registers, memory, page-table
+        Accessed/Dirty bits, :attr:`instructions` (one per iteration, as if the guest had run
+        them), budget stops, recent blocks, coverage and dirty pages come out as without it;
+        memory hooks do not see those accesses.  The Python tracer runs the sites normally.
+        A watched address is never fast-forwarded.
+        """
+        ...
+
+    @property
+    def fast_units(self) -> int:
+        """Iterations fast-forwarded since reset (always 0 for the Python tracer)."""
+        ...
+
+    def stop_at(self, address: int | None, nth: int = 1) -> None:
+        """Stop the guest before its ``nth`` next arrival at ``address``, as a budget stop
+        would (:attr:`budget_exhausted` and :attr:`stop_hit` set, the instruction neither run
+        nor counted nor watched); one-shot; ``None`` cancels.  Resume with :meth:`extend`.
+        The instruction the guest is stopped at, if any, is not an arrival."""
+        ...
+
+    @property
+    def stop_hit(self) -> bool:
+        """True when the last stop was :meth:`stop_at`'s (cleared by the next ``stop_at``)."""
+        ...
+
+    def quiet_resume(self) -> None:
+        """Leave the next block entry out of the recent blocks and the coverage: the block a
+        resume starts at the stopped instruction, which an uninterrupted run does not have."""
+        ...
+
+    @property
+    def blocks(self) -> int:
+        """Block entries recorded since reset."""
+        ...
+
+    @property
+    def event_count(self) -> int:
+        """Watch events recorded or dropped since reset, taken or not."""
+        ...
+
+    def skip(self, instructions: int, blocks: int, periods: int, before: bytes,
+             after: bytes) -> None:
+        """Account for ``periods`` more repetitions of a stretch of the run that repeats
+        exactly (same machine state at both ends): ``instructions`` and ``blocks`` in all,
+        each repetition adding ``after - before`` to the coverage counters (saturating).  The
+        recent blocks are those ``blocks`` entries later in the same periodic sequence, so the
+        last :data:`RING_SIZE` entries must already lie in it."""
+        ...
+
     def take_events(self) -> list[WatchEvent]:
         """Return and forget the watch events recorded since the last take or reset, in order.
 
@@ -407,6 +481,12 @@ def _walk_frames(uc: Uc, rsp: int, rbp: int) -> tuple[int, ...]:
     return tuple(frames)
 
 
+def _bulk_kind(kind: str) -> int:
+    if kind not in BULK_KINDS:
+        raise ValueError(f"unknown bulk site kind {kind!r}")
+    return BULK_KINDS.index(kind)
+
+
 def _all_ones(size: int) -> int:
     return (1 << (8 * min(size, 4))) - 1
 
@@ -438,6 +518,7 @@ class NativeTracer:
             service_port=port_config.service,
             console_read_value=port_config.console_read_value,
             mem_read=_function_address(uclib.uc_mem_read),
+            reg_write=_function_address(uclib.uc_reg_write),
         )
         # Own the state from the engine before any hook can see its address: if the Uc
         # is garbage collected, Unicorn is closed (weakref finalizer) before the Uc's
@@ -517,6 +598,37 @@ class NativeTracer:
 
     def watch(self, addresses: Sequence[int]) -> None:
         self._state.watch(_check_watch(addresses))
+
+    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+        self._state.bulk([(site.address, _bulk_kind(site.kind)) for site in sites],
+                         [(base, size, host) for base, size, host in ram])
+        self._state.bulk_on = bool(sites)
+
+    @property
+    def fast_units(self) -> int:
+        return self._state.bulk_units
+
+    def stop_at(self, address: int | None, nth: int = 1) -> None:
+        self._state.stop_at(address, nth)
+
+    @property
+    def stop_hit(self) -> bool:
+        return self._state.stop_hit
+
+    def quiet_resume(self) -> None:
+        self._state.quiet_resume()
+
+    @property
+    def blocks(self) -> int:
+        return self._state.blocks
+
+    @property
+    def event_count(self) -> int:
+        return self._state.event_count
+
+    def skip(self, instructions: int, blocks: int, periods: int, before: bytes,
+             after: bytes) -> None:
+        self._state.skip(instructions, blocks, periods, before, after)
 
     def take_events(self) -> list[WatchEvent]:
         # a NamedTuple: a few hundred of these per run, built far faster than dataclasses
@@ -599,6 +711,12 @@ class PythonTracer:
         self._port_log: list[tuple[str, int, int, int]] = []
         self._events: list[WatchEvent] = []
         self._events_dropped = 0
+        self._events_seen = 0
+        self._stop_addr: int | None = None
+        self._stop_left = 0
+        self._stop_armed_at = 0
+        self._stop_hit = False
+        self._quiet_block = False
 
     def _on_code(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
         if self._stop_pending:
@@ -606,6 +724,14 @@ class PythonTracer:
             self._stop_pending = False
             return
         if self._count < self._budget:
+            if address == self._stop_addr and self._count != self._stop_armed_at:
+                self._stop_left -= 1
+                if self._stop_left == 0:
+                    self._stop_addr, self._stop_hit = None, True
+                    self._budget = self._count
+                    self._exhausted = True
+                    uc.emu_stop()
+                    return
             # Only instructions that will run are watched, as in the native hook.
             if address in self._watched:
                 self._record(uc, address)
@@ -615,6 +741,7 @@ class PythonTracer:
         uc.emu_stop()
 
     def _record(self, uc: Uc, address: int) -> None:
+        self._events_seen += 1
         # Read at call time so tests can lower the cap.
         if len(self._events) >= EVENT_CAP:
             self._events_dropped += 1
@@ -626,6 +753,9 @@ class PythonTracer:
         # A block starting after a service OUT means the guest was resumed without the
         # announcement ever reaching this hook: it will not come (see the native hook).
         self._stop_pending = False
+        if self._quiet_block:
+            self._quiet_block = False
+            return
         self._ring[self._ring_pos % RING_SIZE] = address
         self._ring_pos += 1
         if self._coverage_on:
@@ -751,6 +881,55 @@ class PythonTracer:
 
     def watch(self, addresses: Sequence[int]) -> None:
         self._watched = frozenset(_check_watch(addresses))
+
+    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+        for site in sites:
+            _bulk_kind(site.kind)  # same validation as the native tracer, nothing else
+
+    @property
+    def fast_units(self) -> int:
+        return 0
+
+    def stop_at(self, address: int | None, nth: int = 1) -> None:
+        if address is not None and (nth < 1 or not 0 <= address < _MASK64):
+            raise ValueError("bad stop address or arrival count")
+        self._stop_addr, self._stop_left, self._stop_hit = address, nth, False
+        self._stop_armed_at = self._count
+
+    @property
+    def stop_hit(self) -> bool:
+        return self._stop_hit
+
+    def quiet_resume(self) -> None:
+        self._quiet_block = True
+
+    @property
+    def blocks(self) -> int:
+        return self._ring_pos
+
+    @property
+    def event_count(self) -> int:
+        return self._events_seen
+
+    def skip(self, instructions: int, blocks: int, periods: int, before: bytes,
+             after: bytes) -> None:
+        if len(before) != MAP_SIZE or len(after) != MAP_SIZE:
+            raise ValueError("coverage maps must be MAP_SIZE bytes")
+        went_down = any(a < b for a, b in zip(after, before, strict=True))
+        if instructions > self._budget - self._count or self._stop_pending or \
+                self._ring_pos < RING_SIZE or went_down:
+            raise ValueError("skip past the budget, during a service stop, before the recent "
+                             "blocks are full, or with a coverage map that went down")
+        self._count += instructions
+        old = list(self._ring)
+        for k in range(RING_SIZE):
+            n = self._ring_pos - RING_SIZE + k
+            self._ring[(n + blocks) % RING_SIZE] = old[n % RING_SIZE]
+        self._ring_pos += blocks
+        if self._coverage_on:
+            for i, (a, b) in enumerate(zip(after, before, strict=True)):
+                if a != b:
+                    self._map[i] = min(255, self._map[i] + (a - b) * min(periods, 255))
 
     def take_events(self) -> list[WatchEvent]:
         events, self._events = self._events, []

@@ -57,6 +57,10 @@
 #define UC_X86_REG_RSP 44
 #define UC_X86_REG_CR0 50
 #define UC_X86_REG_CR3 53
+#define UC_X86_REG_CS 11
+#define UC_X86_REG_RFLAGS 253
+#define UC_X86_REG_CR4 54
+#define UC_X86_REG_MSR 248
 #define CR0_PG (1ULL << 31)
 
 #if defined(__GNUC__)
@@ -71,6 +75,18 @@
 typedef int (*uc_emu_stop_fn)(void *uc);
 typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*uc_mem_read_fn)(void *uc, uint64_t address, void *bytes, uint64_t size);
+typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
+
+#define BULK_MAX 8
+#define BANK_MAX 8
+enum { BULK_STOSQ, BULK_MOVSQ };
+
+/* Guest RAM as the owner mapped it: guest-physical base and size, host address. */
+typedef struct {
+    uint64_t base;
+    uint64_t size;
+    uint8_t *host;
+} Bank;
 
 /* Registers a watch event records, in WatchEvent field order. */
 enum { W_RIP, W_RSP, W_RBP, W_RAX, W_RDI, W_RSI, W_RDX, W_RCX, W_NREGS };
@@ -164,6 +180,31 @@ typedef struct {
     uint64_t watched[WATCH_MAX]; /* sorted, distinct */
     uint32_t nwatched;
     uc_mem_read_fn mem_read;
+    /* Bulk sites (see bulk.h): `rep stosq` / `rep movsq` of the guest's memory
+     * routines, fast-forwarded natively; they share the watch filter. */
+    uint64_t bulk_sites[BULK_MAX];
+    uint8_t bulk_kinds[BULK_MAX];
+    uint32_t nbulk;
+    int bulk_on;
+    Bank banks[BANK_MAX];
+    uint32_t nbanks;
+    uc_reg_write_fn reg_write;
+    uint64_t bulk_units; /* iterations fast-forwarded since reset */
+    /* The last refusal, so the iterations of one refused instance that stay
+     * on the same pages are not re-examined one by one. */
+    uint64_t memo_site;
+    uint64_t memo_rcx;
+    uint64_t memo_dst_page;
+    uint64_t memo_src_page;
+    /* A one-shot stop before the nth next arrival at stop_addr (see
+     * stop_at), and whether the next block entry is a resume to be left out
+     * of the recent blocks and the coverage (see quiet_resume). */
+    uint64_t stop_addr;
+    uint64_t stop_left;
+    uint64_t stop_armed_at; /* count when armed: the stopped instruction is no arrival */
+    int stop_hit;
+    int quiet_block;
+    uint64_t events_seen; /* recorded or dropped since reset, taken or not */
     WatchEvent *events; /* EVENT_CAP entries, allocated by the first watch */
     uint32_t nevents;
     uint64_t events_dropped;
@@ -224,16 +265,36 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
     return n;
 }
 
+static void record_block(TracerState *s, uint64_t address);
+static void mark_page(TracerState *s, uint64_t page);
+#include "bulk.h"
+
 /* Out of line so the common case of the code hook stays a few instructions. */
 static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
 {
+    if (address == s->stop_addr && s->icount != s->stop_armed_at && --s->stop_left == 0) {
+        /* stop like the budget does: before the instruction, uncounted, so
+         * it runs (and gives its watch event) when the guest resumes */
+        s->stop_addr = UINT64_MAX;
+        s->stop_hit = 1;
+        s->budget = s->icount;
+        return;
+    }
     uint32_t i = 0;
     while (i < s->nwatched && s->watched[i] < address) {
         i++;
     }
     if (i == s->nwatched || s->watched[i] != address) {
+        /* a watched address is never fast-forwarded: its events would go */
+        for (uint32_t b = 0; b < s->nbulk; b++) {
+            if (s->bulk_sites[b] == address) {
+                bulk_forward(s, uc, address, s->bulk_kinds[b]);
+                return;
+            }
+        }
         return;
     }
+    s->events_seen++;
     if (s->nevents == EVENT_CAP) {
         s->events_dropped++;
         return;
@@ -260,6 +321,13 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
             uint64_t bit = address & (WATCH_FILTER_BITS - 1);
             if (UNLIKELY((s->watch_filter[bit >> 6] >> (bit & 63)) & 1)) {
                 watch_check(s, uc, address);
+                /* a fast-forward may have used up the budget: stop exactly
+                 * where the iterations it stood for would have stopped */
+                if (UNLIKELY(s->icount >= s->budget)) {
+                    s->exhausted = 1;
+                    s->emu_stop(uc);
+                    return;
+                }
             }
         }
         s->icount++;
@@ -278,6 +346,23 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
     s->emu_stop(uc);
 }
 
+static void record_block(TracerState *s, uint64_t address)
+{
+    s->ring[s->ring_pos & (RING_SIZE - 1)] = address;
+    s->ring_pos++;
+    if (s->coverage_on) {
+        /* Fibonacci hashing: the top 16 bits of the product depend on every
+         * address bit, unlike a plain mask of the low bits. */
+        uint32_t cur = (uint32_t)((address * COVERAGE_MULTIPLIER) >> 48);
+        uint8_t *counter = &s->map[cur ^ s->prev_loc];
+        /* Saturating, so a hot loop can never wrap its edge back to zero. */
+        if (*counter != 0xff) {
+            (*counter)++;
+        }
+        s->prev_loc = cur >> 1;
+    }
+}
+
 static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     TracerState *s = (TracerState *)user_data;
@@ -292,19 +377,13 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
          * the code hook was told to ignore will never come. */
         clear_stop_pending(s);
     }
-    s->ring[s->ring_pos & (RING_SIZE - 1)] = address;
-    s->ring_pos++;
-    if (s->coverage_on) {
-        /* Fibonacci hashing: the top 16 bits of the product depend on every
-         * address bit, unlike a plain mask of the low bits. */
-        uint32_t cur = (uint32_t)((address * COVERAGE_MULTIPLIER) >> 48);
-        uint8_t *counter = &s->map[cur ^ s->prev_loc];
-        /* Saturating, so a hot loop can never wrap its edge back to zero. */
-        if (*counter != 0xff) {
-            (*counter)++;
-        }
-        s->prev_loc = cur >> 1;
+    if (s->quiet_block) {
+        /* the block a resume starts mid-way: an uninterrupted run has no
+         * such entry */
+        s->quiet_block = 0;
+        return;
     }
+    record_block(s, address);
 }
 
 static uint64_t hash_page(uint64_t page)
@@ -509,6 +588,8 @@ static uint32_t in_hook(void *uc, uint32_t port, int size, void *user_data)
 /* TracerState type                                                          */
 /* ------------------------------------------------------------------------ */
 
+static void rebuild_filter(TracerState *s);
+
 static void state_clear_dirty(TracerState *s)
 {
     for (Py_ssize_t i = 0; i < s->nregions; i++) {
@@ -588,14 +669,14 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"regions",      "coverage",     "emu_stop",
                              "reg_read",     "console_port", "service_port",
-                             "console_read_value", "mem_read", NULL};
+                             "console_read_value", "mem_read", "reg_write", NULL};
     PyObject *regions_obj;
     int coverage;
-    unsigned long long emu_stop, reg_read, mem_read = 0;
+    unsigned long long emu_stop, reg_read, mem_read = 0, reg_write = 0;
     unsigned int console_port = 0xe9, service_port = 0xf0, console_read_value = 0xe9;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK|$IIIK", kwlist, &regions_obj, &coverage,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OpKK|$IIIKK", kwlist, &regions_obj, &coverage,
                                      &emu_stop, &reg_read, &console_port, &service_port,
-                                     &console_read_value, &mem_read)) {
+                                     &console_read_value, &mem_read, &reg_write)) {
         return NULL;
     }
     if (console_port > 0xffff || service_port > 0xffff || console_port == service_port) {
@@ -620,6 +701,9 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     s->budget = UINT64_MAX;
     s->watch_min = UINT64_MAX;
     s->mem_read = (uc_mem_read_fn)(uintptr_t)mem_read;
+    s->reg_write = (uc_reg_write_fn)(uintptr_t)reg_write;
+    s->memo_site = UINT64_MAX;
+    s->stop_addr = UINT64_MAX;
     s->coverage_on = coverage;
     s->emu_stop = (uc_emu_stop_fn)(uintptr_t)emu_stop;
     s->reg_read = (uc_reg_read_fn)(uintptr_t)reg_read;
@@ -691,6 +775,16 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->port_log_len = 0;
     s->nevents = 0;
     s->events_dropped = 0;
+    s->bulk_units = 0;
+    s->memo_site = UINT64_MAX;
+    if (s->stop_addr != UINT64_MAX) {
+        s->stop_addr = UINT64_MAX;
+        rebuild_filter(s);
+    }
+    s->stop_left = 0;
+    s->stop_hit = 0;
+    s->quiet_block = 0;
+    s->events_seen = 0;
     memset(s->map, 0, sizeof(s->map));
     state_clear_dirty(s);
     Py_RETURN_NONE;
@@ -714,6 +808,183 @@ static PyObject *State_extend(TracerState *s, PyObject *arg)
     }
     s->exhausted = 0;
     Py_RETURN_NONE;
+}
+
+/* The code hook's filter lets through the watched addresses and the bulk
+ * sites. */
+static void rebuild_filter(TracerState *s)
+{
+    uint64_t lo = UINT64_MAX, hi = 0;
+    memset(s->watch_filter, 0, sizeof(s->watch_filter));
+    uint32_t n = s->nwatched + s->nbulk + (s->stop_addr != UINT64_MAX);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t a = i < s->nwatched ? s->watched[i]
+                     : i < s->nwatched + s->nbulk ? s->bulk_sites[i - s->nwatched]
+                                                   : s->stop_addr;
+        uint64_t bit = a & (WATCH_FILTER_BITS - 1);
+        s->watch_filter[bit >> 6] |= 1ULL << (bit & 63);
+        lo = a < lo ? a : lo;
+        hi = a > hi ? a : hi;
+    }
+    if (lo == UINT64_MAX && hi == 0) {
+        s->watch_min = UINT64_MAX;
+        s->watch_span = 0;
+    } else {
+        s->watch_min = lo;
+        s->watch_span = hi - lo;
+    }
+}
+
+static PyObject *State_bulk(TracerState *s, PyObject *args)
+{
+    PyObject *sites_obj, *banks_obj;
+    if (!PyArg_ParseTuple(args, "OO", &sites_obj, &banks_obj)) {
+        return NULL;
+    }
+    PyObject *sites = PySequence_Fast(sites_obj, "sites must be a sequence");
+    if (sites == NULL) {
+        return NULL;
+    }
+    PyObject *banks = PySequence_Fast(banks_obj, "banks must be a sequence");
+    if (banks == NULL) {
+        Py_DECREF(sites);
+        return NULL;
+    }
+    Py_ssize_t nsites = PySequence_Fast_GET_SIZE(sites), nbanks = PySequence_Fast_GET_SIZE(banks);
+    uint64_t addr[BULK_MAX];
+    uint8_t kinds[BULK_MAX];
+    Bank parsed[BANK_MAX];
+    if (nsites > BULK_MAX || nbanks > BANK_MAX) {
+        PyErr_Format(PyExc_ValueError, "at most %d bulk sites and %d banks", BULK_MAX, BANK_MAX);
+        goto fail;
+    }
+    if (nsites > 0 && s->reg_write == NULL) {
+        PyErr_SetString(PyExc_ValueError, "bulk sites need the reg_write address");
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < nsites; i++) {
+        unsigned long long a;
+        int kind;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sites, i), "Ki;a site is (address, kind)",
+                              &a, &kind)) {
+            goto fail;
+        }
+        if (kind != BULK_STOSQ && kind != BULK_MOVSQ) {
+            PyErr_Format(PyExc_ValueError, "unknown bulk kind %d", kind);
+            goto fail;
+        }
+        addr[i] = a;
+        kinds[i] = (uint8_t)kind;
+    }
+    for (Py_ssize_t i = 0; i < nbanks; i++) {
+        unsigned long long base, size, host;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(banks, i),
+                              "KKK;a bank is (base, size, host_address)", &base, &size, &host)) {
+            goto fail;
+        }
+        if (host == 0 || size == 0 || base + size < base) {
+            PyErr_SetString(PyExc_ValueError, "bad RAM bank");
+            goto fail;
+        }
+        parsed[i] = (Bank){base, size, (uint8_t *)(uintptr_t)host};
+    }
+    Py_DECREF(sites);
+    Py_DECREF(banks);
+    memcpy(s->bulk_sites, addr, sizeof(uint64_t) * (size_t)nsites);
+    memcpy(s->bulk_kinds, kinds, (size_t)nsites);
+    memcpy(s->banks, parsed, sizeof(Bank) * (size_t)nbanks);
+    s->nbulk = (uint32_t)nsites;
+    s->nbanks = (uint32_t)nbanks;
+    s->memo_site = UINT64_MAX;
+    rebuild_filter(s);
+    Py_RETURN_NONE;
+
+fail:
+    Py_DECREF(sites);
+    Py_DECREF(banks);
+    return NULL;
+}
+
+static PyObject *State_stop_at(TracerState *s, PyObject *args)
+{
+    PyObject *addr_obj;
+    unsigned long long nth = 1;
+    if (!PyArg_ParseTuple(args, "O|K", &addr_obj, &nth)) {
+        return NULL;
+    }
+    if (addr_obj == Py_None) {
+        s->stop_addr = UINT64_MAX;
+    } else {
+        unsigned long long a = PyLong_AsUnsignedLongLong(addr_obj);
+        if (a == (unsigned long long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (a == UINT64_MAX || nth == 0) {
+            PyErr_SetString(PyExc_ValueError, "bad stop address or arrival count");
+            return NULL;
+        }
+        s->stop_addr = a;
+        s->stop_left = nth;
+        s->stop_armed_at = s->icount;
+    }
+    s->stop_hit = 0;
+    rebuild_filter(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_quiet_resume(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    s->quiet_block = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_skip(TracerState *s, PyObject *args)
+{
+    unsigned long long instructions, blocks, periods;
+    Py_buffer before, after;
+    if (!PyArg_ParseTuple(args, "KKKy*y*", &instructions, &blocks, &periods, &before, &after)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (before.len != MAP_SIZE || after.len != MAP_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "coverage maps must be MAP_SIZE bytes");
+        goto done;
+    }
+    if (instructions > s->budget - s->icount || s->stop_pending || s->ring_pos < RING_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "skip past the budget, during a service stop or "
+                                          "before the recent blocks are full");
+        goto done;
+    }
+    const uint8_t *b = before.buf, *a = after.buf;
+    for (size_t i = 0; i < MAP_SIZE; i++) {
+        if (a[i] < b[i]) {
+            PyErr_SetString(PyExc_ValueError, "coverage map went down");
+            goto done;
+        }
+    }
+    s->icount += instructions;
+    uint64_t old[RING_SIZE];
+    memcpy(old, s->ring, sizeof(old));
+    for (uint64_t k = 0; k < RING_SIZE; k++) {
+        uint64_t n = s->ring_pos - RING_SIZE + k;
+        s->ring[(n + blocks) & (RING_SIZE - 1)] = old[n & (RING_SIZE - 1)];
+    }
+    s->ring_pos += blocks;
+    if (s->coverage_on) {
+        for (size_t i = 0; i < MAP_SIZE; i++) {
+            uint64_t d = (uint64_t)(a[i] - b[i]);
+            if (d != 0) {
+                uint64_t v = periods >= 255 ? 255 : s->map[i] + d * periods;
+                s->map[i] = (uint8_t)(v > 255 ? 255 : v);
+            }
+        }
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&before);
+    PyBuffer_Release(&after);
+    return result;
 }
 
 static PyObject *State_watch(TracerState *s, PyObject *arg)
@@ -754,23 +1025,14 @@ static PyObject *State_watch(TracerState *s, PyObject *arg)
     /* Build the new set completely before publishing it: nothing runs
      * concurrently, but a failure above must leave the old set intact. */
     uint32_t count = 0;
-    memset(s->watch_filter, 0, sizeof(s->watch_filter));
     for (Py_ssize_t i = 0; i < n; i++) {
         if (count > 0 && s->watched[count - 1] == addresses[i]) {
             continue;
         }
-        uint64_t bit = addresses[i] & (WATCH_FILTER_BITS - 1);
-        s->watch_filter[bit >> 6] |= 1ULL << (bit & 63);
         s->watched[count++] = addresses[i];
     }
     s->nwatched = count;
-    if (count == 0) {
-        s->watch_min = UINT64_MAX;
-        s->watch_span = 0;
-    } else {
-        s->watch_min = s->watched[0];
-        s->watch_span = s->watched[count - 1] - s->watched[0];
-    }
+    rebuild_filter(s);
     Py_RETURN_NONE;
 }
 
@@ -1014,6 +1276,19 @@ static PyMethodDef State_methods[] = {
     {"watch", (PyCFunction)State_watch, METH_O,
      "watch(addresses) -> None\n\nReplace the watched code addresses (at most 32); kept by "
      "reset."},
+    {"stop_at", (PyCFunction)State_stop_at, METH_VARARGS,
+     "stop_at(address, nth=1) -> None\n\nStop before the nth next arrival at address, like "
+     "a budget stop (uncounted); None cancels."},
+    {"quiet_resume", (PyCFunction)State_quiet_resume, METH_NOARGS,
+     "quiet_resume() -> None\n\nLeave the next block entry out of the recent blocks and "
+     "the coverage."},
+    {"skip", (PyCFunction)State_skip, METH_VARARGS,
+     "skip(instructions, blocks, periods, before, after) -> None\n\nAccount for `periods` "
+     "repetitions of a periodic stretch: count, recent blocks, coverage (after - before per "
+     "repetition)."},
+    {"bulk", (PyCFunction)State_bulk, METH_VARARGS,
+     "bulk(sites, banks) -> None\n\nReplace the bulk sites ((address, kind), kind 0 for rep "
+     "stosq, 1 for rep movsq) and the RAM banks ((base, size, host_address)) they may use."},
     {"watched", (PyCFunction)State_watched, METH_NOARGS,
      "watched() -> tuple[int, ...]\n\nThe watched addresses, sorted."},
     {"take_events", (PyCFunction)State_take_events, METH_NOARGS,
@@ -1049,7 +1324,61 @@ static PyObject *State_get_identity_crossings(TracerState *s, void *closure)
     return PyLong_FromUnsignedLongLong(s->identity_crossings);
 }
 
+static PyObject *State_get_bulk_units(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->bulk_units);
+}
+
+static PyObject *State_get_bulk_on(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(s->bulk_on);
+}
+
+static int State_set_bulk_on(TracerState *s, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "bulk_on cannot be deleted");
+        return -1;
+    }
+    int on = PyObject_IsTrue(value);
+    if (on < 0) {
+        return -1;
+    }
+    s->bulk_on = on;
+    s->memo_site = UINT64_MAX;
+    return 0;
+}
+
+static PyObject *State_get_stop_hit(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(s->stop_hit);
+}
+
+static PyObject *State_get_blocks(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->ring_pos);
+}
+
+static PyObject *State_get_event_count(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->events_seen);
+}
+
 static PyGetSetDef State_getset[] = {
+    {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
+    {"blocks", (getter)State_get_blocks, NULL, "Block entries recorded since reset.", NULL},
+    {"event_count", (getter)State_get_event_count, NULL,
+     "Watch events recorded or dropped since reset, taken or not.", NULL},
+    {"bulk_on", (getter)State_get_bulk_on, (setter)State_set_bulk_on,
+     "Whether the bulk sites are fast-forwarded (off: they only pass the filter).", NULL},
+    {"bulk_units", (getter)State_get_bulk_units, NULL,
+     "Iterations of bulk sites fast-forwarded since reset.", NULL},
     {"identity_cr3", (getter)State_get_identity_cr3, (setter)State_set_identity_cr3,
      "CR3 of identity page tables (0: none); crossing stores under it mark the next page.",
      NULL},

@@ -1,0 +1,188 @@
+"""Exact cycles: a run whose whole machine state repeats is skipped ahead period by period.
+
+A hang the watchdog stops (an endless loop that writes no new page) still costs two watchdog
+intervals of guest instructions, ~5 ms each time the fuzzer produces one. But the emulated
+machine is deterministic and, between services, sees nothing from outside: if its entire state
+(CPU context, every page the run has written, page tables included, the console, other ports,
+services and watch events) is the same at two instants, everything after the second repeats
+what followed the first, forever. So the state at any later instruction count is known, and
+:class:`CycleFinder` moves the run there by whole periods without running them: it only asks
+the tracer to account for them (count, recent blocks, coverage; see ``GuestTracer.skip``).
+Every watchdog checkpoint is still reached and judged as before, with the same state, so the
+Result is exactly the one of running every instruction.
+
+How a cycle is found, at a few probe points (instruction counts 4096, 8192, ...): the guest is
+stopped at the start of the block it is in (``stop_at``), the state is recorded, and the guest
+is stopped again at each of its next arrivals there, up to :data:`MAX_ARRIVALS`; an arrival
+with the recorded state proves the cycle. Only snapshot runs under the firmware's identity page
+tables are probed (the Dirty bits there name every page the run wrote), and only while the run
+has written at most :data:`MAX_PAGES` pages. The extra stops leave no trace: the tracer drops
+the block entry of each resume (``quiet_resume``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kernel_emu.dirtylog import ADDR_MASK, dirty_leaves
+from kernel_emu.machine import PAGE
+from kernel_emu.tracing import RING_SIZE
+
+if TYPE_CHECKING:
+    from kernel_emu.executor import Executor
+
+FIRST_PROBE = 4096
+MAX_ARRIVALS = 16
+MAX_PAGES = 256
+
+
+@dataclass(frozen=True)
+class _State:
+    instructions: int
+    blocks: int
+    coverage: bytes
+    registers: dict[str, int]
+    # everything else must be equal for two states to be the same
+    same: tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class _Cycle:
+    instructions: int
+    blocks: int
+    visits: int  # arrivals at the probe address per period
+    before: bytes
+    after: bytes
+
+
+class CycleFinder:
+    """Per-run cycle search and skipping for one executor (see the module doc)."""
+
+    def __init__(self, ex: Executor) -> None:
+        self.ex = ex
+        self.next_probe: int | None = FIRST_PROBE
+        self._address: int | None = None
+        self._anchor: _State | None = None
+        self._arrivals = 0
+        self._cycle: _Cycle | None = None
+        self._regime = 0  # block entries from here on follow the periodic sequence
+        self.skipped = 0
+
+    def on_stop(self) -> None:
+        """At a stop of ours (a probe or an arrival), before the guest resumes."""
+        tracer = self.ex.tracer
+        tracer.quiet_resume()
+        if tracer.stop_hit:
+            self._arrived()
+        elif self.next_probe is not None and tracer.instructions >= self.next_probe:
+            self._probe()
+
+    def after_checkpoint(self) -> None:
+        """The watchdog let the run go on: its resume is a block entry outside the periodic
+        sequence, so a skip waits until the recent blocks have all been run since."""
+        if self._cycle is None:
+            return
+        self._regime = self.ex.tracer.blocks + 1
+        self._arm_for_skip()
+
+    def _probe(self) -> None:
+        tracer = self.ex.tracer
+        self.next_probe = 2 * tracer.instructions
+        blocks = tracer.recent_blocks()
+        if not blocks or not self._may_stop_at(blocks[-1]):
+            return
+        self._address, self._anchor, self._arrivals = blocks[-1], None, 0
+        tracer.stop_at(self._address)
+
+    def _may_stop_at(self, address: int) -> bool:
+        ex = self.ex
+        return (address not in ex.alloc_sites.addresses and address not in ex._paging_sites
+                and all(site.address != address for site in ex._bulk_sites))
+
+    def _arrived(self) -> None:
+        tracer = self.ex.tracer
+        if self._cycle is not None:
+            self._skip()
+            return
+        if self._anchor is not None and self.ex.m.registers() != self._anchor.registers:
+            # the usual case of a loop that makes progress: no need to look at memory
+            self._arrivals += 1
+            self._next_arrival()
+            return
+        state = self._capture()
+        if state is None:
+            self._drop()
+            return
+        if self._anchor is None:
+            self._anchor = state
+            self._regime = max(self._regime, state.blocks)
+            tracer.stop_at(self._address)
+            return
+        self._arrivals += 1
+        anchor = self._anchor
+        if state.same == anchor.same:
+            self._cycle = _Cycle(state.instructions - anchor.instructions,
+                                 state.blocks - anchor.blocks, self._arrivals,
+                                 anchor.coverage, state.coverage)
+            self.next_probe = None
+            self._skip()
+        else:
+            self._next_arrival()
+
+    def _next_arrival(self) -> None:
+        if self._arrivals < MAX_ARRIVALS:
+            self.ex.tracer.stop_at(self._address)
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
+        self._address, self._anchor, self._cycle = None, None, None
+        self.ex.tracer.stop_at(None)
+
+    def _arm_for_skip(self) -> None:
+        cycle, tracer = self._cycle, self.ex.tracer
+        assert cycle is not None and self._address is not None
+        missing = RING_SIZE - (tracer.blocks - self._regime)
+        periods = 1 + max(0, -(-missing // cycle.blocks)) if cycle.blocks else 1
+        tracer.stop_at(self._address, cycle.visits * periods)
+
+    def _skip(self) -> None:
+        """Move on by as many whole periods as fit before the next checkpoint."""
+        ex, cycle = self.ex, self._cycle
+        assert cycle is not None
+        tracer = ex.tracer
+        if cycle.instructions <= 0 or tracer.blocks - self._regime < RING_SIZE:
+            if cycle.instructions > 0:
+                self._arm_for_skip()
+            return
+        periods = (ex.next_checkpoint - tracer.instructions) // cycle.instructions
+        if periods > 0:
+            tracer.skip(periods * cycle.instructions, periods * cycle.blocks, periods,
+                        cycle.before, cycle.after)
+            self.skipped += periods * cycle.instructions
+
+    def _capture(self) -> _State | None:
+        ex = self.ex
+        m, tracer = ex.m, ex.tracer
+        if m.reg("cr3") & ADDR_MASK != ex.fw.pml4:
+            return None
+        # page tables the run did not use are as in the snapshot (the log clears Accessed)
+        walk = dirty_leaves(m, ex.fw.pml4, accessed_level=2)
+        if walk is None:
+            return None
+        pages = sorted(set(walk.pages).union(walk.tables))
+        if len(pages) > MAX_PAGES:
+            return None
+        memory = b"".join(m.read(page, PAGE) for page in pages)
+        context = m.uc.context_save()
+        # a saved context is a header (its first field: the size of the CPU state that ends
+        # it) with bookkeeping pointers that differ between two saves of the same state
+        base = context.context.value
+        state_size = ctypes.c_size_t.from_address(base).value
+        cpu = ctypes.string_at(base + context.size - state_size, state_size)
+        same = (cpu, tuple(pages), memory, tracer.console(), tracer.console_dropped,
+                len(tracer.port_log()), tracer.event_count, ex.services)
+        return _State(tracer.instructions, tracer.blocks, bytes(tracer.coverage()),
+                      m.registers(), same)

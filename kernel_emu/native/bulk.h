@@ -1,0 +1,310 @@
+/*
+ * Bulk memory fast path of the tracer's code hook (included by tracer.c).
+ *
+ * The guest's memset/memcpy move their bulk with `rep stosq` / `rep movsq`.
+ * With a code hook installed Unicorn runs such an instruction one iteration
+ * per translation block, hook call included: a 16 MiB memset is two million
+ * iterations, ~100 ms.  When the code hook is about to let one of the owner's
+ * bulk sites run, bulk_forward performs as many of the remaining iterations
+ * as it can prove equivalent directly on guest RAM, and leaves the guest's
+ * registers, the page tables' Accessed/Dirty bits, the instruction count, the
+ * recent blocks, the edge coverage and the dirty-page set exactly as the
+ * iterations would have.  The guest then runs the current iteration (or the
+ * final check, with rcx = 0) itself, so anything the proof does not cover
+ * (a fault, a budget stop, an unusual mapping) happens in the guest as
+ * before, at the same iteration.
+ *
+ * An iteration is taken over only if all of these hold:
+ *   - ring 0, DF clear, long mode with 4-level paging, no SMAP, PKE or LA57;
+ *   - every page it touches has a present 4 KiB translation whose tables and
+ *     frame lie in RAM (no reserved bits, no large pages), writable at every
+ *     level and non-executable for stores, so no translated code can change;
+ *   - the destination (and source) frames are contiguous in one RAM bank, and
+ *     no stored-to frame is one of the page tables used by the translation;
+ *   - for movsq, the source bytes are not written by an earlier iteration of
+ *     the same range (a forward copy onto itself is left to the guest);
+ *   - the budget leaves room for it (the count advances by one per iteration,
+ *     as the guest's own code hook calls would have).
+ * Memory hooks do not see these accesses: the owner must not install bulk
+ * sites while a memory hook watches data the routines may touch.
+ */
+
+#define PTE_P 0x1ULL
+#define PTE_W 0x2ULL
+#define PTE_U 0x4ULL
+#define PTE_A 0x20ULL
+#define PTE_D 0x40ULL
+#define PTE_PS 0x80ULL
+#define PTE_NX (1ULL << 63)
+#define PTE_FRAME 0x000FFFFFFFFFF000ULL
+/* Physical address bits the tables may not use (above any RAM we map). */
+#define PTE_HIGH_FRAME 0x000FFF0000000000ULL
+#define CR4_PAE (1ULL << 5)
+#define CR4_LA57 (1ULL << 12)
+#define CR4_SMAP (1ULL << 21)
+#define CR4_PKE (1ULL << 22)
+#define EFER_LMA (1ULL << 10)
+#define EFER_NXE (1ULL << 11)
+#define RFLAGS_DF (1ULL << 10)
+#define MSR_EFER 0xC0000080u
+#define BULK_TABLES_MAX 64
+/* Iterations examined per call (2 MiB): the scan costs a page walk per page
+ * whether or not it ends up used, so a huge rcx (a runaway copy) must not make
+ * every call walk all of RAM; a longer move takes a call per window.  Two
+ * windows' tables stay far below BULK_TABLES_MAX. */
+#define BULK_WINDOW_UNITS (1ULL << 18)
+/* After this many emulated block entries the ring holds only the site and
+ * its self-edge counter has saturated: further entries change nothing else. */
+#define BULK_BLOCKS_REPLAYED (RING_SIZE + 256)
+
+typedef struct {
+    uint64_t frames[BULK_TABLES_MAX];
+    uint32_t n;
+} TableSet;
+
+typedef struct {
+    uint32_t rid;
+    uint64_t value;
+} MsrValue;
+
+static uint8_t *bank_host(TracerState *s, uint64_t phys, uint64_t size, uint32_t *bank)
+{
+    for (uint32_t i = 0; i < s->nbanks; i++) {
+        Bank *b = &s->banks[i];
+        if (phys >= b->base && phys - b->base <= b->size && size <= b->size - (phys - b->base)) {
+            if (bank != NULL) {
+                *bank = i;
+            }
+            return b->host + (phys - b->base);
+        }
+    }
+    return NULL;
+}
+
+static int tables_add(TableSet *t, uint64_t frame)
+{
+    for (uint32_t i = 0; i < t->n; i++) {
+        if (t->frames[i] == frame) {
+            return 1;
+        }
+    }
+    if (t->n == BULK_TABLES_MAX) {
+        return 0;
+    }
+    t->frames[t->n++] = frame;
+    return 1;
+}
+
+/* The frame behind virtual page `va`, or UINT64_MAX when the fast path cannot
+ * vouch for the access.  With `mark`, sets Accessed at every level and Dirty
+ * in the leaf for a store, as QEMU's page walker does. */
+static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int store, int nxe,
+                               TableSet *tables, int mark)
+{
+    uint64_t table = cr3 & PTE_FRAME;
+    uint64_t allowed = PTE_W, nx = 0;
+    for (int level = 4; level >= 1; level--) {
+        uint64_t index = (va >> (PAGE_SHIFT + 9 * (level - 1))) & 511;
+        uint8_t *slot = bank_host(s, table + index * 8, 8, NULL);
+        if (slot == NULL || (tables != NULL && !tables_add(tables, table))) {
+            return UINT64_MAX;
+        }
+        uint64_t e;
+        memcpy(&e, slot, 8);
+        /* bit 7 is PS above the leaf level (large pages are left to the guest) and PAT,
+         * harmless here, in a leaf */
+        if (!(e & PTE_P) || ((e & PTE_PS) && level > 1) || (e & PTE_HIGH_FRAME) ||
+            ((e & PTE_NX) && !nxe)) {
+            return UINT64_MAX;
+        }
+        allowed &= e;
+        nx |= e & PTE_NX;
+        if (mark) {
+            uint64_t bits = PTE_A | (level == 1 && store ? PTE_D : 0);
+            if ((e & bits) != bits) {
+                e |= bits;
+                memcpy(slot, &e, 8);
+            }
+        }
+        table = e & PTE_FRAME;
+    }
+    if (store && (!(allowed & PTE_W) || !nx)) {
+        return UINT64_MAX;
+    }
+    return bank_host(s, table, 1ULL << PAGE_SHIFT, NULL) != NULL ? table : UINT64_MAX;
+}
+
+/* How many of `want` 8-byte units from `va` lie on pages the fast path can
+ * vouch for, physically contiguous in one bank; their first physical byte. */
+static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t want, int store,
+                          int nxe, TableSet *tables, uint64_t *phys)
+{
+    /* stay inside the canonical half that holds va: beyond it is #GP */
+    uint64_t limit;
+    if (va < (1ULL << 47)) {
+        limit = (1ULL << 47) - va;
+    } else if (va >= 0xFFFF800000000000ULL) {
+        limit = 0 - va; /* bytes to 2^64; 0 means all of them */
+        if (limit == 0) {
+            limit = UINT64_MAX;
+        }
+    } else {
+        return 0;
+    }
+    if (want > limit / 8) {
+        want = limit / 8;
+    }
+    if (want == 0) {
+        return 0;
+    }
+    uint64_t first_page = va & ~((1ULL << PAGE_SHIFT) - 1);
+    uint64_t last_page = (va + want * 8 - 1) & ~((1ULL << PAGE_SHIFT) - 1);
+    uint64_t base = bulk_translate(s, cr3, first_page, store, nxe, tables, 0);
+    uint32_t bank;
+    if (base == UINT64_MAX || bank_host(s, base, 1, &bank) == NULL) {
+        return 0;
+    }
+    uint64_t good_end = first_page + (1ULL << PAGE_SHIFT);
+    for (uint64_t page = first_page + (1ULL << PAGE_SHIFT); page != last_page + (1ULL << PAGE_SHIFT);
+         page += 1ULL << PAGE_SHIFT) {
+        uint64_t frame = bulk_translate(s, cr3, page, store, nxe, tables, 0);
+        uint32_t other;
+        if (frame != base + (page - first_page) || bank_host(s, frame, 1, &other) == NULL ||
+            other != bank) {
+            break;
+        }
+        good_end = page + (1ULL << PAGE_SHIFT);
+    }
+    *phys = base + (va - first_page);
+    uint64_t units = (good_end - va) / 8;
+    return units < want ? units : want;
+}
+
+static void bulk_mark(TracerState *s, uint64_t cr3, uint64_t va, uint64_t bytes, int store,
+                      int nxe)
+{
+    uint64_t page = va & ~((1ULL << PAGE_SHIFT) - 1);
+    uint64_t last = (va + bytes - 1) & ~((1ULL << PAGE_SHIFT) - 1);
+    for (;; page += 1ULL << PAGE_SHIFT) {
+        (void)bulk_translate(s, cr3, page, store, nxe, NULL, 1);
+        if (page == last) {
+            break;
+        }
+    }
+}
+
+static void bulk_refuse(TracerState *s, uint64_t site, uint64_t rcx, uint64_t rdi, uint64_t rsi)
+{
+    s->memo_site = site;
+    s->memo_rcx = rcx;
+    s->memo_dst_page = rdi >> PAGE_SHIFT;
+    s->memo_src_page = rsi >> PAGE_SHIFT;
+}
+
+static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int kind)
+{
+    uint64_t rcx = 0, rdi = 0, rsi = 0, rax = 0, rflags = 0, cs = 0, cr0 = 0, cr3 = 0, cr4 = 0;
+    if (!s->bulk_on || s->reg_write == NULL || s->reg_read(uc, UC_X86_REG_RCX, &rcx) != 0 ||
+        rcx == 0 || s->reg_read(uc, UC_X86_REG_RDI, &rdi) != 0 ||
+        s->reg_read(uc, UC_X86_REG_RSI, &rsi) != 0) {
+        return;
+    }
+    if (site == s->memo_site && rcx < s->memo_rcx && rdi >> PAGE_SHIFT == s->memo_dst_page &&
+        (kind == BULK_STOSQ || rsi >> PAGE_SHIFT == s->memo_src_page)) {
+        return;
+    }
+    MsrValue efer = {MSR_EFER, 0};
+    if (s->reg_read(uc, UC_X86_REG_RAX, &rax) != 0 ||
+        s->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) != 0 ||
+        s->reg_read(uc, UC_X86_REG_CS, &cs) != 0 || s->reg_read(uc, UC_X86_REG_CR0, &cr0) != 0 ||
+        s->reg_read(uc, UC_X86_REG_CR3, &cr3) != 0 || s->reg_read(uc, UC_X86_REG_CR4, &cr4) != 0 ||
+        s->reg_read(uc, UC_X86_REG_MSR, &efer) != 0) {
+        return;
+    }
+    if ((cs & 3) != 0 || (rflags & RFLAGS_DF) || !(cr0 & CR0_PG) || !(cr4 & CR4_PAE) ||
+        (cr4 & (CR4_LA57 | CR4_SMAP | CR4_PKE)) || !(efer.value & EFER_LMA)) {
+        bulk_refuse(s, site, rcx, rdi, rsi);
+        return;
+    }
+    int nxe = (efer.value & EFER_NXE) != 0;
+    uint64_t room = s->budget - s->icount; /* > 0: the code hook checked */
+    uint64_t want = rcx < room ? rcx : room;
+    want = want < BULK_WINDOW_UNITS ? want : BULK_WINDOW_UNITS;
+    TableSet tables = {.n = 0};
+    uint64_t dst = 0, src = 0;
+    uint64_t units = bulk_span(s, cr3, rdi, want, 1, nxe, &tables, &dst);
+    if (kind == BULK_MOVSQ && units > 0) {
+        uint64_t readable = bulk_span(s, cr3, rsi, units, 0, nxe, &tables, &src);
+        units = readable < units ? readable : units;
+        /* a forward copy onto a higher overlapping address reads bytes that
+         * earlier iterations wrote: only the iterations before that point */
+        if (units > 0 && dst > src && dst - src < units * 8) {
+            units = (dst - src) / 8;
+        }
+    }
+    for (uint32_t i = 0; i < tables.n && units > 0; i++) {
+        uint64_t t = tables.frames[i];
+        if (t + (1ULL << PAGE_SHIFT) > dst && t < dst + units * 8) {
+            units = t > dst ? (t - dst) / 8 : 0;
+        }
+    }
+    if (units == 0) {
+        bulk_refuse(s, site, rcx, rdi, rsi);
+        return;
+    }
+    uint64_t bytes = units * 8;
+    uint8_t *to = bank_host(s, dst, bytes, NULL);
+    if (kind == BULK_MOVSQ) {
+        /* dst <= src or disjoint: memmove equals the forward qword copy */
+        memmove(to, bank_host(s, src, bytes, NULL), (size_t)bytes);
+        bulk_mark(s, cr3, rsi, bytes, 0, nxe);
+    } else {
+        uint8_t pattern[8];
+        for (int i = 0; i < 8; i++) {
+            pattern[i] = (uint8_t)(rax >> (8 * i));
+        }
+        if (rax == (rax & 0xff) * 0x0101010101010101ULL) {
+            memset(to, pattern[0], (size_t)bytes);
+        } else {
+            for (uint64_t i = 0; i < bytes; i += 8) {
+                memcpy(to + i, pattern, 8);
+            }
+        }
+    }
+    bulk_mark(s, cr3, rdi, bytes, 1, nxe);
+    /* the write hook's view, for owners that track writes with it */
+    if (s->nregions > 0) {
+        for (uint64_t page = dst >> PAGE_SHIFT; page <= (dst + bytes - 1) >> PAGE_SHIFT; page++) {
+            mark_page(s, page);
+        }
+        /* the write hook would have seen each page-crossing store once */
+        if (rdi & 7) {
+            uint64_t crossings = ((rdi + bytes - 1) >> PAGE_SHIFT) - (rdi >> PAGE_SHIFT);
+            if (crossings > 0) {
+                if (s->identity_cr3 != 0 && (cr3 & ~0xfffULL) == s->identity_cr3) {
+                    s->identity_crossings += crossings;
+                } else {
+                    s->unknown = 1;
+                }
+            }
+        }
+    }
+    uint64_t left = rcx - units, new_rdi = rdi + bytes, new_rsi = rsi + bytes;
+    if (s->reg_write(uc, UC_X86_REG_RCX, &left) != 0 ||
+        s->reg_write(uc, UC_X86_REG_RDI, &new_rdi) != 0 ||
+        (kind == BULK_MOVSQ && s->reg_write(uc, UC_X86_REG_RSI, &new_rsi) != 0)) {
+        /* cannot happen for these registers; poison the dirty set rather
+         * than leave a run that no longer matches its count */
+        s->unknown = 1;
+        return;
+    }
+    s->icount += units;
+    s->bulk_units += units;
+    /* each iteration the guest would have run re-enters the instruction as a
+     * block of its own */
+    uint64_t replay = units < BULK_BLOCKS_REPLAYED ? units : BULK_BLOCKS_REPLAYED;
+    for (uint64_t i = 0; i < replay; i++) {
+        record_block(s, site);
+    }
+    s->ring_pos += units - replay;
+}

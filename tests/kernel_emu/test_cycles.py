@@ -1,0 +1,112 @@
+"""Exact cycles skipped by whole periods change nothing but speed: every run gives the same
+Result, count, watchdog stop, recent blocks, coverage and console with skipping on and off."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from fuzz.harness import WATCHDOG
+from fuzz.mutator import ElfMutator
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from kernel_emu.tracing import MAP_SIZE
+from tests.elfs import build_elf
+from tests.reproducers import REPRODUCERS
+
+SEEDS = sorted((Path(__file__).parents[2] / "corpus" / "seeds").glob("*.elf"))
+KERNELS = ("seed", "fixed")
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, tuple[Executor, Executor]]:
+    """Per kernel: (cycle skipping on, off), both as the fuzzer runs them."""
+    return {k: (Executor(load_profile(k), coverage=True, watchdog=WATCHDOG),
+                Executor(load_profile(k), coverage=True, watchdog=WATCHDOG,
+                         skip_cycles=False)) for k in KERNELS}
+
+
+@pytest.fixture(scope="module")
+def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
+
+
+def _observe(ex: Executor, data: bytes) -> tuple[object, ...]:
+    result = ex.run(data)
+    return (result.comparable(), result.instructions, ex.stalled_at, ex.tracer.recent_blocks(),
+            bytes(ex.tracer.coverage()), ex.console(), ex.tracer.instructions)
+
+
+def _same(pair: tuple[Executor, Executor], data: bytes) -> int:
+    on, off = pair
+    assert _observe(on, data) == _observe(off, data)
+    assert off.skipped_instructions == 0
+    return on.skipped_instructions
+
+
+def _hang(base_elf: bytes) -> bytes:
+    return next(r for r in REPRODUCERS if r.bug == "RX-06").make(base_elf)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bug_reproducers_and_seeds(pairs: dict[str, tuple[Executor, Executor]],
+                                   base_elf: bytes, kernel: str) -> None:
+    for data in [*(r.make(base_elf) for r in REPRODUCERS), *(p.read_bytes() for p in SEEDS)]:
+        _same(pairs[kernel], data)
+
+
+def test_the_endless_loop_is_skipped(pairs: dict[str, tuple[Executor, Executor]],
+                                     base_elf: bytes) -> None:
+    on, _ = pairs["seed"]
+    assert _same(pairs["seed"], _hang(base_elf)) > WATCHDOG
+    assert on.stalled_at == 2 * WATCHDOG
+    assert on.run(_hang(base_elf)).crash_class == "hang"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mutated_inputs(pairs: dict[str, tuple[Executor, Executor]], base_elf: bytes,
+                        kernel: str) -> None:
+    """Mutants of the seeds and of the endless loop (many of them loop differently)."""
+    starts = [p.read_bytes() for p in SEEDS] + [_hang(base_elf)] * 8
+    mutator = ElfMutator(None, seed=5)
+    rng = random.Random(5)
+    skipped = 0
+    for _ in range(600):
+        data = mutator.mutate(rng.choice(starts), 16384, rng.randrange(1 << 32))
+        skipped += _same(pairs[kernel], data) > 0
+    assert kernel == "fixed" or skipped > 0
+
+
+def test_full_boots_are_not_skipped(base_elf: bytes) -> None:
+    """The cycle search is only for snapshot runs (their Dirty-bit log names the written
+    pages); a full boot runs every instruction, as before."""
+    profile = load_profile("seed")
+    full = Executor(profile, snapshot=False, watchdog=WATCHDOG)
+    plain = Executor(profile, snapshot=False, watchdog=WATCHDOG, skip_cycles=False)
+    data = _hang(base_elf)
+    assert full.run(data).comparable() == plain.run(data).comparable()
+    assert full.stalled_at == plain.stalled_at > 0
+    assert full.skipped_instructions == 0
+
+
+def test_pure_python_tracer_agrees(base_elf: bytes) -> None:
+    profile = load_profile("seed")
+    native = Executor(profile, coverage=True, watchdog=WATCHDOG)
+    python = Executor(profile, coverage=True, watchdog=WATCHDOG, native=False)
+    data = _hang(base_elf)
+    assert _observe(native, data) == _observe(python, data)
+    assert python.skipped_instructions > 0
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_skip_refuses_what_it_cannot_account_for(native: bool) -> None:
+    ex = Executor(load_profile("seed"), native=native, coverage=True)
+    tracer = ex.tracer
+    tracer.reset(1000)
+    zeros = bytes(MAP_SIZE)
+    with pytest.raises(ValueError):
+        tracer.skip(10, 1, 1, zeros, zeros)  # the recent blocks are not full yet
+    with pytest.raises(ValueError):
+        tracer.skip(10, 1, 1, zeros, zeros[:-1])

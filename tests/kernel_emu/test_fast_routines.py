@@ -1,0 +1,199 @@
+"""The native fast path of the guest's memset/memcpy bulk moves changes nothing but speed:
+every run gives the same Result, instruction count, watchdog stop, recent blocks, coverage and
+RAM with it as without it (and as the pure-Python tracer, which never takes it)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from fuzz.harness import WATCHDOG
+from fuzz.mutator import ElfMutator
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from tests.elfs import build_elf
+from tests.kernel_emu.test_dirtylog import _differences
+from tests.reproducers import REPRODUCERS, loads, set_phdr
+
+ROOT = Path(__file__).parents[2]
+SEEDS = sorted((ROOT / "corpus" / "seeds").glob("*.elf"))
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.elf"))
+KERNELS = ("seed", "fixed")
+MUTATED = 2000
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, tuple[Executor, Executor]]:
+    """Per kernel: (fast path on, off), both with the fuzzer's watchdog and coverage."""
+    return {k: (Executor(load_profile(k), coverage=True, watchdog=WATCHDOG),
+                Executor(load_profile(k), coverage=True, watchdog=WATCHDOG,
+                         fast_routines=False)) for k in KERNELS}
+
+
+@pytest.fixture(scope="module")
+def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
+
+
+def _observe(ex: Executor, data: bytes) -> tuple[object, ...]:
+    result = ex.run(data)
+    return (result.comparable(), result.instructions, ex.stalled_at, ex.tracer.recent_blocks(),
+            bytes(ex.tracer.coverage()), ex.console())
+
+
+def _same(pair: tuple[Executor, Executor], data: bytes) -> int:
+    """Assert both executors agree on `data`; the iterations the fast one took over."""
+    fast, slow = pair
+    assert _observe(fast, data) == _observe(slow, data)
+    assert slow.fast_units == 0
+    return fast.fast_units
+
+
+def _ram(ex: Executor) -> list[bytes]:
+    return [bytes(bank.buffer) for bank in ex.m.banks]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rep", REPRODUCERS, ids=lambda r: r.bug)
+def test_bug_reproducers(pairs: dict[str, tuple[Executor, Executor]], base_elf: bytes,
+                         kernel: str, rep) -> None:
+    data = rep.make(base_elf)
+    _same(pairs[kernel], data)
+    fast, slow = pairs[kernel]
+    assert _ram(fast) == _ram(slow)  # the state the run left, before any restore
+
+
+def test_the_heap_filling_trigger_is_fast_forwarded(pairs: dict[str, tuple[Executor, Executor]],
+                                                    base_elf: bytes) -> None:
+    rep = next(r for r in REPRODUCERS if r.bug == "RX-01")
+    assert _same(pairs["seed"], rep.make(base_elf)) > 1_000_000
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_seeds_and_regressions(pairs: dict[str, tuple[Executor, Executor]], kernel: str) -> None:
+    assert SEEDS and REGRESSIONS
+    units = sum(_same(pairs[kernel], path.read_bytes()) for path in SEEDS + REGRESSIONS)
+    assert units > 0
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mutated_inputs(pairs: dict[str, tuple[Executor, Executor]], kernel: str) -> None:
+    seeds = [p.read_bytes() for p in SEEDS]
+    mutator = ElfMutator(None, seed=11)
+    rng = random.Random(11)
+    taken = 0
+    for _ in range(MUTATED // len(KERNELS)):
+        data = mutator.mutate(rng.choice(seeds), 16384, rng.randrange(1 << 32))
+        if rng.random() < 0.1:
+            data = rng.randbytes(rng.randrange(1, 4096))
+        taken += _same(pairs[kernel], data) > 0
+    assert taken > 0
+
+
+def _runaway_copy(elf: bytes) -> bytes:
+    """filesz just under 2**64 with offset 0x10: the seed's wrapping file-range check passes
+    and memcpy copies from bin/init on towards the end of the ramdisk, where the source runs
+    out of mapped memory: a page fault far inside a fast-forwarded range."""
+    i = loads(elf)[0]
+    return set_phdr(elf, i, offset=0x10, vaddr=0x400010, align=8, filesz=(1 << 64) - 0x8,
+                    memsz=0x1000)
+
+
+def test_a_fault_inside_a_fast_forwarded_range(pairs: dict[str, tuple[Executor, Executor]],
+                                               base_elf: bytes) -> None:
+    data = _runaway_copy(base_elf)
+    fast, slow = pairs["seed"]
+    assert _same(pairs["seed"], data) > 100_000
+    result = fast.run(data)
+    assert result.verdict == "crash" and "memcpy" in (result.signature or "")
+    slow.run(data)
+    assert fast.obs.fault is not None and slow.obs.fault is not None
+    assert fast.obs.fault.vector == 14 and fast.obs.fault.cr2 == 0x1_0100_0000  # ramdisk end
+    assert (fast.obs.fault.cr2, fast.obs.fault.pc) == (slow.obs.fault.cr2, slow.obs.fault.pc)
+    assert _ram(fast) == _ram(slow)
+
+
+def test_budget_stop_inside_a_bulk_move(base_elf: bytes) -> None:
+    """A budget that ends in the middle of a fast-forwarded memset stops at the same
+    iteration, with the same registers, as the guest's own run."""
+    rep = next(r for r in REPRODUCERS if r.bug == "RX-01")
+    data = rep.make(base_elf)
+    profile = load_profile("seed")
+    full = Executor(profile, fast_routines=False).run(data).instructions
+    budget = full - 1_000_000  # inside the 16 MiB buffer's zeroing or copy
+    fast = Executor(profile, budget=budget)
+    slow = Executor(profile, budget=budget, fast_routines=False)
+    assert _observe(fast, data) == _observe(slow, data)
+    assert fast.fast_units > 0
+    assert fast.tracer.budget_exhausted
+    assert fast.m.reg("rip") in {site.address for site in fast._bulk_sites}
+    assert fast.m.registers() == slow.m.registers()
+
+
+def test_snapshot_runs_equal_full_boots(base_elf: bytes) -> None:
+    profile = load_profile("seed")
+    snap = Executor(profile)
+    full = Executor(profile, snapshot=False)
+    for rep in REPRODUCERS:
+        data = rep.make(base_elf)
+        assert snap.run(data).comparable() == full.run(data).comparable(), rep.bug
+    assert full.fast_units > 0
+
+
+def test_pure_python_tracer_agrees(base_elf: bytes) -> None:
+    profile = load_profile("seed")
+    native = Executor(profile, budget=20_000_000)
+    python = Executor(profile, native=False, budget=20_000_000)
+    data = _runaway_copy(base_elf)[:0x2000]
+    for sample in (base_elf, data):
+        a, b = native.run(sample), python.run(sample)
+        assert a.comparable() == b.comparable()
+        assert a.instructions == b.instructions
+    assert python.fast_units == 0
+
+
+def _restore_noting_pages(ex: Executor) -> list[tuple[int, int]] | None:
+    """Restore `ex`; the (bank, page) list it restored (None: everything)."""
+    pages = ex._written_pages()  # consumes what the run left: hand it to the restore
+    ex._written_pages = lambda: pages  # type: ignore[method-assign]
+    try:
+        ex._restore()
+    finally:
+        del ex._written_pages
+    return pages
+
+
+@pytest.mark.parametrize("track_writes", [False, True], ids=["dirty-bits", "write-hook"])
+def test_ram_is_restored_byte_for_byte(monkeypatch: pytest.MonkeyPatch, base_elf: bytes,
+                                      track_writes: bool) -> None:
+    """The restore after a fast-forwarded run finds the same written pages and leaves RAM as
+    after the guest's own run: exactly the snapshot with the Dirty-bit log. (With the write
+    hook, a few pages keep page-table bits the CPU set behind the hook, fast path or not.)"""
+    if track_writes:  # the fallback when page-table Dirty bits cannot be used
+        monkeypatch.setattr(Executor, "_page_table_log", lambda self: None)
+    profile = load_profile("seed")
+    fast, slow = Executor(profile), Executor(profile, fast_routines=False)
+    assert (fast._log is None) == track_writes
+    units = 0
+    for data in [*(r.make(base_elf) for r in REPRODUCERS), _runaway_copy(base_elf)]:
+        fast.run(data)
+        slow.run(data)
+        units += fast.fast_units
+        pages = [_restore_noting_pages(ex) for ex in (fast, slow)]
+        assert pages[0] == pages[1]
+        assert _ram(fast) == _ram(slow)
+        if not track_writes:
+            assert _differences(fast) == []
+    assert units > 0
+
+
+def test_bulk_sites_come_from_the_image_symbols() -> None:
+    ex = Executor(load_profile("seed"))
+    kinds = {site.kind for site in ex._bulk_sites}
+    assert kinds == {"stosq", "movsq"}
+    for site in ex._bulk_sites:
+        assert any(lo <= site.address < hi for lo, hi in ex._bulk_ranges)
+    assert Executor(load_profile("seed"), fast_routines=False)._bulk_sites == []
+
