@@ -21,7 +21,11 @@ from tests.workers.conftest import _free_port
 
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import (
+        NoAlertPresentException,
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -108,11 +112,14 @@ def test_overview_updates_live(browser: Any, base_url: str, farm_data: FarmData)
     # htmx polls the overview's fragment: a new worker shows without a reload
     farm_data.store.heartbeat("w2@test", {"task": "triage"})
     try:
-        WebDriverWait(browser, 12, poll_frequency=0.5).until(
-            lambda d: d.find_element(By.ID, "workers-alive").text == "2")
+        # the fragment may be swapped between finding an element and reading it
+        WebDriverWait(browser, 12, poll_frequency=0.5,
+                      ignored_exceptions=[NoSuchElementException,
+                                          StaleElementReferenceException]).until(
+            lambda d: d.find_element(By.ID, "workers-alive").text == "2"
+            and "w2@test" in d.find_element(By.ID, "workers").text)
     finally:
         farm_data.store.r.hdel("ff:workers", "w2@test")
-    assert "w2@test" in browser.find_element(By.ID, "workers").text
 
 
 def test_buckets_page(browser: Any, base_url: str, farm_data: FarmData) -> None:
