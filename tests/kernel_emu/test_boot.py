@@ -19,11 +19,6 @@ def executors() -> dict[str, Executor]:
     return {k: Executor(load_profile(k)) for k in ("seed", "fixed")}
 
 
-@pytest.fixture(scope="module")
-def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
-
-
 @pytest.mark.parametrize("kernel", ["seed", "fixed"])
 @pytest.mark.parametrize("loads", [1, 2, 3, 4])
 def test_gcc_elf_loads_as_readelf_says(executors: dict[str, Executor], tmp_path: Path,

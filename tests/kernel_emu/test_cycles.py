@@ -13,35 +13,21 @@ from fuzz.mutator import ElfMutator
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 from kernel_emu.tracing import MAP_SIZE
-from tests.elfs import build_elf
+from tests.kernel_emu.speedups import KERNELS, executor_pairs, observe
 from tests.reproducers import REPRODUCERS
 
 SEEDS = sorted((Path(__file__).parents[2] / "corpus" / "seeds").glob("*.elf"))
-KERNELS = ("seed", "fixed")
 
 
 @pytest.fixture(scope="module")
 def pairs() -> dict[str, tuple[Executor, Executor]]:
-    """Per kernel: (cycle skipping on, off), both as the fuzzer runs them."""
-    return {k: (Executor(load_profile(k), coverage=True, watchdog=WATCHDOG),
-                Executor(load_profile(k), coverage=True, watchdog=WATCHDOG,
-                         skip_cycles=False)) for k in KERNELS}
-
-
-@pytest.fixture(scope="module")
-def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
-
-
-def _observe(ex: Executor, data: bytes) -> tuple[object, ...]:
-    result = ex.run(data)
-    return (result.comparable(), result.instructions, ex.stalled_at, ex.tracer.recent_blocks(),
-            bytes(ex.tracer.coverage()), ex.console(), ex.tracer.instructions)
+    """Per kernel: (cycle skipping on, off)."""
+    return executor_pairs(skip_cycles=False)
 
 
 def _same(pair: tuple[Executor, Executor], data: bytes) -> int:
     on, off = pair
-    assert _observe(on, data) == _observe(off, data)
+    assert observe(on, data) == observe(off, data)
     assert off.skipped_instructions == 0
     return on.skipped_instructions
 
@@ -96,7 +82,7 @@ def test_pure_python_tracer_agrees(base_elf: bytes) -> None:
     native = Executor(profile, coverage=True, watchdog=WATCHDOG)
     python = Executor(profile, coverage=True, watchdog=WATCHDOG, native=False)
     data = _hang(base_elf)
-    assert _observe(native, data) == _observe(python, data)
+    assert observe(native, data) == observe(python, data)
     assert python.skipped_instructions > 0
 
 

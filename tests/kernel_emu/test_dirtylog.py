@@ -11,13 +11,7 @@ from kernel_emu.dirtylog import D, dirty_leaves_python, paging_sites
 from kernel_emu.executor import ZERO_PAGE, Executor
 from kernel_emu.machine import PAGE
 from kernel_emu.profile import load_profile
-from tests.elfs import build_elf
 from tests.reproducers import REPRODUCERS
-
-
-@pytest.fixture(scope="module")
-def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -9,44 +9,29 @@ from pathlib import Path
 
 import pytest
 
-from fuzz.harness import WATCHDOG
 from fuzz.mutator import ElfMutator
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
-from tests.elfs import build_elf
+from tests.kernel_emu.speedups import KERNELS, executor_pairs, observe
 from tests.kernel_emu.test_dirtylog import _differences
 from tests.reproducers import REPRODUCERS, loads, set_phdr
 
 ROOT = Path(__file__).parents[2]
 SEEDS = sorted((ROOT / "corpus" / "seeds").glob("*.elf"))
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.elf"))
-KERNELS = ("seed", "fixed")
 MUTATED = 2000
 
 
 @pytest.fixture(scope="module")
 def pairs() -> dict[str, tuple[Executor, Executor]]:
-    """Per kernel: (fast path on, off), both with the fuzzer's watchdog and coverage."""
-    return {k: (Executor(load_profile(k), coverage=True, watchdog=WATCHDOG),
-                Executor(load_profile(k), coverage=True, watchdog=WATCHDOG,
-                         fast_routines=False)) for k in KERNELS}
-
-
-@pytest.fixture(scope="module")
-def base_elf(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return build_elf(tmp_path_factory.mktemp("elf"), loads=3).read_bytes()
-
-
-def _observe(ex: Executor, data: bytes) -> tuple[object, ...]:
-    result = ex.run(data)
-    return (result.comparable(), result.instructions, ex.stalled_at, ex.tracer.recent_blocks(),
-            bytes(ex.tracer.coverage()), ex.console())
+    """Per kernel: (fast path on, off)."""
+    return executor_pairs(fast_routines=False)
 
 
 def _same(pair: tuple[Executor, Executor], data: bytes) -> int:
     """Assert both executors agree on `data`; the iterations the fast one took over."""
     fast, slow = pair
-    assert _observe(fast, data) == _observe(slow, data)
+    assert observe(fast, data) == observe(slow, data)
     assert slow.fast_units == 0
     return fast.fast_units
 
@@ -125,7 +110,7 @@ def test_budget_stop_inside_a_bulk_move(base_elf: bytes) -> None:
     budget = full - 1_000_000  # inside the 16 MiB buffer's zeroing or copy
     fast = Executor(profile, budget=budget)
     slow = Executor(profile, budget=budget, fast_routines=False)
-    assert _observe(fast, data) == _observe(slow, data)
+    assert observe(fast, data) == observe(slow, data)
     assert fast.fast_units > 0
     assert fast.tracer.budget_exhausted
     assert fast.m.reg("rip") in {site.address for site in fast._bulk_sites}
