@@ -232,9 +232,12 @@ class FarmStore:
         key = P + "corpus:" + kernel
         with self.r.pipeline(transaction=False) as p:
             p.zrevrange(key, 0, recent - 1)
-            p.zrandmember(key, sampled)
+            # as many as both parts: enough left to pick `sampled` outside the newest
+            p.zrandmember(key, recent + sampled)
             newest, random_ones = p.execute()
-        return {_s(m) for m in [*newest, *(random_ones or [])]}
+        chosen = {_s(m) for m in newest}
+        others = [m for m in dict.fromkeys(_s(m) for m in random_ones or []) if m not in chosen]
+        return chosen | set(others[:sampled])
 
     def corpus_add(self, kernel: str, inputs: list[bytes]) -> int:
         """Add inputs to the shared corpus in three commands, whatever their number."""

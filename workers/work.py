@@ -140,8 +140,9 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
                          float(info["seconds"]), cid)
         # libFuzzer names corpus files by sha1; slow inputs are kept out of the shared corpus
         slow = set(stats.slow_inputs) if stats else set()
-        fresh = [data for data in (p.read_bytes() for p in (work / "corpus").iterdir()
-                                   if p.is_file())
+        # a job stopped as it started may have written no corpus at all
+        queue = sorted((work / "corpus").iterdir()) if (work / "corpus").is_dir() else []
+        fresh = [data for data in (p.read_bytes() for p in queue if p.is_file())
                  if sha256(data) not in shared and sha256(data) not in slow]
         store.corpus_add(kernel, fresh)
         for data in fresh:
