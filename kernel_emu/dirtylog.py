@@ -82,6 +82,17 @@ def dirty_leaves(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
     return dirty_leaves_python(m, root, accessed_level)
 
 
+def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
+    """``len(dirty_leaves(...).pages)``, without building the lists when the native walker is
+    built (the watchdog asks this at every checkpoint of a run that loads megabytes)."""
+    if _walk is not None:
+        low = m.banks[0]
+        return _walk.dirty_count(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+                                 MAX_TABLES)
+    walk = dirty_leaves_python(m, root, accessed_level)
+    return None if walk is None else len(walk.pages)
+
+
 class _GiveUp(Exception):
     pass
 

@@ -20,7 +20,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
-from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_leaves
+from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.firmware import (
@@ -465,10 +465,9 @@ class Executor:
             return bool(fresh)
         # the log clears Accessed in the page directories: tables not used since hold no
         # Dirty leaf, and skipping them makes a checkpoint ~10x cheaper
-        walk = dirty_leaves(self.m, self.fw.pml4, accessed_level=2)
-        if walk is None:
+        count = dirty_count(self.m, self.fw.pml4, accessed_level=2)
+        if count is None:
             return True  # the scan gave up: no verdict, so no early stop
-        count = len(walk.pages)
         fresh = count > self._dirty_count
         self._dirty_count = count
         return fresh

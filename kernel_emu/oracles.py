@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import capstone
 
@@ -179,12 +179,23 @@ def _segment_findings(ex: Executor, log: KernelLog, expected: list[dict[str, int
 def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
                          expected: list[dict[str, int]], frames: list[str],
                          kstack_base: int | None) -> list[Finding]:
-    """Walk the page tables the kernel is about to enter ring 3 with."""
+    """Walk the page tables the kernel is about to enter ring 3 with. The walk comes as runs
+    of consecutive pages (a 16 MiB segment is one run, not 4096 mappings); every check below
+    finds the first page of a run it applies to, so the findings name the same page as a
+    page-by-page scan would."""
     m, prof = ex.m, ex.profile
     cr3 = m.reg("cr3")
     tables: set[int] = set()
-    mappings = pagewalk.walk_user(m, cr3, tables)
-    user_pages = {mp.vaddr: mp for mp in mappings if mp.size == PAGE}
+    runs = pagewalk.walk_user(m, cr3, tables, runs=True)
+    small = [r for r in runs if r.size == PAGE]
+    starts = [r.vaddr for r in small]
+
+    def user_page(page: int) -> pagewalk.Mapping | None:
+        i = bisect.bisect_right(starts, page) - 1
+        if i >= 0 and page < small[i].end:
+            return small[i].leaf((page - small[i].vaddr) // PAGE)
+        return pagewalk.translate(m, cr3, page)
+
     out: list[Finding] = []
     covered: list[tuple[int, int]] = []
     page_flags = _shared_page_flags(expected)
@@ -197,7 +208,7 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
             continue
         covered.append((first, last))
         for page in (first, last):
-            mp = user_pages.get(page) or pagewalk.translate(m, cr3, page)
+            mp = user_page(page)
             if mp is None or not mp.user:
                 out.append(Finding("vaddr-corruption",
                                    [f"segment {i}: ELF says vaddr {seg['vaddr']:#x}, but page "
@@ -222,35 +233,92 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     if kstack_base:
         kernel_phys.append((kstack_base - PAGE, kstack_base + prof.kernel.stack_size,
                             "kernel stack"))
-    for mp in mappings:
-        if mp.vaddr >= prof.kernel.user_top:
-            out.append(Finding("kernel-mapping",
-                               [f"user page {mp.vaddr:#x} is mapped in the upper (kernel) half "
-                                f"of the address space"], frames=frames, field="mapping.upper"))
-            break
-        hit = next((n for lo, hi, n in kernel_phys if lo < mp.paddr + mp.size and mp.paddr < hi),
-                   None)
-        if hit is None and (mp.paddr in tables if mp.size == PAGE else
-                            any(mp.paddr <= t < mp.paddr + mp.size for t in tables)):
-            hit = "a page table of this address space"
-        if hit is not None:
-            out.append(Finding("kernel-mapping",
-                               [f"user page {mp.vaddr:#x} maps physical {mp.paddr:#x}, "
-                                f"which is {hit}"], frames=frames, field="mapping.kernel"))
-            break
+    bad = _first_bad_mapping(runs, prof.kernel.user_top, kernel_phys, sorted(tables))
+    if bad is not None:
+        out.append(bad.finding(frames))
     if not any(f.cls == "vaddr-corruption" for f in out):
         merged = _merge(covered)
-        for mp in mappings:
-            near_stack = stack_top is not None and \
-                stack_top - USER_STACK_PAGES * PAGE <= mp.vaddr <= stack_top
-            inside = _covers(merged, mp.vaddr)
-            if not inside and not near_stack and mp.vaddr < prof.kernel.user_top:
+        stack = None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top)
+        for run in runs:
+            vaddr = _first_uncovered(run, merged, stack, prof.kernel.user_top)
+            if vaddr is not None:
                 out.append(Finding("vaddr-corruption",
-                                   [f"user page {mp.vaddr:#x} is mapped but no program header "
+                                   [f"user page {vaddr:#x} is mapped but no program header "
                                     f"covers it"], frames=frames, field="segments.extra"))
                 break
     out += _entry_findings(ex, cr3, frames)
     return out
+
+
+class _BadMapping(NamedTuple):
+    vaddr: int
+    paddr: int
+    what: str | None  # None: in the upper half
+
+    def finding(self, frames: list[str]) -> Finding:
+        if self.what is None:
+            return Finding("kernel-mapping",
+                           [f"user page {self.vaddr:#x} is mapped in the upper (kernel) half "
+                            f"of the address space"], frames=frames, field="mapping.upper")
+        return Finding("kernel-mapping",
+                       [f"user page {self.vaddr:#x} maps physical {self.paddr:#x}, which is "
+                        f"{self.what}"], frames=frames, field="mapping.kernel")
+
+
+def _first_bad_mapping(runs: list[pagewalk.Mapping], user_top: int,
+                       kernel_phys: list[tuple[int, int, str]],
+                       tables: list[int]) -> _BadMapping | None:
+    """The first leaf, in walk order, that lies in the upper half or maps kernel memory or
+    a page table of this address space (`tables`: sorted)."""
+    for run in runs:
+        size, n = run.size, run.count
+        # leaves by physical order: leaf j maps [low + j*size, +size); walk order is the same
+        # or, for a descending run, the reverse
+        low = run.paddr - (n - 1) * size if run.descending else run.paddr
+        spans = [_overlap(low, size, n, lo, hi) for lo, hi, _ in kernel_phys]
+        t = bisect.bisect_left(tables, low)
+        inside = tables[t:bisect.bisect_left(tables, low + n * size)]
+        if inside:
+            first, last = (inside[0] - low) // size, (inside[-1] - low) // size
+            spans.append((first, last))
+        firsts = [n - 1 - span[1] if run.descending else span[0] for span in spans if span]
+        k = max(0, -(-(user_top - run.vaddr) // size))  # ceiling division
+        if k < n:
+            firsts.append(k)
+        if not firsts:
+            continue
+        leaf = run.leaf(min(firsts))
+        if leaf.vaddr >= user_top:
+            return _BadMapping(leaf.vaddr, leaf.paddr, None)
+        what = next((name for lo, hi, name in kernel_phys
+                     if lo < leaf.paddr + size and leaf.paddr < hi),
+                    "a page table of this address space")
+        return _BadMapping(leaf.vaddr, leaf.paddr, what)
+    return None
+
+
+def _overlap(low: int, size: int, n: int, lo: int, hi: int) -> tuple[int, int] | None:
+    """The first and last j < n for which [low + j*size, +size) overlaps [lo, hi)."""
+    first = 0 if low + size > lo else (lo - low - size) // size + 1
+    last = min(n - 1, -(-(hi - low) // size) - 1)
+    return (first, last) if first <= last else None
+
+
+def _first_uncovered(run: pagewalk.Mapping, merged: list[tuple[int, int]],
+                     stack: tuple[int, int] | None, user_top: int) -> int | None:
+    """The first leaf address of `run` below `user_top` that no program header covers and
+    that is not near the user stack; each step jumps past a covered span."""
+    size, vaddr = run.size, run.vaddr
+    while vaddr < run.end and vaddr < user_top:
+        i = bisect.bisect_right(merged, (vaddr, 1 << 65)) - 1
+        if i >= 0 and merged[i][0] <= vaddr <= merged[i][1]:
+            past = merged[i][1]
+        elif stack is not None and stack[0] <= vaddr <= stack[1]:
+            past = stack[1]
+        else:
+            return vaddr
+        vaddr += (past - vaddr) // size * size + size  # the first leaf after `past`
+    return None
 
 
 def _shared_page_flags(expected: list[dict[str, int]]) -> dict[int, int]:
@@ -277,11 +345,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((lo, hi))
     return out
-
-
-def _covers(merged: list[tuple[int, int]], page: int) -> bool:
-    i = bisect.bisect_right(merged, (page, 1 << 65)) - 1
-    return i >= 0 and merged[i][0] <= page <= merged[i][1]
 
 
 def _entry_findings(ex: Executor, cr3: int, frames: list[str]) -> list[Finding]:

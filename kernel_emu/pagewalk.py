@@ -22,12 +22,29 @@ _USER_PRESENT = bytes(int(b & (P | U) == P | U) for b in range(256))
 
 # NamedTuples: built for every input, several times cheaper than frozen dataclasses
 class Mapping(NamedTuple):
+    """`count` leaves of `size` bytes from `vaddr` with the same rights, consecutive in
+    virtual memory; in physical memory each leaf follows the one before, or with
+    `descending` precedes it (count > 1 only from ``walk_user(..., runs=True)``)."""
+
     vaddr: int
     paddr: int
     size: int
     writable: bool
     user: bool
     executable: bool
+    count: int = 1
+    descending: bool = False
+
+    @property
+    def end(self) -> int:
+        """The first virtual address after the run."""
+        return self.vaddr + self.size * self.count
+
+    def leaf(self, k: int) -> Mapping:
+        """The k-th leaf of the run."""
+        step = k * self.size
+        return self._replace(vaddr=self.vaddr + step, count=1, descending=False,
+                             paddr=self.paddr - step if self.descending else self.paddr + step)
 
 
 def canonical(vaddr: int) -> int:
@@ -55,19 +72,41 @@ def _user_entries(m: Machine, table: int) -> list[tuple[int, int]]:
     return out
 
 
-def walk_user(m: Machine, cr3: int, tables: set[int] | None = None) -> list[Mapping]:
+def walk_user(m: Machine, cr3: int, tables: set[int] | None = None, *,
+              runs: bool = False) -> list[Mapping]:
     """Every leaf user mode can reach, with permissions combined over the levels (W needs all
     levels, NX on any level forbids execution). Subtrees without USER are skipped: nothing
-    under them is user-accessible. The tables visited are added to `tables` when given."""
+    under them is user-accessible. The tables visited are added to `tables` when given.
+    With `runs`, consecutive 4 KiB leaves come merged (see :func:`coalesce`)."""
     if _walk is not None:
         low = m.banks[0]
-        native = _walk.user_leaves(low.buffer, low.base, cr3, MAX_LEAVES)
+        native = _walk.user_leaves(low.buffer, low.base, cr3, MAX_LEAVES, runs)
         if native is not None:
             leaves, visited = native
             if tables is not None:
                 tables.update(visited)
-            return [Mapping(v, p, size, w, True, x) for v, p, size, w, x in leaves]
-    return walk_user_python(m, cr3, tables)
+            return [Mapping(v, p, size, w, True, x, n, d) for v, p, size, w, x, n, d in leaves]
+    leaves = walk_user_python(m, cr3, tables)
+    return coalesce(leaves) if runs else leaves
+
+
+def coalesce(leaves: list[Mapping]) -> list[Mapping]:
+    """Merge each 4 KiB leaf into the run before it when it follows that run in virtual
+    memory with the same rights and its frame is the next one up (or, in a descending run,
+    down); larger leaves stay alone."""
+    out: list[Mapping] = []
+    for leaf in leaves:
+        last = out[-1] if out else None
+        if (last is not None and leaf.size == PAGE and last.size == PAGE
+                and leaf.vaddr == last.end
+                and (leaf.writable, leaf.executable) == (last.writable, last.executable)):
+            up = leaf.paddr == last.paddr + PAGE * last.count
+            down = leaf.paddr == last.paddr - PAGE * last.count
+            if (up or down) if last.count == 1 else (down if last.descending else up):
+                out[-1] = last._replace(count=last.count + 1, descending=down)
+                continue
+        out.append(leaf)
+    return out
 
 
 def walk_user_python(m: Machine, cr3: int, tables: set[int] | None = None) -> list[Mapping]:

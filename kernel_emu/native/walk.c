@@ -5,10 +5,16 @@
  * execution. This is the same walk as kernel_emu.pagewalk.walk_user, reading the guest's
  * RAM straight from the host buffer that backs it.
  *
- * user_leaves(ram, base, cr3, max_leaves) -> (leaves, tables) | None
+ * user_leaves(ram, base, cr3, max_leaves, runs=0) -> (leaves, tables) | None
  *   ram        an object exporting the RAM bank's bytes (the mmap behind it)
  *   base       the guest-physical address of ram[0]
- *   leaves     [(vaddr, paddr, size, writable, executable)] in walk order, vaddr canonical
+ *   leaves     [(vaddr, paddr, size, writable, executable, count, descending)] in walk
+ *              order, vaddr canonical: `count` leaves of `size` bytes with the same rights,
+ *              one after the other in virtual memory, and in physical memory each one page
+ *              above the one before (or, when `descending`, one page below: the kernel hands
+ *              out frames from the top down). Without `runs`, count is always 1; with it,
+ *              such 4 KiB leaves are merged (a 16 MiB segment is a few entries instead of
+ *              4096). At most max_leaves leaves (not entries).
  *   tables     [table address] of every table visited
  *   None       a table lies outside `ram`: the caller walks in Python instead
  *
@@ -24,6 +30,9 @@
  *   max_tables.
  *   kernel_emu.dirtylog.dirty_leaves_python is the reference; snapshot restores use this
  *   after every run, where the Python walk would cost tens of microseconds.
+ *
+ * dirty_count(ram, base, root, accessed_level, max_pages, max_tables) -> int | None
+ *   len(pages) of the same walk, without building any list (the watchdog's progress check).
  *
  * restore_pages(ram, saved, pages) -> None
  *   The copy half of a snapshot restore, which a run that loaded megabytes needs for
@@ -46,14 +55,43 @@
 #define PAGE 4096ULL
 
 typedef struct {
+    uint64_t vaddr, paddr, size, count;
+    int writable, executable, descending;
+} Run;
+
+typedef struct {
     const uint8_t *ram;
     uint64_t base;
     uint64_t size;
     Py_ssize_t max_leaves;
+    Py_ssize_t seen;  /* leaves so far */
+    int runs;
+    Run run;          /* the entry being built; count 0: none */
     PyObject *leaves;
     PyObject *tables;
     int outside;
 } Walk;
+
+static int flush_run(Walk *w)
+{
+    Run *r = &w->run;
+    if (r->count == 0) {
+        return 0;
+    }
+    PyObject *item = Py_BuildValue("(KKKOOKO)", (unsigned long long)r->vaddr,
+                                   (unsigned long long)r->paddr, (unsigned long long)r->size,
+                                   r->writable ? Py_True : Py_False,
+                                   r->executable ? Py_True : Py_False,
+                                   (unsigned long long)r->count,
+                                   r->descending ? Py_True : Py_False);
+    r->count = 0;
+    if (item == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(w->leaves, item);
+    Py_DECREF(item);
+    return rc;
+}
 
 static int add_leaf(Walk *w, uint64_t vaddr, uint64_t paddr, uint64_t size, int writable,
                     int executable)
@@ -61,16 +99,25 @@ static int add_leaf(Walk *w, uint64_t vaddr, uint64_t paddr, uint64_t size, int 
     if (vaddr & (1ULL << 47)) {
         vaddr |= 0xFFFF000000000000ULL;
     }
-    PyObject *item = Py_BuildValue("(KKKOO)", (unsigned long long)vaddr,
-                                   (unsigned long long)paddr, (unsigned long long)size,
-                                   writable ? Py_True : Py_False,
-                                   executable ? Py_True : Py_False);
-    if (item == NULL) {
+    w->seen++;
+    Run *r = &w->run;
+    if (w->runs && r->count && size == PAGE && r->size == PAGE &&
+        r->writable == writable && r->executable == executable &&
+        vaddr == r->vaddr + r->count * PAGE) {
+        /* a second leaf sets the direction; a later one must keep it */
+        int up = paddr == r->paddr + r->count * PAGE;
+        int down = paddr == r->paddr - r->count * PAGE;
+        if (r->count == 1 ? (up || down) : (r->descending ? down : up)) {
+            r->descending = down;
+            r->count++;
+            return 0;
+        }
+    }
+    if (flush_run(w) < 0) {
         return -1;
     }
-    int rc = PyList_Append(w->leaves, item);
-    Py_DECREF(item);
-    return rc;
+    *r = (Run){vaddr, paddr, size, 1, writable, executable, 0};
+    return 0;
 }
 
 static int walk(Walk *w, uint64_t table, int level, uint64_t base, int writable, int nx)
@@ -94,7 +141,7 @@ static int walk(Walk *w, uint64_t table, int level, uint64_t base, int writable,
         if ((e & (P | U)) != (P | U)) {
             continue;
         }
-        if (PyList_GET_SIZE(w->leaves) >= w->max_leaves) {
+        if (w->seen >= w->max_leaves) {
             return 0;
         }
         uint64_t vaddr = base | ((uint64_t)i << shift);
@@ -123,13 +170,15 @@ static PyObject *user_leaves(PyObject *self, PyObject *args)
     Py_buffer ram;
     unsigned long long base, cr3;
     Py_ssize_t max_leaves;
-    if (!PyArg_ParseTuple(args, "y*KKn", &ram, &base, &cr3, &max_leaves)) {
+    int runs = 0;
+    if (!PyArg_ParseTuple(args, "y*KKn|p", &ram, &base, &cr3, &max_leaves, &runs)) {
         return NULL;
     }
-    Walk w = {ram.buf, base, (uint64_t)ram.len, max_leaves, PyList_New(0), PyList_New(0), 0};
+    Walk w = {ram.buf, base, (uint64_t)ram.len, max_leaves, 0, runs, {0, 0, 0, 0, 0, 0, 0},
+              PyList_New(0), PyList_New(0), 0};
     PyObject *result = NULL;
     if (w.leaves != NULL && w.tables != NULL && (uint64_t)ram.len >= PAGE &&
-        walk(&w, cr3, 4, 0, 1, 0) == 0) {
+        walk(&w, cr3, 4, 0, 1, 0) == 0 && flush_run(&w) == 0) {
         if (w.outside) {
             result = Py_NewRef(Py_None);
         } else {
@@ -151,7 +200,8 @@ typedef struct {
     int accessed_level;
     Py_ssize_t max_pages;
     Py_ssize_t max_tables;
-    PyObject *pages;
+    Py_ssize_t npages, ntables;
+    PyObject *pages;       /* these three NULL: only count the pages */
     PyObject *tables;
     PyObject *executable;
     int give_up;
@@ -173,12 +223,12 @@ static int dirty_walk(DirtyWalk *d, uint64_t table, int level, uint64_t base, in
     table &= ADDR_MASK;
     /* Tables may be shared or loop back: the cap bounds the work whatever the guest wrote
      * into them. */
-    if (table < d->base || table - d->base > d->size - PAGE ||
-        PyList_GET_SIZE(d->tables) >= d->max_tables) {
+    if (table < d->base || table - d->base > d->size - PAGE || d->ntables >= d->max_tables) {
         d->give_up = 1;
         return 0;
     }
-    if (append_u64(d->tables, table) < 0) {
+    d->ntables++;
+    if (d->tables != NULL && append_u64(d->tables, table) < 0) {
         return -1;
     }
     const uint8_t *entries = d->ram + (table - d->base);
@@ -194,7 +244,7 @@ static int dirty_walk(DirtyWalk *d, uint64_t table, int level, uint64_t base, in
         if (level == 1 || ((level == 2 || level == 3) && (e & PS))) {
             uint64_t size = 1ULL << shift;
             uint64_t paddr = e & ADDR_MASK & ~(size - 1);
-            if ((e & A) && !x_off) {
+            if ((e & A) && !x_off && d->executable != NULL) {
                 uint64_t canonical = (vaddr & (1ULL << 47)) ? vaddr | 0xFFFF000000000000ULL
                                                              : vaddr;
                 PyObject *item = Py_BuildValue("(KKK)", (unsigned long long)canonical,
@@ -209,11 +259,12 @@ static int dirty_walk(DirtyWalk *d, uint64_t table, int level, uint64_t base, in
             if (!(e & D)) {
                 continue;
             }
-            if ((uint64_t)(d->max_pages - PyList_GET_SIZE(d->pages)) < size / PAGE) {
+            if ((uint64_t)(d->max_pages - d->npages) < size / PAGE) {
                 d->give_up = 1;
                 return 0;
             }
-            for (uint64_t off = 0; off < size; off += PAGE) {
+            d->npages += (Py_ssize_t)(size / PAGE);
+            for (uint64_t off = 0; d->pages != NULL && off < size; off += PAGE) {
                 if (append_u64(d->pages, paddr + off) < 0) {
                     return -1;
                 }
@@ -242,7 +293,7 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
         return NULL;
     }
     DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,
-                   PyList_New(0), PyList_New(0), PyList_New(0), 0};
+                   0, 0, PyList_New(0), PyList_New(0), PyList_New(0), 0};
     PyObject *result = NULL;
     if (d.pages != NULL && d.tables != NULL && d.executable != NULL &&
         (uint64_t)ram.len >= PAGE && max_pages >= 0 && dirty_walk(&d, root, 4, 0, 0) == 0) {
@@ -254,6 +305,30 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     Py_XDECREF(d.pages);
     Py_XDECREF(d.tables);
     Py_XDECREF(d.executable);
+    PyBuffer_Release(&ram);
+    return result;
+}
+
+static PyObject *dirty_count(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer ram;
+    unsigned long long base, root;
+    int accessed_level;
+    Py_ssize_t max_pages, max_tables;
+    if (!PyArg_ParseTuple(args, "y*KKinn", &ram, &base, &root, &accessed_level, &max_pages,
+                          &max_tables)) {
+        return NULL;
+    }
+    DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,
+                   0, 0, NULL, NULL, NULL, 0};
+    PyObject *result = NULL;
+    if ((uint64_t)ram.len >= PAGE && max_pages >= 0 && dirty_walk(&d, root, 4, 0, 0) == 0 &&
+        !d.give_up) {
+        result = PyLong_FromSsize_t(d.npages);
+    } else if (!PyErr_Occurred()) {
+        result = Py_NewRef(Py_None);
+    }
     PyBuffer_Release(&ram);
     return result;
 }
@@ -308,10 +383,12 @@ static PyMethodDef methods[] = {
     {"restore_pages", restore_pages, METH_VARARGS,
      "restore_pages(ram, saved, pages) -> None"},
     {"user_leaves", user_leaves, METH_VARARGS,
-     "user_leaves(ram, base, cr3, max_leaves) -> (leaves, tables) | None"},
+     "user_leaves(ram, base, cr3, max_leaves, runs=0) -> (leaves, tables) | None"},
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables) -> "
      "(pages, tables, executable) | None"},
+    {"dirty_count", dirty_count, METH_VARARGS,
+     "dirty_count(ram, base, root, accessed_level, max_pages, max_tables) -> int | None"},
     {NULL, NULL, 0, NULL},
 };
 

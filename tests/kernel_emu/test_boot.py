@@ -258,5 +258,10 @@ def test_native_page_walk_matches_the_python_walk(executors: dict[str, Executor]
         native_tables: set[int] = set()
         python_tables: set[int] = set()
         native = pagewalk.walk_user(ex.m, cr3, native_tables)
-        assert native == pagewalk.walk_user_python(ex.m, cr3, python_tables)
+        python = pagewalk.walk_user_python(ex.m, cr3, python_tables)
+        assert native == python
         assert native and native_tables == python_tables
+        runs = pagewalk.walk_user(ex.m, cr3, runs=True)
+        assert runs == pagewalk.coalesce(python)
+        assert len(runs) < len(python)  # the segments' consecutive pages do merge
+        assert [run.leaf(k) for run in runs for k in range(run.count)] == python

@@ -81,6 +81,7 @@ def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: byt
             assert native is not None and python is not None
             assert (native.pages, native.tables, native.executable) == \
                 (python.pages, python.tables, python.executable)
+            assert dirtylog.dirty_count(seed.m, root, level) == len(python.pages)
         seed._restore()
 
 

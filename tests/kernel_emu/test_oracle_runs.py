@@ -1,0 +1,91 @@
+"""The user-space oracle scans runs of consecutive pages; every check must name the same
+page as a scan of the pages one by one (the reference below)."""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+from kernel_emu import oracles
+from kernel_emu.machine import PAGE
+from kernel_emu.pagewalk import Mapping
+
+USER_TOP = 0x8000_0000_0000
+
+
+def _pages(runs: list[Mapping]) -> list[Mapping]:
+    return [run.leaf(k) for run in runs for k in range(run.count)]
+
+
+def _bad_by_page(runs: list[Mapping], kernel_phys: list[tuple[int, int, str]],
+                 tables: set[int]) -> tuple[int, int, str | None] | None:
+    for mp in _pages(runs):
+        if mp.vaddr >= USER_TOP:
+            return mp.vaddr, mp.paddr, None
+        hit = next((n for lo, hi, n in kernel_phys if lo < mp.paddr + mp.size and mp.paddr < hi),
+                   None)
+        if hit is None and any(mp.paddr <= t < mp.paddr + mp.size for t in tables):
+            hit = "a page table of this address space"
+        if hit is not None:
+            return mp.vaddr, mp.paddr, hit
+    return None
+
+
+def _uncovered_by_page(runs: list[Mapping], merged: list[tuple[int, int]],
+                       stack: tuple[int, int] | None) -> int | None:
+    for mp in _pages(runs):
+        i = bisect.bisect_right(merged, (mp.vaddr, 1 << 65)) - 1
+        inside = i >= 0 and merged[i][0] <= mp.vaddr <= merged[i][1]
+        near = stack is not None and stack[0] <= mp.vaddr <= stack[1]
+        if not inside and not near and mp.vaddr < USER_TOP:
+            return mp.vaddr
+    return None
+
+
+def _random_runs(rng: random.Random) -> list[Mapping]:
+    runs = []
+    vaddr = rng.choice([0, 0x40_0000, USER_TOP - 40 * PAGE])
+    for _ in range(rng.randrange(1, 6)):
+        size = rng.choice([PAGE, PAGE, PAGE, 0x20_0000])
+        vaddr = (vaddr + size - 1) // size * size
+        count = 1 if size > PAGE else rng.randrange(1, 80)
+        paddr = rng.choice([0, 0x10_0000, 0x20_0000, 0x30_0000, 0x400_0000]) // size * size
+        descending = count > 1 and rng.random() < 0.5
+        paddr += rng.randrange(0, 64) * size // (size // PAGE)
+        if descending:
+            paddr += (count - 1) * size
+        runs.append(Mapping(vaddr, paddr, size, True, True, False, count, descending))
+        vaddr = runs[-1].end + rng.choice([0, PAGE, 3 * PAGE, 0x20_0000])
+    return runs
+
+
+def test_run_checks_name_the_page_a_page_scan_names() -> None:
+    rng = random.Random(5)
+    found = {"upper": 0, "kernel": 0, "table": 0, "extra": 0}
+    for _ in range(3000):
+        runs = _random_runs(rng)
+        kernel_phys = [(rng.randrange(0, 0x50_0000), 0, name) for name in ("a", "b")]
+        kernel_phys = [(lo, lo + rng.randrange(1, 0x8_0000), n) for lo, _, n in kernel_phys]
+        tables = {rng.randrange(0, 0x50_0000) & ~(PAGE - 1) for _ in range(rng.randrange(4))}
+        want = _bad_by_page(runs, kernel_phys, tables)
+        got = oracles._first_bad_mapping(runs, USER_TOP, kernel_phys, sorted(tables))
+        assert (None if got is None else tuple(got)) == want, (runs, kernel_phys, tables)
+        if want is not None:
+            found["upper" if want[2] is None else
+                  "table" if want[2].startswith("a page table") else "kernel"] += 1
+
+        spans = []
+        for _ in range(rng.randrange(4)):
+            lo = rng.choice(runs).vaddr + rng.randrange(-8, 60) * PAGE
+            spans.append((lo, lo + rng.randrange(0, 40) * PAGE))
+        merged = oracles._merge(spans)
+        top = rng.choice(runs).end - rng.randrange(0, 10) * PAGE - rng.randrange(0, 2) * 17
+        stack = rng.choice([None, (top - 64 * PAGE, top)])
+        want_extra = _uncovered_by_page(runs, merged, stack)
+        got_extra = next((v for run in runs
+                          if (v := oracles._first_uncovered(run, merged, stack, USER_TOP))
+                          is not None), None)
+        assert got_extra == want_extra, (runs, merged, stack)
+        found["extra"] += want_extra is not None
+    # every kind of verdict came up, so the comparison covered each path
+    assert min(found.values()) > 50, found
