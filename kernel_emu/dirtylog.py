@@ -36,6 +36,7 @@ must restore everything:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 from kernel_emu.machine import PAGE, Machine
 
@@ -80,6 +81,59 @@ def dirty_leaves(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
                                     MAX_TABLES)
         return None if native is None else Walk(*native)
     return dirty_leaves_python(m, root, accessed_level)
+
+
+class MaskWalk:
+    """:class:`Walk` with the pages and the tables as integer bit masks over the first RAM
+    bank's pages (bit i: the page at base + i * PAGE)."""
+
+    __slots__ = ("pages", "tables", "executable")
+
+    def __init__(self, pages: int, tables: int, executable: list[tuple[int, int, int]]) -> None:
+        self.pages = pages
+        self.tables = tables
+        self.executable = executable
+
+
+def page_mask(m: Machine, addresses: Iterable[int]) -> int | None:
+    """The bit mask over the first bank's pages of these page addresses; None when one lies
+    outside the bank."""
+    low = m.banks[0]
+    bits = bytearray((low.size // PAGE + 7) // 8)
+    for addr in addresses:
+        if not low.contains(addr, PAGE):
+            return None
+        index = (addr - low.base) // PAGE
+        bits[index >> 3] |= 1 << (index & 7)
+    return int.from_bytes(bits, "little")
+
+
+def mask_indexes(mask: int) -> list[int]:
+    """The indexes of the set bits, in order."""
+    data = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+    return [i * 8 + bit for i, byte in enumerate(data) if byte
+            for bit in range(8) if byte >> bit & 1]
+
+
+def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | None:
+    """:func:`dirty_leaves` with bit masks; also ``None`` when a dirty page lies outside the
+    first RAM bank."""
+    if _walk is not None:
+        low = m.banks[0]
+        native = _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+                                    MAX_TABLES, True)
+        if native is None:
+            return None
+        pages, tables, executable = native
+        return MaskWalk(int.from_bytes(pages, "little"), int.from_bytes(tables, "little"),
+                        executable)
+    walk = dirty_leaves_python(m, root, accessed_level)
+    if walk is None:
+        return None
+    pages, tables = page_mask(m, walk.pages), page_mask(m, walk.tables)
+    if pages is None or tables is None:
+        return None
+    return MaskWalk(pages, tables, walk.executable)
 
 
 def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
@@ -173,7 +227,12 @@ class PageTableLog:
         full = dirty_leaves_python(m, self.identity)
         if full is None:
             raise ValueError("the identity page tables are not all in the first RAM bank")
-        self._identity_tables = frozenset(full.tables)
+        identity_tables, exec_pages = page_mask(m, full.tables), page_mask(m, self._exec_pages)
+        if identity_tables is None or exec_pages is None:
+            raise ValueError("the identity page tables or the code are not all in the first "
+                             "RAM bank")
+        # what no run may write for the log to vouch for its pages
+        self._forbidden = identity_tables | exec_pages
         self.sites = sorted({site for lo, hi in self.executable
                              for site in paging_sites(m.read(lo, hi - lo), lo)})
 
@@ -197,34 +256,31 @@ class PageTableLog:
 
         rec(self.identity, 4)
 
-    def _runs_only_own_code(self, walk: Walk) -> bool:
+    def _runs_only_own_code(self, walk: MaskWalk) -> bool:
         return all(vaddr == paddr and all(page in self._exec_pages
                                           for page in range(paddr, paddr + size, PAGE))
                    for vaddr, paddr, size in walk.executable)
 
-    def collect(self, paging_writes: int) -> list[int] | None:
+    def collect(self, paging_writes: int) -> int | None:
         """The physical pages to restore after a run in which ``paging_writes`` watched
-        instructions ran, or ``None`` when only a full restore is safe (see the module doc).
+        instructions ran, as a bit mask over the first RAM bank's pages (see
+        :class:`MaskWalk`), or ``None`` when only a full restore is safe (see the module doc).
         Read it before the next restore; the pages include the tables the walks visited."""
         m = self.m
-        identity = dirty_leaves(m, self.identity, accessed_level=2)
+        identity = dirty_masks(m, self.identity, accessed_level=2)
         if identity is None or paging_writes > 1:
             return None
-        written = set(identity.pages)
-        if written & self._identity_tables or written & self._exec_pages:
+        if identity.pages & self._forbidden:
             return None
-        restore = written.union(identity.tables)
+        restore = identity.pages | identity.tables
         cr3 = m.reg("cr3") & ADDR_MASK
         if not m.reg("cr0") & CR0_PG or (cr3 != self.identity and not paging_writes):
             return None
         if cr3 != self.identity:
-            final = dirty_leaves(m, cr3)
+            final = dirty_masks(m, cr3)
             if final is None or not self._runs_only_own_code(final):
                 return None
-            through = set(final.pages)
-            if through & (self._identity_tables | self._exec_pages) or \
-                    through.intersection(final.tables):
+            if final.pages & (self._forbidden | final.tables):
                 return None
-            restore |= through
-            restore.update(final.tables)
-        return sorted(restore)
+            restore |= final.pages | final.tables
+        return restore

@@ -20,7 +20,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
-from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count
+from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count, mask_indexes
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.firmware import (
@@ -82,7 +82,7 @@ class Observations:
 @dataclass
 class Snapshot:
     context: Any
-    pages: list[dict[int, bytes]]
+    pages: list[list[bytes | None]]  # per bank, per page: its bytes, None when all zero
     firmware: FirmwareState
     log: bytes
     ports: tuple[tuple[str, int, int, int], ...]
@@ -246,8 +246,8 @@ class Executor:
         pages = []
         for bank in m.banks:
             data = bytes(bank.buffer)
-            pages.append({i // PAGE: data[i:i + PAGE] for i in range(0, bank.size, PAGE)
-                          if data[i:i + PAGE] != ZERO_PAGE})
+            pages.append([page if (page := data[i:i + PAGE]) != ZERO_PAGE else None
+                          for i in range(0, bank.size, PAGE)])
         self._snapshot = Snapshot(m.uc.context_save(), pages, fw.state.copy(),
                                   tracer.console(), tuple(tracer.port_log()),
                                   tracer.instructions)
@@ -255,12 +255,13 @@ class Executor:
         tracer.identity_cr3 = fw.pml4
         self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
         self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
-        # (bank, page) of the pages whose translated code a restore must drop
-        self._code_pages = frozenset(
-            (r, (addr - bank.base) // PAGE)
-            for lo, hi in self._code_ranges
-            for addr in range(lo & ~(PAGE - 1), hi, PAGE)
-            for r, bank in enumerate(m.banks) if bank.contains(addr))
+        # per bank, a mask of the pages whose translated code a restore must drop
+        self._code_masks = [0] * len(m.banks)
+        for lo, hi in self._code_ranges:
+            for addr in range(lo & ~(PAGE - 1), hi, PAGE):
+                for r, bank in enumerate(m.banks):
+                    if bank.contains(addr):
+                        self._code_masks[r] |= 1 << (addr - bank.base) // PAGE
 
     def add_machine_hook(self, attach: Callable[[Any], object]) -> None:
         """Call `attach(uc)` on the current machine and on every machine built later, so an
@@ -350,38 +351,27 @@ class Executor:
             events = [e for e in events if e.address not in sites]
         return events
 
-    def _written_pages(self) -> list[tuple[int, int]] | None:
-        """(bank, page) of every page the last run may have changed; None: all of them."""
-        m = self.m
+    def _written_pages(self) -> dict[int, int] | None:
+        """Bank index -> a bit mask of the pages (bit i: page i of the bank) the last run may
+        have changed; None: all of them."""
         if self._log is None:
             crossings = self.tracer.identity_crossings
-            dirty = sorted(self._written.union(self.tracer.take_dirty()))
+            dirty = self._written.union(self.tracer.take_dirty())
             # a crossing store's tail page was taken from the identity map: only valid if the
             # guest left the firmware's page tables alone
             tables = range(self.fw.pml4 // PAGE, self.fw.page_table_end // PAGE)
             if any(region < 0 for region, _ in dirty) or (
                     crossings and any(r == 0 and p in tables for r, p in dirty)):
                 return None
-            return dirty
+            masks: dict[int, int] = {}
+            for region, page in dirty:
+                masks[region] = masks.get(region, 0) | 1 << page
+            return masks
         self._take_events()  # a run that ended in an exception left its events behind
         writes, self._paging_writes = self._paging_writes, 0
         # a dropped event may have been a paging site's
         pages = None if self.tracer.events_dropped else self._log.collect(writes)
-        if pages is None:
-            return None
-        low = m.banks[0]
-        base, last = low.base, low.base + low.size - PAGE
-        # nearly every page is in the first bank: one pass over them all
-        out = [(0, (addr - base) // PAGE) for addr in pages if base <= addr <= last]
-        if len(out) == len(pages):
-            return out
-        out = []
-        for addr in pages:
-            bank = m.bank_for(addr, PAGE)
-            if bank is None:
-                return None
-            out.append((m.banks.index(bank), (addr - bank.base) // PAGE))
-        return out
+        return None if pages is None else {0: pages}
 
     def _restore(self) -> None:
         snap = self._snapshot
@@ -389,21 +379,22 @@ class Executor:
         m = self.m
         dirty = self._written_pages()
         if dirty is None:
-            dirty = [(r, p) for r, bank in enumerate(m.banks) for p in range(bank.size // PAGE)]
+            dirty = {r: (1 << bank.size // PAGE) - 1 for r, bank in enumerate(m.banks)}
         # first: Unicorn finds the code to drop with a page walk under the run's CR3, which
         # sets Accessed bits in those tables; the copies below put them back
-        for region, page in self._code_pages.intersection(dirty):
-            addr = m.banks[region].base + page * PAGE
-            m.uc.ctl_remove_cache(addr, addr + PAGE)
-        if _walk is not None:
-            for region, bank in enumerate(m.banks):
-                pages = [p for r, p in dirty if r == region]
-                if pages:
-                    _walk.restore_pages(bank.buffer, snap.pages[region], pages)
-        else:
-            for region, page in dirty:
-                off = page * PAGE
-                m.banks[region].view[off:off + PAGE] = snap.pages[region].get(page, ZERO_PAGE)
+        for region, mask in dirty.items():
+            base = m.banks[region].base
+            for page in mask_indexes(mask & self._code_masks[region]):
+                m.uc.ctl_remove_cache(base + page * PAGE, base + (page + 1) * PAGE)
+        for region, mask in dirty.items():
+            bank = m.banks[region]
+            if _walk is not None:
+                _walk.restore_pages(bank.buffer, snap.pages[region],
+                                    mask.to_bytes((bank.size // PAGE + 7) // 8, "little"))
+                continue
+            saved = snap.pages[region]
+            for page in mask_indexes(mask):
+                bank.view[page * PAGE:(page + 1) * PAGE] = saved[page] or ZERO_PAGE
         m.uc.context_restore(snap.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))

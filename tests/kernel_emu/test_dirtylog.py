@@ -7,6 +7,7 @@ import random
 import pytest
 
 from kernel_emu import dirtylog
+from kernel_emu import executor as executor_module
 from kernel_emu.dirtylog import D, dirty_leaves_python, paging_sites
 from kernel_emu.executor import ZERO_PAGE, Executor
 from kernel_emu.machine import PAGE
@@ -43,7 +44,7 @@ def _differences(ex: Executor) -> list[tuple[int, int]]:
         for p in range(bank.size // PAGE):
             addr = bank.base + p * PAGE
             actual = bytearray(bank.buffer[p * PAGE:(p + 1) * PAGE])
-            expected = bytearray(snap.pages[r].get(p, ZERO_PAGE))
+            expected = bytearray(snap.pages[r][p] or ZERO_PAGE)
             for lo, hi in host:
                 lo, hi = max(lo, addr), min(hi, addr + PAGE)
                 if lo < hi:
@@ -82,6 +83,14 @@ def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: byt
             assert (native.pages, native.tables, native.executable) == \
                 (python.pages, python.tables, python.executable)
             assert dirtylog.dirty_count(seed.m, root, level) == len(python.pages)
+            masks = dirtylog.dirty_masks(seed.m, root, level)
+            assert masks is not None
+            assert masks.pages == dirtylog.page_mask(seed.m, python.pages)
+            assert masks.tables == dirtylog.page_mask(seed.m, python.tables)
+            assert masks.executable == python.executable
+            low = seed.m.banks[0]
+            assert [low.base + i * PAGE for i in dirtylog.mask_indexes(masks.pages)] == \
+                sorted(python.pages)
         seed._restore()
 
 
@@ -150,3 +159,19 @@ def test_without_the_log_the_write_hook_restores(monkeypatch: pytest.MonkeyPatch
     assert hooked.use_snapshot and hooked._log is None
     for data in _inputs(base_elf)[:6] * 2:
         assert hooked.run(data).comparable() == full.run(data).comparable()
+
+
+def test_restore_without_the_native_walker(monkeypatch: pytest.MonkeyPatch,
+                                           base_elf: bytes) -> None:
+    """The Python fallbacks of the masks and of the page copies restore the same bytes."""
+    ex = Executor(load_profile("seed"))
+    monkeypatch.setattr(dirtylog, "_walk", None)
+    monkeypatch.setattr(executor_module, "_walk", None)
+    for data in _inputs(base_elf)[:12]:
+        ex.run(data)
+        pages = ex._written_pages()  # consumes what the run left: hand it to the restore
+        assert pages is not None and set(pages) == {0}, data[:16]
+        monkeypatch.setattr(ex, "_written_pages", lambda pages=pages: pages)
+        ex._restore()
+        monkeypatch.delattr(ex, "_written_pages")
+        assert _differences(ex) == [], data[:16]

@@ -139,8 +139,8 @@ def test_pure_python_tracer_agrees(base_elf: bytes) -> None:
     assert python.fast_units == 0
 
 
-def _restore_noting_pages(ex: Executor) -> list[tuple[int, int]] | None:
-    """Restore `ex`; the (bank, page) list it restored (None: everything)."""
+def _restore_noting_pages(ex: Executor) -> dict[int, int] | None:
+    """Restore `ex`; bank -> mask of the pages it restored (None: everything)."""
     pages = ex._written_pages()  # consumes what the run left: hand it to the restore
     ex._written_pages = lambda: pages  # type: ignore[method-assign]
     try:
