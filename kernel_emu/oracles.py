@@ -193,7 +193,7 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
     def user_page(page: int) -> pagewalk.Mapping | None:
         i = bisect.bisect_right(starts, page) - 1
         if i >= 0 and page < small[i].end:
-            return small[i].leaf((page - small[i].vaddr) // PAGE)
+            return small[i]  # only its rights are read, the same for every page of the run
         return pagewalk.translate(m, cr3, page)
 
     out: list[Finding] = []
@@ -275,16 +275,19 @@ def _first_bad_mapping(runs: list[pagewalk.Mapping], user_top: int,
         # leaves by physical order: leaf j maps [low + j*size, +size); walk order is the same
         # or, for a descending run, the reverse
         low = run.paddr - (n - 1) * size if run.descending else run.paddr
-        spans = [_overlap(low, size, n, lo, hi) for lo, hi, _ in kernel_phys]
+        high = low + n * size
+        # nearly always none of them: only ranges that meet the run are looked at closely
+        spans = [_overlap(low, size, n, lo, hi) for lo, hi, _ in kernel_phys
+                 if lo < high and low < hi]
         t = bisect.bisect_left(tables, low)
-        inside = tables[t:bisect.bisect_left(tables, low + n * size)]
-        if inside:
-            first, last = (inside[0] - low) // size, (inside[-1] - low) // size
-            spans.append((first, last))
+        if t < len(tables) and tables[t] < high:
+            inside = tables[t:bisect.bisect_left(tables, high)]
+            spans.append(((inside[0] - low) // size, (inside[-1] - low) // size))
         firsts = [n - 1 - span[1] if run.descending else span[0] for span in spans if span]
-        k = max(0, -(-(user_top - run.vaddr) // size))  # ceiling division
-        if k < n:
-            firsts.append(k)
+        if run.end > user_top:
+            k = max(0, -(-(user_top - run.vaddr) // size))  # ceiling division
+            if k < n:
+                firsts.append(k)
         if not firsts:
             continue
         leaf = run.leaf(min(firsts))
