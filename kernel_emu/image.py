@@ -15,6 +15,7 @@ import lief
 
 from kernel_emu.errors import ImageError
 
+DESCRIBED_KEPT = 1 << 16
 _HASH_SUFFIX = re.compile(r"::h[0-9a-f]{16}$")
 _CRATE_DISAMBIGUATOR = re.compile(r"\[[0-9a-f]+\]")
 
@@ -135,6 +136,7 @@ class KernelImage:
         self.symbols = sorted(syms, key=lambda s: s.address)
         self._addresses = [s.address for s in self.symbols]
         self._by_name: dict[str, Symbol] = {}
+        self._described: dict[int, str] = {}  # describe()'s answers: hangs ask for ~64 a run
         for sym in self.symbols:
             self._by_name.setdefault(sym.name, sym)
             self._by_name.setdefault(sym.mangled, sym)
@@ -175,11 +177,17 @@ class KernelImage:
         """`name+0x1f`, or the raw address when no symbol covers it. A return address is
         looked up one byte back: a call that never returns may be a function's last
         instruction, and its return address the start of the next function."""
-        sym = self.function_at(address - 1 if return_address else address)
-        if sym is None:
-            return f"{address:#x}"
-        off = address - sym.address
-        return f"{sym.name}+{off:#x}" if off else sym.name
+        key = address | 1 << 64 if return_address else address  # addresses fit in 64 bits
+        text = self._described.get(key)
+        if text is None:
+            if len(self._described) >= DESCRIBED_KEPT:
+                self._described.clear()
+            sym = self.function_at(address - 1 if return_address else address)
+            off = address - sym.address if sym is not None else 0
+            text = (f"{address:#x}" if sym is None else
+                    f"{sym.name}+{off:#x}" if off else sym.name)
+            self._described[key] = text
+        return text
 
 
 @cache
