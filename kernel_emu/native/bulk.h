@@ -303,8 +303,21 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     /* each iteration the guest would have run re-enters the instruction as a
      * block of its own */
     uint64_t replay = units < BULK_BLOCKS_REPLAYED ? units : BULK_BLOCKS_REPLAYED;
-    for (uint64_t i = 0; i < replay; i++) {
-        record_block(s, site);
+    /* the first entry comes from the block before; every later one is the site's edge to
+     * itself: the ring's last entries become the site and that counter goes up, saturating,
+     * as record_block would have done one entry at a time */
+    record_block(s, site);
+    uint64_t more = replay - 1;
+    uint64_t fill = more < RING_SIZE ? more : RING_SIZE;
+    for (uint64_t i = more - fill; i < more; i++) {
+        s->ring[(s->ring_pos + i) & (RING_SIZE - 1)] = site;
+    }
+    s->ring_pos += more;
+    if (s->coverage_on && more > 0) {
+        uint32_t cur = (uint32_t)((site * COVERAGE_MULTIPLIER) >> 48);
+        uint8_t *counter = &s->map[cur ^ s->prev_loc]; /* prev_loc is cur >> 1 by now */
+        uint64_t v = *counter + more;
+        *counter = (uint8_t)(v > 0xff ? 0xff : v);
     }
     s->ring_pos += units - replay;
 }

@@ -40,3 +40,20 @@ def test_profile_symbols_resolve_without_cxxfilt(monkeypatch: pytest.MonkeyPatch
     for name in (profile.heap.alloc_symbol, profile.heap.free_list_symbol,
                  profile.kernel.snapshot_symbol, profile.kernel.success_symbol):
         assert img.symbol(name).address
+
+
+def test_remembered_descriptions_match_fresh_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    img = image_mod.KernelImage(load_profile("seed").image)
+    fresh = image_mod.KernelImage(load_profile("seed").image)
+    starts = [s.address for s in img.symbols if s.size][:200]
+    probes = [a + d for a in starts for d in (0, 1)] + [0, 1, 0xFFFF_FFFF_FFFF_FFFF]
+    monkeypatch.setattr(image_mod, "DESCRIBED_KEPT", 150)  # the memory is also emptied
+    for _ in range(2):  # the second pass answers from memory (or after a clear)
+        for address in probes:
+            for ret in (False, True):
+                fresh._described.clear()
+                assert img.describe(address, return_address=ret) == \
+                    fresh.describe(address, return_address=ret)
+    # a function's first byte is itself, but as a return address the end of the one before
+    assert img.describe(starts[1]) != img.describe(starts[1], return_address=True)
+    assert len(img._described) <= 150
