@@ -50,6 +50,8 @@ ADDR_MASK = 0x000F_FFFF_FFFF_F000
 CR0_PG = 1 << 31
 MAX_PAGES = 1 << 16
 MAX_TABLES = 1 << 12
+# the forms of the native walk's answer
+_LISTS, _BITMAPS, _COUNT = 0, 1, 2
 
 # Legacy and REX prefixes: bytes that may come before an opcode in one instruction.
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(range(0x40, 0x50)))
@@ -95,17 +97,24 @@ class MaskWalk:
         self.executable = executable
 
 
+def index_mask(indexes: Iterable[int], count: int) -> int:
+    """The bit mask with these bits set, each below `count`."""
+    bits = bytearray((count + 7) // 8)
+    for index in indexes:
+        bits[index >> 3] |= 1 << (index & 7)
+    return int.from_bytes(bits, "little")
+
+
 def page_mask(m: Machine, addresses: Iterable[int]) -> int | None:
     """The bit mask over the first bank's pages of these page addresses; None when one lies
     outside the bank."""
     low = m.banks[0]
-    bits = bytearray((low.size // PAGE + 7) // 8)
+    indexes = []
     for addr in addresses:
         if not low.contains(addr, PAGE):
             return None
-        index = (addr - low.base) // PAGE
-        bits[index >> 3] |= 1 << (index & 7)
-    return int.from_bytes(bits, "little")
+        indexes.append((addr - low.base) // PAGE)
+    return index_mask(indexes, low.size // PAGE)
 
 
 def mask_indexes(mask: int) -> list[int]:
@@ -121,7 +130,7 @@ def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | No
     if _walk is not None:
         low = m.banks[0]
         native = _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
-                                    MAX_TABLES, True)
+                                    MAX_TABLES, _BITMAPS)
         if native is None:
             return None
         pages, tables, executable = native
@@ -141,8 +150,8 @@ def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
     built (the watchdog asks this at every checkpoint of a run that loads megabytes)."""
     if _walk is not None:
         low = m.banks[0]
-        return _walk.dirty_count(low.buffer, low.base, root, accessed_level, MAX_PAGES,
-                                 MAX_TABLES)
+        return _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+                                  MAX_TABLES, _COUNT)
     walk = dirty_leaves_python(m, root, accessed_level)
     return None if walk is None else len(walk.pages)
 

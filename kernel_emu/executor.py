@@ -20,7 +20,7 @@ from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
 from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
-from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count, mask_indexes
+from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count, index_mask, mask_indexes
 from kernel_emu.elfview import read_elf
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.firmware import (
@@ -363,10 +363,11 @@ class Executor:
             if any(region < 0 for region, _ in dirty) or (
                     crossings and any(r == 0 and p in tables for r, p in dirty)):
                 return None
-            masks: dict[int, int] = {}
+            by_bank: dict[int, list[int]] = {}
             for region, page in dirty:
-                masks[region] = masks.get(region, 0) | 1 << page
-            return masks
+                by_bank.setdefault(region, []).append(page)
+            return {region: index_mask(pages, self.m.banks[region].size // PAGE)
+                    for region, pages in by_bank.items()}
         self._take_events()  # a run that ended in an exception left its events behind
         writes, self._paging_writes = self._paging_writes, 0
         # a dropped event may have been a paging site's

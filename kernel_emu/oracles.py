@@ -180,7 +180,7 @@ def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
                          expected: list[dict[str, int]], frames: list[str],
                          kstack_base: int | None) -> list[Finding]:
     """Walk the page tables the kernel is about to enter ring 3 with. The walk comes as runs
-    of consecutive pages (a 16 MiB segment is one run, not 4096 mappings); every check below
+    of consecutive pages (a 16 MiB segment is a dozen runs, not 4096 mappings); every check below
     finds the first page of a run it applies to, so the findings name the same page as a
     page-by-page scan would."""
     m, prof = ex.m, ex.profile

@@ -938,6 +938,21 @@ static PyObject *State_quiet_resume(TracerState *s, PyObject *Py_UNUSED(ignored)
     Py_RETURN_NONE;
 }
 
+/* The offset of the first 8-byte word at or after `from` where the maps differ, or
+ * MAP_SIZE. */
+static size_t next_change(const uint8_t *a, const uint8_t *b, size_t from)
+{
+    for (size_t w = from; w < MAP_SIZE; w += 8) {
+        uint64_t wa, wb;
+        memcpy(&wa, a + w, 8);
+        memcpy(&wb, b + w, 8);
+        if (wa != wb) {
+            return w;
+        }
+    }
+    return MAP_SIZE;
+}
+
 static PyObject *State_skip(TracerState *s, PyObject *args)
 {
     unsigned long long instructions, blocks, periods;
@@ -955,16 +970,10 @@ static PyObject *State_skip(TracerState *s, PyObject *args)
                                           "before the recent blocks are full");
         goto done;
     }
-    /* A period touches a few dozen edges of the 64 KiB maps: whole words that are equal
-     * in both (nearly all) are passed over, here and in the update below. */
+    /* A period touches a few dozen edges of the 64 KiB maps: only the 8-byte words that
+     * differ (few) are looked at, here and in the update below. */
     const uint8_t *b = before.buf, *a = after.buf;
-    for (size_t w = 0; w < MAP_SIZE; w += 8) {
-        uint64_t wa, wb;
-        memcpy(&wa, a + w, 8);
-        memcpy(&wb, b + w, 8);
-        if (wa == wb) {
-            continue;
-        }
+    for (size_t w = next_change(a, b, 0); w < MAP_SIZE; w = next_change(a, b, w + 8)) {
         for (size_t i = w; i < w + 8; i++) {
             if (a[i] < b[i]) {
                 PyErr_SetString(PyExc_ValueError, "coverage map went down");
@@ -981,13 +990,7 @@ static PyObject *State_skip(TracerState *s, PyObject *args)
     }
     s->ring_pos += blocks;
     if (s->coverage_on) {
-        for (size_t w = 0; w < MAP_SIZE; w += 8) {
-            uint64_t wa, wb;
-            memcpy(&wa, a + w, 8);
-            memcpy(&wb, b + w, 8);
-            if (wa == wb) {
-                continue;
-            }
+        for (size_t w = next_change(a, b, 0); w < MAP_SIZE; w = next_change(a, b, w + 8)) {
             for (size_t i = w; i < w + 8; i++) {
                 uint64_t d = (uint64_t)(a[i] - b[i]);
                 if (d != 0) {

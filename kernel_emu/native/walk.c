@@ -18,8 +18,8 @@
  *   tables     [table address] of every table visited
  *   None       a table lies outside `ram`: the caller walks in Python instead
  *
- * dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, bitmaps=0)
- *     -> (pages, tables, executable) | None
+ * dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0)
+ *     -> (pages, tables, executable) | int | None
  *   The same RAM, every present entry, user or not, in walk order:
  *   pages      the physical address of each 4 KiB page under a leaf with the Dirty bit
  *   tables     every table visited
@@ -28,15 +28,15 @@
  *   Non-leaf entries at level `accessed_level` (0: none) without the Accessed bit are not
  *   descended. None when a table lies outside `ram` or the walk would pass max_pages or
  *   max_tables.
- *   With `bitmaps`, pages and tables come as bitmaps over the RAM's pages instead (bit i of
+ *   With form 1, pages and tables come as bitmaps over the RAM's pages instead (bit i of
  *   byte i / 8 ... of a bytearray: the page at base + i * 4096), and a dirty page outside
  *   `ram` gives None too: the snapshot restore's set arithmetic is then a few integer
  *   operations instead of thousands of list items for a run that loaded megabytes.
  *   kernel_emu.dirtylog.dirty_leaves_python is the reference; snapshot restores use this
  *   after every run, where the Python walk would cost tens of microseconds.
  *
- * dirty_count(ram, base, root, accessed_level, max_pages, max_tables) -> int | None
- *   len(pages) of the same walk, without building any list (the watchdog's progress check).
+ *   With form 2, only len(pages), without building anything (the watchdog's progress
+ *   check at every checkpoint of a run that loads megabytes).
  *
  * restore_pages(ram, saved, bitmap) -> None
  *   The copy half of a snapshot restore, which a run that loaded megabytes needs for
@@ -58,6 +58,10 @@
 #define NX (1ULL << 63)
 #define ADDR_MASK 0x000FFFFFFFFFF000ULL
 #define PAGE 4096ULL
+/* what dirty_leaves returns */
+#define FORM_LISTS 0
+#define FORM_BITMAPS 1
+#define FORM_COUNT 2
 
 typedef struct {
     uint64_t vaddr, paddr, size, count;
@@ -311,37 +315,47 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer ram;
     unsigned long long base, root;
-    int accessed_level;
+    int accessed_level, form = FORM_LISTS;
     Py_ssize_t max_pages, max_tables;
-    int bitmaps = 0;
-    if (!PyArg_ParseTuple(args, "y*KKinn|p", &ram, &base, &root, &accessed_level, &max_pages,
-                          &max_tables, &bitmaps)) {
+    if (!PyArg_ParseTuple(args, "y*KKinn|i", &ram, &base, &root, &accessed_level, &max_pages,
+                          &max_tables, &form)) {
         return NULL;
     }
     Py_ssize_t nbytes = (ram.len / (Py_ssize_t)PAGE + 7) / 8;
     DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,
-                   0, 0, NULL, NULL, PyList_New(0), NULL, NULL, 0};
+                   0, 0, NULL, NULL, NULL, NULL, NULL, 0};
     PyObject *page_bits = NULL, *table_bits = NULL;
-    if (bitmaps) {
+    int ready = 1;
+    if (form == FORM_BITMAPS) {
         page_bits = PyByteArray_FromStringAndSize(NULL, nbytes);
         table_bits = PyByteArray_FromStringAndSize(NULL, nbytes);
-        if (page_bits != NULL && table_bits != NULL) {
+        ready = page_bits != NULL && table_bits != NULL;
+        if (ready) {
             d.page_bits = (uint8_t *)PyByteArray_AS_STRING(page_bits);
             d.table_bits = (uint8_t *)PyByteArray_AS_STRING(table_bits);
             memset(d.page_bits, 0, (size_t)nbytes);
             memset(d.table_bits, 0, (size_t)nbytes);
         }
-    } else {
+    } else if (form == FORM_LISTS) {
         d.pages = PyList_New(0);
         d.tables = PyList_New(0);
+        ready = d.pages != NULL && d.tables != NULL;
+    } else if (form != FORM_COUNT) {
+        PyBuffer_Release(&ram);
+        return PyErr_Format(PyExc_ValueError, "unknown form %d", form);
+    }
+    if (form != FORM_COUNT) {
+        d.executable = PyList_New(0);
+        ready = ready && d.executable != NULL;
     }
     PyObject *result = NULL;
-    int ready = bitmaps ? d.page_bits != NULL : (d.pages != NULL && d.tables != NULL);
-    if (ready && d.executable != NULL && (uint64_t)ram.len >= PAGE && max_pages >= 0 &&
+    if (ready && (uint64_t)ram.len >= PAGE && max_pages >= 0 &&
         dirty_walk(&d, root, 4, 0, 0) == 0) {
         if (d.give_up) {
             result = Py_NewRef(Py_None);
-        } else if (bitmaps) {
+        } else if (form == FORM_COUNT) {
+            result = PyLong_FromSsize_t(d.npages);
+        } else if (form == FORM_BITMAPS) {
             result = PyTuple_Pack(3, page_bits, table_bits, d.executable);
         } else {
             result = PyTuple_Pack(3, d.pages, d.tables, d.executable);
@@ -354,30 +368,6 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     Py_XDECREF(d.pages);
     Py_XDECREF(d.tables);
     Py_XDECREF(d.executable);
-    PyBuffer_Release(&ram);
-    return result;
-}
-
-static PyObject *dirty_count(PyObject *self, PyObject *args)
-{
-    (void)self;
-    Py_buffer ram;
-    unsigned long long base, root;
-    int accessed_level;
-    Py_ssize_t max_pages, max_tables;
-    if (!PyArg_ParseTuple(args, "y*KKinn", &ram, &base, &root, &accessed_level, &max_pages,
-                          &max_tables)) {
-        return NULL;
-    }
-    DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,
-                   0, 0, NULL, NULL, NULL, NULL, NULL, 0};
-    PyObject *result = NULL;
-    if ((uint64_t)ram.len >= PAGE && max_pages >= 0 && dirty_walk(&d, root, 4, 0, 0) == 0 &&
-        !d.give_up) {
-        result = PyLong_FromSsize_t(d.npages);
-    } else if (!PyErr_Occurred()) {
-        result = Py_NewRef(Py_None);
-    }
     PyBuffer_Release(&ram);
     return result;
 }
@@ -432,10 +422,8 @@ static PyMethodDef methods[] = {
     {"user_leaves", user_leaves, METH_VARARGS,
      "user_leaves(ram, base, cr3, max_leaves, runs=0) -> (leaves, tables) | None"},
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
-     "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, bitmaps=0) -> "
-     "(pages, tables, executable) | None"},
-    {"dirty_count", dirty_count, METH_VARARGS,
-     "dirty_count(ram, base, root, accessed_level, max_pages, max_tables) -> int | None"},
+     "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
+     "(pages, tables, executable) | int | None"},
     {NULL, NULL, 0, NULL},
 };
 
