@@ -109,8 +109,9 @@ class Executor:
         self.stalled_at = 0
         self._run_budget = self.budget
         self.next_checkpoint = self.budget
-        # With the watchdog on, a run whose whole state repeats is moved on by whole periods
-        # (kernel_emu/cycles.py): the same Result, without running them. Off: run them all.
+        # A run whose whole state repeats is moved on by whole periods, up to each watchdog
+        # checkpoint or to the budget (kernel_emu/cycles.py): the same Result, without running
+        # them. Off: run them all.
         self.skip_cycles = skip_cycles
         self._cycles: CycleFinder | None = None
         self.services = 0  # boot services performed in this run
@@ -410,8 +411,7 @@ class Executor:
         self._dirty_count = 0
         self.services = 0
         self.next_checkpoint = min(run_budget, self.watchdog) if self.watchdog else run_budget
-        self._cycles = CycleFinder(self) if (self.watchdog and self.skip_cycles
-                                             and self._log is not None
+        self._cycles = CycleFinder(self) if (self.skip_cycles and self._log is not None
                                              and self._snapshot is not None) else None
         return self._next_stop()
 
@@ -428,7 +428,7 @@ class Executor:
         """At a watchdog stop: resume (True) or call the run stalled (False). Progress is a
         page written for the first time in this run, or being inside a bulk memory routine."""
         tracer = self.tracer
-        if not self.watchdog or tracer.instructions >= self._run_budget:
+        if tracer.instructions >= self._run_budget:
             return False
         if tracer.instructions < self.next_checkpoint:
             # a stop of the cycle search, not a checkpoint
@@ -437,6 +437,8 @@ class Executor:
             self._cycles.on_stop()
             tracer.extend(self._next_stop())
             return True
+        if not self.watchdog:
+            return False
         pc = self.m.reg("rip")
         if self._wrote_new_pages() or any(lo <= pc < hi for lo, hi in self._bulk_ranges):
             self.next_checkpoint = min(tracer.instructions + self.watchdog, self._run_budget)

@@ -65,6 +65,24 @@ def test_mutated_inputs(pairs: dict[str, tuple[Executor, Executor]], base_elf: b
     assert kernel == "fixed" or skipped > 0
 
 
+@pytest.mark.parametrize("data", ["hang", "seed"])
+def test_without_a_watchdog_the_skip_goes_to_the_budget(base_elf: bytes, data: str) -> None:
+    """The farm checks a stalled run with the profile's own budget and no watchdog: the loop is
+    moved on to the budget by whole periods, with the same outcome as running it."""
+    profile = load_profile("seed")
+    budget = 3_000_000
+    on = Executor(profile, coverage=True, budget=budget)
+    off = Executor(profile, coverage=True, budget=budget, skip_cycles=False)
+    elf = _hang(base_elf) if data == "hang" else SEEDS[0].read_bytes()
+    assert observe(on, elf) == observe(off, elf)
+    if data == "hang":
+        assert on.run(elf).stop == "budget"
+        assert on.skipped_instructions > budget * 0.9
+        assert on.stalled_at == 0
+    else:
+        assert on.skipped_instructions == 0
+
+
 def test_full_boots_are_not_skipped(base_elf: bytes) -> None:
     """The cycle search is only for snapshot runs (their Dirty-bit log names the written
     pages); a full boot runs every instruction, as before."""
