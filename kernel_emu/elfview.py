@@ -45,6 +45,8 @@ MAX_PROBLEMS = 64
 _U64 = 1 << 64
 
 _PHDR64 = struct.Struct("<IIQQQQQQ")
+_U64_AT = struct.Struct("<Q")
+_TWO_U16_AT = struct.Struct("<HH")
 
 _CLASS_NAMES = {0: "NONE", ELFCLASS32: "ELF32", ELFCLASS64: "ELF64"}
 _DATA_NAMES = {0: "NONE", ELFDATA2LSB: "little-endian", ELFDATA2MSB: "big-endian"}
@@ -250,6 +252,31 @@ def read_elf(data: bytes) -> ElfView:
         entry=entry, phoff=phoff, phentsize=phentsize, phnum=phnum, shoff=shoff,
         shnum=shnum, program_headers=headers, problems=problems.freeze(),
     )
+
+
+def load_segments(data: bytes) -> tuple[Segment, ...]:
+    """``read_elf(data).load_segments`` without the problem report: what a run compares the
+    kernel's segment table with, read for every fuzzed input."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return ()
+    data = bytes(data)
+    size = len(data)
+    if size < ELF64_EHDR_SIZE or data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 \
+            or data[5] != ELFDATA2LSB:
+        return ()
+    phoff = _U64_AT.unpack_from(data, 32)[0]
+    phentsize, phnum = _TWO_U16_AT.unpack_from(data, 54)
+    if phnum == 0 or phoff >= size or size - phoff < ELF64_PHDR_SIZE:
+        return ()
+    stride = phentsize if phentsize > ELF64_PHDR_SIZE else ELF64_PHDR_SIZE
+    count = min(phnum, MAX_PROGRAM_HEADERS, (size - phoff - ELF64_PHDR_SIZE) // stride + 1)
+    if stride == ELF64_PHDR_SIZE:
+        rows = _PHDR64.iter_unpack(memoryview(data)[phoff:phoff + count * ELF64_PHDR_SIZE])
+    else:
+        rows = (_PHDR64.unpack_from(data, phoff + i * stride) for i in range(count))
+    return tuple(Segment(vaddr, memsz, filesz, offset, flags)
+                 for p_type, flags, offset, vaddr, _paddr, filesz, memsz, _align in rows
+                 if p_type == PT_LOAD)
 
 
 def _read_program_headers(

@@ -21,7 +21,7 @@ from kernel_emu import oracles
 from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
 from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count, index_mask, mask_indexes
-from kernel_emu.elfview import read_elf
+from kernel_emu.elfview import load_segments
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.firmware import (
     DEBUG_PORT,
@@ -315,7 +315,7 @@ class Executor:
 
     def _run(self, data: bytes, ramdisk: bytes) -> Result:
         t0 = time.perf_counter()
-        view = read_elf(data)
+        segments = load_segments(data)
         if self._snapshot is not None:
             self._restore()
             base = self._snapshot.instructions
@@ -332,7 +332,7 @@ class Executor:
         t2 = time.perf_counter()
         self.obs.events, _ = replay(self._take_events(), self.alloc_sites,
                                     lambda a, ret: self.image.describe(a, return_address=ret))
-        result = oracles.assess(self, view, stop, base + self.tracer.instructions)
+        result = oracles.assess(self, segments, stop, base + self.tracer.instructions)
         result.input_sha256 = hashlib.sha256(data).hexdigest()
         result.snapshot = self._snapshot is not None
         result.notes = list(self.notes)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import capstone
 
 from kernel_emu import heapwalk, pagewalk
-from kernel_emu.elfview import ElfView
+from kernel_emu.elfview import Segment
 from kernel_emu.klog import KernelLog, parse_log
 from kernel_emu.machine import PAGE
 from kernel_emu.result import Finding, Result
@@ -147,8 +147,8 @@ def _panic_finding(ex: Executor, log: KernelLog, frames: list[str]) -> Finding:
 # ------------------------------------------------------------------------------------------
 # what was loaded versus what the ELF says
 
-def _expected(view: ElfView) -> list[dict[str, int]]:
-    return [s.to_json() for s in view.load_segments]
+def _expected(segments: tuple[Segment, ...]) -> list[dict[str, int]]:
+    return [s.to_json() for s in segments]
 
 
 def _segment_findings(ex: Executor, log: KernelLog, expected: list[dict[str, int]],
@@ -176,7 +176,7 @@ def _segment_findings(ex: Executor, log: KernelLog, expected: list[dict[str, int
     return out
 
 
-def _user_space_findings(ex: Executor, log: KernelLog, view: ElfView,
+def _user_space_findings(ex: Executor, log: KernelLog,
                          expected: list[dict[str, int]], frames: list[str],
                          kstack_base: int | None) -> list[Finding]:
     """Walk the page tables the kernel is about to enter ring 3 with. The walk comes as runs
@@ -368,11 +368,13 @@ def _entry_findings(ex: Executor, cr3: int, frames: list[str]) -> list[Finding]:
 
 # ------------------------------------------------------------------------------------------
 
-def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
+def assess(ex: Executor, segments: tuple[Segment, ...], stop: str,
+           instructions: int) -> Result:
+    """The Result of the run that just ended; `segments`: the input's PT_LOAD entries."""
     m, obs = ex.m, ex.obs
     text = ex.console().decode("utf-8", errors="replace")
     log = parse_log(text)
-    expected = _expected(view)
+    expected = _expected(segments)
     frames = backtrace(ex)
     kstack_base = ex.kernel_stack_base() or None
     terminal: Finding | None = None
@@ -400,7 +402,7 @@ def assess(ex: Executor, view: ElfView, stop: str, instructions: int) -> Result:
     if log.rejected is None:
         state += _segment_findings(ex, log, expected, frames, cut_short=stop == "budget")
     if stop == "until":
-        state += _user_space_findings(ex, log, view, expected, frames, kstack_base)
+        state += _user_space_findings(ex, log, expected, frames, kstack_base)
     findings = _dedupe(obs.events + state + ([terminal] if terminal else []))
     primary = findings[0] if findings else None
     if primary is not None:

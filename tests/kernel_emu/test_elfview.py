@@ -18,6 +18,7 @@ from kernel_emu.elfview import (
     ProgramHeader,
     Segment,
     describe_header,
+    load_segments,
     read_elf,
 )
 from tests.elfs import build_elf, readelf_loads, tools_available
@@ -61,6 +62,8 @@ def _patch(image: bytes, offset: int, width: int, value: int) -> bytes:
 
 def _check_invariants(view: ElfView, data: bytes) -> None:
     assert isinstance(view, ElfView)
+    # the lean reader every run uses must agree with the full one on any bytes
+    assert load_segments(data) == view.load_segments
     assert all(isinstance(p, str) for p in view.problems)
     assert len(view.problems) <= MAX_PROBLEMS + 1
     assert len(view.program_headers) <= min(view.phnum, 65535)
