@@ -205,13 +205,13 @@ def test_oracles_on_a_user_address_space_changed_after_the_run(base_elf: bytes) 
     """Real state at the ring-3 entry, then one page-table entry rewritten by hand: the page
     oracles must notice a user page over kernel memory and an entry that is not executable."""
     from kernel_emu import oracles, pagewalk
-    from kernel_emu.elfview import read_elf
+    from kernel_emu.elfview import load_segments
 
     ex = Executor(load_profile("seed"))
-    view = read_elf(base_elf)
+    segments = load_segments(base_elf)
     assert ex.run(base_elf).verdict == "ok"
     cr3 = ex.m.reg("cr3")
-    text = [s for s in view.load_segments if s.flags & 1][0]
+    text = [s for s in segments if s.flags & 1][0]
     entry_page = ex.m.u64(ex.m.reg("rsp")) & ~0xFFF
 
     def pte_of(vaddr: int) -> int:
@@ -221,23 +221,23 @@ def test_oracles_on_a_user_address_space_changed_after_the_run(base_elf: bytes) 
                 0x000F_FFFF_FFFF_F000
         return table + ((vaddr >> 12) & 0x1FF) * 8
 
-    data_page = [s for s in view.load_segments if s.flags & 2][0].vaddr & ~0xFFF
+    data_page = [s for s in segments if s.flags & 2][0].vaddr & ~0xFFF
     pte = pte_of(data_page)
     ex.m.put_u64(pte, (ex.m.u64(pte) & ~0x000F_FFFF_FFFF_F000) | 0x30_0000)
-    result = oracles.assess(ex, view, "until", 0)
+    result = oracles.assess(ex, segments, "until", 0)
     assert result.crash_class == "kernel-mapping", result.findings
     assert "which is kernel heap" in result.findings[0].evidence[0]
 
     # the same user page now maps the page table that maps it
     ex.m.put_u64(pte, (ex.m.u64(pte) & ~0x000F_FFFF_FFFF_F000) | (pte & ~0xFFF))
-    result = oracles.assess(ex, view, "until", 0)
+    result = oracles.assess(ex, segments, "until", 0)
     assert result.crash_class == "kernel-mapping", result.findings
     assert "a page table of this address space" in result.findings[0].evidence[0]
 
     assert text.vaddr & ~0xFFF <= entry_page
     pte = pte_of(entry_page)
     ex.m.put_u64(pte, ex.m.u64(pte) | (1 << 63))  # NX on the entry page
-    result = oracles.assess(ex, view, "until", 0)
+    result = oracles.assess(ex, segments, "until", 0)
     assert any(f.cls == "bad-entry" and "not executable" in f.evidence[0]
                for f in result.findings)
     assert pagewalk.translate(ex.m, cr3, entry_page).executable is False
