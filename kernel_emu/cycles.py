@@ -13,10 +13,12 @@ Result is exactly the one of running every instruction. Without a watchdog (the 
 budget, as when the farm checks a stalled run) the skip goes up to the budget: an endless loop
 costs a few milliseconds instead of its 60 million instructions.
 
-How a cycle is found, at a few probe points (instruction counts 4096, 8192, ...): the guest is
-stopped at the start of the block it is in (``stop_at``), the state is recorded, and the guest
-is stopped again at each of its next arrivals there, up to :data:`MAX_ARRIVALS`; an arrival
-with the recorded state proves the cycle. Only snapshot runs under the firmware's identity page
+How a cycle is found, at a few probe points (4096, 8192, ... instructions, not counting the
+iterations of bulk moves performed natively, which make progress by definition): the guest is
+stopped at the start of the block it is in (``stop_at``), its registers are recorded, and the
+guest is stopped again at each of its next arrivals there, up to :data:`MAX_ARRIVALS`. The whole
+state is read only at arrivals with those registers again, and two of them with the same state
+prove the cycle. Only snapshot runs under the firmware's identity page
 tables are probed (the Dirty bits there name every page the run wrote), and only while the run
 has written at most :data:`MAX_PAGES` pages. The extra stops leave no trace: the tracer drops
 the block entry of each resume (``quiet_resume``).
@@ -28,12 +30,13 @@ import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kernel_emu.dirtylog import ADDR_MASK, dirty_leaves
+from kernel_emu.dirtylog import ADDR_MASK, dirty_count, dirty_leaves
 from kernel_emu.machine import PAGE
 from kernel_emu.tracing import RING_SIZE
 
 if TYPE_CHECKING:
     from kernel_emu.executor import Executor
+    from kernel_emu.tracing import GuestTracer
 
 FIRST_PROBE = 4096
 MAX_ARRIVALS = 16
@@ -45,7 +48,6 @@ class _State:
     instructions: int
     blocks: int
     coverage: bytes
-    registers: dict[str, int]
     # everything else must be equal for two states to be the same
     same: tuple[object, ...]
 
@@ -64,13 +66,28 @@ class CycleFinder:
 
     def __init__(self, ex: Executor) -> None:
         self.ex = ex
-        self.next_probe: int | None = FIRST_PROBE
+        self._probe_at: int | None = FIRST_PROBE  # in instructions outside bulk moves
         self._address: int | None = None
-        self._anchor: _State | None = None
+        self._first: dict[str, int] | None = None  # registers at the first arrival
+        self._anchor: _State | None = None  # the whole state at a later one with the same
+        self._anchored_at = 0
         self._arrivals = 0
         self._cycle: _Cycle | None = None
         self._regime = 0  # block entries from here on follow the periodic sequence
         self.skipped = 0
+
+    @property
+    def next_probe(self) -> int | None:
+        """The instruction count of the next probe if no bulk move comes first (the tracer's
+        floating stop moves it on by each iteration of one)."""
+        if self._probe_at is None:
+            return None
+        tracer = self.ex.tracer
+        return tracer.instructions + max(0, self._probe_at - self._own(tracer))
+
+    @staticmethod
+    def _own(tracer: GuestTracer) -> int:
+        return tracer.instructions - tracer.fast_units
 
     def on_stop(self) -> None:
         """At a stop of ours (a probe or an arrival), before the guest resumes."""
@@ -78,7 +95,7 @@ class CycleFinder:
         tracer.quiet_resume()
         if tracer.stop_hit:
             self._arrived()
-        elif self.next_probe is not None and tracer.instructions >= self.next_probe:
+        elif self._probe_at is not None and self._own(tracer) >= self._probe_at:
             self._probe()
 
     def after_checkpoint(self) -> None:
@@ -91,12 +108,21 @@ class CycleFinder:
 
     def _probe(self) -> None:
         tracer = self.ex.tracer
-        self.next_probe = 2 * tracer.instructions
+        self._probe_at = 2 * self._own(tracer)
         blocks = tracer.recent_blocks()
-        if not blocks or not self._may_stop_at(blocks[-1]):
+        if not blocks or not self._may_stop_at(blocks[-1]) or not self._small_enough():
             return
-        self._address, self._anchor, self._arrivals = blocks[-1], None, 0
+        self._address, self._first, self._anchor, self._arrivals = blocks[-1], None, None, 0
         tracer.stop_at(self._address)
+
+    def _small_enough(self) -> bool:
+        """Whether a state could be captured now (see :meth:`_capture`): a run that has
+        written more pages is no candidate, and costs no stop."""
+        ex = self.ex
+        if ex.m.reg("cr3") & ADDR_MASK != ex.fw.pml4:
+            return False
+        count = dirty_count(ex.m, ex.fw.pml4, accessed_level=2)
+        return count is not None and count <= MAX_PAGES
 
     def _may_stop_at(self, address: int) -> bool:
         ex = self.ex
@@ -108,27 +134,32 @@ class CycleFinder:
         if self._cycle is not None:
             self._skip()
             return
-        if self._anchor is not None and self.ex.m.registers() != self._anchor.registers:
-            # the usual case of a loop that makes progress: no need to look at memory
-            self._arrivals += 1
+        registers = self.ex.m.registers()
+        if self._first is None:
+            # memory is read only once these registers come back: a loop that makes progress
+            # (most of them, e.g. one mapping pages) never costs more than this
+            self._first = registers
+            tracer.stop_at(self._address)
+            return
+        self._arrivals += 1
+        if registers != self._first:
             self._next_arrival()
             return
         state = self._capture()
         if state is None:
             self._drop()
             return
-        if self._anchor is None:
-            self._anchor = state
-            self._regime = max(self._regime, state.blocks)
-            tracer.stop_at(self._address)
-            return
-        self._arrivals += 1
         anchor = self._anchor
+        if anchor is None:
+            self._anchor, self._anchored_at = state, self._arrivals
+            self._regime = max(self._regime, state.blocks)
+            self._next_arrival()
+            return
         if state.same == anchor.same:
             self._cycle = _Cycle(state.instructions - anchor.instructions,
-                                 state.blocks - anchor.blocks, self._arrivals,
+                                 state.blocks - anchor.blocks, self._arrivals - self._anchored_at,
                                  anchor.coverage, state.coverage)
-            self.next_probe = None
+            self._probe_at = None
             self._skip()
         else:
             self._next_arrival()
@@ -140,7 +171,7 @@ class CycleFinder:
             self._drop()
 
     def _drop(self) -> None:
-        self._address, self._anchor, self._cycle = None, None, None
+        self._address, self._first, self._anchor, self._cycle = None, None, None, None
         self.ex.tracer.stop_at(None)
 
     def _arm_for_skip(self) -> None:
@@ -186,5 +217,4 @@ class CycleFinder:
         cpu = ctypes.string_at(base + context.size - state_size, state_size)
         same = (cpu, tuple(pages), memory, tracer.console(), tracer.console_dropped,
                 len(tracer.port_log()), tracer.event_count, ex.services)
-        return _State(tracer.instructions, tracer.blocks, bytes(tracer.coverage()),
-                      m.registers(), same)
+        return _State(tracer.instructions, tracer.blocks, bytes(tracer.coverage()), same)

@@ -322,7 +322,7 @@ class Executor:
         else:
             self._new_machine()
             self._fast_forward(True)
-            self.tracer.reset(self._first_stop(self.budget))
+            self._first_stop(self.budget)
             self._ramdisk_size = 0
             base = 0
         self.fw.hand_over_ramdisk(ramdisk, self._ramdisk_size)
@@ -402,9 +402,10 @@ class Executor:
         m.set_reg("cr3", m.reg("cr3"))
         self.fw.state = snap.firmware.copy()
         self.obs = Observations(log_prefix=snap.log, ports_prefix=snap.ports)
-        self.tracer.reset(self._first_stop(self.budget - snap.instructions))
+        self._first_stop(self.budget - snap.instructions)
 
-    def _first_stop(self, run_budget: int) -> int:
+    def _first_stop(self, run_budget: int) -> None:
+        """Reset the tracer for a run of `run_budget` instructions and arm its first stop."""
         self._run_budget = run_budget
         self.stalled_at = 0
         self._written.clear()
@@ -413,11 +414,17 @@ class Executor:
         self.next_checkpoint = min(run_budget, self.watchdog) if self.watchdog else run_budget
         self._cycles = CycleFinder(self) if (self.skip_cycles and self._log is not None
                                              and self._snapshot is not None) else None
-        return self._next_stop()
+        self.tracer.reset(self.next_checkpoint)
+        self._arm_next_stop()
 
-    def _next_stop(self) -> int:
+    def _arm_next_stop(self) -> None:
+        """Stop at the next checkpoint, or before it at the cycle search's next probe, which
+        is not counted in bulk-move iterations (a run loading megabytes is no cycle)."""
         probe = self._cycles.next_probe if self._cycles is not None else None
-        return self.next_checkpoint if probe is None else min(probe, self.next_checkpoint)
+        if probe is None or probe >= self.next_checkpoint:
+            self.tracer.extend(self.next_checkpoint)
+        else:
+            self.tracer.extend(probe, self.next_checkpoint)
 
     @property
     def skipped_instructions(self) -> int:
@@ -435,7 +442,7 @@ class Executor:
             assert self._cycles is not None
             tracer.extend(self.next_checkpoint)  # a skip may go up to the checkpoint
             self._cycles.on_stop()
-            tracer.extend(self._next_stop())
+            self._arm_next_stop()
             return True
         if not self.watchdog:
             return False
@@ -444,7 +451,7 @@ class Executor:
             self.next_checkpoint = min(tracer.instructions + self.watchdog, self._run_budget)
             if self._cycles is not None:
                 self._cycles.after_checkpoint()
-            tracer.extend(self._next_stop())
+            self._arm_next_stop()
             return True
         self.stalled_at = tracer.instructions
         return False

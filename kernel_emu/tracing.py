@@ -269,9 +269,14 @@ class GuestTracer(Protocol):
         """True if the budget stopped the guest since reset."""
         ...
 
-    def extend(self, budget: int) -> None:
+    def extend(self, budget: int, limit: int | None = None) -> None:
         """Raise the budget (counted since reset, not below :attr:`instructions`) and clear
-        :attr:`budget_exhausted`: resuming the guest then continues the same run exactly."""
+        :attr:`budget_exhausted`: resuming the guest then continues the same run exactly.
+
+        With a ``limit`` (not below ``budget``) the stop floats: bulk-move iterations
+        performed natively from now on (:meth:`fast_forward`) do not count towards it, each
+        moves it on by one, and it never passes ``limit``, which the moves themselves stop
+        at exactly. Without one, the stop is exact in every instruction."""
         ...
 
     def take_dirty(self) -> list[tuple[int, int]]:
@@ -550,8 +555,8 @@ class NativeTracer:
     def reset(self, budget: int) -> None:
         self._state.reset(_check_budget(budget))
 
-    def extend(self, budget: int) -> None:
-        self._state.extend(_check_budget(budget))
+    def extend(self, budget: int, limit: int | None = None) -> None:
+        self._state.extend(_check_budget(budget), None if limit is None else _check_budget(limit))
 
     @property
     def instructions(self) -> int:
@@ -814,9 +819,12 @@ class PythonTracer:
         self._budget = _check_budget(budget)
         self._clear()
 
-    def extend(self, budget: int) -> None:
+    def extend(self, budget: int, limit: int | None = None) -> None:
         if _check_budget(budget) < self._count:
             raise ValueError("a budget cannot be extended below the count")
+        if limit is not None and _check_budget(limit) < budget:
+            raise ValueError("a limit cannot be below the budget")
+        # no bulk moves run natively here, so a floating stop is the budget itself
         self._budget = budget
         self._exhausted = False
 

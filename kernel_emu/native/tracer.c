@@ -139,6 +139,12 @@ typedef struct {
      * no announcement comes, the next block hook undoes it. */
     int stop_pending; /* read by every block hook */
     uint64_t saved_budget;
+    /* A stop that bulk moves push back: every iteration performed natively
+     * moves `budget` on by one, up to `bulk_limit`, which the moves never pass
+     * (extend with a limit; otherwise the stop is exact and the limit is
+     * the budget itself). */
+    int floating;
+    uint64_t bulk_limit;
     uint64_t ring_pos;
     uint64_t ring[RING_SIZE];
 
@@ -278,6 +284,7 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
         s->stop_addr = UINT64_MAX;
         s->stop_hit = 1;
         s->budget = s->icount;
+        s->floating = 0;
         return;
     }
     uint32_t i = 0;
@@ -764,6 +771,8 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     }
     s->icount = 0;
     s->budget = budget;
+    s->floating = 0;
+    s->bulk_limit = budget;
     s->stop_pending = 0;
     s->exhausted = 0;
     s->prev_loc = 0;
@@ -790,16 +799,28 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static PyObject *State_extend(TracerState *s, PyObject *arg)
+static PyObject *State_extend(TracerState *s, PyObject *args)
 {
-    unsigned long long budget = PyLong_AsUnsignedLongLong(arg);
-    if (budget == (unsigned long long)-1 && PyErr_Occurred()) {
+    unsigned long long budget, limit;
+    PyObject *limit_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "K|O", &budget, &limit_obj)) {
         return NULL;
     }
-    if (budget < s->icount) {
-        PyErr_SetString(PyExc_ValueError, "a budget cannot be extended below the count");
+    if (limit_obj == Py_None) {
+        limit = budget;
+    } else {
+        limit = PyLong_AsUnsignedLongLong(limit_obj);
+        if (limit == (unsigned long long)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (budget < s->icount || limit < budget) {
+        PyErr_SetString(PyExc_ValueError, "a budget cannot be extended below the count, "
+                                          "nor a limit below the budget");
         return NULL;
     }
+    s->floating = limit > budget;
+    s->bulk_limit = limit;
     /* While a service stop is pending the real budget is parked. */
     if (s->stop_pending) {
         s->saved_budget = budget;
@@ -1278,9 +1299,11 @@ static PyMethodDef State_methods[] = {
     {"reset", (PyCFunction)State_reset, METH_O,
      "reset(budget) -> None\n\nZero counters, coverage, recent blocks and dirty sets; "
      "stop the guest before instruction number budget + 1."},
-    {"extend", (PyCFunction)State_extend, METH_O,
-     "extend(budget) -> None\n\nRaise the budget (counted since reset) of a run the budget "
-     "stopped, so the guest can be resumed where it stopped."},
+    {"extend", (PyCFunction)State_extend, METH_VARARGS,
+     "extend(budget, limit=None) -> None\n\nRaise the budget (counted since reset) of a run "
+     "the budget stopped, so the guest can be resumed where it stopped. With a limit, the "
+     "stop is not counted in bulk-move iterations: each one performed natively from now on "
+     "moves it on by one, never past the limit."},
     {"take_dirty", (PyCFunction)State_take_dirty, METH_NOARGS,
      "take_dirty() -> list[tuple[int, int]]\n\nReturn and clear the pages written since "
      "the last take or reset, sorted."},

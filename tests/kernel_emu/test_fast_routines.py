@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fuzz.harness import WATCHDOG
 from fuzz.mutator import ElfMutator
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
@@ -115,6 +116,40 @@ def test_budget_stop_inside_a_bulk_move(base_elf: bytes) -> None:
     assert fast.tracer.budget_exhausted
     assert fast.m.reg("rip") in {site.address for site in fast._bulk_sites}
     assert fast.m.registers() == slow.m.registers()
+
+
+def test_cycle_probes_are_not_counted_in_bulk_moves(monkeypatch: pytest.MonkeyPatch,
+                                                    base_elf: bytes) -> None:
+    """The cycle search probes at 4096, 8192, ... instructions outside the bulk moves: the
+    tracer's floating stop moves on with every iteration performed natively, so a run zeroing
+    and copying 16 MiB stops at exactly those counts, and at nothing in between."""
+    from kernel_emu import cycles
+
+    probes: list[tuple[int, int]] = []
+    idle = [0]
+    original_on_stop, original_probe = cycles.CycleFinder.on_stop, cycles.CycleFinder._probe
+
+    def probe(self: cycles.CycleFinder) -> None:
+        tracer = self.ex.tracer
+        probes.append((tracer.instructions - tracer.fast_units, tracer.fast_units))
+        original_probe(self)
+
+    def on_stop(self: cycles.CycleFinder) -> None:
+        before = (len(probes), self.ex.tracer.stop_hit)
+        original_on_stop(self)
+        idle[0] += before == (len(probes), False)
+
+    monkeypatch.setattr(cycles.CycleFinder, "_probe", probe)
+    monkeypatch.setattr(cycles.CycleFinder, "on_stop", on_stop)
+    data = next(r for r in REPRODUCERS if r.bug == "RX-01").make(base_elf)
+    ex = Executor(load_profile("seed"), watchdog=WATCHDOG)
+    ex.run(data)
+    own = ex.tracer.instructions - ex.fast_units
+    assert ex.fast_units > 4_000_000
+    assert [at for at, _ in probes] == [cycles.FIRST_PROBE << i for i in range(len(probes))]
+    assert probes[-1][0] * 2 > own
+    assert any(units > 0 for _, units in probes)  # a stop that bulk moves pushed back
+    assert idle[0] == 0
 
 
 def test_snapshot_runs_equal_full_boots(base_elf: bytes) -> None:
