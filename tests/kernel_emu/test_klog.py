@@ -1,0 +1,35 @@
+"""The kernel log reader: what it takes from a boot's console, and which of repeated lines win."""
+
+from __future__ import annotations
+
+from kernel_emu.klog import parse_log
+
+BOOT = """[boot] rustux
+[mm] kstack base=0x7fc0000 top=0x8000000
+[heap] init base=0x300000 size=0x1000000
+[elf] bin/init at 0x100000050, 1384 bytes
+[elf] segments count=2
+[elf] seg 0 vaddr=0x400000 memsz=0x186 filesz=0x186 offset=0x0 flags=0x5
+[elf] seg 1 vaddr=0x4021e8 memsz=0x2018 filesz=0x8 offset=0x1e8 flags=0x6
+[elf] entry=0x400120
+[user] enter rip=0x400120 rsp=0x7fffffffefc0 cr3=0x7f7f000
+"""
+
+
+def test_a_boot_log() -> None:
+    log = parse_log(BOOT)
+    assert log.segment_count == 2
+    assert log.segments == [
+        {"vaddr": 0x400000, "memsz": 0x186, "filesz": 0x186, "offset": 0, "flags": 5},
+        {"vaddr": 0x4021E8, "memsz": 0x2018, "filesz": 8, "offset": 0x1E8, "flags": 6}]
+    assert log.entry == 0x400120
+    assert log.kstack == (0x7FC0000, 0x8000000)
+    assert log.user_entry == (0x400120, 0x7FFFFFFFEFC0, 0x7F7F000)
+    assert log.rejected is None and log.panic is None
+
+
+def test_rejection_and_panic_keep_the_first() -> None:
+    log = parse_log("rejected: too many segments \nrejected: later\n"
+                    "[PANIC] out of memory at src/heap.rs:88\n[PANIC] again\n")
+    assert log.rejected == "too many segments"
+    assert (log.panic, log.panic_location) == ("out of memory", "src/heap.rs:88")
