@@ -22,6 +22,7 @@ from kernel_emu.result import Finding, Result
 
 if TYPE_CHECKING:
     from kernel_emu.executor import Executor
+    from kernel_emu.image import KernelImage
 
 VECTORS = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general protection",
            14: "#PF page fault", 8: "#DF double fault", 3: "#BP breakpoint", 4: "#OF overflow",
@@ -122,11 +123,23 @@ def _fault_finding(ex: Executor, kstack_base: int | None, frames: list[str]) -> 
     return Finding("cpu-fault", [f"{name} at {where}"], frames=frames, pc=fault.pc)
 
 
+def spinning_in(image: KernelImage, blocks: list[int]) -> tuple[str | None, str]:
+    """The function most of a hang's recent blocks are in (the first seen of a tie; None
+    without blocks) and the lowest eight distinct block addresses."""
+    # a loop is a few blocks over and over: each distinct one is looked up once, in order of
+    # first appearance
+    times = Counter(blocks)
+    funcs: Counter[str] = Counter()
+    for block, n in times.items():
+        funcs[image.describe(block).rsplit("+0x", 1)[0]] += n
+    spot = funcs.most_common(1)[0][0] if funcs else None
+    return spot, ", ".join(sorted(f"{b:#x}" for b in times)[:8])
+
+
 def _hang_finding(ex: Executor, frames: list[str]) -> Finding:
-    blocks = ex.tracer.recent_blocks()
-    funcs = Counter(ex.image.describe(b).rsplit("+0x", 1)[0] for b in blocks)
-    spot = funcs.most_common(1)[0][0] if funcs else ex.image.describe(ex.m.reg("rip"))
-    loop = ", ".join(sorted({f"{b:#x}" for b in blocks})[:8])
+    spot, loop = spinning_in(ex.image, ex.tracer.recent_blocks())
+    if spot is None:
+        spot = ex.image.describe(ex.m.reg("rip"))
     if ex.stalled_at:
         why = (f"no progress: stopped by the watchdog after {ex.stalled_at} instructions of "
                f"this run outside the bulk memory routines")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections import Counter
 
 from kernel_emu import oracles
 from kernel_emu.machine import PAGE
@@ -89,3 +90,33 @@ def test_run_checks_name_the_page_a_page_scan_names() -> None:
         found["extra"] += want_extra is not None
     # every kind of verdict came up, so the comparison covered each path
     assert min(found.values()) > 50, found
+
+
+def test_spinning_in_looks_up_each_block_once() -> None:
+    """A hang's spot, found with one lookup per distinct block, is the one of looking up every
+    recent block: the most frequent function, the first seen of a tie."""
+    from kernel_emu.image import load_image
+    from kernel_emu.profile import load_profile
+
+    image = load_image(load_profile("seed").image)
+    text = [(s.vaddr, s.end) for s in image.segments if s.flags & 1]
+    rng = random.Random(0x5B1)
+    addresses = [rng.randrange(lo, hi) for lo, hi in text for _ in range(40)] + [0x10, 1 << 47]
+
+    def by_entry(blocks: list[int]) -> tuple[str | None, str]:
+        funcs: dict[str, int] = {}
+        for b in blocks:
+            name = image.describe(b).rsplit("+0x", 1)[0]
+            funcs[name] = funcs.get(name, 0) + 1
+        best = max(funcs.values(), default=0)
+        spot = next((n for n, c in funcs.items() if c == best), None)
+        return spot, ", ".join(sorted({f"{b:#x}" for b in blocks})[:8])
+
+    ties = 0
+    for _ in range(2000):
+        pool = rng.sample(addresses, rng.randint(1, 6))
+        blocks = [rng.choice(pool) for _ in range(rng.choice([0, 1, 2, 7, 64]))]
+        assert oracles.spinning_in(image, blocks) == by_entry(blocks)
+        counts = sorted(Counter(image.describe(b).rsplit("+0x", 1)[0] for b in blocks).values())
+        ties += len(counts) > 1 and counts[-1] == counts[-2]
+    assert ties > 50
