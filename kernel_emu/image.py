@@ -8,7 +8,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 import lief
@@ -141,17 +141,18 @@ class KernelImage:
             self._by_name.setdefault(sym.name, sym)
             self._by_name.setdefault(sym.mangled, sym)
 
-    @property
+    # the segments never change after loading; the oracles ask these on every run
+    @cached_property
     def start(self) -> int:
         return min(s.vaddr for s in self.segments)
 
-    @property
+    @cached_property
     def end(self) -> int:
         return max(s.end for s in self.segments)
 
-    @property
-    def text_ranges(self) -> list[tuple[int, int]]:
-        return [(s.vaddr, s.end) for s in self.segments if s.flags & 1]
+    @cached_property
+    def text_ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple((s.vaddr, s.end) for s in self.segments if s.flags & 1)
 
     def symbol(self, name: str) -> Symbol:
         try:
