@@ -69,7 +69,8 @@ class CycleFinder:
         self._probe_at: int | None = FIRST_PROBE  # in instructions outside bulk moves
         self._address: int | None = None
         self._first: dict[str, int] | None = None  # registers at the first arrival
-        self._anchor: _State | None = None  # the whole state at a later one with the same
+        # the whole state at a later arrival with those registers
+        self._anchor: _State | None = None
         self._anchored_at = 0
         self._arrivals = 0
         self._cycle: _Cycle | None = None
@@ -118,11 +119,14 @@ class CycleFinder:
     def _small_enough(self) -> bool:
         """Whether a state could be captured now (see :meth:`_capture`): a run that has
         written more pages is no candidate, and costs no stop."""
-        ex = self.ex
-        if ex.m.reg("cr3") & ADDR_MASK != ex.fw.pml4:
+        if not self._under_identity_tables():
             return False
-        count = dirty_count(ex.m, ex.fw.pml4, accessed_level=2)
+        count = dirty_count(self.ex.m, self.ex.fw.pml4, accessed_level=2)
         return count is not None and count <= MAX_PAGES
+
+    def _under_identity_tables(self) -> bool:
+        """Whose Dirty bits name every page the run wrote (see the module doc)."""
+        return self.ex.m.reg("cr3") & ADDR_MASK == self.ex.fw.pml4
 
     def _may_stop_at(self, address: int) -> bool:
         ex = self.ex
@@ -199,7 +203,7 @@ class CycleFinder:
     def _capture(self) -> _State | None:
         ex = self.ex
         m, tracer = ex.m, ex.tracer
-        if m.reg("cr3") & ADDR_MASK != ex.fw.pml4:
+        if not self._under_identity_tables():
             return None
         # page tables the run did not use are as in the snapshot (the log clears Accessed)
         walk = dirty_leaves(m, ex.fw.pml4, accessed_level=2)

@@ -254,8 +254,7 @@ class Executor:
                                   tracer.instructions)
         self._fast_forward(True)
         tracer.identity_cr3 = fw.pml4
-        self._code_ranges = [(s.vaddr, s.end) for s in self.image.segments if s.flags & 1]
-        self._code_ranges.append((FIRMWARE_BASE, FIRMWARE_END))
+        self._code_ranges = [*self.image.text_ranges, (FIRMWARE_BASE, FIRMWARE_END)]
         # per bank, a mask of the pages whose translated code a restore must drop
         self._code_masks = [0] * len(m.banks)
         for lo, hi in self._code_ranges:
@@ -322,7 +321,7 @@ class Executor:
         else:
             self._new_machine()
             self._fast_forward(True)
-            self._first_stop(self.budget)
+            self._start_run(self.budget)
             self._ramdisk_size = 0
             base = 0
         self.fw.hand_over_ramdisk(ramdisk, self._ramdisk_size)
@@ -402,9 +401,9 @@ class Executor:
         m.set_reg("cr3", m.reg("cr3"))
         self.fw.state = snap.firmware.copy()
         self.obs = Observations(log_prefix=snap.log, ports_prefix=snap.ports)
-        self._first_stop(self.budget - snap.instructions)
+        self._start_run(self.budget - snap.instructions)
 
-    def _first_stop(self, run_budget: int) -> None:
+    def _start_run(self, run_budget: int) -> None:
         """Reset the tracer for a run of `run_budget` instructions and arm its first stop."""
         self._run_budget = run_budget
         self.stalled_at = 0

@@ -199,10 +199,10 @@ class FarmStore:
     def put_blobs(self, inputs: list[bytes]) -> list[str]:
         """Store several inputs in one command (a blob's bytes are its name, so writing one
         that exists changes nothing)."""
-        by_sha = {sha256(d): d for d in inputs}
-        if by_sha:
-            self.r.mset({P + "blob:" + sha: data for sha, data in by_sha.items()})
-        return [sha256(d) for d in inputs]
+        shas = [sha256(d) for d in inputs]
+        if shas:
+            self.r.mset({P + "blob:" + sha: data for sha, data in zip(shas, inputs, strict=True)})
+        return shas
 
     def get_blob(self, sha: str) -> bytes | None:
         return self.r.get(P + "blob:" + sha)

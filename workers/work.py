@@ -33,7 +33,7 @@ from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result
 from workers.kernels import materialize
 from workers.settings import Settings
-from workers.store import FarmStore, sha256
+from workers.store import FarmStore, _s, sha256
 
 log = logging.getLogger("fuzzfarm.workers")
 
@@ -143,7 +143,7 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
         # a job stopped as it started may have written no corpus at all
         queue = sorted((work / "corpus").iterdir()) if (work / "corpus").is_dir() else []
         fresh = [data for data in (p.read_bytes() for p in queue if p.is_file())
-                 if sha256(data) not in shared and sha256(data) not in slow]
+                 if (sha := sha256(data)) not in shared and sha not in slow]
         store.corpus_add(kernel, fresh)
         for data in fresh:
             _write_once(corpus_dir / sha256(data), data)
@@ -268,10 +268,6 @@ class _CampaignWatch:
         if self.sub is not None:
             self._drop_subscription()
         self.done = True
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: Enqueue) -> int:

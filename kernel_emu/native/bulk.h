@@ -228,7 +228,7 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     }
     int nxe = (efer.value & EFER_NXE) != 0;
     /* > 0: the code hook checked icount < budget <= bulk_limit */
-    uint64_t room = (s->floating ? s->bulk_limit : s->budget) - s->icount;
+    uint64_t room = s->bulk_limit - s->icount;
     uint64_t want = rcx < room ? rcx : room;
     want = want < BULK_WINDOW_UNITS ? want : BULK_WINDOW_UNITS;
     TableSet tables = {.n = 0};
@@ -301,10 +301,8 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     }
     s->icount += units;
     s->bulk_units += units;
-    if (s->floating) {
-        /* a floating stop is not counted in these iterations */
-        s->budget = s->bulk_limit - s->budget > units ? s->budget + units : s->bulk_limit;
-    }
+    /* a floating stop is not counted in these iterations (an exact one has no room) */
+    s->budget = s->bulk_limit - s->budget > units ? s->budget + units : s->bulk_limit;
     /* each iteration the guest would have run re-enters the instruction as a
      * block of its own */
     uint64_t replay = units < BULK_BLOCKS_REPLAYED ? units : BULK_BLOCKS_REPLAYED;

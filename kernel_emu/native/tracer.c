@@ -139,11 +139,10 @@ typedef struct {
      * no announcement comes, the next block hook undoes it. */
     int stop_pending; /* read by every block hook */
     uint64_t saved_budget;
-    /* A stop that bulk moves push back: every iteration performed natively
-     * moves `budget` on by one, up to `bulk_limit`, which the moves never pass
-     * (extend with a limit; otherwise the stop is exact and the limit is
-     * the budget itself). */
-    int floating;
+    /* Never below `budget` (outside a parked service stop). Above it, the stop
+     * floats: every iteration a bulk move performs natively moves `budget` on
+     * by one, up to `bulk_limit`, which the moves never pass; equal to it, the
+     * stop is exact. */
     uint64_t bulk_limit;
     uint64_t ring_pos;
     uint64_t ring[RING_SIZE];
@@ -284,7 +283,7 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
         s->stop_addr = UINT64_MAX;
         s->stop_hit = 1;
         s->budget = s->icount;
-        s->floating = 0;
+        s->bulk_limit = s->icount;
         return;
     }
     uint32_t i = 0;
@@ -706,6 +705,7 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     /* tp_alloc zero-fills, so counters, map, ring and set start empty. */
     s->budget = UINT64_MAX;
+    s->bulk_limit = UINT64_MAX;
     s->watch_min = UINT64_MAX;
     s->mem_read = (uc_mem_read_fn)(uintptr_t)mem_read;
     s->reg_write = (uc_reg_write_fn)(uintptr_t)reg_write;
@@ -771,7 +771,6 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     }
     s->icount = 0;
     s->budget = budget;
-    s->floating = 0;
     s->bulk_limit = budget;
     s->stop_pending = 0;
     s->exhausted = 0;
@@ -819,7 +818,6 @@ static PyObject *State_extend(TracerState *s, PyObject *args)
                                           "nor a limit below the budget");
         return NULL;
     }
-    s->floating = limit > budget;
     s->bulk_limit = limit;
     /* While a service stop is pending the real budget is parked. */
     if (s->stop_pending) {
