@@ -20,11 +20,6 @@ COPY dashboard ./dashboard
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
-# binutils for c++filt: bucket signatures name Rust frames demangled, and a worker without it
-# would file the same bug under other signatures than its peers
-RUN apt-get update \
- && apt-get install -y --no-install-recommends binutils \
- && rm -rf /var/lib/apt/lists/*
 # the wheels are mounted, not copied, so they take no layer in the final image; --no-index
 # keeps the install to what the build stage produced
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \

@@ -1,39 +1,57 @@
 # Quick start:  make up     (set up, then run the farm locally until Ctrl-C: fuzzfarm up)
-#               make test   (set up, then run the test suite)
+#               make test   (set up, then run the whole test suite, as CI does)
 #               make demo   (a one-minute tour: boot the examples, fuzz the seed kernel 60 s)
+# Each target installs what it needs: system packages as root (fuzzfarm/system_deps.py), Python
+# packages into $(VENV), then the native hooks.
 PYTHON ?= python3
 VENV   ?= .venv
+PORT   ?= 8000
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NATIVE := $(VENV)/.native
+SYSTEM := $(PYTHON) fuzzfarm/system_deps.py
+# pytest arguments: `make test PYTEST_ARGS="-m 'not slow'"` for the quick part only
+PYTEST_ARGS ?=
 
-.PHONY: up demo test lint images bench clean
+.PHONY: up demo test quick lint images bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard kernel_emu/native/*.[ch] fuzz/native/*.c)
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $(STAMP)
+$(STAMP): pyproject.toml setup.py
+	@$(SYSTEM) setup
+	@echo "fuzzfarm: setting up $(VENV): Python packages from pyproject.toml (the first time takes a minute or two)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -qq --upgrade pip
+	@$(BIN)/pip install -qq -e '.[test]'
+	@touch $(STAMP)
 
-up: $(STAMP)
-	@command -v redis-server >/dev/null || { echo "redis-server is needed (Debian: apt install redis-server)"; exit 2; }
-	$(BIN)/fuzzfarm up --port 8000
+$(NATIVE): $(STAMP) $(wildcard kernel_emu/native/*.[ch] fuzz/native/*.c)
+	@echo "fuzzfarm: building the native hooks (kernel_emu/native, fuzz/native)"
+	@$(BIN)/python setup.py -q build_ext --inplace >$(VENV)/native-build.log 2>&1 \
+		|| { cat $(VENV)/native-build.log; exit 1; }
+	@touch $(NATIVE)
 
-demo: $(STAMP)
+up: $(NATIVE)
+	@$(BIN)/fuzzfarm up --port $(PORT)
+
+demo: $(NATIVE)
 	$(BIN)/fuzzfarm demo
 	@# exit status 1 means findings: on the seed kernel, that is the point
 	$(BIN)/fuzzfarm fuzz --kernel seed --seconds 60 --out out/demo || test $$? -eq 1
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(NATIVE)
+	@$(SYSTEM) test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+quick: $(NATIVE)
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-images: $(STAMP)
+images: $(NATIVE)
 	$(BIN)/fuzzfarm build-guest
 
-bench: $(STAMP)
+bench: $(NATIVE)
 	$(BIN)/fuzzfarm bench boot
 
 clean:
-	rm -rf $(VENV) build *.egg-info kernel_emu/*.so
+	rm -rf $(VENV) build *.egg-info kernel_emu/*.so fuzz/*.so

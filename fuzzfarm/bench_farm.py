@@ -93,7 +93,7 @@ def _time_to_seed_bug(data: Path, workers: int, cap: float) -> float:
             while time.time() - start < cap:
                 time.sleep(0.5)
                 if store is None:
-                    m = re.search(r"Redis (redis://\S+),", err_path.read_text())
+                    m = re.search(r"REDIS_URL=(redis://\S+)", err_path.read_text())
                     if not m:
                         continue
                     store = FarmStore.connect(m.group(1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from fuzzfarm.farm_cli import FarmUsageError
 from kernel_emu.errors import HarnessError
 
 EXIT_OK, EXIT_CRASH, EXIT_ERROR = 0, 1, 2
+EXIT_SIGPIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 EXAMPLES = Path(__file__).parent / "examples"
 
 
@@ -333,8 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # the reader went away (`fuzzfarm … | head`): stop quietly, as other Unix tools do;
+        # output still buffered would fail again at exit, so it goes nowhere instead
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, through SystemExit
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

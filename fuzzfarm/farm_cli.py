@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -68,18 +69,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     store = None
     started = time.monotonic()
     interrupted = False
+
+    def say(line: str, prefix: str = "fuzzfarm: ", end: str = "\n") -> None:
+        # a closed terminal or pipe must not stop the stop sequence from running
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"{prefix}{line}{end}")
+            sys.stderr.flush()
+
     try:
         try:
-            store = farm.start()
+            store = farm.start(say)
+            _check_kernel(store, args.kernel)
+            cid = farm.ensure_campaign(store)
+            say(f"campaign {cid} on {args.kernel}; logs in {farm.data / 'logs'}")
+            farm.wait_ready(store, say)
         except FarmError as e:
             raise FarmUsageError(str(e)) from None
-        _check_kernel(store, args.kernel)
-        cid = farm.ensure_campaign(store)
-        print(f"farm up: Redis {farm.url}, {args.workers} worker(s), campaign {cid} on "
-              f"{args.kernel}; logs in {farm.data / 'logs'}", file=sys.stderr)
-        if args.port is not None:
-            print(f"dashboard: http://127.0.0.1:{args.port}/", file=sys.stderr)
-        print(f"in another shell: REDIS_URL={farm.url} fuzzfarm status", file=sys.stderr)
+        if farm.dashboard_port is not None:
+            say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
+        say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the farm")
         tty = sys.stderr.isatty()
         last = 0.0
         while args.seconds is None or time.monotonic() - started < args.seconds:
@@ -91,14 +99,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             if time.monotonic() - last >= (1.0 if tty else 10.0):
                 last = time.monotonic()
                 line = status_line(store, started)
-                sys.stderr.write(("\r\033[K" + line) if tty else line + "\n")
-                sys.stderr.flush()
+                say(line, prefix="\r\033[K" if tty else "", end="" if tty else "\n")
     except KeyboardInterrupt:
         interrupted = True
     finally:
         if store is not None or farm.procs:
-            print("\nstopping: campaigns first (running slices report), then workers, "
-                  "controller and Redis; Ctrl-C again to stop at once", file=sys.stderr)
+            say("stopping: campaigns first (running slices report), then workers, controller "
+                "and Redis; Ctrl-C again to stop at once", prefix="\n")
             try:
                 farm.stop(store)
             except KeyboardInterrupt:

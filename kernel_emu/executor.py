@@ -31,7 +31,7 @@ from kernel_emu.firmware import (
     Firmware,
     FirmwareState,
 )
-from kernel_emu.image import KernelImage, have_cxxfilt, load_image
+from kernel_emu.image import KernelImage, load_image
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.profile import TargetProfile
 from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
@@ -119,9 +119,6 @@ class Executor:
         self._written: set[tuple[int, int]] = set()
         self._dirty_count = 0
         self.notes: list[str] = []
-        if not have_cxxfilt():
-            self.notes.append("c++filt (binutils) not found: Rust standard-library frames stay "
-                              "mangled, so signatures differ from machines that have it")
         k, h = profile.kernel, profile.heap
         self.success_addr = self.image.symbol(k.success_symbol).address
         self.snapshot_addr = self.image.symbol(k.snapshot_symbol).address

@@ -5,13 +5,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
 import lief
+import rust_demangler
 
 from kernel_emu.errors import ImageError
 
@@ -45,55 +44,20 @@ def clean_rust_name(demangled: str) -> str:
     return _CRATE_DISAMBIGUATOR.sub("", _HASH_SUFFIX.sub("", demangled))
 
 
-_LEGACY_ESCAPES = {"$SP$": "@", "$BP$": "*", "$RF$": "&", "$LT$": "<", "$GT$": ">",
-                   "$LP$": "(", "$RP$": ")", "$C$": ",", "$u7e$": "~", "$u20$": " ",
-                   "$u27$": "'", "$u5b$": "[", "$u5d$": "]", "$u7b$": "{", "$u7d$": "}",
-                   "$u3b$": ";", "$u2b$": "+", "$u22$": '"'}
 _LLVM_SUFFIX = re.compile(r"(\.llvm\.[0-9A-Za-z]+|\.\d+)+$")
-_LEGACY_ESCAPE = re.compile("|".join(re.escape(k) for k in _LEGACY_ESCAPES))
 
 
-def demangle_legacy(name: str) -> str | None:
-    """Rust's legacy (`_ZN…E`) mangling, which c++filt also reads; None if `name` is not in
-    that form. Used when c++filt is missing: the symbols a profile names are all legacy."""
-    name = _LLVM_SUFFIX.sub("", name)
-    if not name.startswith("_ZN") or not name.endswith("E"):
-        return None
-    parts, i, body = [], 3, name[:-1]
-    while i < len(body):
-        j = i
-        while j < len(body) and body[j].isdigit():
-            j += 1
-        if j == i:
-            return None
-        n = int(body[i:j])
-        part = body[j:j + n]
-        if len(part) != n:
-            return None
-        if part.startswith("_$"):
-            part = part[1:]
-        parts.append(_LEGACY_ESCAPE.sub(lambda m: _LEGACY_ESCAPES[m.group(0)], part)
-                     .replace("..", "::"))
-        i = j + n
-    return "::".join(parts) if parts else None
-
-
-def have_cxxfilt() -> bool:
-    return shutil.which("c++filt") is not None
-
-
-def _demangle_all(names: list[str]) -> list[str]:
-    tool = shutil.which("c++filt")
-    if tool is None or not names:
-        return [demangle_legacy(n) or n for n in names]
+def demangle(name: str) -> str:
+    """A Rust symbol (legacy `_ZN…E` or v0 `_R…`) demangled by a pinned library, so that a
+    signature is the same on every machine; any other name, or one the library cannot read,
+    as it is."""
+    base = _LLVM_SUFFIX.sub("", name)
+    if not base.startswith(("_ZN", "_R")):
+        return name
     try:
-        out = subprocess.run(
-            [tool], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=60,
-            check=True,
-        ).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return names
-    return out if len(out) == len(names) else names
+        return str(rust_demangler.demangle(base))
+    except Exception:  # noqa: BLE001 - the library raises many kinds on names it cannot read
+        return name
 
 
 class KernelImage:
@@ -128,10 +92,10 @@ class KernelImage:
                                                   lief.ELF.Symbol.TYPE.OBJECT,
                                                   lief.ELF.Symbol.TYPE.NOTYPE)
         ]
-        demangled = _demangle_all([s.name for s in raw_syms])
         syms = [
-            Symbol(address=s.value, size=s.size, mangled=s.name, name=clean_rust_name(d))
-            for s, d in zip(raw_syms, demangled, strict=True)
+            Symbol(address=s.value, size=s.size, mangled=s.name,
+                   name=clean_rust_name(demangle(s.name)))
+            for s in raw_syms
         ]
         self.symbols = sorted(syms, key=lambda s: s.address)
         self._addresses = [s.address for s in self.symbols]

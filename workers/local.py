@@ -7,13 +7,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -21,6 +21,7 @@ from typing import TextIO
 import redis
 
 from workers.kernels import ensure_builtin
+from workers.redis_server import ServerNotFound, find_server
 from workers.store import FarmStore
 
 DEFAULT_REDIS_PORT = 6379
@@ -43,17 +44,9 @@ def free_port(preferred: int) -> int:
     raise FarmError("no free TCP port on 127.0.0.1")
 
 
-def redis_server_command(port: int, data: Path) -> list[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise FarmError("redis-server not found: install it (Debian: apt install redis-server) "
-                        "or point the farm at a Redis with --redis-url / REDIS_URL")
-    return [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--maxmemory-policy", "noeviction", "--protected-mode", "yes", "--daemonize", "no"]
-
-
-def wait_for_redis(url: str, timeout: float = 15.0) -> None:
+def wait_for_redis(url: str, timeout: float = 15.0,
+                   alive: Callable[[], str | None] | None = None) -> None:
+    """Until Redis at `url` answers PING; `alive` names why a server we started is gone."""
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
     deadline = time.monotonic() + timeout
     while True:
@@ -64,9 +57,19 @@ def wait_for_redis(url: str, timeout: float = 15.0) -> None:
             pass  # replaying its AOF
         except redis.ConnectionError:
             pass
+        if alive is not None and (why := alive()):
+            raise FarmError(why)
         if time.monotonic() > deadline:
             raise FarmError(f"Redis at {url} did not answer within {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def _log_tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
 
 
 @dataclass
@@ -108,25 +111,79 @@ class LocalFarm:
         self.procs.append(proc)
         return proc
 
-    def start(self) -> FarmStore:
+    def start(self, say: Callable[[str], None] = lambda _line: None) -> FarmStore:
+        """Start Redis (unless given one), the workers, the controller and the dashboard,
+        saying what it does and waits for."""
         self.data.mkdir(parents=True, exist_ok=True)
         if self.redis_url:
             self.url = self.redis_url
+            say(f"Redis: the one at {self.url} (--redis-url / REDIS_URL)")
+            wait_for_redis(self.url)
         else:
+            try:
+                server = find_server()
+            except ServerNotFound as e:
+                raise FarmError(str(e)) from None
             (self.data / "redis").mkdir(exist_ok=True)
             port = free_port(DEFAULT_REDIS_PORT)
             self.url = f"redis://127.0.0.1:{port}/0"
-            self._spawn("redis", redis_server_command(port, self.data / "redis"))
-        wait_for_redis(self.url)
+            say(f"Redis: starting {server.describe()} on 127.0.0.1:{port}, "
+                f"data in {self.data / 'redis'}")
+            proc = self._spawn("redis", server.command(port, self.data / "redis"))
+            log = self.data / "logs" / "redis.log"
+            wait_for_redis(self.url, alive=lambda: None if proc.popen.poll() is None else (
+                f"the Redis server exited at start ({_log_tail(log)}); see {log}"))
         store = FarmStore.connect(self.url)
         ensure_builtin(store)
+        say(f"starting {self.workers} worker(s) and the controller")
         for i in range(self.workers):
             self._spawn(f"worker-{i}", worker_command(f"worker{i}"))
         self._spawn("controller", [sys.executable, "-m", "workers.controller"])
         if self.dashboard_port is not None:
-            self._spawn("dashboard", [sys.executable, "-m", "dashboard",
-                                      "--port", str(self.dashboard_port)])
+            port = free_port(self.dashboard_port)
+            if port != self.dashboard_port:
+                say(f"port {self.dashboard_port} is taken: the dashboard uses {port}")
+            self.dashboard_port = port
+            self._spawn("dashboard", [sys.executable, "-m", "dashboard", "--port", str(port)])
         return store
+
+    def wait_ready(self, store: FarmStore, say: Callable[[str], None],
+                   timeout: float = 120.0) -> None:
+        """Until every worker has reported and the dashboard answers, saying what is missing;
+        a farm process that exits meanwhile is an error."""
+        import urllib.request
+
+        def dashboard_up() -> bool:
+            if self.dashboard_port is None:
+                return True
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.dashboard_port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + timeout
+        said = ""
+        while True:
+            if dead := self.dead():
+                raise FarmError(f"farm process(es) exited: {', '.join(dead)} "
+                                f"(see {self.data / 'logs'})")
+            seen = len(store.workers())
+            web = dashboard_up()
+            if seen >= self.workers and web:
+                return
+            waiting = [f"workers {seen}/{self.workers}"] if seen < self.workers else []
+            waiting += [] if web else ["the dashboard"]
+            line = "waiting for " + " and ".join(waiting)
+            if line != said:
+                say(line)
+                said = line
+            if time.monotonic() > deadline:
+                say(f"still {line} after {timeout:.0f} s; carrying on (see "
+                    f"{self.data / 'logs'})")
+                return
+            time.sleep(0.5)
 
     def ensure_campaign(self, store: FarmStore) -> str:
         for c in store.campaigns():

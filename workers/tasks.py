@@ -7,6 +7,8 @@ import socket
 from functools import cache
 from typing import Any
 
+from celery.signals import worker_ready
+
 from workers import work
 from workers.app import app
 from workers.settings import Settings
@@ -35,6 +37,16 @@ def send_triage(kernel: str, shas: list[str]) -> None:
 def send_minimize(buckets: list[str]) -> None:
     if buckets:
         minimize_many.delay(buckets)
+
+
+@worker_ready.connect
+def _announce(sender: Any = None, **_kwargs: Any) -> None:
+    """A worker is listed as live from its start, not only from its first task."""
+    name = str(getattr(sender, "hostname", None) or socket.gethostname())
+    try:
+        _store().heartbeat(name, {"task": None})
+    except Exception as e:  # noqa: BLE001 - a missed announcement only delays the listing
+        log.warning("could not announce %s: %s", name, e)
 
 
 @app.task(bind=True, name="workers.tasks.fuzz_slice")

@@ -63,10 +63,11 @@ def browser(downloads: Path) -> Iterator[Any]:
     chromium = _find("chromium", "chromium-browser")
     driver_exe = _find("chromedriver")
     if chromium is None or driver_exe is None:
+        how = "sudo apt-get install chromium chromium-driver"
         if os.environ.get("CI"):
-            pytest.fail("chromium and chromedriver are needed (apt install chromium "
-                        "chromium-driver)")
-        pytest.skip("chromium or chromedriver not installed")
+            pytest.fail(f"Chromium and chromedriver are needed in CI: {how}")
+        pytest.skip(f"Chromium or chromedriver is not installed (make test installs them when "
+                    f"run as root); to run the browser tests: {how}")
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -26,6 +26,7 @@ import pytest
 import redis
 
 from tests.deploy.compose import TEST_ENV, command, healthcheck_argv, load, service_env
+from workers.redis_server import find_server
 from workers.store import FarmStore
 
 REPLICAS = 2
@@ -73,9 +74,17 @@ class Topology:
     def base_env(self) -> dict[str, str]:
         home = self.tmp / "home"
         home.mkdir(exist_ok=True)
-        # what the image provides besides the service's environment: a PATH with the
-        # project's entry points, a HOME
-        return {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(home),
+        # what the images provide besides the service's environment: a PATH with the
+        # project's entry points and the Redis image's redis-server and redis-cli (here the
+        # server the farm would start itself), a HOME
+        tools = self.tmp / "redis-image-bin"
+        if not tools.exists():
+            tools.mkdir()
+            server = find_server()
+            assert server.cli is not None, f"no client beside {server.server}"
+            (tools / "redis-server").symlink_to(server.server)
+            (tools / "redis-cli").symlink_to(server.cli)
+        return {"PATH": f"{VENV_BIN}:{tools}:/usr/bin:/bin", "HOME": str(home),
                 "VIRTUAL_ENV": str(VENV_BIN.parent)}
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
@@ -138,7 +147,6 @@ def _seed_bug_buckets(store: FarmStore) -> list[str]:
 
 def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
                                                              tmp_path: Path) -> None:
-    assert shutil.which("redis-server"), "redis-server is needed (apt install redis-server)"
     variables = dict(TEST_ENV, FUZZFARM_SLICE_SECONDS="8", FUZZFARM_CACHE=str(tmp_path / "cache"))
     services = load(variables)["services"]
     base = topology.base_env()

@@ -113,3 +113,19 @@ def test_demo_shows_the_seed_bug() -> None:
     fixed = next(line for line in proc.stdout.splitlines()
                  if line.startswith("vaddr-0x300028.elf") and " fixed " in line)
     assert " ok " in fixed or "rejected" in fixed
+
+
+@pytest.mark.parametrize(("args", "status"), [
+    (("--help",), 0), (("boot", "--help"), 0),  # argparse drops what it cannot print
+    (("boot", "--json", "fuzzfarm/examples/vaddr-0x300028.elf"), 141)])
+def test_a_closed_pipe_ends_quietly(args: tuple[str, ...], status: int) -> None:
+    """`fuzzfarm … | head` when head has gone: no BrokenPipe traceback; a command cut off
+    ends with the status a shell gives a program ended by SIGPIPE."""
+    root = Path(__file__).parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "fuzzfarm.cli", *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == status, err
+    assert err == "", err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import redis
 
 from workers.kernels import ensure_builtin
+from workers.redis_server import find_server
 from workers.store import FarmStore
 
 ROOT = Path(__file__).parents[2]
@@ -39,12 +39,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is needed by the farm's tests (apt install redis-server)"
+        # the server `fuzzfarm up` would start: a redis-server on PATH, else the embedded one
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--maxmemory-policy", "noeviction"],
+            find_server().command(self.port, self.data),
             stdout=(self.data / "redis.log").open("a"), stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + 15

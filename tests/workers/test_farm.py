@@ -170,7 +170,7 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
                           stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
     try:
         def url() -> str | None:
-            m = re.search(r"Redis (redis://\S+),", (tmp_path / "up.err").read_text())
+            m = re.search(r"REDIS_URL=(redis://\S+)", (tmp_path / "up.err").read_text())
             return m.group(1) if m else None
 
         redis_url = wait_for(url, 60, "fuzzfarm up to start Redis")
