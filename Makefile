@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 	@$(SYSTEM) setup
 	@echo "fuzzfarm: setting up $(VENV): Python packages from pyproject.toml (the first time takes a minute or two)"
 	@$(PYTHON) -m venv $(VENV)
-	@$(BIN)/pip install -qq --upgrade pip
+	@$(BIN)/pip install -qq --upgrade pip 'setuptools>=77' wheel
 	@$(BIN)/pip install -qq -e '.[test]'
 	@touch $(STAMP)
 
