@@ -30,7 +30,8 @@ $(NATIVE): $(STAMP) $(wildcard kernel_emu/native/*.[ch] fuzz/native/*.c)
 	@touch $(NATIVE)
 
 up: $(NATIVE)
-	@$(BIN)/fuzzfarm up --port $(PORT)
+	@# 130 is Ctrl-C, the way to stop the farm
+	@$(BIN)/fuzzfarm up --port $(PORT) || test $$? -eq 130
 
 demo: $(NATIVE)
 	$(BIN)/fuzzfarm demo
