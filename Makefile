@@ -10,10 +10,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NATIVE := $(VENV)/.native
 SYSTEM := $(PYTHON) fuzzfarm/system_deps.py
-# pytest arguments: `make test PYTEST_ARGS="-m 'not slow'"` for the quick part only
+# pytest arguments, e.g. `make test PYTEST_ARGS=tests/kernel_emu`; `make test-fast` skips the slow tests
 PYTEST_ARGS ?=
 
-.PHONY: up demo test quick lint images bench clean
+.PHONY: up demo test test-fast lint images bench clean
 
 $(STAMP): pyproject.toml setup.py
 	@$(SYSTEM) setup
@@ -42,7 +42,7 @@ test: $(NATIVE)
 	@$(SYSTEM) test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-quick: $(NATIVE)
+test-fast: $(NATIVE)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
