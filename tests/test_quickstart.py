@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.paths import path_without
+
 ROOT = Path(__file__).parents[1]
 SERVERS = ("redis-server", "valkey-server", "redis-cli", "valkey-cli")
 SETUP_TIMEOUT = 900.0  # a virtualenv from pip's cache, the native hooks, the farm's start
@@ -26,30 +28,11 @@ SEED_BUG = "segments[0].vaddr"
 pytestmark = pytest.mark.slow
 
 
-def _path_without_servers(tmp: Path) -> str:
-    """A PATH of one folder holding every program of the real PATH except Redis servers and
-    clients (removing whole folders would remove /usr/bin)."""
-    shadow = tmp / "path"
-    shadow.mkdir()
-    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        try:
-            entries = list(os.scandir(folder or "."))
-        except OSError:
-            continue
-        for entry in entries:
-            target = shadow / entry.name
-            if entry.name in SERVERS or target.exists() or target.is_symlink():
-                continue
-            if entry.is_file() and os.access(entry.path, os.X_OK):
-                target.symlink_to(entry.path)
-    return str(shadow)
-
-
 def _newcomer_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "VIRTUAL_ENV", "PYTHONPATH", "MAKEFLAGS", "MFLAGS",
                         "MAKELEVEL", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST")}
-    env["PATH"] = _path_without_servers(tmp)
+    env["PATH"] = path_without(tmp / "path", SERVERS)
     return env
 
 
