@@ -504,6 +504,10 @@ class Executor:
             return "halt"
         raise HarnessError(f"emulation stopped at {self.image.describe(pc)} for no known reason")
 
+    def coverage_map(self) -> bytes:
+        """The guest edge-coverage map of the last run (all zero unless `coverage=True`)."""
+        return bytes(self.tracer.coverage())
+
     def console(self) -> bytes:
         """Everything the kernel wrote to its debug console in this boot."""
         return self.obs.log_prefix + self.tracer.console()
