@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kernel_emu.result import Finding
+from kernel_emu.result import CrashClass, Finding
 from kernel_emu.tracing import WatchEvent
 
 
@@ -60,7 +60,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             other = _overlapping(live, starts, ptr, max(size, 1))
             if other is not None:
                 findings.append(Finding(
-                    "heap-corruption",
+                    CrashClass.HEAP_CORRUPTION,
                     [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which overlaps "
                      f"live allocation #{other.seq} at {other.ptr:#x} ({other.size:#x} bytes)"],
                     frames=_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
@@ -73,7 +73,8 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                 continue
             if live.pop(ptr, None) is None:
                 findings.append(Finding(
-                    "heap-corruption", [f"free of {ptr:#x}, which is not a live allocation"],
+                    CrashClass.HEAP_CORRUPTION,
+                    [f"free of {ptr:#x}, which is not a live allocation"],
                     frames=_frames(ev, describe), field="free.unknown", pc=ev.rip))
             else:
                 del starts[bisect.bisect_left(starts, ptr)]

@@ -27,16 +27,12 @@ the block entry of each resume (``quiet_resume``).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kernel_emu.dirtylog import ADDR_MASK, dirty_count, dirty_leaves
-from kernel_emu.machine import PAGE
-from kernel_emu.tracing import RING_SIZE
-
-if TYPE_CHECKING:
-    from kernel_emu.executor import Executor
-    from kernel_emu.tracing import GuestTracer
+from kernel_emu.machine import PAGE, Machine
+from kernel_emu.tracing import RING_SIZE, GuestTracer
 
 FIRST_PROBE = 4096
 MAX_ARRIVALS = 16
@@ -62,10 +58,15 @@ class _Cycle:
 
 
 class CycleFinder:
-    """Per-run cycle search and skipping for one executor (see the module doc)."""
+    """Per-run cycle search and skipping (see the module doc), on machine `m` whose
+    identity page tables are at `pml4`. `no_stop` holds the addresses where the tracer
+    already stops or acts (watches, bulk moves): a probe never stops there. `checkpoint`
+    gives the watchdog's next checkpoint, `services` the boot services performed so far."""
 
-    def __init__(self, ex: Executor) -> None:
-        self.ex = ex
+    def __init__(self, m: Machine, tracer: GuestTracer, pml4: int, no_stop: frozenset[int],
+                 checkpoint: Callable[[], int], services: Callable[[], int]) -> None:
+        self.m, self.tracer, self.pml4, self.no_stop = m, tracer, pml4, no_stop
+        self._checkpoint, self._services = checkpoint, services
         self._probe_at: int | None = FIRST_PROBE  # in instructions outside bulk moves
         self._address: int | None = None
         self._first: dict[str, int] | None = None  # registers at the first arrival
@@ -76,6 +77,10 @@ class CycleFinder:
         self._cycle: _Cycle | None = None
         self._regime = 0  # block entries from here on follow the periodic sequence
         self.skipped = 0
+        # for tests and diagnostics: (instructions outside bulk moves, bulk iterations) at
+        # each probe, and the stops that were neither a probe nor an arrival (none expected)
+        self.probes: list[tuple[int, int]] = []
+        self.idle_stops = 0
 
     @property
     def next_probe(self) -> int | None:
@@ -83,7 +88,7 @@ class CycleFinder:
         floating stop moves it on by each iteration of one)."""
         if self._probe_at is None:
             return None
-        tracer = self.ex.tracer
+        tracer = self.tracer
         return tracer.instructions + max(0, self._probe_at - self._own(tracer))
 
     @staticmethod
@@ -92,23 +97,26 @@ class CycleFinder:
 
     def on_stop(self) -> None:
         """At a stop of ours (a probe or an arrival), before the guest resumes."""
-        tracer = self.ex.tracer
+        tracer = self.tracer
         tracer.quiet_resume()
         if tracer.stop_hit:
             self._arrived()
         elif self._probe_at is not None and self._own(tracer) >= self._probe_at:
             self._probe()
+        else:
+            self.idle_stops += 1
 
     def after_checkpoint(self) -> None:
         """The watchdog let the run go on: its resume is a block entry outside the periodic
         sequence, so a skip waits until the recent blocks have all been run since."""
         if self._cycle is None:
             return
-        self._regime = self.ex.tracer.blocks + 1
+        self._regime = self.tracer.blocks + 1
         self._arm_for_skip()
 
     def _probe(self) -> None:
-        tracer = self.ex.tracer
+        tracer = self.tracer
+        self.probes.append((self._own(tracer), tracer.fast_units))
         self._probe_at = 2 * self._own(tracer)
         blocks = tracer.recent_blocks()
         if not blocks or not self._may_stop_at(blocks[-1]) or not self._small_enough():
@@ -121,24 +129,22 @@ class CycleFinder:
         written more pages is no candidate, and costs no stop."""
         if not self._under_identity_tables():
             return False
-        count = dirty_count(self.ex.m, self.ex.fw.pml4, accessed_level=2)
+        count = dirty_count(self.m, self.pml4, accessed_level=2)
         return count is not None and count <= MAX_PAGES
 
     def _under_identity_tables(self) -> bool:
         """Whose Dirty bits name every page the run wrote (see the module doc)."""
-        return self.ex.m.reg("cr3") & ADDR_MASK == self.ex.fw.pml4
+        return self.m.reg("cr3") & ADDR_MASK == self.pml4
 
     def _may_stop_at(self, address: int) -> bool:
-        ex = self.ex
-        return (address not in ex.alloc_sites.addresses and address not in ex._paging_sites
-                and all(site.address != address for site in ex._bulk_sites))
+        return address not in self.no_stop
 
     def _arrived(self) -> None:
-        tracer = self.ex.tracer
+        tracer = self.tracer
         if self._cycle is not None:
             self._skip()
             return
-        registers = self.ex.m.registers()
+        registers = self.m.registers()
         if self._first is None:
             # memory is read only once these registers come back: a loop that makes progress
             # (most of them, e.g. one mapping pages) never costs more than this
@@ -170,16 +176,16 @@ class CycleFinder:
 
     def _next_arrival(self) -> None:
         if self._arrivals < MAX_ARRIVALS:
-            self.ex.tracer.stop_at(self._address)
+            self.tracer.stop_at(self._address)
         else:
             self._drop()
 
     def _drop(self) -> None:
         self._address, self._first, self._anchor, self._cycle = None, None, None, None
-        self.ex.tracer.stop_at(None)
+        self.tracer.stop_at(None)
 
     def _arm_for_skip(self) -> None:
-        cycle, tracer = self._cycle, self.ex.tracer
+        cycle, tracer = self._cycle, self.tracer
         assert cycle is not None and self._address is not None
         missing = RING_SIZE - (tracer.blocks - self._regime)
         periods = 1 + max(0, -(-missing // cycle.blocks)) if cycle.blocks else 1
@@ -187,26 +193,25 @@ class CycleFinder:
 
     def _skip(self) -> None:
         """Move on by as many whole periods as fit before the next checkpoint."""
-        ex, cycle = self.ex, self._cycle
+        cycle = self._cycle
         assert cycle is not None
-        tracer = ex.tracer
+        tracer = self.tracer
         if cycle.instructions <= 0 or tracer.blocks - self._regime < RING_SIZE:
             if cycle.instructions > 0:
                 self._arm_for_skip()
             return
-        periods = (ex.next_checkpoint - tracer.instructions) // cycle.instructions
+        periods = (self._checkpoint() - tracer.instructions) // cycle.instructions
         if periods > 0:
             tracer.skip(periods * cycle.instructions, periods * cycle.blocks, periods,
                         cycle.before, cycle.after)
             self.skipped += periods * cycle.instructions
 
     def _capture(self) -> _State | None:
-        ex = self.ex
-        m, tracer = ex.m, ex.tracer
+        m, tracer = self.m, self.tracer
         if not self._under_identity_tables():
             return None
         # page tables the run did not use are as in the snapshot (the log clears Accessed)
-        walk = dirty_leaves(m, ex.fw.pml4, accessed_level=2)
+        walk = dirty_leaves(m, self.pml4, accessed_level=2)
         if walk is None:
             return None
         pages = sorted(set(walk.pages).union(walk.tables))
@@ -220,5 +225,5 @@ class CycleFinder:
         state_size = ctypes.c_size_t.from_address(base).value
         cpu = ctypes.string_at(base + context.size - state_size, state_size)
         same = (cpu, tuple(pages), memory, tracer.console(), tracer.console_dropped,
-                len(tracer.port_log()), tracer.event_count, ex.services)
+                len(tracer.port_log()), tracer.event_count, self._services())
         return _State(tracer.instructions, tracer.blocks, bytes(tracer.coverage()), same)

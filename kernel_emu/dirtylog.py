@@ -41,9 +41,9 @@ from collections.abc import Iterable
 from kernel_emu.machine import PAGE, Machine
 
 try:
-    from kernel_emu import _walk
+    from kernel_emu import _walk as native_walker
 except ImportError:  # not built: the Python walk gives the same answer, slower
-    _walk = None
+    native_walker = None
 
 P, A, D, PS, NX = 1, 0x20, 0x40, 0x80, 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
@@ -77,9 +77,9 @@ def dirty_leaves(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
     leaves with Dirty set, the tables visited and the executable leaves with Accessed set.
     Non-leaf entries at level ``accessed_level`` (0: none) without Accessed are not descended.
     ``None`` when a table lies outside the bank or the walk passes its caps."""
-    if _walk is not None:
+    if native_walker is not None:
         low = m.banks[0]
-        native = _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+        native = native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
                                     MAX_TABLES)
         return None if native is None else Walk(*native)
     return dirty_leaves_python(m, root, accessed_level)
@@ -127,9 +127,9 @@ def mask_indexes(mask: int) -> list[int]:
 def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | None:
     """:func:`dirty_leaves` with bit masks; also ``None`` when a dirty page lies outside the
     first RAM bank."""
-    if _walk is not None:
+    if native_walker is not None:
         low = m.banks[0]
-        native = _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+        native = native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
                                     MAX_TABLES, _BITMAPS)
         if native is None:
             return None
@@ -148,9 +148,9 @@ def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | No
 def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
     """``len(dirty_leaves(...).pages)``, without building the lists when the native walker is
     built (the watchdog asks this at every checkpoint of a run that loads megabytes)."""
-    if _walk is not None:
+    if native_walker is not None:
         low = m.banks[0]
-        return _walk.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
+        return native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
                                   MAX_TABLES, _COUNT)
     walk = dirty_leaves_python(m, root, accessed_level)
     return None if walk is None else len(walk.pages)

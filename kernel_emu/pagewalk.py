@@ -8,9 +8,9 @@ from typing import NamedTuple
 from kernel_emu.machine import PAGE, Machine
 
 try:
-    from kernel_emu import _walk
+    from kernel_emu import _walk as native_walker
 except ImportError:  # not built: the Python walk gives the same answer, slower
-    _walk = None
+    native_walker = None
 
 P, W, U, PS = 1, 2, 4, 0x80
 NX = 1 << 63
@@ -78,9 +78,9 @@ def walk_user(m: Machine, cr3: int, tables: set[int] | None = None, *,
     levels, NX on any level forbids execution). Subtrees without USER are skipped: nothing
     under them is user-accessible. The tables visited are added to `tables` when given.
     With `runs`, consecutive 4 KiB leaves come merged (see :func:`coalesce`)."""
-    if _walk is not None:
+    if native_walker is not None:
         low = m.banks[0]
-        native = _walk.user_leaves(low.buffer, low.base, cr3, MAX_LEAVES, runs)
+        native = native_walker.user_leaves(low.buffer, low.base, cr3, MAX_LEAVES, runs)
         if native is not None:
             leaves, visited = native
             if tables is not None:

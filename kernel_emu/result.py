@@ -1,20 +1,62 @@
-"""The Result of one boot: the one data type that crosses process boundaries, as JSON."""
+"""The Result of one boot: the one data type that crosses process boundaries, as JSON.
+
+Its JSON form is versioned (`RESULT_VERSION`, described by `result.schema.json` beside this
+file): `Result.from_json` reads what `to_json` wrote, takes a Result stored before the version
+field existed as version 0 (the same fields), and refuses a newer version with a clear error.
+Verdicts, crash classes and stop reasons are string enums, so they read and compare as the
+strings they were before.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
-VERDICTS = ("ok", "rejected", "crash")
-CLASSES = (
-    "cpu-fault", "stack-overflow", "kernel-panic", "hang", "out-of-memory", "heap-corruption",
-    "vaddr-corruption", "kernel-mapping", "bad-entry",
-)
+RESULT_VERSION = 1
+
+
+class Verdict(StrEnum):
+    OK = "ok"
+    REJECTED = "rejected"  # the kernel refused the input cleanly
+    CRASH = "crash"
+
+
+class CrashClass(StrEnum):
+    CPU_FAULT = "cpu-fault"
+    STACK_OVERFLOW = "stack-overflow"
+    KERNEL_PANIC = "kernel-panic"
+    HANG = "hang"
+    OUT_OF_MEMORY = "out-of-memory"
+    HEAP_CORRUPTION = "heap-corruption"
+    VADDR_CORRUPTION = "vaddr-corruption"
+    KERNEL_MAPPING = "kernel-mapping"
+    BAD_ENTRY = "bad-entry"
+
+
+class StopReason(StrEnum):
+    """Why the guest stopped running."""
+
+    UNTIL = "until"  # it reached the stop address (the user-mode entry, or the snapshot point)
+    FAULT = "fault"  # a CPU exception
+    BUDGET = "budget"  # the instruction budget or the watchdog
+    HALT = "halt"  # hlt
+    EFI_RETURN = "efi-return"  # efi_main returned to the firmware
+    UC_ERROR = "uc-error"  # the emulator refused to go on (e.g. fetch from unmapped memory)
+
+
+VERDICTS = tuple(Verdict)
+CLASSES = tuple(CrashClass)
 # classes about what the kernel built rather than where it stopped: their signature names the
 # field that disagreed
-SEMANTIC_CLASSES = ("heap-corruption", "vaddr-corruption", "kernel-mapping", "bad-entry")
+SEMANTIC_CLASSES = (CrashClass.HEAP_CORRUPTION, CrashClass.VADDR_CORRUPTION,
+                    CrashClass.KERNEL_MAPPING, CrashClass.BAD_ENTRY)
+
+
+class ResultFormatError(ValueError):
+    """A stored Result this version of the farm cannot read (one line for the user)."""
 PANIC_PLUMBING = ("core::panicking::", "__rustc::", "rust_begin_unwind", "core::panic::",
                   "alloc::alloc::handle_alloc_error", "core::result::unwrap_failed",
                   "core::option::unwrap_failed", "core::option::expect_failed")
@@ -24,7 +66,7 @@ PANIC_PLUMBING = ("core::panicking::", "__rustc::", "rust_begin_unwind", "core::
 class Finding:
     """One anomaly an oracle saw, with the guest frames where it was seen."""
 
-    cls: str
+    cls: CrashClass
     evidence: list[str]
     frames: list[str] = field(default_factory=list)
     field: str | None = None
@@ -42,6 +84,11 @@ class Finding:
     def to_json(self) -> dict[str, Any]:
         return {"class": self.cls, "evidence": self.evidence, "frames": self.frames,
                 "field": self.field, "pc": self.pc, "signature": self.signature()}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Finding:
+        return cls(CrashClass(raw["class"]), list(raw["evidence"]), list(raw["frames"]),
+                   raw.get("field"), raw.get("pc"))
 
 
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -61,8 +108,8 @@ def _frame_name(frame: str) -> str:
 
 @dataclass
 class Result:
-    verdict: str
-    crash_class: str | None
+    verdict: Verdict
+    crash_class: CrashClass | None
     signature: str | None
     findings: list[Finding]
     pc: int
@@ -72,7 +119,7 @@ class Result:
     expected_segments: list[dict[str, int]]
     log: str
     instructions: int
-    stop: str
+    stop: StopReason
     reject_reason: str | None = None
     registers: dict[str, int] = field(default_factory=dict)
     console: list[str] = field(default_factory=list)
@@ -88,10 +135,44 @@ class Result:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["findings"] = [f.to_json() for f in self.findings]
+        out["version"] = RESULT_VERSION
         return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Result:
+        """The Result `to_json` wrote (any version up to this farm's)."""
+        version = raw.get("version", 0)
+        if not isinstance(version, int) or version > RESULT_VERSION:
+            raise ResultFormatError(
+                f"a Result in format version {version!r}, newer than this farm reads "
+                f"({RESULT_VERSION}): upgrade the farm to read it")
+        known = {f.name for f in fields(cls)}
+        missing = {f.name for f in fields(cls) if f.name in _REQUIRED} - raw.keys()
+        if missing:
+            raise ResultFormatError(f"not a Result: missing {', '.join(sorted(missing))}")
+        body = {k: v for k, v in raw.items() if k in known}
+        try:
+            body["verdict"] = Verdict(body["verdict"])
+            body["stop"] = StopReason(body["stop"])
+            if body["crash_class"] is not None:
+                body["crash_class"] = CrashClass(body["crash_class"])
+            body["findings"] = [Finding.from_json(f) for f in body["findings"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ResultFormatError(f"not a Result: {e}") from None
+        return cls(**body)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> Result:
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ResultFormatError(f"not a Result: {e}") from None
+        if not isinstance(raw, dict):
+            raise ResultFormatError("not a Result: not a JSON object")
+        return cls.from_json(raw)
 
     def comparable(self) -> dict[str, Any]:
         """Everything except how the run was executed (snapshot or full boot)."""
@@ -99,3 +180,9 @@ class Result:
         out.pop("snapshot")
         out.pop("notes")
         return out
+
+
+# the fields without a default: a Result lacks none of them
+_REQUIRED = frozenset(("verdict", "crash_class", "signature", "findings", "pc", "symbol",
+                       "backtrace", "segments", "expected_segments", "log", "instructions",
+                       "stop"))

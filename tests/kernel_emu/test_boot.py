@@ -210,58 +210,60 @@ def test_oracles_on_a_user_address_space_changed_after_the_run(base_elf: bytes) 
     ex = Executor(load_profile("seed"))
     segments = load_segments(base_elf)
     assert ex.run(base_elf).verdict == "ok"
-    cr3 = ex.m.reg("cr3")
+    observed = ex.last_observations
+    assert observed is not None and observed.stop == "until"
+    cr3 = ex.machine.reg("cr3")
     text = [s for s in segments if s.flags & 1][0]
-    entry_page = ex.m.u64(ex.m.reg("rsp")) & ~0xFFF
+    entry_page = ex.machine.u64(ex.machine.reg("rsp")) & ~0xFFF
 
     def pte_of(vaddr: int) -> int:
         table = cr3
         for shift in (39, 30, 21):
-            table = ex.m.u64((table & ~0xFFF) + ((vaddr >> shift) & 0x1FF) * 8) & \
+            table = ex.machine.u64((table & ~0xFFF) + ((vaddr >> shift) & 0x1FF) * 8) & \
                 0x000F_FFFF_FFFF_F000
         return table + ((vaddr >> 12) & 0x1FF) * 8
 
     data_page = [s for s in segments if s.flags & 2][0].vaddr & ~0xFFF
     pte = pte_of(data_page)
-    ex.m.put_u64(pte, (ex.m.u64(pte) & ~0x000F_FFFF_FFFF_F000) | 0x30_0000)
-    result = oracles.assess(ex, segments, "until", 0)
+    ex.machine.put_u64(pte, (ex.machine.u64(pte) & ~0x000F_FFFF_FFFF_F000) | 0x30_0000)
+    result = oracles.assess(observed, ex.image, ex.profile, segments)
     assert result.crash_class == "kernel-mapping", result.findings
     assert "which is kernel heap" in result.findings[0].evidence[0]
 
     # the same user page now maps the page table that maps it
-    ex.m.put_u64(pte, (ex.m.u64(pte) & ~0x000F_FFFF_FFFF_F000) | (pte & ~0xFFF))
-    result = oracles.assess(ex, segments, "until", 0)
+    ex.machine.put_u64(pte, (ex.machine.u64(pte) & ~0x000F_FFFF_FFFF_F000) | (pte & ~0xFFF))
+    result = oracles.assess(observed, ex.image, ex.profile, segments)
     assert result.crash_class == "kernel-mapping", result.findings
     assert "a page table of this address space" in result.findings[0].evidence[0]
 
     assert text.vaddr & ~0xFFF <= entry_page
     pte = pte_of(entry_page)
-    ex.m.put_u64(pte, ex.m.u64(pte) | (1 << 63))  # NX on the entry page
-    result = oracles.assess(ex, segments, "until", 0)
+    ex.machine.put_u64(pte, ex.machine.u64(pte) | (1 << 63))  # NX on the entry page
+    result = oracles.assess(observed, ex.image, ex.profile, segments)
     assert any(f.cls == "bad-entry" and "not executable" in f.evidence[0]
                for f in result.findings)
-    assert pagewalk.translate(ex.m, cr3, entry_page).executable is False
+    assert pagewalk.translate(ex.machine, cr3, entry_page).executable is False
 
 
 def test_native_page_walk_matches_the_python_walk(executors: dict[str, Executor],
                                                   base_elf: bytes) -> None:
     from kernel_emu import pagewalk
 
-    assert pagewalk._walk is not None, "the native walker is not built"
+    assert pagewalk.native_walker is not None, "the native walker is not built"
     inputs = [base_elf] + [r.make(base_elf) for r in REPRODUCERS if r.bug in
                            ("RX-03", "RX-04", "RX-08")]
     for data in inputs:
         ex = executors["seed"]
         result = ex.run(data)
         assert result.stop == "until"
-        cr3 = ex.m.reg("cr3")
+        cr3 = ex.machine.reg("cr3")
         native_tables: set[int] = set()
         python_tables: set[int] = set()
-        native = pagewalk.walk_user(ex.m, cr3, native_tables)
-        python = pagewalk.walk_user_python(ex.m, cr3, python_tables)
+        native = pagewalk.walk_user(ex.machine, cr3, native_tables)
+        python = pagewalk.walk_user_python(ex.machine, cr3, python_tables)
         assert native == python
         assert native and native_tables == python_tables
-        runs = pagewalk.walk_user(ex.m, cr3, runs=True)
+        runs = pagewalk.walk_user(ex.machine, cr3, runs=True)
         assert runs == pagewalk.coalesce(python)
         assert len(runs) < len(python)  # the segments' consecutive pages do merge
         assert [run.leaf(k) for run in runs for k in range(run.count)] == python

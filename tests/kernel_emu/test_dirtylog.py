@@ -6,19 +6,19 @@ import random
 
 import pytest
 
-from kernel_emu import dirtylog
-from kernel_emu import executor as executor_module
+from kernel_emu import dirtylog, dirtypages, snapshot
 from kernel_emu.dirtylog import D, dirty_leaves_python, paging_sites
-from kernel_emu.executor import ZERO_PAGE, Executor
+from kernel_emu.executor import Executor
 from kernel_emu.machine import PAGE
 from kernel_emu.profile import load_profile
+from kernel_emu.snapshot import ZERO_PAGE
 from tests.reproducers import REPRODUCERS
 
 
 @pytest.fixture(scope="module")
 def seed() -> Executor:
     ex = Executor(load_profile("seed"))
-    assert ex.use_snapshot and ex._log is not None
+    assert ex.use_snapshot and ex.written.log is not None
     return ex
 
 
@@ -36,11 +36,11 @@ def _inputs(base_elf: bytes) -> list[bytes]:
 def _differences(ex: Executor) -> list[tuple[int, int]]:
     """(bank, page) whose bytes differ from the snapshot, outside what the host rewrites per
     input (the ramdisk and its descriptor)."""
-    snap = ex._snapshot
+    snap = ex.snapshot
     assert snap is not None
-    host = ex.fw.ramdisk_ranges
+    host = ex.firmware.ramdisk_ranges
     out = []
-    for r, bank in enumerate(ex.m.banks):
+    for r, bank in enumerate(ex.machine.banks):
         for p in range(bank.size // PAGE):
             addr = bank.base + p * PAGE
             actual = bytearray(bank.buffer[p * PAGE:(p + 1) * PAGE])
@@ -60,7 +60,7 @@ def test_restore_brings_back_every_byte(seed: Executor, base_elf: bytes) -> None
     verdicts = set()
     for data in _inputs(base_elf):
         verdicts.add(seed.run(data).verdict)
-        seed._restore()
+        seed.restore()
         assert _differences(seed) == [], data[:16]
     assert {"ok", "crash", "rejected"} <= verdicts
 
@@ -68,41 +68,42 @@ def test_restore_brings_back_every_byte(seed: Executor, base_elf: bytes) -> None
 def test_snapshot_runs_need_no_full_restore(seed: Executor, base_elf: bytes) -> None:
     for data in _inputs(base_elf):
         seed.run(data)
-        assert seed._written_pages() is not None, data[:16]
-        seed._restore()
+        assert seed.written.since_snapshot() is not None, data[:16]
+        seed.restore()
 
 
 def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: bytes) -> None:
-    assert dirtylog._walk is not None, "the native walker is not built"
+    assert dirtylog.native_walker is not None, "the native walker is not built"
     for data in _inputs(base_elf):
         seed.run(data)
-        for root, level in ((seed.fw.pml4, 2), (seed.fw.pml4, 0), (seed.m.reg("cr3"), 0)):
-            native = dirtylog.dirty_leaves(seed.m, root, level)
-            python = dirty_leaves_python(seed.m, root, level)
+        pml4 = seed.firmware.pml4
+        for root, level in ((pml4, 2), (pml4, 0), (seed.machine.reg("cr3"), 0)):
+            native = dirtylog.dirty_leaves(seed.machine, root, level)
+            python = dirty_leaves_python(seed.machine, root, level)
             assert native is not None and python is not None
             assert (native.pages, native.tables, native.executable) == \
                 (python.pages, python.tables, python.executable)
-            assert dirtylog.dirty_count(seed.m, root, level) == len(python.pages)
-            masks = dirtylog.dirty_masks(seed.m, root, level)
+            assert dirtylog.dirty_count(seed.machine, root, level) == len(python.pages)
+            masks = dirtylog.dirty_masks(seed.machine, root, level)
             assert masks is not None
-            assert masks.pages == dirtylog.page_mask(seed.m, python.pages)
-            assert masks.tables == dirtylog.page_mask(seed.m, python.tables)
+            assert masks.pages == dirtylog.page_mask(seed.machine, python.pages)
+            assert masks.tables == dirtylog.page_mask(seed.machine, python.tables)
             assert masks.executable == python.executable
-            low = seed.m.banks[0]
+            low = seed.machine.banks[0]
             assert [low.base + i * PAGE for i in dirtylog.mask_indexes(masks.pages)] == \
                 sorted(python.pages)
-        seed._restore()
+        seed.restore()
 
 
 def _set_dirty(ex: Executor, addr: int) -> None:
     """Mark `addr`'s identity leaf Dirty, as a guest write to it would."""
-    for pte_table in range(ex.fw.pml4, ex.fw.page_table_end, PAGE):
+    for pte_table in range(ex.firmware.pml4, ex.firmware.page_table_end, PAGE):
         for i in range(512):
-            e = ex.m.u64(pte_table + 8 * i)
-            if e & 1 and e & dirtylog.ADDR_MASK == addr and pte_table != ex.fw.pml4:
+            e = ex.machine.u64(pte_table + 8 * i)
+            if e & 1 and e & dirtylog.ADDR_MASK == addr and pte_table != ex.firmware.pml4:
                 leaf = e & 0x80 == 0
                 if leaf:
-                    ex.m.put_u64(pte_table + 8 * i, e | D)
+                    ex.machine.put_u64(pte_table + 8 * i, e | D)
                     return
     raise AssertionError(f"no leaf for {addr:#x}")
 
@@ -113,16 +114,16 @@ def test_untrustworthy_runs_restore_everything(monkeypatch: pytest.MonkeyPatch, 
     ex = Executor(load_profile("seed"))
     assert ex.run(base_elf).verdict == "ok"
     if what == "page-table":
-        _set_dirty(ex, ex.fw.pml4)
+        _set_dirty(ex, ex.firmware.pml4)
     elif what == "code":
-        _set_dirty(ex, ex.fw.executable_ranges[0][0])
+        _set_dirty(ex, ex.firmware.executable_ranges[0][0])
     elif what == "two-paging-writes":
-        ex._paging_writes += 1
+        ex.written.paging_writes += 1
     else:  # the lost event may have been the paging site's
         monkeypatch.setattr(type(ex.tracer), "events_dropped", property(lambda _: 1))
-    assert ex._written_pages() is None
+    assert ex.written.since_snapshot() is None
     monkeypatch.undo()
-    ex._restore()
+    ex.restore(None)
     assert _differences(ex) == []
     assert ex.run(base_elf).verdict == "ok"
 
@@ -137,15 +138,15 @@ def test_paging_sites_cover_every_possible_start() -> None:
 
 def test_kernel_paging_sites_are_watched(seed: Executor) -> None:
     enter = seed.image.symbol("rustux_enter_user").address
-    assert seed._paging_sites == {enter}  # `mov cr3, rdx`, the switch to ring 3's tables
+    assert seed.written.paging_sites == {enter}  # `mov cr3, rdx`, the switch to ring 3's tables
     assert seed.tracer.native
 
 
 def test_python_executor_uses_the_same_log(base_elf: bytes) -> None:
     slow = Executor(load_profile("seed"), native=False)
-    assert slow._log is not None and not slow.tracer.native
+    assert slow.written.log is not None and not slow.tracer.native
     slow.run(base_elf)
-    slow._restore()
+    slow.restore()
     assert _differences(slow) == []
 
 
@@ -153,10 +154,10 @@ def test_without_the_log_the_write_hook_restores(monkeypatch: pytest.MonkeyPatch
                                                  base_elf: bytes) -> None:
     """A kernel the log cannot serve (here: pretend its paging sites do not fit in the
     watches) still gets snapshots, restored from the tracer's write hook."""
-    monkeypatch.setattr(Executor, "_page_table_log", lambda self: None)
+    monkeypatch.setattr(dirtypages, "page_table_log", lambda *_args: None)
     profile = load_profile("seed")
     hooked, full = Executor(profile), Executor(profile, snapshot=False)
-    assert hooked.use_snapshot and hooked._log is None
+    assert hooked.use_snapshot and hooked.written.log is None
     for data in _inputs(base_elf)[:6] * 2:
         assert hooked.run(data).comparable() == full.run(data).comparable()
 
@@ -165,13 +166,11 @@ def test_restore_without_the_native_walker(monkeypatch: pytest.MonkeyPatch,
                                            base_elf: bytes) -> None:
     """The Python fallbacks of the masks and of the page copies restore the same bytes."""
     ex = Executor(load_profile("seed"))
-    monkeypatch.setattr(dirtylog, "_walk", None)
-    monkeypatch.setattr(executor_module, "_walk", None)
+    monkeypatch.setattr(dirtylog, "native_walker", None)
+    monkeypatch.setattr(snapshot, "native_walker", None)
     for data in _inputs(base_elf)[:12]:
         ex.run(data)
-        pages = ex._written_pages()  # consumes what the run left: hand it to the restore
+        pages = ex.written.since_snapshot()  # consumes what the run left: hand it over
         assert pages is not None and set(pages) == {0}, data[:16]
-        monkeypatch.setattr(ex, "_written_pages", lambda pages=pages: pages)
-        ex._restore()
-        monkeypatch.delattr(ex, "_written_pages")
+        ex.restore(pages)
         assert _differences(ex) == [], data[:16]

@@ -11,6 +11,7 @@ import pytest
 
 from fuzz.harness import WATCHDOG
 from fuzz.mutator import ElfMutator
+from kernel_emu import dirtypages
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 from tests.kernel_emu.speedups import KERNELS, executor_pairs, observe
@@ -38,7 +39,7 @@ def _same(pair: tuple[Executor, Executor], data: bytes) -> int:
 
 
 def _ram(ex: Executor) -> list[bytes]:
-    return [bytes(bank.buffer) for bank in ex.m.banks]
+    return [bytes(bank.buffer) for bank in ex.machine.banks]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -95,9 +96,10 @@ def test_a_fault_inside_a_fast_forwarded_range(pairs: dict[str, tuple[Executor, 
     result = fast.run(data)
     assert result.verdict == "crash" and "memcpy" in (result.signature or "")
     slow.run(data)
-    assert fast.obs.fault is not None and slow.obs.fault is not None
-    assert fast.obs.fault.vector == 14 and fast.obs.fault.cr2 == 0x1_0100_0000  # ramdisk end
-    assert (fast.obs.fault.cr2, fast.obs.fault.pc) == (slow.obs.fault.cr2, slow.obs.fault.pc)
+    a, b = fast.faults.fault, slow.faults.fault
+    assert a is not None and b is not None
+    assert a.vector == 14 and a.cr2 == 0x1_0100_0000  # the ramdisk's end
+    assert (a.cr2, a.pc) == (b.cr2, b.pc)
     assert _ram(fast) == _ram(slow)
 
 
@@ -114,42 +116,28 @@ def test_budget_stop_inside_a_bulk_move(base_elf: bytes) -> None:
     assert observe(fast, data) == observe(slow, data)
     assert fast.fast_units > 0
     assert fast.tracer.budget_exhausted
-    assert fast.m.reg("rip") in {site.address for site in fast._bulk_sites}
-    assert fast.m.registers() == slow.m.registers()
+    assert fast.machine.reg("rip") in {site.address for site in fast.bulk_sites}
+    assert fast.machine.registers() == slow.machine.registers()
 
 
-def test_cycle_probes_are_not_counted_in_bulk_moves(monkeypatch: pytest.MonkeyPatch,
-                                                    base_elf: bytes) -> None:
+def test_cycle_probes_are_not_counted_in_bulk_moves(base_elf: bytes) -> None:
     """The cycle search probes at 4096, 8192, ... instructions outside the bulk moves: the
     tracer's floating stop moves on with every iteration performed natively, so a run zeroing
     and copying 16 MiB stops at exactly those counts, and at nothing in between."""
     from kernel_emu import cycles
 
-    probes: list[tuple[int, int]] = []
-    idle = [0]
-    original_on_stop, original_probe = cycles.CycleFinder.on_stop, cycles.CycleFinder._probe
-
-    def probe(self: cycles.CycleFinder) -> None:
-        tracer = self.ex.tracer
-        probes.append((tracer.instructions - tracer.fast_units, tracer.fast_units))
-        original_probe(self)
-
-    def on_stop(self: cycles.CycleFinder) -> None:
-        before = (len(probes), self.ex.tracer.stop_hit)
-        original_on_stop(self)
-        idle[0] += before == (len(probes), False)
-
-    monkeypatch.setattr(cycles.CycleFinder, "_probe", probe)
-    monkeypatch.setattr(cycles.CycleFinder, "on_stop", on_stop)
     data = next(r for r in REPRODUCERS if r.bug == "RX-01").make(base_elf)
     ex = Executor(load_profile("seed"), watchdog=WATCHDOG)
     ex.run(data)
+    finder = ex.watchdog.cycles
+    assert finder is not None
+    probes = finder.probes
     own = ex.tracer.instructions - ex.fast_units
     assert ex.fast_units > 4_000_000
     assert [at for at, _ in probes] == [cycles.FIRST_PROBE << i for i in range(len(probes))]
     assert probes[-1][0] * 2 > own
     assert any(units > 0 for _, units in probes)  # a stop that bulk moves pushed back
-    assert idle[0] == 0
+    assert finder.idle_stops == 0
 
 
 def test_snapshot_runs_equal_full_boots(base_elf: bytes) -> None:
@@ -176,12 +164,8 @@ def test_pure_python_tracer_agrees(base_elf: bytes) -> None:
 
 def _restore_noting_pages(ex: Executor) -> dict[int, int] | None:
     """Restore `ex`; bank -> mask of the pages it restored (None: everything)."""
-    pages = ex._written_pages()  # consumes what the run left: hand it to the restore
-    ex._written_pages = lambda: pages  # type: ignore[method-assign]
-    try:
-        ex._restore()
-    finally:
-        del ex._written_pages
+    pages = ex.written.since_snapshot()  # consumes what the run left: hand it over
+    ex.restore(pages)
     return pages
 
 
@@ -192,10 +176,10 @@ def test_ram_is_restored_byte_for_byte(monkeypatch: pytest.MonkeyPatch, base_elf
     after the guest's own run: exactly the snapshot with the Dirty-bit log. (With the write
     hook, a few pages keep page-table bits the CPU set behind the hook, fast path or not.)"""
     if track_writes:  # the fallback when page-table Dirty bits cannot be used
-        monkeypatch.setattr(Executor, "_page_table_log", lambda self: None)
+        monkeypatch.setattr(dirtypages, "page_table_log", lambda *_args: None)
     profile = load_profile("seed")
     fast, slow = Executor(profile), Executor(profile, fast_routines=False)
-    assert (fast._log is None) == track_writes
+    assert (fast.written.log is None) == track_writes
     units = 0
     for data in [*(r.make(base_elf) for r in REPRODUCERS), _runaway_copy(base_elf)]:
         fast.run(data)
@@ -211,9 +195,9 @@ def test_ram_is_restored_byte_for_byte(monkeypatch: pytest.MonkeyPatch, base_elf
 
 def test_bulk_sites_come_from_the_image_symbols() -> None:
     ex = Executor(load_profile("seed"))
-    kinds = {site.kind for site in ex._bulk_sites}
+    kinds = {site.kind for site in ex.bulk_sites}
     assert kinds == {"stosq", "movsq"}
-    for site in ex._bulk_sites:
-        assert any(lo <= site.address < hi for lo, hi in ex._bulk_ranges)
-    assert Executor(load_profile("seed"), fast_routines=False)._bulk_sites == []
+    for site in ex.bulk_sites:
+        assert any(lo <= site.address < hi for lo, hi in ex.bulk_ranges)
+    assert Executor(load_profile("seed"), fast_routines=False).bulk_sites == ()
 

@@ -7,7 +7,7 @@ import bisect
 import random
 from collections import Counter
 
-from kernel_emu import oracles
+from kernel_emu import oracles, userspace
 from kernel_emu.machine import PAGE
 from kernel_emu.pagewalk import Mapping
 
@@ -69,7 +69,7 @@ def test_run_checks_name_the_page_a_page_scan_names() -> None:
         kernel_phys = [(lo, lo + rng.randrange(1, 0x8_0000), n) for lo, _, n in kernel_phys]
         tables = {rng.randrange(0, 0x50_0000) & ~(PAGE - 1) for _ in range(rng.randrange(4))}
         want = _bad_by_page(runs, kernel_phys, tables)
-        got = oracles._first_bad_mapping(runs, USER_TOP, kernel_phys, sorted(tables))
+        got = userspace.first_bad_mapping(runs, USER_TOP, kernel_phys, sorted(tables))
         assert (None if got is None else tuple(got)) == want, (runs, kernel_phys, tables)
         if want is not None:
             found["upper" if want[2] is None else
@@ -79,12 +79,12 @@ def test_run_checks_name_the_page_a_page_scan_names() -> None:
         for _ in range(rng.randrange(4)):
             lo = rng.choice(runs).vaddr + rng.randrange(-8, 60) * PAGE
             spans.append((lo, lo + rng.randrange(0, 40) * PAGE))
-        merged = oracles._merge(spans)
+        merged = userspace.merge_pages(spans)
         top = rng.choice(runs).end - rng.randrange(0, 10) * PAGE - rng.randrange(0, 2) * 17
         stack = rng.choice([None, (top - 64 * PAGE, top)])
         want_extra = _uncovered_by_page(runs, merged, stack)
         got_extra = next((v for run in runs
-                          if (v := oracles._first_uncovered(run, merged, stack, USER_TOP))
+                          if (v := userspace.first_uncovered(run, merged, stack, USER_TOP))
                           is not None), None)
         assert got_extra == want_extra, (runs, merged, stack)
         found["extra"] += want_extra is not None

@@ -1,0 +1,51 @@
+"""What the emulator looks for in the kernel image's code before the first run: the return
+instructions of the allocator (where an allocation's result is read) and the bulk moves of the
+memory routines (which the native tracer may perform in one step)."""
+
+from __future__ import annotations
+
+import capstone
+
+from kernel_emu.errors import HarnessError
+from kernel_emu.image import KernelImage
+from kernel_emu.tracing import BulkSite
+
+# routines whose long loops are progress (every iteration moves on through memory)
+BULK_ROUTINES = ("memset", "memcpy", "memmove")
+# the instructions of those routines the native tracer may fast-forward, as encoded (REP,
+# REX.W and the opcode, no segment or address-size override)
+BULK_ENCODINGS = {b"\xf3\x48\xab": "stosq", b"\xf3\x48\xa5": "movsq"}
+
+_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+
+
+def return_sites(image: KernelImage, start: int, size: int) -> tuple[int, ...]:
+    """The addresses of the `ret` instructions of the function at [start, start + size)."""
+    seg = next((s for s in image.segments if s.vaddr <= start < s.end), None)
+    if seg is None or size <= 0:
+        raise HarnessError(f"allocator symbol at {start:#x} has no code in the image")
+    code = seg.data[start - seg.vaddr:start - seg.vaddr + size]
+    sites = tuple(i.address for i in _md.disasm(code, start) if i.mnemonic == "ret")
+    if not sites:
+        raise HarnessError("no return instruction found in the allocator")
+    return sites
+
+
+def bulk_ranges(image: KernelImage) -> tuple[tuple[int, int], ...]:
+    """[start, end) of each bulk memory routine the image has a sized symbol for."""
+    return tuple((sym.address, sym.address + sym.size)
+                 for sym in (image.find_symbol(n) for n in BULK_ROUTINES)
+                 if sym is not None and sym.size > 0)
+
+
+def bulk_sites(image: KernelImage, ranges: tuple[tuple[int, int], ...]) -> tuple[BulkSite, ...]:
+    """The bulk moves (`rep stosq`, `rep movsq`) inside `ranges`, in executable segments."""
+    sites: list[BulkSite] = []
+    for lo, hi in ranges:
+        seg = next((s for s in image.segments if s.vaddr <= lo and hi <= s.end), None)
+        if seg is None or not seg.flags & 1:
+            continue
+        code = seg.data[lo - seg.vaddr:hi - seg.vaddr]
+        sites.extend(BulkSite(i.address, BULK_ENCODINGS[bytes(i.bytes)])
+                     for i in _md.disasm(code, lo) if bytes(i.bytes) in BULK_ENCODINGS)
+    return tuple(sites)

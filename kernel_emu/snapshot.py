@@ -1,0 +1,83 @@
+"""A snapshot of the whole machine just before the kernel first reads the ramdisk, and its
+restore: every later input starts from it instead of booting again, and must not be able to
+tell the difference.
+
+A restore copies back only the pages the last run may have written (the caller says which,
+from the dirty-page observer; None means all), drops the translated code of those pages that
+hold code, and restores the CPU context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kernel_emu.dirtylog import mask_indexes
+from kernel_emu.firmware import FirmwareState
+from kernel_emu.machine import PAGE, Machine
+from kernel_emu.tracing import GuestTracer
+
+try:
+    from kernel_emu import _walk as native_walker
+except ImportError:  # not built: the restore copies page by page in Python
+    native_walker = None
+
+ZERO_PAGE = bytes(PAGE)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    context: Any  # Unicorn's saved CPU context
+    pages: list[list[bytes | None]]  # per bank, per page: its bytes, None when all zero
+    firmware: FirmwareState
+    log: bytes  # console output before the snapshot
+    ports: tuple[tuple[str, int, int, int], ...]  # other port accesses, likewise
+    instructions: int  # instructions run to get here
+
+    @classmethod
+    def capture(cls, m: Machine, firmware: FirmwareState, tracer: GuestTracer) -> Snapshot:
+        pages = []
+        for bank in m.banks:
+            data = bytes(bank.buffer)
+            pages.append([page if (page := data[i:i + PAGE]) != ZERO_PAGE else None
+                          for i in range(0, bank.size, PAGE)])
+        return cls(m.uc.context_save(), pages, firmware.copy(), tracer.console(),
+                   tuple(tracer.port_log()), tracer.instructions)
+
+    def restore(self, m: Machine, written: dict[int, int] | None,
+                code_masks: list[int]) -> None:
+        """Put `m` back in the snapshot's state. `written`: bank index -> bit mask of the
+        pages (bit i: page i) that may differ from the snapshot; None: all of them."""
+        if written is None:
+            written = {r: (1 << bank.size // PAGE) - 1 for r, bank in enumerate(m.banks)}
+        # first: Unicorn finds the code to drop with a page walk under the run's CR3, which
+        # sets Accessed bits in those tables; the copies below put them back
+        for region, mask in written.items():
+            base = m.banks[region].base
+            for page in mask_indexes(mask & code_masks[region]):
+                m.uc.ctl_remove_cache(base + page * PAGE, base + (page + 1) * PAGE)
+        for region, mask in written.items():
+            bank = m.banks[region]
+            if native_walker is not None:
+                native_walker.restore_pages(bank.buffer, self.pages[region],
+                                    mask.to_bytes((bank.size // PAGE + 7) // 8, "little"))
+                continue
+            saved = self.pages[region]
+            for page in mask_indexes(mask):
+                bank.view[page * PAGE:(page + 1) * PAGE] = saved[page] or ZERO_PAGE
+        m.uc.context_restore(self.context)
+        # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
+        m.set_reg("cr3", m.reg("cr3"))
+
+
+def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[int]:
+    """Per bank, a mask of the pages holding code in `ranges`: a restore of such a page must
+    also drop the code Unicorn translated from it."""
+    masks = [0] * len(m.banks)
+    for lo, hi in ranges:
+        for addr in range(lo & ~(PAGE - 1), hi, PAGE):
+            for r, bank in enumerate(m.banks):
+                if bank.contains(addr):
+                    masks[r] |= 1 << (addr - bank.base) // PAGE
+    return masks

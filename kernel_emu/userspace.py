@@ -1,0 +1,209 @@
+"""Oracle of the user address space the kernel is about to enter ring 3 with: each PT_LOAD
+mapped where and as the ELF says, no user page over kernel memory or in the upper half, no
+user page that no program header covers, and an entry into ring 3 at user-executable code.
+
+The page walk comes as runs of consecutive pages (a 16 MiB segment is a dozen runs, not 4096
+mappings); every check finds the first page of a run it applies to, so the findings name the
+same page as a page-by-page scan would.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import NamedTuple
+
+from kernel_emu import pagewalk
+from kernel_emu.image import KernelImage
+from kernel_emu.klog import KernelLog
+from kernel_emu.machine import PAGE, Machine
+from kernel_emu.profile import TargetProfile
+from kernel_emu.result import CrashClass, Finding
+
+USER_STACK_PAGES = 64
+PF_X, PF_W = 1, 2
+
+
+def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log: KernelLog,
+                        expected: list[dict[str, int]], frames: list[str],
+                        kstack_base: int | None) -> list[Finding]:
+    """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop)."""
+    cr3 = m.reg("cr3")
+    tables: set[int] = set()
+    runs = pagewalk.walk_user(m, cr3, tables, runs=True)
+    small = [r for r in runs if r.size == PAGE]
+    starts = [r.vaddr for r in small]
+
+    def user_page(page: int) -> pagewalk.Mapping | None:
+        i = bisect.bisect_right(starts, page) - 1
+        if i >= 0 and page < small[i].end:
+            return small[i]  # only its rights are read, the same for every page of the run
+        return pagewalk.translate(m, cr3, page)
+
+    out: list[Finding] = []
+    covered: list[tuple[int, int]] = []
+    page_flags = shared_page_flags(expected)
+    for i, seg in enumerate(expected):
+        if seg["memsz"] == 0:
+            continue
+        first = seg["vaddr"] & ~(PAGE - 1)
+        last = (seg["vaddr"] + seg["memsz"] - 1) & ~(PAGE - 1)
+        if last < first or last - first > (1 << 32):
+            continue
+        covered.append((first, last))
+        for page in (first, last):
+            mp = user_page(page)
+            if mp is None or not mp.user:
+                out.append(Finding(CrashClass.VADDR_CORRUPTION,
+                                   [f"segment {i}: ELF says vaddr {seg['vaddr']:#x}, but page "
+                                    f"{page:#x} is not mapped for user mode"],
+                                   frames=frames, field=f"segments[{i}].vaddr"))
+                break
+            # a page two segments share carries the rights of both
+            flags = page_flags.get(page, 0)
+            if mp.writable != bool(flags & PF_W) or mp.executable != bool(flags & PF_X):
+                perms = ("W" if mp.writable else "-") + ("X" if mp.executable else "-")
+                out.append(Finding(CrashClass.VADDR_CORRUPTION,
+                                   [f"segment {i}: ELF flags {seg['flags']:#x}, page {page:#x} "
+                                    f"mapped {perms}"], frames=frames,
+                                   field=f"segments[{i}].flags"))
+                break
+    stack_top = log.user_entry[1] if log.user_entry else None
+    kernel_phys = [(image.start, image.end, "kernel image"),
+                   (prof.heap.base, prof.heap.end, "kernel heap"),
+                   (0, 0x10_0000, "firmware memory"),
+                   (prof.memory.ramdisk_base, prof.memory.ramdisk_base + prof.memory.ramdisk_size,
+                    "the ramdisk")]
+    if kstack_base:
+        kernel_phys.append((kstack_base - PAGE, kstack_base + prof.kernel.stack_size,
+                            "kernel stack"))
+    bad = first_bad_mapping(runs, prof.kernel.user_top, kernel_phys, sorted(tables))
+    if bad is not None:
+        out.append(bad.finding(frames))
+    if not any(f.cls == CrashClass.VADDR_CORRUPTION for f in out):
+        merged = merge_pages(covered)
+        stack = None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top)
+        for run in runs:
+            vaddr = first_uncovered(run, merged, stack, prof.kernel.user_top)
+            if vaddr is not None:
+                out.append(Finding(CrashClass.VADDR_CORRUPTION,
+                                   [f"user page {vaddr:#x} is mapped but no program header "
+                                    f"covers it"], frames=frames, field="segments.extra"))
+                break
+    out += entry_findings(m, cr3, frames)
+    return out
+
+
+class BadMapping(NamedTuple):
+    vaddr: int
+    paddr: int
+    what: str | None  # None: in the upper half
+
+    def finding(self, frames: list[str]) -> Finding:
+        if self.what is None:
+            return Finding(CrashClass.KERNEL_MAPPING,
+                           [f"user page {self.vaddr:#x} is mapped in the upper (kernel) half "
+                            f"of the address space"], frames=frames, field="mapping.upper")
+        return Finding(CrashClass.KERNEL_MAPPING,
+                       [f"user page {self.vaddr:#x} maps physical {self.paddr:#x}, which is "
+                        f"{self.what}"], frames=frames, field="mapping.kernel")
+
+
+def first_bad_mapping(runs: list[pagewalk.Mapping], user_top: int,
+                      kernel_phys: list[tuple[int, int, str]],
+                      tables: list[int]) -> BadMapping | None:
+    """The first leaf, in walk order, that lies in the upper half or maps kernel memory or
+    a page table of this address space (`tables`: sorted)."""
+    for run in runs:
+        size, n = run.size, run.count
+        # leaves by physical order: leaf j maps [low + j*size, +size); walk order is the same
+        # or, for a descending run, the reverse
+        low = run.paddr - (n - 1) * size if run.descending else run.paddr
+        high = low + n * size
+        # nearly always none of them: only ranges that meet the run are looked at closely
+        spans = [overlap(low, size, n, lo, hi) for lo, hi, _ in kernel_phys
+                 if lo < high and low < hi]
+        t = bisect.bisect_left(tables, low)
+        if t < len(tables) and tables[t] < high:
+            inside = tables[t:bisect.bisect_left(tables, high)]
+            spans.append(((inside[0] - low) // size, (inside[-1] - low) // size))
+        firsts = [n - 1 - span[1] if run.descending else span[0] for span in spans if span]
+        if run.end > user_top:
+            k = max(0, -(-(user_top - run.vaddr) // size))  # ceiling division
+            if k < n:
+                firsts.append(k)
+        if not firsts:
+            continue
+        leaf = run.leaf(min(firsts))
+        if leaf.vaddr >= user_top:
+            return BadMapping(leaf.vaddr, leaf.paddr, None)
+        what = next((name for lo, hi, name in kernel_phys
+                     if lo < leaf.paddr + size and leaf.paddr < hi),
+                    "a page table of this address space")
+        return BadMapping(leaf.vaddr, leaf.paddr, what)
+    return None
+
+
+def overlap(low: int, size: int, n: int, lo: int, hi: int) -> tuple[int, int] | None:
+    """The first and last j < n for which [low + j*size, +size) overlaps [lo, hi)."""
+    first = 0 if low + size > lo else (lo - low - size) // size + 1
+    last = min(n - 1, -(-(hi - low) // size) - 1)
+    return (first, last) if first <= last else None
+
+
+def first_uncovered(run: pagewalk.Mapping, merged: list[tuple[int, int]],
+                    stack: tuple[int, int] | None, user_top: int) -> int | None:
+    """The first leaf address of `run` below `user_top` that no program header covers and
+    that is not near the user stack; each step jumps past a covered span."""
+    size, vaddr = run.size, run.vaddr
+    while vaddr < run.end and vaddr < user_top:
+        i = bisect.bisect_right(merged, (vaddr, 1 << 65)) - 1
+        if i >= 0 and merged[i][0] <= vaddr <= merged[i][1]:
+            past = merged[i][1]
+        elif stack is not None and stack[0] <= vaddr <= stack[1]:
+            past = stack[1]
+        else:
+            return vaddr
+        vaddr += (past - vaddr) // size * size + size  # the first leaf after `past`
+    return None
+
+
+def shared_page_flags(expected: list[dict[str, int]]) -> dict[int, int]:
+    """For the first and last page of every segment: the union of the p_flags of all segments
+    with bytes in that page. Linear in the segments plus the pages they share."""
+    spans = sorted((s["vaddr"], s["vaddr"] + s["memsz"], s["flags"]) for s in expected
+                   if s["memsz"] and s["vaddr"] + s["memsz"] <= 1 << 64)
+    pages = sorted({p for lo, hi, _ in spans for p in (lo & ~(PAGE - 1), (hi - 1) & ~(PAGE - 1))})
+    flags = dict.fromkeys(pages, 0)
+    for lo, hi, f in spans:
+        i = bisect.bisect_left(pages, lo & ~(PAGE - 1))
+        while i < len(pages) and pages[i] < hi:
+            flags[pages[i]] |= f
+            i += 1
+    return flags
+
+
+def merge_pages(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive page ranges, sorted and merged."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + PAGE:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def entry_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
+    """The `iretq` about to run must enter ring 3 at user-executable code."""
+    rsp = m.reg("rsp")
+    rip, cs = m.u64(rsp), m.u64(rsp + 8)
+    if cs & 3 != 3:
+        return [Finding(CrashClass.BAD_ENTRY, [f"iretq does not enter ring 3 (CS={cs:#x})"],
+                        frames=frames, field="entry.ring")]
+    mp = pagewalk.translate(m, cr3, rip)
+    if mp is None or not mp.user or not mp.executable:
+        state = "not mapped" if mp is None else ("not user-accessible" if not mp.user
+                                                 else "not executable")
+        return [Finding(CrashClass.BAD_ENTRY, [f"ring 3 entered at {rip:#x}, which is {state}"],
+                        frames=frames, field="entry.rip")]
+    return []

@@ -1,0 +1,79 @@
+"""The run's stops before its budget: watchdog checkpoints and the cycle search's probes.
+
+Every `interval` instructions, a run whose guest is not inside a bulk memory routine (zeroing
+or copying a large segment) and has written no page it had not written before in this run is
+stopped as stalled: a fuzzer's early verdict on a loop that makes no progress, instead of
+spending the whole budget on it. Between checkpoints the tracer may also stop for the cycle
+search (kernel_emu/cycles.py), which is not counted in bulk-move iterations.
+"""
+
+from __future__ import annotations
+
+from kernel_emu.cycles import CycleFinder
+from kernel_emu.dirtypages import WrittenPages
+from kernel_emu.machine import Machine
+from kernel_emu.tracing import GuestTracer
+
+
+class Watchdog:
+    """The stops of the runs on one machine. `interval` None: no checkpoints, only the
+    budget (and the cycle search, if one is given to `start_run`)."""
+
+    def __init__(self, m: Machine, tracer: GuestTracer, interval: int | None,
+                 bulk_ranges: tuple[tuple[int, int], ...], written: WrittenPages) -> None:
+        self.m, self.tracer, self.interval = m, tracer, interval
+        self.bulk_ranges, self.written = bulk_ranges, written
+        self.run_budget = 0
+        self.next_checkpoint = 0
+        self.stalled_at = 0  # the instruction count at which the run was called stalled
+        self.cycles: CycleFinder | None = None
+
+    def start_run(self, run_budget: int, cycles: CycleFinder | None) -> None:
+        """Reset the tracer for a run of `run_budget` instructions and arm its first stop."""
+        self.run_budget = run_budget
+        self.stalled_at = 0
+        self.written.start_run()
+        self.next_checkpoint = min(run_budget, self.interval) if self.interval else run_budget
+        self.cycles = cycles
+        self.tracer.reset(self.next_checkpoint)
+        self._arm_next_stop()
+
+    def _arm_next_stop(self) -> None:
+        """Stop at the next checkpoint, or before it at the cycle search's next probe, which
+        is not counted in bulk-move iterations (a run loading megabytes is no cycle)."""
+        probe = self.cycles.next_probe if self.cycles is not None else None
+        if probe is None or probe >= self.next_checkpoint:
+            self.tracer.extend(self.next_checkpoint)
+        else:
+            self.tracer.extend(probe, self.next_checkpoint)
+
+    @property
+    def skipped_instructions(self) -> int:
+        """Instructions of the last run accounted for by whole periods of an exact cycle."""
+        return self.cycles.skipped if self.cycles is not None else 0
+
+    def keep_going(self) -> bool:
+        """At a stop of the tracer: resume (True) or end the run (False): the budget is
+        spent, or at a checkpoint the run is stalled. Progress is a page written for the
+        first time in this run, or being inside a bulk memory routine."""
+        tracer = self.tracer
+        if tracer.instructions >= self.run_budget:
+            return False
+        if tracer.instructions < self.next_checkpoint:
+            # a stop of the cycle search, not a checkpoint
+            assert self.cycles is not None
+            tracer.extend(self.next_checkpoint)  # a skip may go up to the checkpoint
+            self.cycles.on_stop()
+            self._arm_next_stop()
+            return True
+        if not self.interval:
+            return False
+        pc = self.m.reg("rip")
+        if self.written.wrote_new_pages() or any(lo <= pc < hi for lo, hi in self.bulk_ranges):
+            self.next_checkpoint = min(tracer.instructions + self.interval, self.run_budget)
+            if self.cycles is not None:
+                self.cycles.after_checkpoint()
+            self._arm_next_stop()
+            return True
+        self.stalled_at = tracer.instructions
+        return False
