@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from unicorn import UC_HOOK_TCG_OPCODE, UC_TCG_OP_FLAG_CMP, UC_TCG_OP_SUB, Uc
 
-from kernel_emu.tracing import _add_native_hook
+from kernel_emu.tracing import add_native_hook
 
 try:
     from fuzz import _feedback
@@ -100,7 +100,7 @@ class NativeFeedback:
     def attach(self, uc: Uc) -> None:
         # The Feedback object outlives every machine (the harness holds it), so Unicorn may
         # keep its address as the hook's user data.
-        _add_native_hook(uc, UC_HOOK_TCG_OPCODE, _feedback.CMP_HOOK, self._state.hook_state,
+        add_native_hook(uc, UC_HOOK_TCG_OPCODE, _feedback.CMP_HOOK, self._state.hook_state,
                          ctypes.c_int(UC_TCG_OP_SUB), ctypes.c_int(UC_TCG_OP_FLAG_CMP))
 
     def collect(self, coverage: memoryview) -> int:

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Literal
 
 from kernel_emu.machine import PAGE, Machine
 
 try:
     from kernel_emu import _walk as native_walker
 except ImportError:  # not built: the Python walk gives the same answer, slower
-    native_walker = None
+    native_walker = None  # type: ignore[assignment]
 
 P, A, D, PS, NX = 1, 0x20, 0x40, 0x80, 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
@@ -51,7 +52,9 @@ CR0_PG = 1 << 31
 MAX_PAGES = 1 << 16
 MAX_TABLES = 1 << 12
 # the forms of the native walk's answer
-_LISTS, _BITMAPS, _COUNT = 0, 1, 2
+_LISTS: Literal[0] = 0
+_BITMAPS: Literal[1] = 1
+_COUNT: Literal[2] = 2
 
 # Legacy and REX prefixes: bytes that may come before an opcode in one instruction.
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(range(0x40, 0x50)))
@@ -79,8 +82,8 @@ def dirty_leaves(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
     ``None`` when a table lies outside the bank or the walk passes its caps."""
     if native_walker is not None:
         low = m.banks[0]
-        native = native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
-                                    MAX_TABLES)
+        native = native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level,
+                                            MAX_PAGES, MAX_TABLES)
         return None if native is None else Walk(*native)
     return dirty_leaves_python(m, root, accessed_level)
 
@@ -129,8 +132,8 @@ def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | No
     first RAM bank."""
     if native_walker is not None:
         low = m.banks[0]
-        native = native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
-                                    MAX_TABLES, _BITMAPS)
+        native = native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level,
+                                            MAX_PAGES, MAX_TABLES, _BITMAPS)
         if native is None:
             return None
         pages, tables, executable = native
@@ -150,8 +153,8 @@ def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
     built (the watchdog asks this at every checkpoint of a run that loads megabytes)."""
     if native_walker is not None:
         low = m.banks[0]
-        return native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level, MAX_PAGES,
-                                  MAX_TABLES, _COUNT)
+        return native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level,
+                                          MAX_PAGES, MAX_TABLES, _COUNT)
     walk = dirty_leaves_python(m, root, accessed_level)
     return None if walk is None else len(walk.pages)
 

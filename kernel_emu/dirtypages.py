@@ -9,6 +9,8 @@ boots, and kernels the log cannot serve, use the tracer's write hook instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kernel_emu.dirtylog import CR0_PG, PageTableLog, dirty_count, index_mask
 from kernel_emu.firmware import Firmware
 from kernel_emu.machine import PAGE, Machine
@@ -18,7 +20,7 @@ from kernel_emu.tracing import WATCH_MAX, GuestTracer, WatchEvent
 PageMasks = dict[int, int]
 
 
-def page_table_log(m: Machine, fw: Firmware, watched: tuple[int, ...]) -> PageTableLog | None:
+def page_table_log(m: Machine, fw: Firmware, watched: Sequence[int]) -> PageTableLog | None:
     """The Dirty-bit log over the firmware's tables, if it can serve this kernel: CR3 must
     still hold those tables at the snapshot point, and the places that could change paging
     must fit in the tracer's watches beside the `watched` addresses (the allocator's)."""
@@ -88,9 +90,9 @@ class WrittenPages:
         before in this run (without disturbing what the snapshot restore will need)."""
         if self.log is None:
             written = self._written
-            fresh = [p for p in self.tracer.take_dirty() if p not in written]
-            written.update(fresh)
-            return bool(fresh)
+            new = [p for p in self.tracer.take_dirty() if p not in written]
+            written.update(new)
+            return bool(new)
         # the log clears Accessed in the page directories: tables not used since hold no
         # Dirty leaf, and skipping them makes a checkpoint ~10x cheaper
         count = dirty_count(self.m, self.fw.pml4, accessed_level=2)

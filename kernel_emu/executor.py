@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from unicorn import UC_HOOK_INTR, UC_HOOK_MEM_READ, UcError
+from unicorn.unicorn_const import UC_HOOK_INTR, UC_HOOK_MEM_READ
+from unicorn.unicorn_py3.unicorn import UcError
 
 from kernel_emu import codescan, dirtypages, oracles
 from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
+from kernel_emu.dirtylog import PageTableLog
 from kernel_emu.dirtypages import PageMasks, WrittenPages
 from kernel_emu.elfview import load_segments
 from kernel_emu.errors import HarnessError, InputError
@@ -59,7 +61,7 @@ class Executor:
         self.skip_cycles, self.fast_routines = skip_cycles, fast_routines
         self.notes: list[str] = []
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
-        self.phase_seconds: Counter[str] = Counter()
+        self.phase_seconds: defaultdict[str, float] = defaultdict(float)
         k, h = profile.kernel, profile.heap
         self.success_addr = self.image.symbol(k.success_symbol).address
         self.snapshot_addr = self.image.symbol(k.snapshot_symbol).address
@@ -102,7 +104,7 @@ class Executor:
         self.machine, self.firmware, self.tracer, self.faults = m, fw, tracer, faults
         self._observe_writes(None)
 
-    def _observe_writes(self, log: dirtypages.PageTableLog | None) -> None:
+    def _observe_writes(self, log: PageTableLog | None) -> None:
         self.written = WrittenPages(self.machine, self.firmware, self.tracer, log)
         self.watchdog = Watchdog(self.machine, self.tracer, self.watchdog_interval,
                                  self.bulk_ranges, self.written)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernel_emu.image import KernelImage
@@ -299,7 +300,7 @@ class Firmware:
             st.calls.append(f"service {value} after ExitBootServices")
             m.set_reg("rax", EFI_UNSUPPORTED)
             return
-        handler = {
+        handler: Callable[[list[int], int], int] | None = {
             SVC_OUTPUT_STRING: self._output_string,
             SVC_CON_RESET: lambda a, f: EFI_SUCCESS,
             SVC_GET_MEMORY_MAP: self._get_memory_map,

@@ -93,9 +93,10 @@ class KernelImage:
                                                   lief.ELF.Symbol.TYPE.NOTYPE)
         ]
         syms = [
-            Symbol(address=s.value, size=s.size, mangled=s.name,
-                   name=clean_rust_name(demangle(s.name)))
+            Symbol(address=s.value, size=s.size, mangled=name,
+                   name=clean_rust_name(demangle(name)))
             for s in raw_syms
+            for name in (s.name if isinstance(s.name, str) else s.name.decode(errors="replace"),)
         ]
         self.symbols = sorted(syms, key=lambda s: s.address)
         self._addresses = [s.address for s in self.symbols]

@@ -8,9 +8,11 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
+from typing import cast
 
-from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc, UcError
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_const import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL
+from unicorn.unicorn_py3.arch.intel import UcIntel
+from unicorn.unicorn_py3.unicorn import Uc, UcError, uclib
 from unicorn.x86_const import (
     UC_X86_REG_CR0,
     UC_X86_REG_CR2,
@@ -76,7 +78,8 @@ class Machine:
     """Unicorn in 64-bit mode with RAM banks and labels."""
 
     def __init__(self, banks: list[tuple[int, int]]) -> None:
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # Uc() builds the architecture's subclass, which has the x86 extras (MSRs)
+        self.uc = cast(UcIntel, Uc(UC_ARCH_X86, UC_MODE_64))
         self.banks = [RamBank(base, size) for base, size in banks]
         for bank in self.banks:
             self.uc.mem_map_ptr(bank.base, bank.size, UC_PROT_ALL, bank.address)

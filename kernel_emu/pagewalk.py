@@ -10,7 +10,7 @@ from kernel_emu.machine import PAGE, Machine
 try:
     from kernel_emu import _walk as native_walker
 except ImportError:  # not built: the Python walk gives the same answer, slower
-    native_walker = None
+    native_walker = None  # type: ignore[assignment]
 
 P, W, U, PS = 1, 2, 4, 0x80
 NX = 1 << 63
@@ -32,7 +32,7 @@ class Mapping(NamedTuple):
     writable: bool
     user: bool
     executable: bool
-    count: int = 1
+    count: int = 1  # type: ignore[assignment]  # a field, not tuple.count: the run's leaves
     descending: bool = False
 
     @property
@@ -57,7 +57,8 @@ def _table(m: Machine, table: int) -> bytes:
 
 
 def _entry(m: Machine, table: int, index: int) -> int:
-    return struct.unpack_from("<Q", _table(m, table), index * 8)[0]
+    entry: int = struct.unpack_from("<Q", _table(m, table), index * 8)[0]
+    return entry
 
 
 def _user_entries(m: Machine, table: int) -> list[tuple[int, int]]:
@@ -86,8 +87,8 @@ def walk_user(m: Machine, cr3: int, tables: set[int] | None = None, *,
             if tables is not None:
                 tables.update(visited)
             return [Mapping(v, p, size, w, True, x, n, d) for v, p, size, w, x, n, d in leaves]
-    leaves = walk_user_python(m, cr3, tables)
-    return coalesce(leaves) if runs else leaves
+    found = walk_user_python(m, cr3, tables)
+    return coalesce(found) if runs else found
 
 
 def coalesce(leaves: list[Mapping]) -> list[Mapping]:

@@ -21,7 +21,7 @@ from kernel_emu.tracing import GuestTracer
 try:
     from kernel_emu import _walk as native_walker
 except ImportError:  # not built: the restore copies page by page in Python
-    native_walker = None
+    native_walker = None  # type: ignore[assignment]
 
 ZERO_PAGE = bytes(PAGE)
 

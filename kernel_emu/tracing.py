@@ -103,8 +103,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from unicorn import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_MEM_WRITE, Uc, UcError
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_const import UC_HOOK_BLOCK, UC_HOOK_CODE, UC_HOOK_INSN, UC_HOOK_MEM_WRITE
+from unicorn.unicorn_py3.unicorn import Uc, UcError, uclib
 from unicorn.x86_const import (
     UC_X86_INS_IN,
     UC_X86_INS_OUT,
@@ -123,7 +123,7 @@ from unicorn.x86_const import (
 try:
     from kernel_emu import _tracer
 except ImportError:  # not built: attach_tracer falls back to Python hooks
-    _tracer = None
+    _tracer = None  # type: ignore[assignment]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -444,14 +444,14 @@ def _check_tracking(track_writes: bool) -> None:
         raise RuntimeError("the tracer was attached with track_writes=False")
 
 
-def _function_address(function: Any) -> int:
+def function_address(function: Any) -> int:
     address = ctypes.cast(function, ctypes.c_void_p).value
     if not address:
         raise RuntimeError("cannot resolve a Unicorn entry point")
     return address
 
 
-def _add_native_hook(uc: Uc, hook_type: int, callback: int, state_address: int, *extra: Any) -> int:
+def add_native_hook(uc: Uc, hook_type: int, callback: int, state_address: int, *extra: Any) -> int:
     handle = ctypes.c_size_t()
     status = uclib.uc_hook_add(
         uc._uch,
@@ -517,13 +517,13 @@ class NativeTracer:
         self._state = _tracer.State(
             _check_regions(regions),
             coverage,
-            _function_address(uclib.uc_emu_stop),
-            _function_address(uclib.uc_reg_read),
+            function_address(uclib.uc_emu_stop),
+            function_address(uclib.uc_reg_read),
             console_port=port_config.console,
             service_port=port_config.service,
             console_read_value=port_config.console_read_value,
-            mem_read=_function_address(uclib.uc_mem_read),
-            reg_write=_function_address(uclib.uc_reg_write),
+            mem_read=function_address(uclib.uc_mem_read),
+            reg_write=function_address(uclib.uc_reg_write),
         )
         # Own the state from the engine before any hook can see its address: if the Uc
         # is garbage collected, Unicorn is closed (weakref finalizer) before the Uc's
@@ -537,14 +537,14 @@ class NativeTracer:
             if track_writes:
                 hooks.append((UC_HOOK_MEM_WRITE, _tracer.WRITE_HOOK))
             for hook_type, callback in hooks:
-                self._handles.append(_add_native_hook(uc, hook_type, callback, address))
+                self._handles.append(add_native_hook(uc, hook_type, callback, address))
             if ports is not None:
                 for callback, insn in (
                     (_tracer.OUT_HOOK, UC_X86_INS_OUT),
                     (_tracer.IN_HOOK, UC_X86_INS_IN),
                 ):
                     self._handles.append(
-                        _add_native_hook(uc, UC_HOOK_INSN, callback, address, ctypes.c_int(insn))
+                        add_native_hook(uc, UC_HOOK_INSN, callback, address, ctypes.c_int(insn))
                     )
         except BaseException:
             self.detach()
@@ -751,8 +751,9 @@ class PythonTracer:
         if len(self._events) >= EVENT_CAP:
             self._events_dropped += 1
             return
-        regs = [uc.reg_read(reg) for reg in _WATCH_REGS]
-        self._events.append(WatchEvent(address, self._count, *regs, _walk_frames(uc, *regs[1:3])))
+        rip, rsp, rbp, rax, rdi, rsi, rdx, rcx = (uc.reg_read(reg) for reg in _WATCH_REGS)
+        self._events.append(WatchEvent(address, self._count, rip, rsp, rbp, rax, rdi, rsi, rdx,
+                                       rcx, _walk_frames(uc, rsp, rbp)))
 
     def _on_block(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
         # A block starting after a service OUT means the guest was resumed without the

@@ -27,22 +27,21 @@ run is reported because the noise on a shared machine only ever adds time.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from unicorn import (
+from unicorn.unicorn_const import (
     UC_ARCH_X86,
     UC_HOOK_BLOCK,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_MEM_WRITE,
     UC_MODE_64,
-    Uc,
 )
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_py3.unicorn import Uc, uclib
 from unicorn.x86_const import UC_X86_INS_OUT, UC_X86_REG_RDI, UC_X86_REG_RSP
 
 from kernel_emu import tracing
@@ -120,13 +119,13 @@ def bench(name: str, code: bytes, count: int, repeats: int) -> None:
             state = _tracer.State(
                 [(0, RAM)],
                 True,
-                ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value,
-                ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value,
+                tracing.function_address(uclib.uc_emu_stop),
+                tracing.function_address(uclib.uc_reg_read),
             )
             for hook_type, callback in hooks:
-                tracing._add_native_hook(uc, hook_type, callback, state.address)
+                tracing.add_native_hook(uc, hook_type, callback, state.address)
             uc.ctl_flush_tb()
-            seconds = time_runs(uc, len(code), repeats, lambda s=state: s.reset(tracing.NO_BUDGET))
+            seconds = time_runs(uc, len(code), repeats, partial(state.reset, tracing.NO_BUDGET))
             results.append((label, seconds))
 
         uc = new_engine(code)
