@@ -139,6 +139,14 @@ class KernelImage:
             i -= 1
         return None
 
+    @property
+    def remembered_descriptions(self) -> int:
+        """How many answers of `describe` are kept (at most DESCRIBED_KEPT)."""
+        return len(self._described)
+
+    def forget_descriptions(self) -> None:
+        self._described.clear()
+
     def describe(self, address: int, *, return_address: bool = False) -> str:
         """`name+0x1f`, or the raw address when no symbol covers it. A return address is
         looked up one byte back: a call that never returns may be a function's last

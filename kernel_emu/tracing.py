@@ -121,9 +121,9 @@ from unicorn.x86_const import (
 )
 
 try:
-    from kernel_emu import _tracer
+    from kernel_emu import _tracer as native_tracer
 except ImportError:  # not built: attach_tracer falls back to Python hooks
-    _tracer = None  # type: ignore[assignment]
+    native_tracer = None  # type: ignore[assignment]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -509,12 +509,12 @@ class NativeTracer:
         ports: PortConfig | None = None,
         track_writes: bool = True,
     ) -> None:
-        if _tracer is None:
+        if native_tracer is None:
             raise ImportError("kernel_emu._tracer is not built")
         self._uc: Uc | None = uc
         self._track_writes = track_writes
         port_config = ports or PortConfig()
-        self._state = _tracer.State(
+        self._state = native_tracer.State(
             _check_regions(regions),
             coverage,
             function_address(uclib.uc_emu_stop),
@@ -533,15 +533,16 @@ class NativeTracer:
         self._handles: list[int] = []
         address = self._state.address
         try:
-            hooks = [(UC_HOOK_CODE, _tracer.CODE_HOOK), (UC_HOOK_BLOCK, _tracer.BLOCK_HOOK)]
+            hooks = [(UC_HOOK_CODE, native_tracer.CODE_HOOK),
+                     (UC_HOOK_BLOCK, native_tracer.BLOCK_HOOK)]
             if track_writes:
-                hooks.append((UC_HOOK_MEM_WRITE, _tracer.WRITE_HOOK))
+                hooks.append((UC_HOOK_MEM_WRITE, native_tracer.WRITE_HOOK))
             for hook_type, callback in hooks:
                 self._handles.append(add_native_hook(uc, hook_type, callback, address))
             if ports is not None:
                 for callback, insn in (
-                    (_tracer.OUT_HOOK, UC_X86_INS_OUT),
-                    (_tracer.IN_HOOK, UC_X86_INS_IN),
+                    (native_tracer.OUT_HOOK, UC_X86_INS_OUT),
+                    (native_tracer.IN_HOOK, UC_X86_INS_IN),
                 ):
                     self._handles.append(
                         add_native_hook(uc, UC_HOOK_INSN, callback, address, ctypes.c_int(insn))
@@ -551,6 +552,11 @@ class NativeTracer:
             raise
         # Code translated before the hooks existed would never call them.
         uc.ctl_flush_tb()
+
+    @property
+    def state(self) -> Any:
+        """The native state object the hooks write into (for tests and benchmarks)."""
+        return self._state
 
     def reset(self, budget: int) -> None:
         self._state.reset(_check_budget(budget))
@@ -816,6 +822,11 @@ class PythonTracer:
             self._port_log.append(("in", port, size, mask))
         return mask
 
+    @property
+    def stop_pending(self) -> bool:
+        """A service OUT asked to stop and Unicorn has not honoured it yet (for tests)."""
+        return self._stop_pending
+
     def reset(self, budget: int) -> None:
         self._budget = _check_budget(budget)
         self._clear()
@@ -961,7 +972,7 @@ class PythonTracer:
 
 def native_available() -> bool:
     """True if the ``kernel_emu._tracer`` extension can be imported."""
-    return _tracer is not None
+    return native_tracer is not None
 
 
 def attach_tracer(
@@ -991,7 +1002,7 @@ def attach_tracer(
     path, so a caller that learns the written pages another way should not pay for one.
     """
     if native:
-        if _tracer is not None:
+        if native_tracer is not None:
             return NativeTracer(uc, regions, coverage, ports, track_writes)
         warnings.warn(
             "kernel_emu._tracer is not built (pip install -e .); tracing with slow Python hooks",

@@ -109,9 +109,9 @@ def test_remembered_descriptions_match_fresh_lookups(monkeypatch: pytest.MonkeyP
     for _ in range(2):  # the second pass answers from memory (or after a clear)
         for address in probes:
             for ret in (False, True):
-                fresh._described.clear()
+                fresh.forget_descriptions()
                 assert img.describe(address, return_address=ret) == \
                     fresh.describe(address, return_address=ret)
     # a function's first byte is itself, but as a return address the end of the one before
     assert img.describe(starts[1]) != img.describe(starts[1], return_address=True)
-    assert len(img._described) <= 150
+    assert img.remembered_descriptions <= 150

@@ -793,7 +793,7 @@ def announcement_reaches_tracer(pad: int) -> bool:
     tracer = attach_tracer(uc, REGIONS, native=False, ports=PORTS)
     tracer.reset(NO_BUDGET)
     uc.emu_start(CODE, 0)
-    return not tracer._stop_pending  # type: ignore[attr-defined]
+    return not tracer.stop_pending  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -832,7 +832,7 @@ def test_service_out_resumes_with_exact_counts(
         assert uc.reg_read(UC_X86_REG_RIP) == CODE + pad + 2
         assert uc.reg_read(UC_X86_REG_EBX) == 0
         if not native:  # the case under test really happened
-            assert tracer._stop_pending == (where != "announced")  # type: ignore[attr-defined]
+            assert tracer.stop_pending == (where != "announced")  # type: ignore[attr-defined]
         if reset_before_resume:
             tracer.reset(NO_BUDGET)
         uc.emu_start(uc.reg_read(UC_X86_REG_RIP), 0)
@@ -1451,7 +1451,7 @@ def test_native_state_rejects_too_many_watches() -> None:
         pytest.skip("kernel_emu._tracer is not built")
     uc = engine(b"\xf4")
     tracer = attach_tracer(uc, REGIONS, native=True)
-    state = tracer._state  # type: ignore[attr-defined]
+    state = tracer.state  # type: ignore[attr-defined]
     with pytest.raises(ValueError):
         state.watch(list(range(tracing.WATCH_MAX + 1)))
     state.watch([5, 3, 3, 9])
@@ -1573,7 +1573,7 @@ def test_bad_regions_are_rejected(native: bool, regions: list[tuple[int, int]]) 
 
 
 def test_fallback_when_extension_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracing, "_tracer", None)
+    monkeypatch.setattr(tracing, "native_tracer", None)
     uc = engine(loop(2))
     with pytest.warns(RuntimeWarning):
         tracer = attach_tracer(uc, REGIONS)
