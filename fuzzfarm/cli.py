@@ -194,6 +194,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           first_runs=args.first_runs, bug_seconds=args.bug_seconds,
                           first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
                           parts=args.parts)
+    if args.what == "compare":
+        from fuzzfarm.bench_compare import bench_compare
+
+        if not args.other:
+            raise UsageError("bench compare needs --other DIR (another checkout to compare "
+                             "with, e.g. made with `git worktree add`)")
+        return bench_compare(args.other, kernel=args.kernel, rounds=args.repeats,
+                             runs=args.runs, inputs=args.inputs)
     if args.what == "tracer":
         from kernel_emu.native import bench_tracer
 
@@ -296,15 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)
 
-    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm, tracer)",
+    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm, tracer, compare)",
                        description="Measure throughput; prints medians and ratios. boot: "
                                    "snapshot versus full boot. fuzz: feedback cost, time to "
                                    "the seed bug with 1 and 2 jobs, BUGS.md bugs found. farm: "
                                    "execs/s with 1 and 2 workers, Redis commands per 1,000 "
                                    "execs, time from `fuzzfarm up` to the seed bug minimized. "
                                    "tracer: nanoseconds per guest instruction of the tracing "
-                                   "hooks, native versus Python.")
-    p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer"], help="what to measure")
+                                   "hooks, native versus Python. compare: this checkout's "
+                                   "emulator against another checkout's (--other), side by "
+                                   "side.")
+    p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer", "compare"],
+                   help="what to measure")
     p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")
     p.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported")
@@ -327,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="farm: runs per worker count (default: 1)")
     p.add_argument("--bug-cap", type=float, default=300.0,
                    help="farm: give up waiting for the seed bug after this many seconds")
+    p.add_argument("--other", metavar="DIR",
+                   help="compare: the other checkout (its native hooks built)")
+    p.add_argument("--inputs", type=int, default=1000,
+                   help="compare: mutated seeds replayed as a fuzzing job runs them")
     p.add_argument("--parts", default="123",
                    help="fuzz: which parts to run: 1 feedback cost, 2 time to the bug, "
                         "3 known bugs (default: 123)")

@@ -1,0 +1,117 @@
+"""`fuzzfarm bench compare --other DIR`: this checkout's emulator against another's (an older
+commit, say, checked out with `git worktree add`), measured side by side in one run.
+
+Each round runs one measurement process in this checkout and one in the other, alternately,
+so that whatever else loads the machine hits both alike; each process imports its own tree's
+code (and native hooks, which the other checkout must have built). Three figures, on the same
+inputs for both: snapshot runs per second of an example, full boots per second, and the
+execs per second of a fuzzing job's own work (guest coverage on, the watchdog armed) over a
+fixed set of mutated seeds, without libFuzzer. Medians, each round, and the ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = (("snapshot", "snapshot runs/s"), ("full", "full boots/s"),
+           ("replay", "fuzz-job execs/s"))
+
+# run in each checkout with that checkout first on sys.path; uses only the Executor's oldest
+# public surface (a profile name, run(), coverage and watchdog options)
+_MEASURE = r"""
+import json, sys, time
+from pathlib import Path
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+
+kernel, inputs_dir, runs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+example = (inputs_dir / "example.elf").read_bytes()
+inputs = [p.read_bytes() for p in sorted(inputs_dir.glob("input-*.elf"))]
+profile = load_profile(kernel)
+
+def rate(executor, data, n):
+    executor.run(data)
+    t = time.perf_counter()
+    for _ in range(n):
+        executor.run(data)
+    return n / (time.perf_counter() - t)
+
+out = {"snapshot": rate(Executor(profile), example, runs),
+       "full": rate(Executor(profile, snapshot=False), example, max(1, runs // 40))}
+job = Executor(profile, coverage=True, watchdog=200_000)
+for data in inputs[:20]:
+    job.run(data)
+t = time.perf_counter()
+for data in inputs:
+    job.run(data)
+out["replay"] = len(inputs) / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def _inputs(where: Path, count: int) -> None:
+    """The example, and `count` seeds with a few bytes changed (mostly in the headers)."""
+    (where / "example.elf").write_bytes(
+        (ROOT / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes())
+    seeds = [p.read_bytes() for p in sorted((ROOT / "corpus" / "seeds").glob("*.elf"))]
+    rng = random.Random(2026)
+    for i in range(count):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 9)):
+            at = (rng.randrange(min(len(data), 0x200)) if rng.random() < 0.8
+                  else rng.randrange(len(data)))
+            data[at] = rng.randrange(256)
+        (where / f"input-{i:04d}.elf").write_bytes(bytes(data))
+
+
+def _measure(tree: Path, kernel: str, inputs: Path, runs: int) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, kernel, str(inputs), str(runs)],
+                          cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the measurement failed in {tree}: {last}")
+    return {k: float(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+def bench_compare(other: str, kernel: str = "seed", rounds: int = 5, runs: int = 400,
+                  inputs: int = 1000) -> int:
+    theirs = Path(other).resolve()
+    if not (theirs / "kernel_emu" / "executor.py").is_file():
+        print(f"fuzzfarm: error: {other} is not a checkout of this project", file=sys.stderr)
+        return 2
+    results: dict[str, list[dict[str, float]]] = {"this": [], "other": []}
+    with tempfile.TemporaryDirectory(prefix="fuzzfarm-compare-") as tmp:
+        _inputs(Path(tmp), inputs)
+        print(f"this checkout ({ROOT}) against {theirs}: {rounds} alternating rounds, "
+              f"kernel {kernel}, {runs} snapshot runs and {inputs} fuzz-job inputs each",
+              flush=True)
+        for r in range(rounds):
+            order = [("this", ROOT), ("other", theirs)]
+            if r % 2:
+                order.reverse()  # neither side always goes first
+            for side, tree in order:
+                try:
+                    got = _measure(tree, kernel, Path(tmp), runs)
+                except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                    print(f"fuzzfarm: error: {e}", file=sys.stderr)
+                    return 2
+                results[side].append(got)
+            shown = "   ".join(f"{label}: this {results['this'][-1][key]:,.1f}, other "
+                               f"{results['other'][-1][key]:,.1f}" for key, label in FIGURES)
+            print(f"  round {r + 1}: {shown}", flush=True)
+    print("\nmedians (this / other):")
+    for key, label in FIGURES:
+        mine = statistics.median(x[key] for x in results["this"])
+        old = statistics.median(x[key] for x in results["other"])
+        print(f"  {label:<18} this {mine:10,.1f}   other {old:10,.1f}   ratio "
+              f"{mine / old:.3f}x")
+    return 0
