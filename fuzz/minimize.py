@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fuzz.progress import ProgressLine
 from kernel_emu.elflayout import (
     EI_NIDENT,
     EI_OSABI,
@@ -492,29 +493,25 @@ def _read(path: Path) -> bytes:
         raise _UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _show_progress(executions: int, size: int) -> None:
-    print(f"\rminimize: {executions} executions, {size} bytes", end="", file=sys.stderr,
-          flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
     """`fuzzfarm minimize` with parsed arguments; errors print one line and give 2."""
     from kernel_emu.profile import load_profile
 
     crash = Path(args.crash)
     out = Path(args.output) if args.output else crash.with_name(crash.name + ".min")
-    tty = sys.stderr.isatty()
     try:
         if args.max_executions < 1:
             raise _UsageError("--max-executions must be at least 1")
         data = _read(crash)
         profile = load_profile(args.kernel)
         started = time.perf_counter()
-        outcome = minimize(data, Executor(profile), max_executions=args.max_executions,
-                           progress=_show_progress if tty else None)
+        with ProgressLine(sys.stderr) as status:
+            def show(executions: int, size: int) -> None:
+                status.update(f"minimize: {executions} executions, {size} bytes")
+
+            outcome = minimize(data, Executor(profile), max_executions=args.max_executions,
+                               progress=show)
         seconds = time.perf_counter() - started
-        if tty:
-            print(file=sys.stderr)
         try:
             out.write_bytes(outcome.data)
         except OSError as e:
