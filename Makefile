@@ -10,8 +10,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NATIVE := $(VENV)/.native
 SYSTEM := $(PYTHON) fuzzfarm/system_deps.py
-# pytest arguments, e.g. `make test PYTEST_ARGS=tests/kernel_emu`; `make test-fast` skips the slow tests
+# pytest arguments, e.g. `make test PYTEST_ARGS=tests/kernel_emu`
 PYTEST_ARGS ?=
+# what `make test-fast` leaves out: tests marked slow, or needing Chromium, Redis or farm processes
+FAST_MARKERS := not slow and not browser and not redis and not farm
 
 .PHONY: up demo test test-fast lint images bench clean
 
@@ -40,10 +42,11 @@ demo: $(NATIVE)
 
 test: $(NATIVE)
 	@$(SYSTEM) test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(NATIVE)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,9 +31,6 @@ from typing import Any
 import lief
 
 from corpus.toolchain import (
-    PF_R,
-    PF_W,
-    PF_X,
     Layout,
     OutputSection,
     SegmentPlan,
@@ -42,13 +38,25 @@ from corpus.toolchain import (
     ToolchainError,
     versions,
 )
+from kernel_emu.elflayout import (
+    ELF64_EHDR,
+    ELF64_PHDR_SIZE,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    EM_X86_64,
+    ET_EXEC,
+    PF_R,
+    PF_W,
+    PF_X,
+    PT_LOAD,
+)
+from kernel_emu.elfview import read_elf
 
 SEED_DIR = Path(__file__).parent / "seeds"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 PAGE = 0x1000
-PT_LOAD = 1
 
 # What the loader may use (kernel_emu/guest/ABI.md): user pages must stay clear of the kernel
 # image and the kernel stack (which sits at the top of the 128 MiB of RAM), below the user
@@ -210,16 +218,13 @@ def add_code_segment(vaddr: int) -> Edit:
 
 def drop_section_headers(data: bytes) -> bytes:
     """No section header table, and the file ends where the last segment's bytes end."""
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phnum, = struct.unpack_from("<H", data, 56)
-    end = phoff + 56 * phnum
-    for index in range(phnum):
-        _, _, offset, _, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", data,
-                                                               phoff + 56 * index)
-        end = max(end, offset + filesz)
+    view = read_elf(data)
+    end = view.phdr_offset(view.phnum)
+    for ph in view.program_headers:
+        end = max(end, ph.offset + ph.filesz)
     out = bytearray(data[:end])
-    struct.pack_into("<Q", out, 40, 0)  # e_shoff
-    struct.pack_into("<HH", out, 60, 0, 0)  # e_shnum, e_shstrndx
+    for name in ("e_shoff", "e_shnum", "e_shstrndx"):
+        ELF64_EHDR[name].write(out, 0)
     return bytes(out)
 
 
@@ -418,31 +423,28 @@ def build_seed(spec: SeedSpec, toolchain: Toolchain) -> bytes:
     return data
 
 
-def _phdrs(data: bytes) -> list[tuple[int, ...]]:
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phnum, = struct.unpack_from("<H", data, 56)
-    return [struct.unpack_from("<IIQQQQQQ", data, phoff + 56 * i) for i in range(phnum)]
-
-
 def _check(spec: SeedSpec, data: bytes) -> None:
     """What a seed must satisfy to load on both kernel builds (see ABI.md and the loader)."""
 
     def fail(why: str) -> SeedError:
         return SeedError(f"{spec.name}: {why}")
 
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    view = read_elf(data)
+    if not view.is_elf or view.elf_class != ELFCLASS64 or view.data != ELFDATA2LSB:
         raise fail("not a little-endian ELF64 file")
-    e_type, e_machine = struct.unpack_from("<HH", data, 16)
-    entry, = struct.unpack_from("<Q", data, 24)
-    phentsize, = struct.unpack_from("<H", data, 54)
-    if (e_type, e_machine, phentsize) != (2, 62, 56):
+    if (view.e_type, view.machine, view.phentsize) != (ET_EXEC, EM_X86_64, ELF64_PHDR_SIZE):
         raise fail("not an x86-64 ET_EXEC with 56-byte program headers")
-    phdrs = _phdrs(data)
-    loads = [p for p in phdrs if p[0] == PT_LOAD]
+    phdrs = view.program_headers
+    if len(phdrs) != view.phnum:
+        raise fail("the program header table runs past the end of the file")
+    entry = view.entry
+    loads = [p for p in phdrs if p.p_type == PT_LOAD]
     want = spec.layout.loads + spec.added_loads
     if len(loads) != want:
         raise fail(f"{len(loads)} PT_LOADs, the catalogue expects {want}")
-    for index, (_, _, offset, vaddr, _, filesz, memsz, align) in enumerate(loads):
+    for index, load in enumerate(loads):
+        offset, vaddr, filesz, memsz, align = (load.offset, load.vaddr, load.filesz,
+                                               load.memsz, load.align)
         where = f"PT_LOAD {index}"
         if align == 0:
             raise fail(f"{where}: p_align 0 (the seed build takes a remainder by it)")
@@ -458,9 +460,9 @@ def _check(spec: SeedSpec, data: bytes) -> None:
                              (USER_STACK_BOTTOM, 1 << 64, "the user stack")):
             if start < hi and lo < end:
                 raise fail(f"{where}: overlaps {what}")
-    if not any(p[1] & PF_X and p[3] <= entry < p[3] + p[6] for p in loads):
+    if not any(p.flags & PF_X and p.vaddr <= entry < p.vaddr + p.memsz for p in loads):
         raise fail(f"entry {entry:#x} is not inside an executable PT_LOAD")
-    memsz = [p[6] for p in loads]
+    memsz = [p.memsz for p in loads]
     for fixed, threshold in ((False, SEED_SPLIT_THRESHOLD), (True, FIXED_SPLIT_THRESHOLD)):
         left = heap_leftovers(loader_requests(len(phdrs), memsz, fixed=fixed), threshold)
         # the LoadedElf may take the last block whole; nothing is allocated after it
@@ -470,13 +472,14 @@ def _check(spec: SeedSpec, data: bytes) -> None:
 
 
 def seed_info(spec: SeedSpec, data: bytes) -> SeedInfo:
-    phdrs = _phdrs(data)
-    entry, = struct.unpack_from("<Q", data, 24)
+    view = read_elf(data)
+    phdrs = view.program_headers
+    entry = view.entry
     return SeedInfo(
         file=f"{spec.name}.elf",
         sha256=hashlib.sha256(data).hexdigest(),
         size=len(data),
-        loads=sum(1 for p in phdrs if p[0] == PT_LOAD),
+        loads=sum(1 for p in phdrs if p.p_type == PT_LOAD),
         phnum=len(phdrs),
         entry=f"{entry:#x}",
         description=spec.description,

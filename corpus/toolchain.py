@@ -19,13 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kernel_emu.elflayout import PF_R, PF_W
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 INIT_SOURCE = "init.c"
 BLOB_SOURCE = "blobs.S"
-
-PF_X = 1
-PF_W = 2
-PF_R = 4
 
 # Any address past 2 GiB is out of reach of the default code model's 32-bit absolute
 # relocations, which the non-PIC template code uses for its data addresses.

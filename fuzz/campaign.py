@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import TextIO
 
 from fuzz.harness import JobConfig, JobStats, stats_path
+from fuzz.progress import ProgressLine
 from fuzz.solutions import Bucket, Solutions
 
 POLL = 0.5
+# seconds between progress lines when stderr is not a terminal
+PLAIN_EVERY = 10.0
 MAX_RESTARTS = 3
 STOP_GRACE = 15.0
 
@@ -127,15 +130,19 @@ def progress_line(summary: CampaignSummary, total: float | None) -> str:
     return line
 
 
-def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO = sys.stderr,
+def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO | None = None,
                  live: bool | None = None) -> CampaignSummary:
-    """Run `jobs` jobs of `base` (its `job` and `seed` are set per job) to their end."""
+    """Run `jobs` jobs of `base` (its `job` and `seed` are set per job) to their end.
+
+    The progress line goes to `stream` (default: stderr), live when it is a terminal or
+    `live` says so, as a plain line every few seconds otherwise."""
     out = Path(base.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "corpus").mkdir(parents=True, exist_ok=True)
     for job in range(jobs):
         stats_path(out, job).unlink(missing_ok=True)
-    live = stream.isatty() if live is None else live
+    status = ProgressLine(sys.stderr if stream is None else stream, live=live,
+                          every=PLAIN_EVERY)
     running: list[_Job] = []
     for job in range(jobs):
         config = JobConfig(**{**base.__dict__, "job": job, "seed": base.seed + job + 1})
@@ -151,7 +158,6 @@ def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO = sys.stderr,
     previous = signal.signal(signal.SIGINT, request_stop)
     start = time.monotonic()
     failures: list[str] = []
-    last_print = 0.0
     stop_sent = 0.0
     try:
         while any(not j.finished for j in running):
@@ -183,16 +189,8 @@ def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO = sys.stderr,
                 stats = read_job_stats(out, j.config.job)
                 if stats is not None and stats.stop_reason == "found":
                     stop_requested = True  # one job found what the campaign was after
-            if live and now - last_print >= POLL:
-                summary = summarize(out, jobs, now - start)
-                stream.write("\r\033[K" + progress_line(summary, base.seconds))
-                stream.flush()
-                last_print = now
-            elif not live and now - last_print >= 10:
-                stream.write(progress_line(summarize(out, jobs, now - start), base.seconds)
-                             + "\n")
-                stream.flush()
-                last_print = now
+            if status.due():  # the statistics files are read only for a line to be shown
+                status.update(progress_line(summarize(out, jobs, now - start), base.seconds))
     finally:
         signal.signal(signal.SIGINT, previous)
         for j in running:
@@ -201,8 +199,7 @@ def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO = sys.stderr,
                 j.process.wait()
             if not j.log.closed:
                 j.log.close()
-    if live:
-        stream.write("\n")
+        status.close()
     summary = summarize(out, jobs, time.monotonic() - start)
     summary.job_failures = failures
     return summary

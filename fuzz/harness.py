@@ -172,7 +172,7 @@ class Job:
                 self.stats.harness_errors += 1
                 self.finish("harness-error", status=3)
         now = time.monotonic()
-        self._run(data, now)
+        self.run_input(data, now)
         self.stats.execs += 1
         if self._stop_signal:
             self.finish(f"signal {self._stop_signal}")
@@ -193,7 +193,11 @@ class Job:
         self._libfuzzer_connected = True
         self.stats.started = time.monotonic()
 
-    def _run(self, data: bytes, now: float) -> None:
+    def run_input(self, data: bytes, now: float | None = None) -> None:
+        """Boot `data` and record what it found (`now`: when, on the monotonic clock). The
+        farm's own failure is recorded as a harness error, never raised."""
+        if now is None:
+            now = time.monotonic()
         try:
             started = time.perf_counter()
             result = self.executor.run(data)

@@ -16,22 +16,26 @@ import argparse
 import contextlib
 import hashlib
 import math
-import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernel_emu.elfview import (
+from fuzz.progress import ProgressLine
+from kernel_emu.elflayout import (
+    EI_NIDENT,
+    EI_OSABI,
+    EI_VERSION,
+    ELF64_EHDR,
     ELF64_EHDR_SIZE,
-    ELF64_PHDR_SIZE,
+    ELF64_PHDR,
     ELFCLASS64,
     ELFDATA2LSB,
     PT_LOAD,
-    ProgramHeader,
-    read_elf,
+    Field,
 )
+from kernel_emu.elfview import ElfView, ProgramHeader, read_elf
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.executor import Executor
 from kernel_emu.result import Result
@@ -43,23 +47,24 @@ TAIL_RESERVE = 256
 # all pairs of program headers is quadratic; past this many only single entries and blocks
 MAX_PAIR_HEADERS = 16
 
-# Elf64_Ehdr fields (offset, size)
-E_ENTRY = (0x18, 8)
-E_PHOFF = 0x20
-E_PHNUM = 0x38
-SECTION_FIELDS = ((0x28, 8), (0x3A, 2), (0x3C, 2), (0x3E, 2))  # shoff shentsize shnum shstrndx
-# fields the loader has no use for, tried as zero one at a time: EI_VERSION, the rest of
-# e_ident, e_version, e_entry, e_flags, e_ehsize
-HEADER_FIELDS = ((0x06, 1), (0x07, 9), (0x14, 4), E_ENTRY, (0x30, 4), (0x34, 2))
+E_PHOFF = ELF64_EHDR["e_phoff"]
+E_PHNUM = ELF64_EHDR["e_phnum"]
+# the ELF header's account of the section header table
+SECTION_FIELDS = tuple(ELF64_EHDR[name] for name in
+                       ("e_shoff", "e_shentsize", "e_shnum", "e_shstrndx"))
+# (offset, size) of what the loader has no use for, tried as zero one at a time: EI_VERSION,
+# the rest of e_ident, e_version, e_entry, e_flags, e_ehsize
+HEADER_FIELDS = ((EI_VERSION, 1), (EI_OSABI, EI_NIDENT - EI_OSABI),
+                 *((ELF64_EHDR[name].offset, ELF64_EHDR[name].size)
+                   for name in ("e_version", "e_entry", "e_flags", "e_ehsize")))
 
-# Elf64_Phdr field offsets
-P_FLAGS = 4
-P_OFFSET = 8
-P_VADDR = 16
-P_PADDR = 24
-P_FILESZ = 32
-P_MEMSZ = 40
-P_ALIGN = 48
+P_FLAGS = ELF64_PHDR["p_flags"]
+P_OFFSET = ELF64_PHDR["p_offset"]
+P_VADDR = ELF64_PHDR["p_vaddr"]
+P_PADDR = ELF64_PHDR["p_paddr"]
+P_FILESZ = ELF64_PHDR["p_filesz"]
+P_MEMSZ = ELF64_PHDR["p_memsz"]
+P_ALIGN = ELF64_PHDR["p_align"]
 
 
 class NotACrash(InputError):
@@ -130,46 +135,27 @@ class _Search:
 
 # reading and patching the ELF ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where the program header table lies and what it says, as the kernel walks it."""
-
-    phoff: int
-    stride: int
-    phnum: int  # e_phnum, which may count entries past the end of the file
-    headers: tuple[ProgramHeader, ...]  # the entries present in the file
-    shoff: int
-    shnum: int
-
-    def entry(self, index: int) -> int:
-        return self.phoff + index * self.stride
-
-    def table_end(self, size: int) -> int:
-        return min(size, self.entry(len(self.headers)))
-
-
-def _layout(data: bytes) -> _Layout | None:
-    """The program header table of a little-endian ELF64 file, or None for anything else."""
+def _layout(data: bytes) -> ElfView | None:
+    """What a little-endian ELF64 file's headers say (its program header table walked as the
+    kernel walks it), or None for anything else."""
     if len(data) < ELF64_EHDR_SIZE:
         return None
     view = read_elf(data)
     if not view.is_elf or view.elf_class != ELFCLASS64 or view.data != ELFDATA2LSB:
         return None
-    # the same stride elfview reads with: an entry cannot be shorter than an Elf64_Phdr
-    stride = max(view.phentsize, ELF64_PHDR_SIZE)
-    return _Layout(view.phoff, stride, view.phnum, view.program_headers, view.shoff,
-                   view.shnum)
+    return view
 
 
-def _put(data: bytes, offset: int, fmt: str, value: int) -> bytes:
+def _table_end(lay: ElfView, size: int) -> int:
+    """The end of the program header entries present in the file."""
+    return min(size, lay.phdr_offset(len(lay.program_headers)))
+
+
+def _put(data: bytes, base: int, field: Field, value: int) -> bytes:
+    """`data` with `field` of the header or entry at `base` set to `value`."""
     out = bytearray(data)
-    struct.pack_into(fmt, out, offset, value)
+    field.write(out, value, base)
     return bytes(out)
-
-
-def _get(data: bytes, offset: int, fmt: str) -> int:
-    value: int = struct.unpack_from(fmt, data, offset)[0]
-    return value
 
 
 def _zeroed(data: bytes, offset: int, size: int) -> bytes:
@@ -183,12 +169,12 @@ def _file_range(ph: ProgramHeader, size: int) -> tuple[int, int] | None:
     return ph.offset, ph.offset + ph.filesz
 
 
-def _live_ranges(data: bytes, lay: _Layout) -> list[tuple[int, int]]:
+def _live_ranges(data: bytes, lay: ElfView) -> list[tuple[int, int]]:
     """Merged byte ranges something in the headers refers to (section headers excepted)."""
     ranges = [(0, ELF64_EHDR_SIZE)]
-    if lay.headers:
-        ranges.append((lay.phoff, lay.table_end(len(data))))
-    for ph in lay.headers:
+    if lay.program_headers:
+        ranges.append((lay.phoff, _table_end(lay, len(data))))
+    for ph in lay.program_headers:
         span = _file_range(ph, len(data))
         if span is not None:
             ranges.append(span)
@@ -201,24 +187,25 @@ def _live_ranges(data: bytes, lay: _Layout) -> list[tuple[int, int]]:
     return merged
 
 
-def _referenced_end(data: bytes, lay: _Layout) -> int:
+def _referenced_end(data: bytes, lay: ElfView) -> int:
     return min(len(data), _live_ranges(data, lay)[-1][1])
 
 
-def _without_entries(data: bytes, lay: _Layout, drop: Sequence[int]) -> bytes:
+def _without_entries(data: bytes, lay: ElfView, drop: Sequence[int]) -> bytes:
     """Program headers `drop` removed, later entries moved up and e_phnum lowered."""
-    end = lay.table_end(len(data))
-    kept = [data[lay.entry(i):min(lay.entry(i + 1), end)]
-            for i in range(len(lay.headers)) if i not in drop]
+    end = _table_end(lay, len(data))
+    kept = [data[lay.phdr_offset(i):min(lay.phdr_offset(i + 1), end)]
+            for i in range(len(lay.program_headers)) if i not in drop]
     table = b"".join(kept)
     out = data[:lay.phoff] + table + bytes(end - lay.phoff - len(table)) + data[end:]
-    return _put(out, E_PHNUM, "<H", lay.phnum - len(drop))
+    return _put(out, 0, E_PHNUM, lay.phnum - len(drop))
 
 
-def _without_gap(data: bytes, lay: _Layout, start: int, stop: int) -> bytes | None:
+def _without_gap(data: bytes, lay: ElfView, start: int, stop: int) -> bytes | None:
     """Bytes [start, stop) removed, or the largest tail of them that keeps every moved
     segment's p_offset congruent to its p_vaddr modulo p_align; None when nothing can go."""
-    moved = [ph for ph in lay.headers if ph.p_type == PT_LOAD and stop <= ph.offset <= len(data)]
+    moved = [ph for ph in lay.program_headers
+             if ph.p_type == PT_LOAD and stop <= ph.offset <= len(data)]
     step = 1
     for ph in moved:
         if ph.align > 1:
@@ -229,17 +216,17 @@ def _without_gap(data: bytes, lay: _Layout, start: int, stop: int) -> bytes | No
     start = stop - cut
     out = data[:start] + data[stop:]
     phoff = lay.phoff
-    if lay.headers and phoff >= stop:
+    if lay.program_headers and phoff >= stop:
         phoff -= cut
-        out = _put(out, E_PHOFF, "<Q", phoff)
-    for ph in lay.headers:
+        out = _put(out, 0, E_PHOFF, phoff)
+    for ph in lay.program_headers:
         if ph.p_type != PT_LOAD:
             continue
-        field = phoff + ph.index * lay.stride + P_OFFSET
+        entry = phoff + ph.index * lay.phdr_stride
         if stop <= ph.offset <= len(data):
-            out = _put(out, field, "<Q", ph.offset - cut)
+            out = _put(out, entry, P_OFFSET, ph.offset - cut)
         elif start <= ph.offset < stop:  # an empty segment pointing into the removed bytes
-            out = _put(out, field, "<Q", start)
+            out = _put(out, entry, P_OFFSET, start)
     return out
 
 
@@ -248,11 +235,12 @@ def _without_gap(data: bytes, lay: _Layout, start: int, stop: int) -> bytes | No
 def _drop_sections(s: _Search) -> bool:
     """Forget the section header table and truncate what only it referred to."""
     lay = _layout(s.best)
-    if lay is None or not any(s.best[o:o + n].strip(b"\0") for o, n in SECTION_FIELDS):
+    if lay is None or not any(s.best[f.offset:f.offset + f.size].strip(b"\0")
+                              for f in SECTION_FIELDS):
         return False
     stripped = s.best
-    for offset, size in SECTION_FIELDS:
-        stripped = _zeroed(stripped, offset, size)
+    for f in SECTION_FIELDS:
+        stripped = _zeroed(stripped, f.offset, f.size)
     end = _referenced_end(stripped, lay)
     return s.keeps(stripped[:end]) or s.keeps(stripped)
 
@@ -260,18 +248,18 @@ def _drop_sections(s: _Search) -> bool:
 def _drop_program_headers(s: _Search) -> bool:
     """Blocks of entries (halving sizes), then single entries, then any pair."""
     lay = _layout(s.best)
-    if lay is None or not lay.headers:
+    if lay is None or not lay.program_headers:
         return False
     progress = False
-    size = max(len(lay.headers) // 2, 1)
+    size = max(len(lay.program_headers) // 2, 1)
     while size >= 1:
-        index = len(lay.headers) - size
+        index = len(lay.program_headers) - size
         # from the end down, so a success leaves the indexes still to try where they were
         while index >= 0:
             lay = _layout(s.best)
             if lay is None:
                 return progress
-            if index + size <= len(lay.headers):
+            if index + size <= len(lay.program_headers):
                 drop = range(index, index + size)
                 progress |= s.keeps(_without_entries(s.best, lay, drop))
             index -= size
@@ -280,9 +268,9 @@ def _drop_program_headers(s: _Search) -> bool:
     while retry:
         retry = False
         lay = _layout(s.best)
-        if lay is None or not 3 <= len(lay.headers) <= MAX_PAIR_HEADERS:
+        if lay is None or not 3 <= len(lay.program_headers) <= MAX_PAIR_HEADERS:
             break
-        count = len(lay.headers)
+        count = len(lay.program_headers)
         pairs = [(i, j) for i in reversed(range(count)) for j in reversed(range(i))]
         for pair in pairs:
             if s.keeps(_without_entries(s.best, lay, pair)):
@@ -307,22 +295,22 @@ def _simplify_fields(s: _Search) -> bool:
     for offset, size in HEADER_FIELDS:
         progress |= _try_zero(s, offset, size)
     # fields never move in this pass, so the entry offsets stay valid throughout
-    for ph in lay.headers:
-        base = lay.entry(ph.index)
-        progress |= _try_zero(s, base + P_PADDR, 8)
-        progress |= _try_zero(s, base + P_OFFSET, 8)
+    for ph in lay.program_headers:
+        base = lay.phdr_offset(ph.index)
+        progress |= _try_zero(s, base + P_PADDR.offset, P_PADDR.size)
+        progress |= _try_zero(s, base + P_OFFSET.offset, P_OFFSET.size)
         if ph.p_type != PT_LOAD:
             for field in (P_VADDR, P_FILESZ, P_MEMSZ):
-                progress |= _try_zero(s, base + field, 8)
-        align = _get(s.best, base + P_ALIGN, "<Q")
+                progress |= _try_zero(s, base + field.offset, field.size)
+        align = P_ALIGN.read(s.best, base)
         if align > 1:
-            progress |= (s.keeps(_put(s.best, base + P_ALIGN, "<Q", 0))
-                         or s.keeps(_put(s.best, base + P_ALIGN, "<Q", 1)))
-        if not _try_zero(s, base + P_FLAGS, 4):
-            for bit in reversed(range(32)):
-                flags = _get(s.best, base + P_FLAGS, "<I")
+            progress |= (s.keeps(_put(s.best, base, P_ALIGN, 0))
+                         or s.keeps(_put(s.best, base, P_ALIGN, 1)))
+        if not _try_zero(s, base + P_FLAGS.offset, P_FLAGS.size):
+            for bit in reversed(range(8 * P_FLAGS.size)):
+                flags = P_FLAGS.read(s.best, base)
                 if flags & (1 << bit):
-                    progress |= s.keeps(_put(s.best, base + P_FLAGS, "<I", flags & ~(1 << bit)))
+                    progress |= s.keeps(_put(s.best, base, P_FLAGS, flags & ~(1 << bit)))
         else:
             progress = True
     return progress
@@ -334,17 +322,17 @@ def _cut_segment_data(s: _Search) -> bool:
     if lay is None:
         return False
     progress = False
-    for ph in lay.headers:
+    for ph in lay.program_headers:
         if ph.p_type != PT_LOAD or ph.filesz == 0:
             continue
-        field = lay.entry(ph.index) + P_FILESZ
-        if s.keeps(_put(s.best, field, "<Q", 0)):
+        base = lay.phdr_offset(ph.index)
+        if s.keeps(_put(s.best, base, P_FILESZ, 0)):
             progress = True
             continue
         low, high = 0, ph.filesz  # low does not keep the signature, high does
         while high - low > 1:
             middle = (low + high) // 2
-            if s.keeps(_put(s.best, field, "<Q", middle)):
+            if s.keeps(_put(s.best, base, P_FILESZ, middle)):
                 high, progress = middle, True
             else:
                 low = middle
@@ -505,29 +493,25 @@ def _read(path: Path) -> bytes:
         raise _UsageError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _show_progress(executions: int, size: int) -> None:
-    print(f"\rminimize: {executions} executions, {size} bytes", end="", file=sys.stderr,
-          flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
     """`fuzzfarm minimize` with parsed arguments; errors print one line and give 2."""
     from kernel_emu.profile import load_profile
 
     crash = Path(args.crash)
     out = Path(args.output) if args.output else crash.with_name(crash.name + ".min")
-    tty = sys.stderr.isatty()
     try:
         if args.max_executions < 1:
             raise _UsageError("--max-executions must be at least 1")
         data = _read(crash)
         profile = load_profile(args.kernel)
         started = time.perf_counter()
-        outcome = minimize(data, Executor(profile), max_executions=args.max_executions,
-                           progress=_show_progress if tty else None)
+        with ProgressLine(sys.stderr) as status:
+            def show(executions: int, size: int) -> None:
+                status.update(f"minimize: {executions} executions, {size} bytes")
+
+            outcome = minimize(data, Executor(profile), max_executions=args.max_executions,
+                               progress=show)
         seconds = time.perf_counter() - started
-        if tty:
-            print(file=sys.stderr)
         try:
             out.write_bytes(outcome.data)
         except OSError as e:

@@ -15,23 +15,44 @@ every result fits in the size libFuzzer allows.  A call is deterministic for a g
 from __future__ import annotations
 
 import random
-import struct
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 
-from kernel_emu.elfview import (
+from kernel_emu.elflayout import (
+    EI_ABIVERSION,
+    EI_CLASS,
+    EI_DATA,
+    EI_NIDENT,
+    EI_OSABI,
+    EI_PAD,
+    EI_VERSION,
+    ELF64_EHDR,
     ELF64_EHDR_SIZE,
+    ELF64_PHDR,
     ELF64_PHDR_SIZE,
     ELF_MAGIC,
     ELFCLASS64,
     ELFDATA2LSB,
+    EM_386,
+    EM_AARCH64,
+    EM_ARM,
+    EM_RISCV,
     EM_X86_64,
+    ET_CORE,
+    ET_DYN,
     ET_EXEC,
+    ET_REL,
     EV_CURRENT,
     PF_R,
     PF_W,
     PF_X,
+    PT_DYNAMIC,
+    PT_GNU_STACK,
+    PT_INTERP,
     PT_LOAD,
+    PT_NOTE,
+    PT_PHDR,
+    PT_TLS,
 )
 
 ByteMutate = Callable[[bytes, int], bytes]
@@ -55,27 +76,26 @@ PLANT_SHARE = 0.1
 # how often a call stacks a second (and third) ELF-aware operation
 STACK_SHARE = 0.3
 
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-_EHDR = struct.Struct("<HHIQQQIHHHHHH")  # e_type .. e_shstrndx, from offset 16
-_PHDR = struct.Struct("<IIQQQQQQ")
-_FIELD_STRUCTS = {2: _U16, 4: _U32, 8: _U64}
+_EHDR = ELF64_EHDR.le
+_PHDR = ELF64_PHDR.le
+# positions in the tuples those unpack to
+_E_ENTRY = ELF64_EHDR["e_entry"].index
+_E_PHOFF = ELF64_EHDR["e_phoff"].index
+_E_SHOFF = ELF64_EHDR["e_shoff"].index
+_E_PHENTSIZE = ELF64_EHDR["e_phentsize"].index
+_E_PHNUM = ELF64_EHDR["e_phnum"].index
+_P_VADDR = ELF64_PHDR["p_vaddr"].index
+_P_MEMSZ = ELF64_PHDR["p_memsz"].index
+_P_TYPE = ELF64_PHDR["p_type"]
+_P_OFFSET = ELF64_PHDR["p_offset"]
+_P_FILESZ = ELF64_PHDR["p_filesz"]
+_P_ALIGN = ELF64_PHDR["p_align"]
 
-# name: (offset, width)
-EHDR_FIELDS: dict[str, tuple[int, int]] = {
-    "e_type": (0x10, 2), "e_machine": (0x12, 2), "e_version": (0x14, 4),
-    "e_entry": (0x18, 8), "e_phoff": (0x20, 8), "e_shoff": (0x28, 8), "e_flags": (0x30, 4),
-    "e_ehsize": (0x34, 2), "e_phentsize": (0x36, 2), "e_phnum": (0x38, 2),
-    "e_shentsize": (0x3A, 2), "e_shnum": (0x3C, 2), "e_shstrndx": (0x3E, 2),
-}
-PHDR_FIELDS: dict[str, tuple[int, int]] = {
-    "p_type": (0, 4), "p_flags": (4, 4), "p_offset": (8, 8), "p_vaddr": (16, 8),
-    "p_paddr": (24, 8), "p_filesz": (32, 8), "p_memsz": (40, 8), "p_align": (48, 8),
-}
-_PHDR_FIELD_NAMES = tuple(PHDR_FIELDS)
+_PHDR_FIELD_NAMES = ELF64_PHDR.names
 # the fields the loader reads get picked far more often than p_paddr
-_PHDR_FIELD_WEIGHTS = (3, 2, 4, 4, 1, 4, 6, 3)
+_PHDR_FIELD_WEIGHTS = {"p_type": 3, "p_flags": 2, "p_offset": 4, "p_vaddr": 4, "p_paddr": 1,
+                       "p_filesz": 4, "p_memsz": 6, "p_align": 3}
+_PHDR_FIELD_WEIGHT_LIST = tuple(_PHDR_FIELD_WEIGHTS[name] for name in _PHDR_FIELD_NAMES)
 
 # --- interesting values ------------------------------------------------------------------
 KERNEL_HALF = 0xFFFF_8000_0000_0000
@@ -94,14 +114,14 @@ SIZES: tuple[int, ...] = (
 )
 ALIGNS: tuple[int, ...] = (0, 1, 2, 3, 8, 0x10, 0xFFF, PAGE, PAGE + 1, 0x20_0000, 1 << 63,
                            U64_MAX)
-PHDR_TYPES: tuple[int, ...] = (0, PT_LOAD, 2, 3, 4, 6, 7, 0x6474_E551, 0x6000_0000,
-                               0x7000_0000, U32_MAX)
+PHDR_TYPES: tuple[int, ...] = (0, PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_NOTE, PT_PHDR, PT_TLS,
+                               PT_GNU_STACK, 0x6000_0000, 0x7000_0000, U32_MAX)
 SEGMENT_FLAGS: tuple[int, ...] = (0, PF_X, PF_W, PF_R, PF_R | PF_X, PF_R | PF_W,
                                   PF_R | PF_W | PF_X, 8, 0x8000_0000, U32_MAX)
 PHNUMS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 32, 64, 0x7FFF, 0xFFFE, U16_MAX)
 PHENTSIZES: tuple[int, ...] = (0, 1, 8, 32, 55, 56, 57, 64, 112, 0x8000, U16_MAX)
-ELF_TYPES: tuple[int, ...] = (0, 1, ET_EXEC, 3, 4, 0xFE00, 0xFF00, U16_MAX)
-MACHINES: tuple[int, ...] = (0, 3, EM_X86_64, 40, 183, 243, U16_MAX)
+ELF_TYPES: tuple[int, ...] = (0, ET_REL, ET_EXEC, ET_DYN, ET_CORE, 0xFE00, 0xFF00, U16_MAX)
+MACHINES: tuple[int, ...] = (0, EM_386, EM_X86_64, EM_ARM, EM_AARCH64, EM_RISCV, U16_MAX)
 # free bytes to leave after a segment buffer: both sides of any plausible split threshold
 LEFTOVERS: tuple[int, ...] = (0, 8, 16, 32, 40, 48, 56, 80, 96, 120, 152, 159, 160, 168, 200)
 DELTAS: tuple[int, ...] = (1, 2, 3, 4, 7, 8, 16, 40, 48, 56, 64, 160, 168, 0xFFF, PAGE,
@@ -130,12 +150,12 @@ class _Elf:
 
     def __init__(self, buf: bytearray) -> None:
         self.buf = buf
-        fields = _EHDR.unpack_from(buf, 16)
-        self.entry: int = fields[3]
-        self.phoff: int = fields[4]
-        self.shoff: int = fields[5]
-        self.phentsize: int = fields[8]
-        self.phnum: int = fields[9]
+        fields = _EHDR.unpack_from(buf)
+        self.entry: int = fields[_E_ENTRY]
+        self.phoff: int = fields[_E_PHOFF]
+        self.shoff: int = fields[_E_SHOFF]
+        self.phentsize: int = fields[_E_PHENTSIZE]
+        self.phnum: int = fields[_E_PHNUM]
         self.stride = max(self.phentsize, ELF64_PHDR_SIZE)
         size = len(buf)
         if self.phnum == 0 or self.phoff > size - ELF64_PHDR_SIZE:
@@ -151,28 +171,29 @@ class _Elf:
         return _PHDR.unpack_from(self.buf, self.at(index))
 
     def get(self, index: int, name: str) -> int:
-        offset, width = PHDR_FIELDS[name]
-        value: int = _FIELD_STRUCTS[width].unpack_from(self.buf, self.at(index) + offset)[0]
+        f = ELF64_PHDR[name]
+        value: int = f.le.unpack_from(self.buf, self.at(index) + f.offset)[0]
         return value
 
     def set(self, index: int, name: str, value: int) -> None:
-        offset, width = PHDR_FIELDS[name]
-        _FIELD_STRUCTS[width].pack_into(self.buf, self.at(index) + offset,
-                                        value & ((1 << (8 * width)) - 1))
+        f = ELF64_PHDR[name]
+        f.le.pack_into(self.buf, self.at(index) + f.offset, value & f.mask)
 
     def set_header(self, name: str, value: int) -> None:
-        offset, width = EHDR_FIELDS[name]
-        _FIELD_STRUCTS[width].pack_into(self.buf, offset, value & ((1 << (8 * width)) - 1))
+        f = ELF64_EHDR[name]
+        f.le.pack_into(self.buf, f.offset, value & f.mask)
 
     def get_header(self, name: str) -> int:
-        offset, width = EHDR_FIELDS[name]
-        value: int = _FIELD_STRUCTS[width].unpack_from(self.buf, offset)[0]
+        f = ELF64_EHDR[name]
+        value: int = f.le.unpack_from(self.buf, f.offset)[0]
         return value
 
     def loads(self) -> list[int]:
-        buf, phoff, stride = self.buf, self.phoff, self.stride
+        buf, stride = self.buf, self.stride
+        start = self.phoff + _P_TYPE.offset
+        p_type = _P_TYPE.le
         return [i for i in range(self.count)
-                if _U32.unpack_from(buf, phoff + i * stride)[0] == PT_LOAD]
+                if p_type.unpack_from(buf, start + i * stride)[0] == PT_LOAD]
 
     def entries(self) -> list[bytes]:
         buf = self.buf
@@ -367,7 +388,7 @@ class ElfMutator:
         loads = elf.loads()
         if roll < 0.5 and loads:
             ph = elf.phdr(rng.choice(loads))
-            vaddr, memsz = ph[3], ph[6]
+            vaddr, memsz = ph[_P_VADDR], ph[_P_MEMSZ]
             value = rng.choice((vaddr, vaddr + 0x100, vaddr + memsz, vaddr + memsz - 1,
                                 vaddr + rng.randrange(max(memsz, 1) & U32_MAX or 1),
                                 vaddr - 1))
@@ -379,13 +400,14 @@ class ElfMutator:
 
     def _op_ident(self, rng: random.Random, elf: _Elf, max_size: int) -> bool:
         buf = elf.buf
-        index = rng.choice((4, 4, 5, 5, 6, 7, 8, rng.randrange(9, 16)))
-        if index == 4:
-            buf[4] = rng.choice((0, 1, ELFCLASS64, 3, 0xFF))
-        elif index == 5:
-            buf[5] = rng.choice((0, ELFDATA2LSB, 2, 3, 0xFF))
-        elif index == 6:
-            buf[6] = rng.choice((0, EV_CURRENT, 2, 0xFF))
+        index = rng.choice((EI_CLASS, EI_CLASS, EI_DATA, EI_DATA, EI_VERSION, EI_OSABI,
+                            EI_ABIVERSION, rng.randrange(EI_PAD, EI_NIDENT)))
+        if index == EI_CLASS:
+            buf[index] = rng.choice((0, 1, ELFCLASS64, 3, 0xFF))
+        elif index == EI_DATA:
+            buf[index] = rng.choice((0, ELFDATA2LSB, 2, 3, 0xFF))
+        elif index == EI_VERSION:
+            buf[index] = rng.choice((0, EV_CURRENT, 2, 0xFF))
         else:
             buf[index] = rng.randrange(256)
         return True
@@ -419,8 +441,8 @@ class ElfMutator:
         top = 0x40_0000
         for i in elf.loads():
             ph = elf.phdr(i)
-            end = ph[3] + ph[6]
-            if ph[3] < 1 << 47 and end < 1 << 47:
+            end = ph[_P_VADDR] + ph[_P_MEMSZ]
+            if ph[_P_VADDR] < 1 << 47 and end < 1 << 47:
                 top = max(top, end)
         size = len(elf.buf)
         offset = rng.choice((0, _align_up(size // 2, PAGE) if size > 2 * PAGE else 0,
@@ -542,7 +564,7 @@ class ElfMutator:
         index = self._pick_entry(rng, elf)
         if index is None:
             return False
-        name = rng.choices(_PHDR_FIELD_NAMES, weights=_PHDR_FIELD_WEIGHTS)[0]
+        name = rng.choices(_PHDR_FIELD_NAMES, weights=_PHDR_FIELD_WEIGHT_LIST)[0]
         elf.set(index, name, self._field_value(rng, elf, index, name))
         return True
 
@@ -555,7 +577,7 @@ class ElfMutator:
             name = rng.choice(("e_entry", "e_phoff", "e_phnum", "e_phentsize"))
             elf.set_header(name, elf.get_header(name) + delta)
             return True
-        name = rng.choices(_PHDR_FIELD_NAMES, weights=_PHDR_FIELD_WEIGHTS)[0]
+        name = rng.choices(_PHDR_FIELD_NAMES, weights=_PHDR_FIELD_WEIGHT_LIST)[0]
         elf.set(index, name, elf.get(index, name) + delta)
         return True
 
@@ -722,8 +744,8 @@ class ElfMutator:
         buf = ea.buf
         for d in picked:
             raw = bytearray(b_entries[d])
-            offset, filesz, align = _U64.unpack_from(raw, 8)[0], _U64.unpack_from(raw, 32)[0], \
-                _U64.unpack_from(raw, 48)[0]
+            offset, filesz, align = (f.le.unpack_from(raw, f.offset)[0]
+                                     for f in (_P_OFFSET, _P_FILESZ, _P_ALIGN))
             chunk = b[offset:offset + filesz] if offset < len(b) else b""
             # keep the data's offset congruent with its address modulo the alignment
             modulus = align if 0 < align <= PAGE and align & (align - 1) == 0 else PAGE
@@ -734,9 +756,9 @@ class ElfMutator:
             if chunk:
                 buf.extend(bytes(place - len(buf)))
                 buf.extend(chunk)
-                _U64.pack_into(raw, 8, place)
+                _P_OFFSET.le.pack_into(raw, _P_OFFSET.offset, place)
                 if len(chunk) < filesz:
-                    _U64.pack_into(raw, 32, len(chunk))
+                    _P_FILESZ.le.pack_into(raw, _P_FILESZ.offset, len(chunk))
             if a_loads and rng.random() < 0.7:
                 slot = a_loads.pop(rng.randrange(len(a_loads)))
                 entries[slot] = bytes(raw)
@@ -793,13 +815,12 @@ def _plant_header(rng: random.Random, data: bytes, max_size: int) -> bytes:
     loader accepts: RWX segment at 0x400000 covering the whole file, entry at its 0x100)."""
     body = data[:max(0, max_size - 0x100)]
     size = 0x100 + len(body)
-    header = bytearray(ELF64_EHDR_SIZE)
-    header[:8] = ELF_MAGIC + bytes((ELFCLASS64, ELFDATA2LSB, EV_CURRENT, 0))
-    _EHDR.pack_into(header, 16, ET_EXEC, EM_X86_64, EV_CURRENT, 0x40_0100, ELF64_EHDR_SIZE, 0,
-                    0, ELF64_EHDR_SIZE, ELF64_PHDR_SIZE, 1, 0, 0, 0)
+    ident = ELF_MAGIC + bytes((ELFCLASS64, ELFDATA2LSB, EV_CURRENT, 0))
+    header = _EHDR.pack(ident, ET_EXEC, EM_X86_64, EV_CURRENT, 0x40_0100, ELF64_EHDR_SIZE, 0, 0,
+                        ELF64_EHDR_SIZE, ELF64_PHDR_SIZE, 1, 0, 0, 0)
     memsz = rng.choice((size, _align_up(size, PAGE), rng.choice(SIZES)))
     phdr = _PHDR.pack(PT_LOAD, PF_R | PF_W | PF_X, 0, 0x40_0000, 0x40_0000, size,
                       memsz & U64_MAX, PAGE)
-    out = bytes(header) + phdr
+    out = header + phdr
     out += bytes(0x100 - len(out)) + body
     return out[:max_size]

@@ -6,6 +6,7 @@ import statistics
 import time
 from pathlib import Path
 
+from kernel_emu.elflayout import ELF64_EHDR
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
 from kernel_emu.profile import TargetProfile, load_profile
@@ -76,7 +77,7 @@ def _bench_bulk(profile: TargetProfile, runs: int, repeats: int, native: bool) -
     from fuzz.harness import WATCHDOG
 
     hang = bytearray(BENCH_ELF.read_bytes())
-    hang[0x36:0x38] = b"\0\0"
+    ELF64_EHDR["e_phentsize"].write(hang, 0)
     cases = [
         (BENCH_ELF.name, BENCH_ELF.read_bytes(), runs, "fast_routines", {}),
         (BULK_ELF.name, BULK_ELF.read_bytes(), max(5, runs // 40), "fast_routines", {}),

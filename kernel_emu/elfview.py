@@ -16,27 +16,58 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-ELF_MAGIC = b"\x7fELF"
+from kernel_emu.elflayout import (
+    EI_CLASS,
+    EI_DATA,
+    EI_VERSION,
+    ELF32_EHDR,
+    ELF32_EHDR_SIZE,
+    ELF64_EHDR,
+    ELF64_EHDR_SIZE,
+    ELF64_PHDR,
+    ELF64_PHDR_SIZE,
+    ELF_MAGIC,
+    ELFCLASS32,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFDATA2MSB,
+    EM_386,
+    EM_AARCH64,
+    EM_ARM,
+    EM_RISCV,
+    EM_X86_64,
+    ET_CORE,
+    ET_DYN,
+    ET_EXEC,
+    ET_REL,
+    EV_CURRENT,
+    PF_R,
+    PF_W,
+    PF_X,
+    PN_XNUM,
+    PT_DYNAMIC,
+    PT_GNU_EH_FRAME,
+    PT_GNU_PROPERTY,
+    PT_GNU_RELRO,
+    PT_GNU_STACK,
+    PT_INTERP,
+    PT_LOAD,
+    PT_NOTE,
+    PT_NULL,
+    PT_PHDR,
+    PT_SHLIB,
+    PT_TLS,
+    Record,
+)
 
-ELFCLASS32 = 1
-ELFCLASS64 = 2
-ELFDATA2LSB = 1
-ELFDATA2MSB = 2
-EV_CURRENT = 1
-ET_EXEC = 2
-EM_X86_64 = 62
+# the layout constants stay importable from here, where the farm's readers found them first
+__all__ = [
+    "ELF32_EHDR_SIZE", "ELF64_EHDR_SIZE", "ELF64_PHDR_SIZE", "ELF_MAGIC", "ELFCLASS32",
+    "ELFCLASS64", "ELFDATA2LSB", "ELFDATA2MSB", "EM_X86_64", "ET_EXEC", "EV_CURRENT",
+    "MAX_PROBLEMS", "MAX_PROGRAM_HEADERS", "PF_R", "PF_W", "PF_X", "PN_XNUM", "PT_LOAD",
+    "ElfView", "ProgramHeader", "Segment", "describe_header", "load_segments", "read_elf",
+]
 
-PT_LOAD = 1
-PF_X = 1
-PF_W = 2
-PF_R = 4
-
-# e_phnum value that defers the real count to section header 0 (extended numbering).
-PN_XNUM = 0xFFFF
-
-ELF64_EHDR_SIZE = 64
-ELF32_EHDR_SIZE = 52
-ELF64_PHDR_SIZE = 56
 # e_phnum is 16 bits, so this also bounds the work a single file can cause.
 MAX_PROGRAM_HEADERS = 65535
 # A mutated file can have thousands of bad headers; past this the list stops being useful.
@@ -44,25 +75,32 @@ MAX_PROBLEMS = 64
 
 _U64 = 1 << 64
 
-_PHDR64 = struct.Struct("<IIQQQQQQ")
-_U64_AT = struct.Struct("<Q")
-_TWO_U16_AT = struct.Struct("<HH")
+# load_segments runs for every fuzzed input: its structs and offsets are bound here once
+_PHDR64 = ELF64_PHDR.le
+_PHOFF64 = ELF64_EHDR["e_phoff"].le
+_PHOFF64_AT = ELF64_EHDR["e_phoff"].offset
+# e_phentsize and e_phnum are neighbours, read with one unpack
+_PHENTSIZE_PHNUM = struct.Struct("<" + ELF64_EHDR["e_phentsize"].code
+                                 + ELF64_EHDR["e_phnum"].code)
+_PHENTSIZE_PHNUM_AT = ELF64_EHDR["e_phentsize"].offset
+assert ELF64_EHDR["e_phnum"].offset == _PHENTSIZE_PHNUM_AT + ELF64_EHDR["e_phentsize"].size
 
 _CLASS_NAMES = {0: "NONE", ELFCLASS32: "ELF32", ELFCLASS64: "ELF64"}
 _DATA_NAMES = {0: "NONE", ELFDATA2LSB: "little-endian", ELFDATA2MSB: "big-endian"}
-_TYPE_NAMES = {0: "NONE", 1: "REL", ET_EXEC: "EXEC", 3: "DYN", 4: "CORE"}
-_MACHINE_NAMES = {0: "none", 3: "x86", 40: "ARM", EM_X86_64: "x86-64", 183: "AArch64",
-                  243: "RISC-V"}
-_PT_NAMES = {0: "NULL", PT_LOAD: "LOAD", 2: "DYNAMIC", 3: "INTERP", 4: "NOTE", 5: "SHLIB",
-             6: "PHDR", 7: "TLS", 0x6474E550: "GNU_EH_FRAME", 0x6474E551: "GNU_STACK",
-             0x6474E552: "GNU_RELRO", 0x6474E553: "GNU_PROPERTY"}
+_TYPE_NAMES = {0: "NONE", ET_REL: "REL", ET_EXEC: "EXEC", ET_DYN: "DYN", ET_CORE: "CORE"}
+_MACHINE_NAMES = {0: "none", EM_386: "x86", EM_ARM: "ARM", EM_X86_64: "x86-64",
+                  EM_AARCH64: "AArch64", EM_RISCV: "RISC-V"}
+_PT_NAMES = {PT_NULL: "NULL", PT_LOAD: "LOAD", PT_DYNAMIC: "DYNAMIC", PT_INTERP: "INTERP",
+             PT_NOTE: "NOTE", PT_SHLIB: "SHLIB", PT_PHDR: "PHDR", PT_TLS: "TLS",
+             PT_GNU_EH_FRAME: "GNU_EH_FRAME", PT_GNU_STACK: "GNU_STACK",
+             PT_GNU_RELRO: "GNU_RELRO", PT_GNU_PROPERTY: "GNU_PROPERTY"}
 
 
 # NamedTuples: built for every input, several times cheaper than frozen dataclasses
 class ProgramHeader(NamedTuple):
     """One Elf64_Phdr exactly as stored (raw 64-bit values, nothing validated)."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field (its place in the table), not tuple.index
     p_type: int
     flags: int
     offset: int
@@ -126,6 +164,16 @@ class ElfView:
         )
 
     @property
+    def phdr_stride(self) -> int:
+        """Bytes from one program header to the next as this reader (and the kernel's loader)
+        walks the table: e_phentsize, or an Elf64_Phdr's size when that is larger."""
+        return max(self.phentsize, ELF64_PHDR_SIZE)
+
+    def phdr_offset(self, index: int) -> int:
+        """Where program header `index` starts in the file."""
+        return self.phoff + index * self.phdr_stride
+
+    @property
     def is_loadable_candidate(self) -> bool:
         """True for a 64-bit LE x86-64 executable whose whole phdr table lies in the file."""
         return (
@@ -158,13 +206,26 @@ class _Problems:
         return tuple(self.items)
 
 
-def _read(data: bytes, fmt: str, offset: int) -> int:
-    """One unsigned field, or 0 when it does not fit in the data."""
-    size = struct.calcsize(fmt)
-    if offset < 0 or offset + size > len(data):
-        return 0
-    value: int = struct.unpack_from(fmt, data, offset)[0]
-    return value
+# the ELF header fields read_elf decodes, in this order, for either class and byte order
+_HEADER_FIELDS = ("e_type", "e_machine", "e_version", "e_entry", "e_phoff", "e_shoff",
+                  "e_ehsize", "e_phentsize", "e_phnum", "e_shnum")
+
+
+def _field_readers(record: Record, byte_order: str) -> tuple[tuple[int, int, struct.Struct], ...]:
+    """(offset, end, struct) of each of _HEADER_FIELDS in `record`."""
+    return tuple((f.offset, f.offset + f.size, struct.Struct(byte_order + f.code))
+                 for f in (record[name] for name in _HEADER_FIELDS))
+
+
+_HEADER_READERS = {(is64, bo): _field_readers(ELF64_EHDR if is64 else ELF32_EHDR, bo)
+                   for is64 in (True, False) for bo in ("<", ">")}
+
+
+def _read_header(data: bytes, is64: bool, byte_order: str) -> list[int]:
+    """_HEADER_FIELDS of the ELF header, each 0 when it does not fit in the data."""
+    size = len(data)
+    return [reader.unpack_from(data, offset)[0] if end <= size else 0
+            for offset, end, reader in _HEADER_READERS[is64, byte_order]]
 
 
 def _empty_view(problems: _Problems) -> ElfView:
@@ -190,9 +251,9 @@ def read_elf(data: bytes) -> ElfView:
                      else f"file is {size} bytes, too short for the ELF magic")
         return _empty_view(problems)
 
-    elf_class = data[4] if size > 4 else 0
-    endian = data[5] if size > 5 else 0
-    ident_version = data[6] if size > 6 else 0
+    elf_class = data[EI_CLASS] if size > EI_CLASS else 0
+    endian = data[EI_DATA] if size > EI_DATA else 0
+    ident_version = data[EI_VERSION] if size > EI_VERSION else 0
 
     if elf_class not in (ELFCLASS32, ELFCLASS64):
         problems.add(f"unknown ELF class {elf_class}; decoding the header as ELF64")
@@ -214,25 +275,8 @@ def read_elf(data: bytes) -> ElfView:
             f"{'ELF64' if is64 else 'ELF32'} header; missing fields read as 0"
         )
 
-    e_type = _read(data, bo + "H", 16)
-    machine = _read(data, bo + "H", 18)
-    version = _read(data, bo + "I", 20)
-    if is64:
-        entry = _read(data, bo + "Q", 24)
-        phoff = _read(data, bo + "Q", 32)
-        shoff = _read(data, bo + "Q", 40)
-        ehsize = _read(data, bo + "H", 52)
-        phentsize = _read(data, bo + "H", 54)
-        phnum = _read(data, bo + "H", 56)
-        shnum = _read(data, bo + "H", 60)
-    else:
-        entry = _read(data, bo + "I", 24)
-        phoff = _read(data, bo + "I", 28)
-        shoff = _read(data, bo + "I", 32)
-        ehsize = _read(data, bo + "H", 40)
-        phentsize = _read(data, bo + "H", 42)
-        phnum = _read(data, bo + "H", 44)
-        shnum = _read(data, bo + "H", 48)
+    (e_type, machine, version, entry, phoff, shoff, ehsize, phentsize, phnum,
+     shnum) = _read_header(data, is64, bo)
 
     if size >= ehdr_size:
         if e_type != ET_EXEC:
@@ -261,11 +305,11 @@ def load_segments(data: bytes) -> tuple[Segment, ...]:
         return ()
     data = bytes(data)
     size = len(data)
-    if size < ELF64_EHDR_SIZE or data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 \
-            or data[5] != ELFDATA2LSB:
+    if size < ELF64_EHDR_SIZE or data[:4] != ELF_MAGIC or data[EI_CLASS] != ELFCLASS64 \
+            or data[EI_DATA] != ELFDATA2LSB:
         return ()
-    phoff = _U64_AT.unpack_from(data, 32)[0]
-    phentsize, phnum = _TWO_U16_AT.unpack_from(data, 54)
+    phoff = _PHOFF64.unpack_from(data, _PHOFF64_AT)[0]
+    phentsize, phnum = _PHENTSIZE_PHNUM.unpack_from(data, _PHENTSIZE_PHNUM_AT)
     if phnum == 0 or phoff >= size or size - phoff < ELF64_PHDR_SIZE:
         return ()
     stride = phentsize if phentsize > ELF64_PHDR_SIZE else ELF64_PHDR_SIZE

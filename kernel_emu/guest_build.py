@@ -9,15 +9,21 @@ to `rustux`.
 Manifest `flags` are the exact rustc arguments with two placeholders for the only
 machine-specific parts: `{guest_dir}` (absolute path of `kernel_emu/guest`, the working
 directory of the build) and `{out_dir}` (the output directory).
+
+The compiler is `$RUSTC` when set, else `rustc` on PATH, else rustup's own copy in
+`$CARGO_HOME/bin` (`~/.cargo/bin`): rustup puts that folder on PATH from the login shell's
+profile only, so CI jobs and other non-interactive shells often lack it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 VARIANTS = ("seed", "fixed")
@@ -51,18 +57,48 @@ class GuestBuildError(Exception):
         self.stderr = stderr
 
 
+def rustc_candidates() -> list[str]:
+    """Every rustc this module would use, in order of preference (see the module doc)."""
+    chosen = os.environ.get("RUSTC")
+    if chosen:
+        found = shutil.which(chosen)
+        return [found] if found else []
+    candidates: list[str] = []
+    on_path = shutil.which("rustc")
+    if on_path is not None:
+        candidates.append(on_path)
+    cargo_home = Path(os.environ.get("CARGO_HOME") or Path.home() / ".cargo")
+    rustup = shutil.which("rustc", path=str(cargo_home / "bin"))
+    if rustup is not None and all(not Path(rustup).samefile(c) for c in candidates):
+        candidates.append(rustup)
+    return candidates
+
+
+def find_rustc(version: str | None = None) -> str | None:
+    """The first candidate rustc, or the first whose `rustc_version` is `version`."""
+    for rustc in rustc_candidates():
+        if version is None:
+            return rustc
+        try:
+            if rustc_version(rustc) == version:
+                return rustc
+        except GuestBuildError:
+            continue
+    return None
+
+
 def _rustc() -> str:
-    path = shutil.which("rustc")
-    if path is None:
-        raise GuestBuildError("rustc not found on PATH")
-    return path
+    rustc = find_rustc()
+    if rustc is None:
+        raise GuestBuildError("rustc not found ($RUSTC, PATH, ~/.cargo/bin)")
+    return rustc
 
 
-def rustc_version() -> str:
+def rustc_version(rustc: str | None = None) -> str:
     """`rustc -vV`'s version line plus its release and commit-hash fields."""
     try:
-        proc = subprocess.run([_rustc(), "-vV"], capture_output=True, text=True, timeout=60,
-                              check=False)
+        proc = subprocess.run([rustc or _rustc(), "-vV"], capture_output=True, text=True,
+                              timeout=60, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         raise GuestBuildError(f"cannot run rustc -vV: {e}") from e
     if proc.returncode != 0:
@@ -83,11 +119,11 @@ def _flags(variant: str, out_file: str, guest_dir: str) -> list[str]:
     return flags
 
 
-def build(variant: str, out_dir: Path) -> dict:
+def build(variant: str, out_dir: Path, rustc: str | None = None) -> dict[str, Any]:
     """Builds one variant into `out_dir/<variant>.elf` and returns its manifest entry."""
     if variant not in VARIANTS:
         raise GuestBuildError(f"unknown guest variant {variant!r} (expected one of {VARIANTS})")
-    rustc = _rustc()
+    rustc = rustc or _rustc()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{variant}.elf"
@@ -109,15 +145,16 @@ def build(variant: str, out_dir: Path) -> dict:
     return {
         "file": name,
         "sha256": hashlib.sha256(data).hexdigest(),
-        "rustc": rustc_version(),
+        "rustc": rustc_version(rustc),
         "flags": _flags(variant, f"{{out_dir}}/{name}", "{guest_dir}"),
         "size": len(data),
     }
 
 
-def build_all(out_dir: Path) -> dict:
+def build_all(out_dir: Path, rustc: str | None = None) -> dict[str, Any]:
     """Builds every variant and writes `out_dir/manifest.json`; returns the manifest."""
     out_dir = Path(out_dir)
-    manifest = {variant: build(variant, out_dir) for variant in VARIANTS}
+    rustc = rustc or _rustc()
+    manifest = {variant: build(variant, out_dir, rustc) for variant in VARIANTS}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

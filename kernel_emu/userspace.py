@@ -13,6 +13,7 @@ import bisect
 from typing import NamedTuple
 
 from kernel_emu import pagewalk
+from kernel_emu.elflayout import PF_W, PF_X
 from kernel_emu.image import KernelImage
 from kernel_emu.klog import KernelLog
 from kernel_emu.machine import PAGE, Machine
@@ -20,7 +21,6 @@ from kernel_emu.profile import TargetProfile
 from kernel_emu.result import CrashClass, Finding
 
 USER_STACK_PAGES = 64
-PF_X, PF_W = 1, 2
 
 
 def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log: KernelLog,

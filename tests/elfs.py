@@ -19,13 +19,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from kernel_emu.elflayout import PF_R, PF_W, PF_X
+
 BASE_ADDRESS = 0x400000
 PAGE_SIZE = 0x1000
 DEFAULT_DATA = b"rustux farm test data\x00"
-
-PF_X = 1
-PF_W = 2
-PF_R = 4
 
 # Segment names per load count, and which one each output section goes into.
 _LAYOUTS: dict[int, tuple[list[tuple[str, int]], dict[str, str]]] = {

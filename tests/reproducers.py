@@ -3,56 +3,50 @@ header and program-header fields. Each names the crash class expected on the see
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-PHDR = 56
+from kernel_emu.elflayout import ELF64_EHDR, ELF64_PHDR, ELF64_PHDR_SIZE, PT_LOAD
+
+PHDR = ELF64_PHDR_SIZE
 HEAP_SIZE = 0x100_0000
 HEADER = 40
-PT_LOAD = 1
 
 
 def _phoff(elf: bytes) -> int:
-    return struct.unpack_from("<Q", elf, 0x20)[0]
+    return ELF64_EHDR["e_phoff"].read(elf)
 
 
 def _phnum(elf: bytes) -> int:
-    return struct.unpack_from("<H", elf, 0x38)[0]
+    return ELF64_EHDR["e_phnum"].read(elf)
 
 
 def loads(elf: bytes) -> list[int]:
     """Indexes (in the program-header table) of the PT_LOAD entries."""
     off = _phoff(elf)
     return [i for i in range(_phnum(elf))
-            if struct.unpack_from("<I", elf, off + i * PHDR)[0] == PT_LOAD]
+            if ELF64_PHDR["p_type"].read(elf, off + i * PHDR) == PT_LOAD]
 
 
 def set_phdr(elf: bytes, index: int, **fields: int) -> bytes:
-    layout = {"type": (0, "<I"), "flags": (4, "<I"), "offset": (8, "<Q"), "vaddr": (16, "<Q"),
-              "paddr": (24, "<Q"), "filesz": (32, "<Q"), "memsz": (40, "<Q"), "align": (48, "<Q")}
+    """`elf` with fields of program header `index` set, named without their `p_` prefix."""
     out = bytearray(elf)
     base = _phoff(elf) + index * PHDR
     for name, value in fields.items():
-        off, fmt = layout[name]
-        struct.pack_into(fmt, out, base + off, value)
+        ELF64_PHDR["p_" + name].write(out, value, base)
     return bytes(out)
 
 
 def get_phdr(elf: bytes, index: int) -> dict[str, int]:
     base = _phoff(elf) + index * PHDR
-    t, f, off, va, pa, fs, ms, al = struct.unpack_from("<IIQQQQQQ", elf, base)
-    return {"type": t, "flags": f, "offset": off, "vaddr": va, "paddr": pa, "filesz": fs,
-            "memsz": ms, "align": al}
+    return {f.name.removeprefix("p_"): f.read(elf, base) for f in ELF64_PHDR}
 
 
 def set_header(elf: bytes, **fields: int) -> bytes:
-    layout = {"entry": (0x18, "<Q"), "phoff": (0x20, "<Q"), "phentsize": (0x36, "<H"),
-              "phnum": (0x38, "<H")}
+    """`elf` with ELF header fields set, named without their `e_` prefix."""
     out = bytearray(elf)
     for name, value in fields.items():
-        off, fmt = layout[name]
-        struct.pack_into(fmt, out, off, value)
+        ELF64_EHDR["e_" + name].write(out, value)
     return bytes(out)
 
 

@@ -24,8 +24,10 @@ SERVERS = ("redis-server", "valkey-server", "redis-cli", "valkey-cli")
 SETUP_TIMEOUT = 900.0  # a virtualenv from pip's cache, the native hooks, the farm's start
 BUG_TIMEOUT = 120.0  # the promise: the seed bug on the dashboard within two minutes
 SEED_BUG = "segments[0].vaddr"
+# past the default per-test limit: the setup, then the farm's run and stop, or the tests
+TEST_TIMEOUT = SETUP_TIMEOUT + 600
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(TEST_TIMEOUT)]
 
 
 def _newcomer_env(tmp: Path) -> dict[str, str]:
@@ -86,6 +88,8 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return where
 
 
+@pytest.mark.redis
+@pytest.mark.farm
 def test_make_up_from_a_clean_clone_shows_the_seed_bug_and_stops_cleanly(
         clone: Path, tmp_path: Path) -> None:
     env = _newcomer_env(tmp_path)
@@ -125,6 +129,7 @@ def test_make_up_from_a_clean_clone_shows_the_seed_bug_and_stops_cleanly(
     assert not left, left
 
 
+@pytest.mark.redis  # the embedded one, which tests/workers/test_store.py starts
 def test_make_test_from_a_clean_clone_passes_without_a_redis_server(
         clone: Path, tmp_path: Path) -> None:
     env = _newcomer_env(tmp_path)

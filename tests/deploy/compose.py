@@ -14,7 +14,8 @@ ROOT = Path(__file__).parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-SCHEMA = ROOT / ".." / "shared" / "schemas" / "compose-spec.json"
+# the Compose Specification's JSON schema, vendored: see test_compose's validation test
+SCHEMA = Path(__file__).parent / "compose-spec.json"
 
 # values a user would put in .env; only the tests' own, never real secrets
 TEST_ENV = {

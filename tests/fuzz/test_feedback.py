@@ -69,7 +69,7 @@ def test_harness_error_is_recorded_apart_and_never_a_finding(tmp_path: Path,
         raise RuntimeError("a bug in the harness")
 
     monkeypatch.setattr(broken, "run", explode)
-    job._run(b"\x7fELF input", 0.0)
+    job.run_input(b"\x7fELF input")
     assert job.stats.harness_errors == 1
     assert job.stats.findings == {}
     assert job.solutions.buckets() == []
@@ -78,5 +78,5 @@ def test_harness_error_is_recorded_apart_and_never_a_finding(tmp_path: Path,
     assert "a bug in the harness" in errors[0].read_text()
     # the executor was rebuilt and the job goes on booting real inputs
     assert job.executor is not broken
-    job._run(EXAMPLE.read_bytes(), 0.0)
+    job.run_input(EXAMPLE.read_bytes())
     assert job.stats.harness_errors == 1
