@@ -43,6 +43,7 @@ demo: $(NATIVE)
 test: $(NATIVE)
 	@$(SYSTEM) test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(NATIVE)
@@ -50,6 +51,7 @@ test-fast: $(NATIVE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 images: $(NATIVE)
 	$(BIN)/fuzzfarm build-guest
