@@ -3,7 +3,7 @@
 The fuzz jobs' coverage map is a hashed edge map kept per run, and it names no addresses, so
 the dashboard measures coverage itself: it boots up to N inputs of the build's shared corpus
 (plus the reproducers of the build's buckets) with a block hook over the kernel's code and
-stores the executed blocks in Redis (`ff:coverage:<kernel>`). Runs in a process of its own
+stores the executed blocks in Redis (`workers/store/coverage.py`). Runs in a process of its own
 (``python -m dashboard.coverage``): it takes a while and boots untrusted inputs.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import logging
 import os
 import sys
@@ -34,22 +33,9 @@ from workers.store import FarmStore
 
 log = logging.getLogger("fuzzfarm.dashboard")
 
-KEY = "ff:coverage:"
-JOB_KEY = "ff:coverage-job:"
 DEFAULT_SAMPLE = 200
-# a sampler that died without saying so must not block the next one forever
-JOB_TTL = 6 * 3600
-DONE_TTL = 24 * 3600
 
 Progress = Callable[[int, int], None]
-
-
-def coverage_key(kernel: str) -> str:
-    return KEY + kernel
-
-
-def job_key(kernel: str) -> str:
-    return JOB_KEY + kernel
 
 
 def hook_ranges(image: KernelImage) -> tuple[list[tuple[int, int]], list[str]]:
@@ -98,9 +84,9 @@ class BlockRecorder:
 
 def _inputs(store: FarmStore, kernel: str, limit: int) -> tuple[list[str], list[str]]:
     """Corpus shas (the newest half, a random rest) and the bucket reproducers of `kernel`."""
-    corpus = sorted(store.corpus_sample(kernel, limit // 2, limit - limit // 2))[:limit]
+    corpus = sorted(store.corpus.sample(kernel, limit // 2, limit - limit // 2))[:limit]
     repro: list[str] = []
-    for b in store.buckets():
+    for b in store.buckets.all():
         if b.kernel == kernel:
             repro += [s for s in (b.reproducer, b.minimized) if s and s not in repro]
     return corpus, [s for s in repro if s not in corpus]
@@ -127,7 +113,7 @@ def sample_coverage(store: FarmStore, settings: Settings, kernel: str,
     snap: Executor | None = None
     for i in range(0, len(shas), 50):
         chunk = shas[i:i + 50]
-        for sha, data in zip(chunk, store.get_blobs(chunk), strict=True):
+        for sha, data in zip(chunk, store.blobs.get_many(chunk), strict=True):
             if data is None:
                 errors.append(f"{sha}: not in Redis")
                 continue
@@ -154,53 +140,8 @@ def sample_coverage(store: FarmStore, settings: Settings, kernel: str,
         "errors": errors[:20], "error_count": len(errors), "entry_only": bulk,
         "blocks": sorted([a, s] for a, s in recorder.blocks.items()),
     }
-    store.r.set(coverage_key(kernel), json.dumps(record))
+    store.coverage.put_record(kernel, record)
     return record
-
-
-def load_record(store: FarmStore, kernel: str) -> dict[str, Any] | None:
-    raw = store.r.get(coverage_key(kernel))
-    if raw is None:
-        return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def job_state(store: FarmStore, kernel: str) -> dict[str, Any] | None:
-    raw = store.r.get(job_key(kernel))
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return None
-
-
-# KEYS: job key. ARGV: new state JSON, ttl. Takes the slot unless a sampler holds it.
-CLAIM = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, state = pcall(cjson.decode, cur)
-  if ok and type(state) == 'table' and (state['state'] == 'starting' or
-                                        state['state'] == 'running') then
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
-return 1
-"""
-
-
-def claim_job(store: FarmStore, kernel: str, limit: int) -> bool:
-    """Take the one sampler slot of this build (False: a sampler is already on it)."""
-    state = {"state": "starting", "done": 0, "total": 0, "started": time.time(),
-             "limit": limit}
-    return bool(store.r.eval(CLAIM, 1, job_key(kernel), json.dumps(state), JOB_TTL))
-
-
-def set_job(store: FarmStore, kernel: str, state: dict[str, Any], ttl: int = JOB_TTL) -> None:
-    store.r.set(job_key(kernel), json.dumps(state), ex=ttl)
 
 
 class Intervals:
@@ -236,21 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     def progress(done: int, total: int) -> None:
-        set_job(store, args.kernel, {"state": "running", "done": done, "total": total,
-                                     "started": started, "limit": args.limit,
-                                     "pid": os.getpid()})
+        store.coverage.set_job(args.kernel, {"state": "running", "done": done,
+                                             "total": total, "started": started,
+                                             "limit": args.limit, "pid": os.getpid()})
 
     try:
         progress(0, 0)
         record = sample_coverage(store, settings, args.kernel, args.limit, progress)
     except Exception as e:  # noqa: BLE001 - said on the page instead of lost in a log
         traceback.print_exc()
-        set_job(store, args.kernel, {"state": "failed", "error": f"{type(e).__name__}: {e}",
-                                     "started": started, "finished": time.time()}, DONE_TTL)
+        store.coverage.set_job(args.kernel, {"state": "failed",
+                                             "error": f"{type(e).__name__}: {e}",
+                                             "started": started, "finished": time.time()})
         return 1
-    set_job(store, args.kernel, {"state": "done", "done": record["inputs"],
-                                 "total": record["inputs"], "started": started,
-                                 "finished": time.time()}, DONE_TTL)
+    store.coverage.set_job(args.kernel, {"state": "done", "done": record["inputs"],
+                                         "total": record["inputs"], "started": started,
+                                         "finished": time.time()})
     return 0
 
 

@@ -31,36 +31,32 @@ class _Out:
 
 def render(store: FarmStore) -> str:
     out = _Out()
-    campaigns = store.campaigns()
-    latest = {}
-    for c in campaigns:
-        series = store.series(c["id"])
-        latest[c["id"]] = series[-1] if series else {}
-    running = [c for c in campaigns if c.get("state") in RUNNING]
+    campaigns = store.campaigns.all()
+    latest = {c.id: store.stats.latest_point(c.id) for c in campaigns}
+    running = [c for c in campaigns if c.state in RUNNING]
 
     out.family("fuzzfarm_execs_total", "counter", "Executions of all campaigns.")
-    out.sample("fuzzfarm_execs_total", sum(int(c.get("execs", 0)) for c in campaigns))
+    out.sample("fuzzfarm_execs_total", sum(c.execs for c in campaigns))
     out.family("fuzzfarm_execs_per_second", "gauge",
                "Executions per second of the running campaigns (their latest series points).")
     out.sample("fuzzfarm_execs_per_second",
-               float(sum(float(latest[c["id"]].get("execs_per_second", 0.0)) for c in running)))
+               float(sum(float(latest[c.id].get("execs_per_second", 0.0)) for c in running)))
     out.family("fuzzfarm_campaign_execs_total", "counter", "Executions of one campaign.")
     for c in campaigns:
-        out.sample("fuzzfarm_campaign_execs_total", int(c.get("execs", 0)),
-                   campaign=c["id"], kernel=c.get("kernel", ""), state=c.get("state", ""))
+        out.sample("fuzzfarm_campaign_execs_total", c.execs,
+                   campaign=c.id, kernel=c.kernel, state=c.state)
     out.family("fuzzfarm_campaign_execs_per_second", "gauge",
                "Executions per second of one campaign at its latest series point.")
     for c in campaigns:
         out.sample("fuzzfarm_campaign_execs_per_second",
-                   float(latest[c["id"]].get("execs_per_second", 0.0)),
-                   campaign=c["id"], kernel=c.get("kernel", ""))
+                   float(latest[c.id].get("execs_per_second", 0.0)),
+                   campaign=c.id, kernel=c.kernel)
     out.family("fuzzfarm_campaign_edges", "gauge",
                "Guest edges covered by one campaign (the most any of its slices saw).")
     for c in campaigns:
-        out.sample("fuzzfarm_campaign_edges", int(c.get("edges", 0)),
-                   campaign=c["id"], kernel=c.get("kernel", ""))
+        out.sample("fuzzfarm_campaign_edges", c.edges, campaign=c.id, kernel=c.kernel)
 
-    buckets = store.buckets()
+    buckets = store.buckets.all()
     by_class = Counter(b.crash_class for b in buckets)
     out.family("fuzzfarm_buckets", "gauge", "Crash buckets by class.")
     for cls, n in sorted(by_class.items()):
@@ -69,13 +65,14 @@ def render(store: FarmStore) -> str:
     out.sample("fuzzfarm_crashing_inputs", sum(b.count for b in buckets))
 
     out.family("fuzzfarm_corpus_size", "gauge", "Inputs in the shared corpus of a kernel build.")
-    for k in store.kernels():
-        out.sample("fuzzfarm_corpus_size", store.corpus_size(k), kernel=k)
+    for k in store.kernels.names():
+        out.sample("fuzzfarm_corpus_size", store.corpus.size(k), kernel=k)
     out.family("fuzzfarm_workers_alive", "gauge", "Workers with a heartbeat in the last 2 min.")
-    out.sample("fuzzfarm_workers_alive", len(store.workers()))
+    out.sample("fuzzfarm_workers_alive", len(store.stats.workers()))
     out.family("fuzzfarm_triage_backlog", "gauge", "Crashing inputs waiting for triage.")
-    out.sample("fuzzfarm_triage_backlog", store.triage_backlog())
+    out.sample("fuzzfarm_triage_backlog", store.triage.backlog())
     out.family("fuzzfarm_harness_errors_total", "counter",
                "Failures of the farm itself (never findings).")
-    out.sample("fuzzfarm_harness_errors_total", store.counters().get("harness_errors", 0))
+    out.sample("fuzzfarm_harness_errors_total",
+               store.stats.counters().get("harness_errors", 0))
     return "\n".join(out.lines) + "\n"

@@ -25,15 +25,13 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    import redis
-
-    from workers.store import FarmStore
+    from workers.store import FarmStore, StoreError
 
     url = _url(args)
     store = FarmStore.connect(url)
     try:
-        store.r.ping()
-    except redis.RedisError as e:
+        store.ping()
+    except StoreError as e:
         raise FarmUsageError(f"cannot reach Redis at {url} ({e}); is `fuzzfarm up` running, "
                              f"or is --redis-url / REDIS_URL right?") from None
     return store
@@ -114,30 +112,32 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _check_kernel(store: Any, kernel: str) -> None:
-    if kernel not in store.kernels():
+    known = store.kernels.names()
+    if kernel not in known:
         raise FarmUsageError(f"unknown kernel build '{kernel}': known are "
-                             f"{', '.join(store.kernels())} (fuzzfarm kernel add PROFILE.toml)")
+                             f"{', '.join(known)} (fuzzfarm kernel add PROFILE.toml)")
 
 
 # status, campaigns, buckets -----------------------------------------------------------------
 
 def cmd_status(args: argparse.Namespace) -> int:
     store = _store(args)
-    campaigns = store.campaigns()
-    buckets = store.buckets()
-    workers = store.workers()
-    info = {"redis": _url(args), "campaigns": campaigns, "workers": workers,
-            "buckets": len(buckets), "counters": store.counters(),
-            "kernels": store.kernels()}
+    campaigns = store.campaigns.all()
+    buckets = store.buckets.all()
+    workers = store.stats.workers()
+    info = {"redis": _url(args), "campaigns": [c.to_json() for c in campaigns],
+            "workers": {k: w.to_json() for k, w in workers.items()},
+            "buckets": len(buckets), "counters": store.stats.counters(),
+            "kernels": store.kernels.names()}
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
     print(f"Redis {info['redis']} · kernels: {', '.join(info['kernels']) or 'none'}")
     print(f"workers seen in the last 2 minutes: {len(workers)}")
     for c in campaigns:
-        print(f"campaign {c['id']} [{c['state']}] kernel {c['kernel']}: {int(c['execs']):,} "
-              f"execs, {c['edges']} edges, {c['slices_done']} slices done, "
-              f"{len(store.inflight(c['id']))} in flight")
+        print(f"campaign {c.id} [{c.state}] kernel {c.kernel}: {c.execs:,} "
+              f"execs, {c.edges} edges, {c.slices_done} slices done, "
+              f"{len(store.campaigns.inflight(c.id))} in flight")
     classes: dict[str, int] = {}
     for b in buckets:
         classes[b.crash_class] = classes.get(b.crash_class, 0) + 1
@@ -159,22 +159,22 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         _check_kernel(store, args.kernel)
         if args.slices < 1 or args.slice_seconds <= 0:
             raise FarmUsageError("--slices must be >= 1 and --slice-seconds positive")
-        cid = store.create_campaign(args.kernel, args.slices, args.slice_seconds)
+        cid = store.campaigns.create(args.kernel, args.slices, args.slice_seconds)
         print(cid)
         return EXIT_OK
-    running = [c for c in store.campaigns() if c["state"] == "running"]
-    targets = [c for c in running if args.id in (None, c["id"])]
+    running = [c for c in store.campaigns.all() if c.state == "running"]
+    targets = [c for c in running if args.id in (None, c.id)]
     if args.id and not targets:
         raise FarmUsageError(f"no running campaign {args.id}")
     for c in targets:
-        store.set_campaign_state(c["id"], "stopping")
-        print(f"stopping {c['id']}")
+        store.campaigns.set_state(c.id, "stopping")
+        print(f"stopping {c.id}")
     return EXIT_OK
 
 
 def cmd_buckets(args: argparse.Namespace) -> int:
     store = _store(args)
-    buckets = [b for b in store.buckets() if args.cls in (None, b.crash_class)]
+    buckets = [b for b in store.buckets.all() if args.cls in (None, b.crash_class)]
     if args.json:
         print(json.dumps([b.to_json() for b in buckets], indent=2, sort_keys=True))
         return EXIT_OK
@@ -196,7 +196,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args)
     ensure_builtin(store)
     _check_kernel(store, args.kernel)
-    buckets = store.buckets()
+    buckets = store.buckets.all()
     if not buckets:
         print("no buckets to verify")
         return EXIT_OK
@@ -205,14 +205,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for b in buckets:
         app.send_task("workers.tasks.verify", args=[b.id, args.kernel])
 
+    def verified_since(bid: str) -> bool:
+        bucket = store.buckets.get(bid)
+        state = bucket.verify.get(args.kernel) if bucket is not None else None
+        return bucket is None or float((state or {}).get("time", 0)) >= started
+
     def done() -> bool:
-        return all(float((store.bucket(b.id).verify.get(args.kernel) or {}).get("time", 0))
-                   >= started for b in buckets)
+        return all(verified_since(b.id) for b in buckets)
 
     _wait(done, args.wait, f"{len(buckets)} verifications on {args.kernel}")
     counts: dict[str, int] = {}
     for b in buckets:
-        state = store.bucket(b.id).verify[args.kernel]["state"]
+        state = store.buckets.get(b.id).verify[args.kernel]["state"]
         counts[state] = counts.get(state, 0) + 1
         print(f"{b.id}  {state:<10}  {b.signature}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" on {args.kernel}")
@@ -221,7 +225,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def minimize_bucket(args: argparse.Namespace) -> int:
     store = _store(args)
-    bucket = store.bucket(args.bucket)
+    bucket = store.buckets.get(args.bucket)
     if bucket is None:
         raise FarmUsageError(f"no bucket {args.bucket} (see fuzzfarm buckets)")
     before = bucket.minimized_size
@@ -229,12 +233,12 @@ def minimize_bucket(args: argparse.Namespace) -> int:
     _sender(args).send_task("workers.tasks.minimize", args=[bucket.id])
 
     def done() -> bool:
-        b = store.bucket(bucket.id)
-        return b is not None and (b.minimized_size != before or float(
-            store.r.hget("ff:bucket:" + bucket.id, "minimize_done") or 0) >= started)
+        b = store.buckets.get(bucket.id)
+        return b is not None and (b.minimized_size != before
+                                  or (b.minimize_done or 0.0) >= started)
 
     _wait(done, args.wait, f"the minimization of bucket {bucket.id}")
-    b = store.bucket(bucket.id)
+    b = store.buckets.get(bucket.id)
     print(f"bucket {b.id}: reproducer {b.reproducer_size} bytes, minimized "
           f"{b.minimized_size} bytes ({b.minimized}); signature: {b.signature}")
     return EXIT_OK
@@ -251,12 +255,13 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         if not args.profile:
             raise FarmUsageError("kernel add needs a PROFILE.toml")
         name = add_kernel(store, Path(args.profile), args.name)
-        entry = store.get_kernel(name)
-        print(f"added kernel build '{name}' (image sha256 {entry['image']})")
+        entry = store.kernels.get(name)
+        print(f"added kernel build '{name}' (image sha256 {entry.image if entry else '?'})")
         return EXIT_OK
-    for name in store.kernels():
-        entry = store.get_kernel(name) or {}
-        print(f"{name:<16} image {entry.get('image', '?')[:16]}  {entry.get('description', '')}")
+    for name in store.kernels.names():
+        entry = store.kernels.get(name)
+        image, about = (entry.image, entry.description) if entry else ("?", "")
+        print(f"{name:<16} image {image[:16]}  {about}")
     return EXIT_OK
 
 

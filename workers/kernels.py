@@ -33,13 +33,13 @@ def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None) ->
     stored = IMAGE_LINE.sub(f'image = "{STORED_IMAGE}"', text, count=1)
     if tomllib.loads(stored).get("image") != STORED_IMAGE:
         raise KernelError(f"{profile_path}: could not rewrite its image path")
-    image_sha = store.put_blob(profile.image.read_bytes())
-    store.put_kernel(name, stored, image_sha, profile.description)
+    image_sha = store.blobs.put(profile.image.read_bytes())
+    store.kernels.put(name, stored, image_sha, profile.description)
     return name
 
 
 def ensure_builtin(store: FarmStore) -> None:
-    known = set(store.kernels())
+    known = set(store.kernels.names())
     for name in BUILTIN_PROFILES:
         if name not in known:
             add_kernel(store, PROFILE_DIR / f"{name}.toml")
@@ -47,21 +47,21 @@ def ensure_builtin(store: FarmStore) -> None:
 
 def materialize(store: FarmStore, name: str, cache: Path) -> TargetProfile:
     """This build as files on the worker's disk (cached by image sha), loaded as a profile."""
-    entry = store.get_kernel(name)
+    entry = store.kernels.get(name)
     if entry is None and name in BUILTIN_PROFILES:
         ensure_builtin(store)
-        entry = store.get_kernel(name)
+        entry = store.kernels.get(name)
     if entry is None:
         raise KernelError(f"unknown kernel build '{name}': add it with fuzzfarm kernel add")
-    folder = cache / "kernels" / entry["image"][:16] / sha256(entry["profile"].encode())[:16]
+    folder = cache / "kernels" / entry.image[:16] / sha256(entry.profile.encode())[:16]
     profile_file = folder / f"{name}.toml"
     if not profile_file.is_file():
-        image = store.get_blob(entry["image"])
-        if image is None or sha256(image) != entry["image"]:
+        image = store.blobs.get(entry.image)
+        if image is None or sha256(image) != entry.image:
             raise KernelError(f"kernel build '{name}': its image is missing from Redis")
         folder.mkdir(parents=True, exist_ok=True)
         _write(folder / STORED_IMAGE, image)
-        _write(profile_file, entry["profile"].encode())
+        _write(profile_file, entry.profile.encode())
     return load_profile_file(profile_file)
 
 

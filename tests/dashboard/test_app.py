@@ -9,10 +9,10 @@ import re
 import time
 
 import pytest
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from dashboard import coverage
 from dashboard.__main__ import main
 from dashboard.app import TOKEN_HEADER, create_app
 from tests.dashboard.conftest import HOSTILE_ELF, SEED_BUG, FarmData
@@ -63,7 +63,7 @@ def test_buckets_sort_and_filter(client: FlaskClient, farm_data: FarmData) -> No
 
 
 def test_bucket_page_shows_the_seed_bug(client: FlaskClient, farm_data: FarmData) -> None:
-    b = farm_data.store.bucket(farm_data.bucket)
+    b = farm_data.store.buckets.get(farm_data.bucket)
     assert b is not None and b.minimized
     page = text(client.get(f"/bucket/{b.id}").data)
     # the minimized reproducer's report: segment 0 loaded at the allocator's block
@@ -109,7 +109,7 @@ def test_hostile_text_is_escaped(client: FlaskClient, farm_data: FarmData) -> No
 
 
 def test_downloads_serve_only_bucket_inputs(client: FlaskClient, farm_data: FarmData) -> None:
-    b = farm_data.store.bucket(farm_data.bucket)
+    b = farm_data.store.buckets.get(farm_data.bucket)
     assert b is not None and b.minimized
     orig = client.get(f"/download/{b.reproducer}.elf")
     assert orig.status_code == 200 and orig.data == SEED_BUG
@@ -119,7 +119,7 @@ def test_downloads_serve_only_bucket_inputs(client: FlaskClient, farm_data: Farm
     assert client.get(f"/download/{farm_data.hostile_sha}.elf").data == HOSTILE_ELF
     rep = client.get(f"/download/{b.minimized}.json?kernel=seed")
     assert rep.status_code == 200 and json.loads(rep.data)["input_sha256"] == b.minimized
-    image_sha = farm_data.store.get_kernel("seed")["image"]  # a blob, but no bucket's input
+    image_sha = farm_data.store.kernels.get("seed").image  # a blob, but no bucket's input
     assert client.get(f"/download/{image_sha}.elf").status_code == 404
     assert client.get(f"/download/{b.reproducer.upper()}.elf").status_code == 404
     assert client.get("/download/..%2f..%2fetc%2fpasswd.elf").status_code == 404
@@ -149,7 +149,7 @@ def test_actions_need_the_token(client: FlaskClient, farm_data: FarmData) -> Non
 def test_actions_send_real_celery_messages(farm_data: FarmData) -> None:
     app = create_app(farm_data.server.url, cache_dir=farm_data.settings.cache_dir)
     c = app.test_client()
-    r = farm_data.store.r
+    r = redis.Redis.from_url(farm_data.server.url)
     queued = r.llen("minimize")
     resp = c.post(f"/bucket/{farm_data.bucket}/minimize", data={"token": csrf(app)})
     assert resp.status_code == 303
@@ -227,12 +227,11 @@ def test_coverage_sampler_end_to_end(client: FlaskClient, farm_data: FarmData) -
     again = client.post("/coverage/seed/sample", data={"token": csrf(client.application)})
     assert "notice=sample-busy" in again.headers["Location"]  # one sampler per build
     deadline = time.monotonic() + 120
-    while (coverage.job_state(store, "seed") or {}).get("state") in ("starting", "running"):
+    while (store.coverage.job("seed") or {}).get("state") in ("starting", "running"):
         assert time.monotonic() < deadline, "the sampler did not finish"
         time.sleep(0.5)
-    assert coverage.job_state(store, "seed")["state"] == "done", coverage.job_state(store,
-                                                                                     "seed")
-    record = coverage.load_record(store, "seed")
+    assert store.coverage.job("seed")["state"] == "done", store.coverage.job("seed")
+    record = store.coverage.record("seed")
     assert record is not None
     # 3 corpus inputs, the 2 reproducers of the seed bucket and the hostile one
     assert record["corpus_inputs"] == 3 and record["inputs"] == 6
@@ -252,6 +251,7 @@ def test_coverage_sampler_end_to_end(client: FlaskClient, farm_data: FarmData) -
     assert "reached" in fn_page and 'class="srcline"' in fn_page
     assert "seed" in text(client.get("/coverage").data)
     # a finished sampler leaves the slot free for the next one
-    assert coverage.claim_job(store, "seed", 1)
-    assert not coverage.claim_job(store, "seed", 1)
-    store.r.delete(coverage.job_key("seed"))
+    assert store.coverage.claim_job("seed", 1)
+    assert not store.coverage.claim_job("seed", 1)
+    store.coverage.set_job("seed", {"state": "done", "done": 6, "total": 6,
+                                    "finished": time.time()})

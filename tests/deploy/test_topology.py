@@ -138,8 +138,8 @@ def _health(kind: str, argv: list[str], env: dict[str, str], cwd: str) -> None:
 
 def _seed_bug_buckets(store: FarmStore) -> list[str]:
     found = []
-    for bucket in store.buckets():
-        report = store.report(bucket.reproducer, bucket.kernel) or {}
+    for bucket in store.buckets.all():
+        report = store.reports.get(bucket.reproducer, bucket.kernel) or {}
         if any(f.get("field") == SEED_BUG_FIELD for f in report.get("findings", [])):
             found.append(bucket.id)
     return found
@@ -192,13 +192,13 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
 
     store = FarmStore.connect(url)
     started = time.monotonic()
-    campaigns = _wait_for(lambda: [c for c in store.campaigns() if c.get("state") == "running"],
+    campaigns = _wait_for(lambda: [c for c in store.campaigns.all() if c.state == "running"],
                           60, "the controller to start the configured campaign",
                           topology.check_alive)
     controller_env = service_env(services["controller"])
     (campaign,) = campaigns
-    assert campaign["kernel"] == controller_env["FUZZFARM_CAMPAIGN"]
-    assert int(campaign["slices"]) == int(controller_env["FUZZFARM_CAMPAIGN_SLICES"])
+    assert campaign.kernel == controller_env["FUZZFARM_CAMPAIGN"]
+    assert campaign.slices == int(controller_env["FUZZFARM_CAMPAIGN_SLICES"])
 
     def healthz() -> bool:
         try:
@@ -216,7 +216,7 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     print(f"seed bug bucketed {time.monotonic() - started:.0f} s after the farm started: "
           f"{bugs}")
     # both replicas took part, each under its own node name
-    heartbeats = set(store.workers())
+    heartbeats = set(store.stats.workers())
     for name in names:
         assert any(w.startswith(f"{name}@") for w in heartbeats), (name, heartbeats)
 
@@ -234,6 +234,6 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     _health(kind, [a.replace("127.0.0.1:8000", f"127.0.0.1:{dashboard_port}") for a in argv],
             env_of(services["dashboard"]), base["HOME"])
     topology.check_alive()
-    assert store.counters().get("harness_errors", 0) == 0
+    assert store.stats.counters().get("harness_errors", 0) == 0
     for name in topology.procs:
         assert "Traceback" not in topology.log(name), topology.log(name)[-3000:]

@@ -22,8 +22,8 @@ EXAMPLES = ROOT / "fuzzfarm" / "examples"
 
 def _vaddr_buckets(store: FarmStore) -> list[str]:
     out = []
-    for b in store.buckets():
-        report = store.report(b.reproducer, b.kernel) or {}
+    for b in store.buckets.all():
+        report = store.reports.get(b.reproducer, b.kernel) or {}
         if any(f["class"] == "vaddr-corruption" for f in report.get("findings", [])):
             out.append(b.id)
     return out
@@ -38,20 +38,21 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
                                                                 store: FarmStore) -> None:
     farm.worker("w1")
     farm.controller()
-    cid = store.create_campaign("seed", 1, 6)
+    cid = store.campaigns.create("seed", 1, 6)
 
     def minimized_vaddr_bucket() -> list[str]:
-        return [b for b in _vaddr_buckets(store) if store.bucket(b).minimized]
+        return [b for b in _vaddr_buckets(store)
+                if (bucket := store.buckets.get(b)) is not None and bucket.minimized]
 
     wait_for(minimized_vaddr_bucket, 150, "a minimized bucket with vaddr-corruption")
-    campaign = store.campaign(cid)
-    assert int(campaign["execs"]) > 0 and int(campaign["slices_done"]) >= 1
-    assert store.corpus_size("seed") > 0  # slices pushed new inputs back
+    campaign = store.campaigns.get(cid)
+    assert campaign is not None and campaign.execs > 0 and campaign.slices_done >= 1
+    assert store.corpus.size("seed") > 0  # slices pushed new inputs back
     stop = _cli(farm.url, "campaign", "stop", cid)
     assert stop.returncode == 0, stop.stderr
-    wait_for(lambda: store.campaign(cid)["state"] == "stopped", 60, "the campaign to stop")
-    wait_for(lambda: store.triage_backlog() == 0 and all(
-        store.r.hget("ff:bucket:" + b.id, "minimize_done") for b in store.buckets()), 300,
+    wait_for(lambda: store.campaigns.state(cid) == "stopped", 60, "the campaign to stop")
+    wait_for(lambda: store.triage.backlog() == 0 and all(
+        b.minimize_done for b in store.buckets.all()), 300,
         "triage and minimization to drain")
     target = minimized_vaddr_bucket()[0]
     again = _cli(farm.url, "minimize", "--bucket", target)
@@ -59,22 +60,22 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
     assert "minimized" in again.stdout and target in again.stdout
     verify = _cli(farm.url, "verify", "--kernel", "fixed")
     assert verify.returncode == 0, verify.stderr
-    for b in store.buckets():
+    for b in store.buckets.all():
         assert b.verify["fixed"]["state"] == "fixed", (b.signature, b.verify)
     listing = _cli(farm.url, "buckets", "--json")
-    assert {b["id"] for b in json.loads(listing.stdout)} == {b.id for b in store.buckets()}
-    assert store.counters().get("harness_errors", 0) == 0
+    assert {b["id"] for b in json.loads(listing.stdout)} == {b.id for b in store.buckets.all()}
+    assert store.stats.counters().get("harness_errors", 0) == 0
 
 
 def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore) -> None:
     farm.worker("w1")
     farm.controller()
-    cid = store.create_campaign("seed", 1, 6)
+    cid = store.campaigns.create("seed", 1, 6)
 
     def running_slice() -> str | None:
-        for sid in store.inflight(cid):
-            if (store.slice(sid) or {}).get("state") == "running":
-                return sid
+        for s in store.campaigns.slices(store.campaigns.inflight(cid)):
+            if s.state == "running":
+                return s.id
         return None
 
     sid = wait_for(running_slice, 90, "a running slice")
@@ -85,13 +86,13 @@ def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore
                                     capture_output=True).returncode != 0, 10,
              "the killed slice's job process to exit")
     farm.worker("w2")
-    wait_for(lambda: store.counters().get("slices_lost", 0) >= 1, 60,
+    wait_for(lambda: store.stats.counters().get("slices_lost", 0) >= 1, 60,
              "the controller to replace the lost slice")
-    done_before = int(store.campaign(cid)["slices_done"])
-    wait_for(lambda: int(store.campaign(cid)["slices_done"]) > done_before, 90,
+    done_before = store.campaigns.get(cid).slices_done
+    wait_for(lambda: store.campaigns.get(cid).slices_done > done_before, 90,
              "a slice to finish on the new worker")
-    assert store.counters().get("harness_errors", 0) == 0
-    ids = [b.id for b in store.buckets()]
+    assert store.stats.counters().get("harness_errors", 0) == 0
+    ids = [b.id for b in store.buckets.all()]
     assert len(ids) == len(set(ids))
 
 
@@ -102,44 +103,44 @@ def test_kill_9_mid_triage_then_the_triage_runs_again(farm: Farm, store: FarmSto
     app = make_app(Settings(redis_url=farm.url))
     base = (EXAMPLES / "three-segments.elf").read_bytes()
     hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)  # ~1 s of full boot
-    sha = store.put_blob(hang)
-    store.pending_triage(sha, "seed")
+    sha = store.blobs.put(hang)
+    store.triage.pending([sha], "seed")
     wait_for(lambda: "ready." in farm.log("w1"), 60, "the worker to be up")
     app.send_task("workers.tasks.triage", args=[sha, "seed"])
 
     def triaging() -> bool:
-        info = store.workers().get("w1@" + os.uname().nodename, {})
-        return info.get("task") == "triage"
+        info = store.stats.workers().get("w1@" + os.uname().nodename)
+        return info is not None and info.task == "triage"
 
     wait_for(triaging, 60, "the triage to start", poll=0.02)
     farm.kill9("w1")
-    assert store.buckets() == []  # killed before it could finish
+    assert store.buckets.all() == []  # killed before it could finish
     farm.worker("w2")
-    wait_for(lambda: store.buckets(), 90, "the triage to be sent again and finish")
-    (bucket,) = store.buckets()
+    wait_for(lambda: store.buckets.all(), 90, "the triage to be sent again and finish")
+    (bucket,) = store.buckets.all()
     assert bucket.crash_class == "hang" and bucket.count == 1
-    wait_for(lambda: store.triage_backlog() == 0, 30, "the pending triage to clear")
-    assert store.counters().get("triage_resent", 0) >= 1
+    wait_for(lambda: store.triage.backlog() == 0, 30, "the pending triage to clear")
+    assert store.stats.counters().get("triage_resent", 0) >= 1
 
 
 def test_redis_restart_mid_campaign_keeps_buckets(farm: Farm, store: FarmStore,
                                                   redis_server: RedisServer) -> None:
     farm.worker("w1")
     farm.controller()
-    cid = store.create_campaign("seed", 1, 5)
-    wait_for(lambda: store.buckets() and int(store.campaign(cid)["slices_done"]) >= 1, 150,
+    cid = store.campaigns.create("seed", 1, 5)
+    wait_for(lambda: store.buckets.all() and store.campaigns.get(cid).slices_done >= 1, 150,
              "a finished slice and a bucket")
     time.sleep(1.5)  # AOF everysec
-    before = {b.id: b.count for b in store.buckets()}
-    done = int(store.campaign(cid)["slices_done"])
+    before = {b.id: b.count for b in store.buckets.all()}
+    done = store.campaigns.get(cid).slices_done
     redis_server.stop()
     time.sleep(2)
     redis_server.start()
     after = FarmStore.connect(redis_server.url)
     for bid, count in before.items():
-        b = after.bucket(bid)
+        b = after.buckets.get(bid)
         assert b is not None and b.count >= count
-    wait_for(lambda: int(after.campaign(cid)["slices_done"]) >= done + 2, 180,
+    wait_for(lambda: after.campaigns.get(cid).slices_done >= done + 2, 180,
              "workers and controller to reconnect and finish more slices")
     for proc in farm.procs.values():
         assert proc.poll() is None  # nothing died of the restart
@@ -149,13 +150,13 @@ def test_garbage_sent_to_triage_never_kills_a_worker(farm: Farm, store: FarmStor
     farm.worker("w1")
     app = make_app(Settings(redis_url=farm.url))
     for junk in (b"", b"MZ garbage", os.urandom(3000), b"\x7fELF\x02\x01\x01" + bytes(120)):
-        app.send_task("workers.tasks.triage", args=[store.put_blob(junk), "seed"])
+        app.send_task("workers.tasks.triage", args=[store.blobs.put(junk), "seed"])
     app.send_task("workers.tasks.triage", args=["f" * 64, "seed"])  # no such input
     app.send_task("workers.tasks.triage", args=["not a sha", "no-such-kernel"])
-    good = store.put_blob((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
+    good = store.blobs.put((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
     app.send_task("workers.tasks.triage", args=[good, "seed"])
-    wait_for(lambda: store.buckets(), 90, "the valid input's bucket after the garbage")
-    assert len(store.buckets()) == 1
+    wait_for(lambda: store.buckets.all(), 90, "the valid input's bucket after the garbage")
+    assert len(store.buckets.all()) == 1
     assert farm.procs["w1"].poll() is None
     assert "Traceback" not in farm.log("w1")
 
@@ -175,7 +176,7 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
 
         redis_url = wait_for(url, 60, "fuzzfarm up to start Redis")
         store = FarmStore.connect(str(redis_url))
-        wait_for(lambda: store.buckets(), 120, "a bucket from the local farm")
+        wait_for(lambda: store.buckets.all(), 120, "a bucket from the local farm")
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=180) == 130
     finally:
@@ -190,8 +191,8 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
     server.start()
     try:
         reopened = FarmStore.connect(server.url)
-        assert reopened.buckets()
-        assert all(c["state"] in ("stopping", "stopped") for c in reopened.campaigns())
+        assert reopened.buckets.all()
+        assert all(c.state in ("stopping", "stopped") for c in reopened.campaigns.all())
     finally:
         server.stop()
 
@@ -201,14 +202,15 @@ def test_one_triage_task_queues_one_minimization_for_its_new_buckets(
     app = make_app(Settings(redis_url=farm.url))
     base = (EXAMPLES / "three-segments.elf").read_bytes()
     bugs = [r for r in REPRODUCERS if r.bug in ("RX-01", "RX-04")]
-    shas = store.put_blobs([r.make(base) for r in bugs] + [b"not an ELF at all"])
-    store.pending_triage_many(shas, "seed")
+    shas = store.blobs.put_many([r.make(base) for r in bugs] + [b"not an ELF at all"])
+    store.triage.pending(shas, "seed")
     farm.worker("w1")
     app.send_task("workers.tasks.triage_many", args=["seed", shas])
-    wait_for(lambda: len(store.buckets()) >= 2 and all(b.minimized for b in store.buckets()),
+    wait_for(lambda: len(store.buckets.all()) >= 2
+             and all(b.minimized for b in store.buckets.all()),
              120, "both buckets to be minimized")
-    assert store.triage_backlog() == 0
-    assert store.report(shas[-1], "seed")["verdict"] == "rejected"
+    assert store.triage.backlog() == 0
+    assert store.reports.get(shas[-1], "seed")["verdict"] == "rejected"
     log = farm.log("w1")
     assert len(re.findall(r"Task workers\.tasks\.minimize_many\[\S+\] succeeded", log)) == 1
     assert "Task workers.tasks.minimize[" not in log
