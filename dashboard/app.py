@@ -4,7 +4,8 @@ Pages: overview, buckets, one bucket's report, coverage of a kernel build. Parts
 are fragments polled with htmx. Everything the kernel printed and everything an ELF contains
 is untrusted and only ever reaches a page through Jinja2's autoescaping.
 
-State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token:
+State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token
+and only send a task to the workers:
 FUZZFARM_DASHBOARD_TOKEN when it is set (it must be, beyond localhost), else a token made for
 this process and put in the forms.
 """
@@ -13,11 +14,8 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import re
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -39,14 +37,13 @@ TOKEN_HEADER = "X-Fuzzfarm-Token"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 BUCKET_ID = re.compile(r"^[0-9a-f]{8,64}$")
 POLL = "every 5s"
-ROOT = Path(__file__).parents[1]
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 NOTICES = {
     "minimize": "Minimization sent to the workers.",
     "verify": "Verification sent to the workers.",
-    "sample": "Coverage sampler started.",
-    "sample-busy": "A coverage sampler is already running for this build.",
+    "sample": "Coverage sample sent to the workers.",
+    "sample-busy": "A coverage sample of this build is already queued or running.",
 }
 SendTask = Callable[[str, list[Any]], None]
 
@@ -241,7 +238,7 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     def coverage_sample(kernel: str) -> Response:
         check_token()
         _kernel_or_404(store, kernel)
-        started = _start_sampler(store, cfg, kernel)
+        started = _send_sample(store, cfg, send, kernel)
         return redirect(url_for("coverage_page", kernel=kernel,
                                 notice="sample" if started else "sample-busy"), 303)
 
@@ -434,37 +431,16 @@ def _bucket_view(store: FarmStore, cfg: Config, bucket: Bucket, args: Any) -> di
 
 # coverage -----------------------------------------------------------------------------------------
 
-def _start_sampler(store: FarmStore, cfg: Config, kernel: str) -> bool:
+def _send_sample(store: FarmStore, cfg: Config, send: SendTask, kernel: str) -> bool:
+    """Ask the workers for a coverage sample of `kernel`, unless one is queued or running
+    (False)."""
     if not store.coverage.claim_job(kernel, cfg.coverage_sample):
         return False
-    folder = cfg.cache_dir / "dashboard"
-    env = dict(os.environ)
-    env.update({"REDIS_URL": cfg.redis_url, "FUZZFARM_CACHE": str(cfg.cache_dir)})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f"coverage-{kernel}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dashboard.coverage", "--kernel", kernel, "--limit",
-                 str(cfg.coverage_sample)], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    except OSError as e:
-        store.coverage.set_job(kernel, {"state": "failed", "error": f"cannot start: {e}",
+        send("workers.tasks.sample_coverage", [kernel, cfg.coverage_sample])
+    except Exception as e:  # noqa: BLE001 - the broker is down, say: the page says so
+        store.coverage.set_job(kernel, {"state": "failed", "error": f"cannot send: {e}",
                                         "finished": time.time()})
-        return True
-
-    def reap() -> None:
-        code = proc.wait()
-        try:
-            state = store.coverage.job(kernel) or {}
-            if code != 0 and state.get("state") in ("starting", "running"):
-                store.coverage.set_job(kernel, {"state": "failed", "error":
-                                                f"sampler exited with status {code}",
-                                                "finished": time.time()})
-        except StoreError:
-            pass  # the slot expires by itself
-
-    threading.Thread(target=reap, name=f"coverage-{kernel}", daemon=True).start()
     return True
 
 

@@ -374,9 +374,11 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("worker", help="run one Celery worker of the farm",
-                       description="A Celery worker consuming the fuzz, triage and minimize "
-                                   "queues (one task at a time).")
+                       description="A Celery worker consuming the fuzz, triage, minimize and "
+                                   "coverage queues (one task at a time).")
     p.add_argument("--name", default="worker", help="worker name (default: worker)")
-    p.add_argument("--queues", default="fuzz,triage,minimize")
+    p.add_argument("--queues", default=None,
+                   help="comma-separated queues to consume (default: all the farm's: fuzz, "
+                        "triage, minimize, coverage)")
     redis_opt(p)
     p.set_defaults(func=cmd_worker)

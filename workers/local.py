@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from workers.app import QUEUES
 from workers.kernels import ensure_builtin
 from workers.redis_server import ServerNotFound, find_server
 from workers.store import FarmStore, StoreError, wait_until_up
@@ -252,7 +253,9 @@ def _kill(p: Proc) -> None:
     p.popen.wait()
 
 
-def worker_command(name: str, queues: str = "fuzz,triage,minimize") -> list[str]:
+def worker_command(name: str, queues: str | None = None) -> list[str]:
+    """A worker consuming `queues` (comma-separated; by default all the farm's queues)."""
+    queues = queues or ",".join(QUEUES)
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
             "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-l", "INFO"]

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from workers import work
+from workers import coverage, work
 from workers.app import app
 from workers.settings import Settings
 from workers.store import FarmStore
@@ -126,3 +126,18 @@ def verify(self: Any, bucket: str, kernel: str) -> dict[str, Any]:
         work.record_harness_error(store, f"verify on {kernel}", f"{type(e).__name__}: {e}")
         return {"state": "harness-error"}
 
+
+@app.task(bind=True, name="workers.tasks.sample_coverage")
+def sample_coverage(self: Any, kernel: str, limit: Any) -> dict[str, Any]:
+    """Sample a build's coverage for the dashboard (which claimed the build's job slot)."""
+    store = _store()
+    store.stats.heartbeat(_worker_name(self), "coverage")
+    try:
+        record = coverage.run_sample(store, _settings(), str(kernel), limit)
+        return {"state": "done", "inputs": record["inputs"], "seconds": record["seconds"]}
+    except Exception as e:  # noqa: BLE001 - the job slot says it failed; it is ours, not a find
+        work.record_harness_error(store, f"coverage sample of {kernel!s:.64}",
+                                  f"{type(e).__name__}: {e}")
+        return {"state": "harness-error"}
+    finally:
+        store.stats.heartbeat(_worker_name(self), None)

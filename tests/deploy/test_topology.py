@@ -220,6 +220,17 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     for name in names:
         assert any(w.startswith(f"{name}@") for w in heartbeats), (name, heartbeats)
 
+    # the dashboard's coverage button: a task for the workers, which take the coverage queue
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{dashboard_port}/coverage/seed/sample", data=b"", method="POST",
+        headers={"X-Fuzzfarm-Token": TEST_ENV["FUZZFARM_DASHBOARD_TOKEN"]})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert "notice=sample" in response.url and "busy" not in response.url
+    _wait_for(lambda: (store.coverage.job("seed") or {}).get("state") == "done", 180,
+              "a worker to sample the coverage", topology.check_alive, poll=2.0)
+    record = store.coverage.record("seed")
+    assert record is not None and record["inputs"] > 0 and record["blocks"]
+
     # every app service's health check passes against the running farm
     hostname = socket.gethostname()
     kind, argv = healthcheck_argv(services["worker"])

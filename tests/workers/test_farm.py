@@ -214,3 +214,23 @@ def test_one_triage_task_queues_one_minimization_for_its_new_buckets(
     log = farm.log("w1")
     assert len(re.findall(r"Task workers\.tasks\.minimize_many\[\S+\] succeeded", log)) == 1
     assert "Task workers.tasks.minimize[" not in log
+
+
+def test_the_dashboard_s_coverage_button_runs_the_sample_on_a_worker(
+        farm: Farm, store: FarmStore) -> None:
+    from dashboard.app import create_app
+
+    store.corpus.add("seed", [p.read_bytes() for p in
+                              sorted((ROOT / "corpus" / "seeds").glob("*.elf"))[:2]])
+    farm.worker("w1")  # started as `fuzzfarm up` starts its workers: every queue
+    app = create_app(farm.url, cache_dir=farm.tmp / "dashboard-cache", coverage_sample=2)
+    token = app.extensions["fuzzfarm"]["config"].csrf
+    sent = app.test_client().post("/coverage/seed/sample", data={"token": token})
+    assert sent.status_code == 303 and "notice=sample" in sent.headers["Location"]
+    wait_for(lambda: (store.coverage.job("seed") or {}).get("state") == "done", 120,
+             "the worker to sample the coverage")
+    record = store.coverage.record("seed")
+    assert record is not None and record["inputs"] == 2 and record["blocks"]
+    assert re.search(r"Task workers\.tasks\.sample_coverage\[\S+\] succeeded", farm.log("w1"))
+    page = app.test_client().get("/coverage/seed").data.decode()
+    assert 'id="functions-hit"' in page and "Last sample finished" in page
