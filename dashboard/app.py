@@ -134,7 +134,8 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
 
     @app.get("/metrics")
     def metrics_page() -> Response:
-        return Response(metrics.render(store), mimetype="text/plain; version=0.0.4")
+        body, content_type = metrics.render(store)
+        return Response(body, content_type=content_type)
 
     # overview -------------------------------------------------------------------------------
     @app.get("/")

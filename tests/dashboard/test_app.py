@@ -12,6 +12,7 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from dashboard.__main__ import main
 from dashboard.app import TOKEN_HEADER, create_app
@@ -197,7 +198,12 @@ def test_health_and_metrics(client: FlaskClient, farm_data: FarmData) -> None:
     assert dead.test_client().get("/").status_code == 503  # pages say Redis is down
     m = client.get("/metrics")
     assert m.status_code == 200 and m.mimetype == "text/plain"
+    assert "version=0.0.4" in m.content_type
     body = m.data.decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    assert families["fuzzfarm_execs"].type == "counter"
+    assert families["fuzzfarm_harness_errors"].type == "counter"
+    assert families["fuzzfarm_buckets"].type == "gauge"
     values = {}
     for line in body.splitlines():
         if line and not line.startswith("#"):
