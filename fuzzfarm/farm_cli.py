@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 EXIT_OK, EXIT_ERROR = 0, 2
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# a table written to a pipe or file keeps one row per line, however long the signatures
+PIPE_WIDTH = 4096
+STATUS_EVERY_TTY, STATUS_EVERY_PIPE = 1.0, 10.0
 
 
 class FarmUsageError(Exception):
@@ -54,7 +63,62 @@ def _wait(until: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.5)
 
 
+class _Console(Console):
+    """rich's own answer to a reader that went away is to point stdout at /dev/null and exit;
+    here it is an error like any other write's, for the caller to deal with."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(32, "Broken pipe")
+
+
 # up ------------------------------------------------------------------------------------------
+
+class StatusOutput:
+    """What `fuzzfarm up` tells the user on stderr: messages, and one status line redrawn in
+    place on a terminal, or written as a plain line every 10 s to a pipe or file. A stderr that
+    went away (a closed terminal or pipe) is no reason to stop: the farm must still be stopped
+    in order, so output then goes nowhere."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.console = _Console(file=stream, markup=False, emoji=False, highlight=False,
+                                soft_wrap=True)
+        self.live: Live | None = None
+        self.gone = stream is None
+        self.every = STATUS_EVERY_TTY if self.console.is_terminal else STATUS_EVERY_PIPE
+
+    def _write(self, write: Callable[[], object]) -> None:
+        if self.gone:
+            return
+        try:
+            write()
+        except (OSError, ValueError):  # EPIPE, EIO, or a closed file
+            self.gone = True
+
+    def say(self, line: str) -> None:
+        self._write(lambda: self.console.print(f"fuzzfarm: {line}"))
+
+    def status(self, line: str) -> None:
+        if not self.console.is_terminal:
+            self._write(lambda: self.console.print(line))
+            return
+
+        def redraw() -> None:
+            if self.live is None:
+                # no refresh thread: the line is drawn only here, where a failure is caught
+                self.live = Live(Text(line), console=self.console, auto_refresh=False,
+                                 redirect_stdout=False, redirect_stderr=False)
+                self.live.start()
+            self.live.update(Text(line), refresh=True)
+
+        self._write(redraw)
+
+    def end_status(self) -> None:
+        """Leave the last status line as it is; what follows goes below it."""
+        live, self.live = self.live, None
+        if live is not None:
+            self._write(live.stop)
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     from workers.local import FarmError, LocalFarm, status_line
@@ -67,26 +131,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     store = None
     started = time.monotonic()
     interrupted = False
-
-    def say(line: str, prefix: str = "fuzzfarm: ", end: str = "\n") -> None:
-        # a closed terminal or pipe must not stop the stop sequence from running
-        with contextlib.suppress(OSError):
-            sys.stderr.write(f"{prefix}{line}{end}")
-            sys.stderr.flush()
-
+    out = StatusOutput(sys.stderr)
     try:
         try:
-            store = farm.start(say)
+            store = farm.start(out.say)
             _check_kernel(store, args.kernel)
             cid = farm.ensure_campaign(store)
-            say(f"campaign {cid} on {args.kernel}; logs in {farm.data / 'logs'}")
-            farm.wait_ready(store, say)
+            out.say(f"campaign {cid} on {args.kernel}; logs in {farm.data / 'logs'}")
+            farm.wait_ready(store, out.say)
         except FarmError as e:
             raise FarmUsageError(str(e)) from None
         if farm.dashboard_port is not None:
-            say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
-        say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the farm")
-        tty = sys.stderr.isatty()
+            out.say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
+        out.say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the "
+                "farm")
         last = 0.0
         while args.seconds is None or time.monotonic() - started < args.seconds:
             time.sleep(1.0)
@@ -94,16 +152,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             if dead:
                 raise FarmUsageError(f"farm process(es) exited: {', '.join(dead)} "
                                      f"(see {farm.data / 'logs'})")
-            if time.monotonic() - last >= (1.0 if tty else 10.0):
+            if time.monotonic() - last >= out.every:
                 last = time.monotonic()
-                line = status_line(store, started)
-                say(line, prefix="\r\033[K" if tty else "", end="" if tty else "\n")
+                out.status(status_line(store, started))
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        out.end_status()
         if store is not None or farm.procs:
-            say("stopping: campaigns first (running slices report), then workers, controller "
-                "and Redis; Ctrl-C again to stop at once", prefix="\n")
+            out.say("stopping: campaigns first (running slices report), then workers, "
+                    "controller and Redis; Ctrl-C again to stop at once")
             try:
                 farm.stop(store)
             except KeyboardInterrupt:
@@ -120,33 +178,52 @@ def _check_kernel(store: Any, kernel: str) -> None:
 
 # status, campaigns, buckets -----------------------------------------------------------------
 
+def _stdout() -> Console:
+    """Tables for a terminal fit its width; written to a pipe or a file, one row per line. A
+    closed pipe ends the command as a print's would (`fuzzfarm.cli.main`)."""
+    console = _Console(markup=False, emoji=False, highlight=False)
+    if not console.is_terminal:
+        console = _Console(markup=False, emoji=False, highlight=False, width=PIPE_WIDTH)
+    return console
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     store = _store(args)
     campaigns = store.campaigns.all()
     buckets = store.buckets.all()
     workers = store.stats.workers()
-    info = {"redis": _url(args), "campaigns": [c.to_json() for c in campaigns],
-            "workers": {k: w.to_json() for k, w in workers.items()},
-            "buckets": len(buckets), "counters": store.stats.counters(),
-            "kernels": store.kernels.names()}
+    counters = store.stats.counters()
+    kernels = store.kernels.names()
     if args.json:
+        info = {"redis": _url(args), "campaigns": [c.to_json() for c in campaigns],
+                "workers": {k: w.to_json() for k, w in workers.items()},
+                "buckets": len(buckets), "counters": counters, "kernels": kernels}
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"Redis {info['redis']} · kernels: {', '.join(info['kernels']) or 'none'}")
-    print(f"workers seen in the last 2 minutes: {len(workers)}")
-    for c in campaigns:
-        print(f"campaign {c.id} [{c.state}] kernel {c.kernel}: {c.execs:,} "
-              f"execs, {c.edges} edges, {c.slices_done} slices done, "
-              f"{len(store.campaigns.inflight(c.id))} in flight")
-    classes: dict[str, int] = {}
-    for b in buckets:
-        classes[b.crash_class] = classes.get(b.crash_class, 0) + 1
-    print(f"buckets: {len(buckets)}"
-          + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())) + ")"
-             if classes else ""))
-    counters = info["counters"]
+    out = _stdout()
+    out.print(f"Redis {_url(args)} · kernels: {', '.join(kernels) or 'none'}")
+    out.print(f"workers seen in the last 2 minutes: {len(workers)}")
+    if campaigns:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for name, justify in (("campaign", "left"), ("state", "left"), ("kernel", "left"),
+                              ("execs", "right"), ("edges", "right"),
+                              ("slices done", "right"), ("in flight", "right")):
+            table.add_column(name, justify=justify)
+        for c in campaigns:
+            table.add_row(c.id, c.state, c.kernel, f"{c.execs:,}", str(c.edges),
+                          str(c.slices_done), str(len(store.campaigns.inflight(c.id))))
+        out.print(table)
+    classes = Counter(b.crash_class for b in buckets)
+    out.print(f"buckets: {len(buckets)}")
+    if classes:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("class")
+        table.add_column("buckets", justify="right")
+        for cls, n in sorted(classes.items()):
+            table.add_row(cls, str(n))
+        out.print(table)
     if counters.get("harness_errors"):
-        print(f"harness errors: {counters['harness_errors']} (not findings)")
+        out.print(f"harness errors: {counters['harness_errors']} (not findings)")
     return EXIT_OK
 
 
@@ -181,12 +258,16 @@ def cmd_buckets(args: argparse.Namespace) -> int:
     if not buckets:
         print("no buckets")
         return EXIT_OK
-    print(f"{'bucket':<16}  {'class':<16} {'count':>5}  {'repro':>6}  {'min':>5}  verify  "
-          "signature")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("bucket", "left"), ("class", "left"), ("count", "right"),
+                          ("repro", "right"), ("min", "right"), ("verify", "left"),
+                          ("signature", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
     for b in buckets:
         verify = ",".join(f"{k}:{v.get('state')}" for k, v in sorted(b.verify.items())) or "-"
-        print(f"{b.id:<16}  {b.crash_class:<16} {b.count:>5}  {b.reproducer_size:>6}  "
-              f"{b.minimized_size or '-':>5}  {verify}  {b.signature}")
+        table.add_row(b.id, b.crash_class, str(b.count), str(b.reproducer_size),
+                      str(b.minimized_size or "-"), verify, b.signature)
+    _stdout().print(table)
     return EXIT_OK
 
 

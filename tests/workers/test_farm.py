@@ -64,6 +64,10 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
         assert b.verify["fixed"]["state"] == "fixed", (b.signature, b.verify)
     listing = _cli(farm.url, "buckets", "--json")
     assert {b["id"] for b in json.loads(listing.stdout)} == {b.id for b in store.buckets.all()}
+    table = _cli(farm.url, "buckets")
+    for b in store.buckets.all():  # one row per bucket, its signature whole
+        (row,) = [line for line in table.stdout.splitlines() if line.startswith(b.id)]
+        assert b.signature in row and b.crash_class in row
     assert store.stats.counters().get("harness_errors", 0) == 0
 
 
@@ -185,6 +189,8 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
         err.close()
     log = (tmp_path / "up.err").read_text()
     assert "Traceback" not in log
+    # stderr is no terminal: the status is plain lines, no cursor movement
+    assert "\x1b[" not in log and re.search(r"^\[\s*\d+s\] workers 1 · execs", log, re.M)
     port = int(str(redis_url).rsplit(":", 1)[1].split("/")[0])
     # everything stopped; the AOF holds what was found
     server = RedisServer(port, data / "redis")
