@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
+
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
 
 from kernel_emu.errors import ProfileError
 from kernel_emu.profile import BUILTIN_PROFILES, PROFILE_DIR, TargetProfile, load_profile_file
 from workers.store import FarmStore, sha256
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-IMAGE_LINE = re.compile(r"(?m)^image\s*=.*$")
 STORED_IMAGE = "image.elf"
 
 
@@ -29,13 +30,23 @@ def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None) ->
     name = name or profile.name
     if not NAME.match(name):
         raise KernelError(f"kernel name {name!r}: use letters, digits, '.', '_' or '-'")
-    text = profile_path.read_text()
-    stored = IMAGE_LINE.sub(f'image = "{STORED_IMAGE}"', text, count=1)
-    if tomllib.loads(stored).get("image") != STORED_IMAGE:
-        raise KernelError(f"{profile_path}: could not rewrite its image path")
+    stored = stored_profile(profile_path.read_text(), profile_path)
     image_sha = store.blobs.put(profile.image.read_bytes())
     store.kernels.put(name, stored, image_sha, profile.description)
     return name
+
+
+def stored_profile(text: str, source: Path) -> str:
+    """The profile as workers get it: the same text, comments and layout included, with its
+    image named as the worker's cache names it."""
+    try:
+        doc = tomlkit.parse(text)
+    except TOMLKitError as e:
+        raise KernelError(f"{source}: {e}") from None
+    if "image" not in doc:
+        raise KernelError(f"{source}: no top-level image = ... to rewrite")
+    doc["image"] = STORED_IMAGE
+    return tomlkit.dumps(doc)
 
 
 def ensure_builtin(store: FarmStore) -> None:

@@ -119,6 +119,10 @@ def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
                           str(build / "missing.toml"), *url], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    entry = store.kernels.get("my-build")
+    assert entry is not None
+    # the profile as uploaded, comments and all, with only its image renamed
+    assert entry.profile == profile.replace('image = "out/rustux.elf"', 'image = "image.elf"')
     # a worker boots the uploaded bytes, not the file on this machine
     (build / "out" / "rustux.elf").unlink()
     loaded = materialize(store, "my-build", settings.cache_dir)
