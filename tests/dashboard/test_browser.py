@@ -34,6 +34,8 @@ except ImportError:
         raise  # CI must run these tests, not skip them
     pytest.skip("selenium is not installed", allow_module_level=True)
 
+pytestmark = [pytest.mark.browser, pytest.mark.redis]
+
 SHOTS = ROOT / "out" / "screenshots"
 
 

@@ -29,6 +29,8 @@ from tests.deploy.compose import TEST_ENV, command, healthcheck_argv, load, serv
 from workers.redis_server import find_server
 from workers.store import FarmStore
 
+pytestmark = [pytest.mark.redis, pytest.mark.farm, pytest.mark.slow]
+
 REPLICAS = 2
 SEED_BUG_FIELD = "segments[0].vaddr"  # the loaded vaddr that came out as 0x300028
 BUG_TIMEOUT = 180.0

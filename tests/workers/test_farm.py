@@ -8,14 +8,17 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from tests.reproducers import REPRODUCERS
 from tests.workers.conftest import ROOT, Farm, RedisServer, wait_for
 from workers.app import make_app
 from workers.settings import Settings
 from workers.store import FarmStore
+
+pytestmark = [pytest.mark.redis, pytest.mark.farm]
 
 EXAMPLES = ROOT / "fuzzfarm" / "examples"
 
@@ -34,6 +37,28 @@ def _cli(url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def _settled(store: FarmStore) -> bool:
+    """No triage pending and no minimization queued or running: a bucket's `minimize_queued`
+    is set by the triage that queues one, before that triage stops being pending."""
+    return store.triage.backlog() == 0 and all(
+        b.minimize_queued is None for b in store.buckets.all())
+
+
+def _job_running(sid: str) -> bool:
+    """A slice's job process is alive (its work folder is named after the slice)."""
+    return subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
+                          capture_output=True).returncode == 0
+
+
+def _hangs(n: int) -> list[bytes]:
+    """`n` distinct inputs with one signature, each ~1-3 s of a full boot (RX-06's endless
+    program-header loop, run to the full instruction budget)."""
+    base = (EXAMPLES / "three-segments.elf").read_bytes()
+    hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)
+    return [hang + bytes([i]) * (i + 1) for i in range(n)]
+
+
+@pytest.mark.slow
 def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
                                                                 store: FarmStore) -> None:
     farm.worker("w1")
@@ -51,9 +76,7 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
     stop = _cli(farm.url, "campaign", "stop", cid)
     assert stop.returncode == 0, stop.stderr
     wait_for(lambda: store.campaigns.state(cid) == "stopped", 60, "the campaign to stop")
-    wait_for(lambda: store.triage.backlog() == 0 and all(
-        b.minimize_done for b in store.buckets.all()), 300,
-        "triage and minimization to drain")
+    wait_for(lambda: _settled(store), 300, "triage and minimization to drain")
     target = minimized_vaddr_bucket()[0]
     again = _cli(farm.url, "minimize", "--bucket", target)
     assert again.returncode == 0, again.stderr
@@ -71,6 +94,7 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
     assert store.stats.counters().get("harness_errors", 0) == 0
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore) -> None:
     farm.worker("w1")
     farm.controller()
@@ -82,13 +106,11 @@ def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore
                 return s.id
         return None
 
-    sid = wait_for(running_slice, 90, "a running slice")
-    time.sleep(2)  # well inside the slice's job
+    sid = str(wait_for(running_slice, 90, "a running slice"))
+    wait_for(lambda: _job_running(sid), 30, "the slice's job process to start", poll=0.1)
     farm.kill9("w1")
     # the job process dies with its worker: no orphan keeps fuzzing
-    wait_for(lambda: subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
-                                    capture_output=True).returncode != 0, 10,
-             "the killed slice's job process to exit")
+    wait_for(lambda: not _job_running(sid), 10, "the killed slice's job process to exit")
     farm.worker("w2")
     wait_for(lambda: store.stats.counters().get("slices_lost", 0) >= 1, 60,
              "the controller to replace the lost slice")
@@ -105,28 +127,28 @@ def test_kill_9_mid_triage_then_the_triage_runs_again(farm: Farm, store: FarmSto
     farm.worker("w1")
     farm.controller()
     app = make_app(Settings(redis_url=farm.url))
-    base = (EXAMPLES / "three-segments.elf").read_bytes()
-    hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)  # ~1 s of full boot
-    sha = store.blobs.put(hang)
-    store.triage.pending([sha], "seed")
+    shas = store.blobs.put_many(_hangs(3))
+    store.triage.pending(shas, "seed")
     wait_for(lambda: "ready." in farm.log("w1"), 60, "the worker to be up")
-    app.send_task("workers.tasks.triage", args=[sha, "seed"])
+    app.send_task("workers.tasks.triage_many", args=["seed", shas])
 
     def triaging() -> bool:
         info = store.stats.workers().get("w1@" + os.uname().nodename)
         return info is not None and info.task == "triage"
 
-    wait_for(triaging, 60, "the triage to start", poll=0.02)
+    wait_for(triaging, 60, "the triage to start", poll=0.05)
     farm.kill9("w1")
-    assert store.buckets.all() == []  # killed before it could finish
+    # killed halfway through seconds of boots: nothing was counted, all is still pending
+    assert store.buckets.all() == [] and store.triage.backlog() == 3
     farm.worker("w2")
-    wait_for(lambda: store.buckets.all(), 90, "the triage to be sent again and finish")
+    wait_for(lambda: store.triage.backlog() == 0 and store.buckets.all(), 120,
+             "the triage to be sent again and finish")
     (bucket,) = store.buckets.all()
-    assert bucket.crash_class == "hang" and bucket.count == 1
-    wait_for(lambda: store.triage.backlog() == 0, 30, "the pending triage to clear")
+    assert bucket.crash_class == "hang" and bucket.count == 3
     assert store.stats.counters().get("triage_resent", 0) >= 1
 
 
+@pytest.mark.slow
 def test_redis_restart_mid_campaign_keeps_buckets(farm: Farm, store: FarmStore,
                                                   redis_server: RedisServer) -> None:
     farm.worker("w1")
@@ -134,11 +156,12 @@ def test_redis_restart_mid_campaign_keeps_buckets(farm: Farm, store: FarmStore,
     cid = store.campaigns.create("seed", 1, 5)
     wait_for(lambda: store.buckets.all() and store.campaigns.get(cid).slices_done >= 1, 150,
              "a finished slice and a bucket")
-    time.sleep(1.5)  # AOF everysec
     before = {b.id: b.count for b in store.buckets.all()}
     done = store.campaigns.get(cid).slices_done
-    redis_server.stop()
-    time.sleep(2)
+    failures = farm.log("controller").count("controller step failed")
+    redis_server.stop()  # SIGTERM: Redis writes and fsyncs its AOF before it exits
+    wait_for(lambda: farm.log("controller").count("controller step failed") > failures, 30,
+             "the controller to notice that Redis is gone")
     redis_server.start()
     after = FarmStore.connect(redis_server.url)
     for bid, count in before.items():
@@ -157,14 +180,21 @@ def test_garbage_sent_to_triage_never_kills_a_worker(farm: Farm, store: FarmStor
         app.send_task("workers.tasks.triage", args=[store.blobs.put(junk), "seed"])
     app.send_task("workers.tasks.triage", args=["f" * 64, "seed"])  # no such input
     app.send_task("workers.tasks.triage", args=["not a sha", "no-such-kernel"])
+    app.send_task("workers.tasks.triage_many", args=["seed", "not a list"])
+    app.send_task("workers.tasks.sample_coverage", args=["../../etc", "many"])
     good = store.blobs.put((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
     app.send_task("workers.tasks.triage", args=[good, "seed"])
-    wait_for(lambda: store.buckets.all(), 90, "the valid input's bucket after the garbage")
+    # the worker takes its queues in turn: wait for every message, not only the last sent
+    wait_for(lambda: len(re.findall(r"Task workers\.tasks\.\w+\[\S+\] succeeded",
+                                    farm.log("w1"))) == 9, 120, "all nine tasks to end")
     assert len(store.buckets.all()) == 1
     assert farm.procs["w1"].poll() is None
     assert "Traceback" not in farm.log("w1")
+    wheres = {e.where for e in store.stats.harness_errors()}
+    assert {"triage", "coverage sample of ../../etc"} <= wheres  # ours, never buckets
 
 
+@pytest.mark.slow
 def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> None:
     data = tmp_path / "farm"
     err = (tmp_path / "up.err").open("w")
@@ -172,7 +202,8 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
     env.pop("REDIS_URL", None)
     up = subprocess.Popen([sys.executable, "-m", "fuzzfarm.cli", "up", "--workers", "1",
                            "--slice-seconds", "6", "--data", str(data)],
-                          stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
+                          stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def url() -> str | None:
             m = re.search(r"REDIS_URL=(redis://\S+)", (tmp_path / "up.err").read_text())
@@ -212,13 +243,14 @@ def test_one_triage_task_queues_one_minimization_for_its_new_buckets(
     store.triage.pending(shas, "seed")
     farm.worker("w1")
     app.send_task("workers.tasks.triage_many", args=["seed", shas])
-    wait_for(lambda: len(store.buckets.all()) >= 2
-             and all(b.minimized for b in store.buckets.all()),
-             120, "both buckets to be minimized")
-    assert store.triage.backlog() == 0
+    succeeded = r"Task workers\.tasks\.minimize_many\[\S+\] succeeded"
+    # the log line comes after the task stored its last minimization: wait for it too
+    wait_for(lambda: len(store.buckets.all()) >= 2 and _settled(store)
+             and re.search(succeeded, farm.log("w1")), 120, "both buckets to be minimized")
+    assert all(b.minimized for b in store.buckets.all())
     assert store.reports.get(shas[-1], "seed")["verdict"] == "rejected"
     log = farm.log("w1")
-    assert len(re.findall(r"Task workers\.tasks\.minimize_many\[\S+\] succeeded", log)) == 1
+    assert len(re.findall(succeeded, log)) == 1
     assert "Task workers.tasks.minimize[" not in log
 
 
