@@ -163,7 +163,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             out.say("stopping: campaigns first (running slices report), then workers, "
                     "controller and Redis; Ctrl-C again to stop at once")
             try:
-                farm.stop(store)
+                farm.stop(store, out.say)
             except KeyboardInterrupt:
                 farm.kill_all()
     return 130 if interrupted else EXIT_OK

@@ -197,7 +197,8 @@ class LocalFarm:
     def dead(self) -> list[str]:
         return [p.name for p in self.procs if p.popen.poll() is not None]
 
-    def stop(self, store: FarmStore | None, say: TextIO = sys.stderr) -> None:
+    def stop(self, store: FarmStore | None,
+             say: Callable[[str], None] = lambda _line: None) -> None:
         """Stop in order: campaigns (slices end within seconds and report), workers,
         controller, dashboard, and last Redis, which writes its AOF."""
         if store is not None:
@@ -210,7 +211,7 @@ class LocalFarm:
                         _slices_running(store, c.id) for c in store.campaigns.all()):
                     time.sleep(0.5)
             except StoreError as e:
-                say.write(f"fuzzfarm: Redis unavailable while stopping: {e}\n")
+                say(f"Redis unavailable while stopping: {e}")
         order = [p for p in self.procs if p.name != "redis"]
         for p in order:
             _terminate(p)
