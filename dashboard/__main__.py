@@ -8,6 +8,7 @@ import os
 import sys
 
 from dashboard.app import LOCAL_HOSTS, TOKEN_ENV, create_app
+from dashboard.coverage import DEFAULT_SAMPLE
 from workers.settings import Settings
 
 DEFAULT_PORT = 8000
@@ -24,8 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default=None, metavar="URL",
                    help=f"the farm's Redis (default: $REDIS_URL or {Settings.redis_url})")
     p.add_argument("--threads", type=int, default=8, help="request threads (default: 8)")
-    p.add_argument("--coverage-sample", type=int, default=200, metavar="N",
-                   help="inputs the coverage sampler boots (default: 200)")
+    p.add_argument("--coverage-sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
+                   help="inputs a coverage sample boots on a worker (default: "
+                        f"{DEFAULT_SAMPLE})")
     return p.parse_args(argv)
 
 

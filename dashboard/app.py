@@ -4,7 +4,8 @@ Pages: overview, buckets, one bucket's report, coverage of a kernel build. Parts
 are fragments polled with htmx. Everything the kernel printed and everything an ELF contains
 is untrusted and only ever reaches a page through Jinja2's autoescaping.
 
-State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token:
+State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token
+and only send a task to the workers:
 FUZZFARM_DASHBOARD_TOKEN when it is set (it must be, beyond localhost), else a token made for
 this process and put in the forms.
 """
@@ -13,11 +14,8 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import re
 import secrets
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,28 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
 from jinja2 import Undefined, select_autoescape
 
 from dashboard import charts, coverage, kernelinfo, metrics, report
 from workers.kernels import NAME
 from workers.settings import Settings
-from workers.store import Bucket, FarmStore
+from workers.store import Bucket, FarmStore, StoreError
 
 TOKEN_ENV = "FUZZFARM_DASHBOARD_TOKEN"
 TOKEN_HEADER = "X-Fuzzfarm-Token"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 BUCKET_ID = re.compile(r"^[0-9a-f]{8,64}$")
 POLL = "every 5s"
-ROOT = Path(__file__).parents[1]
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 NOTICES = {
     "minimize": "Minimization sent to the workers.",
     "verify": "Verification sent to the workers.",
-    "sample": "Coverage sampler started.",
-    "sample-busy": "A coverage sampler is already running for this build.",
+    "sample": "Coverage sample sent to the workers.",
+    "sample-busy": "A coverage sample of this build is already queued or running.",
 }
 SendTask = Callable[[str, list[Any]], None]
 
@@ -117,7 +113,7 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
         resp.headers.setdefault("Cache-Control", "no-store")
         return resp
 
-    @app.errorhandler(redis.exceptions.RedisError)
+    @app.errorhandler(StoreError)
     def _redis_down(e: Exception) -> tuple[str, int]:
         return render_template("error.html", message=f"Redis is unreachable: {e}"), 503
 
@@ -131,14 +127,15 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
         try:
-            store.r.ping()
-        except redis.exceptions.RedisError as e:
+            store.ping()
+        except StoreError as e:
             return jsonify({"redis": "down", "error": str(e)}), 503
         return jsonify({"redis": "ok"}), 200
 
     @app.get("/metrics")
     def metrics_page() -> Response:
-        return Response(metrics.render(store), mimetype="text/plain; version=0.0.4")
+        body, content_type = metrics.render(store)
+        return Response(body, content_type=content_type)
 
     # overview -------------------------------------------------------------------------------
     @app.get("/")
@@ -168,8 +165,7 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     @app.get("/fragment/bucket/<bid>/status")
     def bucket_status(bid: str) -> str:
         bucket = _bucket_or_404(store, bid)
-        return render_template("_bucket_status.html", b=bucket,
-                               extra=_bucket_extra(store, bucket.id))
+        return render_template("_bucket_status.html", b=bucket)
 
     @app.post("/bucket/<bid>/minimize")
     def minimize(bid: str) -> Response:
@@ -183,7 +179,7 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
         check_token()
         bucket = _bucket_or_404(store, bid)
         kernel = request.form.get("kernel", "")
-        if not NAME.match(kernel) or kernel not in store.kernels():
+        if not NAME.match(kernel) or kernel not in store.kernels.names():
             abort(400, description="unknown kernel build")
         send("workers.tasks.verify", [bucket.id, kernel])
         return redirect(url_for("bucket_page", bid=bucket.id, notice="verify"), 303)
@@ -191,9 +187,9 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     # downloads: only a bucket's inputs and their reports, by sha256 --------------------------
     @app.get("/download/<sha>.elf")
     def download_elf(sha: str) -> Response:
-        if not kernelinfo.SHA256.match(sha) or sha not in _bucket_inputs(store):
+        if not kernelinfo.SHA256.match(sha) or sha not in store.buckets.inputs():
             abort(404)
-        data = store.get_blob(sha)
+        data = store.blobs.get(sha)
         if data is None:
             abort(404)
         return Response(data, mimetype="application/octet-stream", headers={
@@ -203,9 +199,9 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     def download_report(sha: str) -> Response:
         kernel = request.args.get("kernel", "")
         if not kernelinfo.SHA256.match(sha) or not NAME.match(kernel) or \
-                sha not in _bucket_inputs(store):
+                sha not in store.buckets.inputs():
             abort(404)
-        rep = store.report(sha, kernel)
+        rep = store.reports.get(sha, kernel)
         if rep is None:
             abort(404)
         return Response(json.dumps(rep, indent=1, sort_keys=True), mimetype="application/json",
@@ -216,9 +212,9 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     @app.get("/coverage")
     def coverage_index() -> str:
         rows = []
-        for k in store.kernels():
-            rows.append({"kernel": k, "record": coverage.load_record(store, k),
-                         "job": coverage.job_state(store, k), "corpus": store.corpus_size(k)})
+        for k in store.kernels.names():
+            rows.append({"kernel": k, "record": store.coverage.record(k),
+                         "job": store.coverage.job(k), "corpus": store.corpus.size(k)})
         return render_template("coverage_index.html", rows=rows)
 
     @app.get("/coverage/<kernel>")
@@ -237,13 +233,13 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     def coverage_job(kernel: str) -> str:
         _kernel_or_404(store, kernel)
         return render_template("_coverage_job.html", kernel=kernel,
-                               job=coverage.job_state(store, kernel))
+                               job=store.coverage.job(kernel))
 
     @app.post("/coverage/<kernel>/sample")
     def coverage_sample(kernel: str) -> Response:
         check_token()
         _kernel_or_404(store, kernel)
-        started = _start_sampler(store, cfg, kernel)
+        started = _send_sample(store, cfg, send, kernel)
         return redirect(url_for("coverage_page", kernel=kernel,
                                 notice="sample" if started else "sample-busy"), 303)
 
@@ -298,61 +294,39 @@ def _filters(app: Flask) -> None:
 # view data ----------------------------------------------------------------------------------------
 
 def _bucket_or_404(store: FarmStore, bid: str) -> Bucket:
-    bucket = store.bucket(bid) if BUCKET_ID.match(bid) else None
+    bucket = store.buckets.get(bid) if BUCKET_ID.match(bid) else None
     if bucket is None:
         abort(404)
     return bucket
 
 
 def _kernel_or_404(store: FarmStore, kernel: str) -> None:
-    if not NAME.match(kernel) or store.get_kernel(kernel) is None:
+    if not NAME.match(kernel) or store.kernels.get(kernel) is None:
         abort(404)
 
 
-def _bucket_inputs(store: FarmStore) -> set[str]:
-    """The reproducer and minimized input of every bucket: all a download may serve."""
-    ids = [b.decode() for b in store.r.zrange("ff:buckets", 0, -1)]
-    with store.r.pipeline(transaction=False) as p:
-        for bid in ids:
-            p.hmget("ff:bucket:" + bid, "reproducer", "minimized")
-        rows = p.execute()
-    return {v.decode() for row in rows for v in row if v}
-
-
-def _bucket_extra(store: FarmStore, bid: str) -> dict[str, str]:
-    """Fields of the bucket hash that the Bucket type does not carry."""
-    raw = store.r.hmget("ff:bucket:" + bid, "minimize_done", "minimize_error")
-    return {k: v.decode(errors="replace") for k, v in zip(("minimize_done", "minimize_error"),
-                                                           raw, strict=True) if v}
-
-
 def _overview(store: FarmStore, selected: str | None) -> dict[str, Any]:
-    campaigns = list(reversed(store.campaigns()))
-    chosen = next((c for c in campaigns if c["id"] == selected), None) or next(
-        (c for c in campaigns if c.get("state") in ("running", "stopping")), None) or (
+    campaigns = list(reversed(store.campaigns.all()))
+    chosen = next((c for c in campaigns if c.id == selected), None) or next(
+        (c for c in campaigns if c.state in ("running", "stopping")), None) or (
         campaigns[0] if campaigns else None)
-    series = store.series(chosen["id"]) if chosen else []
+    series = store.stats.series(chosen.id) if chosen else []
     latest = series[-1] if series else {}
-    buckets = store.buckets()
-    kernels = store.kernels()
-    errors = []
-    for raw in store.r.lrange("ff:harness-errors", 0, 4):
-        try:
-            errors.append(json.loads(raw))
-        except ValueError:
-            continue
+    buckets = store.buckets.all()
+    kernels = store.kernels.names()
     return {
         "campaigns": campaigns, "chosen": chosen, "latest": latest,
         "charts": [charts.line_chart("executions per second", series, "execs_per_second"),
                    charts.line_chart("edges covered", series, "edges", integer=True),
                    charts.line_chart("corpus size", series, "corpus", integer=True),
                    charts.line_chart("buckets", series, "buckets", integer=True)],
-        "workers": store.workers(), "by_class": sorted(Counter(
+        "workers": store.stats.workers(), "by_class": sorted(Counter(
             b.crash_class for b in buckets).items(), key=lambda kv: (-kv[1], kv[0])),
         "bucket_total": len(buckets), "inputs_total": sum(b.count for b in buckets),
         "minimized": sum(1 for b in buckets if b.minimized),
-        "corpus": [(k, store.corpus_size(k)) for k in kernels],
-        "backlog": store.triage_backlog(), "counters": store.counters(), "errors": errors,
+        "corpus": [(k, store.corpus.size(k)) for k in kernels],
+        "backlog": store.triage.backlog(), "counters": store.stats.counters(),
+        "errors": store.stats.harness_errors(5),
     }
 
 
@@ -372,7 +346,7 @@ def _buckets(store: FarmStore, args: Any) -> dict[str, Any]:
     cls = args.get("class", "")
     kernel = args.get("kernel", "")
     q = args.get("q", "").strip()
-    every = store.buckets()
+    every = store.buckets.all()
     rows = [b for b in every if (not cls or b.crash_class == cls)
             and (not kernel or b.kernel == kernel or kernel in b.verify)
             and (not q or q.lower() in b.signature.lower() or b.id.startswith(q.lower()))]
@@ -381,7 +355,7 @@ def _buckets(store: FarmStore, args: Any) -> dict[str, Any]:
                                 ("kernel", kernel), ("q", q)) if v}
     return {"rows": rows, "total": len(every), "sort": sort, "order": order, "cls": cls,
             "kernel": kernel, "q": q, "params": params,
-            "classes": sorted({b.crash_class for b in every}), "kernels": store.kernels()}
+            "classes": sorted({b.crash_class for b in every}), "kernels": store.kernels.names()}
 
 
 def _symbolize(image: Any, frames: list[str], image_sha: str,
@@ -405,18 +379,16 @@ def _bucket_view(store: FarmStore, cfg: Config, bucket: Bucket, args: Any) -> di
         which = "minimized" if bucket.minimized else "original"
     sha = bucket.minimized if which == "minimized" and bucket.minimized else bucket.reproducer
     which = "minimized" if sha == bucket.minimized else "original"
-    kernels = store.kernels()
+    kernels = store.kernels.names()
     kernel = args.get("kernel", bucket.kernel)
     if kernel not in kernels:
         kernel = bucket.kernel
-    rep = store.report(sha, kernel) if sha else None
-    data = store.get_blob(sha) if sha else None
+    rep = store.reports.get(sha, kernel) if sha else None
+    data = store.blobs.get(sha) if sha else None
     view: dict[str, Any] = {
-        "b": bucket, "extra": _bucket_extra(store, bucket.id), "which": which, "sha": sha,
-        "kernel": kernel, "kernels": kernels, "report": rep,
-        "samples": store.bucket_samples(bucket.id),
-        "has_report": {k: store.r.exists(f"ff:report:{k}:{sha}") > 0 for k in kernels}
-        if sha else {},
+        "b": bucket, "which": which, "sha": sha, "kernel": kernel, "kernels": kernels,
+        "report": rep, "samples": store.buckets.samples(bucket.id),
+        "has_report": {k: store.reports.exists(sha, k) for k in kernels} if sha else {},
     }
     if data is not None:
         view["elf"] = report.elf_tables(data, {})
@@ -460,37 +432,16 @@ def _bucket_view(store: FarmStore, cfg: Config, bucket: Bucket, args: Any) -> di
 
 # coverage -----------------------------------------------------------------------------------------
 
-def _start_sampler(store: FarmStore, cfg: Config, kernel: str) -> bool:
-    if not coverage.claim_job(store, kernel, cfg.coverage_sample):
+def _send_sample(store: FarmStore, cfg: Config, send: SendTask, kernel: str) -> bool:
+    """Ask the workers for a coverage sample of `kernel`, unless one is queued or running
+    (False)."""
+    if not store.coverage.claim_job(kernel, cfg.coverage_sample):
         return False
-    folder = cfg.cache_dir / "dashboard"
-    env = dict(os.environ)
-    env.update({"REDIS_URL": cfg.redis_url, "FUZZFARM_CACHE": str(cfg.cache_dir)})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f"coverage-{kernel}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dashboard.coverage", "--kernel", kernel, "--limit",
-                 str(cfg.coverage_sample)], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    except OSError as e:
-        coverage.set_job(store, kernel, {"state": "failed", "error": f"cannot start: {e}",
-                                         "finished": time.time()}, coverage.DONE_TTL)
-        return True
-
-    def reap() -> None:
-        code = proc.wait()
-        try:
-            state = coverage.job_state(store, kernel) or {}
-            if code != 0 and state.get("state") in ("starting", "running"):
-                coverage.set_job(store, kernel, {"state": "failed", "error":
-                                                 f"sampler exited with status {code}",
-                                                 "finished": time.time()}, coverage.DONE_TTL)
-        except redis.exceptions.RedisError:
-            pass  # the slot expires by itself
-
-    threading.Thread(target=reap, name=f"coverage-{kernel}", daemon=True).start()
+        send("workers.tasks.sample_coverage", [kernel, cfg.coverage_sample])
+    except Exception as e:  # noqa: BLE001 - the broker is down, say: the page says so
+        store.coverage.set_job(kernel, {"state": "failed", "error": f"cannot send: {e}",
+                                        "finished": time.time()})
     return True
 
 
@@ -498,15 +449,15 @@ FN_SORTS = ("address", "name", "blocks", "covered", "percent")
 
 
 def _coverage_view(store: FarmStore, cfg: Config, kernel: str, args: Any) -> dict[str, Any]:
-    record = coverage.load_record(store, kernel)
+    record = store.coverage.record(kernel)
     view: dict[str, Any] = {"kernel": kernel, "record": record, "rows": [],
-                            "job": coverage.job_state(store, kernel),
-                            "corpus": store.corpus_size(kernel)}
-    current = store.get_kernel(kernel) or {}
+                            "job": store.coverage.job(kernel),
+                            "corpus": store.corpus.size(kernel)}
+    current = store.kernels.get(kernel)
     if record is None:
         return view
     image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir)
-    view["stale"] = record.get("image") != current.get("image")
+    view["stale"] = current is None or record.get("image") != current.image
     if image is None:
         view["missing_image"] = True
         return view
@@ -546,7 +497,7 @@ def _coverage_function(store: FarmStore, cfg: Config, kernel: str, addr: str) ->
         address = int(addr, 16)
     except ValueError:
         abort(404)
-    record = coverage.load_record(store, kernel)
+    record = store.coverage.record(kernel)
     if record is None:
         abort(404)
     image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir)

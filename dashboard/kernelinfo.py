@@ -47,7 +47,7 @@ def image_for(store: FarmStore, image_sha: str, cache_dir: Path) -> KernelImage 
     folder = cache_dir / "dashboard" / "images"
     path = folder / f"{image_sha}.elf"
     if not path.is_file():
-        data = store.get_blob(image_sha)
+        data = store.blobs.get(image_sha)
         if data is None or sha256(data) != image_sha:
             return None
         folder.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.local import LocalFarm
-from workers.store import FarmStore
+from workers.store import Campaign, FarmStore
 
 ROOT = Path(__file__).parents[1]
 SEED_BUG_FIELD = "segments[0].vaddr"
@@ -33,19 +33,21 @@ REDIS_BUDGET = 10_000
 
 
 def _commands(store: FarmStore) -> int:
-    return int(store.r.info("stats")["total_commands_processed"])
+    return store.commands_processed()
 
 
 def _backlog(store: FarmStore) -> int:
     """Triage and minimization not yet done (queued, or running)."""
-    ids = [b.decode() for b in store.r.zrange("ff:buckets", 0, -1)]
-    with store.r.pipeline(transaction=False) as p:
-        p.zcard("ff:triage:pending")
-        p.llen("triage")
-        p.llen("minimize")
-        for bid in ids:
-            p.hexists("ff:bucket:" + bid, "minimize_queued")
-        return sum(int(x) for x in p.execute())
+    return (store.triage.backlog() + store.queue_length("triage")
+            + store.queue_length("minimize")
+            + sum(1 for b in store.buckets.all() if b.minimize_queued is not None))
+
+
+def _campaign(store: FarmStore, cid: str) -> Campaign:
+    campaign = store.campaigns.get(cid)
+    if campaign is None:
+        raise RuntimeError(f"campaign {cid} is gone from Redis")
+    return campaign
 
 
 def _run_farm(workers: int, seconds: float, slice_seconds: float, data: Path) -> dict[str, Any]:
@@ -59,18 +61,19 @@ def _run_farm(workers: int, seconds: float, slice_seconds: float, data: Path) ->
         # steady state begins once every worker has finished one slice and the first burst
         # of findings is triaged and minimized (a new campaign finds most of its buckets in
         # its first minutes; a long-running one rarely finds a new one)
-        while int(store.campaign(cid)["slices_done"]) < workers or _backlog(store):
+        while _campaign(store, cid).slices_done < workers or _backlog(store):
             time.sleep(2.0)
             if time.time() - start > seconds + 900:
                 raise RuntimeError("the farm did not settle; see " + str(data / "logs"))
         warmup = time.time() - start
-        t0, execs0, cmds0 = time.time(), int(store.campaign(cid)["execs"]), _commands(store)
+        t0, execs0, cmds0 = time.time(), _campaign(store, cid).execs, _commands(store)
         while time.time() - t0 < seconds:
             time.sleep(1.0)
-        store.set_campaign_state(cid, "stopping")
-        while any((store.slice(s) or {}).get("state") == "running" for s in store.inflight(cid)):
+        store.campaigns.set_state(cid, "stopping")
+        while any(s.state == "running"
+                  for s in store.campaigns.slices(store.campaigns.inflight(cid))):
             time.sleep(0.5)
-        t1, execs1, cmds1 = time.time(), int(store.campaign(cid)["execs"]), _commands(store)
+        t1, execs1, cmds1 = time.time(), _campaign(store, cid).execs, _commands(store)
         return {"execs": execs1 - execs0, "seconds": t1 - t0, "commands": cmds1 - cmds0,
                 "rate": (execs1 - execs0) / (t1 - t0), "warmup": warmup,
                 "all_execs": execs1, "all_commands": cmds1 - cmds_start}
@@ -97,10 +100,10 @@ def _time_to_seed_bug(data: Path, workers: int, cap: float) -> float:
                     if not m:
                         continue
                     store = FarmStore.connect(m.group(1))
-                for b in store.buckets():
+                for b in store.buckets.all():
                     if not b.minimized:
                         continue
-                    report = store.report(b.reproducer, b.kernel) or {}
+                    report = store.reports.get(b.reproducer, b.kernel) or {}
                     if any(f.get("field") == SEED_BUG_FIELD
                            for f in report.get("findings", [])):
                         return time.time() - start

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 EXIT_OK, EXIT_ERROR = 0, 2
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# a table written to a pipe or file keeps one row per line, however long the signatures
+PIPE_WIDTH = 4096
+STATUS_EVERY_TTY, STATUS_EVERY_PIPE = 1.0, 10.0
 
 
 class FarmUsageError(Exception):
@@ -25,15 +34,13 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    import redis
-
-    from workers.store import FarmStore
+    from workers.store import FarmStore, StoreError
 
     url = _url(args)
     store = FarmStore.connect(url)
     try:
-        store.r.ping()
-    except redis.RedisError as e:
+        store.ping()
+    except StoreError as e:
         raise FarmUsageError(f"cannot reach Redis at {url} ({e}); is `fuzzfarm up` running, "
                              f"or is --redis-url / REDIS_URL right?") from None
     return store
@@ -56,7 +63,62 @@ def _wait(until: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.5)
 
 
+class _Console(Console):
+    """rich's own answer to a reader that went away is to point stdout at /dev/null and exit;
+    here it is an error like any other write's, for the caller to deal with."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(32, "Broken pipe")
+
+
 # up ------------------------------------------------------------------------------------------
+
+class StatusOutput:
+    """What `fuzzfarm up` tells the user on stderr: messages, and one status line redrawn in
+    place on a terminal, or written as a plain line every 10 s to a pipe or file. A stderr that
+    went away (a closed terminal or pipe) is no reason to stop: the farm must still be stopped
+    in order, so output then goes nowhere."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.console = _Console(file=stream, markup=False, emoji=False, highlight=False,
+                                soft_wrap=True)
+        self.live: Live | None = None
+        self.gone = stream is None
+        self.every = STATUS_EVERY_TTY if self.console.is_terminal else STATUS_EVERY_PIPE
+
+    def _write(self, write: Callable[[], object]) -> None:
+        if self.gone:
+            return
+        try:
+            write()
+        except (OSError, ValueError):  # EPIPE, EIO, or a closed file
+            self.gone = True
+
+    def say(self, line: str) -> None:
+        self._write(lambda: self.console.print(f"fuzzfarm: {line}"))
+
+    def status(self, line: str) -> None:
+        if not self.console.is_terminal:
+            self._write(lambda: self.console.print(line))
+            return
+
+        def redraw() -> None:
+            if self.live is None:
+                # no refresh thread: the line is drawn only here, where a failure is caught
+                self.live = Live(Text(line), console=self.console, auto_refresh=False,
+                                 redirect_stdout=False, redirect_stderr=False)
+                self.live.start()
+            self.live.update(Text(line), refresh=True)
+
+        self._write(redraw)
+
+    def end_status(self) -> None:
+        """Leave the last status line as it is; what follows goes below it."""
+        live, self.live = self.live, None
+        if live is not None:
+            self._write(live.stop)
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     from workers.local import FarmError, LocalFarm, status_line
@@ -69,26 +131,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     store = None
     started = time.monotonic()
     interrupted = False
-
-    def say(line: str, prefix: str = "fuzzfarm: ", end: str = "\n") -> None:
-        # a closed terminal or pipe must not stop the stop sequence from running
-        with contextlib.suppress(OSError):
-            sys.stderr.write(f"{prefix}{line}{end}")
-            sys.stderr.flush()
-
+    out = StatusOutput(sys.stderr)
     try:
         try:
-            store = farm.start(say)
+            store = farm.start(out.say)
             _check_kernel(store, args.kernel)
             cid = farm.ensure_campaign(store)
-            say(f"campaign {cid} on {args.kernel}; logs in {farm.data / 'logs'}")
-            farm.wait_ready(store, say)
+            out.say(f"campaign {cid} on {args.kernel}; logs in {farm.data / 'logs'}")
+            farm.wait_ready(store, out.say)
         except FarmError as e:
             raise FarmUsageError(str(e)) from None
         if farm.dashboard_port is not None:
-            say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
-        say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the farm")
-        tty = sys.stderr.isatty()
+            out.say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
+        out.say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the "
+                "farm")
         last = 0.0
         while args.seconds is None or time.monotonic() - started < args.seconds:
             time.sleep(1.0)
@@ -96,57 +152,78 @@ def cmd_up(args: argparse.Namespace) -> int:
             if dead:
                 raise FarmUsageError(f"farm process(es) exited: {', '.join(dead)} "
                                      f"(see {farm.data / 'logs'})")
-            if time.monotonic() - last >= (1.0 if tty else 10.0):
+            if time.monotonic() - last >= out.every:
                 last = time.monotonic()
-                line = status_line(store, started)
-                say(line, prefix="\r\033[K" if tty else "", end="" if tty else "\n")
+                out.status(status_line(store, started))
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        out.end_status()
         if store is not None or farm.procs:
-            say("stopping: campaigns first (running slices report), then workers, controller "
-                "and Redis; Ctrl-C again to stop at once", prefix="\n")
+            out.say("stopping: campaigns first (running slices report), then workers, "
+                    "controller and Redis; Ctrl-C again to stop at once")
             try:
-                farm.stop(store)
+                farm.stop(store, out.say)
             except KeyboardInterrupt:
                 farm.kill_all()
     return 130 if interrupted else EXIT_OK
 
 
 def _check_kernel(store: Any, kernel: str) -> None:
-    if kernel not in store.kernels():
+    known = store.kernels.names()
+    if kernel not in known:
         raise FarmUsageError(f"unknown kernel build '{kernel}': known are "
-                             f"{', '.join(store.kernels())} (fuzzfarm kernel add PROFILE.toml)")
+                             f"{', '.join(known)} (fuzzfarm kernel add PROFILE.toml)")
 
 
 # status, campaigns, buckets -----------------------------------------------------------------
 
+def _stdout() -> Console:
+    """Tables for a terminal fit its width; written to a pipe or a file, one row per line. A
+    closed pipe ends the command as a print's would (`fuzzfarm.cli.main`)."""
+    console = _Console(markup=False, emoji=False, highlight=False)
+    if not console.is_terminal:
+        console = _Console(markup=False, emoji=False, highlight=False, width=PIPE_WIDTH)
+    return console
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     store = _store(args)
-    campaigns = store.campaigns()
-    buckets = store.buckets()
-    workers = store.workers()
-    info = {"redis": _url(args), "campaigns": campaigns, "workers": workers,
-            "buckets": len(buckets), "counters": store.counters(),
-            "kernels": store.kernels()}
+    campaigns = store.campaigns.all()
+    buckets = store.buckets.all()
+    workers = store.stats.workers()
+    counters = store.stats.counters()
+    kernels = store.kernels.names()
     if args.json:
+        info = {"redis": _url(args), "campaigns": [c.to_json() for c in campaigns],
+                "workers": {k: w.to_json() for k, w in workers.items()},
+                "buckets": len(buckets), "counters": counters, "kernels": kernels}
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"Redis {info['redis']} · kernels: {', '.join(info['kernels']) or 'none'}")
-    print(f"workers seen in the last 2 minutes: {len(workers)}")
-    for c in campaigns:
-        print(f"campaign {c['id']} [{c['state']}] kernel {c['kernel']}: {int(c['execs']):,} "
-              f"execs, {c['edges']} edges, {c['slices_done']} slices done, "
-              f"{len(store.inflight(c['id']))} in flight")
-    classes: dict[str, int] = {}
-    for b in buckets:
-        classes[b.crash_class] = classes.get(b.crash_class, 0) + 1
-    print(f"buckets: {len(buckets)}"
-          + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())) + ")"
-             if classes else ""))
-    counters = info["counters"]
+    out = _stdout()
+    out.print(f"Redis {_url(args)} · kernels: {', '.join(kernels) or 'none'}")
+    out.print(f"workers seen in the last 2 minutes: {len(workers)}")
+    if campaigns:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for name, justify in (("campaign", "left"), ("state", "left"), ("kernel", "left"),
+                              ("execs", "right"), ("edges", "right"),
+                              ("slices done", "right"), ("in flight", "right")):
+            table.add_column(name, justify=justify)
+        for c in campaigns:
+            table.add_row(c.id, c.state, c.kernel, f"{c.execs:,}", str(c.edges),
+                          str(c.slices_done), str(len(store.campaigns.inflight(c.id))))
+        out.print(table)
+    classes = Counter(b.crash_class for b in buckets)
+    out.print(f"buckets: {len(buckets)}")
+    if classes:
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        table.add_column("class")
+        table.add_column("buckets", justify="right")
+        for cls, n in sorted(classes.items()):
+            table.add_row(cls, str(n))
+        out.print(table)
     if counters.get("harness_errors"):
-        print(f"harness errors: {counters['harness_errors']} (not findings)")
+        out.print(f"harness errors: {counters['harness_errors']} (not findings)")
     return EXIT_OK
 
 
@@ -159,34 +236,38 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         _check_kernel(store, args.kernel)
         if args.slices < 1 or args.slice_seconds <= 0:
             raise FarmUsageError("--slices must be >= 1 and --slice-seconds positive")
-        cid = store.create_campaign(args.kernel, args.slices, args.slice_seconds)
+        cid = store.campaigns.create(args.kernel, args.slices, args.slice_seconds)
         print(cid)
         return EXIT_OK
-    running = [c for c in store.campaigns() if c["state"] == "running"]
-    targets = [c for c in running if args.id in (None, c["id"])]
+    running = [c for c in store.campaigns.all() if c.state == "running"]
+    targets = [c for c in running if args.id in (None, c.id)]
     if args.id and not targets:
         raise FarmUsageError(f"no running campaign {args.id}")
     for c in targets:
-        store.set_campaign_state(c["id"], "stopping")
-        print(f"stopping {c['id']}")
+        store.campaigns.set_state(c.id, "stopping")
+        print(f"stopping {c.id}")
     return EXIT_OK
 
 
 def cmd_buckets(args: argparse.Namespace) -> int:
     store = _store(args)
-    buckets = [b for b in store.buckets() if args.cls in (None, b.crash_class)]
+    buckets = [b for b in store.buckets.all() if args.cls in (None, b.crash_class)]
     if args.json:
         print(json.dumps([b.to_json() for b in buckets], indent=2, sort_keys=True))
         return EXIT_OK
     if not buckets:
         print("no buckets")
         return EXIT_OK
-    print(f"{'bucket':<16}  {'class':<16} {'count':>5}  {'repro':>6}  {'min':>5}  verify  "
-          "signature")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("bucket", "left"), ("class", "left"), ("count", "right"),
+                          ("repro", "right"), ("min", "right"), ("verify", "left"),
+                          ("signature", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
     for b in buckets:
         verify = ",".join(f"{k}:{v.get('state')}" for k, v in sorted(b.verify.items())) or "-"
-        print(f"{b.id:<16}  {b.crash_class:<16} {b.count:>5}  {b.reproducer_size:>6}  "
-              f"{b.minimized_size or '-':>5}  {verify}  {b.signature}")
+        table.add_row(b.id, b.crash_class, str(b.count), str(b.reproducer_size),
+                      str(b.minimized_size or "-"), verify, b.signature)
+    _stdout().print(table)
     return EXIT_OK
 
 
@@ -196,7 +277,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args)
     ensure_builtin(store)
     _check_kernel(store, args.kernel)
-    buckets = store.buckets()
+    buckets = store.buckets.all()
     if not buckets:
         print("no buckets to verify")
         return EXIT_OK
@@ -205,14 +286,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for b in buckets:
         app.send_task("workers.tasks.verify", args=[b.id, args.kernel])
 
+    def verified_since(bid: str) -> bool:
+        bucket = store.buckets.get(bid)
+        state = bucket.verify.get(args.kernel) if bucket is not None else None
+        return bucket is None or float((state or {}).get("time", 0)) >= started
+
     def done() -> bool:
-        return all(float((store.bucket(b.id).verify.get(args.kernel) or {}).get("time", 0))
-                   >= started for b in buckets)
+        return all(verified_since(b.id) for b in buckets)
 
     _wait(done, args.wait, f"{len(buckets)} verifications on {args.kernel}")
     counts: dict[str, int] = {}
     for b in buckets:
-        state = store.bucket(b.id).verify[args.kernel]["state"]
+        state = store.buckets.get(b.id).verify[args.kernel]["state"]
         counts[state] = counts.get(state, 0) + 1
         print(f"{b.id}  {state:<10}  {b.signature}")
     print(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" on {args.kernel}")
@@ -221,7 +306,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def minimize_bucket(args: argparse.Namespace) -> int:
     store = _store(args)
-    bucket = store.bucket(args.bucket)
+    bucket = store.buckets.get(args.bucket)
     if bucket is None:
         raise FarmUsageError(f"no bucket {args.bucket} (see fuzzfarm buckets)")
     before = bucket.minimized_size
@@ -229,12 +314,12 @@ def minimize_bucket(args: argparse.Namespace) -> int:
     _sender(args).send_task("workers.tasks.minimize", args=[bucket.id])
 
     def done() -> bool:
-        b = store.bucket(bucket.id)
-        return b is not None and (b.minimized_size != before or float(
-            store.r.hget("ff:bucket:" + bucket.id, "minimize_done") or 0) >= started)
+        b = store.buckets.get(bucket.id)
+        return b is not None and (b.minimized_size != before
+                                  or (b.minimize_done or 0.0) >= started)
 
     _wait(done, args.wait, f"the minimization of bucket {bucket.id}")
-    b = store.bucket(bucket.id)
+    b = store.buckets.get(bucket.id)
     print(f"bucket {b.id}: reproducer {b.reproducer_size} bytes, minimized "
           f"{b.minimized_size} bytes ({b.minimized}); signature: {b.signature}")
     return EXIT_OK
@@ -251,12 +336,13 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         if not args.profile:
             raise FarmUsageError("kernel add needs a PROFILE.toml")
         name = add_kernel(store, Path(args.profile), args.name)
-        entry = store.get_kernel(name)
-        print(f"added kernel build '{name}' (image sha256 {entry['image']})")
+        entry = store.kernels.get(name)
+        print(f"added kernel build '{name}' (image sha256 {entry.image if entry else '?'})")
         return EXIT_OK
-    for name in store.kernels():
-        entry = store.get_kernel(name) or {}
-        print(f"{name:<16} image {entry.get('image', '?')[:16]}  {entry.get('description', '')}")
+    for name in store.kernels.names():
+        entry = store.kernels.get(name)
+        image, about = (entry.image, entry.description) if entry else ("?", "")
+        print(f"{name:<16} image {image[:16]}  {about}")
     return EXIT_OK
 
 
@@ -369,9 +455,11 @@ def add_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("worker", help="run one Celery worker of the farm",
-                       description="A Celery worker consuming the fuzz, triage and minimize "
-                                   "queues (one task at a time).")
+                       description="A Celery worker consuming the fuzz, triage, minimize and "
+                                   "coverage queues (one task at a time).")
     p.add_argument("--name", default="worker", help="worker name (default: worker)")
-    p.add_argument("--queues", default="fuzz,triage,minimize")
+    p.add_argument("--queues", default=None,
+                   help="comma-separated queues to consume (default: all the farm's: fuzz, "
+                        "triage, minimize, coverage)")
     redis_opt(p)
     p.set_defaults(func=cmd_worker)

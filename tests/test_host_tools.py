@@ -11,10 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 RUNTIME = ("kernel_emu", "fuzz", "workers", "dashboard", "corpus")
 ALLOWED = {
-    # the project's own Python: fuzzing jobs and the dashboard's coverage sampler
+    # the project's own Python: fuzzing jobs
     "fuzz/campaign.py": "fuzzing jobs (sys.executable -m fuzz.harness)",
     "workers/work.py": "a fuzz slice's job (sys.executable -m fuzz.harness)",
-    "dashboard/app.py": "the coverage sampler (sys.executable)",
     # the Redis server: from PATH or the embedded wheel, which the project installs
     "workers/local.py": "the Redis server and the farm's own processes",
     "workers/redis_server.py": "asks a Redis server for its version",

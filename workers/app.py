@@ -1,6 +1,6 @@
 """The farm's Celery application: a Redis broker, JSON only, late acknowledgement.
 
-``celery -A workers.app worker -Q fuzz,triage,minimize`` runs a worker; every setting comes
+``celery -A workers.app worker -Q fuzz,triage,minimize,coverage`` runs a worker; every setting comes
 from the environment (:class:`workers.settings.Settings`).
 """
 
@@ -12,8 +12,10 @@ from kombu import Exchange, Queue
 from workers.settings import Settings
 
 # A worker takes from its queues in turn (Kombu's round robin), so a slice's findings are
-# triaged, and their buckets minimized, before the worker's next slice but one.
-QUEUES = ("fuzz", "triage", "minimize")
+# triaged, and their buckets minimized, before the worker's next slice but one. Coverage
+# samples, asked for from the dashboard, have a queue of their own so that a backlog of
+# minimizations does not hold them up.
+QUEUES = ("fuzz", "triage", "minimize", "coverage")
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -47,6 +49,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             "workers.tasks.minimize": {"queue": "minimize"},
             "workers.tasks.minimize_many": {"queue": "minimize"},
             "workers.tasks.verify": {"queue": "triage"},
+            "workers.tasks.sample_coverage": {"queue": "coverage"},
         },
         worker_hijack_root_logger=False,
         worker_max_tasks_per_child=500,

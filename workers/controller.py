@@ -15,10 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from workers.settings import Settings
-from workers.store import FarmStore
+from workers.store import Campaign, FarmStore, StoreError
 
 log = logging.getLogger("fuzzfarm.controller")
 
@@ -51,30 +49,30 @@ class Controller:
         now = time.time()
         if full:
             self._last_full = now
-        for campaign in self.store.active_campaigns():
-            state = campaign.get("state")
+        campaigns = self.store.campaigns
+        for campaign in campaigns.active():
+            state = campaign.state
             if state not in ("running", "stopping"):
                 continue
-            cid = campaign["id"]
-            inflight = (self._check_inflight(cid, float(campaign["slice_seconds"]), now) if full
-                        else self.store.inflight(cid))
+            cid = campaign.id
+            inflight = (self._check_inflight(cid, campaign.slice_seconds, now) if full
+                        else campaigns.inflight(cid))
             if state == "running":
-                for _ in range(int(campaign["slices"]) - len(inflight)):
-                    sid = self.store.new_slice(cid, campaign["kernel"],
-                                               float(campaign["slice_seconds"]))
+                for _ in range(campaign.slices - len(inflight)):
+                    sid = campaigns.new_slice(cid, campaign.kernel, campaign.slice_seconds)
                     try:
                         self.send_slice(sid)
                     except Exception:
-                        self.store.drop_slice(sid, cid, "unsent")  # the next step tries again
+                        campaigns.drop_slice(sid, cid, "unsent")  # the next step tries again
                         raise
             elif not inflight:
-                self.store.set_campaign_state(cid, "stopped")
+                campaigns.set_state(cid, "stopped")
             if now - self._last_point.get(cid, 0.0) >= SERIES_INTERVAL:
-                self._point(cid, campaign, now)
-        stale = self.store.stale_triage(self.triage_grace) if full else []
+                self._point(campaign, now)
+        stale = self.store.triage.stale(self.triage_grace) if full else []
         if stale:
-            self.store.touch_triage(stale)
-            self.store.count("triage_resent", len(stale))
+            self.store.triage.touch(stale)
+            self.store.stats.count("triage_resent", len(stale))
             by_kernel: dict[str, list[str]] = {}
             for sha, kernel in stale:
                 by_kernel.setdefault(kernel, []).append(sha)
@@ -83,43 +81,40 @@ class Controller:
 
     def _check_inflight(self, cid: str, seconds: float, now: float) -> list[str]:
         alive = []
-        for sid in self.store.inflight(cid):
-            info = self.store.slice(sid)
-            if info is None:
-                continue
-            state = info.get("state")
-            started = float(info.get("started", 0) or 0)
-            queued = float(info.get("queued", 0) or 0)
+        for info in self.store.campaigns.slices(self.store.campaigns.inflight(cid)):
+            state = info.state
+            started = info.started or 0.0
+            queued = info.queued or 0.0
             lost = (state == "running" and now - started > seconds + self.lost_grace) or (
                 state == "queued" and now - queued > self.settings.visibility_timeout + seconds)
             if state in ("done", "cancelled"):
                 continue
             if lost:
                 # its worker died (or the message vanished): another slice takes its place
-                self.store.drop_slice(sid, cid, "lost")
-                self.store.count("slices_lost")
-                log.warning("slice %s of campaign %s lost; replacing it", sid, cid)
+                self.store.campaigns.drop_slice(info.id, cid, "lost")
+                self.store.stats.count("slices_lost")
+                log.warning("slice %s of campaign %s lost; replacing it", info.id, cid)
                 continue
-            alive.append(sid)
+            alive.append(info.id)
         return alive
 
-    def _point(self, cid: str, campaign: dict[str, str], now: float) -> None:
+    def _point(self, campaign: Campaign, now: float) -> None:
+        cid = campaign.id
         self._last_point[cid] = now
-        execs = int(campaign.get("execs", 0))
-        prev_t, prev_execs = self._last_execs.get(cid, (now, execs))
-        rate = (execs - prev_execs) / (now - prev_t) if now > prev_t else 0.0
-        self._last_execs[cid] = (now, execs)
-        self.store.add_series_point(cid, {
-            "t": now, "execs": execs, "execs_per_second": rate,
-            "edges": int(campaign.get("edges", 0)),
-            "corpus": self.store.corpus_size(campaign["kernel"]),
-            "buckets": self.store.bucket_count(), "workers": len(self.store.workers())})
+        prev_t, prev_execs = self._last_execs.get(cid, (now, campaign.execs))
+        rate = (campaign.execs - prev_execs) / (now - prev_t) if now > prev_t else 0.0
+        self._last_execs[cid] = (now, campaign.execs)
+        self.store.stats.add_series_point(cid, {
+            "t": now, "execs": campaign.execs, "execs_per_second": rate,
+            "edges": campaign.edges, "corpus": self.store.corpus.size(campaign.kernel),
+            "buckets": self.store.buckets.count(),
+            "workers": len(self.store.stats.workers())})
 
     def run(self, stop: Callable[[], bool] = lambda: False,
             wait: Callable[[float], Any] | None = None) -> None:
         """Step, then wait for a wake-up (`wait`, by default a blocking pop on the store's
         wake-up list) or a sweep's time: a lost slice is replaced within 1.5 grace periods."""
-        wait = wait or self.store.wait_for_wake
+        wait = wait or self.store.campaigns.wait_for_wake
         sweep = min(MAX_SWEEP, max(1.0, self.lost_grace / 2))
         woken = False
         while not stop():
@@ -150,20 +145,20 @@ def _start_configured_campaign(store: FarmStore) -> None:
     while True:
         try:
             ensure_builtin(store)
-            if kernel not in store.kernels():
+            if kernel not in store.kernels.names():
                 log.error("FUZZFARM_CAMPAIGN names an unknown kernel build '%s'", kernel)
                 return
-            running = [c for c in store.active_campaigns()
-                       if c.get("state") == "running" and c.get("kernel") == kernel]
+            running = [c for c in store.campaigns.active()
+                       if c.state == "running" and c.kernel == kernel]
             for c in running:
-                if int(c.get("slices", 0)) != slices:  # e.g. after --scale worker=N
-                    store.set_campaign_slices(c["id"], slices)
-                    log.info("campaign %s now keeps %d slices in flight", c["id"], slices)
+                if c.slices != slices:  # e.g. after --scale worker=N
+                    store.campaigns.set_slices(c.id, slices)
+                    log.info("campaign %s now keeps %d slices in flight", c.id, slices)
             if not running:
-                cid = store.create_campaign(kernel, slices, seconds)
+                cid = store.campaigns.create(kernel, slices, seconds)
                 log.info("started campaign %s on %s", cid, kernel)
             return
-        except redis.RedisError as e:
+        except StoreError as e:
             log.warning("waiting for Redis: %s", e)
             time.sleep(2.0)
 
@@ -187,7 +182,7 @@ def main() -> int:
         nonlocal waiting
         waiting = True
         try:
-            return not stopping and store.wait_for_wake(seconds)
+            return not stopping and store.campaigns.wait_for_wake(seconds)
         except _Stop:
             return False
         finally:

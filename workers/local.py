@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import redis
-
+from workers.app import QUEUES
 from workers.kernels import ensure_builtin
 from workers.redis_server import ServerNotFound, find_server
-from workers.store import FarmStore
+from workers.store import FarmStore, StoreError, wait_until_up
 
 DEFAULT_REDIS_PORT = 6379
 PR_SET_PDEATHSIG = 1
@@ -47,21 +46,13 @@ def free_port(preferred: int) -> int:
 def wait_for_redis(url: str, timeout: float = 15.0,
                    alive: Callable[[], str | None] | None = None) -> None:
     """Until Redis at `url` answers PING; `alive` names why a server we started is gone."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if client.ping():
-                return
-        except redis.BusyLoadingError:
-            pass  # replaying its AOF
-        except redis.ConnectionError:
-            pass
+
+    def check() -> None:
         if alive is not None and (why := alive()):
             raise FarmError(why)
-        if time.monotonic() > deadline:
-            raise FarmError(f"Redis at {url} did not answer within {timeout:.0f} s")
-        time.sleep(0.2)
+
+    if not wait_until_up(url, timeout, check):
+        raise FarmError(f"Redis at {url} did not answer within {timeout:.0f} s")
 
 
 def _log_tail(path: Path, lines: int = 3) -> str:
@@ -169,7 +160,7 @@ class LocalFarm:
             if dead := self.dead():
                 raise FarmError(f"farm process(es) exited: {', '.join(dead)} "
                                 f"(see {self.data / 'logs'})")
-            seen = len(store.workers())
+            seen = len(store.stats.workers())
             web = dashboard_up()
             if seen >= self.workers and web:
                 return
@@ -186,10 +177,10 @@ class LocalFarm:
             time.sleep(0.5)
 
     def ensure_campaign(self, store: FarmStore) -> str:
-        for c in store.campaigns():
-            if c.get("state") == "running" and c.get("kernel") == self.kernel:
-                return c["id"]
-        return store.create_campaign(self.kernel, self.workers, self.slice_seconds)
+        for c in store.campaigns.all():
+            if c.state == "running" and c.kernel == self.kernel:
+                return c.id
+        return store.campaigns.create(self.kernel, self.workers, self.slice_seconds)
 
     def kill_all(self) -> None:
         """The second Ctrl-C: stop everything now (Redis still gets a SIGTERM to write its
@@ -206,21 +197,21 @@ class LocalFarm:
     def dead(self) -> list[str]:
         return [p.name for p in self.procs if p.popen.poll() is not None]
 
-    def stop(self, store: FarmStore | None, say: TextIO = sys.stderr) -> None:
+    def stop(self, store: FarmStore | None,
+             say: Callable[[str], None] = lambda _line: None) -> None:
         """Stop in order: campaigns (slices end within seconds and report), workers,
         controller, dashboard, and last Redis, which writes its AOF."""
         if store is not None:
             try:
-                for c in store.campaigns():
-                    if c.get("state") == "running":
-                        store.set_campaign_state(c["id"], "stopping")
+                for c in store.campaigns.all():
+                    if c.state == "running":
+                        store.campaigns.set_state(c.id, "stopping")
                 deadline = time.monotonic() + STOP_WAIT
                 while time.monotonic() < deadline and any(
-                        store.inflight(c["id"]) and _slices_running(store, c["id"])
-                        for c in store.campaigns()):
+                        _slices_running(store, c.id) for c in store.campaigns.all()):
                     time.sleep(0.5)
-            except redis.RedisError as e:
-                say.write(f"fuzzfarm: Redis unavailable while stopping: {e}\n")
+            except StoreError as e:
+                say(f"Redis unavailable while stopping: {e}")
         order = [p for p in self.procs if p.name != "redis"]
         for p in order:
             _terminate(p)
@@ -238,7 +229,8 @@ def _stop_with_parent() -> None:
 
 
 def _slices_running(store: FarmStore, cid: str) -> bool:
-    return any((store.slice(s) or {}).get("state") == "running" for s in store.inflight(cid))
+    campaigns = store.campaigns
+    return any(s.state == "running" for s in campaigns.slices(campaigns.inflight(cid)))
 
 
 def _terminate(p: Proc, wait: float = 10.0) -> None:
@@ -262,24 +254,23 @@ def _kill(p: Proc) -> None:
     p.popen.wait()
 
 
-def worker_command(name: str, queues: str = "fuzz,triage,minimize") -> list[str]:
+def worker_command(name: str, queues: str | None = None) -> list[str]:
+    """A worker consuming `queues` (comma-separated; by default all the farm's queues)."""
+    queues = queues or ",".join(QUEUES)
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
             "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-l", "INFO"]
 
 
 def status_line(store: FarmStore, started: float) -> str:
-    campaigns = [c for c in store.campaigns() if c.get("state") in ("running", "stopping")]
-    execs = sum(int(c.get("execs", 0)) for c in campaigns)
-    rate = 0.0
-    for c in campaigns:
-        series = store.series(c["id"])
-        if series:
-            rate += float(series[-1].get("execs_per_second", 0.0))
-    buckets = store.buckets()
+    campaigns = [c for c in store.campaigns.all() if c.state in ("running", "stopping")]
+    execs = sum(c.execs for c in campaigns)
+    rate = sum(float(store.stats.latest_point(c.id).get("execs_per_second", 0.0))
+               for c in campaigns)
+    buckets = store.buckets.all()
     by_class = Counter(b.crash_class for b in buckets)
     minimized = sum(1 for b in buckets if b.minimized)
     found = ", ".join(f"{k} {v}" for k, v in sorted(by_class.items())) or "none yet"
-    return (f"[{time.monotonic() - started:5.0f}s] workers {len(store.workers())} · execs "
+    return (f"[{time.monotonic() - started:5.0f}s] workers {len(store.stats.workers())} · execs "
             f"{execs:,} ({rate:,.0f}/s) · buckets {len(buckets)} ({minimized} minimized): "
             f"{found}")

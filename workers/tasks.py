@@ -9,7 +9,7 @@ from typing import Any
 
 from celery.signals import worker_ready
 
-from workers import work
+from workers import coverage, work
 from workers.app import app
 from workers.settings import Settings
 from workers.store import FarmStore
@@ -44,7 +44,7 @@ def _announce(sender: Any = None, **_kwargs: Any) -> None:
     """A worker is listed as live from its start, not only from its first task."""
     name = str(getattr(sender, "hostname", None) or socket.gethostname())
     try:
-        _store().heartbeat(name, {"task": None})
+        _store().stats.heartbeat(name, None)
     except Exception as e:  # noqa: BLE001 - a missed announcement only delays the listing
         log.warning("could not announce %s: %s", name, e)
 
@@ -52,7 +52,7 @@ def _announce(sender: Any = None, **_kwargs: Any) -> None:
 @app.task(bind=True, name="workers.tasks.fuzz_slice")
 def fuzz_slice(self: Any, slice_id: str) -> dict[str, Any] | None:
     store = _store()
-    store.heartbeat(_worker_name(self), {"task": "fuzz", "slice": slice_id})
+    store.stats.heartbeat(_worker_name(self), "fuzz", slice_id)
     try:
         return work.run_fuzz_slice(store, _settings(), slice_id, _worker_name(self),
                                    send_triage)
@@ -60,7 +60,7 @@ def fuzz_slice(self: Any, slice_id: str) -> dict[str, Any] | None:
         work.record_harness_error(store, f"fuzz slice {slice_id}", f"{type(e).__name__}: {e}")
         return None
     finally:
-        store.heartbeat(_worker_name(self), {"task": None})
+        store.stats.heartbeat(_worker_name(self), None)
 
 
 @app.task(bind=True, name="workers.tasks.triage")
@@ -77,7 +77,7 @@ def triage_many(self: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]
 
 def _triage(task: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
     store = _store()
-    store.heartbeat(_worker_name(task), {"task": "triage"})
+    store.stats.heartbeat(_worker_name(task), "triage")
     try:
         if not isinstance(shas, list) or not all(isinstance(s, str) for s in shas):
             raise TypeError(f"triage needs a list of input ids, got {type(shas).__name__}")
@@ -85,7 +85,7 @@ def _triage(task: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
     except Exception as e:  # noqa: BLE001
         work.record_harness_error(store, "triage", f"{type(e).__name__}: {e}")
         if isinstance(shas, list):
-            store.triage_done_many([str(s) for s in shas], str(kernel))
+            store.triage.done([str(s) for s in shas], str(kernel))
         return [{"state": "harness-error"}]
 
 
@@ -103,7 +103,7 @@ def minimize_many(self: Any, buckets: list[str]) -> list[dict[str, Any]]:
 
 def _minimize(task: Any, buckets: list[str]) -> list[dict[str, Any]]:
     store = _store()
-    store.heartbeat(_worker_name(task), {"task": "minimize"})
+    store.stats.heartbeat(_worker_name(task), "minimize")
     if not isinstance(buckets, list):
         work.record_harness_error(store, "minimize", f"not a list of buckets: {buckets!r:.80}")
         return [{"state": "harness-error"}]
@@ -125,3 +125,19 @@ def verify(self: Any, bucket: str, kernel: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         work.record_harness_error(store, f"verify on {kernel}", f"{type(e).__name__}: {e}")
         return {"state": "harness-error"}
+
+
+@app.task(bind=True, name="workers.tasks.sample_coverage")
+def sample_coverage(self: Any, kernel: str, limit: Any) -> dict[str, Any]:
+    """Sample a build's coverage for the dashboard (which claimed the build's job slot)."""
+    store = _store()
+    store.stats.heartbeat(_worker_name(self), "coverage")
+    try:
+        record = coverage.run_sample(store, _settings(), str(kernel), limit)
+        return {"state": "done", "inputs": record["inputs"], "seconds": record["seconds"]}
+    except Exception as e:  # noqa: BLE001 - the job slot says it failed; it is ours, not a find
+        work.record_harness_error(store, f"coverage sample of {kernel!s:.64}",
+                                  f"{type(e).__name__}: {e}")
+        return {"state": "harness-error"}
+    finally:
+        store.stats.heartbeat(_worker_name(self), None)

@@ -22,8 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from fuzz.harness import WATCHDOG, JobConfig, JobStats, stats_path
 from fuzz.minimize import NotACrash, minimize
 from fuzz.solutions import bucket_id
@@ -33,12 +31,11 @@ from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result
 from workers.kernels import materialize
 from workers.settings import Settings
-from workers.store import FarmStore, _s, sha256
+from workers.store import FarmStore, StateWatch, StoreError, sha256
 
 log = logging.getLogger("fuzzfarm.workers")
 
 SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
-ERRORS_KEPT = 50
 SLICE_GRACE = 120.0  # start-up and wind-down of a slice's job process
 PR_SET_PDEATHSIG = 1
 # how often a slice reads its campaign's state, in case the message saying it stopped was lost
@@ -87,12 +84,7 @@ def _profile(store: FarmStore, settings: Settings, kernel: str) -> TargetProfile
 
 def record_harness_error(store: FarmStore, where: str, error: BaseException | str,
                          sha: str | None = None) -> None:
-    entry = {"where": where, "error": str(error), "input": sha, "time": time.time()}
-    store.count("harness_errors")
-    with store.r.pipeline() as p:
-        p.lpush("ff:harness-errors", json.dumps(entry))
-        p.ltrim("ff:harness-errors", 0, ERRORS_KEPT - 1)
-        p.execute()
+    store.stats.record_harness_error(where, str(error), sha)
     log.warning("harness error in %s: %s", where, error)
 
 
@@ -104,12 +96,12 @@ def _sync_corpus(store: FarmStore, kernel: str, cache: Path, seeds: Path) -> set
     Downloads are kept in `cache`. Returns the sample's shas."""
     cache.mkdir(parents=True, exist_ok=True)
     seeds.mkdir(parents=True, exist_ok=True)
-    sample = store.corpus_sample(kernel, CORPUS_RECENT, CORPUS_RANDOM)
+    sample = store.corpus.sample(kernel, CORPUS_RECENT, CORPUS_RANDOM)
     local = {p.name for p in cache.iterdir()}
     missing = sorted(sample - local)
     for i in range(0, len(missing), 200):
         chunk = missing[i:i + 200]
-        for sha, data in zip(chunk, store.get_blobs(chunk), strict=True):
+        for sha, data in zip(chunk, store.blobs.get_many(chunk), strict=True):
             if data is not None and sha256(data) == sha:
                 _write_once(cache / sha, data)
     for sha in sample:
@@ -120,16 +112,15 @@ def _sync_corpus(store: FarmStore, kernel: str, cache: Path, seeds: Path) -> set
 
 def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: str,
                    enqueue_triage: Enqueue) -> dict[str, Any] | None:
-    info = store.slice(slice_id)
+    info = store.campaigns.slice(slice_id)
     if info is None:
         log.warning("unknown slice %s", slice_id)
         return None
-    cid, kernel = info["campaign"], info["kernel"]
-    campaign = store.campaign(cid) or {}
-    if campaign.get("state") != "running":
-        store.drop_slice(slice_id, cid, "cancelled")
+    cid, kernel = info.campaign, info.kernel
+    if store.campaigns.state(cid) != "running":
+        store.campaigns.drop_slice(slice_id, cid, "cancelled")
         return None
-    if not store.start_slice(slice_id, worker):
+    if not store.campaigns.start_slice(slice_id, worker):
         return None  # delivered again after it finished
     profile = materialize(store, kernel, settings.cache_dir)
     corpus_dir = settings.cache_dir / "corpus" / kernel
@@ -137,14 +128,14 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
     try:
         shared = _sync_corpus(store, kernel, corpus_dir, work / "seeds")
         stats = _run_job(store, settings, profile.source, work, work / "seeds",
-                         float(info["seconds"]), cid)
+                         info.seconds, cid)
         # libFuzzer names corpus files by sha1; slow inputs are kept out of the shared corpus
         slow = set(stats.slow_inputs) if stats else set()
         # a job stopped as it started may have written no corpus at all
         queue = sorted((work / "corpus").iterdir()) if (work / "corpus").is_dir() else []
         fresh = [data for data in (p.read_bytes() for p in queue if p.is_file())
                  if (sha := sha256(data)) not in shared and sha not in slow]
-        store.corpus_add(kernel, fresh)
+        store.corpus.add(kernel, fresh)
         for data in fresh:
             _write_once(corpus_dir / sha256(data), data)
         found = _push_findings(store, work, kernel, enqueue_triage)
@@ -160,7 +151,7 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
                    "new_inputs": len(fresh), "findings": found,
                    "harness_errors": len(errors), "worker": worker,
                    "stop_reason": stats.stop_reason if stats else "no statistics"}
-        store.finish_slice(slice_id, cid, summary)
+        store.campaigns.finish_slice(slice_id, cid, summary)
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -228,12 +219,12 @@ class _CampaignWatch:
 
     def __init__(self, store: FarmStore, cid: str) -> None:
         self.store, self.cid = store, cid
-        self.sub: Any = None
+        self.sub: StateWatch | None = None
         self.done = False
         self.next_check = time.monotonic() + STATE_CHECK
         try:
-            self.sub = store.watch_campaign_state(cid)
-        except redis.RedisError:
+            self.sub = store.campaigns.watch_state(cid)
+        except StoreError:
             self.sub = None
 
     def stopped(self, wait: float) -> bool:
@@ -242,27 +233,28 @@ class _CampaignWatch:
             return False
         if self.sub is not None:
             try:
-                message = self.sub.get_message(timeout=wait)
-            except (redis.RedisError, OSError):
+                state = self.sub.next_state(timeout=wait)
+            except (StoreError, OSError):
                 self._drop_subscription()
-                message = None
-            if message is not None and message.get("type") == "message":
-                self.done = _s(message.get("data")) != "running"
+                state = None
+            if state is not None:
+                self.done = state != "running"
                 return self.done
         else:
             time.sleep(wait)
         if time.monotonic() >= self.next_check:
             self.next_check = time.monotonic() + STATE_CHECK
             try:
-                self.done = self.store.campaign_state(self.cid) != "running"
-            except redis.RedisError:
+                self.done = self.store.campaigns.state(self.cid) != "running"
+            except StoreError:
                 return False  # Redis restarting: the slice goes on
         return self.done
 
     def _drop_subscription(self) -> None:
         sub, self.sub = self.sub, None
-        with contextlib.suppress(redis.RedisError, OSError):
-            sub.close()
+        if sub is not None:
+            with contextlib.suppress(StoreError, OSError):
+                sub.close()
 
     def close(self) -> None:
         if self.sub is not None:
@@ -283,18 +275,18 @@ def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: En
         inputs = sorted(folder.glob("*.elf"), key=lambda p: (p.stat().st_size, p.name))
         if inputs:
             smallest[folder.name] = inputs[0]
-    known = store.reproducer_sizes(list(smallest))
+    known = store.buckets.smallest_sizes(list(smallest))
     send: list[bytes] = []
     for bid, path in smallest.items():
         size = known.get(bid)
         if size is None or path.stat().st_size < size * SHRINK_WORTH_TRIAGE:
             send.append(path.read_bytes())
-    store.mark_seen([bid for bid, size in known.items() if size is not None])
+    store.buckets.mark_seen([bid for bid, size in known.items() if size is not None])
     if not send:
         return 0
-    shas = store.put_blobs(send)
+    shas = store.blobs.put_many(send)
     # recorded before the task is sent: if this worker dies now, the controller re-sends it
-    store.pending_triage_many(shas, kernel)
+    store.triage.pending(shas, kernel)
     enqueue_triage(kernel, shas)
     return len(shas)
 
@@ -313,12 +305,12 @@ def triage_inputs(store: FarmStore, settings: Settings, kernel: str, shas: list[
     move in one command each, whatever their number; each crash is counted in its bucket."""
     shas = list(dict.fromkeys(shas))
     try:
-        blobs = store.get_blobs(shas)
+        blobs = store.blobs.get_many(shas)
         ex = _executor(store, settings, kernel, snapshot=False)
     except HarnessError as e:  # an unknown or broken kernel build: every input says so
         for sha in shas:
             record_harness_error(store, "triage", e, sha)
-        store.triage_done_many(shas, kernel)
+        store.triage.done(shas, kernel)
         return [{"state": "harness-error", "error": str(e)} for _ in shas]
     outcomes: list[dict[str, Any]] = []
     reports: dict[str, dict[str, Any]] = {}
@@ -342,12 +334,12 @@ def triage_inputs(store: FarmStore, settings: Settings, kernel: str, shas: list[
         else:
             verdicts[result.verdict] = verdicts.get(result.verdict, 0) + 1
     # reports first: a bucket never names a reproducer whose report is missing
-    store.put_reports(kernel, reports)
+    store.reports.put_many(kernel, reports)
     to_minimize: list[str] = []
     for i, sha, size, result in crashes:
         assert result.signature is not None
         bid = bucket_id(result.signature)
-        up = store.upsert_bucket(bid, result.signature, result.crash_class or "?", kernel, sha,
+        up = store.buckets.upsert(bid, result.signature, result.crash_class or "?", kernel, sha,
                                  size, _sample(sha, kernel, result))
         if up.minimize:
             to_minimize.append(bid)
@@ -356,8 +348,8 @@ def triage_inputs(store: FarmStore, settings: Settings, kernel: str, shas: list[
     if to_minimize:
         enqueue_minimize(to_minimize)  # one task for all of them
     for verdict, n in verdicts.items():
-        store.count(f"triage_{verdict}", n)
-    store.triage_done_many(shas, kernel)
+        store.stats.count(f"triage_{verdict}", n)
+    store.triage.done(shas, kernel)
     return outcomes
 
 
@@ -376,14 +368,14 @@ def minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str,
         return outcome
     finally:
         if outcome.get("state") != "minimized":  # storing the result marked it done
-            store.mark_minimize_done(bid)
+            store.buckets.minimize_ended(bid)
 
 
 def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
-    bucket = store.bucket(bid)
+    bucket = store.buckets.get(bid)
     if bucket is None:
         return {"state": "unknown bucket"}
-    data = store.get_blob(bucket.reproducer)
+    data = store.blobs.get(bucket.reproducer)
     if data is None:
         record_harness_error(store, "minimize", "reproducer not found in Redis",
                              bucket.reproducer)
@@ -392,7 +384,7 @@ def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str
     try:
         outcome = minimize(data, ex, max_executions=settings.minimize_executions)
     except NotACrash as e:
-        store.r.hset("ff:bucket:" + bid, "minimize_error", str(e))
+        store.buckets.set_minimize_error(bid, str(e))
         return {"state": "not a crash", "error": str(e)}
     except HarnessError as e:
         record_harness_error(store, "minimize", e, bucket.reproducer)
@@ -402,19 +394,20 @@ def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str
         record_harness_error(store, "minimize", "signature changed under the snapshot executor",
                              bucket.reproducer)
         return {"state": "signature changed"}
-    min_sha = store.put_input_and_report(outcome.data, bucket.kernel, outcome.result.to_json())
-    stored = store.set_minimized(bid, min_sha, outcome.size)
+    min_sha = store.reports.put_with_input(outcome.data, bucket.kernel,
+                                           outcome.result.to_json())
+    stored = store.buckets.set_minimized(bid, min_sha, outcome.size)
     return {"state": "minimized", "size": outcome.size, "from": outcome.original_size,
             "stored": stored, "executions": outcome.executions}
 
 
 def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -> dict[str, Any]:
     """Does this bucket's reproducer still crash the same way on `kernel`?"""
-    bucket = store.bucket(bid)
+    bucket = store.buckets.get(bid)
     if bucket is None:
         return {"state": "unknown bucket"}
     sha = bucket.minimized or bucket.reproducer
-    data = store.get_blob(sha)
+    data = store.blobs.get(sha)
     if data is None:
         return {"state": "missing"}
     try:
@@ -422,12 +415,12 @@ def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -
     except HarnessError as e:
         record_harness_error(store, f"verify on {kernel}", e, sha)
         state = {"state": "harness-error", "error": str(e), "time": time.time()}
-        store.set_verify(bid, kernel, state)
+        store.buckets.set_verify(bid, kernel, state)
         return state
-    store.put_report(sha, kernel, result.to_json())
+    store.reports.put(sha, kernel, result.to_json())
     same = result.verdict == "crash" and result.crash_class == bucket.crash_class
     state = {"state": "reproduces" if same else "fixed", "verdict": result.verdict,
              "class": result.crash_class, "signature": result.signature, "input": sha,
              "time": time.time()}
-    store.set_verify(bid, kernel, state)
+    store.buckets.set_verify(bid, kernel, state)
     return state

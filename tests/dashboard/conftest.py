@@ -62,36 +62,39 @@ def farm_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmData]:
         ensure_builtin(store)
         settings = Settings(redis_url=server.url, cache_dir=tmp / "cache",
                             minimize_executions=600)
-        sha = store.put_blob(SEED_BUG)
+        sha = store.blobs.put(SEED_BUG)
         out = work.triage_input(store, settings, sha, "seed", lambda _b: None)
         assert out["state"] == "crash", out
         minimized = work.minimize_bucket(store, settings, out["bucket"])
         assert minimized["state"] == "minimized", minimized
 
         # a bucket whose report and input carry markup, as a fuzzed input can make them
-        hostile_sha = store.put_blob(HOSTILE_ELF)
-        report = dict(store.report(sha, "seed") or {})
+        hostile_sha = store.blobs.put(HOSTILE_ELF)
+        report = dict(store.reports.get(sha, "seed") or {})
         report.update(log=HOSTILE_LOG, signature=HOSTILE_SIGNATURE, crash_class="kernel-panic",
                       input_sha256=hostile_sha, findings=[{
                           "class": "kernel-panic", "evidence": ["<b>evidence</b> & more"],
                           "frames": ["<svg onload=alert(4)>"], "field": "<u>f</u>",
                           "pc": None, "signature": HOSTILE_SIGNATURE}])
-        store.put_report(hostile_sha, "seed", report)
+        store.reports.put(hostile_sha, "seed", report)
         hostile_bucket = sha256(HOSTILE_SIGNATURE.encode())[:16]
-        store.upsert_bucket(hostile_bucket, HOSTILE_SIGNATURE, "kernel-panic", "seed",
+        store.buckets.upsert(hostile_bucket, HOSTILE_SIGNATURE, "kernel-panic", "seed",
                             hostile_sha, len(HOSTILE_ELF), {"input": hostile_sha,
                                                             "evidence": ["<b>sample</b>"]})
 
-        cid = store.create_campaign("seed", 2, 30.0)
+        cid = store.campaigns.create("seed", 2, 30.0)
         now = time.time()
         for i in range(12):
-            store.add_series_point(cid, {
+            store.stats.add_series_point(cid, {
                 "t": now - 600 + 50 * i, "execs": 1000 * i * i,
                 "execs_per_second": 40.0 + 3 * i, "edges": 300 + 10 * i, "corpus": 5 + i,
                 "buckets": 1 + i // 6, "workers": 2})
-        store.r.hset("ff:campaign:" + cid, mapping={"execs": 121000, "edges": 410})
-        store.heartbeat("w1@test", {"task": "fuzz", "slice": "abc"})
-        store.corpus_add("seed", [p.read_bytes() for p in
+        # what its finished slices added up to
+        sid = store.campaigns.new_slice(cid, "seed", 30.0)
+        store.campaigns.start_slice(sid, "w1@test")
+        store.campaigns.finish_slice(sid, cid, {"execs": 121000, "edges": 410})
+        store.stats.heartbeat("w1@test", "fuzz", "abc")
+        store.corpus.add("seed", [p.read_bytes() for p in
                                   sorted((ROOT / "corpus" / "seeds").glob("*.elf"))[:3]])
         yield FarmData(server, store, settings, sha, out["bucket"], hostile_bucket,
                        hostile_sha, cid, [])

@@ -9,14 +9,18 @@ import re
 import time
 
 import pytest
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
 
-from dashboard import coverage
 from dashboard.__main__ import main
 from dashboard.app import TOKEN_HEADER, create_app
 from tests.dashboard.conftest import HOSTILE_ELF, SEED_BUG, FarmData
 from tests.workers.conftest import _free_port
+from workers import coverage
+
+pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
@@ -63,7 +67,7 @@ def test_buckets_sort_and_filter(client: FlaskClient, farm_data: FarmData) -> No
 
 
 def test_bucket_page_shows_the_seed_bug(client: FlaskClient, farm_data: FarmData) -> None:
-    b = farm_data.store.bucket(farm_data.bucket)
+    b = farm_data.store.buckets.get(farm_data.bucket)
     assert b is not None and b.minimized
     page = text(client.get(f"/bucket/{b.id}").data)
     # the minimized reproducer's report: segment 0 loaded at the allocator's block
@@ -109,7 +113,7 @@ def test_hostile_text_is_escaped(client: FlaskClient, farm_data: FarmData) -> No
 
 
 def test_downloads_serve_only_bucket_inputs(client: FlaskClient, farm_data: FarmData) -> None:
-    b = farm_data.store.bucket(farm_data.bucket)
+    b = farm_data.store.buckets.get(farm_data.bucket)
     assert b is not None and b.minimized
     orig = client.get(f"/download/{b.reproducer}.elf")
     assert orig.status_code == 200 and orig.data == SEED_BUG
@@ -119,7 +123,7 @@ def test_downloads_serve_only_bucket_inputs(client: FlaskClient, farm_data: Farm
     assert client.get(f"/download/{farm_data.hostile_sha}.elf").data == HOSTILE_ELF
     rep = client.get(f"/download/{b.minimized}.json?kernel=seed")
     assert rep.status_code == 200 and json.loads(rep.data)["input_sha256"] == b.minimized
-    image_sha = farm_data.store.get_kernel("seed")["image"]  # a blob, but no bucket's input
+    image_sha = farm_data.store.kernels.get("seed").image  # a blob, but no bucket's input
     assert client.get(f"/download/{image_sha}.elf").status_code == 404
     assert client.get(f"/download/{b.reproducer.upper()}.elf").status_code == 404
     assert client.get("/download/..%2f..%2fetc%2fpasswd.elf").status_code == 404
@@ -149,7 +153,7 @@ def test_actions_need_the_token(client: FlaskClient, farm_data: FarmData) -> Non
 def test_actions_send_real_celery_messages(farm_data: FarmData) -> None:
     app = create_app(farm_data.server.url, cache_dir=farm_data.settings.cache_dir)
     c = app.test_client()
-    r = farm_data.store.r
+    r = redis.Redis.from_url(farm_data.server.url)
     queued = r.llen("minimize")
     resp = c.post(f"/bucket/{farm_data.bucket}/minimize", data={"token": csrf(app)})
     assert resp.status_code == 303
@@ -194,7 +198,12 @@ def test_health_and_metrics(client: FlaskClient, farm_data: FarmData) -> None:
     assert dead.test_client().get("/").status_code == 503  # pages say Redis is down
     m = client.get("/metrics")
     assert m.status_code == 200 and m.mimetype == "text/plain"
+    assert "version=0.0.4" in m.content_type
     body = m.data.decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    assert families["fuzzfarm_execs"].type == "counter"
+    assert families["fuzzfarm_harness_errors"].type == "counter"
+    assert families["fuzzfarm_buckets"].type == "gauge"
     values = {}
     for line in body.splitlines():
         if line and not line.startswith("#"):
@@ -218,27 +227,31 @@ def test_unknown_things_are_404(client: FlaskClient) -> None:
         assert client.get(url).status_code == 404, url
 
 
-def test_coverage_sampler_end_to_end(client: FlaskClient, farm_data: FarmData) -> None:
+def test_coverage_is_sampled_by_the_workers_and_shown(client: FlaskClient,
+                                                        farm_data: FarmData) -> None:
     store = farm_data.store
     page = text(client.get("/coverage/seed").data)
     assert "No sample yet" in page
+    before = len(farm_data.sent)
     resp = client.post("/coverage/seed/sample", data={"token": csrf(client.application)})
     assert resp.status_code == 303 and "notice=sample" in resp.headers["Location"]
+    # the dashboard only sends the task (to the workers' coverage queue) and claims the slot
+    assert farm_data.sent[before:] == [("workers.tasks.sample_coverage", ["seed", 4])]
+    assert store.coverage.job("seed")["state"] == "starting"
+    assert "waiting for a worker" in text(client.get("/fragment/coverage/seed/job").data)
     again = client.post("/coverage/seed/sample", data={"token": csrf(client.application)})
-    assert "notice=sample-busy" in again.headers["Location"]  # one sampler per build
-    deadline = time.monotonic() + 120
-    while (coverage.job_state(store, "seed") or {}).get("state") in ("starting", "running"):
-        assert time.monotonic() < deadline, "the sampler did not finish"
-        time.sleep(0.5)
-    assert coverage.job_state(store, "seed")["state"] == "done", coverage.job_state(store,
-                                                                                     "seed")
-    record = coverage.load_record(store, "seed")
-    assert record is not None
+    assert "notice=sample-busy" in again.headers["Location"]  # one sample per build
+    assert len(farm_data.sent) == before + 1
+
+    # what the worker does with that task
+    record = coverage.run_sample(store, farm_data.settings, "seed", 4)
+    assert store.coverage.job("seed")["state"] == "done"
+    assert store.coverage.record("seed") == record
     # 3 corpus inputs, the 2 reproducers of the seed bucket and the hostile one
     assert record["corpus_inputs"] == 3 and record["inputs"] == 6
     assert record["entry_only"] and record["blocks"]
     page = text(client.get("/coverage/seed").data)
-    assert 'id="functions-hit"' in page
+    assert 'id="functions-hit"' in page and "Last sample finished" in page
     rows = re.findall(r'<tr class="fn-row( hit)?" data-name="([^"]+)" data-covered="(\d+)"',
                       page)
     covered = {name: int(n) for _, name, n in rows}
@@ -251,7 +264,27 @@ def test_coverage_sampler_end_to_end(client: FlaskClient, farm_data: FarmData) -
     fn_page = text(client.get(f"/coverage/seed/fn/{addr.group(1)}").data)
     assert "reached" in fn_page and 'class="srcline"' in fn_page
     assert "seed" in text(client.get("/coverage").data)
-    # a finished sampler leaves the slot free for the next one
-    assert coverage.claim_job(store, "seed", 1)
-    assert not coverage.claim_job(store, "seed", 1)
-    store.r.delete(coverage.job_key("seed"))
+    # a finished sample leaves the slot free for the next one
+    assert store.coverage.claim_job("seed", 1)
+    assert not store.coverage.claim_job("seed", 1)
+    store.coverage.set_job("seed", {"state": "done", "done": 6, "total": 6,
+                                    "finished": time.time()})
+
+
+def test_a_sample_that_fails_says_so_on_the_page(farm_data: FarmData) -> None:
+    def down(_name: str, _args: list) -> None:
+        raise ConnectionError("the broker is down")
+
+    app = create_app(farm_data.server.url, cache_dir=farm_data.settings.cache_dir,
+                     send_task=down)
+    c = app.test_client()
+    resp = c.post("/coverage/fixed/sample", data={"token": csrf(app)})
+    assert resp.status_code == 303
+    page = text(c.get("/coverage/fixed").data)
+    assert "The last sample failed: cannot send: the broker is down" in page
+    with pytest.raises(Exception, match="no-such-build"):  # as the worker would find it
+        coverage.run_sample(farm_data.store, farm_data.settings, "no-such-build", 2)
+    assert farm_data.store.coverage.job("no-such-build")["state"] == "failed"
+    assert farm_data.store.coverage.claim_job("fixed", 1)  # a failed sample frees the slot
+    farm_data.store.coverage.set_job("fixed", {"state": "done", "done": 0, "total": 0,
+                                               "finished": time.time()})

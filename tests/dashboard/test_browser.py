@@ -34,6 +34,8 @@ except ImportError:
         raise  # CI must run these tests, not skip them
     pytest.skip("selenium is not installed", allow_module_level=True)
 
+pytestmark = [pytest.mark.browser, pytest.mark.redis]
+
 SHOTS = ROOT / "out" / "screenshots"
 
 
@@ -111,7 +113,7 @@ def test_overview_updates_live(browser: Any, base_url: str, farm_data: FarmData)
     assert browser.find_element(By.ID, "workers-alive").text == "1"
     screenshot(browser, "overview")
     # htmx polls the overview's fragment: a new worker shows without a reload
-    farm_data.store.heartbeat("w2@test", {"task": "triage"})
+    farm_data.store.stats.heartbeat("w2@test", "triage")
     try:
         # the fragment may be swapped between finding an element and reading it
         WebDriverWait(browser, 12, poll_frequency=0.5,
@@ -120,7 +122,7 @@ def test_overview_updates_live(browser: Any, base_url: str, farm_data: FarmData)
             lambda d: d.find_element(By.ID, "workers-alive").text == "2"
             and "w2@test" in d.find_element(By.ID, "workers").text)
     finally:
-        farm_data.store.r.hdel("ff:workers", "w2@test")
+        farm_data.store.stats.forget_worker("w2@test")
 
 
 def test_buckets_page(browser: Any, base_url: str, farm_data: FarmData) -> None:
@@ -132,7 +134,7 @@ def test_buckets_page(browser: Any, base_url: str, farm_data: FarmData) -> None:
 
 def test_bucket_page_and_downloads(browser: Any, base_url: str, farm_data: FarmData,
                                    downloads: Path) -> None:
-    bucket = farm_data.store.bucket(farm_data.bucket)
+    bucket = farm_data.store.buckets.get(farm_data.bucket)
     assert bucket is not None and bucket.minimized
     browser.get(f"{base_url}/bucket/{bucket.id}")
     findings = browser.find_element(By.ID, "findings").text

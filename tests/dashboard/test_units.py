@@ -14,6 +14,7 @@ from dashboard import charts, coverage, kernelinfo, report
 from dashboard.app import create_app
 from kernel_emu.image import load_image
 from tests.dashboard.conftest import FarmData
+from workers.coverage import hook_ranges
 
 SEED_IMAGE = Path(__file__).parents[2] / "kernel_emu" / "images" / "seed.elf"
 
@@ -172,7 +173,7 @@ def test_lines_blocks_and_frames(image) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_hook_ranges_leave_out_bulk_loops(image) -> None:  # type: ignore[no-untyped-def]
-    ranges, names = coverage.hook_ranges(image)
+    ranges, names = hook_ranges(image)
     memset = image.find_symbol("memset")
     assert "memset" in names and memset is not None
     assert (memset.address, memset.address) in ranges
@@ -190,6 +191,7 @@ def test_intervals() -> None:
 
 # an empty farm -------------------------------------------------------------------------------
 
+@pytest.mark.redis
 def test_pages_of_an_empty_farm(farm_data: FarmData) -> None:
     empty = farm_data.server.url.rsplit("/", 1)[0] + "/5"  # another, empty Redis database
     c = create_app(empty, send_task=lambda n, a: None).test_client()

@@ -29,6 +29,8 @@ from tests.deploy.compose import TEST_ENV, command, healthcheck_argv, load, serv
 from workers.redis_server import find_server
 from workers.store import FarmStore
 
+pytestmark = [pytest.mark.redis, pytest.mark.farm, pytest.mark.slow]
+
 REPLICAS = 2
 SEED_BUG_FIELD = "segments[0].vaddr"  # the loaded vaddr that came out as 0x300028
 BUG_TIMEOUT = 180.0
@@ -138,8 +140,8 @@ def _health(kind: str, argv: list[str], env: dict[str, str], cwd: str) -> None:
 
 def _seed_bug_buckets(store: FarmStore) -> list[str]:
     found = []
-    for bucket in store.buckets():
-        report = store.report(bucket.reproducer, bucket.kernel) or {}
+    for bucket in store.buckets.all():
+        report = store.reports.get(bucket.reproducer, bucket.kernel) or {}
         if any(f.get("field") == SEED_BUG_FIELD for f in report.get("findings", [])):
             found.append(bucket.id)
     return found
@@ -192,13 +194,13 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
 
     store = FarmStore.connect(url)
     started = time.monotonic()
-    campaigns = _wait_for(lambda: [c for c in store.campaigns() if c.get("state") == "running"],
+    campaigns = _wait_for(lambda: [c for c in store.campaigns.all() if c.state == "running"],
                           60, "the controller to start the configured campaign",
                           topology.check_alive)
     controller_env = service_env(services["controller"])
     (campaign,) = campaigns
-    assert campaign["kernel"] == controller_env["FUZZFARM_CAMPAIGN"]
-    assert int(campaign["slices"]) == int(controller_env["FUZZFARM_CAMPAIGN_SLICES"])
+    assert campaign.kernel == controller_env["FUZZFARM_CAMPAIGN"]
+    assert campaign.slices == int(controller_env["FUZZFARM_CAMPAIGN_SLICES"])
 
     def healthz() -> bool:
         try:
@@ -216,9 +218,20 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     print(f"seed bug bucketed {time.monotonic() - started:.0f} s after the farm started: "
           f"{bugs}")
     # both replicas took part, each under its own node name
-    heartbeats = set(store.workers())
+    heartbeats = set(store.stats.workers())
     for name in names:
         assert any(w.startswith(f"{name}@") for w in heartbeats), (name, heartbeats)
+
+    # the dashboard's coverage button: a task for the workers, which take the coverage queue
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{dashboard_port}/coverage/seed/sample", data=b"", method="POST",
+        headers={"X-Fuzzfarm-Token": TEST_ENV["FUZZFARM_DASHBOARD_TOKEN"]})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert "notice=sample" in response.url and "busy" not in response.url
+    _wait_for(lambda: (store.coverage.job("seed") or {}).get("state") == "done", 180,
+              "a worker to sample the coverage", topology.check_alive, poll=2.0)
+    record = store.coverage.record("seed")
+    assert record is not None and record["inputs"] > 0 and record["blocks"]
 
     # every app service's health check passes against the running farm
     hostname = socket.gethostname()
@@ -234,6 +247,6 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     _health(kind, [a.replace("127.0.0.1:8000", f"127.0.0.1:{dashboard_port}") for a in argv],
             env_of(services["dashboard"]), base["HOME"])
     topology.check_alive()
-    assert store.counters().get("harness_errors", 0) == 0
+    assert store.stats.counters().get("harness_errors", 0) == 0
     for name in topology.procs:
         assert "Traceback" not in topology.log(name), topology.log(name)[-3000:]

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 
 from workers.kernels import ensure_builtin
 from workers.redis_server import find_server
-from workers.store import FarmStore
+from workers.store import FarmStore, wait_until_up
 
 ROOT = Path(__file__).parents[2]
 
@@ -40,19 +39,14 @@ class RedisServer:
 
     def start(self) -> None:
         # the server `fuzzfarm up` would start: a redis-server on PATH, else the embedded one
-        self.proc = subprocess.Popen(
+        proc = self.proc = subprocess.Popen(
             find_server().command(self.port, self.data),
             stdout=(self.data / "redis.log").open("a"), stderr=subprocess.STDOUT)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if client.ping():
-                    return
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                pass
-            assert time.monotonic() < deadline, "Redis did not start"
-            time.sleep(0.1)
+
+        def running() -> None:
+            assert proc.poll() is None, f"Redis exited with {proc.returncode}"
+
+        assert wait_until_up(self.url, 15, running, poll=0.1), "Redis did not start"
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

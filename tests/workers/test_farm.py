@@ -8,8 +8,9 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from tests.reproducers import REPRODUCERS
 from tests.workers.conftest import ROOT, Farm, RedisServer, wait_for
@@ -17,13 +18,15 @@ from workers.app import make_app
 from workers.settings import Settings
 from workers.store import FarmStore
 
+pytestmark = [pytest.mark.redis, pytest.mark.farm]
+
 EXAMPLES = ROOT / "fuzzfarm" / "examples"
 
 
 def _vaddr_buckets(store: FarmStore) -> list[str]:
     out = []
-    for b in store.buckets():
-        report = store.report(b.reproducer, b.kernel) or {}
+    for b in store.buckets.all():
+        report = store.reports.get(b.reproducer, b.kernel) or {}
         if any(f["class"] == "vaddr-corruption" for f in report.get("findings", [])):
             out.append(b.id)
     return out
@@ -34,64 +37,88 @@ def _cli(url: str, *args: str, timeout: float = 300) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def _settled(store: FarmStore) -> bool:
+    """No triage pending and no minimization queued or running: a bucket's `minimize_queued`
+    is set by the triage that queues one, before that triage stops being pending."""
+    return store.triage.backlog() == 0 and all(
+        b.minimize_queued is None for b in store.buckets.all())
+
+
+def _job_running(sid: str) -> bool:
+    """A slice's job process is alive (its work folder is named after the slice)."""
+    return subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
+                          capture_output=True).returncode == 0
+
+
+def _hangs(n: int) -> list[bytes]:
+    """`n` distinct inputs with one signature, each ~1-3 s of a full boot (RX-06's endless
+    program-header loop, run to the full instruction budget)."""
+    base = (EXAMPLES / "three-segments.elf").read_bytes()
+    hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)
+    return [hang + bytes([i]) * (i + 1) for i in range(n)]
+
+
+@pytest.mark.slow
 def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
                                                                 store: FarmStore) -> None:
     farm.worker("w1")
     farm.controller()
-    cid = store.create_campaign("seed", 1, 6)
+    cid = store.campaigns.create("seed", 1, 6)
 
     def minimized_vaddr_bucket() -> list[str]:
-        return [b for b in _vaddr_buckets(store) if store.bucket(b).minimized]
+        return [b for b in _vaddr_buckets(store)
+                if (bucket := store.buckets.get(b)) is not None and bucket.minimized]
 
     wait_for(minimized_vaddr_bucket, 150, "a minimized bucket with vaddr-corruption")
-    campaign = store.campaign(cid)
-    assert int(campaign["execs"]) > 0 and int(campaign["slices_done"]) >= 1
-    assert store.corpus_size("seed") > 0  # slices pushed new inputs back
+    campaign = store.campaigns.get(cid)
+    assert campaign is not None and campaign.execs > 0 and campaign.slices_done >= 1
+    assert store.corpus.size("seed") > 0  # slices pushed new inputs back
     stop = _cli(farm.url, "campaign", "stop", cid)
     assert stop.returncode == 0, stop.stderr
-    wait_for(lambda: store.campaign(cid)["state"] == "stopped", 60, "the campaign to stop")
-    wait_for(lambda: store.triage_backlog() == 0 and all(
-        store.r.hget("ff:bucket:" + b.id, "minimize_done") for b in store.buckets()), 300,
-        "triage and minimization to drain")
+    wait_for(lambda: store.campaigns.state(cid) == "stopped", 60, "the campaign to stop")
+    wait_for(lambda: _settled(store), 300, "triage and minimization to drain")
     target = minimized_vaddr_bucket()[0]
     again = _cli(farm.url, "minimize", "--bucket", target)
     assert again.returncode == 0, again.stderr
     assert "minimized" in again.stdout and target in again.stdout
     verify = _cli(farm.url, "verify", "--kernel", "fixed")
     assert verify.returncode == 0, verify.stderr
-    for b in store.buckets():
+    for b in store.buckets.all():
         assert b.verify["fixed"]["state"] == "fixed", (b.signature, b.verify)
     listing = _cli(farm.url, "buckets", "--json")
-    assert {b["id"] for b in json.loads(listing.stdout)} == {b.id for b in store.buckets()}
-    assert store.counters().get("harness_errors", 0) == 0
+    assert {b["id"] for b in json.loads(listing.stdout)} == {b.id for b in store.buckets.all()}
+    table = _cli(farm.url, "buckets")
+    for b in store.buckets.all():  # one row per bucket, its signature whole
+        (row,) = [line for line in table.stdout.splitlines() if line.startswith(b.id)]
+        assert b.signature in row and b.crash_class in row
+    assert store.stats.counters().get("harness_errors", 0) == 0
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore) -> None:
     farm.worker("w1")
     farm.controller()
-    cid = store.create_campaign("seed", 1, 6)
+    cid = store.campaigns.create("seed", 1, 6)
 
     def running_slice() -> str | None:
-        for sid in store.inflight(cid):
-            if (store.slice(sid) or {}).get("state") == "running":
-                return sid
+        for s in store.campaigns.slices(store.campaigns.inflight(cid)):
+            if s.state == "running":
+                return s.id
         return None
 
-    sid = wait_for(running_slice, 90, "a running slice")
-    time.sleep(2)  # well inside the slice's job
+    sid = str(wait_for(running_slice, 90, "a running slice"))
+    wait_for(lambda: _job_running(sid), 30, "the slice's job process to start", poll=0.1)
     farm.kill9("w1")
     # the job process dies with its worker: no orphan keeps fuzzing
-    wait_for(lambda: subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
-                                    capture_output=True).returncode != 0, 10,
-             "the killed slice's job process to exit")
+    wait_for(lambda: not _job_running(sid), 10, "the killed slice's job process to exit")
     farm.worker("w2")
-    wait_for(lambda: store.counters().get("slices_lost", 0) >= 1, 60,
+    wait_for(lambda: store.stats.counters().get("slices_lost", 0) >= 1, 60,
              "the controller to replace the lost slice")
-    done_before = int(store.campaign(cid)["slices_done"])
-    wait_for(lambda: int(store.campaign(cid)["slices_done"]) > done_before, 90,
+    done_before = store.campaigns.get(cid).slices_done
+    wait_for(lambda: store.campaigns.get(cid).slices_done > done_before, 90,
              "a slice to finish on the new worker")
-    assert store.counters().get("harness_errors", 0) == 0
-    ids = [b.id for b in store.buckets()]
+    assert store.stats.counters().get("harness_errors", 0) == 0
+    ids = [b.id for b in store.buckets.all()]
     assert len(ids) == len(set(ids))
 
 
@@ -100,46 +127,47 @@ def test_kill_9_mid_triage_then_the_triage_runs_again(farm: Farm, store: FarmSto
     farm.worker("w1")
     farm.controller()
     app = make_app(Settings(redis_url=farm.url))
-    base = (EXAMPLES / "three-segments.elf").read_bytes()
-    hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)  # ~1 s of full boot
-    sha = store.put_blob(hang)
-    store.pending_triage(sha, "seed")
+    shas = store.blobs.put_many(_hangs(3))
+    store.triage.pending(shas, "seed")
     wait_for(lambda: "ready." in farm.log("w1"), 60, "the worker to be up")
-    app.send_task("workers.tasks.triage", args=[sha, "seed"])
+    app.send_task("workers.tasks.triage_many", args=["seed", shas])
 
     def triaging() -> bool:
-        info = store.workers().get("w1@" + os.uname().nodename, {})
-        return info.get("task") == "triage"
+        info = store.stats.workers().get("w1@" + os.uname().nodename)
+        return info is not None and info.task == "triage"
 
-    wait_for(triaging, 60, "the triage to start", poll=0.02)
+    wait_for(triaging, 60, "the triage to start", poll=0.05)
     farm.kill9("w1")
-    assert store.buckets() == []  # killed before it could finish
+    # killed halfway through seconds of boots: nothing was counted, all is still pending
+    assert store.buckets.all() == [] and store.triage.backlog() == 3
     farm.worker("w2")
-    wait_for(lambda: store.buckets(), 90, "the triage to be sent again and finish")
-    (bucket,) = store.buckets()
-    assert bucket.crash_class == "hang" and bucket.count == 1
-    wait_for(lambda: store.triage_backlog() == 0, 30, "the pending triage to clear")
-    assert store.counters().get("triage_resent", 0) >= 1
+    wait_for(lambda: store.triage.backlog() == 0 and store.buckets.all(), 120,
+             "the triage to be sent again and finish")
+    (bucket,) = store.buckets.all()
+    assert bucket.crash_class == "hang" and bucket.count == 3
+    assert store.stats.counters().get("triage_resent", 0) >= 1
 
 
+@pytest.mark.slow
 def test_redis_restart_mid_campaign_keeps_buckets(farm: Farm, store: FarmStore,
                                                   redis_server: RedisServer) -> None:
     farm.worker("w1")
     farm.controller()
-    cid = store.create_campaign("seed", 1, 5)
-    wait_for(lambda: store.buckets() and int(store.campaign(cid)["slices_done"]) >= 1, 150,
+    cid = store.campaigns.create("seed", 1, 5)
+    wait_for(lambda: store.buckets.all() and store.campaigns.get(cid).slices_done >= 1, 150,
              "a finished slice and a bucket")
-    time.sleep(1.5)  # AOF everysec
-    before = {b.id: b.count for b in store.buckets()}
-    done = int(store.campaign(cid)["slices_done"])
-    redis_server.stop()
-    time.sleep(2)
+    before = {b.id: b.count for b in store.buckets.all()}
+    done = store.campaigns.get(cid).slices_done
+    failures = farm.log("controller").count("controller step failed")
+    redis_server.stop()  # SIGTERM: Redis writes and fsyncs its AOF before it exits
+    wait_for(lambda: farm.log("controller").count("controller step failed") > failures, 30,
+             "the controller to notice that Redis is gone")
     redis_server.start()
     after = FarmStore.connect(redis_server.url)
     for bid, count in before.items():
-        b = after.bucket(bid)
+        b = after.buckets.get(bid)
         assert b is not None and b.count >= count
-    wait_for(lambda: int(after.campaign(cid)["slices_done"]) >= done + 2, 180,
+    wait_for(lambda: after.campaigns.get(cid).slices_done >= done + 2, 180,
              "workers and controller to reconnect and finish more slices")
     for proc in farm.procs.values():
         assert proc.poll() is None  # nothing died of the restart
@@ -149,17 +177,24 @@ def test_garbage_sent_to_triage_never_kills_a_worker(farm: Farm, store: FarmStor
     farm.worker("w1")
     app = make_app(Settings(redis_url=farm.url))
     for junk in (b"", b"MZ garbage", os.urandom(3000), b"\x7fELF\x02\x01\x01" + bytes(120)):
-        app.send_task("workers.tasks.triage", args=[store.put_blob(junk), "seed"])
+        app.send_task("workers.tasks.triage", args=[store.blobs.put(junk), "seed"])
     app.send_task("workers.tasks.triage", args=["f" * 64, "seed"])  # no such input
     app.send_task("workers.tasks.triage", args=["not a sha", "no-such-kernel"])
-    good = store.put_blob((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
+    app.send_task("workers.tasks.triage_many", args=["seed", "not a list"])
+    app.send_task("workers.tasks.sample_coverage", args=["../../etc", "many"])
+    good = store.blobs.put((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
     app.send_task("workers.tasks.triage", args=[good, "seed"])
-    wait_for(lambda: store.buckets(), 90, "the valid input's bucket after the garbage")
-    assert len(store.buckets()) == 1
+    # the worker takes its queues in turn: wait for every message, not only the last sent
+    wait_for(lambda: len(re.findall(r"Task workers\.tasks\.\w+\[\S+\] succeeded",
+                                    farm.log("w1"))) == 9, 120, "all nine tasks to end")
+    assert len(store.buckets.all()) == 1
     assert farm.procs["w1"].poll() is None
     assert "Traceback" not in farm.log("w1")
+    wheres = {e.where for e in store.stats.harness_errors()}
+    assert {"triage", "coverage sample of ../../etc"} <= wheres  # ours, never buckets
 
 
+@pytest.mark.slow
 def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> None:
     data = tmp_path / "farm"
     err = (tmp_path / "up.err").open("w")
@@ -167,7 +202,8 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
     env.pop("REDIS_URL", None)
     up = subprocess.Popen([sys.executable, "-m", "fuzzfarm.cli", "up", "--workers", "1",
                            "--slice-seconds", "6", "--data", str(data)],
-                          stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env)
+                          stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def url() -> str | None:
             m = re.search(r"REDIS_URL=(redis://\S+)", (tmp_path / "up.err").read_text())
@@ -175,7 +211,7 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
 
         redis_url = wait_for(url, 60, "fuzzfarm up to start Redis")
         store = FarmStore.connect(str(redis_url))
-        wait_for(lambda: store.buckets(), 120, "a bucket from the local farm")
+        wait_for(lambda: store.buckets.all(), 120, "a bucket from the local farm")
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=180) == 130
     finally:
@@ -184,14 +220,16 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
         err.close()
     log = (tmp_path / "up.err").read_text()
     assert "Traceback" not in log
+    # stderr is no terminal: the status is plain lines, no cursor movement
+    assert "\x1b[" not in log and re.search(r"^\[\s*\d+s\] workers 1 · execs", log, re.M)
     port = int(str(redis_url).rsplit(":", 1)[1].split("/")[0])
     # everything stopped; the AOF holds what was found
     server = RedisServer(port, data / "redis")
     server.start()
     try:
         reopened = FarmStore.connect(server.url)
-        assert reopened.buckets()
-        assert all(c["state"] in ("stopping", "stopped") for c in reopened.campaigns())
+        assert reopened.buckets.all()
+        assert all(c.state in ("stopping", "stopped") for c in reopened.campaigns.all())
     finally:
         server.stop()
 
@@ -201,14 +239,36 @@ def test_one_triage_task_queues_one_minimization_for_its_new_buckets(
     app = make_app(Settings(redis_url=farm.url))
     base = (EXAMPLES / "three-segments.elf").read_bytes()
     bugs = [r for r in REPRODUCERS if r.bug in ("RX-01", "RX-04")]
-    shas = store.put_blobs([r.make(base) for r in bugs] + [b"not an ELF at all"])
-    store.pending_triage_many(shas, "seed")
+    shas = store.blobs.put_many([r.make(base) for r in bugs] + [b"not an ELF at all"])
+    store.triage.pending(shas, "seed")
     farm.worker("w1")
     app.send_task("workers.tasks.triage_many", args=["seed", shas])
-    wait_for(lambda: len(store.buckets()) >= 2 and all(b.minimized for b in store.buckets()),
-             120, "both buckets to be minimized")
-    assert store.triage_backlog() == 0
-    assert store.report(shas[-1], "seed")["verdict"] == "rejected"
+    succeeded = r"Task workers\.tasks\.minimize_many\[\S+\] succeeded"
+    # the log line comes after the task stored its last minimization: wait for it too
+    wait_for(lambda: len(store.buckets.all()) >= 2 and _settled(store)
+             and re.search(succeeded, farm.log("w1")), 120, "both buckets to be minimized")
+    assert all(b.minimized for b in store.buckets.all())
+    assert store.reports.get(shas[-1], "seed")["verdict"] == "rejected"
     log = farm.log("w1")
-    assert len(re.findall(r"Task workers\.tasks\.minimize_many\[\S+\] succeeded", log)) == 1
+    assert len(re.findall(succeeded, log)) == 1
     assert "Task workers.tasks.minimize[" not in log
+
+
+def test_the_dashboard_s_coverage_button_runs_the_sample_on_a_worker(
+        farm: Farm, store: FarmStore) -> None:
+    from dashboard.app import create_app
+
+    store.corpus.add("seed", [p.read_bytes() for p in
+                              sorted((ROOT / "corpus" / "seeds").glob("*.elf"))[:2]])
+    farm.worker("w1")  # started as `fuzzfarm up` starts its workers: every queue
+    app = create_app(farm.url, cache_dir=farm.tmp / "dashboard-cache", coverage_sample=2)
+    token = app.extensions["fuzzfarm"]["config"].csrf
+    sent = app.test_client().post("/coverage/seed/sample", data={"token": token})
+    assert sent.status_code == 303 and "notice=sample" in sent.headers["Location"]
+    wait_for(lambda: (store.coverage.job("seed") or {}).get("state") == "done", 120,
+             "the worker to sample the coverage")
+    record = store.coverage.record("seed")
+    assert record is not None and record["inputs"] == 2 and record["blocks"]
+    assert re.search(r"Task workers\.tasks\.sample_coverage\[\S+\] succeeded", farm.log("w1"))
+    page = app.test_client().get("/coverage/seed").data.decode()
+    assert 'id="functions-hit"' in page and "Last sample finished" in page

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.workers.conftest import ROOT, RedisServer
@@ -32,6 +33,7 @@ def test_a_redis_server_on_path_comes_first(tmp_path: Path) -> None:
     assert "found on PATH" in server.describe()
 
 
+@pytest.mark.redis
 def test_a_started_server_has_the_farms_persistence_settings(
         redis_server: RedisServer) -> None:
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -42,6 +44,8 @@ def test_a_started_server_has_the_farms_persistence_settings(
                       "dir": str(redis_server.data)}
 
 
+@pytest.mark.redis
+@pytest.mark.farm
 def test_up_uses_a_redis_given_by_url_and_starts_none(redis_server: RedisServer,
                                                         tmp_path: Path) -> None:
     env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT)}

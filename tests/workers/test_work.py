@@ -10,6 +10,8 @@ from workers import work
 from workers.settings import Settings
 from workers.store import FarmStore
 
+pytestmark = pytest.mark.redis
+
 EXAMPLES = Path(__file__).parents[2] / "fuzzfarm" / "examples"
 SEED_BUG = (EXAMPLES / "vaddr-0x300028.elf").read_bytes()
 
@@ -23,62 +25,68 @@ def settings(redis_server, tmp_path: Path) -> Settings:
 def test_triage_buckets_the_seed_bug_once_per_input(store: FarmStore,
                                                     settings: Settings) -> None:
     sent: list[str] = []
-    sha = store.put_blob(SEED_BUG)
-    store.pending_triage(sha, "seed")
+    sha = store.blobs.put(SEED_BUG)
+    store.triage.pending([sha], "seed")
     first = work.triage_input(store, settings, sha, "seed", sent.extend)
     again = work.triage_input(store, settings, sha, "seed", sent.extend)  # delivered twice
     assert first["state"] == "crash" and first["new"] and first["minimize"]
     assert again == {**first, "new": False, "minimize": False}
     assert sent == [first["bucket"]]  # one minimization for a new bucket
-    bucket = store.bucket(first["bucket"])
+    bucket = store.buckets.get(first["bucket"])
     assert bucket is not None and bucket.count == 1 and bucket.kernel == "seed"
-    report = store.report(sha, "seed")
+    report = store.reports.get(sha, "seed")
     assert report is not None
     assert any(f["field"] == "segments[0].vaddr" for f in report["findings"])
     assert any(s["vaddr"] == 0x300028 for s in report["segments"])
-    assert store.triage_backlog() == 0  # nothing left pending
+    assert store.triage.backlog() == 0  # nothing left pending
 
 
 def test_one_triage_task_takes_a_slice_s_inputs_together(store: FarmStore,
                                                          settings: Settings) -> None:
     sent: list[str] = []
     junk = b"\x7fELF" + bytes(60)
-    shas = store.put_blobs([SEED_BUG, junk])
-    store.pending_triage_many([*shas, "0" * 64], "seed")
+    shas = store.blobs.put_many([SEED_BUG, junk])
+    store.triage.pending([*shas, "0" * 64], "seed")
     out = work.triage_inputs(store, settings, "seed", [*shas, "0" * 64], sent.extend)
     assert [o["state"] for o in out] == ["crash", "rejected", "missing"]
     assert sent == [out[0]["bucket"]]
-    assert store.report(shas[0], "seed") and store.report(shas[1], "seed")
-    assert store.triage_backlog() == 0
-    assert store.counters()["harness_errors"] == 1  # the missing input, never a bucket
-    assert len(store.buckets()) == 1
+    assert store.reports.get(shas[0], "seed") and store.reports.get(shas[1], "seed")
+    assert store.triage.backlog() == 0
+    assert store.stats.counters()["harness_errors"] == 1  # the missing input, never a bucket
+    assert store.stats.harness_errors()[0].input == "0" * 64
+    assert len(store.buckets.all()) == 1
 
 
 def test_garbage_for_triage_is_rejected_not_fatal(store: FarmStore, settings: Settings) -> None:
     for junk in (b"", b"not an elf at all", b"\x7fELF" + bytes(200)):
-        sha = store.put_blob(junk)
+        sha = store.blobs.put(junk)
         out = work.triage_input(store, settings, sha, "seed", lambda _b: None)
         assert out["state"] in ("rejected", "harness-error"), out
-    assert store.buckets() == []
+    assert store.buckets.all() == []
     assert work.triage_input(store, settings, "0" * 64, "seed", lambda _b: None) == \
         {"state": "missing"}
-    assert store.counters().get("harness_errors") == 1  # the missing input, as our error
+    assert store.stats.counters().get("harness_errors") == 1  # the missing input, as ours
 
 
 def test_minimize_then_verify_on_fixed(store: FarmStore, settings: Settings) -> None:
-    sha = store.put_blob(SEED_BUG)
+    sha = store.blobs.put(SEED_BUG)
     bid = work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"]
     out = work.minimize_bucket(store, settings, bid)
     assert out["state"] == "minimized", out
-    bucket = store.bucket(bid)
+    bucket = store.buckets.get(bid)
     assert bucket is not None and bucket.minimized_size is not None
     assert bucket.minimized_size < len(SEED_BUG)
     again = work.minimize_bucket(store, settings, bid)
-    assert store.bucket(bid).minimized_size <= bucket.minimized_size  # never grows
+    again_bucket = store.buckets.get(bid)
+    assert again_bucket is not None and again_bucket.minimized_size is not None
+    assert again_bucket.minimized_size <= bucket.minimized_size  # never grows
+    assert again_bucket.minimize_queued is None and again_bucket.minimize_done
     assert again["state"] == "minimized"
     assert work.verify_bucket(store, settings, bid, "fixed")["state"] == "fixed"
     assert work.verify_bucket(store, settings, bid, "seed")["state"] == "reproduces"
-    verify = store.bucket(bid).verify
+    verified = store.buckets.get(bid)
+    assert verified is not None
+    verify = verified.verify
     assert verify["fixed"]["state"] == "fixed" and verify["seed"]["state"] == "reproduces"
 
 
@@ -111,9 +119,13 @@ def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
                           str(build / "missing.toml"), *url], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    entry = store.kernels.get("my-build")
+    assert entry is not None
+    # the profile as uploaded, comments and all, with only its image renamed
+    assert entry.profile == profile.replace('image = "out/rustux.elf"', 'image = "image.elf"')
     # a worker boots the uploaded bytes, not the file on this machine
     (build / "out" / "rustux.elf").unlink()
     loaded = materialize(store, "my-build", settings.cache_dir)
     assert loaded.image.read_bytes() == (PROFILE_DIR.parent / "images" / "fixed.elf").read_bytes()
-    sha = store.put_blob(SEED_BUG)
+    sha = store.blobs.put(SEED_BUG)
     assert work.triage_input(store, settings, sha, "my-build", lambda _b: None)["state"] == "ok"

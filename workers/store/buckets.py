@@ -1,0 +1,341 @@
+"""Buckets (all crashes with one signature), the reports of the inputs in them, and the
+crashing inputs still on their way to triage.
+
+Schema
+------
+`ff:buckets` (zset)
+    Bucket id → last seen.
+    Written by: the `UPSERT_BUCKET` script.
+`ff:bucket:<id>` (hash)
+    `id` (sha256 of the signature, 16 hex), `signature`, `class`, `kernel` (where first
+    found), `count`, `first_seen`, `last_seen`, `reproducer` + `reproducer_size` (smallest
+    input), `minimized` + `minimized_size`, `minimize_queued` (set when triage queues a
+    minimization, cleared when one ends: no second one is queued meanwhile),
+    `minimize_done`, `minimize_error`, `verify:<kernel>` (JSON: state
+    reproduces/fixed/harness-error, verdict, class, signature, input, time).
+    Written by: triage (`UPSERT_BUCKET`), minimize (`SET_MINIMIZED`, `MINIMIZE_DONE`),
+    verify.
+`ff:bucket:<id>:inputs` (set)
+    Input shas counted in the bucket (makes the count idempotent).
+    Written by: `UPSERT_BUCKET`.
+`ff:bucket:<id>:samples` (list)
+    JSON sample reports (input, kernel, time, class, evidence, symbol), newest first, 5 kept.
+    Written by: `UPSERT_BUCKET`.
+`ff:bucket-sizes` (hash)
+    Bucket id → size of its smallest known input, the minimized one included: lets a slice
+    skip triage of what is known, in one command.
+    Written by: `UPSERT_BUCKET`, `SET_MINIMIZED`.
+`ff:bucket-seen` (hash)
+    Bucket id → when a slice last hit it without sending the input to triage; a bucket's
+    last seen is the later of this and its own `last_seen`.
+    Written by: fuzz slices (`Buckets.mark_seen`, one `HSET` per slice).
+`ff:report:<kernel>:<sha256>` (string)
+    The Result JSON of that input on that build (full boot for triage and verify, snapshot
+    for a minimized input).
+    Written by: triage, minimize, verify.
+`ff:triage:pending` (zset)
+    `<kernel>:<sha256>` → when sent: triage not yet finished; the controller re-sends
+    entries older than `FUZZFARM_TRIAGE_GRACE`.
+    Written by: slices (before sending), triage (removes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from workers.store.blobs import blob_key, sha256
+from workers.store.connection import Connection, decode, decode_hash
+
+BUCKETS = "ff:buckets"
+SIZES = "ff:bucket-sizes"
+SEEN = "ff:bucket-seen"
+PENDING = "ff:triage:pending"
+SAMPLES_KEPT = 5
+
+
+def bucket_key(bucket_id: str) -> str:
+    return "ff:bucket:" + bucket_id
+
+
+def report_key(kernel: str, sha: str) -> str:
+    return "ff:report:" + kernel + ":" + sha
+
+
+# KEYS: bucket hash, bucket inputs set, bucket samples list, buckets zset, sizes hash
+# ARGV: bucket id, signature, class, kernel, input sha, input size, now, sample json,
+#       index of the last sample kept
+# Returns {new bucket, reproducer shrank, minimize it}: minimization is asked for a new
+# bucket, and for a smaller reproducer only if it is smaller than the minimized one too and
+# no minimization is queued already (`minimize_queued`, cleared when one ends).
+UPSERT_BUCKET = """
+if redis.call('SADD', KEYS[2], ARGV[5]) == 0 then
+  return {0, 0, 0}
+end
+local size = tonumber(ARGV[6])
+local cur = redis.call('HMGET', KEYS[1], 'reproducer_size', 'minimized_size', 'minimize_queued')
+local new, shrank, minimize = 0, 0, 0
+if not cur[1] then
+  new, minimize = 1, 1
+  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'signature', ARGV[2], 'class', ARGV[3],
+             'kernel', ARGV[4], 'first_seen', ARGV[7], 'last_seen', ARGV[7], 'count', 1,
+             'reproducer', ARGV[5], 'reproducer_size', ARGV[6], 'minimize_queued', ARGV[7])
+  redis.call('HSET', KEYS[5], ARGV[1], ARGV[6])
+else
+  redis.call('HINCRBY', KEYS[1], 'count', 1)
+  if size < tonumber(cur[1]) then
+    shrank = 1
+    local below_minimized = (not cur[2]) or size < tonumber(cur[2])
+    if below_minimized and not cur[3] then minimize = 1 end
+    if minimize == 1 then
+      redis.call('HSET', KEYS[1], 'last_seen', ARGV[7], 'reproducer', ARGV[5],
+                 'reproducer_size', ARGV[6], 'minimize_queued', ARGV[7])
+    else
+      redis.call('HSET', KEYS[1], 'last_seen', ARGV[7], 'reproducer', ARGV[5],
+                 'reproducer_size', ARGV[6])
+    end
+    if below_minimized then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
+  else
+    redis.call('HSET', KEYS[1], 'last_seen', ARGV[7])
+  end
+end
+if redis.call('LPUSH', KEYS[3], ARGV[8]) > tonumber(ARGV[9]) + 1 then
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[9]))
+end
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1])
+return {new, shrank, minimize}
+"""
+
+# KEYS: bucket hash, sizes hash. ARGV: bucket id, minimized sha, size, now.
+# Keeps the smallest minimized input and marks the minimization done; the sizes hash then
+# holds the smallest known input, so slices stop sending bigger ones.
+SET_MINIMIZED = """
+local cur = redis.call('HMGET', KEYS[1], 'id', 'minimized_size', 'reproducer_size')
+if not cur[1] then return 0 end
+local size = tonumber(ARGV[3])
+local stored = 0
+if (not cur[2]) or size < tonumber(cur[2]) then
+  redis.call('HSET', KEYS[1], 'minimized', ARGV[2], 'minimized_size', ARGV[3],
+             'minimize_done', ARGV[4])
+  local smallest = size
+  if cur[3] and tonumber(cur[3]) < smallest then smallest = tonumber(cur[3]) end
+  redis.call('HSET', KEYS[2], ARGV[1], smallest)
+  stored = 1
+else
+  redis.call('HSET', KEYS[1], 'minimize_done', ARGV[4])
+end
+redis.call('HDEL', KEYS[1], 'minimize_queued')
+return stored
+"""
+
+# KEYS: bucket hash. ARGV: now.
+MINIMIZE_DONE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'minimize_done', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'minimize_queued')
+end
+return 0
+"""
+
+
+class Upsert(NamedTuple):
+    new: bool  # the bucket did not exist
+    shrank: bool  # this input is the bucket's smallest reproducer now
+    minimize: bool  # a minimization is worth queueing
+
+
+def _time(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+@dataclass
+class Bucket:
+    id: str
+    signature: str
+    crash_class: str
+    kernel: str
+    count: int
+    first_seen: float
+    last_seen: float
+    reproducer: str
+    reproducer_size: int
+    minimized: str | None
+    minimized_size: int | None
+    verify: dict[str, dict[str, Any]]
+    minimize_queued: float | None = None  # a minimization is queued or running
+    minimize_done: float | None = None  # when the last one ended
+    minimize_error: str | None = None  # why the reproducer could not be minimized
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str], seen: Any = None) -> Bucket:
+        """`seen`: when a slice last hit the bucket without sending the input to triage."""
+        verify = {k.split(":", 1)[1]: json.loads(v) for k, v in h.items()
+                  if k.startswith("verify:")}
+        last = max(float(h.get("last_seen", 0)), float(decode(seen)) if seen else 0.0)
+        return cls(h["id"], h["signature"], h["class"], h["kernel"], int(h.get("count", 0)),
+                   float(h.get("first_seen", 0)), last,
+                   h.get("reproducer", ""), int(h.get("reproducer_size", 0)),
+                   h.get("minimized"), int(h["minimized_size"]) if "minimized_size" in h
+                   else None, verify, _time(h.get("minimize_queued")),
+                   _time(h.get("minimize_done")), h.get("minimize_error") or None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "signature": self.signature, "class": self.crash_class,
+                "kernel": self.kernel, "count": self.count, "first_seen": self.first_seen,
+                "last_seen": self.last_seen, "reproducer": self.reproducer,
+                "reproducer_size": self.reproducer_size, "minimized": self.minimized,
+                "minimized_size": self.minimized_size, "verify": self.verify}
+
+
+class Buckets:
+    def __init__(self, conn: Connection) -> None:
+        self._r = conn.client
+        self._upsert = conn.script(UPSERT_BUCKET)
+        self._set_min = conn.script(SET_MINIMIZED)
+        self._min_done = conn.script(MINIMIZE_DONE)
+
+    def upsert(self, bucket_id: str, signature: str, crash_class: str, kernel: str, sha: str,
+               size: int, sample: dict[str, Any]) -> Upsert:
+        """Count one crashing input in its bucket. An input already counted changes
+        nothing."""
+        key = bucket_key(bucket_id)
+        new, shrank, minimize = self._upsert(
+            keys=[key, key + ":inputs", key + ":samples", BUCKETS, SIZES],
+            args=[bucket_id, signature, crash_class, kernel, sha, size, time.time(),
+                  json.dumps(sample), SAMPLES_KEPT - 1])
+        return Upsert(bool(new), bool(shrank), bool(minimize))
+
+    def mark_seen(self, bucket_ids: list[str]) -> None:
+        """Known buckets a slice hit again (it sends only new or smaller inputs to triage):
+        their last-seen time, all in one command."""
+        if bucket_ids:
+            self._r.hset(SEEN, mapping=dict.fromkeys(bucket_ids, time.time()))
+
+    def get(self, bucket_id: str) -> Bucket | None:
+        with self._r.pipeline(transaction=False) as p:
+            p.hgetall(bucket_key(bucket_id))
+            p.hget(SEEN, bucket_id)
+            raw, seen = p.execute()
+        return Bucket.from_hash(decode_hash(raw), seen) if raw else None
+
+    def _ids(self) -> list[str]:
+        return [decode(b) for b in self._r.zrevrange(BUCKETS, 0, -1)]
+
+    def all(self) -> list[Bucket]:
+        """Every bucket, the last seen first."""
+        ids = self._ids()
+        if not ids:
+            return []
+        with self._r.pipeline(transaction=False) as p:
+            for i in ids:
+                p.hgetall(bucket_key(i))
+            p.hmget(SEEN, ids)
+            *raws, seen = p.execute()
+        return [Bucket.from_hash(decode_hash(raw), t)
+                for raw, t in zip(raws, seen, strict=True) if raw]
+
+    def count(self) -> int:
+        return int(self._r.zcard(BUCKETS))
+
+    def inputs(self) -> set[str]:
+        """The reproducer and minimized input of every bucket."""
+        ids = self._ids()
+        with self._r.pipeline(transaction=False) as p:
+            for bid in ids:
+                p.hmget(bucket_key(bid), "reproducer", "minimized")
+            rows = p.execute()
+        return {decode(v) for row in rows for v in row if v}
+
+    def samples(self, bucket_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self._r.lrange(bucket_key(bucket_id) + ":samples", 0, -1)]
+
+    def smallest_sizes(self, bucket_ids: list[str]) -> dict[str, int | None]:
+        """The size of the smallest known input of each bucket, the minimized one included
+        (None: no such bucket), in one command."""
+        if not bucket_ids:
+            return {}
+        sizes = self._r.hmget(SIZES, bucket_ids)
+        return {b: int(v) if v is not None else None
+                for b, v in zip(bucket_ids, sizes, strict=True)}
+
+    def set_minimized(self, bucket_id: str, sha: str, size: int) -> bool:
+        """Record a minimized input (kept if the smallest so far) and that the minimization
+        ended; False if it was not the smallest."""
+        return bool(self._set_min(keys=[bucket_key(bucket_id), SIZES],
+                                  args=[bucket_id, sha, size, time.time()]))
+
+    def minimize_ended(self, bucket_id: str) -> None:
+        """A minimization ended without a smaller input: another may be queued again."""
+        self._min_done(keys=[bucket_key(bucket_id)], args=[time.time()])
+
+    def set_minimize_error(self, bucket_id: str, error: str) -> None:
+        self._r.hset(bucket_key(bucket_id), "minimize_error", error)
+
+    def set_verify(self, bucket_id: str, kernel: str, state: dict[str, Any]) -> None:
+        self._r.hset(bucket_key(bucket_id), "verify:" + kernel, json.dumps(state))
+
+
+class Reports:
+    """The Result JSON of an input on a kernel build."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._r = conn.client
+
+    def put_with_input(self, data: bytes, kernel: str, report: dict[str, Any]) -> str:
+        """An input and its report in one command; returns the input's sha256."""
+        sha = sha256(data)
+        self._r.mset({blob_key(sha): data, report_key(kernel, sha): json.dumps(report)})
+        return sha
+
+    def put(self, sha: str, kernel: str, report: dict[str, Any]) -> None:
+        self.put_many(kernel, {sha: report})
+
+    def put_many(self, kernel: str, reports: dict[str, dict[str, Any]]) -> None:
+        if reports:
+            self._r.mset({report_key(kernel, sha): json.dumps(report)
+                          for sha, report in reports.items()})
+
+    def get(self, sha: str, kernel: str) -> dict[str, Any] | None:
+        raw = self._r.get(report_key(kernel, sha))
+        return json.loads(raw) if raw else None
+
+    def exists(self, sha: str, kernel: str) -> bool:
+        return bool(self._r.exists(report_key(kernel, sha)))
+
+
+class Triage:
+    """Crashing inputs sent to triage and not yet triaged, so none is lost when a worker dies:
+    the controller sends those waiting too long again."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._r = conn.client
+
+    def pending(self, shas: list[str], kernel: str) -> None:
+        """Recorded before the task is sent."""
+        if shas:
+            now = time.time()
+            self._r.zadd(PENDING, {f"{kernel}:{sha}": now for sha in shas}, nx=True)
+
+    def done(self, shas: list[str], kernel: str) -> None:
+        if shas:
+            self._r.zrem(PENDING, *[f"{kernel}:{sha}" for sha in shas])
+
+    def stale(self, older_than: float) -> list[tuple[str, str]]:
+        """(sha, kernel) of the inputs waiting longer than `older_than` seconds."""
+        items = self._r.zrangebyscore(PENDING, 0, time.time() - older_than)
+        out = []
+        for item in items:
+            kernel, sha = decode(item).rsplit(":", 1)
+            out.append((sha, kernel))
+        return out
+
+    def touch(self, items: list[tuple[str, str]]) -> None:
+        """Restart the grace period of (sha, kernel) entries that are being sent again."""
+        if items:
+            now = time.time()
+            self._r.zadd(PENDING, {f"{kernel}:{sha}": now for sha, kernel in items}, xx=True)
+
+    def backlog(self) -> int:
+        return int(self._r.zcard(PENDING))
