@@ -47,7 +47,8 @@ test: $(NATIVE)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(NATIVE)
-	$(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+	@# the unmarked tests need no server, process or browser of their own: they run in parallel
+	$(BIN)/python -m pytest -n auto -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
