@@ -43,7 +43,7 @@ from typing import Any
 
 from redis.client import PubSub
 
-from workers.store.connection import Connection, decode, decode_hash
+from workers.store.connection import Connection, decode, decode_hash, hashes
 
 CAMPAIGNS = "ff:campaigns"
 ACTIVE = "ff:campaigns:active"
@@ -173,13 +173,7 @@ class Campaigns:
         return Campaign.from_hash(h) if h else None
 
     def _many(self, ids: list[str]) -> list[Campaign]:
-        if not ids:
-            return []
-        with self._r.pipeline(transaction=False) as p:
-            for cid in ids:
-                p.hgetall(campaign_key(cid))
-            raws = p.execute()
-        return [Campaign.from_hash(decode_hash(raw)) for raw in raws if raw]
+        return [Campaign.from_hash(h) for h in hashes(self._r, [campaign_key(c) for c in ids])]
 
     def all(self) -> list[Campaign]:
         """Every campaign, oldest first."""
@@ -238,14 +232,8 @@ class Campaigns:
         return Slice.from_hash(h) if h else None
 
     def slices(self, sids: list[str]) -> list[Slice]:
-        """Those of `sids` that exist, in one command."""
-        if not sids:
-            return []
-        with self._r.pipeline(transaction=False) as p:
-            for sid in sids:
-                p.hgetall(slice_key(sid))
-            raws = p.execute()
-        return [Slice.from_hash(decode_hash(raw)) for raw in raws if raw]
+        """Those of `sids` that exist, in one round trip."""
+        return [Slice.from_hash(h) for h in hashes(self._r, [slice_key(s) for s in sids])]
 
     def start_slice(self, sid: str, worker: str) -> bool:
         """Mark a slice running; False if it already finished (a redelivered message)."""

@@ -31,6 +31,17 @@ def decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {decode(k): decode(v) for k, v in raw.items()}
 
 
+def hashes(r: redis.Redis, keys: list[str]) -> list[dict[str, str]]:
+    """The hashes at `keys` that exist, decoded, in one round trip."""
+    if not keys:
+        return []
+    with r.pipeline(transaction=False) as p:
+        for key in keys:
+            p.hgetall(key)
+        raws = p.execute()
+    return [decode_hash(raw) for raw in raws if raw]
+
+
 class Connection:
     """One Redis client and what the store modules need from it."""
 
