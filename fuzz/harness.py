@@ -148,6 +148,7 @@ class Job:
         self._libfuzzer_connected = False
         self._stop_signal = 0
         self._last_flush = 0.0
+        self._slow_unwritten = False  # a slow input not yet in the statistics file
         self._mutator: Any = None
         self._mutator_seconds = 0.0
         self._confirmer: Executor | None = None
@@ -183,7 +184,7 @@ class Job:
             self.finish("runs")
         if cfg.seconds is not None and now - self.stats.started >= cfg.seconds:
             self.finish("time")
-        if now - self._last_flush >= STATS_INTERVAL:
+        if now - self._last_flush >= STATS_INTERVAL or self._slow_unwritten:
             self.flush(now)
 
     def _connect(self) -> None:
@@ -204,6 +205,9 @@ class Job:
             if time.perf_counter() - started > SLOW_INPUT and \
                     len(self.stats.slow_inputs) < SLOW_INPUTS_KEPT:
                 self.stats.slow_inputs.append(hashlib.sha256(data).hexdigest())
+                # in the statistics before libFuzzer may write the input to its corpus, where
+                # a farm slice reading both keeps it out of the shared corpus
+                self._slow_unwritten = True
         except InputError:
             self.stats.skipped += 1  # e.g. larger than the ramdisk: nothing the kernel can see
             return
@@ -310,6 +314,7 @@ class Job:
     def flush(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._last_flush = now
+        self._slow_unwritten = False
         self.stats.updated = now
         self.stats.edges = self.feedback.edges
         self.stats.compares = self.feedback.compares

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -121,7 +122,7 @@ class StatusOutput:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from workers.local import FarmError, LocalFarm, status_line
+    from workers.local import ExecRate, FarmError, LocalFarm, status_line
 
     if args.workers < 1:
         raise FarmUsageError("--workers must be at least 1")
@@ -130,8 +131,18 @@ def cmd_up(args: argparse.Namespace) -> int:
                      slice_seconds=args.slice_seconds, dashboard_port=args.port)
     store = None
     started = time.monotonic()
-    interrupted = False
+    stopped_by: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # SIGTERM (kill, timeout, systemd, docker stop) and SIGHUP (the terminal closed) stop
+        # the farm as Ctrl-C does; a second one during the stop sequence stops it at once
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     out = StatusOutput(sys.stderr)
+    rate = ExecRate()
     try:
         try:
             store = farm.start(out.say)
@@ -154,19 +165,22 @@ def cmd_up(args: argparse.Namespace) -> int:
                                      f"(see {farm.data / 'logs'})")
             if time.monotonic() - last >= out.every:
                 last = time.monotonic()
-                out.status(status_line(store, started))
+                out.status(status_line(store, started, rate))
     except KeyboardInterrupt:
-        interrupted = True
+        if not stopped_by:
+            stopped_by.append(signal.SIGINT)
     finally:
         out.end_status()
         if store is not None or farm.procs:
-            out.say("stopping: campaigns first (running slices report), then workers, "
+            why = f" ({signal.Signals(stopped_by[0]).name})" if stopped_by else ""
+            out.say(f"stopping{why}: campaigns first (running slices report), then workers, "
                     "controller and Redis; Ctrl-C again to stop at once")
             try:
                 farm.stop(store, out.say)
             except KeyboardInterrupt:
-                farm.kill_all()
-    return 130 if interrupted else EXIT_OK
+                out.say("stopping at once")
+                farm.kill_all(store)
+    return 128 + stopped_by[0] if stopped_by else EXIT_OK
 
 
 def _check_kernel(store: Any, kernel: str) -> None:

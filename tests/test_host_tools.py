@@ -17,6 +17,7 @@ ALLOWED = {
     # the Redis server: from PATH or the embedded wheel, which the project installs
     "workers/local.py": "the Redis server and the farm's own processes",
     "workers/redis_server.py": "asks a Redis server for its version",
+    "workers/redis_guard.py": "the Redis server of `fuzzfarm up`, which it stops last",
     # optional commands that say what is missing: fuzzfarm build-guest, fuzzfarm seeds
     "kernel_emu/guest_build.py": "rustc, for `fuzzfarm build-guest` only",
     "corpus/toolchain.py": "gcc, for `fuzzfarm seeds` only",

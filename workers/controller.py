@@ -50,13 +50,16 @@ class Controller:
         if full:
             self._last_full = now
         campaigns = self.store.campaigns
+        server_now: float | None = None  # Redis's clock, which slice times are written in
         for campaign in campaigns.active():
             state = campaign.state
             if state not in ("running", "stopping"):
                 continue
             cid = campaign.id
-            inflight = (self._check_inflight(cid, campaign.slice_seconds, now) if full
-                        else campaigns.inflight(cid))
+            if full and server_now is None:
+                server_now = campaigns.server_time()
+            inflight = (self._check_inflight(cid, campaign.slice_seconds, server_now)
+                        if server_now is not None else campaigns.inflight(cid))
             if state == "running":
                 for _ in range(campaign.slices - len(inflight)):
                     sid = campaigns.new_slice(cid, campaign.kernel, campaign.slice_seconds)
@@ -66,7 +69,7 @@ class Controller:
                         campaigns.drop_slice(sid, cid, "unsent")  # the next step tries again
                         raise
             elif not inflight:
-                campaigns.set_state(cid, "stopped")
+                campaigns.set_state(cid, "stopped", paused=campaign.paused)
             if now - self._last_point.get(cid, 0.0) >= SERIES_INTERVAL:
                 self._point(campaign, now)
         stale = self.store.triage.stale(self.triage_grace) if full else []
@@ -80,12 +83,15 @@ class Controller:
                 self.send_triage(kernel, shas)
 
     def _check_inflight(self, cid: str, seconds: float, now: float) -> list[str]:
+        """The slices still in flight; those lost are replaced. `now` is Redis's clock, as the
+        slices' times are: a running slice reports progress every few seconds, so one unseen
+        for the lost-slice grace has lost its worker, whatever the workers' clocks say."""
         alive = []
         for info in self.store.campaigns.slices(self.store.campaigns.inflight(cid)):
             state = info.state
-            started = info.started or 0.0
+            seen = info.seen or info.started or 0.0
             queued = info.queued or 0.0
-            lost = (state == "running" and now - started > seconds + self.lost_grace) or (
+            lost = (state == "running" and now - seen > self.lost_grace) or (
                 state == "queued" and now - queued > self.settings.visibility_timeout + seconds)
             if state in ("done", "cancelled"):
                 continue

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from workers.store import FarmStore, StoreError, wait_until_up
 DEFAULT_REDIS_PORT = 6379
 PR_SET_PDEATHSIG = 1
 STOP_WAIT = 30.0
+SERVER_STOP_WAIT = 90.0  # the Redis guard waits for the last clients, then for the AOF
 
 
 class FarmError(Exception):
@@ -120,7 +121,7 @@ class LocalFarm:
             self.url = f"redis://127.0.0.1:{port}/0"
             say(f"Redis: starting {server.describe()} on 127.0.0.1:{port}, "
                 f"data in {self.data / 'redis'}")
-            proc = self._spawn("redis", server.command(port, self.data / "redis"))
+            proc = self._spawn("redis", guarded(server.command(port, self.data / "redis")))
             log = self.data / "logs" / "redis.log"
             wait_for_redis(self.url, alive=lambda: None if proc.popen.poll() is None else (
                 f"the Redis server exited at start ({_log_tail(log)}); see {log}"))
@@ -177,14 +178,25 @@ class LocalFarm:
             time.sleep(0.5)
 
     def ensure_campaign(self, store: FarmStore) -> str:
-        for c in store.campaigns.all():
-            if c.state == "running" and c.kernel == self.kernel:
+        """The running campaign on the kernel build; else the last one this farm's own stop
+        paused, resumed (its execs and corpus carry on); else a new one."""
+        campaigns = [c for c in store.campaigns.all() if c.kernel == self.kernel]
+        for c in campaigns:
+            if c.state == "running":
                 return c.id
+        paused = [c for c in campaigns if c.paused]
+        if paused:
+            last = max(paused, key=lambda c: c.created)
+            store.campaigns.set_state(last.id, "running")
+            return last.id
         return store.campaigns.create(self.kernel, self.workers, self.slice_seconds)
 
-    def kill_all(self) -> None:
+    def kill_all(self, store: FarmStore | None = None) -> None:
         """The second Ctrl-C: stop everything now (Redis still gets a SIGTERM to write its
         AOF; unacknowledged tasks are delivered again later)."""
+        if store is not None:
+            with contextlib.suppress(StoreError):
+                store.close()
         for p in self.procs:
             if p.name != "redis" and p.popen.poll() is None:
                 _kill(p)
@@ -200,26 +212,46 @@ class LocalFarm:
     def stop(self, store: FarmStore | None,
              say: Callable[[str], None] = lambda _line: None) -> None:
         """Stop in order: campaigns (slices end within seconds and report), workers,
-        controller, dashboard, and last Redis, which writes its AOF."""
+        controller, dashboard, and last Redis, which writes its AOF. Says what it waits for."""
         if store is not None:
             try:
                 for c in store.campaigns.all():
                     if c.state == "running":
-                        store.campaigns.set_state(c.id, "stopping")
+                        store.campaigns.set_state(c.id, "stopping", paused=True)
                 deadline = time.monotonic() + STOP_WAIT
-                while time.monotonic() < deadline and any(
-                        _slices_running(store, c.id) for c in store.campaigns.all()):
+                last: tuple[int, float] = (0, 0.0)  # what was said last, and when
+                while (running := sum(_slices_running(store, c.id)
+                                      for c in store.campaigns.active())):
+                    now = time.monotonic()
+                    if now >= deadline:
+                        say(f"{running} slice(s) did not report within {STOP_WAIT:.0f} s; "
+                            f"stopping the workers anyway")
+                        break
+                    if running != last[0] or now - last[1] >= 5.0:
+                        say(f"waiting for {running} running slice(s) to report "
+                            f"({deadline - now:.0f} s left)")
+                        last = (running, now)
                     time.sleep(0.5)
             except StoreError as e:
                 say(f"Redis unavailable while stopping: {e}")
-        order = [p for p in self.procs if p.name != "redis"]
-        for p in order:
+            finally:
+                store.close()  # the guard stops Redis once every client has left
+        others = [p for p in self.procs if p.name != "redis" and p.popen.poll() is None]
+        if others:
+            say("stopping " + ", ".join(p.name for p in others))
+        for p in others:
             _terminate(p)
         for p in self.procs:
-            if p.name == "redis":
-                _terminate(p)
+            if p.name == "redis" and p.popen.poll() is None:
+                say("stopping Redis (it writes its append-only file)")
+                _terminate(p, wait=SERVER_STOP_WAIT)
         for p in self.procs:
             p.log.close()
+
+
+def guarded(server_command: list[str]) -> list[str]:
+    """The server under the guard that stops it last (workers/redis_guard.py)."""
+    return [sys.executable, "-m", "workers.redis_guard", "--", *server_command]
 
 
 def _stop_with_parent() -> None:
@@ -228,9 +260,9 @@ def _stop_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _slices_running(store: FarmStore, cid: str) -> bool:
+def _slices_running(store: FarmStore, cid: str) -> int:
     campaigns = store.campaigns
-    return any(s.state == "running" for s in campaigns.slices(campaigns.inflight(cid)))
+    return sum(s.state == "running" for s in campaigns.slices(campaigns.inflight(cid)))
 
 
 def _terminate(p: Proc, wait: float = 10.0) -> None:
@@ -262,15 +294,35 @@ def worker_command(name: str, queues: str | None = None) -> list[str]:
             "--without-heartbeat", "-l", "INFO"]
 
 
-def status_line(store: FarmStore, started: float) -> str:
+class ExecRate:
+    """Execs per second over the last WINDOW seconds of status lines: slices report their
+    counts every few seconds, so the rate between two lines a second apart would jump."""
+
+    WINDOW = 15.0
+
+    def __init__(self) -> None:
+        self._seen: deque[tuple[float, int]] = deque()
+
+    def update(self, execs: int) -> float:
+        now = time.monotonic()
+        seen = self._seen
+        if seen and execs < seen[-1][1]:
+            seen.clear()  # another campaign, or a restarted count
+        seen.append((now, execs))
+        while len(seen) > 2 and now - seen[1][0] >= self.WINDOW:
+            seen.popleft()
+        (t0, e0), (t1, e1) = seen[0], seen[-1]
+        return (e1 - e0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def status_line(store: FarmStore, started: float, rate: ExecRate | None = None) -> str:
     campaigns = [c for c in store.campaigns.all() if c.state in ("running", "stopping")]
     execs = sum(c.execs for c in campaigns)
-    rate = sum(float(store.stats.latest_point(c.id).get("execs_per_second", 0.0))
-               for c in campaigns)
+    per_second = (rate or ExecRate()).update(execs)
     buckets = store.buckets.all()
     by_class = Counter(b.crash_class for b in buckets)
     minimized = sum(1 for b in buckets if b.minimized)
     found = ", ".join(f"{k} {v}" for k, v in sorted(by_class.items())) or "none yet"
     return (f"[{time.monotonic() - started:5.0f}s] workers {len(store.stats.workers())} · execs "
-            f"{execs:,} ({rate:,.0f}/s) · buckets {len(buckets)} ({minimized} minimized): "
+            f"{execs:,} ({per_second:,.0f}/s) · buckets {len(buckets)} ({minimized} minimized): "
             f"{found}")

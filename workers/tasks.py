@@ -7,7 +7,7 @@ import socket
 from functools import cache
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from workers import coverage, work
 from workers.app import app
@@ -47,6 +47,18 @@ def _announce(sender: Any = None, **_kwargs: Any) -> None:
         _store().stats.heartbeat(name, None)
     except Exception as e:  # noqa: BLE001 - a missed announcement only delays the listing
         log.warning("could not announce %s: %s", name, e)
+
+
+@worker_shutting_down.connect
+def _stop_running_slice(sender: Any = None, **_kwargs: Any) -> None:
+    """SIGTERM (`docker stop`, the end of `fuzzfarm up`, systemd): Celery lets the running
+    task finish; a fuzz slice is told to end its job now and report, so the worker stops
+    within seconds instead of fuzzing on for the rest of its slice."""
+    name = str(sender or socket.gethostname())
+    try:
+        _store().campaigns.stop_worker_slices(name)
+    except Exception as e:  # noqa: BLE001 - without Redis the slice ends on its own time
+        log.warning("could not tell the running slice of %s to stop: %s", name, e)
 
 
 @app.task(bind=True, name="workers.tasks.fuzz_slice")

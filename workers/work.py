@@ -120,41 +120,171 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
     if store.campaigns.state(cid) != "running":
         store.campaigns.drop_slice(slice_id, cid, "cancelled")
         return None
-    if not store.campaigns.start_slice(slice_id, worker):
-        return None  # delivered again after it finished
+    if not store.campaigns.claim_slice(slice_id, worker):
+        return None  # delivered again: it ran, is running, or was replaced as lost
     profile = materialize(store, kernel, settings.cache_dir)
     corpus_dir = settings.cache_dir / "corpus" / kernel
     work = Path(tempfile.mkdtemp(prefix=f"slice-{slice_id}-", dir=settings.cache_dir))
     try:
         shared = _sync_corpus(store, kernel, corpus_dir, work / "seeds")
+        stream = SliceStream(store, slice_id, cid, kernel, work, corpus_dir, shared,
+                             enqueue_triage)
         stats = _run_job(store, settings, profile.source, work, work / "seeds",
-                         info.seconds, cid)
-        # libFuzzer names corpus files by sha1; slow inputs are kept out of the shared corpus
-        slow = set(stats.slow_inputs) if stats else set()
-        # a job stopped as it started may have written no corpus at all
-        queue = sorted((work / "corpus").iterdir()) if (work / "corpus").is_dir() else []
-        fresh = [data for data in (p.read_bytes() for p in queue if p.is_file())
-                 if (sha := sha256(data)) not in shared and sha not in slow]
-        store.corpus.add(kernel, fresh)
-        for data in fresh:
-            _write_once(corpus_dir / sha256(data), data)
-        found = _push_findings(store, work, kernel, enqueue_triage)
-        errors = sorted((work / "harness-errors").glob("*.json"))
-        for report in errors:
-            detail = json.loads(report.read_text())
-            record_harness_error(store, f"fuzz slice {slice_id}", detail.get("error", "?"),
-                                 detail.get("input_sha256"))
+                         info.seconds, cid, worker, stream.tick)
+        stream.flush(stats, final=True)
         summary = {"execs": stats.execs if stats else 0, "edges": stats.edges if stats else 0,
                    "seconds": stats.elapsed if stats else 0.0,
                    "execs_per_second": stats.execs / stats.elapsed
                    if stats and stats.elapsed > 0 else 0.0,
-                   "new_inputs": len(fresh), "findings": found,
-                   "harness_errors": len(errors), "worker": worker,
+                   "new_inputs": stream.new_inputs, "findings": stream.findings,
+                   "harness_errors": stream.harness_errors, "worker": worker,
                    "stop_reason": stats.stop_reason if stats else "no statistics"}
         store.campaigns.finish_slice(slice_id, cid, summary)
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class SliceStream:
+    """What a running slice's job finds reaches Redis as it happens, so a worker killed
+    mid-slice loses at most the last FLUSH_EVERY seconds of corpus and findings and
+    PROGRESS_EVERY seconds of counts: new corpus entries, crashing inputs for triage (one per
+    signature, and a clearly smaller one later), harness errors, and the job's counts, which
+    also tell the controller the slice is alive. Redis being away only delays it all."""
+
+    FLUSH_EVERY = 1.0
+    PROGRESS_EVERY = 2.5
+    # libFuzzer writes its corpus files in place: one younger than this may be half written
+    SETTLE = 0.3
+
+    def __init__(self, store: FarmStore, slice_id: str, cid: str, kernel: str, work: Path,
+                 corpus_cache: Path, shared: set[str], enqueue_triage: Enqueue) -> None:
+        self.store, self.slice_id, self.cid, self.kernel = store, slice_id, cid, kernel
+        self.work, self.corpus_cache, self.enqueue_triage = work, corpus_cache, enqueue_triage
+        self.known = set(shared)  # corpus shas the shared corpus has, or that were pushed
+        self.seen_files: set[str] = set()  # corpus file names already read
+        self.sent: dict[str, int] = {}  # bucket id -> size of the input sent to triage
+        self.errors_seen: set[str] = set()
+        self.new_inputs = self.findings = self.harness_errors = 0
+        self._next_flush = self._next_progress = 0.0
+
+    def tick(self) -> None:
+        """Called often while the job runs; does what is due."""
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._next_flush = now + self.FLUSH_EVERY
+            self._guarded(self._push_files, final=False)
+        if now >= self._next_progress:
+            self._next_progress = now + self.PROGRESS_EVERY
+            self._guarded(self._progress, _read_stats(self.work))
+
+    def flush(self, stats: JobStats | None, final: bool) -> None:
+        """Everything the job left, once it has exited."""
+        self._guarded(self._push_files, final=final)
+        if stats is not None:
+            self._guarded(self._progress, stats)
+
+    def _guarded(self, step: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        try:
+            step(*args, **kwargs)
+        except StoreError as e:  # Redis restarting: the next tick tries again
+            log.warning("slice %s could not report yet: %s", self.slice_id, e)
+
+    def _progress(self, stats: JobStats | None) -> None:
+        execs, edges = (stats.execs, stats.edges) if stats else (0, 0)
+        self.store.campaigns.slice_progress(self.slice_id, self.cid, execs, edges)
+
+    def _push_files(self, final: bool) -> None:
+        self._push_corpus(final)
+        self._push_findings()
+        self._push_errors()
+
+    def _push_corpus(self, final: bool) -> None:
+        folder = self.work / "corpus"
+        if not folder.is_dir():
+            return
+        settled = time.time() - self.SETTLE
+        fresh: list[bytes] = []
+        names: list[str] = []
+        for path in folder.iterdir():
+            if path.name in self.seen_files or path.name.startswith("."):
+                continue
+            try:
+                if not final and path.stat().st_mtime > settled:
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue
+            names.append(path.name)
+            sha = sha256(data)
+            if sha not in self.known:
+                fresh.append(data)
+        # slow inputs (megabytes of segments, say) are kept out of the shared corpus; the job
+        # lists one in its statistics before libFuzzer writes it to the corpus
+        stats = _read_stats(self.work) if fresh else None
+        slow = set(stats.slow_inputs) if stats else set()
+        fresh = [data for data in fresh if sha256(data) not in slow]
+        if fresh:
+            self.store.corpus.add(self.kernel, fresh)
+            for data in fresh:
+                _write_once(self.corpus_cache / sha256(data), data)
+        self.seen_files.update(names)
+        self.known.update(sha256(data) for data in fresh)
+        self.new_inputs += len(fresh)
+
+    def _push_findings(self) -> None:
+        """Crashing inputs to triage, all in one task: per signature the smallest input the
+        job kept, when the bucket is new to this slice and to the farm or the input is clearly
+        smaller than the smallest known one. Known buckets hit again are marked seen."""
+        root = self.work / "solutions"
+        if not root.is_dir():
+            return
+        smallest: dict[str, Path] = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            inputs = sorted((p for p in folder.glob("*.elf") if not p.name.startswith(".")),
+                            key=lambda p: (p.stat().st_size, p.name))
+            if inputs:
+                smallest[folder.name] = inputs[0]
+        changed = {bid: path for bid, path in smallest.items()
+                   if bid not in self.sent
+                   or path.stat().st_size < self.sent[bid] * SHRINK_WORTH_TRIAGE}
+        if not changed:
+            return
+        known = self.store.buckets.smallest_sizes(list(changed))
+        send: list[tuple[str, bytes]] = []
+        for bid, path in changed.items():
+            size = known.get(bid)
+            self.sent[bid] = min(self.sent.get(bid, 1 << 62), path.stat().st_size)
+            if size is None or path.stat().st_size < size * SHRINK_WORTH_TRIAGE:
+                send.append((bid, path.read_bytes()))
+        self.store.buckets.mark_seen([bid for bid, size in known.items() if size is not None])
+        if not send:
+            return
+        shas = self.store.blobs.put_many([data for _, data in send])
+        # recorded before the task is sent: if this worker dies now, the controller re-sends it
+        self.store.triage.pending(shas, self.kernel)
+        self.enqueue_triage(self.kernel, shas)
+        self.findings += len(shas)
+
+    def _push_errors(self) -> None:
+        folder = self.work / "harness-errors"
+        if not folder.is_dir():
+            return
+        for report in sorted(folder.glob("*.json")):
+            if report.name in self.errors_seen or report.name.startswith("."):
+                continue
+            detail = json.loads(report.read_text())
+            record_harness_error(self.store, f"fuzz slice {self.slice_id}",
+                                 detail.get("error", "?"), detail.get("input_sha256"))
+            self.errors_seen.add(report.name)
+            self.harness_errors += 1
+
+
+def _read_stats(work: Path) -> JobStats | None:
+    try:
+        return JobStats.from_json(json.loads(stats_path(work, 0).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _die_with_parent() -> None:
@@ -173,7 +303,11 @@ def _write_once(path: Path, data: bytes) -> None:
 
 
 def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, corpus: Path,
-             seconds: float, cid: str) -> JobStats | None:
+             seconds: float, cid: str, worker: str,
+             tick: Callable[[], None] = lambda: None) -> JobStats | None:
+    """Run the slice's fuzzing job to its end, calling `tick` every quarter second; stopped
+    early (it writes its statistics and exits) when the campaign stops or the worker shuts
+    down."""
     config = JobConfig(kernel=str(profile), out=str(work), seeds=[str(corpus), str(SEEDS)],
                        seconds=seconds, rss_limit_mb=settings.slice_rss_mb,
                        seed=int.from_bytes(os.urandom(3), "little"))
@@ -184,10 +318,11 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
                                  stderr=subprocess.STDOUT, start_new_session=True,
                                  preexec_fn=_die_with_parent)
         deadline = time.monotonic() + seconds + SLICE_GRACE
-        watch = _CampaignWatch(store, cid)
+        watch = _CampaignWatch(store, cid, worker)
         asked_to_stop = False
         try:
             while child.poll() is None:
+                tick()
                 if watch.stopped(wait=0.25):
                     child.send_signal(signal.SIGTERM)  # the job writes its stats, exits
                     asked_to_stop = True
@@ -195,7 +330,8 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
                 if time.monotonic() > deadline:
                     child.kill()
                     child.wait()
-                    record_harness_error(store, "fuzz slice", "job process overran its slice")
+                    _harness_error_if_possible(store, "fuzz slice",
+                                               "job process overran its slice")
         finally:
             watch.close()
             if child.poll() is None:
@@ -204,26 +340,31 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
     # a job stopped before it could install its own handler dies of the signal: not a failure
     stopped_early = asked_to_stop and child.returncode == -signal.SIGTERM
     if child.returncode not in (0, None) and not stopped_early:
-        record_harness_error(store, "fuzz slice",
-                             f"job process exited with status {child.returncode}")
+        _harness_error_if_possible(store, "fuzz slice",
+                                   f"job process exited with status {child.returncode}")
+    return _read_stats(work)
+
+
+def _harness_error_if_possible(store: FarmStore, where: str, error: str) -> None:
+    """A slice's own failure, recorded unless Redis is away right now (it is logged anyway)."""
     try:
-        return JobStats.from_json(json.loads(stats_path(work, 0).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
+        record_harness_error(store, where, error)
+    except StoreError:
+        log.warning("harness error in %s (not recorded, Redis unavailable): %s", where, error)
 
 
 class _CampaignWatch:
-    """Tells a running slice that its campaign no longer runs: a state change arrives at once
-    on a subscription (free of commands); the state is also read every STATE_CHECK seconds in
-    case a message was missed (Redis restarted, say)."""
+    """Tells a running slice to stop: its campaign no longer runs, or its worker is shutting
+    down. Either arrives at once on a subscription (free of commands); the campaign's state is
+    also read every STATE_CHECK seconds in case a message was missed (Redis restarted, say)."""
 
-    def __init__(self, store: FarmStore, cid: str) -> None:
-        self.store, self.cid = store, cid
+    def __init__(self, store: FarmStore, cid: str, worker: str | None = None) -> None:
+        self.store, self.cid, self.worker = store, cid, worker
         self.sub: StateWatch | None = None
         self.done = False
         self.next_check = time.monotonic() + STATE_CHECK
         try:
-            self.sub = store.campaigns.watch_state(cid)
+            self.sub = store.campaigns.watch_state(cid, worker)
         except StoreError:
             self.sub = None
 
@@ -246,6 +387,8 @@ class _CampaignWatch:
             self.next_check = time.monotonic() + STATE_CHECK
             try:
                 self.done = self.store.campaigns.state(self.cid) != "running"
+                if self.sub is None and not self.done:  # a restarted Redis: listen again
+                    self.sub = self.store.campaigns.watch_state(self.cid, self.worker)
             except StoreError:
                 return False  # Redis restarting: the slice goes on
         return self.done

@@ -91,7 +91,7 @@ def farm_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmData]:
                 "buckets": 1 + i // 6, "workers": 2})
         # what its finished slices added up to
         sid = store.campaigns.new_slice(cid, "seed", 30.0)
-        store.campaigns.start_slice(sid, "w1@test")
+        store.campaigns.claim_slice(sid, "w1@test")
         store.campaigns.finish_slice(sid, cid, {"execs": 121000, "edges": 410})
         store.stats.heartbeat("w1@test", "fuzz", "abc")
         store.corpus.add("seed", [p.read_bytes() for p in

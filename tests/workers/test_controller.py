@@ -63,7 +63,7 @@ def test_a_running_campaign_keeps_its_slices_in_flight(store: FarmStore,
     c.step()
     assert len(sent.slices) == 3  # nothing more while those are in flight
     first = sent.slices[0]
-    assert store.campaigns.start_slice(first, "w@h")
+    assert store.campaigns.claim_slice(first, "w@h")
     store.campaigns.finish_slice(first, cid, {"execs": 500, "edges": 9})
     c.step(full=False)  # a wake-up's step
     assert len(sent.slices) == 4 and first not in store.campaigns.inflight(cid)
@@ -82,7 +82,7 @@ def test_a_slice_whose_worker_died_is_marked_lost_and_replaced(
     cid = store.campaigns.create("seed", 1, 1.0)
     c.step()
     (running,) = sent.slices
-    store.campaigns.start_slice(running, "w@h")
+    store.campaigns.claim_slice(running, "w@h")
     c.step()
     assert sent.slices == [running]  # running, not yet overdue
     wait_for(stepped_until(c, lambda: store.stats.counters().get("slices_lost")), 15,
@@ -121,7 +121,7 @@ def test_stopping_a_campaign_lets_its_slices_end_then_stops_it(
     assert len(sent.slices) == 2  # no new slice for a stopping campaign
     assert store.campaigns.state(cid) == "stopping"  # its slices are still out
     first, second = sent.slices
-    store.campaigns.start_slice(first, "w@h")
+    store.campaigns.claim_slice(first, "w@h")
     store.campaigns.finish_slice(first, cid, {"execs": 1, "edges": 1})
     store.campaigns.drop_slice(second, cid, "cancelled")  # as a worker does on a stopped one
     c.step(full=False)
@@ -170,7 +170,7 @@ def test_the_controller_is_woken_instead_of_polling(store: FarmStore,
     cid = store.campaigns.create("seed", 2, 30.0)
     wait_for(lambda: len(sent.slices) == 2, 10, "the new campaign's slices", poll=0.1)
     first = sent.slices[0]
-    store.campaigns.start_slice(first, "w@h")
+    store.campaigns.claim_slice(first, "w@h")
     store.campaigns.finish_slice(first, cid, {"execs": 1, "edges": 1})
     wait_for(lambda: len(sent.slices) == 3, 10, "a slice to replace the finished one",
              poll=0.1)

@@ -104,10 +104,10 @@ def test_corpus_is_shared_by_sha_and_sampled(store: FarmStore) -> None:
 def test_a_slice_counts_once_in_its_campaign(store: FarmStore) -> None:
     cid = store.campaigns.create("seed", 1, 5)
     sid = store.campaigns.new_slice(cid, "seed", 5)
-    assert store.campaigns.start_slice(sid, "w")
+    assert store.campaigns.claim_slice(sid, "w")
     assert store.campaigns.finish_slice(sid, cid, {"execs": 100, "edges": 7})
     assert not store.campaigns.finish_slice(sid, cid, {"execs": 100, "edges": 7})
-    assert not store.campaigns.start_slice(sid, "w")  # a redelivered message does no work twice
+    assert not store.campaigns.claim_slice(sid, "w")  # a redelivered message does no work twice
     c = store.campaigns.get(cid)
     assert c is not None and (c.execs, c.edges, c.slices_done) == (100, 7, 1)
     assert store.campaigns.inflight(cid) == []

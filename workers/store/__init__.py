@@ -57,6 +57,10 @@ class FarmStore:
         """Raises StoreError (StoreUnavailable when nothing answers) unless Redis answers."""
         self._conn.ping()
 
+    def clients(self) -> int:
+        """Client connections the Redis server has, this store's included."""
+        return self._conn.clients()
+
     def commands_processed(self) -> int:
         """Commands the Redis server ran since it started (for measuring the farm's load)."""
         return self._conn.commands_processed()

@@ -34,8 +34,8 @@ Schema
     for a minimized input).
     Written by: triage, minimize, verify.
 `ff:triage:pending` (zset)
-    `<kernel>:<sha256>` → when sent: triage not yet finished; the controller re-sends
-    entries older than `FUZZFARM_TRIAGE_GRACE`.
+    `<kernel>:<sha256>` → when sent, by Redis's clock: triage not yet finished; the
+    controller re-sends entries older than `FUZZFARM_TRIAGE_GRACE`.
     Written by: slices (before sending), triage (removes).
 """
 
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from workers.store.blobs import blob_key, sha256
-from workers.store.connection import Connection, decode, decode_hash
+from workers.store.connection import Connection, decode, decode_hash, server_time
 
 BUCKETS = "ff:buckets"
 SIZES = "ff:bucket-sizes"
@@ -315,7 +315,7 @@ class Triage:
     def pending(self, shas: list[str], kernel: str) -> None:
         """Recorded before the task is sent."""
         if shas:
-            now = time.time()
+            now = server_time(self._r)
             self._r.zadd(PENDING, {f"{kernel}:{sha}": now for sha in shas}, nx=True)
 
     def done(self, shas: list[str], kernel: str) -> None:
@@ -324,7 +324,7 @@ class Triage:
 
     def stale(self, older_than: float) -> list[tuple[str, str]]:
         """(sha, kernel) of the inputs waiting longer than `older_than` seconds."""
-        items = self._r.zrangebyscore(PENDING, 0, time.time() - older_than)
+        items = self._r.zrangebyscore(PENDING, 0, server_time(self._r) - older_than)
         out = []
         for item in items:
             kernel, sha = decode(item).rsplit(":", 1)
@@ -334,8 +334,13 @@ class Triage:
     def touch(self, items: list[tuple[str, str]]) -> None:
         """Restart the grace period of (sha, kernel) entries that are being sent again."""
         if items:
-            now = time.time()
+            now = server_time(self._r)
             self._r.zadd(PENDING, {f"{kernel}:{sha}": now for sha, kernel in items}, xx=True)
+
+    def waiting(self) -> list[tuple[str, str]]:
+        """(sha, kernel) of every input sent to triage and not yet triaged."""
+        return [(sha, kernel) for kernel, sha in
+                (decode(item).rsplit(":", 1) for item in self._r.zrange(PENDING, 0, -1))]
 
     def backlog(self) -> int:
         return int(self._r.zcard(PENDING))

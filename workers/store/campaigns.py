@@ -10,16 +10,21 @@ Schema
     Written by: campaign creation (adds), a change to `stopped` (removes).
 `ff:campaign:<id>` (hash)
     `id`, `kernel`, `state` (running, stopping, stopped), `slices` (in flight),
-    `slice_seconds`, `created`, `execs`, `edges` (max over slices), `slices_done`.
+    `slice_seconds`, `created`, `execs`, `edges` (max over slices), `slices_done`, `paused`
+    (1: stopped by the farm's own shutdown, resumed by the next `fuzzfarm up`).
     Written by: creation; the `FINISH_SLICE` script adds each slice's counts once.
 `ff:campaign:<id>:inflight` (set)
     Slice ids queued or running.
     Written by: the controller (adds), slices (remove when done).
 `ff:slice:<id>` (hash)
     `id`, `campaign`, `kernel`, `seconds`, `state` (queued, running, done, lost, cancelled,
-    unsent), `queued`, `started`, `worker`, `finished`, `stats` (JSON: execs, edges,
-    execs_per_second, new_inputs, findings, harness_errors, stop_reason).
-    Written by: the controller, the fuzz slice.
+    unsent), `queued`, `started`, `seen` (its last progress report), `worker`, `finished`,
+    `execs_reported` (execs already added to the campaign), `stats` (JSON: execs, edges,
+    execs_per_second, new_inputs, findings, harness_errors, stop_reason). Every time is
+    Redis's own clock (`TIME`), so machines whose clocks disagree judge a slice alike.
+    Written by: the controller, the fuzz slice (claimed from `queued` to `running` in one
+    script; progress every few seconds and the end by scripts that add to the campaign only
+    what was not added before).
 `ff:controller:wake` (list)
     At most a few ids, pushed when a slice finishes or a campaign is created or changed: the
     controller blocks on it (`BLPOP`, timeout half the lost-slice grace, at most 60 s)
@@ -29,6 +34,10 @@ Schema
     The campaign's new state, published when it changes: running slices stop at once
     without polling (they still read the state once a minute in case a message was lost).
     Written by: campaign changes.
+`ff:worker:<node name>:stop` (pub/sub channel)
+    Published when a worker begins to shut down: its running slice stops its job at once and
+    reports what it did, instead of fuzzing on for the rest of its time.
+    Written by: the worker (on SIGTERM, `docker stop`, the end of `fuzzfarm up`).
 
 A campaign's time series (`ff:campaign:<id>:series`) is a statistic: `workers/store/stats.py`.
 """
@@ -43,7 +52,7 @@ from typing import Any
 
 from redis.client import PubSub
 
-from workers.store.connection import Connection, decode, decode_hash, hashes
+from workers.store.connection import Connection, decode, decode_hash, hashes, server_time
 
 CAMPAIGNS = "ff:campaigns"
 ACTIVE = "ff:campaigns:active"
@@ -66,15 +75,68 @@ def slice_key(sid: str) -> str:
     return "ff:slice:" + sid
 
 
+def worker_stop_channel(worker: str) -> str:
+    return "ff:worker:" + worker + ":stop"
+
+
+# the server's clock in seconds, inside a script
+_NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1000000\n"
+
+# KEYS: slice hash, the campaign's in-flight set. ARGV: slice id, campaign id, kernel, seconds.
+NEW_SLICE = _NOW + """
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'campaign', ARGV[2], 'kernel', ARGV[3],
+           'seconds', ARGV[4], 'state', 'queued', 'queued', tostring(now))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: slice hash. ARGV: worker. Only a queued slice is started, once: a message delivered
+# again (its worker died, or the visibility timeout passed) finds it running, lost or done.
+CLAIM_SLICE = _NOW + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[1], 'started', tostring(now),
+           'seen', tostring(now))
+return 1
+"""
+
+# KEYS: slice hash, campaign hash. ARGV: execs so far, edges so far.
+# Adds to the campaign the execs not added yet; a slice declared lost that still reports is
+# counted too (its work happened), a finished one not again.
+SLICE_PROGRESS = _NOW + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' and state ~= 'lost' then return 0 end
+local done = tonumber(redis.call('HGET', KEYS[1], 'execs_reported') or '0')
+local execs = tonumber(ARGV[1])
+if execs > done then
+  redis.call('HINCRBY', KEYS[2], 'execs', execs - done)
+  redis.call('HSET', KEYS[1], 'execs_reported', execs)
+end
+local edges = tonumber(redis.call('HGET', KEYS[2], 'edges') or '0')
+if tonumber(ARGV[2]) > edges then redis.call('HSET', KEYS[2], 'edges', ARGV[2]) end
+redis.call('HSET', KEYS[1], 'seen', tostring(now))
+return 1
+"""
+
+
+# KEYS: slice hash, the campaign's in-flight set. ARGV: slice id, new state.
+DROP_SLICE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'done' then redis.call('HSET', KEYS[1], 'state', ARGV[2]) end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 # KEYS: slice hash, campaign hash, campaign's in-flight set, controller wake-up list.
-# ARGV: slice id, stats json, execs, edges, now.
-# A slice's statistics are added to its campaign once, however often it is reported; the
-# controller is woken to send the next slice at once.
-FINISH_SLICE = """
+# ARGV: slice id, stats json, execs, edges.
+# A slice's statistics are added to its campaign once, however often it is reported (less
+# what its progress reports added already); the controller is woken to send the next slice.
+FINISH_SLICE = _NOW + """
 redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('HGET', KEYS[1], 'state') == 'done' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[5], 'stats', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'execs', ARGV[3])
+local done = tonumber(redis.call('HGET', KEYS[1], 'execs_reported') or '0')
+redis.call('HSET', KEYS[1], 'state', 'done', 'finished', tostring(now), 'stats', ARGV[2],
+           'execs_reported', math.max(done, tonumber(ARGV[3])))
+if tonumber(ARGV[3]) > done then redis.call('HINCRBY', KEYS[2], 'execs', ARGV[3] - done) end
 local edges = tonumber(redis.call('HGET', KEYS[2], 'edges') or '0')
 if tonumber(ARGV[4]) > edges then redis.call('HSET', KEYS[2], 'edges', ARGV[4]) end
 redis.call('HINCRBY', KEYS[2], 'slices_done', 1)
@@ -98,13 +160,14 @@ class Campaign:
     execs: int
     edges: int
     slices_done: int
+    paused: bool = False  # stopped by the farm's shutdown, to be resumed by the next start
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Campaign:
         return cls(h["id"], h.get("kernel", ""), h.get("state", ""), int(h.get("slices", 0)),
                    float(h.get("slice_seconds", 0)), float(h.get("created", 0)),
                    int(h.get("execs", 0)), int(h.get("edges", 0)),
-                   int(h.get("slices_done", 0)))
+                   int(h.get("slices_done", 0)), h.get("paused") == "1")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +182,7 @@ class Slice:
     state: str  # queued, running, done, lost, cancelled, unsent
     queued: float | None
     started: float | None
+    seen: float | None  # the last progress report (or the start)
     worker: str | None
     finished: float | None
     stats: dict[str, Any] | None
@@ -127,7 +191,8 @@ class Slice:
     def from_hash(cls, h: dict[str, str]) -> Slice:
         return cls(h["id"], h.get("campaign", ""), h.get("kernel", ""),
                    float(h.get("seconds", 0)), h.get("state", ""), _float(h.get("queued")),
-                   _float(h.get("started")), h.get("worker"), _float(h.get("finished")),
+                   _float(h.get("started")), _float(h.get("seen")), h.get("worker"),
+                   _float(h.get("finished")),
                    json.loads(h["stats"]) if h.get("stats") else None)
 
 
@@ -153,6 +218,10 @@ class Campaigns:
         self._conn = conn
         self._r = conn.client
         self._finish = conn.script(FINISH_SLICE)
+        self._new_slice = conn.script(NEW_SLICE)
+        self._claim = conn.script(CLAIM_SLICE)
+        self._progress = conn.script(SLICE_PROGRESS)
+        self._drop = conn.script(DROP_SLICE)
 
     # campaigns -------------------------------------------------------------------------------
     def create(self, kernel: str, slices: int, slice_seconds: float) -> str:
@@ -183,12 +252,16 @@ class Campaigns:
         """Campaigns running or stopping (what the controller looks after)."""
         return self._many(sorted(decode(c) for c in self._r.smembers(ACTIVE)))
 
-    def set_state(self, cid: str, state: str) -> None:
-        """Change a campaign's state and tell its running slices and the controller at once."""
+    def set_state(self, cid: str, state: str, *, paused: bool = False) -> None:
+        """Change a campaign's state and tell its running slices and the controller at once.
+        `paused`: stopped by the farm's own shutdown (`fuzzfarm up` resumes it next time),
+        not by a user."""
         with self._r.pipeline() as p:
-            p.hset(campaign_key(cid), "state", state)
+            p.hset(campaign_key(cid), mapping={"state": state, "paused": int(paused)})
             if state == "stopped":
                 p.srem(ACTIVE, cid)
+            else:
+                p.sadd(ACTIVE, cid)
             p.publish(state_channel(cid), state)
             p.lpush(WAKE, cid)
             p.execute()
@@ -203,10 +276,11 @@ class Campaigns:
         state = self._r.hget(campaign_key(cid), "state")
         return decode(state) if state is not None else None
 
-    def watch_state(self, cid: str) -> StateWatch:
-        """A subscription that receives the campaign's state changes as they happen."""
+    def watch_state(self, cid: str, worker: str | None = None) -> StateWatch:
+        """A subscription that receives the campaign's state changes as they happen, and, with
+        `worker`, "stopping" when that worker begins to shut down."""
         sub = self._r.pubsub(ignore_subscribe_messages=True)
-        sub.subscribe(state_channel(cid))
+        sub.subscribe(state_channel(cid), *([worker_stop_channel(worker)] if worker else []))
         return StateWatch(sub)
 
     def wait_for_wake(self, timeout: float) -> bool:
@@ -218,13 +292,7 @@ class Campaigns:
     # slices ----------------------------------------------------------------------------------
     def new_slice(self, cid: str, kernel: str, seconds: float) -> str:
         sid = uuid.uuid4().hex[:12]
-        # no MULTI: a slice hash left without its in-flight entry by a crash is never run
-        with self._r.pipeline(transaction=False) as p:
-            p.hset(slice_key(sid), mapping={
-                "id": sid, "campaign": cid, "kernel": kernel, "seconds": seconds,
-                "state": "queued", "queued": time.time()})
-            p.sadd(inflight_key(cid), sid)
-            p.execute()
+        self._new_slice(keys=[slice_key(sid), inflight_key(cid)], args=[sid, cid, kernel, seconds])
         return sid
 
     def slice(self, sid: str) -> Slice | None:
@@ -235,29 +303,38 @@ class Campaigns:
         """Those of `sids` that exist, in one round trip."""
         return [Slice.from_hash(h) for h in hashes(self._r, [slice_key(s) for s in sids])]
 
-    def start_slice(self, sid: str, worker: str) -> bool:
-        """Mark a slice running; False if it already finished (a redelivered message)."""
-        key = slice_key(sid)
-        if decode(self._r.hget(key, "state") or b"") == "done":
-            return False
-        self._r.hset(key, mapping={"state": "running", "worker": worker,
-                                   "started": time.time()})
-        return True
+    def claim_slice(self, sid: str, worker: str) -> bool:
+        """Start a queued slice on `worker`, in one step; False if it is not queued (a message
+        delivered again after its worker died or after it finished: the controller replaces
+        a slice that was lost)."""
+        return bool(self._claim(keys=[slice_key(sid)], args=[worker]))
+
+    def slice_progress(self, sid: str, cid: str, execs: int, edges: int) -> bool:
+        """A running slice's counts so far: the campaign gets the execs not yet added, the
+        slice is seen now (by Redis's clock). False once the slice has finished."""
+        return bool(self._progress(keys=[slice_key(sid), campaign_key(cid)],
+                                   args=[int(execs), int(edges)]))
 
     def finish_slice(self, sid: str, cid: str, stats: dict[str, Any]) -> bool:
-        """Record a slice's statistics and add them to its campaign, once; False if it was
-        already recorded."""
+        """Record a slice's statistics and add them to its campaign, once (less what its
+        progress reports added); False if it was already recorded."""
         done = self._finish(keys=[slice_key(sid), campaign_key(cid), inflight_key(cid), WAKE],
                             args=[sid, json.dumps(stats), int(stats.get("execs", 0)),
-                                  int(stats.get("edges", 0)), time.time()])
+                                  int(stats.get("edges", 0))])
         return bool(done)
 
     def drop_slice(self, sid: str, cid: str, state: str) -> None:
-        """Take a slice out of its campaign's flight as lost, cancelled or unsent."""
-        with self._r.pipeline() as p:
-            p.hset(slice_key(sid), "state", state)
-            p.srem(inflight_key(cid), sid)
-            p.execute()
+        """Take a slice out of its campaign's flight as lost, cancelled or unsent (a slice
+        that has finished meanwhile stays done)."""
+        self._drop(keys=[slice_key(sid), inflight_key(cid)], args=[sid, state])
+
+    def server_time(self) -> float:
+        """Redis's clock, in seconds: what slice times are written in."""
+        return server_time(self._r)
+
+    def stop_worker_slices(self, worker: str) -> None:
+        """Tell the slice running on `worker` (a node name) to stop now and report."""
+        self._r.publish(worker_stop_channel(worker), "stopping")
 
     def inflight(self, cid: str) -> list[str]:
         return sorted(decode(s) for s in self._r.smembers(inflight_key(cid)))

@@ -31,6 +31,13 @@ def decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {decode(k): decode(v) for k, v in raw.items()}
 
 
+def server_time(r: redis.Redis) -> float:
+    """Redis's clock in seconds: every time the farm compares across machines is in it, so
+    that their own clocks may disagree."""
+    seconds, micros = r.time()
+    return float(seconds) + micros / 1e6
+
+
 def hashes(r: redis.Redis, keys: list[str]) -> list[dict[str, str]]:
     """The hashes at `keys` that exist, decoded, in one round trip."""
     if not keys:
@@ -71,6 +78,10 @@ class Connection:
     def ping(self) -> None:
         """Raises StoreError (StoreUnavailable when nothing answers) unless Redis answers."""
         self.client.ping()
+
+    def clients(self) -> int:
+        """Client connections the server has, this one included."""
+        return len(self.client.client_list())
 
     def commands_processed(self) -> int:
         """The server's count of commands run since it started (INFO stats)."""

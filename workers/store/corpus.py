@@ -55,5 +55,8 @@ class Corpus:
             p.zadd(key, dict.fromkeys(new, time.time()), nx=True)
             return int(p.execute()[-1])
 
+    def has(self, kernel: str, sha: str) -> bool:
+        return self._r.zscore(corpus_key(kernel), sha) is not None
+
     def size(self, kernel: str) -> int:
         return int(self._r.zcard(corpus_key(kernel)))
