@@ -34,6 +34,7 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _store(args: argparse.Namespace) -> Any:
+    from workers.settings import redact_url
     from workers.store import FarmStore, StoreError
 
     url = _url(args)
@@ -41,8 +42,8 @@ def _store(args: argparse.Namespace) -> Any:
     try:
         store.ping()
     except StoreError as e:
-        raise FarmUsageError(f"cannot reach Redis at {url} ({e}); is `fuzzfarm up` running, "
-                             f"or is --redis-url / REDIS_URL right?") from None
+        raise FarmUsageError(f"cannot reach Redis at {redact_url(url)} ({e}); is `fuzzfarm up` "
+                             "running, or is --redis-url / REDIS_URL right?") from None
     return store
 
 
@@ -188,6 +189,8 @@ def _stdout() -> Console:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from workers.settings import redact_url
+
     store = _store(args)
     campaigns = store.campaigns.all()
     buckets = store.buckets.all()
@@ -195,13 +198,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     counters = store.stats.counters()
     kernels = store.kernels.names()
     if args.json:
-        info = {"redis": _url(args), "campaigns": [c.to_json() for c in campaigns],
+        info = {"redis": redact_url(_url(args)), "campaigns": [c.to_json() for c in campaigns],
                 "workers": {k: w.to_json() for k, w in workers.items()},
                 "buckets": len(buckets), "counters": counters, "kernels": kernels}
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
     out = _stdout()
-    out.print(f"Redis {_url(args)} · kernels: {', '.join(kernels) or 'none'}")
+    out.print(f"Redis {redact_url(_url(args))} · kernels: {', '.join(kernels) or 'none'}")
     out.print(f"workers seen in the last 2 minutes: {len(workers)}")
     if campaigns:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
