@@ -144,8 +144,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise FarmUsageError(str(e)) from None
         if farm.dashboard_port is not None:
             out.say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
-        out.say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the "
-                "farm")
+        out.say(f"in another shell: REDIS_URL={farm.url_for_shell()} fuzzfarm status; Ctrl-C "
+                "stops the farm")
         last = 0.0
         while args.seconds is None or time.monotonic() - started < args.seconds:
             time.sleep(1.0)
