@@ -19,6 +19,7 @@ import redis
 
 from tests.workers.conftest import ROOT, wait_for
 from workers.local import url_from_status
+from workers.redis_server import find_server
 from workers.store import FarmStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.farm]
@@ -54,9 +55,23 @@ def _descendants(root: int, procs: dict[int, tuple[int, bytes]]) -> set[int]:
         found |= more
 
 
-def _up(data: Path, err: Path, *args: str) -> subprocess.Popen[bytes]:
+def _recording_server(folder: Path) -> Path:
+    """A `redis-server` for PATH that writes down the arguments it was started with, then runs
+    the server the farm would: the server itself soon overwrites them in /proc/PID/cmdline
+    with its title, so that alone would not show what `ps` saw at first."""
+    folder.mkdir()
+    script = folder / "redis-server"
+    script.write_text(f'#!/bin/sh\necho "$*" >> {folder / "argv"}\n'
+                      f'exec {find_server().server} "$@"\n')
+    script.chmod(0o755)
+    return folder
+
+
+def _up(data: Path, err: Path, *args: str, path: Path | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("REDIS_URL", None)
+    if path is not None:
+        env["PATH"] = f"{path}:{env['PATH']}"
     with err.open("w") as stream:
         return subprocess.Popen([sys.executable, "-m", "fuzzfarm.cli", "up", "--workers", "1",
                                  "--slice-seconds", "5", "--data", str(data), *args],
@@ -66,7 +81,8 @@ def _up(data: Path, err: Path, *args: str) -> subprocess.Popen[bytes]:
 
 def test_up_keeps_its_redis_password_private(tmp_path: Path) -> None:
     data, err = tmp_path / "farm", tmp_path / "up.err"
-    up = _up(data, err, "--port", str(_free_port()))
+    server = _recording_server(tmp_path / "bin")
+    up = _up(data, err, "--port", str(_free_port()), path=server)
     try:
         url = str(wait_for(lambda: url_from_status(err.read_text()), 120,
                            "fuzzfarm up to say how to reach its Redis"))
@@ -83,6 +99,11 @@ def test_up_keeps_its_redis_password_private(tmp_path: Path) -> None:
             assert part in seen, (part, seen)
         for pid, (_, cmdline) in procs.items():
             assert password.encode() not in cmdline, (pid, cmdline)
+        version, started = (server / "argv").read_text().splitlines()
+        argv = started.split()
+        assert version == "--version" and password not in started
+        assert argv[0] == str(data / "redis" / "redis.conf")
+        assert argv[argv.index("--bind") + 1] == "127.0.0.1"
         # what the farm's processes learn it from: their environment, private to this user
         controller = next(pid for pid, cmd in farm.items() if b"workers.controller" in cmd)
         assert f"REDIS_URL={url}\0".encode() in Path(f"/proc/{controller}/environ").read_bytes()
