@@ -338,7 +338,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     if args.action == "add":
         if not args.profile:
             raise FarmUsageError("kernel add needs a PROFILE.toml")
-        name = add_kernel(store, Path(args.profile), args.name)
+        name = add_kernel(store, Path(args.profile), args.name, args.sha256)
         entry = store.kernels.get(name)
         print(f"added kernel build '{name}' (image sha256 {entry.image if entry else '?'})")
         return EXIT_OK
@@ -440,6 +440,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("action", choices=["add", "list"])
     p.add_argument("profile", nargs="?", metavar="PROFILE.toml")
     p.add_argument("--name", default=None, help="build name (default: the profile's name)")
+    p.add_argument("--sha256", default=None, metavar="HEX",
+                   help="with add: the sha256 the image must have (your build's), checked "
+                        "before it is uploaded")
     redis_opt(p)
     p.set_defaults(func=cmd_kernel)
 

@@ -32,16 +32,32 @@ class KernelError(ProfileError):
     """A kernel build that cannot be added or found."""
 
 
-def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None) -> str:
+def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None,
+               image_sha256: str | None = None) -> str:
     """Upload a profile and its image; returns the build's name. Re-adding the same bytes is a
-    no-op; the same name with other bytes replaces the build."""
+    no-op; the same name with other bytes replaces the build. With `image_sha256`, the image
+    must have that hash. What Redis then holds is read back and checked."""
     profile = load_profile_file(profile_path)  # validates the profile and finds the image
     name = name or profile.name
     if not NAME.match(name):
         raise KernelError(f"kernel name {name!r}: use letters, digits, '.', '_' or '-'")
     stored = stored_profile(profile_path.read_text(), profile_path)
-    image_sha = store.blobs.put(profile.image.read_bytes())
+    image = profile.image.read_bytes()
+    image_sha = sha256(image)
+    if image_sha256 is not None and image_sha != image_sha256.lower():
+        raise KernelError(f"{profile.image}: its sha256 is {image_sha}, not {image_sha256}")
+    store.blobs.put(image)
+    if not store.blobs.holds(image_sha):
+        # a blob of that name with other bytes, which nothing in the farm writes
+        log.warning("kernel add: Redis held other bytes under image %s; replaced", image_sha)
+        store.blobs.overwrite(image)
+        if not store.blobs.holds(image_sha):
+            raise KernelError(f"kernel build '{name}': Redis does not keep its image intact")
     store.kernels.put(name, stored, image_sha, profile.description)
+    entry = store.kernels.get(name)
+    if entry is None or entry.image != image_sha or entry.profile != stored:
+        raise KernelError(f"kernel build '{name}': Redis does not hold it as uploaded (was it "
+                          "replaced at the same moment?)")
     return name
 
 

@@ -1,8 +1,10 @@
 """A kernel build's profile as workers get it: the user's TOML with its image renamed; the
-image they boot, checked against its sha256 whenever it is loaded."""
+image they boot, checked against its sha256 whenever it is loaded and when it is uploaded."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from kernel_emu.profile import PROFILE_DIR
 from tests.workers.conftest import ROOT, RedisServer
 from workers import work
-from workers.kernels import STORED_IMAGE, KernelError, materialize, stored_profile
+from workers.kernels import STORED_IMAGE, KernelError, add_kernel, materialize, stored_profile
 from workers.settings import Settings
 from workers.store import FarmStore, sha256
 from workers.store.blobs import blob_key
@@ -84,3 +86,44 @@ def test_a_damaged_image_in_redis_and_in_the_cache_is_a_harness_error(
     raw.set(blob_key(entry.image), b"not the image either")
     with pytest.raises(KernelError, match="does not match its sha256"):
         materialize(store, "seed", tmp_path / "cache")
+
+
+def _profile_copy(tmp_path: Path) -> Path:
+    """A user's profile of the seed build, in a folder of its own."""
+    text = (PROFILE_DIR / "seed.toml").read_text().replace(
+        'image = "../images/seed.elf"', f'image = "{ROOT / "kernel_emu" / "images" / "seed.elf"}"')
+    path = tmp_path / "mine.toml"
+    path.write_text(text.replace('name = "seed"', 'name = "mine"'))
+    return path
+
+
+@pytest.mark.redis
+def test_kernel_add_checks_what_redis_keeps(store: FarmStore, tmp_path: Path) -> None:
+    image = (ROOT / "kernel_emu" / "images" / "seed.elf").read_bytes()
+    raw = store._conn.client  # noqa: SLF001
+    raw.set(blob_key(sha256(image)), b"planted under the image's name")
+    assert add_kernel(store, _profile_copy(tmp_path)) == "mine"
+    assert store.blobs.get(sha256(image)) == image  # replaced, not kept as found
+    entry = store.kernels.get("mine")
+    assert entry is not None and entry.image == sha256(image)
+
+
+@pytest.mark.redis
+def test_kernel_add_with_a_sha256_uploads_only_that_image(store: FarmStore,
+                                                          redis_server: RedisServer,
+                                                          tmp_path: Path) -> None:
+    profile = _profile_copy(tmp_path)
+    image_sha = sha256((ROOT / "kernel_emu" / "images" / "seed.elf").read_bytes())
+
+    def add(sha: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "kernel", "add",
+                               str(profile), "--sha256", sha, "--redis-url", redis_server.url],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    wrong = add("0" * 64)
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert f"its sha256 is {image_sha}, not {'0' * 64}" in wrong.stderr
+    assert "mine" not in store.kernels.names()
+    right = add(image_sha.upper())
+    assert right.returncode == 0, right.stderr
+    assert f"added kernel build 'mine' (image sha256 {image_sha})" in right.stdout
