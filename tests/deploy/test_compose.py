@@ -191,6 +191,14 @@ def test_published_ports_are_on_the_loopback_only(compose: dict[str, Any]) -> No
     assert "http://127.0.0.1:8000/healthz" in " ".join(health_words(dashboard))
     assert service_env(dashboard)["FUZZFARM_DASHBOARD_TOKEN"] == TEST_ENV[
         "FUZZFARM_DASHBOARD_TOKEN"]
+    # read protection is passed through when set, and off (empty) when not
+    assert {k: v for k, v in service_env(dashboard).items() if "READ" in k or "TRUST" in k} == {
+        "FUZZFARM_DASHBOARD_READ_TOKEN": "", "FUZZFARM_DASHBOARD_TRUST_HEADER": ""}
+    env = {**TEST_ENV, "FUZZFARM_DASHBOARD_READ_TOKEN": "r", "FUZZFARM_DASHBOARD_TRUST_HEADER":
+           "X-Forwarded-User"}
+    guarded = service_env(load(env)["services"]["dashboard"])
+    assert guarded["FUZZFARM_DASHBOARD_READ_TOKEN"] == "r"
+    assert guarded["FUZZFARM_DASHBOARD_TRUST_HEADER"] == "X-Forwarded-User"
     for name, service in compose["services"].items():
         for host, _, _ in host_ports(service):
             assert host == "127.0.0.1", f"{name} publishes beyond localhost"
