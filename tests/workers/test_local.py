@@ -67,6 +67,36 @@ def _recording_server(folder: Path) -> Path:
     return folder
 
 
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on, from /proc/net."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue  # exited
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue  # closed meanwhile (the listing's own, for one)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = []
+    for table, size in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            raw = bytes.fromhex(addr)
+            # /proc/net shows addresses as 32-bit words in host (little-endian) order
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((socket.inet_ntop(socket.AF_INET if size == 8 else socket.AF_INET6,
+                                           words), int(port, 16)))
+    return found
+
+
 def _up(data: Path, err: Path, *args: str, path: Path | None = None) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("REDIS_URL", None)
@@ -105,6 +135,10 @@ def test_up_keeps_its_redis_password_private(tmp_path: Path) -> None:
         assert argv[0] == str(data / "redis" / "redis.conf")
         assert argv[argv.index("--bind") + 1] == "127.0.0.1"
         # what the farm's processes learn it from: their environment, private to this user
+        # Redis and the dashboard listen on the loopback only, and nothing else listens
+        listening = _listening(set(farm))
+        assert len(listening) >= 2 and {a for a, _ in listening} <= {"127.0.0.1", "::1"}, \
+            listening
         controller = next(pid for pid, cmd in farm.items() if b"workers.controller" in cmd)
         assert f"REDIS_URL={url}\0".encode() in Path(f"/proc/{controller}/environ").read_bytes()
         port = int(url.rsplit(":", 1)[1].split("/")[0])
