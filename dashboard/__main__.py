@@ -7,8 +7,10 @@ import argparse
 import os
 import sys
 
+from dashboard.access import READ_TOKEN_ENV, TRUST_HEADER_ENV, AccessError
 from dashboard.app import LOCAL_HOSTS, TOKEN_ENV, create_app
 from dashboard.coverage import DEFAULT_SAMPLE
+from workers.paths import UnsafeCache, private_dir
 from workers.settings import Settings
 
 DEFAULT_PORT = 8000
@@ -42,12 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.port < 65536:
         print(f"dashboard: bad port {args.port}", file=sys.stderr)
         return 2
-    app = create_app(args.redis_url, token=token, local=local,
-                     coverage_sample=max(1, args.coverage_sample))
+    read_token = os.environ.get(READ_TOKEN_ENV) or None
+    trust_header = os.environ.get(TRUST_HEADER_ENV) or None
+    try:
+        private_dir(Settings.from_env().cache_dir)
+        app = create_app(args.redis_url, token=token, local=local,
+                         coverage_sample=max(1, args.coverage_sample), read_token=read_token,
+                         trust_header=trust_header)
+    except (AccessError, UnsafeCache) as e:
+        print(f"dashboard: {e}", file=sys.stderr)
+        return 2
     from waitress import serve
 
     listen = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     print(f"dashboard: http://{listen}/", file=sys.stderr, flush=True)
+    guards = ([f"the read token ({READ_TOKEN_ENV})"] if read_token else []) + (
+        [f"the {trust_header} header of a reverse proxy"] if trust_header else [])
+    if guards:
+        print(f"dashboard: pages need {' or '.join(guards)}", file=sys.stderr, flush=True)
     serve(app, listen=listen, threads=max(1, args.threads), ident="fuzzfarm-dashboard")
     return 0
 

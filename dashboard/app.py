@@ -7,7 +7,7 @@ is untrusted and only ever reaches a page through Jinja2's autoescaping.
 State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token
 and only send a task to the workers:
 FUZZFARM_DASHBOARD_TOKEN when it is set (it must be, beyond localhost), else a token made for
-this process and put in the forms.
+this process and put in the forms. Reading can be guarded too (`dashboard/access.py`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
+from flask import (
+    Flask,
+    Response,
+    abort,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from jinja2 import Undefined, select_autoescape
 
 from dashboard import charts, coverage, kernelinfo, metrics, report
+from dashboard.access import COOKIE, OPEN_ENDPOINTS, ReadAccess, local_path, without_token
+from kernel_emu.errors import HarnessError
 from workers.kernels import NAME
 from workers.settings import Settings
 from workers.store import Bucket, FarmStore, StoreError
@@ -35,7 +48,7 @@ from workers.store import Bucket, FarmStore, StoreError
 TOKEN_ENV = "FUZZFARM_DASHBOARD_TOKEN"
 TOKEN_HEADER = "X-Fuzzfarm-Token"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-BUCKET_ID = re.compile(r"^[0-9a-f]{8,64}$")
+BUCKET_ID = re.compile(r"[0-9a-f]{8,64}\Z")
 POLL = "every 5s"
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
@@ -56,6 +69,7 @@ class Config:
     local: bool
     coverage_sample: int
     csrf: str
+    access: ReadAccess
 
 
 def _celery_sender(redis_url: str) -> SendTask:
@@ -76,13 +90,20 @@ def _celery_sender(redis_url: str) -> SendTask:
     return send
 
 
+# answered with a plain 401 rather than the login page: what programs fetch
+PLAIN_ENDPOINTS = frozenset({"metrics_page", "download_elf", "download_report"})
+
+
 def create_app(redis_url: str | None = None, *, token: str | None = None, local: bool = True,
                cache_dir: Path | None = None, coverage_sample: int = coverage.DEFAULT_SAMPLE,
-               send_task: SendTask | None = None) -> Flask:
+               send_task: SendTask | None = None, read_token: str | None = None,
+               trust_header: str | None = None) -> Flask:
+    """The dashboard; `read_token` and `trust_header` guard reading (`dashboard.access`)."""
     settings = Settings.from_env()
     url = redis_url or settings.redis_url
+    access = ReadAccess(read_token or None, trust_header or None, token or None)
     cfg = Config(url, cache_dir or settings.cache_dir, token or None, local, coverage_sample,
-                 secrets.token_urlsafe(32))
+                 secrets.token_urlsafe(32), access)
     store = FarmStore.connect(url)
     send = send_task or _celery_sender(url)
     app = Flask(__name__)
@@ -104,6 +125,41 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
             return Response("unknown Host\n", 400, mimetype="text/plain")
         return None
 
+    @app.before_request
+    def _read_check() -> Response | tuple[str, int] | None:
+        g.reader = None
+        if not access.guarded or request.endpoint in OPEN_ENDPOINTS:
+            return None
+        g.reader = access.reader(request)
+        if g.reader is not None:
+            return None
+        if request.method == "GET" and access.token_ok(request.args.get("token")):
+            # the token leaves the address bar (and the history) at once: the cookie stands
+            # for it from here on
+            return _signed_in(redirect(without_token(request), 303))
+        if request.headers.get("HX-Request"):
+            # a polled fragment of a page whose session ended: htmx sends the browser to log in
+            current = urlsplit(request.headers.get("HX-Current-URL", "/"))
+            page = local_path(current.path + (f"?{current.query}" if current.query else ""))
+            resp = Response("sign in again\n", 401, mimetype="text/plain")
+            resp.headers["HX-Redirect"] = url_for("login", next=page)
+            return resp
+        if request.method != "GET" or request.endpoint in PLAIN_ENDPOINTS:
+            resp = Response("authentication required\n", 401, mimetype="text/plain")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="fuzzfarm dashboard"'
+            return resp
+        return render_template("login.html", next=without_token(request), wrong=False), 401
+
+    def _signed_in(resp: Response) -> Response:
+        resp.set_cookie(COOKIE, access.cookie_value(), httponly=True, samesite="Lax",
+                        secure=request.is_secure, path="/")
+        return resp
+
+    @app.errorhandler(HarnessError)
+    def _harness_error(e: Exception) -> tuple[str, int]:
+        # the dashboard's own failure (its cache folder, say): said on the page, no traceback
+        return render_template("error.html", message=str(e)), 500
+
     @app.after_request
     def _headers(resp: Response) -> Response:
         resp.headers["Content-Security-Policy"] = CSP
@@ -122,6 +178,24 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
         expected = cfg.token or cfg.csrf
         if not hmac.compare_digest(given.encode(), expected.encode()):
             abort(403, description="missing or wrong dashboard token")
+
+    # reading: the login form (only with a read token) -----------------------------------------
+    @app.route("/login", methods=["GET", "POST"])
+    def login() -> Response | tuple[str, int] | str:
+        target = local_path(request.values.get("next"))
+        if not access.read_token:
+            return redirect(target, 303)  # nothing to sign in with: open, or the proxy's job
+        if request.method == "POST":
+            if access.token_ok(request.form.get("token")):
+                return _signed_in(redirect(target, 303))
+            return render_template("login.html", next=target, wrong=True), 401
+        return render_template("login.html", next=target, wrong=False)
+
+    @app.get("/logout")
+    def logout() -> Response:
+        resp = redirect(url_for("login"), 303)
+        resp.delete_cookie(COOKIE, path="/")
+        return resp
 
     # health and metrics ---------------------------------------------------------------------
     @app.get("/healthz")

@@ -21,9 +21,9 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from kernel_emu.image import KernelImage, load_image
+from workers.paths import SHA256, private_dir
 from workers.store import FarmStore, sha256
 
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 GUEST = Path(__file__).parents[1] / "kernel_emu" / "guest"
 MANIFEST = Path(__file__).parents[1] / "kernel_emu" / "images" / "manifest.json"
 # a function larger than this is not swept: no function of a kernel this size comes close, so
@@ -41,12 +41,17 @@ _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
 def image_for(store: FarmStore, image_sha: str, cache_dir: Path) -> KernelImage | None:
-    """The kernel image with this sha256, from the cache or Redis; None if Redis lacks it."""
+    """The kernel image with this sha256, from the cache or Redis; None if Redis lacks it.
+    A cached copy is hashed each time: one changed since it was written is fetched again."""
     if not SHA256.match(image_sha):
         return None
-    folder = cache_dir / "dashboard" / "images"
+    folder = private_dir(cache_dir) / "dashboard" / "images"
     path = folder / f"{image_sha}.elf"
-    if not path.is_file():
+    try:
+        cached = sha256(path.read_bytes()) == image_sha
+    except OSError:
+        cached = False
+    if not cached:
         data = store.blobs.get(image_sha)
         if data is None or sha256(data) != image_sha:
             return None

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.local import LocalFarm
+from workers.local import LocalFarm, url_from_status
 from workers.store import Campaign, FarmStore
 
 ROOT = Path(__file__).parents[1]
@@ -96,10 +95,10 @@ def _time_to_seed_bug(data: Path, workers: int, cap: float) -> float:
             while time.time() - start < cap:
                 time.sleep(0.5)
                 if store is None:
-                    m = re.search(r"REDIS_URL=(redis://\S+)", err_path.read_text())
-                    if not m:
+                    url = url_from_status(err_path.read_text())
+                    if url is None:
                         continue
-                    store = FarmStore.connect(m.group(1))
+                    store = FarmStore.connect(url)
                 for b in store.buckets.all():
                     if not b.minimized:
                         continue

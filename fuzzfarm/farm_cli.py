@@ -35,6 +35,7 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _store(args: argparse.Namespace) -> Any:
+    from workers.settings import redact_url
     from workers.store import FarmStore, StoreError
 
     url = _url(args)
@@ -42,8 +43,8 @@ def _store(args: argparse.Namespace) -> Any:
     try:
         store.ping()
     except StoreError as e:
-        raise FarmUsageError(f"cannot reach Redis at {url} ({e}); is `fuzzfarm up` running, "
-                             f"or is --redis-url / REDIS_URL right?") from None
+        raise FarmUsageError(f"cannot reach Redis at {redact_url(url)} ({e}); is `fuzzfarm up` "
+                             "running, or is --redis-url / REDIS_URL right?") from None
     return store
 
 
@@ -154,8 +155,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise FarmUsageError(str(e)) from None
         if farm.dashboard_port is not None:
             out.say(f"dashboard: http://127.0.0.1:{farm.dashboard_port}/")
-        out.say(f"in another shell: REDIS_URL={farm.url} fuzzfarm status; Ctrl-C stops the "
-                "farm")
+        out.say(f"in another shell: REDIS_URL={farm.url_for_shell()} fuzzfarm status; Ctrl-C "
+                "stops the farm")
         last = 0.0
         while args.seconds is None or time.monotonic() - started < args.seconds:
             time.sleep(1.0)
@@ -202,6 +203,8 @@ def _stdout() -> Console:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from workers.settings import redact_url
+
     store = _store(args)
     campaigns = store.campaigns.all()
     buckets = store.buckets.all()
@@ -209,13 +212,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     counters = store.stats.counters()
     kernels = store.kernels.names()
     if args.json:
-        info = {"redis": _url(args), "campaigns": [c.to_json() for c in campaigns],
+        info = {"redis": redact_url(_url(args)), "campaigns": [c.to_json() for c in campaigns],
                 "workers": {k: w.to_json() for k, w in workers.items()},
                 "buckets": len(buckets), "counters": counters, "kernels": kernels}
         print(json.dumps(info, indent=2, sort_keys=True))
         return EXIT_OK
     out = _stdout()
-    out.print(f"Redis {_url(args)} · kernels: {', '.join(kernels) or 'none'}")
+    out.print(f"Redis {redact_url(_url(args))} · kernels: {', '.join(kernels) or 'none'}")
     out.print(f"workers seen in the last 2 minutes: {len(workers)}")
     if campaigns:
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
@@ -349,7 +352,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     if args.action == "add":
         if not args.profile:
             raise FarmUsageError("kernel add needs a PROFILE.toml")
-        name = add_kernel(store, Path(args.profile), args.name)
+        name = add_kernel(store, Path(args.profile), args.name, args.sha256)
         entry = store.kernels.get(name)
         print(f"added kernel build '{name}' (image sha256 {entry.image if entry else '?'})")
         return EXIT_OK
@@ -451,6 +454,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("action", choices=["add", "list"])
     p.add_argument("profile", nargs="?", metavar="PROFILE.toml")
     p.add_argument("--name", default=None, help="build name (default: the profile's name)")
+    p.add_argument("--sha256", default=None, metavar="HEX",
+                   help="with add: the sha256 the image must have (your build's), checked "
+                        "before it is uploaded")
     redis_opt(p)
     p.set_defaults(func=cmd_kernel)
 

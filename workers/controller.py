@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from workers.settings import Settings
+from workers.settings import Settings, redact_url
 from workers.store import Campaign, FarmStore, StoreError
 
 log = logging.getLogger("fuzzfarm.controller")
@@ -199,7 +199,7 @@ def main() -> int:
     controller = Controller(store, settings, lambda sid: tasks.fuzz_slice.delay(sid),
                             lambda kernel, shas: tasks.triage_many.delay(kernel, shas),
                             lost_grace=settings.lost_grace, triage_grace=settings.triage_grace)
-    log.info("controller started on %s", settings.redis_url)
+    log.info("controller started on %s", redact_url(settings.redis_url))
     _start_configured_campaign(store)
     controller.run(stop=lambda: stopping, wait=wait)
     return 0

@@ -1,11 +1,17 @@
 """Kernel builds are data: a profile and its image, stored in Redis by sha256, so that every
 worker boots exactly the same bytes. The built-in builds are registered on first use; a user
-adds their own with ``fuzzfarm kernel add PROFILE.toml``."""
+adds their own with ``fuzzfarm kernel add PROFILE.toml``.
+
+What a worker boots is checked against the build's sha256 every time the build is loaded, from
+Redis or from the worker's cache alike: a cached image changed since it was written is fetched
+again, never booted. Names from Redis are checked (`workers.paths`) before they become paths,
+and a stored profile may name no image but the one beside it."""
 
 from __future__ import annotations
 
+import logging
 import os
-import re
+import tomllib
 from pathlib import Path
 
 import tomlkit
@@ -13,9 +19,12 @@ from tomlkit.exceptions import TOMLKitError
 
 from kernel_emu.errors import ProfileError
 from kernel_emu.profile import BUILTIN_PROFILES, PROFILE_DIR, TargetProfile, load_profile_file
+from workers.paths import KERNEL_NAME, SHA256, checked, private_dir
 from workers.store import FarmStore, sha256
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger("fuzzfarm.workers")
+
+NAME = KERNEL_NAME
 STORED_IMAGE = "image.elf"
 
 
@@ -23,16 +32,32 @@ class KernelError(ProfileError):
     """A kernel build that cannot be added or found."""
 
 
-def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None) -> str:
+def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None,
+               image_sha256: str | None = None) -> str:
     """Upload a profile and its image; returns the build's name. Re-adding the same bytes is a
-    no-op; the same name with other bytes replaces the build."""
+    no-op; the same name with other bytes replaces the build. With `image_sha256`, the image
+    must have that hash. What Redis then holds is read back and checked."""
     profile = load_profile_file(profile_path)  # validates the profile and finds the image
     name = name or profile.name
     if not NAME.match(name):
         raise KernelError(f"kernel name {name!r}: use letters, digits, '.', '_' or '-'")
     stored = stored_profile(profile_path.read_text(), profile_path)
-    image_sha = store.blobs.put(profile.image.read_bytes())
+    image = profile.image.read_bytes()
+    image_sha = sha256(image)
+    if image_sha256 is not None and image_sha != image_sha256.lower():
+        raise KernelError(f"{profile.image}: its sha256 is {image_sha}, not {image_sha256}")
+    store.blobs.put(image)
+    if not store.blobs.holds(image_sha):
+        # a blob of that name with other bytes, which nothing in the farm writes
+        log.warning("kernel add: Redis held other bytes under image %s; replaced", image_sha)
+        store.blobs.overwrite(image)
+        if not store.blobs.holds(image_sha):
+            raise KernelError(f"kernel build '{name}': Redis does not keep its image intact")
     store.kernels.put(name, stored, image_sha, profile.description)
+    entry = store.kernels.get(name)
+    if entry is None or entry.image != image_sha or entry.profile != stored:
+        raise KernelError(f"kernel build '{name}': Redis does not hold it as uploaded (was it "
+                          "replaced at the same moment?)")
     return name
 
 
@@ -57,23 +82,58 @@ def ensure_builtin(store: FarmStore) -> None:
 
 
 def materialize(store: FarmStore, name: str, cache: Path) -> TargetProfile:
-    """This build as files on the worker's disk (cached by image sha), loaded as a profile."""
+    """This build as files on the worker's disk (cached by image sha), loaded as a profile.
+    The cached image is hashed at every call: one that is not the build's is written again
+    from Redis (whose bytes are checked too) before the profile is loaded."""
+    checked("kernel build name", KERNEL_NAME, name)
     entry = store.kernels.get(name)
     if entry is None and name in BUILTIN_PROFILES:
         ensure_builtin(store)
         entry = store.kernels.get(name)
     if entry is None:
         raise KernelError(f"unknown kernel build '{name}': add it with fuzzfarm kernel add")
-    folder = cache / "kernels" / entry.image[:16] / sha256(entry.profile.encode())[:16]
+    image_sha = checked(f"image sha256 of kernel build '{name}'", SHA256, entry.image)
+    _check_stored_image(name, entry.profile)
+    profile_text = entry.profile.encode()
+    folder = private_dir(cache) / "kernels" / image_sha[:16] / sha256(profile_text)[:16]
+    image_file = folder / STORED_IMAGE
     profile_file = folder / f"{name}.toml"
-    if not profile_file.is_file():
-        image = store.blobs.get(entry.image)
-        if image is None or sha256(image) != entry.image:
-            raise KernelError(f"kernel build '{name}': its image is missing from Redis")
+    if not (_holds(image_file, image_sha) and _read(profile_file) == profile_text):
+        if image_file.exists():
+            log.warning("kernel build '%s': the cached copy in %s is not the build's; fetching "
+                        "it again", name, folder)
+        image = store.blobs.get(image_sha)
+        if image is None or sha256(image) != image_sha:
+            raise KernelError(f"kernel build '{name}': its image is missing from Redis or "
+                              "does not match its sha256")
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / STORED_IMAGE, image)
-        _write(profile_file, entry.profile.encode())
+        _write(image_file, image)
+        _write(profile_file, profile_text)
     return load_profile_file(profile_file)
+
+
+def _check_stored_image(name: str, profile: str) -> None:
+    """A stored profile names its image as `image.elf` beside it (`stored_profile` wrote it so):
+    anything else could point a worker at a file outside the cache."""
+    try:
+        image = tomllib.loads(profile).get("image")
+    except tomllib.TOMLDecodeError as e:
+        raise KernelError(f"kernel build '{name}': its stored profile is not TOML: {e}") from None
+    if image != STORED_IMAGE:
+        raise KernelError(f"kernel build '{name}': its stored profile names the image "
+                          f"{image!r:.80}, not {STORED_IMAGE!r}")
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _holds(path: Path, sha: str) -> bool:
+    data = _read(path)
+    return data is not None and sha256(data) == sha
 
 
 def _write(path: Path, data: bytes) -> None:

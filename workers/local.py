@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -20,7 +22,15 @@ from typing import TextIO
 
 from workers.app import QUEUES
 from workers.kernels import ensure_builtin
-from workers.redis_server import ServerNotFound, find_server
+from workers.redis_server import (
+    PASSWORD_FILE,
+    PasswordError,
+    ServerNotFound,
+    farm_password,
+    find_server,
+    write_config,
+)
+from workers.settings import redact_url
 from workers.store import FarmStore, StoreError, wait_until_up
 
 DEFAULT_REDIS_PORT = 6379
@@ -53,7 +63,7 @@ def wait_for_redis(url: str, timeout: float = 15.0,
             raise FarmError(why)
 
     if not wait_until_up(url, timeout, check):
-        raise FarmError(f"Redis at {url} did not answer within {timeout:.0f} s")
+        raise FarmError(f"Redis at {redact_url(url)} did not answer within {timeout:.0f} s")
 
 
 def _log_tail(path: Path, lines: int = 3) -> str:
@@ -84,6 +94,8 @@ class LocalFarm:
     url: str = ""
 
     def env(self) -> dict[str, str]:
+        # the farm's processes learn the Redis password here, in their environment, which
+        # only this user can read (/proc/PID/environ), never from their command lines
         env = dict(os.environ)
         env.update(self.extra_env)
         env["REDIS_URL"] = self.url
@@ -109,19 +121,25 @@ class LocalFarm:
         self.data.mkdir(parents=True, exist_ok=True)
         if self.redis_url:
             self.url = self.redis_url
-            say(f"Redis: the one at {self.url} (--redis-url / REDIS_URL)")
+            say(f"Redis: the one at {redact_url(self.url)} (--redis-url / REDIS_URL)")
             wait_for_redis(self.url)
         else:
             try:
                 server = find_server()
             except ServerNotFound as e:
                 raise FarmError(str(e)) from None
-            (self.data / "redis").mkdir(exist_ok=True)
+            folder = self.data / "redis"
+            folder.mkdir(mode=0o700, exist_ok=True)
+            try:
+                password = farm_password(folder)
+                config = write_config(folder, password)
+            except PasswordError as e:
+                raise FarmError(str(e)) from None
             port = free_port(DEFAULT_REDIS_PORT)
-            self.url = f"redis://127.0.0.1:{port}/0"
+            self.url = f"redis://:{password}@127.0.0.1:{port}/0"
             say(f"Redis: starting {server.describe()} on 127.0.0.1:{port}, "
-                f"data in {self.data / 'redis'}")
-            proc = self._spawn("redis", guarded(server.command(port, self.data / "redis")))
+                f"data in {folder}, its password in {folder / PASSWORD_FILE}")
+            proc = self._spawn("redis", guarded(server.command(port, folder, config)))
             log = self.data / "logs" / "redis.log"
             wait_for_redis(self.url, alive=lambda: None if proc.popen.poll() is None else (
                 f"the Redis server exited at start ({_log_tail(log)}); see {log}"))
@@ -138,6 +156,15 @@ class LocalFarm:
             self.dashboard_port = port
             self._spawn("dashboard", [sys.executable, "-m", "dashboard", "--port", str(port)])
         return store
+
+    def url_for_shell(self) -> str:
+        """REDIS_URL as the user may paste it into a shell: the password of a server this
+        farm started is read from its file there, so it is never printed."""
+        if self.redis_url:
+            return redact_url(self.url)
+        password = shlex.quote(str(self.data / "redis" / PASSWORD_FILE))
+        host = self.url.rsplit("@", 1)[1]
+        return f"redis://:$(cat {password})@{host}"
 
     def wait_ready(self, store: FarmStore, say: Callable[[str], None],
                    timeout: float = 120.0) -> None:
@@ -292,6 +319,20 @@ def worker_command(name: str, queues: str | None = None) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
             "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-l", "INFO"]
+
+
+def url_from_status(text: str) -> str | None:
+    """The Redis URL in what `fuzzfarm up` wrote (its "in another shell: REDIS_URL=…" line),
+    with the password read from its file, as the shell would; for programs that drive `up`."""
+    m = re.search(r"REDIS_URL=(.+?) fuzzfarm status", text)
+    if m is None:
+        return None
+    url = m.group(1)
+    cat = re.search(r"\$\(cat (.+?)\)", url)
+    if cat is None:
+        return url
+    password = Path(shlex.split(cat.group(1))[0]).read_text().strip()
+    return url[:cat.start()] + password + url[cat.end():]
 
 
 class ExecRate:

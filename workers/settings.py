@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REDACTED = "***"
+# what follows the scheme up to the last '@' before the path: a URL urlsplit cannot parse
+_USERINFO = re.compile(r"(?<=://)[^/?#]*@")
 
 
 def _float(name: str, default: float) -> float:
@@ -48,3 +54,23 @@ class Settings:
             lost_grace=_float("FUZZFARM_LOST_GRACE", d.lost_grace),
             triage_grace=_float("FUZZFARM_TRIAGE_GRACE", d.triage_grace),
         )
+
+
+def redact_url(url: str) -> str:
+    """`url` as it may be shown or logged: a password, in the user part or as a `password=`
+    query parameter (both of which redis-py reads), replaced by ***. A user part without a
+    colon is taken for a password too, as some clients read it so."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _USERINFO.sub(f"{REDACTED}@", url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else f"{REDACTED}@{host}"
+    query = "&".join(
+        f"{field.split('=', 1)[0]}={REDACTED}"
+        if field.split("=", 1)[0].lower() == "password" else field
+        for field in parts.query.split("&")) if parts.query else ""
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

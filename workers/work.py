@@ -30,6 +30,7 @@ from kernel_emu.executor import Executor
 from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result
 from workers.kernels import materialize
+from workers.paths import KERNEL_NAME, SHA256, SLICE_ID, checked
 from workers.settings import Settings
 from workers.store import FarmStore, StateWatch, StoreError, sha256
 
@@ -97,6 +98,12 @@ def _sync_corpus(store: FarmStore, kernel: str, cache: Path, seeds: Path) -> set
     cache.mkdir(parents=True, exist_ok=True)
     seeds.mkdir(parents=True, exist_ok=True)
     sample = store.corpus.sample(kernel, CORPUS_RECENT, CORPUS_RANDOM)
+    # each becomes a file name here: a corpus entry that is not a sha256 is left out
+    bad = {sha for sha in sample if not SHA256.match(sha)}
+    if bad:
+        record_harness_error(store, f"corpus of {kernel}",
+                             f"{len(bad)} entries are no input ids, e.g. {min(bad)!r:.80}")
+        sample -= bad
     local = {p.name for p in cache.iterdir()}
     missing = sorted(sample - local)
     for i in range(0, len(missing), 200):
@@ -123,8 +130,10 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
     if not store.campaigns.claim_slice(slice_id, worker):
         return None  # delivered again: it ran, is running, or was replaced as lost
     profile = materialize(store, kernel, settings.cache_dir)
-    corpus_dir = settings.cache_dir / "corpus" / kernel
-    work = Path(tempfile.mkdtemp(prefix=f"slice-{slice_id}-", dir=settings.cache_dir))
+    # both name folders: checked, as they come from Redis
+    corpus_dir = settings.cache_dir / "corpus" / checked("kernel build name", KERNEL_NAME, kernel)
+    work = Path(tempfile.mkdtemp(prefix=f"slice-{checked('slice id', SLICE_ID, slice_id)}-",
+                                 dir=settings.cache_dir))
     try:
         shared = _sync_corpus(store, kernel, corpus_dir, work / "seeds")
         stream = SliceStream(store, slice_id, cid, kernel, work, corpus_dir, shared,

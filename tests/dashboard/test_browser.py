@@ -186,3 +186,55 @@ def test_coverage_page(browser: Any, base_url: str) -> None:
     screenshot(browser, "coverage")
     # the sampler itself is tested through the test client
     assert browser.find_element(By.ID, "sample-button").text == "Sample coverage now"
+
+
+@pytest.fixture(scope="module")
+def guarded_url(farm_data: FarmData) -> Iterator[str]:
+    """The dashboard with FUZZFARM_DASHBOARD_READ_TOKEN set, served by waitress."""
+    from waitress import create_server
+
+    from dashboard.app import create_app
+
+    app = create_app(farm_data.server.url, cache_dir=farm_data.settings.cache_dir,
+                     read_token=READ_TOKEN, send_task=lambda name, args: None)
+    port = _free_port()
+    server = create_server(app, host="127.0.0.1", port=port, threads=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    yield f"http://127.0.0.1:{port}"
+    server.close()
+
+
+READ_TOKEN = "browser-read-token-31c9"
+
+
+def test_signing_in_with_the_read_token(browser: Any, guarded_url: str,
+                                        farm_data: FarmData) -> None:
+    browser.get(f"{guarded_url}/bucket/{farm_data.bucket}")
+    assert browser.find_elements(By.ID, "login-button")
+    assert not browser.find_elements(By.ID, "findings")
+    screenshot(browser, "login")
+    browser.find_element(By.NAME, "token").send_keys(READ_TOKEN)
+    browser.find_element(By.ID, "login-button").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "findings"))
+    assert browser.current_url == f"{guarded_url}/bucket/{farm_data.bucket}"
+    assert "0x300028" in browser.find_element(By.ID, "findings").text
+    # the session cookie is out of reach of the page's scripts, and is not the token
+    assert browser.execute_script("return document.cookie") == ""
+    (cookie,) = browser.get_cookies()
+    assert cookie["httpOnly"] and cookie["value"] != READ_TOKEN
+    assert READ_TOKEN not in browser.page_source
+    # the overview's polled fragment goes through with the cookie
+    browser.get(f"{guarded_url}/")
+    farm_data.store.stats.heartbeat("w3@test", "triage")
+    try:
+        WebDriverWait(browser, 12, poll_frequency=0.5,
+                      ignored_exceptions=[NoSuchElementException,
+                                          StaleElementReferenceException]).until(
+            lambda d: "w3@test" in d.find_element(By.ID, "workers").text)
+    finally:
+        farm_data.store.stats.forget_worker("w3@test")
+    browser.find_element(By.LINK_TEXT, "sign out").click()
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.ID, "login-button"))
+    browser.get(f"{guarded_url}/buckets")
+    assert browser.find_elements(By.ID, "login-button")
+    assert no_alert(browser)

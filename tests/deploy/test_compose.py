@@ -113,23 +113,66 @@ def test_every_service_has_a_health_check_but_flower(compose: dict[str, Any]) ->
             assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
 
 
+def _redis_settings(args: list[str]) -> dict[str, str]:
+    """The redis service's server settings: the arguments after its `sh -c` script and $0."""
+    assert args[:2] == ["sh", "-c"] and args[3] == "redis-server", args
+    return dict(zip(args[4::2], args[5::2], strict=True))
+
+
 def test_redis_is_durable_and_password_protected(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     assert redis["image"].startswith("redis:7")
     args = command(redis)
-    assert args[0] == "redis-server"
-    pairs = dict(zip(args[1::2], args[2::2], strict=True))
+    pairs = _redis_settings(args)
     assert pairs["--appendonly"] == "yes"
     assert pairs["--appendfsync"] == "everysec"
     assert pairs["--maxmemory-policy"] == "noeviction"
-    assert pairs["--requirepass"] == TEST_ENV["REDIS_PASSWORD"]
-    # the health check must authenticate, or it fails on a password-protected Redis
+    # the password is on no command line: the script hands it over in a file
+    assert "--requirepass" not in args
+    assert all(TEST_ENV["REDIS_PASSWORD"] not in arg for arg in args)
+    assert 'exec redis-server "$conf" "$@"' in args[2]
+    assert service_env(redis)["REDIS_PASSWORD"] == TEST_ENV["REDIS_PASSWORD"]
+    assert redis["user"] == "redis" and redis["tmpfs"] == ["/tmp"]
+    # the health check must authenticate, or it fails on a password-protected Redis, and it
+    # must do so without a password on its own command line
     words = health_words(redis)
     assert words[0] == "redis-cli" and "ping" in words
-    assert ("-a" in words or
-            service_env(redis).get("REDISCLI_AUTH") == TEST_ENV["REDIS_PASSWORD"])
+    assert "-a" not in words and "--pass" not in words
+    assert service_env(redis).get("REDISCLI_AUTH") == TEST_ENV["REDIS_PASSWORD"]
     assert any(str(v).endswith(":/data") for v in redis["volumes"])
     assert not redis.get("ports"), "Redis is reached over the compose network only"
+
+
+def _run_redis_script(tmp_path: Path, compose: dict[str, Any],
+                      password: str) -> subprocess.CompletedProcess[str]:
+    """The redis service's command, run by sh with a `redis-server` that notes its arguments
+    and its config file's mode and text instead of serving."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "redis-server"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$NOTES/argv"\n'
+                    'stat -c %a "$1" > "$NOTES/mode"\ncat "$1" > "$NOTES/config"\n')
+    fake.chmod(0o755)
+    redis = compose["services"]["redis"]
+    env = {**service_env(redis), "REDIS_PASSWORD": password, "PATH": f"{bindir}:/usr/bin:/bin",
+           "TMPDIR": str(tmp_path), "NOTES": str(tmp_path)}
+    return subprocess.run(command(redis), env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_the_redis_password_reaches_the_server_in_a_private_file(
+        tmp_path: Path, compose: dict[str, Any]) -> None:
+    password = TEST_ENV["REDIS_PASSWORD"]
+    run = _run_redis_script(tmp_path, compose, password)
+    assert run.returncode == 0, run.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert Path(argv[0]).parent == tmp_path and password not in "\n".join(argv)
+    assert argv[1:] == command(compose["services"]["redis"])[4:]
+    assert (tmp_path / "mode").read_text().strip() == "600"
+    assert (tmp_path / "config").read_text() == f"requirepass {password}\n"
+    # a password that would not survive REDIS_URL or the config file is refused, in one line
+    bad = _run_redis_script(tmp_path, compose, "pass word#1")
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert "REDIS_PASSWORD may hold only" in bad.stderr
 
 
 def test_app_services_reach_redis_with_the_password(compose: dict[str, Any]) -> None:
@@ -148,6 +191,14 @@ def test_published_ports_are_on_the_loopback_only(compose: dict[str, Any]) -> No
     assert "http://127.0.0.1:8000/healthz" in " ".join(health_words(dashboard))
     assert service_env(dashboard)["FUZZFARM_DASHBOARD_TOKEN"] == TEST_ENV[
         "FUZZFARM_DASHBOARD_TOKEN"]
+    # read protection is passed through when set, and off (empty) when not
+    assert {k: v for k, v in service_env(dashboard).items() if "READ" in k or "TRUST" in k} == {
+        "FUZZFARM_DASHBOARD_READ_TOKEN": "", "FUZZFARM_DASHBOARD_TRUST_HEADER": ""}
+    env = {**TEST_ENV, "FUZZFARM_DASHBOARD_READ_TOKEN": "r", "FUZZFARM_DASHBOARD_TRUST_HEADER":
+           "X-Forwarded-User"}
+    guarded = service_env(load(env)["services"]["dashboard"])
+    assert guarded["FUZZFARM_DASHBOARD_READ_TOKEN"] == "r"
+    assert guarded["FUZZFARM_DASHBOARD_TRUST_HEADER"] == "X-Forwarded-User"
     for name, service in compose["services"].items():
         for host, _, _ in host_ports(service):
             assert host == "127.0.0.1", f"{name} publishes beyond localhost"
@@ -157,7 +208,9 @@ def test_flower_is_optional_and_behind_basic_auth(compose: dict[str, Any]) -> No
     flower = compose["services"]["flower"]
     assert flower["profiles"] == ["flower"]
     script = " ".join(command(flower))
-    assert '--basic-auth="$FLOWER_USER:$FLOWER_PASSWORD"' in script
+    # Flower reads FLOWER_BASIC_AUTH from its environment: no password on its command line
+    assert 'export FLOWER_BASIC_AUTH="$FLOWER_USER:$FLOWER_PASSWORD"' in script
+    assert "--basic-auth" not in script
     assert 'test -n "$FLOWER_PASSWORD"' in script
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -84,7 +85,12 @@ class Topology:
             tools.mkdir()
             server = find_server()
             assert server.cli is not None, f"no client beside {server.server}"
-            (tools / "redis-server").symlink_to(server.server)
+            # the server notes the arguments it was started with before running: it soon
+            # overwrites them with its title in /proc/PID/cmdline
+            wrapper = tools / "redis-server"
+            wrapper.write_text(f'#!/bin/sh\necho "$*" >> {self.tmp / "redis-argv"}\n'
+                               f'exec {server.server} "$@"\n')
+            wrapper.chmod(0o755)
             (tools / "redis-cli").symlink_to(server.cli)
         return {"PATH": f"{VENV_BIN}:{tools}:/usr/bin:/bin", "HOME": str(home),
                 "VIRTUAL_ENV": str(VENV_BIN.parent)}
@@ -131,6 +137,19 @@ def topology(tmp_path: Path) -> Iterator[Topology]:
         t.stop()
 
 
+def _group(pgid: int) -> list[int]:
+    """The processes of a service (each was started in a session, and group, of its own)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # not a process, or one that exited meanwhile
+        if int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids
+
+
 def _health(kind: str, argv: list[str], env: dict[str, str], cwd: str) -> None:
     cmd = ["/bin/sh", "-c", argv[0]] if kind == "CMD-SHELL" else [
         shutil.which(argv[0], path=env["PATH"]) or argv[0], *argv[1:]]
@@ -158,9 +177,10 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     data = tmp_path / "redis-data"
     data.mkdir()
     redis_service = services["redis"]
+    # its TMPDIR: the container's /tmp is a tmpfs of its own
+    redis_env = {**base, **service_env(redis_service), "TMPDIR": str(tmp_path)}
     topology.start("redis", [*command(redis_service), "--port", str(redis_port),
-                             "--bind", "127.0.0.1", "--dir", str(data)], base)
-    redis_env = {**base, **service_env(redis_service)}
+                             "--bind", "127.0.0.1", "--dir", str(data)], redis_env)
     kind, argv = healthcheck_argv(redis_service)
     assert kind == "CMD-SHELL"
     local_check = argv[0].replace("redis-cli", f"redis-cli -p {redis_port}")
@@ -177,6 +197,13 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
     unauthenticated = redis.Redis(port=redis_port, socket_connect_timeout=2)
     with pytest.raises(redis.AuthenticationError):
         unauthenticated.ping()  # requirepass is in force
+    # ... from a private file named first on the server's command line, not from the line
+    password = TEST_ENV["REDIS_PASSWORD"]
+    argv = (tmp_path / "redis-argv").read_text().splitlines()[-1].split()
+    assert password not in argv
+    config = Path(argv[0])
+    assert config.parent == tmp_path and stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert f"requirepass {password}" in config.read_text()
 
     worker_argv = command(services["worker"])
     node = worker_argv[worker_argv.index("--name") + 1]
@@ -248,5 +275,9 @@ def test_the_compose_services_as_processes_find_the_seed_bug(topology: Topology,
             env_of(services["dashboard"]), base["HOME"])
     topology.check_alive()
     assert store.stats.counters().get("harness_errors", 0) == 0
-    for name in topology.procs:
+    for name, proc in topology.procs.items():
         assert "Traceback" not in topology.log(name), topology.log(name)[-3000:]
+        # no service shows the password: not on its command line, not in its log
+        assert password not in topology.log(name), name
+        for pid in _group(proc.pid):
+            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), name

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import select
@@ -155,7 +156,13 @@ def test_status_shows_campaigns_and_classes(farm_url: str) -> None:
     run = _fuzzfarm(farm_url, "status")
     assert run.returncode == 0, run.stderr
     out = run.stdout
-    assert f"Redis {farm_url} · kernels:" in out
+    port = farm_url.rsplit(":", 1)[1].split("/")[0]
+    assert f"Redis redis://:***@127.0.0.1:{port}/0 · kernels:" in out
+    password = farm_url.split("@")[0].rsplit(":", 1)[1]
+    as_json = _fuzzfarm(farm_url, "status", "--json")
+    assert json.loads(as_json.stdout)["redis"] == f"redis://:***@127.0.0.1:{port}/0"
+    for text in (run.stdout, run.stderr, as_json.stdout):
+        assert password not in text
     (row,) = [line for line in out.splitlines() if " running " in line]
     assert row.split()[1:] == ["running", "seed", "0", "0", "0", "0"]
     assert re.search(r"^hang\s+1$", out, re.M) and re.search(r"^vaddr-corruption\s+3$", out,
@@ -164,6 +171,7 @@ def test_status_shows_campaigns_and_classes(farm_url: str) -> None:
 
 
 def test_status_without_redis_is_one_line(tmp_path: Path) -> None:
-    run = _fuzzfarm(f"redis://127.0.0.1:{_free_port()}/0", "status")
+    run = _fuzzfarm(f"redis://:s3cret-pw@127.0.0.1:{_free_port()}/0", "status")
     assert run.returncode == 2
-    assert "cannot reach Redis" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "cannot reach Redis at redis://:***@127.0.0.1:" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "s3cret-pw" not in run.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from workers.kernels import ensure_builtin
-from workers.redis_server import find_server
+from workers.redis_server import farm_password, find_server, write_config
 from workers.store import FarmStore, wait_until_up
 
 ROOT = Path(__file__).parents[2]
@@ -29,18 +29,25 @@ def _free_port() -> int:
 
 @dataclass
 class RedisServer:
+    """The server `fuzzfarm up` would start: a redis-server on PATH, else the embedded one,
+    with its password kept in `data` (the one found there, else a new one)."""
+
     port: int
     data: Path
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def password(self) -> str:
+        return farm_password(self.data)
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        # the server `fuzzfarm up` would start: a redis-server on PATH, else the embedded one
+        config = write_config(self.data, self.password)
         proc = self.proc = subprocess.Popen(
-            find_server().command(self.port, self.data),
+            find_server().command(self.port, self.data, config),
             stdout=(self.data / "redis.log").open("a"), stderr=subprocess.STDOUT)
 
         def running() -> None:

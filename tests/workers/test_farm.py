@@ -15,6 +15,7 @@ import pytest
 from tests.reproducers import REPRODUCERS
 from tests.workers.conftest import ROOT, Farm, RedisServer, wait_for
 from workers.app import make_app
+from workers.local import url_from_status
 from workers.settings import Settings
 from workers.store import FarmStore
 
@@ -205,11 +206,8 @@ def test_fuzzfarm_up_runs_and_stops_on_ctrl_c_losing_nothing(tmp_path: Path) -> 
                           stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        def url() -> str | None:
-            m = re.search(r"REDIS_URL=(redis://\S+)", (tmp_path / "up.err").read_text())
-            return m.group(1) if m else None
-
-        redis_url = wait_for(url, 60, "fuzzfarm up to start Redis")
+        redis_url = wait_for(lambda: url_from_status((tmp_path / "up.err").read_text()), 60,
+                             "fuzzfarm up to start Redis")
         store = FarmStore.connect(str(redis_url))
         wait_for(lambda: store.buckets.all(), 120, "a bucket from the local farm")
         up.send_signal(signal.SIGINT)

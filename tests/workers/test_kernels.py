@@ -1,14 +1,22 @@
-"""A kernel build's profile as workers get it: the user's TOML with its image renamed."""
+"""A kernel build's profile as workers get it: the user's TOML with its image renamed; the
+image they boot, checked against its sha256 whenever it is loaded and when it is uploaded."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from kernel_emu.profile import PROFILE_DIR
-from workers.kernels import STORED_IMAGE, KernelError, stored_profile
+from tests.workers.conftest import ROOT, RedisServer
+from workers import work
+from workers.kernels import STORED_IMAGE, KernelError, add_kernel, materialize, stored_profile
+from workers.settings import Settings
+from workers.store import FarmStore, sha256
+from workers.store.blobs import blob_key
 
 
 def test_only_the_image_changes_in_the_builtin_profiles() -> None:
@@ -40,3 +48,82 @@ def test_an_image_key_in_a_table_is_not_the_profile_s_image() -> None:
 def test_a_profile_that_is_no_toml_is_refused_in_one_line() -> None:
     with pytest.raises(KernelError, match="x.toml"):
         stored_profile('name = "x"\nimage = \n', Path("x.toml"))
+
+
+# what workers boot: the build's bytes, checked at every load ----------------------------------
+
+SEED_BUG = (ROOT / "fuzzfarm" / "examples" / "vaddr-0x300028.elf").read_bytes()
+
+
+@pytest.mark.redis
+def test_a_cached_image_changed_since_is_fetched_again_not_booted(
+        store: FarmStore, redis_server: RedisServer, tmp_path: Path) -> None:
+    settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path / "cache")
+    entry = store.kernels.get("seed")
+    assert entry is not None
+    profile = materialize(store, "seed", settings.cache_dir)
+    assert sha256(profile.image.read_bytes()) == entry.image
+    # another build's image in its place, a valid kernel without the seed bug, and a profile
+    # edited to load something else: what the worker loads must still be the build's own
+    profile.image.write_bytes((ROOT / "kernel_emu" / "images" / "fixed.elf").read_bytes())
+    profile.source.write_text(profile.source.read_text().replace(
+        f'image = "{STORED_IMAGE}"', 'image = "/etc/hostname"'))
+    sha = store.blobs.put(SEED_BUG)
+    (out,) = work.triage_inputs(store, settings, "seed", [sha], lambda _b: None)
+    assert out["state"] == "crash", out  # the seed build's bug: it booted the seed image
+    assert sha256(profile.image.read_bytes()) == entry.image
+    assert f'image = "{STORED_IMAGE}"' in profile.source.read_text()
+
+
+@pytest.mark.redis
+def test_a_damaged_image_in_redis_and_in_the_cache_is_a_harness_error(
+        store: FarmStore, tmp_path: Path) -> None:
+    entry = store.kernels.get("seed")
+    assert entry is not None
+    profile = materialize(store, "seed", tmp_path / "cache")
+    profile.image.write_bytes(b"not the image")
+    raw = store._conn.client  # noqa: SLF001 - what something outside the farm could write
+    raw.set(blob_key(entry.image), b"not the image either")
+    with pytest.raises(KernelError, match="does not match its sha256"):
+        materialize(store, "seed", tmp_path / "cache")
+
+
+def _profile_copy(tmp_path: Path) -> Path:
+    """A user's profile of the seed build, in a folder of its own."""
+    text = (PROFILE_DIR / "seed.toml").read_text().replace(
+        'image = "../images/seed.elf"', f'image = "{ROOT / "kernel_emu" / "images" / "seed.elf"}"')
+    path = tmp_path / "mine.toml"
+    path.write_text(text.replace('name = "seed"', 'name = "mine"'))
+    return path
+
+
+@pytest.mark.redis
+def test_kernel_add_checks_what_redis_keeps(store: FarmStore, tmp_path: Path) -> None:
+    image = (ROOT / "kernel_emu" / "images" / "seed.elf").read_bytes()
+    raw = store._conn.client  # noqa: SLF001
+    raw.set(blob_key(sha256(image)), b"planted under the image's name")
+    assert add_kernel(store, _profile_copy(tmp_path)) == "mine"
+    assert store.blobs.get(sha256(image)) == image  # replaced, not kept as found
+    entry = store.kernels.get("mine")
+    assert entry is not None and entry.image == sha256(image)
+
+
+@pytest.mark.redis
+def test_kernel_add_with_a_sha256_uploads_only_that_image(store: FarmStore,
+                                                          redis_server: RedisServer,
+                                                          tmp_path: Path) -> None:
+    profile = _profile_copy(tmp_path)
+    image_sha = sha256((ROOT / "kernel_emu" / "images" / "seed.elf").read_bytes())
+
+    def add(sha: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "kernel", "add",
+                               str(profile), "--sha256", sha, "--redis-url", redis_server.url],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    wrong = add("0" * 64)
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1
+    assert f"its sha256 is {image_sha}, not {'0' * 64}" in wrong.stderr
+    assert "mine" not in store.kernels.names()
+    right = add(image_sha.upper())
+    assert right.returncode == 0, right.stderr
+    assert f"added kernel build 'mine' (image sha256 {image_sha})" in right.stdout

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.workers.conftest import ROOT, Farm, RedisServer, wait_for
+from workers.local import url_from_status
 from workers.store import FarmStore, sha256
 
 pytestmark = [pytest.mark.redis, pytest.mark.farm]
@@ -70,9 +71,9 @@ def test_up_stopped_by_a_signal_stops_everything_in_order(tmp_path: Path,
                               stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, env=env,
                               start_new_session=True, preexec_fn=_default_sigint)
     try:
-        m = wait_for(lambda: re.search(r"REDIS_URL=(redis://\S+)", err_path.read_text()), 90,
-                     "fuzzfarm up to start")
-        store = FarmStore.connect(m.group(1))
+        url = str(wait_for(lambda: url_from_status(err_path.read_text()), 90,
+                           "fuzzfarm up to start"))
+        store = FarmStore.connect(url)
         (cid,) = [c.id for c in store.campaigns.all()]
         sid = wait_for(lambda: _running_slice(store, cid), 90, "a running slice")
         # the slice's counts reach the campaign while it runs, not when it ends
@@ -105,7 +106,7 @@ def test_up_stopped_by_a_signal_stops_everything_in_order(tmp_path: Path,
         for bad in ("ConnectionError", "Connection refused", "Traceback"):
             assert bad not in text, (name, bad, text[-2000:])
     # the next start finds the slice in the campaign's counts and the corpus it grew
-    port = int(m.group(1).rsplit(":", 1)[1].split("/")[0])
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
     server = RedisServer(port, data / "redis")
     server.start()
     try:

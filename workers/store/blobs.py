@@ -5,7 +5,8 @@ Schema
 ------
 `ff:blob:<sha256>` (string)
     Bytes: an input or a kernel image, named by its sha256. Never changed or deleted: writing
-    one that exists writes the same bytes.
+    one that exists writes the same bytes. (`kernel add` reads its image back and replaces
+    a blob whose bytes do not match its name, which only a writer outside the farm can make.)
     Written by: slices (corpus, findings), triage, minimize, `kernel add`.
 """
 
@@ -52,3 +53,14 @@ class Blobs:
 
     def get_many(self, shas: list[str]) -> list[bytes | None]:
         return self._r.mget([blob_key(s) for s in shas]) if shas else []
+
+    def holds(self, sha: str) -> bool:
+        """The blob named `sha` is there and its bytes hash to `sha`."""
+        data = self.get(sha)
+        return data is not None and sha256(data) == sha
+
+    def overwrite(self, data: bytes) -> str:
+        """Store `data` even over a blob of its name holding other bytes."""
+        sha = sha256(data)
+        self._r.set(blob_key(sha), data)
+        return sha
