@@ -201,7 +201,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError("bench compare needs --other DIR (another checkout to compare "
                              "with, e.g. made with `git worktree add`)")
         return bench_compare(args.other, kernel=args.kernel, rounds=args.repeats,
-                             runs=args.runs, inputs=args.inputs)
+                             runs=args.runs, inputs=args.inputs or 1000)
+    if args.what == "hostile":
+        from fuzzfarm.bench_hostile import bench_hostile
+
+        if args.inputs is not None and args.inputs < 1:
+            raise UsageError("--inputs must be at least 1")
+        return bench_hostile(kernel=args.kernel, inputs=args.inputs or 1_000_000,
+                             seed=args.seed)
     if args.what == "tracer":
         from kernel_emu.native import bench_tracer
 
@@ -304,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)
 
-    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm, tracer, compare)",
+    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm, tracer, compare, hostile)",
                        description="Measure throughput; prints medians and ratios. boot: "
                                    "snapshot versus full boot. fuzz: feedback cost, time to "
                                    "the seed bug with 1 and 2 jobs, BUGS.md bugs found. farm: "
@@ -313,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tracer: nanoseconds per guest instruction of the tracing "
                                    "hooks, native versus Python. compare: this checkout's "
                                    "emulator against another checkout's (--other), side by "
-                                   "side.")
-    p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer", "compare"],
+                                   "side. hostile: a storm of hostile inputs (random, "
+                                   "truncated, bit-flipped, extreme header fields) run as a "
+                                   "fuzzing job runs them; counts per family, verdicts, "
+                                   "harness errors, rate; exit status 1 on any harness "
+                                   "error.")
+    p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer", "compare", "hostile"],
                    help="what to measure")
     p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")
@@ -340,8 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="farm: give up waiting for the seed bug after this many seconds")
     p.add_argument("--other", metavar="DIR",
                    help="compare: the other checkout (its native hooks built)")
-    p.add_argument("--inputs", type=int, default=1000,
-                   help="compare: mutated seeds replayed as a fuzzing job runs them")
+    p.add_argument("--inputs", type=int, default=None,
+                   help="compare: mutated seeds replayed as a fuzzing job runs them "
+                        "(default: 1000); hostile: inputs in the storm (default: 1000000)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="hostile: seed of the input generator, for a repeatable storm "
+                        "(default: 1)")
     p.add_argument("--parts", default="123",
                    help="fuzz: which parts to run: 1 feedback cost, 2 time to the bug, "
                         "3 known bugs (default: 123)")

@@ -260,20 +260,27 @@ class SliceStream:
         if not changed:
             return
         known = self.store.buckets.smallest_sizes(list(changed))
-        send: list[tuple[str, bytes]] = []
+        send: list[bytes] = []
         for bid, path in changed.items():
             size = known.get(bid)
-            self.sent[bid] = min(self.sent.get(bid, 1 << 62), path.stat().st_size)
             if size is None or path.stat().st_size < size * SHRINK_WORTH_TRIAGE:
-                send.append((bid, path.read_bytes()))
+                send.append(path.read_bytes())
         self.store.buckets.mark_seen([bid for bid, size in known.items() if size is not None])
-        if not send:
-            return
-        shas = self.store.blobs.put_many([data for _, data in send])
-        # recorded before the task is sent: if this worker dies now, the controller re-sends it
+        shas = self.store.blobs.put_many(send) if send else []
+        # recorded before the task is sent: if this worker dies now, or the broker is away,
+        # the controller re-sends it
         self.store.triage.pending(shas, self.kernel)
-        self.enqueue_triage(self.kernel, shas)
+        # only now are they as good as sent: Redis failing before this, they are sent again
+        for bid, path in changed.items():
+            self.sent[bid] = min(self.sent.get(bid, 1 << 62), path.stat().st_size)
+        if not shas:
+            return
         self.findings += len(shas)
+        try:
+            self.enqueue_triage(self.kernel, shas)
+        except Exception as e:  # noqa: BLE001 - the broker away: the controller sends them
+            log.warning("slice %s could not send %d input(s) to triage (the controller will "
+                        "send them): %s", self.slice_id, len(shas), e)
 
     def _push_errors(self) -> None:
         folder = self.work / "harness-errors"

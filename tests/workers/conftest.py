@@ -55,6 +55,15 @@ class RedisServer:
 
         assert wait_until_up(self.url, 15, running, poll=0.1), "Redis did not start"
 
+    def cli(self, *args: str) -> str:
+        """A command through the server's own command-line client, as an operator runs it."""
+        cli = find_server().cli
+        assert cli is not None, "the Redis server has no command-line client beside it"
+        env = {**os.environ, "REDISCLI_AUTH": self.password, "VALKEYCLI_AUTH": self.password}
+        out = subprocess.run([str(cli), "-p", str(self.port), *args], capture_output=True,
+                             text=True, timeout=30, check=True, env=env).stdout
+        return out
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: Redis fsyncs its AOF and exits

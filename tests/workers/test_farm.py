@@ -45,20 +45,6 @@ def _settled(store: FarmStore) -> bool:
         b.minimize_queued is None for b in store.buckets.all())
 
 
-def _job_running(sid: str) -> bool:
-    """A slice's job process is alive (its work folder is named after the slice)."""
-    return subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
-                          capture_output=True).returncode == 0
-
-
-def _hangs(n: int) -> list[bytes]:
-    """`n` distinct inputs with one signature, each ~1-3 s of a full boot (RX-06's endless
-    program-header loop, run to the full instruction budget)."""
-    base = (EXAMPLES / "three-segments.elf").read_bytes()
-    hang = next(r for r in REPRODUCERS if r.bug == "RX-06").make(base)
-    return [hang + bytes([i]) * (i + 1) for i in range(n)]
-
-
 @pytest.mark.slow
 def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
                                                                 store: FarmStore) -> None:
@@ -93,85 +79,6 @@ def test_a_campaign_buckets_minimizes_and_verifies_the_seed_bug(farm: Farm,
         (row,) = [line for line in table.stdout.splitlines() if line.startswith(b.id)]
         assert b.signature in row and b.crash_class in row
     assert store.stats.counters().get("harness_errors", 0) == 0
-
-
-@pytest.mark.slow
-def test_kill_9_of_a_worker_mid_slice_loses_no_work(farm: Farm, store: FarmStore) -> None:
-    farm.worker("w1")
-    farm.controller()
-    cid = store.campaigns.create("seed", 1, 6)
-
-    def running_slice() -> str | None:
-        for s in store.campaigns.slices(store.campaigns.inflight(cid)):
-            if s.state == "running":
-                return s.id
-        return None
-
-    sid = str(wait_for(running_slice, 90, "a running slice"))
-    wait_for(lambda: _job_running(sid), 30, "the slice's job process to start", poll=0.1)
-    farm.kill9("w1")
-    # the job process dies with its worker: no orphan keeps fuzzing
-    wait_for(lambda: not _job_running(sid), 10, "the killed slice's job process to exit")
-    farm.worker("w2")
-    wait_for(lambda: store.stats.counters().get("slices_lost", 0) >= 1, 60,
-             "the controller to replace the lost slice")
-    done_before = store.campaigns.get(cid).slices_done
-    wait_for(lambda: store.campaigns.get(cid).slices_done > done_before, 90,
-             "a slice to finish on the new worker")
-    assert store.stats.counters().get("harness_errors", 0) == 0
-    ids = [b.id for b in store.buckets.all()]
-    assert len(ids) == len(set(ids))
-
-
-def test_kill_9_mid_triage_then_the_triage_runs_again(farm: Farm, store: FarmStore) -> None:
-    farm.env["FUZZFARM_TRIAGE_GRACE"] = "6"
-    farm.worker("w1")
-    farm.controller()
-    app = make_app(Settings(redis_url=farm.url))
-    shas = store.blobs.put_many(_hangs(3))
-    store.triage.pending(shas, "seed")
-    wait_for(lambda: "ready." in farm.log("w1"), 60, "the worker to be up")
-    app.send_task("workers.tasks.triage_many", args=["seed", shas])
-
-    def triaging() -> bool:
-        info = store.stats.workers().get("w1@" + os.uname().nodename)
-        return info is not None and info.task == "triage"
-
-    wait_for(triaging, 60, "the triage to start", poll=0.05)
-    farm.kill9("w1")
-    # killed halfway through seconds of boots: nothing was counted, all is still pending
-    assert store.buckets.all() == [] and store.triage.backlog() == 3
-    farm.worker("w2")
-    wait_for(lambda: store.triage.backlog() == 0 and store.buckets.all(), 120,
-             "the triage to be sent again and finish")
-    (bucket,) = store.buckets.all()
-    assert bucket.crash_class == "hang" and bucket.count == 3
-    assert store.stats.counters().get("triage_resent", 0) >= 1
-
-
-@pytest.mark.slow
-def test_redis_restart_mid_campaign_keeps_buckets(farm: Farm, store: FarmStore,
-                                                  redis_server: RedisServer) -> None:
-    farm.worker("w1")
-    farm.controller()
-    cid = store.campaigns.create("seed", 1, 5)
-    wait_for(lambda: store.buckets.all() and store.campaigns.get(cid).slices_done >= 1, 150,
-             "a finished slice and a bucket")
-    before = {b.id: b.count for b in store.buckets.all()}
-    done = store.campaigns.get(cid).slices_done
-    failures = farm.log("controller").count("controller step failed")
-    redis_server.stop()  # SIGTERM: Redis writes and fsyncs its AOF before it exits
-    wait_for(lambda: farm.log("controller").count("controller step failed") > failures, 30,
-             "the controller to notice that Redis is gone")
-    redis_server.start()
-    after = FarmStore.connect(redis_server.url)
-    for bid, count in before.items():
-        b = after.buckets.get(bid)
-        assert b is not None and b.count >= count
-    wait_for(lambda: after.campaigns.get(cid).slices_done >= done + 2, 180,
-             "workers and controller to reconnect and finish more slices")
-    for proc in farm.procs.values():
-        assert proc.poll() is None  # nothing died of the restart
 
 
 def test_garbage_sent_to_triage_never_kills_a_worker(farm: Farm, store: FarmStore) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.workers.conftest import RedisServer
 from workers import work
 from workers.settings import Settings
 from workers.store import FarmStore
@@ -129,3 +130,49 @@ def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
     assert loaded.image.read_bytes() == (PROFILE_DIR.parent / "images" / "fixed.elf").read_bytes()
     sha = store.blobs.put(SEED_BUG)
     assert work.triage_input(store, settings, sha, "my-build", lambda _b: None)["state"] == "ok"
+
+
+def _stream_with_a_finding(store: FarmStore, tmp_path: Path,
+                           enqueue: work.Enqueue) -> tuple[work.SliceStream, str]:
+    """A slice's stream over a work folder in which its job has recorded one crashing input."""
+    from fuzz.solutions import bucket_id
+    from workers.store import sha256
+
+    folder = tmp_path / "work" / "solutions" / bucket_id("a signature new to the farm")
+    folder.mkdir(parents=True)
+    (folder / f"{sha256(SEED_BUG)}.elf").write_bytes(SEED_BUG)
+    stream = work.SliceStream(store, "s1", "c1", "seed", tmp_path / "work",
+                              tmp_path / "corpus-cache", set(), enqueue)
+    return stream, sha256(SEED_BUG)
+
+
+def test_a_finding_a_full_redis_refused_is_sent_once_there_is_room(
+        store: FarmStore, redis_server: RedisServer, tmp_path: Path) -> None:
+    sent: list[tuple[str, list[str]]] = []
+    stream, sha = _stream_with_a_finding(store, tmp_path, lambda k, s: sent.append((k, s)))
+    # maxmemory under what Redis holds, with noeviction: writes refused, reads answered
+    redis_server.cli("config", "set", "maxmemory", "1")
+    try:
+        stream.tick()  # the input cannot be stored: the slice carries on
+    finally:
+        redis_server.cli("config", "set", "maxmemory", "0")
+    assert store.triage.waiting() == [] and sent == []
+    stream.flush(None, final=True)  # the slice's end, Redis with room again
+    assert store.triage.waiting() == [(sha, "seed")] and sent == [("seed", [sha])]
+
+
+def test_a_finding_goes_to_triage_later_when_the_broker_is_away(store: FarmStore,
+                                                                tmp_path: Path) -> None:
+    from workers.app import make_app
+    from workers.local import free_port
+
+    # a real Celery app whose broker is a port nothing listens on
+    away = make_app(Settings(redis_url=f"redis://127.0.0.1:{free_port(0)}/0"))
+    stream, sha = _stream_with_a_finding(
+        store, tmp_path, lambda k, s: away.send_task("workers.tasks.triage_many", args=[k, s]))
+    stream.tick()  # the slice goes on fuzzing
+    # pending: the controller sends it to triage after the grace
+    assert store.triage.waiting() == [(sha, "seed")]
+    assert stream.findings == 1
+    stream.flush(None, final=True)
+    assert store.triage.waiting() == [(sha, "seed")]  # sent once, not again

@@ -248,6 +248,11 @@ class Buckets:
             rows = p.execute()
         return {decode(v) for row in rows for v in row if v}
 
+    def counted_inputs(self, bucket_id: str) -> set[str]:
+        """The input shas the bucket's count counts, each once (what an audit compares the
+        count with)."""
+        return {decode(s) for s in self._r.smembers(bucket_key(bucket_id) + ":inputs")}
+
     def samples(self, bucket_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self._r.lrange(bucket_key(bucket_id) + ":samples", 0, -1)]
 
