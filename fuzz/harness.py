@@ -32,6 +32,7 @@ from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 
 STATS_INTERVAL = 1.0
+FINISH_WAIT = 15.0  # how long an ending job waits for room to write what it still holds
 # inputs slower than this (e.g. ones that fill the 16 MiB heap) are listed in the statistics,
 # so that a farm does not hand them to every later job as seeds
 SLOW_INPUT = 0.02
@@ -100,6 +101,10 @@ class JobStats:
     edges: int = 0
     compares: int = 0
     harness_errors: int = 0
+    # files the job could not write (a full disk, say): ours, never the kernel's; what could
+    # not be written is kept and written again once there is room
+    write_errors: int = 0
+    last_write_error: str = ""
     skipped: int = 0
     slow: int = 0  # stalled under the watchdog, but finished under the profile's budget
     seconds: dict[str, float] = field(default_factory=dict)  # where the job's time went
@@ -153,6 +158,7 @@ class Job:
         self._mutator_seconds = 0.0
         self._confirmer: Executor | None = None
         self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
+        self._unwritten: dict[str, tuple[bytes, Any]] = {}  # signature -> its reproducer
 
     def _new_executor(self) -> Executor:
         executor = Executor(self.profile, native=self.config.native,
@@ -252,7 +258,7 @@ class Job:
                                                    now - self.stats.started)
         if entry.smallest == 0 or len(data) < entry.smallest:
             entry.smallest = len(data)
-            self.solutions.record(data, result)
+            self._unwritten[sig] = (data, result)
             self.flush(now)  # a new reproducer is worth telling the parent at once
 
     def _confirm(self, data: bytes) -> Any:
@@ -270,8 +276,11 @@ class Job:
     def _harness_error(self, data: bytes, error: BaseException, rebuild: bool = False) -> None:
         self.stats.harness_errors += 1
         kind = "harness error" if isinstance(error, HarnessError) else "internal error"
-        self.solutions.record_error(data, f"{kind}: {type(error).__name__}: {error}",
-                                    traceback.format_exc())
+        try:
+            self.solutions.record_error(data, f"{kind}: {type(error).__name__}: {error}",
+                                        traceback.format_exc())
+        except OSError as e:  # counted in the statistics all the same
+            self._write_failed(e)
         if rebuild:  # the machine may be in any state now: start again from a fresh one
             self.executor = self._new_executor()
 
@@ -320,16 +329,51 @@ class Job:
         self.stats.compares = self.feedback.compares
         self.stats.seconds = {**{k: round(v, 3) for k, v in self.executor.phase_seconds.items()},
                               "mutator": round(self._mutator_seconds, 3)}
-        write_atomic(stats_path(self.out, self.config.job),
-                     json.dumps(self.stats.to_json()).encode())
+        self._write_solutions()
+        try:
+            write_atomic(stats_path(self.out, self.config.job),
+                         json.dumps(self.stats.to_json()).encode())
+        except OSError as e:  # the next flush writes them, with this failure counted
+            self._write_failed(e)
+
+    def _write_solutions(self) -> None:
+        """Store the reproducers not yet on disk; any that cannot be (the disk full, say)
+        stay in memory for the next flush: a finding is never dropped for want of room."""
+        for sig, (data, result) in list(self._unwritten.items()):
+            try:
+                self.solutions.record(data, result)
+            except OSError as e:
+                self._write_failed(e)
+                return
+            del self._unwritten[sig]
+
+    def _write_failed(self, error: OSError) -> None:
+        self.stats.write_errors += 1
+        self.stats.last_write_error = f"{type(error).__name__}: {error}"[:300]
 
     def finish(self, reason: str, status: int = 0) -> None:
         self.stats.done = True
         self.stats.stop_reason = reason
         self.flush()
+        # what could not be written yet (a full disk) is worth waiting a little for room
+        deadline = time.monotonic() + FINISH_WAIT
+        while (self._unwritten or not self._stats_written()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            self.flush()
+        if self._unwritten:
+            print(f"fuzzfarm job: {len(self._unwritten)} crashing input(s) could not be "
+                  f"written: {self.stats.last_write_error}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)  # libFuzzer's exit path would not return to Python anyway
+
+
+    def _stats_written(self) -> bool:
+        try:
+            written = json.loads(stats_path(self.out, self.config.job).read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(written.get("done")) and written.get("execs") == self.stats.execs
 
 
 def libfuzzer_args(config: JobConfig) -> list[str]:

@@ -129,6 +129,20 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
         return None
     if not store.campaigns.claim_slice(slice_id, worker):
         return None  # delivered again: it ran, is running, or was replaced as lost
+    try:
+        return _run_claimed_slice(store, settings, slice_id, cid, kernel, info.seconds, worker,
+                                  enqueue_triage)
+    except Exception:
+        # ours (this worker's disk full, say): the slice is given up at once, and replaced
+        with contextlib.suppress(StoreError):
+            store.campaigns.drop_slice(slice_id, cid, "failed")
+            store.stats.count("slices_failed")
+        raise
+
+
+def _run_claimed_slice(store: FarmStore, settings: Settings, slice_id: str, cid: str,
+                       kernel: str, seconds: float, worker: str,
+                       enqueue_triage: Enqueue) -> dict[str, Any]:
     profile = materialize(store, kernel, settings.cache_dir)
     # both name folders: checked, as they come from Redis
     corpus_dir = settings.cache_dir / "corpus" / checked("kernel build name", KERNEL_NAME, kernel)
@@ -139,7 +153,7 @@ def run_fuzz_slice(store: FarmStore, settings: Settings, slice_id: str, worker: 
         stream = SliceStream(store, slice_id, cid, kernel, work, corpus_dir, shared,
                              enqueue_triage)
         stats = _run_job(store, settings, profile.source, work, work / "seeds",
-                         info.seconds, cid, worker, stream.tick)
+                         seconds, cid, worker, stream.tick)
         stream.flush(stats, final=True)
         summary = {"execs": stats.execs if stats else 0, "edges": stats.edges if stats else 0,
                    "seconds": stats.elapsed if stats else 0.0,
@@ -175,6 +189,7 @@ class SliceStream:
         self.sent: dict[str, int] = {}  # bucket id -> size of the input sent to triage
         self.errors_seen: set[str] = set()
         self.new_inputs = self.findings = self.harness_errors = 0
+        self.write_errors = 0  # the job's failed writes already reported
         self._next_flush = self._next_progress = 0.0
 
     def tick(self) -> None:
@@ -198,10 +213,20 @@ class SliceStream:
             step(*args, **kwargs)
         except StoreError as e:  # Redis restarting: the next tick tries again
             log.warning("slice %s could not report yet: %s", self.slice_id, e)
+        except OSError as e:  # this worker's disk full, say: the next tick tries again
+            log.warning("slice %s could not read or write its files yet: %s", self.slice_id, e)
 
     def _progress(self, stats: JobStats | None) -> None:
         execs, edges = (stats.execs, stats.edges) if stats else (0, 0)
         self.store.campaigns.slice_progress(self.slice_id, self.cid, execs, edges)
+        if stats is not None and stats.write_errors > self.write_errors:
+            # the job could not write to its work folder: a harness error, never a finding
+            record_harness_error(self.store, f"fuzz slice {self.slice_id}",
+                                 f"the job failed {stats.write_errors - self.write_errors} "
+                                 f"write(s) in its work folder, kept what it could not write "
+                                 f"and goes on: {stats.last_write_error}")
+            self.write_errors = stats.write_errors
+            self.harness_errors += 1
 
     def _push_files(self, final: bool) -> None:
         self._push_corpus(final)
@@ -236,7 +261,8 @@ class SliceStream:
         if fresh:
             self.store.corpus.add(self.kernel, fresh)
             for data in fresh:
-                _write_once(self.corpus_cache / sha256(data), data)
+                with contextlib.suppress(OSError):  # a download cache: Redis has them
+                    _write_once(self.corpus_cache / sha256(data), data)
         self.seen_files.update(names)
         self.known.update(sha256(data) for data in fresh)
         self.new_inputs += len(fresh)
