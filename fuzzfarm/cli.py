@@ -157,11 +157,23 @@ def cmd_seeds(args: argparse.Namespace) -> int:
 # build-guest ------------------------------------------------------------------------------
 
 def cmd_build_guest(args: argparse.Namespace) -> int:
-    from kernel_emu.guest_build import GuestBuildError, build_all
+    from functools import partial
+
+    from kernel_emu.guest_build import VARIANTS, GuestBuildError, build_all
+    from kernel_emu.uefi_build import build as build_uefi
+    from kernel_emu.uefi_build import missing_toolchain
 
     out = Path(args.out)
+    missing = missing_toolchain()
+    if missing:
+        raise HarnessError(f"cannot build the UEFI images: {missing}")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    more = {f"{v}-uefi": partial(build_uefi, v, progress=say) for v in VARIANTS}
     try:
-        manifest = build_all(out)
+        manifest = build_all(out, more=more)
     except GuestBuildError as e:
         detail = getattr(e, "stderr", "")
         if detail:
@@ -169,7 +181,7 @@ def cmd_build_guest(args: argparse.Namespace) -> int:
         raise HarnessError(str(e)) from e
     for name, entry in sorted(manifest.get("images", manifest).items()):
         if isinstance(entry, dict) and "sha256" in entry:
-            print(f"{name:<6} {entry['sha256']}  {entry.get('size', '?')} bytes")
+            print(f"{name:<11} {entry['sha256']}  {entry.get('size', '?')} bytes")
     print(f"wrote {out / 'manifest.json'}")
     return EXIT_OK
 
@@ -305,8 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build-guest", help="rebuild the Rustux boot images from source",
-                       description="Rebuild kernel_emu/images (seed and fixed) with the host "
-                                   "rustc and write their manifest.")
+                       description="Rebuild kernel_emu/images from the guest source: the seed "
+                                   "and fixed builds as static ELF images and as UEFI "
+                                   "applications (PE32+, with a link map), and write their "
+                                   "manifest. The UEFI build needs a rustc with its library "
+                                   "sources and lld-link (Debian: rustc-web, rust-web-src, "
+                                   "lld).")
     p.add_argument("--out", default=str(Path(__file__).parent.parent / "kernel_emu" / "images"),
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)

@@ -3,9 +3,11 @@ Ubuntu, installed: `python3 fuzzfarm/system_deps.py setup|test`.
 
 `setup` is what `make up` needs (a Python with venv and headers, a C compiler for the native
 hooks); `test` adds what the tests need (readelf as a reference ELF reader; Chromium and
-chromedriver for the dashboard's browser tests). Without root, a missing required package
-stops with one line naming the command to run; missing browser parts only mean the browser
-tests are skipped, and that is said. Standard library only: it runs before the virtualenv.
+chromedriver for the dashboard's browser tests; the UEFI toolchain, QEMU and OVMF for the
+UEFI images and their boot on real firmware); `uefi` is that last part alone. Without root,
+a missing required package stops with one line naming the command to run; missing optional
+parts only mean the tests that need them are skipped, and that is said. Standard library
+only: it runs before the virtualenv.
 """
 
 from __future__ import annotations
@@ -48,6 +50,27 @@ def _headers() -> bool:
     return bool(include) and (Path(include) / "Python.h").is_file()
 
 
+def _rust_library_sources() -> bool:
+    return any(Path("/usr/src").glob("rustc-*/library/core/src/lib.rs"))
+
+
+def _ovmf() -> bool:
+    return Path("/usr/share/ovmf/OVMF.fd").is_file()
+
+
+# the guest as a UEFI application (`fuzzfarm build-guest`), and real firmware to boot it on
+UEFI = [
+    Need("Debian's rustc", "rustc-web", lambda: Path("/usr/bin/rustc").is_file(),
+         "building the UEFI images", required=False),
+    Need("the Rust library sources", "rust-web-src", _rust_library_sources,
+         "building the UEFI images", required=False),
+    Need("lld-link", "lld", _which("lld-link"), "building the UEFI images", required=False),
+    Need("QEMU", "qemu-system-x86", _which("qemu-system-x86_64"),
+         "booting the UEFI images on real firmware", required=False),
+    Need("OVMF", "ovmf", _ovmf, "booting the UEFI images on real firmware", required=False),
+]
+TARGETS_HELP = "setup: what `make up` needs; test: what the tests need; uefi: the UEFI images"
+
 SETUP = [
     Need("Python's venv and ensurepip", "python3-venv", _venv, "the project's virtualenv"),
     Need("a C compiler (gcc)", "gcc", _which("gcc", "cc"), "compiling the native hooks"),
@@ -61,8 +84,9 @@ TEST = [
          "the dashboard's browser tests", required=False),
     Need("chromedriver", "chromium-driver", _which("chromedriver"),
          "the dashboard's browser tests", required=False),
+    *UEFI,
 ]
-TARGETS = {"setup": SETUP, "test": TEST}
+TARGETS = {"setup": SETUP, "test": TEST, "uefi": UEFI}
 
 
 def say(line: str) -> None:
@@ -114,7 +138,8 @@ def ensure(needs: list[Need]) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in TARGETS:
-        print(f"usage: {Path(__file__).name} {'|'.join(TARGETS)}", file=sys.stderr)
+        print(f"usage: {Path(__file__).name} {'|'.join(TARGETS)}\n{TARGETS_HELP}",
+              file=sys.stderr)
         return 2
     return ensure(TARGETS[argv[0]])
 

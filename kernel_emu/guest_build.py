@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +152,15 @@ def build(variant: str, out_dir: Path, rustc: str | None = None) -> dict[str, An
     }
 
 
-def build_all(out_dir: Path, rustc: str | None = None) -> dict[str, Any]:
-    """Builds every variant and writes `out_dir/manifest.json`; returns the manifest."""
+def build_all(out_dir: Path, rustc: str | None = None,
+              more: dict[str, Callable[[Path], dict[str, Any]]] | None = None
+              ) -> dict[str, Any]:
+    """Builds every variant, and the `more` images (name -> a builder into a directory), and
+    writes `out_dir/manifest.json`; returns the manifest."""
     out_dir = Path(out_dir)
     rustc = rustc or _rustc()
     manifest = {variant: build(variant, out_dir, rustc) for variant in VARIANTS}
+    for name, builder in (more or {}).items():
+        manifest[name] = builder(out_dir)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

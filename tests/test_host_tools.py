@@ -20,6 +20,9 @@ ALLOWED = {
     "workers/redis_guard.py": "the Redis server of `fuzzfarm up`, which it stops last",
     # optional commands that say what is missing: fuzzfarm build-guest, fuzzfarm seeds
     "kernel_emu/guest_build.py": "rustc, for `fuzzfarm build-guest` only",
+    "kernel_emu/uefi_build.py": "rustc and lld-link, for `fuzzfarm build-guest` only",
+    # the reference a boot is compared with, never part of a fuzzing run
+    "kernel_emu/qemu.py": "QEMU + OVMF, for booting on real firmware only",
     "corpus/toolchain.py": "gcc, for `fuzzfarm seeds` only",
 }
 STARTERS = {"subprocess", "os.system", "os.popen", "os.exec", "os.spawn", "pty"}

@@ -69,7 +69,7 @@ pub fn start(image_handle: usize, system_table: *const SystemTable) -> ! {
     unsafe { arch::switch_stack(top, on_kernel_stack) }
 }
 
-extern "C" fn on_kernel_stack() -> ! {
+extern "sysv64" fn on_kernel_stack() -> ! {
     // SAFETY: written once before the switch.
     let (base, system_table) = unsafe { (mm::KERNEL_STACK_BASE, *SYSTEM_TABLE.get()) };
     kprintln!("[mm] kstack base={:#x} top={:#x}", base, base + mm::KERNEL_STACK_SIZE);

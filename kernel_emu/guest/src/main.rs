@@ -11,6 +11,7 @@ extern crate alloc;
 
 #[macro_use]
 mod console;
+#[macro_use]
 mod arch;
 mod boot;
 mod efi;

@@ -10,9 +10,39 @@ use crate::loader::elf::{self, LoadedElf, PF_W, PF_X};
 use crate::mm::paging::{self, NO_EXECUTE, PRESENT, USER, WRITABLE};
 use crate::mm::{frame, KERNEL_STACK_BASE, KERNEL_STACK_SIZE, PAGE_SIZE};
 
-/// The kernel image, mapped supervisor-only into every address space.
+/// The kernel image, mapped supervisor-only into every address space: linked at 1 MiB with
+/// everything up to the heap reserved for it.
+#[cfg(not(target_os = "uefi"))]
 const KERNEL_IMAGE_START: u64 = 0x10_0000;
+#[cfg(not(target_os = "uefi"))]
 const KERNEL_IMAGE_END: u64 = 0x30_0000;
+
+/// The kernel image: its start, the end of what it occupies, and the end of the range no user
+/// segment may touch.
+#[cfg(not(target_os = "uefi"))]
+#[inline(always)]
+fn kernel_image() -> (u64, u64, u64) {
+    // SAFETY: only the address of the linker's symbol is taken.
+    let end = unsafe { core::ptr::addr_of!(__kernel_end) as u64 };
+    (KERNEL_IMAGE_START, end, KERNEL_IMAGE_END)
+}
+
+/// The kernel image: a UEFI application lies wherever the firmware loaded it, from the
+/// linker's `__ImageBase` over the SizeOfImage of its own PE header.
+#[cfg(target_os = "uefi")]
+#[inline(always)]
+fn kernel_image() -> (u64, u64, u64) {
+    // SAFETY: the headers are part of the loaded image; e_lfanew is at 0x3c, SizeOfImage at
+    // 56 bytes into the optional header, which follows the 4-byte signature and the 20-byte
+    // file header.
+    unsafe {
+        let base = core::ptr::addr_of!(__ImageBase) as u64;
+        let pe = base + read_volatile((base + 0x3c) as *const u32) as u64;
+        let size = read_volatile((pe + 4 + 20 + 56) as *const u32) as u64;
+        let end = (base + size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        (base, end, end)
+    }
+}
 
 const USER_STACK_TOP: u64 = 0x7fff_ffff_f000;
 const USER_STACK_PAGES: u64 = 4;
@@ -23,9 +53,8 @@ const USER_RFLAGS: u64 = 0x202;
 
 // rustux_enter_user(rip, rsp, cr3): switch to the user page tables and iretq to ring 3.
 global_asm!(
-    ".pushsection .text.rustux_enter_user,\"ax\",@progbits",
+    asm_function_begin!("rustux_enter_user"),
     ".global rustux_enter_user",
-    ".type rustux_enter_user,@function",
     "rustux_enter_user:",
     "mov cr3, rdx",
     "push {ss}",
@@ -51,16 +80,22 @@ global_asm!(
     ".global __rustux_enter_user_iretq",
     "__rustux_enter_user_iretq:",
     "iretq",
-    ".size rustux_enter_user, . - rustux_enter_user",
-    ".popsection",
+    asm_function_end!("rustux_enter_user"),
     ss = const USER_DATA,
     cs = const USER_CODE,
     rflags = const USER_RFLAGS,
 );
 
-extern "C" {
+// assembly, System V convention on every target
+extern "sysv64" {
     fn rustux_enter_user(rip: u64, rsp: u64, cr3: u64) -> !;
+}
+
+extern "C" {
+    #[cfg(not(target_os = "uefi"))]
     static __kernel_end: u8;
+    #[cfg(target_os = "uefi")]
+    static __ImageBase: u8;
 }
 
 /// Page-rounded [start, end) of a segment (end may wrap around).
@@ -89,8 +124,8 @@ impl AddressSpace {
             let stack_base = KERNEL_STACK_BASE;
             let root = frame::alloc_zeroed_page();
             // only what the image occupies: the rest of its reserved range holds nothing to run
-            let image_end = core::ptr::addr_of!(__kernel_end) as u64;
-            paging::map_identity(root, KERNEL_IMAGE_START, image_end, PRESENT | WRITABLE);
+            let (image_start, image_end, _) = kernel_image();
+            paging::map_identity(root, image_start, image_end, PRESENT | WRITABLE);
             paging::map_identity(
                 root,
                 stack_base,
@@ -113,6 +148,7 @@ pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible
         let entry = read_volatile(&(*loaded).entry);
         let stack_base = KERNEL_STACK_BASE;
         let stack_top = stack_base + KERNEL_STACK_SIZE;
+        let (image_start, _, image_reserved_end) = kernel_image();
 
         for i in 0..count {
             let s = elf::segment(loaded, i);
@@ -120,7 +156,7 @@ pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible
                 continue;
             }
             let (start, end) = page_span(s.vaddr, s.memsz);
-            if overlaps(start, end, KERNEL_IMAGE_START, KERNEL_IMAGE_END)
+            if overlaps(start, end, image_start, image_reserved_end)
                 || overlaps(start, end, stack_base, stack_top)
             {
                 return Err("segment overlaps the kernel");

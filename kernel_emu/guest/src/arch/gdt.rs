@@ -27,8 +27,7 @@ pub struct DescriptorPointer {
 // rustux_load_gdt(pointer: *const DescriptorPointer): lgdt, reload CS with a far return,
 // then the data segment registers.
 global_asm!(
-    ".pushsection .text.rustux_load_gdt,\"ax\",@progbits",
-    ".type rustux_load_gdt,@function",
+    asm_function_begin!("rustux_load_gdt"),
     "rustux_load_gdt:",
     "lgdt [rdi]",
     "push {code}",
@@ -44,13 +43,13 @@ global_asm!(
     "mov fs, eax",
     "mov gs, eax",
     "ret",
-    ".size rustux_load_gdt, . - rustux_load_gdt",
-    ".popsection",
+    asm_function_end!("rustux_load_gdt"),
     code = const KERNEL_CODE,
     data = const KERNEL_DATA,
 );
 
-extern "C" {
+// assembly, System V convention on every target
+extern "sysv64" {
     fn rustux_load_gdt(pointer: *const DescriptorPointer);
 }
 

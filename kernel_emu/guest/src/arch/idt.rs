@@ -56,7 +56,7 @@ macro_rules! table_entry {
 
 // Stack at rustux_isr_common: vector, error code (or 0), RIP, CS, RFLAGS, RSP, SS.
 global_asm!(
-    ".pushsection .text.rustux_isr,\"ax\",@progbits",
+    asm_section_begin!("rustux_isr"),
     stub_without_code!(0), stub_without_code!(1), stub_without_code!(2),
     stub_without_code!(3), stub_without_code!(4), stub_without_code!(5),
     stub_without_code!(6), stub_without_code!(7), stub_with_code!(8),
@@ -77,7 +77,7 @@ global_asm!(
     "call {handler}",
     "ud2",
     ".popsection",
-    ".pushsection .rodata.rustux_isr_table,\"a\",@progbits",
+    asm_rodata_begin!("rustux_isr_table"),
     ".balign 8",
     ".global rustux_isr_table",
     "rustux_isr_table:",
@@ -92,7 +92,8 @@ extern "C" {
     static rustux_isr_table: [u64; 33];
 }
 
-extern "C" fn exception(vector: u64, error_code: u64, rip: u64) -> ! {
+// called from the assembly stubs with the System V convention, whatever the target's own
+extern "sysv64" fn exception(vector: u64, error_code: u64, rip: u64) -> ! {
     if vector == OTHER_VECTOR {
         kprintln!("[PANIC] exception {} (unexpected interrupt) rip={:#x}", vector, rip);
     } else {

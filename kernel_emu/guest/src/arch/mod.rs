@@ -1,5 +1,57 @@
 //! CPU-level primitives: port I/O, control registers, TLB, stack switch, descriptor tables.
 
+// `global_asm!` directives in the target's object format: ELF for the kernel linked at its
+// address, COFF for the UEFI application (PE32+), where sections carry no type and symbols no
+// size.
+#[cfg(not(target_os = "uefi"))]
+macro_rules! asm_function_begin {
+    ($name:literal) => {
+        concat!(".pushsection .text.", $name, ",\"ax\",@progbits\n.type ", $name, ",@function")
+    };
+}
+#[cfg(target_os = "uefi")]
+macro_rules! asm_function_begin {
+    ($name:literal) => {
+        concat!(".pushsection .text$", $name, ",\"xr\"")
+    };
+}
+#[cfg(not(target_os = "uefi"))]
+macro_rules! asm_function_end {
+    ($name:literal) => {
+        concat!(".size ", $name, ", . - ", $name, "\n.popsection")
+    };
+}
+#[cfg(target_os = "uefi")]
+macro_rules! asm_function_end {
+    ($name:literal) => {
+        ".popsection"
+    };
+}
+#[cfg(not(target_os = "uefi"))]
+macro_rules! asm_rodata_begin {
+    ($name:literal) => {
+        concat!(".pushsection .rodata.", $name, ",\"a\",@progbits")
+    };
+}
+#[cfg(target_os = "uefi")]
+macro_rules! asm_rodata_begin {
+    ($name:literal) => {
+        concat!(".pushsection .rdata$", $name, ",\"dr\"")
+    };
+}
+#[cfg(not(target_os = "uefi"))]
+macro_rules! asm_section_begin {
+    ($name:literal) => {
+        concat!(".pushsection .text.", $name, ",\"ax\",@progbits")
+    };
+}
+#[cfg(target_os = "uefi")]
+macro_rules! asm_section_begin {
+    ($name:literal) => {
+        asm_function_begin!($name)
+    };
+}
+
 pub mod gdt;
 pub mod idt;
 
@@ -57,11 +109,12 @@ pub unsafe fn invlpg(addr: u64) {
 
 /// Moves RSP to `top` and jumps to `continuation`, never coming back: nothing of the old
 /// stack frame is used again. A zero return address is pushed so the continuation starts with
-/// the stack alignment of an ordinary call.
+/// the stack alignment of an ordinary call. The continuation is a System V function on every
+/// target: the Microsoft convention would let it write 32 bytes of shadow space above `top`.
 ///
 /// # Safety
 /// `top` must be the 16-byte aligned top of a mapped, unused stack.
-pub unsafe fn switch_stack(top: u64, continuation: extern "C" fn() -> !) -> ! {
+pub unsafe fn switch_stack(top: u64, continuation: extern "sysv64" fn() -> !) -> ! {
     asm!(
         "mov rsp, {top}",
         "xor ebp, ebp",
