@@ -98,17 +98,23 @@ def test_uefi_images_match_source(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_real_firmware_starts_the_uefi_image() -> None:
-    """QEMU + OVMF load the PE32+ image, apply its relocations and enter efi_main: the
-    kernel's first line reaches port 0xE9 with the image handle and system table the
-    firmware passed."""
+    """QEMU + OVMF load the PE32+ image, apply its relocations and enter efi_main: the kernel
+    prints its banner with the handle and system table the firmware passed, reads a memory map
+    of a real machine's size (a pool buffer: it outgrows the one on the stack) and leaves boot
+    services."""
     missing = qemu.missing()
     if missing:
         pytest.skip(missing)
     result = qemu.boot(IMAGES / _entry("seed")["file"], timeout=120,
-                       done=lambda log: "\n" in log)
-    first = result.log.splitlines()[0]
-    print(f"\nOVMF to efi_main in {result.seconds:.1f} s: {first}")
+                       done=lambda log: "[mm] page allocator" in log or "[PANIC]" in log)
+    lines = result.log.splitlines()
+    print(f"\nOVMF to the page allocator in {result.seconds:.1f} s: {lines[0]}; "
+          f"{lines[1] if len(lines) > 1 else ''}")
     m = re.fullmatch(r"\[boot\] Rustux efi_main image_handle=(0x[0-9a-f]+) "
-                     r"system_table=(0x[0-9a-f]+)", first)
+                     r"system_table=(0x[0-9a-f]+)", lines[0])
     assert m, result.log
     assert int(m.group(1), 16) and int(m.group(2), 16)
+    exited = re.search(r"^\[boot\] boot services exited, memory map has (\d+) entries$",
+                       result.log, re.M)
+    assert exited and int(exited.group(1)) > 4096 // 48, result.log[-2000:]
+    assert "[PANIC]" not in result.log, result.log[-2000:]

@@ -6,7 +6,8 @@ use crate::sync::KCell;
 use crate::{arch, loader, mm, user};
 
 /// The memory map is read into a buffer on the firmware stack: 4 KiB of an 8 KiB stack,
-/// which is why the kernel leaves that stack as soon as it has its own.
+/// which is why the kernel leaves that stack as soon as it has its own. A firmware whose map
+/// is larger (a real machine has a hundred descriptors and more) gets a pool buffer instead.
 const MEMORY_MAP_CAPACITY: usize = 4 * 1024;
 
 #[repr(C, align(16))]
@@ -107,10 +108,12 @@ unsafe fn exit_boot_services(
 }
 
 unsafe fn get_memory_map(system_table: *const SystemTable, buffer: &mut MapBuffer) -> (MemoryMap, usize) {
-    let get_memory_map = (*(*system_table).boot_services).get_memory_map;
-    let buffer = buffer.0.as_mut_ptr();
+    let boot_services = (*system_table).boot_services;
+    let get_memory_map = (*boot_services).get_memory_map;
+    let mut buffer = buffer.0.as_mut_ptr();
+    let mut capacity = MEMORY_MAP_CAPACITY;
     // Start by asking for the size; the second round adds room for two more descriptors in
-    // case the map grows between the calls.
+    // case the map grows between the calls (as it does when the pool buffer is allocated).
     let mut request = 0usize;
     for _ in 0..4 {
         let mut size = request;
@@ -128,8 +131,14 @@ unsafe fn get_memory_map(system_table: *const SystemTable, buffer: &mut MapBuffe
             }
             efi::BUFFER_TOO_SMALL => {
                 request = size + 2 * descriptor_size.max(core::mem::size_of::<MemoryDescriptor>());
-                if request > MEMORY_MAP_CAPACITY {
-                    panic!("memory map needs {} bytes", request);
+                if request > capacity {
+                    let mut pool = core::ptr::null_mut();
+                    let status = ((*boot_services).allocate_pool)(efi::LOADER_DATA, request, &mut pool);
+                    if status != efi::SUCCESS || pool.is_null() {
+                        panic!("memory map needs {} bytes, AllocatePool failed: {:#x}", request, status);
+                    }
+                    buffer = pool;
+                    capacity = request;
                 }
             }
             other => panic!("GetMemoryMap failed: {:#x}", other),

@@ -52,6 +52,12 @@ pub type GetMemoryMapFn = extern "efiapi" fn(
 
 pub type ExitBootServicesFn = extern "efiapi" fn(image_handle: usize, map_key: usize) -> Status;
 
+pub type AllocatePoolFn =
+    extern "efiapi" fn(pool_type: u32, size: usize, buffer: *mut *mut u8) -> Status;
+
+/// EFI_MEMORY_TYPE of the kernel's own allocations while boot services run.
+pub const LOADER_DATA: u32 = 2;
+
 #[repr(C)]
 pub struct BootServices {
     pub hdr: TableHeader,
@@ -60,7 +66,7 @@ pub struct BootServices {
     pub allocate_pages: usize,
     pub free_pages: usize,
     pub get_memory_map: GetMemoryMapFn,
-    pub allocate_pool: usize,
+    pub allocate_pool: AllocatePoolFn,
     pub free_pool: usize,
     /// CreateEvent .. UnloadImage, unused here.
     pub _unused: [usize; 19],
@@ -97,6 +103,7 @@ const _: () = {
     assert!(offset_of!(SimpleTextOutput, output_string) == 8);
     assert!(offset_of!(BootServices, allocate_pages) == 40);
     assert!(offset_of!(BootServices, get_memory_map) == 56);
+    assert!(offset_of!(BootServices, allocate_pool) == 64);
     assert!(offset_of!(BootServices, free_pool) == 72);
     assert!(offset_of!(BootServices, exit_boot_services) == 232);
     assert!(core::mem::size_of::<ConfigurationTable>() == 24);
