@@ -20,6 +20,9 @@ class AllocatorSites:
     alloc_entry: int
     alloc_returns: tuple[int, ...]
     dealloc_entry: int
+    # how the allocator takes (&self, size, align) and (&self, ptr): "sysv64" (rdi, rsi, rdx)
+    # or "win64" (rcx, rdx, r8), as the kernel's target passes arguments
+    convention: str = "sysv64"
 
     @property
     def addresses(self) -> list[int]:
@@ -44,9 +47,12 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     starts: list[int] = []  # sorted keys of `live`, to find a neighbour that overlaps
     findings: list[Finding] = []
     seq = 0
+    # the argument after &self: the size to allocate, or the pointer to free
+    second: Callable[[WatchEvent], int] = (lambda ev: ev.rdx) if sites.convention == "win64" \
+        else (lambda ev: ev.rsi)
     for ev in events:
         if ev.address == sites.alloc_entry:
-            pending.append((ev.rsp, ev.rsi))
+            pending.append((ev.rsp, second(ev)))
         elif ev.address in returns:
             match = next((i for i in range(len(pending) - 1, -1, -1)
                           if pending[i][0] == ev.rsp), None)
@@ -68,7 +74,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                 bisect.insort(starts, ptr)
             live[ptr] = Allocation(seq, ptr, size)
         elif ev.address == sites.dealloc_entry:
-            ptr = ev.rsi
+            ptr = second(ev)
             if not ptr:
                 continue
             if live.pop(ptr, None) is None:

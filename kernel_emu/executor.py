@@ -54,7 +54,7 @@ class Executor:
                  watchdog: int | None = None, fast_routines: bool = True,
                  skip_cycles: bool = True) -> None:
         self.profile = profile
-        self.image: KernelImage = load_image(profile.image)
+        self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
         self.budget = budget or profile.run.budget
         self.watchdog_interval = watchdog
@@ -68,7 +68,7 @@ class Executor:
         alloc = self.image.symbol(h.alloc_symbol)
         self.alloc_sites = AllocatorSites(
             alloc.address, codescan.return_sites(self.image, alloc.address, alloc.size),
-            self.image.symbol(h.dealloc_symbol).address)
+            self.image.symbol(h.dealloc_symbol).address, h.convention)
         self.bulk_ranges = codescan.bulk_ranges(self.image)
         # the bulk moves of memset/memcpy/memmove the native tracer performs itself where that
         # is provably the same (see kernel_emu/native/bulk.h); without: the guest runs them

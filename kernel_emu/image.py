@@ -13,6 +13,8 @@ import lief
 import rust_demangler
 
 from kernel_emu.errors import ImageError
+from kernel_emu.linkmap import LinkMapError, read_link_map
+from kernel_emu.peload import load_pe
 
 DESCRIBED_KEPT = 1 << 16
 _HASH_SUFFIX = re.compile(r"::h[0-9a-f]{16}$")
@@ -61,15 +63,27 @@ def demangle(name: str) -> str:
 
 
 class KernelImage:
-    """An amd64 kernel image with a UEFI-style entry, loaded at its link addresses."""
+    """An amd64 kernel image with a UEFI-style entry: a static ELF, loaded at its link
+    addresses, or a UEFI application (PE32+), loaded as a firmware loads one at `load_base`
+    (default: its preferred ImageBase) with its base relocations applied and its symbols read
+    from the link map beside it (`<image>.map`)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, load_base: int | None = None) -> None:
         try:
             raw = path.read_bytes()
         except OSError as e:
             raise ImageError(f"cannot read kernel image {path}: {e.strerror}") from e
         self.path = path
         self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.load_base: int | None = None  # where a PE image was loaded
+        if raw[:2] == b"MZ":
+            self._load_pe(raw, load_base)
+        else:
+            self._load_elf(raw)
+        self._index()
+
+    def _load_elf(self, raw: bytes) -> None:
+        path = self.path
         binary = lief.ELF.parse(list(raw)) if raw[:4] == b"\x7fELF" else None
         if binary is None or binary.header.machine_type != lief.ELF.ARCH.X86_64:
             raise ImageError(f"{path}: not an x86-64 ELF kernel image")
@@ -99,6 +113,23 @@ class KernelImage:
             for name in (s.name if isinstance(s.name, str) else s.name.decode(errors="replace"),)
         ]
         self.symbols = sorted(syms, key=lambda s: s.address)
+
+    def _load_pe(self, raw: bytes, load_base: int | None) -> None:
+        loaded = load_pe(raw, self.path, load_base)
+        self.entry, self.load_base = loaded.entry, loaded.base
+        self.segments = tuple(ImageSegment(s.vaddr, s.memsz, s.data, s.flags)
+                              for s in loaded.segments)
+        map_path = self.path.with_suffix(".map")
+        try:
+            mapped = read_link_map(map_path)
+        except LinkMapError as e:
+            raise ImageError(f"{self.path.name}: a UEFI image's symbols come from its link "
+                             f"map: {e}") from None
+        self.symbols = sorted((Symbol(address=loaded.base + m.rva, size=m.size,
+                                      mangled=m.name, name=clean_rust_name(demangle(m.name)))
+                               for m in mapped), key=lambda s: s.address)
+
+    def _index(self) -> None:
         self._addresses = [s.address for s in self.symbols]
         self._by_name: dict[str, Symbol] = {}
         self._described: dict[int, str] = {}  # describe()'s answers: hangs ask for ~64 a run
@@ -165,5 +196,5 @@ class KernelImage:
 
 
 @cache
-def load_image(path: Path) -> KernelImage:
-    return KernelImage(path)
+def load_image(path: Path, load_base: int | None = None) -> KernelImage:
+    return KernelImage(path, load_base)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from kernel_emu.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BUILTIN_PROFILES = ("seed", "fixed")
+CONVENTIONS = ("sysv64", "win64")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class HeapLayout:
     free_list_symbol: str
     alloc_symbol: str
     dealloc_symbol: str
+    # how the allocator's entry points take their arguments: "sysv64" (rdi, rsi, rdx) or
+    # "win64" (rcx, rdx, r8: a Rust function's own convention on the UEFI target)
+    convention: str = "sysv64"
 
     @property
     def end(self) -> int:
@@ -48,6 +52,9 @@ class KernelLayout:
     snapshot_symbol: str
     success_symbol: str
     user_top: int
+    # where the firmware loads a UEFI (PE32+) image; None: its preferred ImageBase (an ELF
+    # image always lies at its link addresses)
+    load_base: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,16 +79,22 @@ def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
     if not isinstance(table, dict):
         raise ProfileError(f"{origin}: missing [{key}] table")
     wanted = {f.name: f.type for f in fields(cls)}
-    missing = sorted(set(wanted) - set(table))
+    optional = {f.name for f in fields(cls) if f.default is not MISSING}
+    missing = sorted(set(wanted) - set(table) - optional)
     if missing:
         raise ProfileError(f"{origin}: [{key}] lacks {', '.join(missing)}")
     values = {}
     for name, typ in wanted.items():
+        if name not in table:
+            continue  # optional, left at its default
         value = table[name]
         expect = str if typ in (str, "str") else int
         if not isinstance(value, expect) or isinstance(value, bool):
             raise ProfileError(f"{origin}: [{key}].{name} must be {expect.__name__}")
         values[name] = value
+    if values.get("convention", "sysv64") not in CONVENTIONS:
+        raise ProfileError(f"{origin}: [{key}].convention must be one of "
+                           f"{', '.join(CONVENTIONS)}")
     return cls(**values)
 
 

@@ -1,0 +1,137 @@
+"""Loads a UEFI application (PE32+, x86-64) as a firmware does: the headers and every
+section copied into one image-sized block at a base of the firmware's choosing, the rest
+zero, and the base relocations applied for the distance from the preferred ImageBase.
+
+Headers and sections are read with LIEF; the relocation blocks are read here, from the loaded
+bytes, so that a malformed table is refused with a message instead of half applied.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import lief
+
+from kernel_emu.errors import ImageError
+
+PAGE = 0x1000
+U64 = (1 << 64) - 1
+# IMAGE_REL_BASED_*
+REL_ABSOLUTE, REL_HIGHLOW, REL_DIR64 = 0, 3, 10
+# IMAGE_SCN_MEM_*
+SCN_EXECUTE, SCN_READ, SCN_WRITE = 0x2000_0000, 0x4000_0000, 0x8000_0000
+
+
+@dataclass(frozen=True)
+class PeSegment:
+    """A loaded part of the image (the headers, or one section), as an ELF segment would be
+    described: address, size in memory, contents, R=4 W=2 X=1."""
+
+    vaddr: int
+    memsz: int
+    data: bytes
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.vaddr + self.memsz
+
+
+@dataclass(frozen=True)
+class LoadedPe:
+    base: int
+    preferred_base: int
+    size: int  # SizeOfImage
+    entry: int
+    segments: tuple[PeSegment, ...]
+    relocations: int  # how many were applied
+
+
+def _flags(characteristics: int) -> int:
+    return ((4 if characteristics & SCN_READ else 0) | (2 if characteristics & SCN_WRITE else 0)
+            | (1 if characteristics & SCN_EXECUTE else 0))
+
+
+def _pages(size: int) -> int:
+    return (size + PAGE - 1) & ~(PAGE - 1)
+
+
+def apply_relocations(image: bytearray, table: bytes, delta: int) -> int:
+    """Apply the base relocation blocks in `table` to `image`; returns how many were applied."""
+    applied = 0
+    at = 0
+    while at + 8 <= len(table):
+        page, block = struct.unpack_from("<II", table, at)
+        if block == 0 and page == 0:
+            break  # padding at the end of the table
+        if block < 8 or block % 2 or at + block > len(table):
+            raise ImageError(f"base relocation block at {at:#x} has a bad size {block:#x}")
+        for (entry,) in struct.iter_unpack("<H", table[at + 8:at + block]):
+            kind, where = entry >> 12, page + (entry & 0xFFF)
+            if kind == REL_ABSOLUTE:
+                continue
+            width = {REL_DIR64: 8, REL_HIGHLOW: 4}.get(kind)
+            if width is None:
+                raise ImageError(f"base relocation of type {kind} at {where:#x} is not one an "
+                                 f"x86-64 image uses")
+            if where + width > len(image):
+                raise ImageError(f"base relocation at {where:#x} lies outside the image")
+            fmt = "<Q" if width == 8 else "<I"
+            (value,) = struct.unpack_from(fmt, image, where)
+            struct.pack_into(fmt, image, where, (value + delta) & ((1 << (8 * width)) - 1))
+            applied += 1
+        at += block
+    return applied
+
+
+def load_pe(raw: bytes, path: Path, base: int | None = None) -> LoadedPe:
+    binary = lief.PE.parse(list(raw)) if raw[:2] == b"MZ" else None
+    if binary is None or binary.header.machine != lief.PE.Header.MACHINE_TYPES.AMD64 or \
+            binary.optional_header.magic != lief.PE.PE_TYPE.PE32_PLUS:
+        raise ImageError(f"{path}: not an x86-64 PE32+ image")
+    header = binary.optional_header
+    preferred, size = header.imagebase, header.sizeof_image
+    base = preferred if base is None else base
+    if base % PAGE or not 0 < size <= 1 << 30 or base + size > U64:
+        raise ImageError(f"{path}: cannot load {size:#x} bytes at {base:#x}")
+    if len(raw) < header.sizeof_headers or \
+            len(binary.sections) != binary.header.numberof_sections or not binary.sections:
+        raise ImageError(f"{path}: truncated or without sections: {len(raw)} bytes, "
+                         f"{len(binary.sections)} of {binary.header.numberof_sections} "
+                         f"sections readable")
+    image = bytearray(size)
+    headers = min(header.sizeof_headers, size, len(raw))
+    image[:headers] = raw[:headers]
+    sections = []
+    for section in binary.sections:
+        start, length = section.virtual_address, section.virtual_size
+        if section.pointerto_raw_data + section.sizeof_raw_data > len(raw):
+            raise ImageError(f"{path}: truncated: a section's data lies past the end of the "
+                             f"file ({len(raw)} bytes)")
+        data = bytes(section.content)[:length]
+        if start + max(length, len(data)) > size:
+            name = section.name if isinstance(section.name, str) else \
+                bytes(section.name).decode(errors="replace")
+            raise ImageError(f"{path}: section {name} lies outside SizeOfImage")
+        image[start:start + len(data)] = data
+        sections.append((start, length, _flags(section.characteristics)))
+    relocations = 0
+    directory = binary.data_directory(lief.PE.DataDirectory.TYPES.BASE_RELOCATION_TABLE)
+    if directory is not None and directory.size and base != preferred:
+        rva, length = directory.rva, directory.size
+        if rva + length > size:
+            raise ImageError(f"{path}: the base relocation table lies outside the image")
+        relocations = apply_relocations(image, bytes(image[rva:rva + length]),
+                                        (base - preferred) & U64)
+    elif base != preferred and int(binary.header.characteristics) & \
+            int(lief.PE.Header.CHARACTERISTICS.RELOCS_STRIPPED):
+        raise ImageError(f"{path}: relocations stripped, so it loads only at {preferred:#x}")
+    segments = [PeSegment(base, _pages(headers), bytes(image[:headers]), 4)]
+    for start, length, flags in sections:
+        if length:
+            segments.append(PeSegment(base + start, _pages(length),
+                                      bytes(image[start:start + length]), flags))
+    return LoadedPe(base, preferred, size, base + header.addressof_entrypoint,
+                    tuple(segments), relocations)
