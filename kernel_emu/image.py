@@ -14,23 +14,11 @@ import rust_demangler
 
 from kernel_emu.errors import ImageError
 from kernel_emu.linkmap import LinkMapError, read_link_map
-from kernel_emu.peload import load_pe
+from kernel_emu.peload import ImageSegment, load_pe
 
 DESCRIBED_KEPT = 1 << 16
 _HASH_SUFFIX = re.compile(r"::h[0-9a-f]{16}$")
 _CRATE_DISAMBIGUATOR = re.compile(r"\[[0-9a-f]+\]")
-
-
-@dataclass(frozen=True)
-class ImageSegment:
-    vaddr: int
-    memsz: int
-    data: bytes
-    flags: int  # ELF p_flags: R=4, W=2, X=1
-
-    @property
-    def end(self) -> int:
-        return self.vaddr + self.memsz
 
 
 @dataclass(frozen=True)
@@ -116,9 +104,7 @@ class KernelImage:
 
     def _load_pe(self, raw: bytes, load_base: int | None) -> None:
         loaded = load_pe(raw, self.path, load_base)
-        self.entry, self.load_base = loaded.entry, loaded.base
-        self.segments = tuple(ImageSegment(s.vaddr, s.memsz, s.data, s.flags)
-                              for s in loaded.segments)
+        self.entry, self.segments, self.load_base = loaded.entry, loaded.segments, loaded.base
         map_path = self.path.with_suffix(".map")
         try:
             mapped = read_link_map(map_path)

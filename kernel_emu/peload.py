@@ -25,9 +25,9 @@ SCN_EXECUTE, SCN_READ, SCN_WRITE = 0x2000_0000, 0x4000_0000, 0x8000_0000
 
 
 @dataclass(frozen=True)
-class PeSegment:
-    """A loaded part of the image (the headers, or one section), as an ELF segment would be
-    described: address, size in memory, contents, R=4 W=2 X=1."""
+class ImageSegment:
+    """A loaded part of a kernel image: an ELF PT_LOAD, or a PE's headers or one of its
+    sections. Flags as ELF's p_flags: R=4, W=2, X=1."""
 
     vaddr: int
     memsz: int
@@ -45,7 +45,7 @@ class LoadedPe:
     preferred_base: int
     size: int  # SizeOfImage
     entry: int
-    segments: tuple[PeSegment, ...]
+    segments: tuple[ImageSegment, ...]
     relocations: int  # how many were applied
 
 
@@ -128,10 +128,10 @@ def load_pe(raw: bytes, path: Path, base: int | None = None) -> LoadedPe:
     elif base != preferred and int(binary.header.characteristics) & \
             int(lief.PE.Header.CHARACTERISTICS.RELOCS_STRIPPED):
         raise ImageError(f"{path}: relocations stripped, so it loads only at {preferred:#x}")
-    segments = [PeSegment(base, _pages(headers), bytes(image[:headers]), 4)]
+    segments = [ImageSegment(base, _pages(headers), bytes(image[:headers]), 4)]
     for start, length, flags in sections:
         if length:
-            segments.append(PeSegment(base + start, _pages(length),
+            segments.append(ImageSegment(base + start, _pages(length),
                                       bytes(image[start:start + length]), flags))
     return LoadedPe(base, preferred, size, base + header.addressof_entrypoint,
                     tuple(segments), relocations)
