@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from functools import cache
@@ -12,7 +13,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from workers import coverage, work
 from workers.app import app
 from workers.settings import Settings
-from workers.store import FarmStore
+from workers.store import FarmStore, StoreError
 
 log = logging.getLogger("fuzzfarm.workers")
 
@@ -69,10 +70,12 @@ def fuzz_slice(self: Any, slice_id: str) -> dict[str, Any] | None:
         return work.run_fuzz_slice(store, _settings(), slice_id, _worker_name(self),
                                    send_triage)
     except Exception as e:  # noqa: BLE001 - a failed slice is ours, never the kernel's
-        work.record_harness_error(store, f"fuzz slice {slice_id}", f"{type(e).__name__}: {e}")
+        work.harness_error_if_possible(store, f"fuzz slice {slice_id}",
+                                       f"{type(e).__name__}: {e}")
         return None
     finally:
-        store.stats.heartbeat(_worker_name(self), None)
+        with contextlib.suppress(StoreError):  # Redis away: the heartbeat goes stale alone
+            store.stats.heartbeat(_worker_name(self), None)
 
 
 @app.task(bind=True, name="workers.tasks.triage")

@@ -38,6 +38,7 @@ log = logging.getLogger("fuzzfarm.workers")
 
 SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
 SLICE_GRACE = 120.0  # start-up and wind-down of a slice's job process
+REPORT_WAIT = 120.0  # how long a finished slice waits for Redis to take its report
 PR_SET_PDEATHSIG = 1
 # how often a slice reads its campaign's state, in case the message saying it stopped was lost
 STATE_CHECK = 60.0
@@ -154,7 +155,8 @@ def _run_claimed_slice(store: FarmStore, settings: Settings, slice_id: str, cid:
                              enqueue_triage)
         stats = _run_job(store, settings, profile.source, work, work / "seeds",
                          seconds, cid, worker, stream.tick)
-        stream.flush(stats, final=True)
+        # what the job left must reach Redis before its folder goes: Redis away, wait for it
+        _until_redis(lambda: stream.flush(stats, final=True, strict=True), slice_id)
         summary = {"execs": stats.execs if stats else 0, "edges": stats.edges if stats else 0,
                    "seconds": stats.elapsed if stats else 0.0,
                    "execs_per_second": stats.execs / stats.elapsed
@@ -162,10 +164,28 @@ def _run_claimed_slice(store: FarmStore, settings: Settings, slice_id: str, cid:
                    "new_inputs": stream.new_inputs, "findings": stream.findings,
                    "harness_errors": stream.harness_errors, "worker": worker,
                    "stop_reason": stats.stop_reason if stats else "no statistics"}
-        store.campaigns.finish_slice(slice_id, cid, summary)
+        _until_redis(lambda: store.campaigns.finish_slice(slice_id, cid, summary), slice_id)
         return summary
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _until_redis(step: Callable[[], object], slice_id: str, wait: float = REPORT_WAIT) -> None:
+    """Run `step`, again every second while Redis is away, for up to `wait` seconds; then
+    the StoreError goes up (the controller declares the slice lost and replaces it)."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            step()
+            return
+        except StoreError as e:
+            if time.monotonic() > deadline:
+                raise
+            if not said:
+                log.warning("slice %s waits for Redis to take its report: %s", slice_id, e)
+                said = True
+            time.sleep(1.0)
 
 
 class SliceStream:
@@ -202,8 +222,14 @@ class SliceStream:
             self._next_progress = now + self.PROGRESS_EVERY
             self._guarded(self._progress, _read_stats(self.work))
 
-    def flush(self, stats: JobStats | None, final: bool) -> None:
-        """Everything the job left, once it has exited."""
+    def flush(self, stats: JobStats | None, final: bool, strict: bool = False) -> None:
+        """Everything the job left, once it has exited (`strict`: Redis away is raised, for
+        the caller to try again, instead of left to the next tick)."""
+        if strict:
+            self._push_files(final=final)
+            if stats is not None:
+                self._progress(stats)
+            return
         self._guarded(self._push_files, final=final)
         if stats is not None:
             self._guarded(self._progress, stats)
@@ -372,7 +398,7 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
                 if time.monotonic() > deadline:
                     child.kill()
                     child.wait()
-                    _harness_error_if_possible(store, "fuzz slice",
+                    harness_error_if_possible(store, "fuzz slice",
                                                "job process overran its slice")
         finally:
             watch.close()
@@ -382,12 +408,12 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
     # a job stopped before it could install its own handler dies of the signal: not a failure
     stopped_early = asked_to_stop and child.returncode == -signal.SIGTERM
     if child.returncode not in (0, None) and not stopped_early:
-        _harness_error_if_possible(store, "fuzz slice",
+        harness_error_if_possible(store, "fuzz slice",
                                    f"job process exited with status {child.returncode}")
     return _read_stats(work)
 
 
-def _harness_error_if_possible(store: FarmStore, where: str, error: str) -> None:
+def harness_error_if_possible(store: FarmStore, where: str, error: str) -> None:
     """A slice's own failure, recorded unless Redis is away right now (it is logged anyway)."""
     try:
         record_harness_error(store, where, error)
