@@ -87,6 +87,23 @@ pub fn halt_forever() -> ! {
     }
 }
 
+const CR0_WRITE_PROTECT: u64 = 1 << 16;
+
+/// Runs `edit` with CR0.WP clear: supervisor writes then ignore read-only mappings. Real
+/// firmware (OVMF) maps its page tables read-only, and the kernel edits them once, before it
+/// builds tables of its own.
+///
+/// # Safety
+/// `edit` must only write what the kernel owns; interrupts must be off.
+pub unsafe fn without_write_protect<R>(edit: impl FnOnce() -> R) -> R {
+    let cr0: u64;
+    asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack, preserves_flags));
+    asm!("mov cr0, {}", in(reg) cr0 & !CR0_WRITE_PROTECT, options(nostack, preserves_flags));
+    let result = edit();
+    asm!("mov cr0, {}", in(reg) cr0, options(nostack, preserves_flags));
+    result
+}
+
 pub fn read_cr3() -> u64 {
     let value: u64;
     // SAFETY: reading CR3 has no side effects.

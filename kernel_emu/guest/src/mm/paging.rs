@@ -59,16 +59,19 @@ unsafe fn split_large(entry: *mut u64, shift: u32) -> u64 {
     table
 }
 
-/// Clears PRESENT for the page at `vaddr` in the active page tables.
+/// Clears PRESENT for the page at `vaddr` in the active page tables: the firmware's, which
+/// real firmware maps read-only (so the edit is made with write protection off).
 ///
 /// # Safety
 /// Nothing may use the page afterwards.
 pub unsafe fn unmap_current(vaddr: u64) {
-    let entry = entry_for(arch::read_cr3(), vaddr, false);
-    if entry.is_null() {
-        panic!("no page-table entry for {:#x}", vaddr);
-    }
-    *entry &= !PRESENT;
+    arch::without_write_protect(|| {
+        let entry = entry_for(arch::read_cr3(), vaddr, false);
+        if entry.is_null() {
+            panic!("no page-table entry for {:#x}", vaddr);
+        }
+        *entry &= !PRESENT;
+    });
     arch::invlpg(vaddr);
 }
 
