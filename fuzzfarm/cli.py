@@ -57,6 +57,52 @@ def cmd_boot(args: argparse.Namespace) -> int:
     return EXIT_CRASH if result.verdict == "crash" else EXIT_OK
 
 
+def cmd_crosscheck(args: argparse.Namespace) -> int:
+    """The same UEFI image and input in the emulator and on QEMU + OVMF, logs compared."""
+    from kernel_emu import qemu
+    from kernel_emu.crosscheck import crosscheck
+    from kernel_emu.profile import load_profile
+
+    profile = load_profile(args.kernel)
+    if profile.image.read_bytes()[:2] != b"MZ":
+        raise UsageError(f"kernel {profile.name} is not a UEFI application: crosscheck boots "
+                         f"what real firmware boots (seed-uefi, fixed-uefi, or a profile of "
+                         f"a .efi image)")
+    data = _read_input(args.elf)
+    missing = qemu.missing()
+    if missing:
+        raise UsageError(f"cannot boot on real firmware here: {missing}")
+    try:
+        check = crosscheck(profile, data, timeout=args.timeout)
+    except qemu.FirmwareBootError as e:
+        raise HarnessError(str(e)) from None
+    result = check.result
+    print(f"crosscheck of {args.elf} on {profile.name} ({profile.image.name}): emulator "
+          f"{check.seconds_emulated:.2f} s, QEMU + OVMF {check.seconds_real:.1f} s "
+          f"({check.real_ended})")
+    print(f"emulated: {result.verdict}" + (f", {result.signature}" if result.signature else ""))
+    print(f"kernel log, {len(check.emulated)} lines compared (what differs by machine as …):")
+    differing = {line for line, _a, _b in check.differences}
+    for i, line in enumerate(check.emulated, 1):
+        if i in differing:
+            print(f"  ! emulator: {line}")
+            print(f"    real:     {check.real[i - 1] if i <= len(check.real) else '(nothing)'}")
+        else:
+            print(f"  = {line}")
+    for i, _a, b in check.differences:
+        if i > len(check.emulated):
+            print(f"  ! real only: {b}")
+    if check.after:
+        print("after the emulated run ended, on QEMU + OVMF:")
+        for line in check.after:
+            print(f"  + {line}")
+    if check.same:
+        print("same kernel log on real firmware")
+        return EXIT_OK
+    print(f"{len(check.differences)} line(s) differ between the emulator and real firmware")
+    return EXIT_CRASH
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Boot the bundled examples on both builds: the farm's job in miniature."""
     from fuzzfarm.report import render_summary_row
@@ -160,8 +206,8 @@ def cmd_build_guest(args: argparse.Namespace) -> int:
     from functools import partial
 
     from kernel_emu.guest_build import VARIANTS, GuestBuildError, build_all
+    from kernel_emu.uefi_build import SHIM, missing_toolchain
     from kernel_emu.uefi_build import build as build_uefi
-    from kernel_emu.uefi_build import missing_toolchain
 
     out = Path(args.out)
     missing = missing_toolchain()
@@ -172,6 +218,7 @@ def cmd_build_guest(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     more = {f"{v}-uefi": partial(build_uefi, v, progress=say) for v in VARIANTS}
+    more[SHIM] = partial(build_uefi, SHIM, progress=say)
     try:
         manifest = build_all(out, more=more)
     except GuestBuildError as e:
@@ -253,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the pure-Python hooks instead of the native tracer (slow)")
     p.add_argument("--no-fast-routines", action="store_true", help=FAST_ROUTINES_HELP)
     p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("crosscheck", help="boot one input in the emulator and on QEMU + OVMF",
+                       description="Boot a UEFI build of the kernel with ELF as its bin/init "
+                                   "twice, in the emulator and on real firmware (QEMU + OVMF), "
+                                   "and compare the kernel's logs line by line after "
+                                   "normalising what differs by machine (load addresses, the "
+                                   "memory map). Exit status: 0 same, 1 different, 2 error.")
+    p.add_argument("elf", metavar="ELF", help="the input file (any bytes)")
+    p.add_argument("--kernel", default="seed-uefi", metavar="seed-uefi|fixed-uefi|PROFILE.toml",
+                   help="a UEFI build: a built-in profile or a profile file (default: seed-uefi)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="how long the boot on QEMU may take (default: 120)")
+    p.set_defaults(func=cmd_crosscheck)
 
     p = sub.add_parser("fuzz", help="fuzz the kernel's ELF loader locally",
                        description="Run a coverage-guided campaign (Atheris/libFuzzer fed with "

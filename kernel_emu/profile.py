@@ -11,6 +11,9 @@ from kernel_emu.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BUILTIN_PROFILES = ("seed", "fixed")
+# the same builds as UEFI applications (PE32+); not yet farm kernels (a PE's symbols come from
+# the link map beside it, which a farm kernel build does not carry)
+UEFI_PROFILES = ("seed-uefi", "fixed-uefi")
 CONVENTIONS = ("sysv64", "win64")
 
 
@@ -125,12 +128,14 @@ def load_profile_file(path: Path) -> TargetProfile:
 
 
 def load_profile(spec: str) -> TargetProfile:
-    """A built-in profile name (seed, fixed) or a path to a profile TOML."""
-    if spec in BUILTIN_PROFILES:
+    """A built-in profile name (seed, fixed, seed-uefi, fixed-uefi) or a path to a profile
+    TOML."""
+    if spec in BUILTIN_PROFILES + UEFI_PROFILES:
         return load_profile_file(PROFILE_DIR / f"{spec}.toml")
     path = Path(spec)
     if path.suffix != ".toml" and not path.exists():
         raise ProfileError(
-            f"unknown kernel '{spec}': use one of {', '.join(BUILTIN_PROFILES)} or a profile .toml"
+            f"unknown kernel '{spec}': use one of "
+            f"{', '.join(BUILTIN_PROFILES + UEFI_PROFILES)} or a profile .toml"
         )
     return load_profile_file(path)

@@ -24,6 +24,9 @@ MEMORY_MIB = 256
 POLL = 0.1
 
 
+SHIM_IMAGE = Path(__file__).parent / "images" / "rxboot.efi"
+
+
 class FirmwareBootError(Exception):
     """QEMU could not be started, or ended before the application said anything."""
 
@@ -101,3 +104,16 @@ def boot(app: Path, files: dict[str, bytes] | None = None, timeout: float = 120.
             raise FirmwareBootError(f"{QEMU} exited with {proc.returncode}: "
                                     f"{output.strip()[-500:]}")
         return FirmwareBoot(log, seconds, ended)
+
+
+def boot_kernel(kernel: Path, ramdisk: bytes, timeout: float = 120.0,
+                done: Callable[[str], bool] = lambda _log: False,
+                shim: Path = SHIM_IMAGE) -> FirmwareBoot:
+    """Boot the kernel UEFI application `kernel` with `ramdisk` handed over as the emulated
+    firmware hands it over (a configuration-table entry): the boot shim `rxboot.efi` starts
+    from the drive, reads `rustux/ramdisk.img`, installs the entry and starts
+    `rustux/kernel.efi`."""
+    if not shim.is_file():
+        raise FirmwareBootError(f"the boot shim {shim} is missing (fuzzfarm build-guest)")
+    return boot(shim, {"rustux/kernel.efi": kernel.read_bytes(), "rustux/ramdisk.img": ramdisk},
+                timeout, done)

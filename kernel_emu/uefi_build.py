@@ -175,20 +175,28 @@ def sysroot(rustc: str, library: Path, progress: Any = print) -> Path:
     return root
 
 
+SHIM = "rxboot"  # the boot shim: bootshim/main.rs, what a boot loader does on a real machine
+
+
 def _flags(variant: str, out_file: str, map_file: str, guest_dir: str) -> list[str]:
     flags = list(_KERNEL_FLAGS)
+    source = "src/main.rs"
     if variant == "fixed":
         flags += ["--cfg", "rustux_fixed"]
+    if variant == SHIM:
+        flags[flags.index("rustux")] = SHIM
+        source = "bootshim/main.rs"
     flags += ["-C", f"link-arg=/MAP:{map_file}", f"--remap-path-prefix={guest_dir}=rustux",
-              "-o", out_file, "src/main.rs"]
+              "-o", out_file, source]
     return flags
 
 
 def build(variant: str, out_dir: Path, progress: Any = print) -> dict[str, Any]:
-    """Builds one variant into `out_dir/<variant>.efi` (and its `.map`); returns its manifest
-    entry."""
-    if variant not in VARIANTS:
-        raise GuestBuildError(f"unknown guest variant {variant!r} (expected one of {VARIANTS})")
+    """Builds one variant (or the boot shim, SHIM) into `out_dir/<variant>.efi` (and its
+    `.map`); returns its manifest entry."""
+    if variant not in (*VARIANTS, SHIM):
+        raise GuestBuildError(f"unknown guest variant {variant!r} (expected one of "
+                              f"{(*VARIANTS, SHIM)})")
     found = find_uefi_rustc()
     if found is None:
         raise GuestBuildError(missing_toolchain() or "no UEFI toolchain")

@@ -1,0 +1,106 @@
+"""Crosscheck: the same UEFI kernel image and input, booted by the emulator and by real
+firmware (QEMU + OVMF), and the kernel's debug-console logs compared line by line.
+
+What legitimately differs between the two machines is normalised before the comparison: where
+the firmware put things (image handle, system table, the ramdisk, the kernel stack, page
+tables) and what the memory map holds (its entries, and the page allocator's counts derived
+from it). Everything else, in particular the loaded-segment table and the user entry point,
+must be the same. The emulated run ends at the success point or at the fault it reports;
+the kernel on real firmware carries on, so lines past the end of the emulated log are shown,
+not compared.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kernel_emu import qemu
+from kernel_emu.executor import Executor
+from kernel_emu.profile import TargetProfile
+from kernel_emu.ramdisk import build_init_ramdisk
+from kernel_emu.result import Result
+
+ANY = "…"
+# lines dropped before comparing: the boot shim's own, and the memory map's entries
+_DROPPED = re.compile(r"^(\[rxboot\] |\[boot\] mem )")
+# (line pattern, the groups that differ by machine)
+_VARYING = [
+    re.compile(r"^\[boot\] Rustux efi_main image_handle=(\S+) system_table=(\S+)$"),
+    re.compile(r"^\[boot\] boot services exited, memory map has (\d+) entries$"),
+    re.compile(r"^\[mm\] page allocator: (\d+) pages in (\d+) ranges$"),
+    re.compile(r"^\[mm\] kstack base=(\S+) top=(\S+)$"),
+    re.compile(r"^\[mm\] \d+ zeroed pages at (\S+)$"),
+    re.compile(r"^\[elf\] bin/init at (\S+), \d+ bytes$"),
+    re.compile(r"^\[user\] enter rip=\S+ rsp=\S+ cr3=(\S+)$"),
+]
+# after one of these the kernel has nothing more to say (it halts or enters ring 3)
+_LAST = ("[user] enter ", "[PANIC] ", "rejected: ")
+SETTLE = 1.0  # seconds QEMU runs on after a last line, for what the kernel says next
+
+
+def normalise(log: str) -> list[str]:
+    """The log's lines with what differs by machine replaced by `…`."""
+    out = []
+    for line in log.splitlines():
+        line = line.rstrip()
+        if not line or _DROPPED.match(line):
+            continue
+        for pattern in _VARYING:
+            m = pattern.match(line)
+            if m:
+                for i in range(len(m.groups()), 0, -1):
+                    line = line[:m.start(i)] + ANY + line[m.end(i):]
+                break
+        out.append(line)
+    return out
+
+
+@dataclass
+class Crosscheck:
+    emulated: list[str]
+    real: list[str]  # normalised, as far as the emulated log goes
+    after: list[str]  # what the kernel said on real firmware after the emulated run ended
+    result: Result
+    seconds_emulated: float
+    seconds_real: float
+    real_ended: str  # how the QEMU run ended: done, exited, timeout
+    differences: list[tuple[int, str, str]] = field(default_factory=list)  # (line, emu, real)
+
+    @property
+    def same(self) -> bool:
+        return not self.differences
+
+
+def _finished(log: str, seen: dict[str, float]) -> bool:
+    """True once the kernel said its last line and SETTLE seconds have passed."""
+    if "[rxboot] " in log and " failed: " in log:
+        return True
+    if not any(line.startswith(_LAST) for line in log.splitlines()):
+        return False
+    first = seen.setdefault("last", time.monotonic())
+    return time.monotonic() - first >= SETTLE
+
+
+def crosscheck(profile: TargetProfile, data: bytes, timeout: float = 120.0) -> Crosscheck:
+    """Boot `data` on the profile's UEFI image in the emulator and under QEMU + OVMF."""
+    if profile.kernel.load_base is None and profile.image.suffix.lower() != ".efi":
+        raise qemu.FirmwareBootError(f"{profile.name}: not a UEFI application (a crosscheck "
+                                     f"boots the image real firmware boots)")
+    started = time.monotonic()
+    result = Executor(profile, snapshot=False).run(data)
+    seconds_emulated = time.monotonic() - started
+    seen: dict[str, float] = {}
+    real = qemu.boot_kernel(Path(profile.image), build_init_ramdisk(data), timeout,
+                            lambda log: _finished(log, seen))
+    emulated, real_lines = normalise(result.log), normalise(real.log)
+    check = Crosscheck(emulated, real_lines[:len(emulated)], real_lines[len(emulated):],
+                       result, seconds_emulated, real.seconds, real.ended)
+    for i in range(max(len(emulated), len(check.real))):
+        a = emulated[i] if i < len(emulated) else ""
+        b = check.real[i] if i < len(check.real) else ""
+        if a != b:
+            check.differences.append((i + 1, a, b))
+    return check
