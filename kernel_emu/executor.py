@@ -98,6 +98,8 @@ class Executor:
                                                 console_read_value=DEBUG_PORT),
                                track_writes=track_writes)
         tracer.watch(self.alloc_sites.addresses)
+        if self.image.unwind:  # a PE image: its frames do not chain through rbp
+            tracer.unwind(self.image.unwind)
         for attach in self._machine_hooks:
             attach(m.uc)
         m.uc.ctl_flush_tb()

@@ -14,7 +14,7 @@ import rust_demangler
 
 from kernel_emu.errors import ImageError
 from kernel_emu.linkmap import LinkMapError, read_link_map
-from kernel_emu.peload import ImageSegment, load_pe
+from kernel_emu.peload import ImageSegment, UnwindEntry, load_pe
 
 DESCRIBED_KEPT = 1 << 16
 _HASH_SUFFIX = re.compile(r"::h[0-9a-f]{16}$")
@@ -64,6 +64,8 @@ class KernelImage:
         self.path = path
         self.sha256 = hashlib.sha256(raw).hexdigest()
         self.load_base: int | None = None  # where a PE image was loaded
+        # a PE's frame layouts, for walking its Microsoft x64 frames (an ELF: the rbp chain)
+        self.unwind: tuple[UnwindEntry, ...] = ()
         if raw[:2] == b"MZ":
             self._load_pe(raw, load_base)
         else:
@@ -105,6 +107,7 @@ class KernelImage:
     def _load_pe(self, raw: bytes, load_base: int | None) -> None:
         loaded = load_pe(raw, self.path, load_base)
         self.entry, self.segments, self.load_base = loaded.entry, loaded.segments, loaded.base
+        self.unwind = loaded.unwind
         map_path = self.path.with_suffix(".map")
         try:
             mapped = read_link_map(map_path)

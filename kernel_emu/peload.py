@@ -39,6 +39,16 @@ class ImageSegment:
         return self.vaddr + self.memsz
 
 
+# (start, end, saved rbp, return address): where a function keeps the caller's rbp and its
+# return address, as offsets from its own rbp (see unwind_entries)
+UnwindEntry = tuple[int, int, int, int]
+UWOP_PUSH_NONVOL, UWOP_ALLOC_LARGE, UWOP_ALLOC_SMALL, UWOP_SET_FPREG = 0, 1, 2, 3
+UNW_FLAG_CHAININFO = 4
+RBP = 5
+# extra 16-bit slots each unwind code takes (UWOP_ALLOC_LARGE: by its info)
+_SLOTS = {4: 1, 5: 2, 8: 1, 9: 2}
+
+
 @dataclass(frozen=True)
 class LoadedPe:
     base: int
@@ -47,6 +57,73 @@ class LoadedPe:
     entry: int
     segments: tuple[ImageSegment, ...]
     relocations: int  # how many were applied
+    unwind: tuple[UnwindEntry, ...] = ()
+
+
+def _frame_layout(image: bytes, info: int) -> tuple[int, int] | None:
+    """For the UNWIND_INFO at `info`: (saved rbp, return address) as offsets from rbp once
+    the prolog has run, when the function keeps rbp as its frame pointer; else None.
+
+    The Microsoft x64 prolog pushes nonvolatile registers, allocates its frame, then sets
+    rbp = rsp + 16 * FrameOffset: the return address lies above the pushes and the frame."""
+    for _ in range(8):  # chained entries point at their parent's info
+        if info + 4 > len(image):
+            return None
+        flags, _prolog, count, frame = image[info] >> 3, image[info + 1], image[info + 2], \
+            image[info + 3]
+        codes = info + 4
+        if codes + 2 * count > len(image):
+            return None
+        if frame & 0xF != RBP:
+            if flags & UNW_FLAG_CHAININFO:
+                at = codes + 2 * (count + (count & 1))
+                if at + 12 > len(image):
+                    return None
+                info = struct.unpack_from("<I", image, at + 8)[0]
+                continue
+            return None
+        pushes: list[int] = []  # in the order the prolog pushes them
+        alloc = 0
+        i = 0
+        while i < count:
+            op, op_info = image[codes + 2 * i + 1] & 0xF, image[codes + 2 * i + 1] >> 4
+            if op == UWOP_PUSH_NONVOL:
+                pushes.insert(0, op_info)
+            elif op == UWOP_ALLOC_SMALL:
+                alloc += op_info * 8 + 8
+            elif op == UWOP_ALLOC_LARGE:
+                if op_info == 0:
+                    alloc += struct.unpack_from("<H", image, codes + 2 * i + 2)[0] * 8
+                    i += 1
+                else:
+                    alloc += struct.unpack_from("<I", image, codes + 2 * i + 2)[0]
+                    i += 2
+            elif op != UWOP_SET_FPREG:
+                i += _SLOTS.get(op, 0)
+                if op not in _SLOTS:
+                    return None  # a machine frame or an unknown code: no simple layout
+            i += 1
+        if RBP not in pushes:
+            return None
+        above_frame = alloc - 16 * (frame >> 4)  # rbp up to the pushes
+        saved_rbp = above_frame + 8 * (len(pushes) - 1 - pushes.index(RBP))
+        return saved_rbp, above_frame + 8 * len(pushes)
+    return None
+
+
+def unwind_entries(image: bytes, base: int, pdata: int, size: int) -> tuple[UnwindEntry, ...]:
+    """The frame layouts of the functions the exception directory (.pdata) lists."""
+    entries: list[UnwindEntry] = []
+    for at in range(pdata, min(pdata + size, len(image)) - 11, 12):
+        start, end, info = struct.unpack_from("<III", image, at)
+        if not start < end <= len(image):
+            continue
+        layout = _frame_layout(image, info & ~1)
+        if layout is not None:
+            entries.append((base + start, base + end, *layout))
+    entries.sort()
+    # keep them disjoint, as the tracer wants them
+    return tuple(e for i, e in enumerate(entries) if i == 0 or e[0] >= entries[i - 1][1])
 
 
 def _flags(characteristics: int) -> int:
@@ -133,5 +210,8 @@ def load_pe(raw: bytes, path: Path, base: int | None = None) -> LoadedPe:
         if length:
             segments.append(ImageSegment(base + start, _pages(length),
                                       bytes(image[start:start + length]), flags))
+    exceptions = binary.data_directory(lief.PE.DataDirectory.TYPES.EXCEPTION_TABLE)
+    unwind = unwind_entries(bytes(image), base, exceptions.rva, exceptions.size) \
+        if exceptions is not None and exceptions.size else ()
     return LoadedPe(base, preferred, size, base + header.addressof_entrypoint,
-                    tuple(segments), relocations)
+                    tuple(segments), relocations, unwind)

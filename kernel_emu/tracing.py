@@ -95,6 +95,7 @@ set silently incomplete.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import operator
 import struct
@@ -328,6 +329,15 @@ class GuestTracer(Protocol):
         """
         ...
 
+    def unwind(self, entries: Sequence[tuple[int, int, int, int]]) -> None:
+        """Walk the frames of watch events by these function layouts from now on:
+        ``(start, end, saved_rbp, ret)`` per function, sorted and disjoint, where the caller's
+        rbp and the return address lie relative to the function's rbp (code with the
+        Microsoft x64 frame layout, see :func:`kernel_emu.peload.unwind_entries`).  An empty
+        sequence: the System V chain.  Raises ``ValueError`` for unsorted or overlapping
+        entries."""
+        ...
+
     def watch(self, addresses: Sequence[int]) -> None:
         """Replace the set of watched instruction addresses (at most :data:`WATCH_MAX`).
 
@@ -468,12 +478,40 @@ def add_native_hook(uc: Uc, hook_type: int, callback: int, state_address: int, *
     return handle.value
 
 
-def _walk_frames(uc: Uc, rsp: int, rbp: int) -> tuple[int, ...]:
+def _check_unwind(entries: Sequence[tuple[int, int, int, int]]
+                  ) -> tuple[tuple[int, int, int, int], ...]:
+    table = tuple(entries)
+    for i, (start, end, _rbp, _ret) in enumerate(table):
+        if start >= end or (i and start < table[i - 1][1]):
+            raise ValueError("unwind entries must be sorted, non-empty, not overlapping")
+    return table
+
+
+def _walk_frames(uc: Uc, rsp: int, rbp: int,
+                 unwind: tuple[tuple[int, int, int, int], ...] = ()) -> tuple[int, ...]:
     """The Python twin of the native walk_frames: see :class:`WatchEvent`."""
     try:
         frames = [int.from_bytes(uc.mem_read(rsp, 8), "little")]
     except UcError:
         return ()
+    if unwind:
+        starts = [e[0] for e in unwind]
+        while len(frames) < MAX_FRAMES and rbp and not rbp & 7:
+            pc = frames[-1] - 1
+            i = bisect.bisect_right(starts, pc) - 1
+            if i < 0 or not pc < unwind[i][1]:
+                break
+            _start, _end, saved, ret_at = unwind[i]
+            try:
+                ret = int.from_bytes(uc.mem_read((rbp + ret_at) & _MASK64, 8), "little")
+                next_rbp = int.from_bytes(uc.mem_read((rbp + saved) & _MASK64, 8), "little")
+            except UcError:
+                break
+            frames.append(ret)
+            if next_rbp <= rbp:
+                break
+            rbp = next_rbp
+        return tuple(frames)
     while len(frames) < MAX_FRAMES and rbp and not rbp & 7 and rbp <= _MASK64 - 15:
         try:
             next_rbp, ret = struct.unpack("<QQ", uc.mem_read(rbp, 16))
@@ -610,6 +648,9 @@ class NativeTracer:
     def watch(self, addresses: Sequence[int]) -> None:
         self._state.watch(_check_watch(addresses))
 
+    def unwind(self, entries: Sequence[tuple[int, int, int, int]]) -> None:
+        self._state.unwind(list(entries))
+
     def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
         self._state.bulk([(site.address, _bulk_kind(site.kind)) for site in sites],
                          [(base, size, host) for base, size, host in ram])
@@ -692,6 +733,7 @@ class PythonTracer:
         self._ring = [0] * RING_SIZE
         self._budget = NO_BUDGET
         self._watched: frozenset[int] = frozenset()
+        self._unwind: tuple[tuple[int, int, int, int], ...] = ()
         self._clear()
         self._identity_cr3 = 0
         self._handles = [
@@ -759,7 +801,7 @@ class PythonTracer:
             return
         rip, rsp, rbp, rax, rdi, rsi, rdx, rcx = (uc.reg_read(reg) for reg in _WATCH_REGS)
         self._events.append(WatchEvent(address, self._count, rip, rsp, rbp, rax, rdi, rsi, rdx,
-                                       rcx, _walk_frames(uc, rsp, rbp)))
+                                       rcx, _walk_frames(uc, rsp, rbp, self._unwind)))
 
     def _on_block(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
         # A block starting after a service OUT means the guest was resumed without the
@@ -901,6 +943,9 @@ class PythonTracer:
 
     def watch(self, addresses: Sequence[int]) -> None:
         self._watched = frozenset(_check_watch(addresses))
+
+    def unwind(self, entries: Sequence[tuple[int, int, int, int]]) -> None:
+        self._unwind = _check_unwind(entries)
 
     def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
         for site in sites:

@@ -56,6 +56,8 @@ _KERNEL_FLAGS = [
     # no PDB: it holds the build's absolute paths, and its hash would end up in the image
     "-C", "debuginfo=0",
     "-C", "force-frame-pointers=yes",
+    # .pdata/.xdata for every function: how to walk the Microsoft x64 frames in backtraces
+    "-C", "force-unwind-tables=yes",
     "-C", "link-arg=/Brepro",
     "-C", "link-arg=/DEBUG:NONE",
     *_MANGLING,

@@ -96,6 +96,11 @@ static const int watch_regs[W_NREGS] = {
 };
 
 typedef struct {
+    uint64_t start, end;
+    int64_t saved_rbp, ret; /* offsets from the function's rbp */
+} UnwindEntry;
+
+typedef struct {
     uint64_t address;
     uint64_t instructions;
     uint64_t regs[W_NREGS];
@@ -213,6 +218,12 @@ typedef struct {
     WatchEvent *events; /* EVENT_CAP entries, allocated by the first watch */
     uint32_t nevents;
     uint64_t events_dropped;
+    /* How to walk frames in code whose frame pointer is not at the saved one
+     * (the Microsoft x64 layout): per function [start, end), where the saved
+     * rbp and the return address are, relative to its rbp. None: the System V
+     * chain ([rbp] the caller's rbp, [rbp + 8] the return address). */
+    UnwindEntry *unwind;
+    uint32_t nunwind;
 
     uint8_t map[MAP_SIZE];
 } TracerState;
@@ -243,6 +254,25 @@ static uint64_t load_le64(const uint8_t *p)
  * the kernel's is.  uc_vmem_read would translate, but its page walk sets
  * Accessed bits in the page tables: a guest-visible write that the write hook
  * never sees, so a dirty-page restore would miss it. */
+/* The unwind entry of the function a return address returns into. */
+static const UnwindEntry *unwind_for(const TracerState *s, uint64_t ret)
+{
+    uint64_t pc = ret - 1; /* the call, which may be the function's last instruction */
+    uint32_t lo = 0, hi = s->nunwind;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (s->unwind[mid].end <= pc) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (lo < s->nunwind && s->unwind[lo].start <= pc && pc < s->unwind[lo].end) {
+        return &s->unwind[lo];
+    }
+    return NULL;
+}
+
 static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp,
                             uint64_t *frames)
 {
@@ -254,6 +284,28 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
         return 0;
     }
     frames[n++] = load_le64(buf);
+    if (s->nunwind > 0) {
+        /* the Microsoft x64 layout: each caller's entry says where its saved
+         * rbp and return address are; rising rbp values, as below */
+        while (n < MAX_FRAMES && rbp != 0 && (rbp & 7) == 0) {
+            const UnwindEntry *u = unwind_for(s, frames[n - 1]);
+            uint8_t word[8];
+            if (u == NULL || s->mem_read(uc, rbp + (uint64_t)u->ret, word, 8) != 0) {
+                break;
+            }
+            uint64_t ret = load_le64(word);
+            if (s->mem_read(uc, rbp + (uint64_t)u->saved_rbp, word, 8) != 0) {
+                break;
+            }
+            uint64_t next = load_le64(word);
+            frames[n++] = ret;
+            if (next <= rbp) {
+                break;
+            }
+            rbp = next;
+        }
+        return n;
+    }
     /* Requiring rising, aligned frame pointers ends the walk on a corrupt
      * or absent chain instead of looping or reading junk forever. */
     while (n < MAX_FRAMES && rbp != 0 && (rbp & 7) == 0 && rbp <= UINT64_MAX - 15) {
@@ -636,6 +688,7 @@ static void State_dealloc(TracerState *s)
     free(s->console);
     s->console = NULL;
     PyMem_RawFree(s->events);
+    PyMem_RawFree(s->unwind);
     s->events = NULL;
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
@@ -1076,6 +1129,51 @@ static PyObject *State_watch(TracerState *s, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* unwind([(start, end, saved_rbp, ret), ...]) sorted by start, not
+ * overlapping; an empty sequence restores the System V chain. */
+static PyObject *State_unwind(TracerState *s, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "unwind entries must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    UnwindEntry *table = NULL;
+    if (n > 0) {
+        if ((size_t)n > UINT32_MAX / sizeof(UnwindEntry)) {
+            Py_DECREF(seq);
+            return PyErr_NoMemory();
+        }
+        table = PyMem_RawMalloc((size_t)n * sizeof(UnwindEntry));
+        if (table == NULL) {
+            Py_DECREF(seq);
+            return PyErr_NoMemory();
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long start, end;
+        long long saved_rbp, ret;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KKLL", &start, &end,
+                              &saved_rbp, &ret)) {
+            PyMem_RawFree(table);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (start >= end || (i > 0 && start < table[i - 1].end)) {
+            PyMem_RawFree(table);
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError,
+                                "unwind entries must be sorted, non-empty, not overlapping");
+        }
+        table[i] = (UnwindEntry){start, end, saved_rbp, ret};
+    }
+    Py_DECREF(seq);
+    PyMem_RawFree(s->unwind);
+    s->unwind = table;
+    s->nunwind = (uint32_t)n;
+    Py_RETURN_NONE;
+}
+
 static PyObject *State_watched(TracerState *s, PyObject *Py_UNUSED(ignored))
 {
     PyObject *out = PyTuple_New((Py_ssize_t)s->nwatched);
@@ -1315,6 +1413,8 @@ static PyMethodDef State_methods[] = {
     {"port_log", (PyCFunction)State_port_log, METH_NOARGS,
      "port_log() -> list[tuple[str, int, int, int]]\n\nThe first 64 accesses to other "
      "ports since reset: (\"out\" or \"in\", port, size, value)."},
+    {"unwind", (PyCFunction)State_unwind, METH_O,
+     PyDoc_STR("unwind(entries): how to walk frames in Microsoft x64 code")},
     {"watch", (PyCFunction)State_watch, METH_O,
      "watch(addresses) -> None\n\nReplace the watched code addresses (at most 32); kept by "
      "reset."},

@@ -89,3 +89,53 @@ def test_bytes_that_are_no_pe_are_refused() -> None:
     for raw in (b"MZ", b"MZ" + bytes(100), SEED.read_bytes()[:300]):
         with pytest.raises(ImageError):
             load_pe(raw, Path("x.efi"), 0x10_0000)
+
+
+def _prolog_layout(code: bytes, address: int) -> tuple[int, int] | None:
+    """(saved rbp, return address) relative to rbp, read from the prolog's instructions."""
+    import capstone
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    pushes: list[str] = []
+    alloc = 0
+    for insn in md.disasm(code, address):
+        if insn.mnemonic == "push":
+            pushes.append(insn.op_str)
+        elif insn.mnemonic == "sub" and insn.op_str.startswith("rsp, "):
+            alloc += int(insn.op_str.split(", ")[1], 0)
+        elif insn.mnemonic == "lea" and insn.op_str.startswith("rbp, [rsp"):
+            inside = insn.op_str.split("[")[1].rstrip("]")
+            offset = int(inside.split("+")[1], 0) if "+" in inside else 0
+            above = alloc - offset
+            return above + 8 * (len(pushes) - 1 - pushes.index("rbp")), above + 8 * len(pushes)
+        else:
+            return None
+    return None
+
+
+def test_unwind_entries_agree_with_the_prologs() -> None:
+    image = KernelImage(SEED, 0x10_0000)
+    code = {s.vaddr: s.data for s in image.segments if s.flags & 1}
+    (text_base, text), = code.items()
+    assert len(image.unwind) > 20
+    checked = 0
+    for start, end, saved_rbp, ret in image.unwind:
+        assert text_base <= start < end <= text_base + len(text)
+        layout = _prolog_layout(text[start - text_base:start - text_base + 64], start)
+        if layout is not None:
+            assert layout == (saved_rbp, ret), image.describe(start)
+            checked += 1
+    assert checked >= len(image.unwind) // 2
+    name = "rustux::mm::heap::LinkedListAllocator::allocate"
+    allocate = image.symbol(name).address
+    assert any(e[0] == allocate for e in image.unwind)
+
+
+def test_the_tracers_refuse_an_unsorted_unwind_table() -> None:
+    from kernel_emu.executor import Executor
+    from kernel_emu.profile import load_profile
+
+    for native in (True, False):
+        executor = Executor(load_profile("seed-uefi"), native=native)
+        with pytest.raises(ValueError, match="sorted"):
+            executor.tracer.unwind([(0x2000, 0x3000, 0, 8), (0x1000, 0x1800, 0, 8)])

@@ -64,3 +64,15 @@ def test_two_load_addresses_give_the_same_result(tmp_path: Path, example: str) -
 def test_a_profile_names_a_known_calling_convention(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="convention must be one of sysv64, win64"):
         load_profile_file(_profile(tmp_path, 0x10_0000, convention="fastcall"))
+
+
+def test_the_uefi_build_buckets_the_bug_as_the_elf_build_does() -> None:
+    """Its frames walked by the unwind tables (.pdata/.xdata): the same signature."""
+    from kernel_emu.profile import load_profile
+
+    data = (EXAMPLES / "vaddr-0x300028.elf").read_bytes()
+    for native in (True, False):
+        pe = Executor(load_profile("seed-uefi"), native=native).run(data)
+        elf = Executor(load_profile("seed"), native=native).run(data)
+        assert pe.signature == elf.signature
+        assert pe.signature is not None and " < 0x" not in pe.signature
