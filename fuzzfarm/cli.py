@@ -153,7 +153,10 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {args.out}: {e.strerror}") from None
-    kernel = args.kernel if args.kernel in ("seed", "fixed") else str(Path(args.kernel).resolve())
+    from kernel_emu.profile import BUILTIN_PROFILES, UEFI_PROFILES
+
+    kernel = args.kernel if args.kernel in BUILTIN_PROFILES + UEFI_PROFILES \
+        else str(Path(args.kernel).resolve())
     config = JobConfig(kernel=kernel, out=str(out), seeds=_seed_dirs(args.seeds),
                        seconds=args.seconds if args.seconds or args.runs else 60.0,
                        runs=args.runs, coverage=not args.no_feedback,

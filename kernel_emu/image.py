@@ -118,7 +118,19 @@ class KernelImage:
                                       mangled=m.name, name=clean_rust_name(demangle(m.name)))
                                for m in mapped), key=lambda s: s.address)
 
+    def frame_layout(self, pc: int) -> tuple[int, int] | None:
+        """Where the function running at `pc` keeps its caller's rbp and its return address,
+        as offsets from its rbp: (0, 8) for the System V chain of an ELF image; by the unwind
+        tables for a PE image (None for a function without an rbp frame)."""
+        if not self.unwind:
+            return 0, 8
+        i = bisect.bisect_right(self._unwind_starts, pc) - 1
+        if i >= 0 and pc < self.unwind[i][1]:
+            return self.unwind[i][2], self.unwind[i][3]
+        return None
+
     def _index(self) -> None:
+        self._unwind_starts = [e[0] for e in self.unwind]
         self._addresses = [s.address for s in self.symbols]
         self._by_name: dict[str, Symbol] = {}
         self._described: dict[int, str] = {}  # describe()'s answers: hangs ask for ~64 a run

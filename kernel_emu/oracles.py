@@ -40,13 +40,18 @@ def backtrace(m: Machine, image: KernelImage, *, limit: int = 24) -> list[str]:
     pc, rbp = m.reg("rip"), m.reg("rbp")
     frames = [image.describe(pc)]
     seen = set()
-    while len(frames) < limit and rbp and rbp not in seen and m.bank_for(rbp, 16):
+    layout = image.frame_layout(pc)
+    while len(frames) < limit and layout and rbp and rbp not in seen:
+        saved_at, ret_at = layout
+        if not (m.bank_for(rbp + ret_at, 8) and m.bank_for(rbp + saved_at, 8)):
+            break
         seen.add(rbp)
-        ret = m.u64(rbp + 8)
+        ret = m.u64(rbp + ret_at)
         if not any(lo <= ret < hi for lo, hi in image.text_ranges):
             break
         frames.append(image.describe(ret, return_address=True))
-        next_rbp = m.u64(rbp)
+        layout = image.frame_layout(ret - 1)
+        next_rbp = m.u64(rbp + saved_at)
         if next_rbp <= rbp:
             break
         rbp = next_rbp

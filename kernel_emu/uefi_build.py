@@ -40,7 +40,10 @@ TARGET = "x86_64-unknown-uefi"
 # how the sysroot's crates are built; part of the cache key
 # legacy symbol mangling, as the ELF build's compiler uses: the same demangled names in both
 _MANGLING = ["-Z", "unstable-options", "-C", "symbol-mangling-version=legacy"]
+# frame pointers and unwind tables in the library too: backtraces through core (the panic
+# machinery, formatting) walk as far as through the kernel
 _LIBRARY_FLAGS = ["-C", "opt-level=2", "-C", "panic=abort", "-C", "codegen-units=1",
+                  "-C", "force-frame-pointers=yes", "-C", "force-unwind-tables=yes",
                   "-Z", "force-unstable-if-unmarked", *_MANGLING]
 # what compiler_builtins' build script would set for this target
 _BUILTINS_CFG = ['feature="compiler-builtins"', 'feature="mem"', 'feature="unstable-intrinsics"',

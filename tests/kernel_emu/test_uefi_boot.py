@@ -66,13 +66,18 @@ def test_a_profile_names_a_known_calling_convention(tmp_path: Path) -> None:
         load_profile_file(_profile(tmp_path, 0x10_0000, convention="fastcall"))
 
 
-def test_the_uefi_build_buckets_the_bug_as_the_elf_build_does() -> None:
-    """Its frames walked by the unwind tables (.pdata/.xdata): the same signature."""
+def test_the_uefi_build_buckets_every_bug_as_the_elf_build_does() -> None:
+    """Frames walked by the unwind tables (.pdata/.xdata), in watch events and at the stop:
+    every planted bug's reproducer gets the signature the ELF build gives it."""
     from kernel_emu.profile import load_profile
+    from tests.reproducers import REPRODUCERS
 
-    data = (EXAMPLES / "vaddr-0x300028.elf").read_bytes()
+    base = (EXAMPLES / "three-segments.elf").read_bytes()
     for native in (True, False):
-        pe = Executor(load_profile("seed-uefi"), native=native).run(data)
-        elf = Executor(load_profile("seed"), native=native).run(data)
-        assert pe.signature == elf.signature
-        assert pe.signature is not None and " < 0x" not in pe.signature
+        pe = Executor(load_profile("seed-uefi"), native=native)
+        elf = Executor(load_profile("seed"), native=native)
+        for reproducer in REPRODUCERS if native else REPRODUCERS[:3]:
+            data = reproducer.make(base)
+            a, b = pe.run(data), elf.run(data)
+            assert a.signature == b.signature, reproducer.bug
+            assert a.signature is not None and " < 0x" not in a.signature
