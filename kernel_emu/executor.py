@@ -241,7 +241,9 @@ class Executor:
         result = oracles.assess(observed, image, self.profile, segments)
         result.input_sha256 = hashlib.sha256(data).hexdigest()
         result.snapshot = self.snapshot is not None
-        result.notes = list(self.notes)
+        result.notes = list(self.notes) + [
+            f"the kernel asked the firmware for {name}, which this machine does not provide"
+            for name in dict.fromkeys(self.firmware.state.unsupported)]
         t3 = time.perf_counter()
         phases = self.phase_seconds
         phases["prepare"] += t1 - t0

@@ -64,6 +64,35 @@ BOOT_SERVICE_SLOTS = {
 BOOT_SERVICES_SIZE = 376
 STUB_SIZE = 8
 
+# Every other entry of the tables has a stub of its own, so that a call is known by name:
+# service ids from these bases plus the entry's index.
+SVC_BOOT_BASE, SVC_RUNTIME_BASE, SVC_CON_OUT_BASE = 64, 128, 176
+BOOT_SERVICE_NAMES = (
+    "RaiseTPL", "RestoreTPL", "AllocatePages", "FreePages", "GetMemoryMap", "AllocatePool",
+    "FreePool", "CreateEvent", "SetTimer", "WaitForEvent", "SignalEvent", "CloseEvent",
+    "CheckEvent", "InstallProtocolInterface", "ReinstallProtocolInterface",
+    "UninstallProtocolInterface", "HandleProtocol", "Reserved", "RegisterProtocolNotify",
+    "LocateHandle", "LocateDevicePath", "InstallConfigurationTable", "LoadImage", "StartImage",
+    "Exit", "UnloadImage", "ExitBootServices", "GetNextMonotonicCount", "Stall",
+    "SetWatchdogTimer", "ConnectController", "DisconnectController", "OpenProtocol",
+    "CloseProtocol", "OpenProtocolInformation", "ProtocolsPerHandle", "LocateHandleBuffer",
+    "LocateProtocol", "InstallMultipleProtocolInterfaces",
+    "UninstallMultipleProtocolInterfaces", "CalculateCrc32", "CopyMem", "SetMem",
+    "CreateEventEx")
+RUNTIME_SERVICE_NAMES = (
+    "GetTime", "SetTime", "GetWakeupTime", "SetWakeupTime", "SetVirtualAddressMap",
+    "ConvertPointer", "GetVariable", "GetNextVariableName", "SetVariable",
+    "GetNextHighMonotonicCount", "ResetSystem", "UpdateCapsule", "QueryCapsuleCapabilities",
+    "QueryVariableInfo")
+CON_OUT_NAMES = ("Reset", "OutputString", "TestString", "QueryMode", "SetMode", "SetAttribute",
+                 "ClearScreen", "SetCursorPosition", "EnableCursor")
+SVC_LAST = SVC_CON_OUT_BASE + len(CON_OUT_NAMES) - 1
+# answered as firmware answers them for a machine without the feature, or trivially
+SVC_STALL = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("Stall")
+SVC_SET_WATCHDOG = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("SetWatchdogTimer")
+SVC_LOCATE_PROTOCOL = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("LocateProtocol")
+SVC_GET_VARIABLE = SVC_RUNTIME_BASE + RUNTIME_SERVICE_NAMES.index("GetVariable")
+
 
 def stub_address(service: int) -> int:
     return STUBS + service * STUB_SIZE
@@ -99,10 +128,11 @@ class FirmwareState:
     pool_next: int = POOL_BASE
     calls: list[str] = field(default_factory=list)
     efi_main_status: int | None = None
+    unsupported: list[str] = field(default_factory=list)  # services asked for, not provided
 
     def copy(self) -> FirmwareState:
         return FirmwareState(list(self.console), self.map_key, self.exited, self.pool_next,
-                             list(self.calls), self.efi_main_status)
+                             list(self.calls), self.efi_main_status, list(self.unsupported))
 
 
 class Firmware:
@@ -221,25 +251,25 @@ class Firmware:
 
     def _build_tables(self) -> None:
         m = self.m
-        for svc in range(SVC_EFI_MAIN_RETURNED + 1):
+        for svc in range(SVC_LAST + 1):
             m.write(stub_address(svc), _stub(svc))
         vendor = "Rustux fuzzfarm firmware\0".encode("utf-16-le")
         m.write(VENDOR_STRING, vendor)
         # EFI_SIMPLE_TEXT_OUTPUT_PROTOCOL: Reset, OutputString, then unsupported entries
         con_out = [stub_address(SVC_CON_RESET), stub_address(SVC_OUTPUT_STRING)]
-        con_out += [stub_address(SVC_UNSUPPORTED)] * 7
+        con_out += [stub_address(SVC_CON_OUT_BASE + i) for i in range(2, len(CON_OUT_NAMES))]
         m.write(CON_OUT, struct.pack(f"<{len(con_out)}Q", *con_out))
         boot = bytearray(BOOT_SERVICES_SIZE)
         struct.pack_into("<QIIII", boot, 0, 0x56524553544F4F42, 0x0002_0046,
                          BOOT_SERVICES_SIZE, 0, 0)
         for off in range(24, BOOT_SERVICES_SIZE, 8):
-            svc = BOOT_SERVICE_SLOTS.get(off, SVC_UNSUPPORTED)
+            svc = BOOT_SERVICE_SLOTS.get(off, SVC_BOOT_BASE + (off - 24) // 8)
             struct.pack_into("<Q", boot, off, stub_address(svc))
         m.write(BOOT_SERVICES, bytes(boot))
         runtime = bytearray(136)
         struct.pack_into("<QIIII", runtime, 0, 0x56524553544E5552, 0x0002_0046, 136, 0, 0)
         for off in range(24, 136, 8):
-            struct.pack_into("<Q", runtime, off, stub_address(SVC_UNSUPPORTED))
+            struct.pack_into("<Q", runtime, off, stub_address(SVC_RUNTIME_BASE + (off - 24) // 8))
         m.write(RUNTIME_SERVICES, bytes(runtime))
         # an ACPI 2.0 entry (pointing at nothing useful) before ours, as real firmware has
         config = ACPI20_GUID.bytes_le + struct.pack("<Q", 0)
@@ -296,8 +326,10 @@ class Firmware:
             st.efi_main_status = m.reg("rax")
             st.calls.append("efi_main returned")
             return
-        if st.exited and value not in (SVC_OUTPUT_STRING, SVC_CON_RESET):
-            st.calls.append(f"service {value} after ExitBootServices")
+        runtime = SVC_RUNTIME_BASE <= value < SVC_CON_OUT_BASE
+        if st.exited and value not in (SVC_OUTPUT_STRING, SVC_CON_RESET) and not runtime:
+            st.calls.append(f"{service_name(value)} after ExitBootServices")
+            st.unsupported.append(f"{service_name(value)} after ExitBootServices")
             m.set_reg("rax", EFI_UNSUPPORTED)
             return
         handler: Callable[[list[int], int], int] | None = {
@@ -309,10 +341,22 @@ class Firmware:
             SVC_FREE_POOL: lambda a, f: EFI_SUCCESS,
             SVC_ALLOCATE_PAGES: self._allocate_pages,
             SVC_FREE_PAGES: lambda a, f: EFI_SUCCESS,
+            SVC_STALL: lambda a, f: EFI_SUCCESS,
+            SVC_SET_WATCHDOG: lambda a, f: EFI_SUCCESS,
+            SVC_LOCATE_PROTOCOL: self._locate_protocol,
+            SVC_GET_VARIABLE: lambda a, f: EFI_NOT_FOUND,
         }.get(value)
         status = EFI_UNSUPPORTED if handler is None else handler(args, fifth)
-        st.calls.append(f"{_SERVICE_NAMES.get(value, 'unsupported')} -> {status:#x}")
+        if handler is None:
+            st.unsupported.append(service_name(value))
+        st.calls.append(f"{service_name(value)} -> {status:#x}")
         m.set_reg("rax", status)
+
+    def _locate_protocol(self, args: list[int], _fifth: int) -> int:
+        """This machine has none of the protocols one locates (graphics output, say)."""
+        if args[2]:
+            self.m.put_u64(args[2], 0)
+        return EFI_NOT_FOUND
 
     def _output_string(self, args: list[int], _fifth: int) -> int:
         raw = bytearray()
@@ -385,3 +429,15 @@ _SERVICE_NAMES = {
     SVC_FREE_POOL: "FreePool", SVC_ALLOCATE_PAGES: "AllocatePages", SVC_FREE_PAGES: "FreePages",
     SVC_CON_RESET: "ConOut.Reset",
 }
+
+
+def service_name(value: int) -> str:
+    """The name of the service whose stub wrote `value`."""
+    if value in _SERVICE_NAMES:
+        return _SERVICE_NAMES[value]
+    for base, names, prefix in ((SVC_BOOT_BASE, BOOT_SERVICE_NAMES, "BootServices."),
+                                (SVC_RUNTIME_BASE, RUNTIME_SERVICE_NAMES, "RuntimeServices."),
+                                (SVC_CON_OUT_BASE, CON_OUT_NAMES, "ConOut.")):
+        if base <= value < base + len(names):
+            return prefix + names[value - base]
+    return f"service {value}"

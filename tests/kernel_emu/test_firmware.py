@@ -126,3 +126,43 @@ def test_identity_map_executes_only_code(firmware: Firmware) -> None:
                                            0x1_0000_0000]:
         mapping = translate(m, cr3, addr)
         assert mapping is not None and mapping.writable and not mapping.executable, hex(addr)
+
+
+def _service_at(firmware: Firmware, table: int, offset: int) -> int:
+    """The service id the stub an entry of a table points to writes to the service port."""
+    stub = firmware.m.u64(table + offset)
+    code = firmware.m.read(stub, fw.STUB_SIZE)
+    assert code[0] == 0xB8  # mov eax, imm32
+    return struct.unpack_from("<I", code, 1)[0]
+
+
+@pytest.mark.parametrize("table, offset, name", [
+    (fw.BOOT_SERVICES, 152, "BootServices.HandleProtocol"),
+    (fw.BOOT_SERVICES, 280, "BootServices.OpenProtocol"),
+    (fw.BOOT_SERVICES, 320, "BootServices.LocateProtocol"),
+    (fw.BOOT_SERVICES, 368, "BootServices.CreateEventEx"),
+    (fw.BOOT_SERVICES, 232, "ExitBootServices"),
+    (fw.RUNTIME_SERVICES, 72, "RuntimeServices.GetVariable"),
+    (fw.RUNTIME_SERVICES, 104, "RuntimeServices.ResetSystem"),
+    (fw.CON_OUT, 48, "ConOut.ClearScreen"),
+])
+def test_every_table_entry_is_a_service_known_by_name(firmware: Firmware, table: int,
+                                                      offset: int, name: str) -> None:
+    assert fw.service_name(_service_at(firmware, table, offset)) == name
+
+
+def test_what_the_machine_lacks_is_answered_and_recorded(firmware: Firmware) -> None:
+    m = firmware.m
+    m.put_u64(SCRATCH, 0x1234)
+    locate = _service_at(firmware, fw.BOOT_SERVICES, 320)
+    # LocateProtocol(&GOP guid, NULL, &interface): no such protocol here, interface cleared
+    assert call(firmware, locate, SCRATCH + 0x100, 0, SCRATCH) == fw.EFI_NOT_FOUND
+    assert m.u64(SCRATCH) == 0
+    for offset, status in ((248, fw.EFI_SUCCESS), (256, fw.EFI_SUCCESS)):  # Stall, watchdog
+        assert call(firmware, _service_at(firmware, fw.BOOT_SERVICES, offset), 0) == status
+    get_variable = _service_at(firmware, fw.RUNTIME_SERVICES, 72)
+    assert call(firmware, get_variable, SCRATCH, SCRATCH, 0, SCRATCH) == fw.EFI_NOT_FOUND
+    assert firmware.state.unsupported == []
+    create_event = _service_at(firmware, fw.BOOT_SERVICES, 80)
+    assert call(firmware, create_event, 0, 0, 0, 0) == fw.EFI_UNSUPPORTED
+    assert firmware.state.unsupported == ["BootServices.CreateEvent"]
