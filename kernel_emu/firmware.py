@@ -41,9 +41,14 @@ FIRMWARE_END = 0xA_0000
 PAGE_TABLES = 0x1000
 STACK_TOP = 0x8_0000
 IMAGE_HANDLE = 0x8_1F00
+LOADED_IMAGE = 0x8_1900  # EFI_LOADED_IMAGE_PROTOCOL of the image handle
+ACPI_RSDP = 0x8_1980  # ACPI 2.0: RSDP -> XSDT -> MADT (one CPU, one I/O APIC)
+ACPI_XSDT = 0x8_19C0
+ACPI_MADT = 0x8_1A00
 
 RAMDISK_GUID = uuid.UUID("7c1c9a6e-2b3d-4f7a-9e21-5258524d4653")
 ACPI20_GUID = uuid.UUID("8868e871-e4f1-11d3-bc22-0080c73c8881")
+LOADED_IMAGE_GUID = uuid.UUID("5b1b31a1-9562-11d2-8e3f-00a0c969723b")
 RAMDISK_MAGIC = 0x4B53_4944_4D41_5252
 DESCRIPTOR_SIZE = 48
 
@@ -92,6 +97,8 @@ SVC_STALL = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("Stall")
 SVC_SET_WATCHDOG = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("SetWatchdogTimer")
 SVC_LOCATE_PROTOCOL = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("LocateProtocol")
 SVC_GET_VARIABLE = SVC_RUNTIME_BASE + RUNTIME_SERVICE_NAMES.index("GetVariable")
+SVC_HANDLE_PROTOCOL = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("HandleProtocol")
+SVC_OPEN_PROTOCOL = SVC_BOOT_BASE + BOOT_SERVICE_NAMES.index("OpenProtocol")
 
 
 def stub_address(service: int) -> int:
@@ -271,8 +278,15 @@ class Firmware:
         for off in range(24, 136, 8):
             struct.pack_into("<Q", runtime, off, stub_address(SVC_RUNTIME_BASE + (off - 24) // 8))
         m.write(RUNTIME_SERVICES, bytes(runtime))
-        # an ACPI 2.0 entry (pointing at nothing useful) before ours, as real firmware has
-        config = ACPI20_GUID.bytes_le + struct.pack("<Q", 0)
+        self._build_acpi()
+        # EFI_LOADED_IMAGE_PROTOCOL: revision, parent, system table, device, file path,
+        # reserved, options size and pointer, image base and size, code and data types, unload
+        image_base = self.image.start & ~(PAGE - 1)
+        m.write(LOADED_IMAGE, struct.pack("<IIQQQQQIIQQQIIQ", 0x1000, 0, 0, SYSTEM_TABLE, 0, 0,
+                                          0, 0, 0, 0, image_base, self.image.end - image_base,
+                                          LOADER_CODE, LOADER_DATA, 0))
+        # the ACPI 2.0 entry before ours, as real firmware has
+        config = ACPI20_GUID.bytes_le + struct.pack("<Q", ACPI_RSDP)
         config += RAMDISK_GUID.bytes_le + struct.pack("<Q", RAMDISK_DESCRIPTOR)
         m.write(CONFIG_TABLE, config)
         system = bytearray(120)
@@ -282,6 +296,32 @@ class Firmware:
         struct.pack_into("<QQ", system, 72, 0x8_1F10, CON_OUT)  # StandardErrorHandle, StdErr
         struct.pack_into("<QQQQ", system, 88, RUNTIME_SERVICES, BOOT_SERVICES, 2, CONFIG_TABLE)
         m.write(SYSTEM_TABLE, bytes(system))
+
+    def _build_acpi(self) -> None:
+        """Minimal valid ACPI 2.0 tables: an RSDP, an XSDT listing one MADT that describes one
+        processor (local APIC 0) and one I/O APIC, checksums right."""
+
+        def checksummed(data: bytearray, at: int, length: int) -> None:
+            data[at] = (-sum(data[:length])) & 0xFF
+
+        def table(signature: bytes, body: bytes) -> bytes:
+            data = bytearray(36) + body
+            struct.pack_into("<4sIBB6s8sI4sI", data, 0, signature, len(data), 1, 0, b"RUSTUX",
+                             b"FUZZFARM", 1, b"FZFM", 1)
+            checksummed(data, 9, len(data))
+            return bytes(data)
+
+        madt = table(b"APIC", struct.pack("<II", 0xFEE0_0000, 1)
+                     + struct.pack("<BBBBI", 0, 8, 0, 0, 1)  # processor local APIC
+                     + struct.pack("<BBBBII", 1, 12, 0, 0, 0xFEC0_0000, 0))  # I/O APIC
+        xsdt = table(b"XSDT", struct.pack("<Q", ACPI_MADT))
+        rsdp = bytearray(struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, b"RUSTUX", 2, 0, 36,
+                                     ACPI_XSDT, 0, b"\0\0\0"))
+        checksummed(rsdp, 8, 20)
+        checksummed(rsdp, 32, 36)
+        self.m.write(ACPI_MADT, madt)
+        self.m.write(ACPI_XSDT, xsdt)
+        self.m.write(ACPI_RSDP, bytes(rsdp))
 
     def _enter(self) -> None:
         m = self.m
@@ -344,6 +384,8 @@ class Firmware:
             SVC_STALL: lambda a, f: EFI_SUCCESS,
             SVC_SET_WATCHDOG: lambda a, f: EFI_SUCCESS,
             SVC_LOCATE_PROTOCOL: self._locate_protocol,
+            SVC_HANDLE_PROTOCOL: self._handle_protocol,
+            SVC_OPEN_PROTOCOL: self._handle_protocol,
             SVC_GET_VARIABLE: lambda a, f: EFI_NOT_FOUND,
         }.get(value)
         status = EFI_UNSUPPORTED if handler is None else handler(args, fifth)
@@ -351,6 +393,17 @@ class Firmware:
             st.unsupported.append(service_name(value))
         st.calls.append(f"{service_name(value)} -> {status:#x}")
         m.set_reg("rax", status)
+
+    def _handle_protocol(self, args: list[int], _fifth: int) -> int:
+        """HandleProtocol and OpenProtocol: the image handle supports EFI_LOADED_IMAGE; no
+        handle supports anything else."""
+        handle, guid, out = args[0], args[1], args[2]
+        if handle == IMAGE_HANDLE and guid and \
+                self.m.read(guid, 16) == LOADED_IMAGE_GUID.bytes_le:
+            if out:
+                self.m.put_u64(out, LOADED_IMAGE)
+            return EFI_SUCCESS
+        return EFI_UNSUPPORTED
 
     def _locate_protocol(self, args: list[int], _fifth: int) -> int:
         """This machine has none of the protocols one locates (graphics output, say)."""

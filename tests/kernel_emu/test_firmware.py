@@ -166,3 +166,46 @@ def test_what_the_machine_lacks_is_answered_and_recorded(firmware: Firmware) -> 
     create_event = _service_at(firmware, fw.BOOT_SERVICES, 80)
     assert call(firmware, create_event, 0, 0, 0, 0) == fw.EFI_UNSUPPORTED
     assert firmware.state.unsupported == ["BootServices.CreateEvent"]
+
+
+def test_the_image_handle_has_its_loaded_image_protocol(firmware: Firmware) -> None:
+    m = firmware.m
+    m.write(SCRATCH + 0x100, fw.LOADED_IMAGE_GUID.bytes_le)
+    for offset in (152, 280):  # HandleProtocol, OpenProtocol
+        m.put_u64(SCRATCH, 0)
+        service = _service_at(firmware, fw.BOOT_SERVICES, offset)
+        assert call(firmware, service, fw.IMAGE_HANDLE, SCRATCH + 0x100, SCRATCH) == \
+            fw.EFI_SUCCESS
+        loaded = m.u64(SCRATCH)
+        assert m.u64(loaded + 16) == fw.SYSTEM_TABLE
+        base, size = m.u64(loaded + 64), m.u64(loaded + 72)
+        assert base <= firmware.image.entry < base + size
+        # another handle, or another protocol: not supported
+        assert call(firmware, service, 0x1234, SCRATCH + 0x100, SCRATCH) == fw.EFI_UNSUPPORTED
+        assert call(firmware, service, fw.IMAGE_HANDLE, SCRATCH + 0x200, SCRATCH) == \
+            fw.EFI_UNSUPPORTED
+
+
+def test_acpi_tables_are_valid_and_describe_one_cpu(firmware: Firmware) -> None:
+    m = firmware.m
+    entries = m.u64(fw.SYSTEM_TABLE + 104)
+    config = m.u64(fw.SYSTEM_TABLE + 112)
+    tables = {m.read(config + 24 * i, 16): m.u64(config + 24 * i + 16) for i in range(entries)}
+    rsdp = tables[fw.ACPI20_GUID.bytes_le]
+    raw = m.read(rsdp, 36)
+    assert raw[:8] == b"RSD PTR " and raw[15] == 2
+    assert sum(raw[:20]) % 256 == 0 and sum(raw) % 256 == 0
+    xsdt = struct.unpack_from("<Q", raw, 24)[0]
+    header = m.read(xsdt, 36)
+    length = struct.unpack_from("<I", header, 4)[0]
+    assert header[:4] == b"XSDT" and sum(m.read(xsdt, length)) % 256 == 0
+    (madt,) = struct.unpack_from(f"<{(length - 36) // 8}Q", m.read(xsdt + 36, length - 36))
+    length = struct.unpack_from("<I", m.read(madt, 8), 4)[0]
+    body = m.read(madt, length)
+    assert body[:4] == b"APIC" and sum(body) % 256 == 0
+    kinds = []
+    at = 44
+    while at < length:
+        kinds.append(body[at])
+        at += body[at + 1]
+    assert kinds == [0, 1]  # one processor local APIC, one I/O APIC
