@@ -1,5 +1,7 @@
 """`fuzzfarm bench compare --other DIR`: this checkout's emulator against another's (an older
-commit, say, checked out with `git worktree add`), measured side by side in one run.
+commit, say, checked out with `git worktree add`), measured side by side in one run; or, with
+`--other-kernel K`, one kernel build against another in this checkout (the ELF image against
+the UEFI one: `--kernel seed --other-kernel seed-uefi`).
 
 Each round runs one measurement process in this checkout and one in the other, alternately,
 so that whatever else loads the machine hits both alike; each process imports its own tree's
@@ -82,25 +84,28 @@ def _measure(tree: Path, kernel: str, inputs: Path, runs: int) -> dict[str, floa
     return {k: float(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
-def bench_compare(other: str, kernel: str = "seed", rounds: int = 5, runs: int = 400,
-                  inputs: int = 1000) -> int:
-    theirs = Path(other).resolve()
+def bench_compare(other: str | None, kernel: str = "seed", rounds: int = 5, runs: int = 400,
+                  inputs: int = 1000, other_kernel: str | None = None) -> int:
+    theirs = Path(other).resolve() if other else ROOT
     if not (theirs / "kernel_emu" / "executor.py").is_file():
         print(f"fuzzfarm: error: {other} is not a checkout of this project", file=sys.stderr)
         return 2
+    kernels = {"this": kernel, "other": other_kernel or kernel}
     results: dict[str, list[dict[str, float]]] = {"this": [], "other": []}
     with tempfile.TemporaryDirectory(prefix="fuzzfarm-compare-") as tmp:
         _inputs(Path(tmp), inputs)
-        print(f"this checkout ({ROOT}) against {theirs}: {rounds} alternating rounds, "
-              f"kernel {kernel}, {runs} snapshot runs and {inputs} fuzz-job inputs each",
-              flush=True)
+        what = (f"this checkout ({ROOT}) against {theirs}" if other else
+                f"kernel {kernels['this']} (this) against {kernels['other']} (other)")
+        print(f"{what}: {rounds} alternating rounds, kernel {kernels['this']}"
+              + (f" / {kernels['other']}" if other_kernel else "")
+              + f", {runs} snapshot runs and {inputs} fuzz-job inputs each", flush=True)
         for r in range(rounds):
             order = [("this", ROOT), ("other", theirs)]
             if r % 2:
                 order.reverse()  # neither side always goes first
             for side, tree in order:
                 try:
-                    got = _measure(tree, kernel, Path(tmp), runs)
+                    got = _measure(tree, kernels[side], Path(tmp), runs)
                 except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
                     print(f"fuzzfarm: error: {e}", file=sys.stderr)
                     return 2
@@ -114,4 +119,7 @@ def bench_compare(other: str, kernel: str = "seed", rounds: int = 5, runs: int =
         old = statistics.median(x[key] for x in results["other"])
         print(f"  {label:<18} this {mine:10,.1f}   other {old:10,.1f}   ratio "
               f"{mine / old:.3f}x")
+    speedups = [statistics.median(x["snapshot"] / x["full"] for x in results[side])
+                for side in ("this", "other")]
+    print(f"  snapshot/full      this {speedups[0]:9.1f}x   other {speedups[1]:9.1f}x")
     return 0

@@ -259,11 +259,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "compare":
         from fuzzfarm.bench_compare import bench_compare
 
-        if not args.other:
+        if not args.other and not args.other_kernel:
             raise UsageError("bench compare needs --other DIR (another checkout to compare "
-                             "with, e.g. made with `git worktree add`)")
+                             "with, e.g. made with `git worktree add`) or --other-kernel K "
+                             "(another kernel build, in this checkout)")
         return bench_compare(args.other, kernel=args.kernel, rounds=args.repeats,
-                             runs=args.runs, inputs=args.inputs or 1000)
+                             runs=args.runs, inputs=args.inputs or 1000,
+                             other_kernel=args.other_kernel)
     if args.what == "hostile":
         from fuzzfarm.bench_hostile import bench_hostile
 
@@ -430,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="farm: give up waiting for the seed bug after this many seconds")
     p.add_argument("--other", metavar="DIR",
                    help="compare: the other checkout (its native hooks built)")
+    p.add_argument("--other-kernel", metavar="KERNEL",
+                   help="compare: another kernel build to measure against --kernel (e.g. "
+                        "seed against seed-uefi: the ELF and the UEFI image)")
     p.add_argument("--inputs", type=int, default=None,
                    help="compare: mutated seeds replayed as a fuzzing job runs them "
                         "(default: 1000); hostile: inputs in the storm (default: 1000000)")

@@ -34,3 +34,14 @@ def test_compare_needs_another_checkout(tmp_path: Path) -> None:
     run = _fuzzfarm("bench", "compare", "--other", str(tmp_path))
     assert run.returncode == 2 and "not a checkout of this project" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_compare_the_elf_build_with_the_uefi_build() -> None:
+    run = _fuzzfarm("bench", "compare", "--kernel", "seed", "--other-kernel", "seed-uefi",
+                    "--repeats", "2", "--runs", "40", "--inputs", "60")
+    assert run.returncode == 0, run.stderr
+    assert "kernel seed (this) against seed-uefi (other)" in run.stdout
+    speedups = re.search(r"snapshot/full\s+this\s+([\d.]+)x\s+other\s+([\d.]+)x", run.stdout)
+    assert speedups, run.stdout
+    # snapshots pay off on both images (the figures of record come from longer runs)
+    assert float(speedups.group(1)) > 3 and float(speedups.group(2)) > 3
