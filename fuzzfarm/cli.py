@@ -45,6 +45,11 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from kernel_emu.executor import Executor
     from kernel_emu.profile import load_profile
 
+    if args.no_input:
+        return _boot_application(args)
+    if args.elf is None:
+        raise UsageError("boot needs an ELF input (or --no-input to run a UEFI application "
+                         "by itself)")
     profile = load_profile(args.kernel)
     data = _read_input(args.elf)
     executor = Executor(profile, snapshot=not args.full_boot, native=not args.no_native,
@@ -55,6 +60,38 @@ def cmd_boot(args: argparse.Namespace) -> int:
     else:
         print(render_result(result, log_lines=args.log_lines))
     return EXIT_CRASH if result.verdict == "crash" else EXIT_OK
+
+
+def _boot_application(args: argparse.Namespace) -> int:
+    """Any UEFI application, run by the emulated firmware with no input."""
+    from kernel_emu.efiapp import run_app
+    from kernel_emu.errors import ImageError
+
+    if args.elf is not None:
+        raise UsageError("--no-input runs the application by itself: give no ELF")
+    path = Path(args.kernel)
+    head = _read_input(args.kernel)[:2]
+    if head != b"MZ":
+        raise UsageError(f"{args.kernel} is not a UEFI application (PE32+ image)")
+    try:
+        run = run_app(path)
+    except ImageError as e:
+        raise UsageError(str(e)) from None
+    status = "" if run.efi_main_status is None else f", efi_main returned {run.efi_main_status:#x}"
+    print(f"{path.name}: stopped: {run.stop}{status} after {run.instructions:,} instructions")
+    if run.fault:
+        print(f"fault: {run.fault}")
+    for label, text in (("console (ConOut)", run.console), ("debug console (port 0xE9)",
+                                                            run.debug)):
+        if text.strip():
+            print(f"{label}:")
+            for line in text.replace("\r\n", "\n").strip("\n").splitlines()[-20:]:
+                print(f"  | {line}")
+    print(f"services called: {len(run.calls)}"
+          + (f", last: {', '.join(run.calls[-3:])}" if run.calls else ""))
+    if run.unsupported:
+        print("asked for what this machine does not provide: " + ", ".join(run.unsupported))
+    return EXIT_CRASH if run.fault else EXIT_OK
 
 
 def cmd_crosscheck(args: argparse.Namespace) -> int:
@@ -292,8 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("boot", help="boot one ELF as the kernel's bin/init and report",
                        description="Boot a Rustux kernel with ELF as its bin/init and say what "
-                                   "happened. Exit status: 0 ok or rejected, 1 crash, 2 error.")
-    p.add_argument("elf", metavar="ELF", help="the input file (any bytes)")
+                                   "happened; with --no-input, run any UEFI application on the "
+                                   "emulated firmware and say what it printed and asked for. "
+                                   "Exit status: 0 ok or rejected, 1 crash (or fault), 2 "
+                                   "error.")
+    p.add_argument("elf", metavar="ELF", nargs="?", help="the input file (any bytes)")
+    p.add_argument("--no-input", action="store_true",
+                   help="run the UEFI application given as --kernel APP.efi by itself, with "
+                        "no input and no profile")
     p.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
                    help="kernel build: a built-in profile or a profile file (default: seed)")
     p.add_argument("--full-boot", action="store_true",

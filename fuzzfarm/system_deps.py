@@ -68,6 +68,13 @@ UEFI = [
     Need("QEMU", "qemu-system-x86", _which("qemu-system-x86_64"),
          "booting the UEFI images on real firmware", required=False),
     Need("OVMF", "ovmf", _ovmf, "booting the UEFI images on real firmware", required=False),
+    # UEFI applications others built, to run on the emulated firmware
+    Need("memtest86+ (a UEFI application)", "memtest86+",
+         lambda: Path("/boot/memtest86+x64.efi").is_file(),
+         "running third-party UEFI applications on the emulated firmware", required=False),
+    Need("systemd-boot (a UEFI application)", "systemd-boot-efi",
+         lambda: Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").is_file(),
+         "running third-party UEFI applications on the emulated firmware", required=False),
 ]
 TARGETS_HELP = "setup: what `make up` needs; test: what the tests need; uefi: the UEFI images"
 

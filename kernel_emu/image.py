@@ -56,7 +56,7 @@ class KernelImage:
     (default: its preferred ImageBase) with its base relocations applied and its symbols read
     from the link map beside it (`<image>.map`)."""
 
-    def __init__(self, path: Path, load_base: int | None = None) -> None:
+    def __init__(self, path: Path, load_base: int | None = None, symbols: bool = True) -> None:
         try:
             raw = path.read_bytes()
         except OSError as e:
@@ -67,7 +67,7 @@ class KernelImage:
         # a PE's frame layouts, for walking its Microsoft x64 frames (an ELF: the rbp chain)
         self.unwind: tuple[UnwindEntry, ...] = ()
         if raw[:2] == b"MZ":
-            self._load_pe(raw, load_base)
+            self._load_pe(raw, load_base, symbols)
         else:
             self._load_elf(raw)
         self._index()
@@ -104,10 +104,13 @@ class KernelImage:
         ]
         self.symbols = sorted(syms, key=lambda s: s.address)
 
-    def _load_pe(self, raw: bytes, load_base: int | None) -> None:
+    def _load_pe(self, raw: bytes, load_base: int | None, symbols: bool) -> None:
         loaded = load_pe(raw, self.path, load_base)
         self.entry, self.segments, self.load_base = loaded.entry, loaded.segments, loaded.base
         self.unwind = loaded.unwind
+        self.symbols = []
+        if not symbols:  # an application of someone else's: run without names
+            return
         map_path = self.path.with_suffix(".map")
         try:
             mapped = read_link_map(map_path)

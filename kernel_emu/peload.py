@@ -16,6 +16,9 @@ import lief
 
 from kernel_emu.errors import ImageError
 
+# LIEF's own warnings about odd headers would go to stderr; this loader reports what matters
+lief.logging.disable()
+
 PAGE = 0x1000
 U64 = (1 << 64) - 1
 # IMAGE_REL_BASED_*

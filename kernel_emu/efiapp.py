@@ -1,0 +1,96 @@
+"""Runs any UEFI application on the emulated firmware: no input, no profile of its own, no
+symbols needed. It runs until it returns from efi_main, halts, faults or spends its
+instruction budget. The report says what it printed (ConOut and port 0xE9), which services
+it called, and which ones it asked for that this machine does not provide.
+
+This is how the emulated firmware is checked against applications others built: a harness
+exception on a valid PE image is a bug of the farm's (`fuzzfarm boot --no-input`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unicorn.unicorn_const import UC_HOOK_INTR
+from unicorn.unicorn_py3.unicorn import UcError
+
+from kernel_emu.firmware import DEBUG_PORT, SERVICE_PORT, Firmware
+from kernel_emu.image import KernelImage
+from kernel_emu.machine import Machine
+from kernel_emu.observations import FaultObserver
+from kernel_emu.profile import load_profile
+from kernel_emu.result import StopReason
+from kernel_emu.tracing import PortConfig, attach_tracer
+
+APP_BUDGET = 50_000_000
+APP_LOAD_BASE = 0x10_0000
+
+
+@dataclass
+class AppRun:
+    stop: StopReason
+    instructions: int
+    efi_main_status: int | None
+    console: str  # what it wrote through ConOut
+    debug: str  # what it wrote to port 0xE9
+    calls: list[str] = field(default_factory=list)  # the services it called, with the status
+    unsupported: list[str] = field(default_factory=list)  # asked for, not provided
+    fault: str | None = None
+
+
+def run_app(path: Path, budget: int = APP_BUDGET, load_base: int = APP_LOAD_BASE) -> AppRun:
+    """Load `path` at `load_base` as the firmware loads an image and run it."""
+    machine_layout = load_profile("seed")  # the machine's memory layout, nothing of a kernel
+    image = KernelImage(path, load_base, symbols=False)
+    mem = machine_layout.memory
+    m = Machine([(0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_size)])
+    fw = Firmware(m, machine_layout, image)
+    fw.install()
+    faults = FaultObserver(m)
+    m.uc.hook_add(UC_HOOK_INTR, faults.on_interrupt)
+    tracer = attach_tracer(m.uc, [(b.base, b.size) for b in m.banks], coverage=False,
+                           ports=PortConfig(console=DEBUG_PORT, service=SERVICE_PORT,
+                                            console_read_value=DEBUG_PORT),
+                           track_writes=False)
+    tracer.reset(budget)
+    stop = StopReason.BUDGET
+    undelivered = 0
+    while True:
+        try:
+            m.uc.emu_start(m.reg("rip"), -1 & 0xFFFF_FFFF_FFFF_FFFF)
+        except UcError as e:
+            faults.on_emulator_error(e)
+            stop = StopReason.UC_ERROR
+            break
+        request = tracer.take_service()
+        if faults.fault is not None:
+            stop = StopReason.FAULT
+            break
+        if request is None:
+            if tracer.budget_exhausted:
+                stop = StopReason.BUDGET
+            elif m.read(m.reg("rip") - 1, 1) == b"\xf4":
+                stop = StopReason.HALT
+            else:
+                # the CPU raised an exception it could not deliver: this firmware leaves no
+                # IDT for an application (the instruction at rip did not complete)
+                stop = StopReason.FAULT
+                undelivered = m.reg("rip")
+            break
+        fw.service(request)
+        if fw.state.efi_main_status is not None:
+            stop = StopReason.EFI_RETURN
+            break
+    fault = None
+    if stop == StopReason.FAULT and faults.fault is None:
+        fault = f"a CPU exception at {undelivered:#x} (no IDT to deliver it to)"
+    elif faults.fault is not None:
+        f = faults.fault
+        fault = f"exception {f.vector} at {f.pc:#x}" + (f", address {f.cr2:#x}"
+                                                         if f.vector == 14 else "")
+    elif faults.uc_error:
+        fault = f"emulator stopped: {faults.uc_error}"
+    return AppRun(stop, tracer.instructions, fw.state.efi_main_status,
+                  "".join(fw.state.console), tracer.console().decode(errors="replace"),
+                  list(fw.state.calls), list(dict.fromkeys(fw.state.unsupported)), fault)
