@@ -98,7 +98,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import operator
-import struct
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -494,27 +493,18 @@ def _walk_frames(uc: Uc, rsp: int, rbp: int,
         frames = [int.from_bytes(uc.mem_read(rsp, 8), "little")]
     except UcError:
         return ()
-    if unwind:
-        starts = [e[0] for e in unwind]
-        while len(frames) < MAX_FRAMES and rbp and not rbp & 7:
+    starts = [e[0] for e in unwind]
+    while len(frames) < MAX_FRAMES and rbp and not rbp & 7 and rbp <= _MASK64 - 15:
+        saved, ret_at = 0, 8  # the System V chain: [rbp] the caller's rbp, [rbp + 8] return
+        if unwind:  # the layout of the function the last return address returns into
             pc = frames[-1] - 1
             i = bisect.bisect_right(starts, pc) - 1
             if i < 0 or not pc < unwind[i][1]:
                 break
-            _start, _end, saved, ret_at = unwind[i]
-            try:
-                ret = int.from_bytes(uc.mem_read((rbp + ret_at) & _MASK64, 8), "little")
-                next_rbp = int.from_bytes(uc.mem_read((rbp + saved) & _MASK64, 8), "little")
-            except UcError:
-                break
-            frames.append(ret)
-            if next_rbp <= rbp:
-                break
-            rbp = next_rbp
-        return tuple(frames)
-    while len(frames) < MAX_FRAMES and rbp and not rbp & 7 and rbp <= _MASK64 - 15:
+            saved, ret_at = unwind[i][2], unwind[i][3]
         try:
-            next_rbp, ret = struct.unpack("<QQ", uc.mem_read(rbp, 16))
+            ret = int.from_bytes(uc.mem_read((rbp + ret_at) & _MASK64, 8), "little")
+            next_rbp = int.from_bytes(uc.mem_read((rbp + saved) & _MASK64, 8), "little")
         except UcError:
             break
         frames.append(ret)
