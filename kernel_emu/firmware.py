@@ -31,6 +31,7 @@ FIRMWARE_BASE = 0x8_0000
 STUBS = 0x8_0000
 SYSTEM_TABLE = 0x8_1000
 CON_OUT = 0x8_1100
+CON_OUT_MODE = 0x8_1160  # SIMPLE_TEXT_OUTPUT_MODE: one 80x25 mode, the current one
 BOOT_SERVICES = 0x8_1200
 RUNTIME_SERVICES = 0x8_1400
 CONFIG_TABLE = 0x8_1600
@@ -265,6 +266,9 @@ class Firmware:
         # EFI_SIMPLE_TEXT_OUTPUT_PROTOCOL: Reset, OutputString, then unsupported entries
         con_out = [stub_address(SVC_CON_RESET), stub_address(SVC_OUTPUT_STRING)]
         con_out += [stub_address(SVC_CON_OUT_BASE + i) for i in range(2, len(CON_OUT_NAMES))]
+        con_out.append(CON_OUT_MODE)  # Mode, after the nine functions
+        # MaxMode, Mode, Attribute (light grey on black), column, row, cursor visible
+        m.write(CON_OUT_MODE, struct.pack("<iiiii?3x", 1, 0, 0x07, 0, 0, True))
         m.write(CON_OUT, struct.pack(f"<{len(con_out)}Q", *con_out))
         boot = bytearray(BOOT_SERVICES_SIZE)
         struct.pack_into("<QIIII", boot, 0, 0x56524553544F4F42, 0x0002_0046,

@@ -134,10 +134,6 @@ def _flags(characteristics: int) -> int:
             | (1 if characteristics & SCN_EXECUTE else 0))
 
 
-def _pages(size: int) -> int:
-    return (size + PAGE - 1) & ~(PAGE - 1)
-
-
 def apply_relocations(image: bytearray, table: bytes, delta: int) -> int:
     """Apply the base relocation blocks in `table` to `image`; returns how many were applied."""
     applied = 0
@@ -208,10 +204,12 @@ def load_pe(raw: bytes, path: Path, base: int | None = None) -> LoadedPe:
     elif base != preferred and int(binary.header.characteristics) & \
             int(lief.PE.Header.CHARACTERISTICS.RELOCS_STRIPPED):
         raise ImageError(f"{path}: relocations stripped, so it loads only at {preferred:#x}")
-    segments = [ImageSegment(base, _pages(headers), bytes(image[:headers]), 4)]
+    # each part as large as it is (sections may share a page: a loader copies the image as one
+    # block, and padding a part to its page would clear the next one's first bytes)
+    segments = [ImageSegment(base, headers, bytes(image[:headers]), 4)]
     for start, length, flags in sections:
         if length:
-            segments.append(ImageSegment(base + start, _pages(length),
+            segments.append(ImageSegment(base + start, length,
                                       bytes(image[start:start + length]), flags))
     exceptions = binary.data_directory(lief.PE.DataDirectory.TYPES.EXCEPTION_TABLE)
     unwind = unwind_entries(bytes(image), base, exceptions.rva, exceptions.size) \

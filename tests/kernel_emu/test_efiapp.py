@@ -37,7 +37,7 @@ def test_the_kernel_without_a_ramdisk_panics_as_it_should() -> None:
 def test_an_application_others_built_runs_until_it_says_what_it_lacks(app: Path) -> None:
     if not app.is_file():
         pytest.skip(f"{app} not installed (Debian: memtest86+, systemd-boot-efi)")
-    run = run_app(app)
+    run = run_app(app, budget=5_000_000)
     print(f"\n{app.name}: {run.stop}, {run.instructions:,} instructions, "
           f"{len(run.calls)} service calls, unsupported {run.unsupported}, fault {run.fault}, "
           f"console {run.console[:80]!r}")
