@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unicorn.unicorn_const import UC_HOOK_INTR
-from unicorn.unicorn_py3.unicorn import UcError
 
+from kernel_emu.executor import run_guest
 from kernel_emu.firmware import DEBUG_PORT, SERVICE_PORT, Firmware
 from kernel_emu.image import KernelImage
 from kernel_emu.machine import Machine
@@ -25,6 +25,7 @@ from kernel_emu.tracing import PortConfig, attach_tracer
 
 APP_BUDGET = 50_000_000
 APP_LOAD_BASE = 0x10_0000
+NOWHERE = (1 << 64) - 1  # an application runs until it stops by itself
 
 
 @dataclass
@@ -54,38 +55,14 @@ def run_app(path: Path, budget: int = APP_BUDGET, load_base: int = APP_LOAD_BASE
                                             console_read_value=DEBUG_PORT),
                            track_writes=False)
     tracer.reset(budget)
-    stop = StopReason.BUDGET
-    undelivered = 0
-    while True:
-        try:
-            m.uc.emu_start(m.reg("rip"), -1 & 0xFFFF_FFFF_FFFF_FFFF)
-        except UcError as e:
-            faults.on_emulator_error(e)
-            stop = StopReason.UC_ERROR
-            break
-        request = tracer.take_service()
-        if faults.fault is not None:
-            stop = StopReason.FAULT
-            break
-        if request is None:
-            if tracer.budget_exhausted:
-                stop = StopReason.BUDGET
-            elif m.read(m.reg("rip") - 1, 1) == b"\xf4":
-                stop = StopReason.HALT
-            else:
-                # the CPU raised an exception it could not deliver: this firmware leaves no
-                # IDT for an application (the instruction at rip did not complete)
-                stop = StopReason.FAULT
-                undelivered = m.reg("rip")
-            break
-        fw.service(request)
-        if fw.state.efi_main_status is not None:
-            stop = StopReason.EFI_RETURN
-            break
+    stop = run_guest(m, tracer, faults, fw, NOWHERE)
     fault = None
-    if stop == StopReason.FAULT and faults.fault is None:
-        fault = f"a CPU exception at {undelivered:#x} (no IDT to deliver it to)"
-    elif faults.fault is not None:
+    if stop is None:
+        # the CPU raised an exception it could not deliver: the instruction at rip did not
+        # complete
+        stop = StopReason.FAULT
+        fault = f"a CPU exception at {m.reg('rip'):#x} (no IDT to deliver it to)"
+    if faults.fault is not None:
         f = faults.fault
         fault = f"exception {f.vector} at {f.pc:#x}" + (f", address {f.cr2:#x}"
                                                          if f.vector == 14 else "")

@@ -262,37 +262,17 @@ class Executor:
         self.watchdog.start_run(run_budget, cycles)
 
     def _emulate(self, until: int) -> StopReason:
-        """Run to `until`; why the guest stopped.
+        """Run to `until`; why the guest stopped."""
+        stop = run_guest(self.machine, self.tracer, self.faults, self.firmware, until,
+                         self.watchdog.keep_going, self._served)
+        if stop is None:
+            pc = self.machine.reg("rip")
+            raise HarnessError(f"emulation stopped at {self.image.describe(pc)} for no known "
+                               f"reason")
+        return stop
 
-        A boot-service stub stops the guest right after its `out`; the firmware performs the
-        service and the guest resumes."""
-        m, tracer, faults = self.machine, self.tracer, self.faults
-        while True:
-            try:
-                m.uc.emu_start(m.reg("rip"), until)
-            except UcError as e:
-                faults.on_emulator_error(e)
-                return StopReason.UC_ERROR
-            request = tracer.take_service()
-            if tracer.budget_exhausted and faults.fault is None and self.watchdog.keep_going():
-                if request is None:
-                    continue
-            elif request is None or faults.fault is not None or tracer.budget_exhausted:
-                break
-            self.firmware.service(request)
-            self.services += 1
-            if self.firmware.state.efi_main_status is not None:
-                return StopReason.EFI_RETURN
-        pc = m.reg("rip")
-        if faults.fault is not None:
-            return StopReason.FAULT
-        if tracer.budget_exhausted:
-            return StopReason.BUDGET
-        if pc == until:
-            return StopReason.UNTIL
-        if m.read(pc - 1, 1) == b"\xf4":
-            return StopReason.HALT
-        raise HarnessError(f"emulation stopped at {self.image.describe(pc)} for no known reason")
+    def _served(self) -> None:
+        self.services += 1
 
     # what the last run left --------------------------------------------------------------
     @property
@@ -326,3 +306,40 @@ class Executor:
 
 
 __all__ = ["OBSERVED", "Executor", "GuestTracer"]
+
+
+def run_guest(m: Machine, tracer: GuestTracer, faults: FaultObserver, firmware: Firmware,
+              until: int, keep_going: Callable[[], bool] = lambda: False,
+              served: Callable[[], object] = lambda: None) -> StopReason | None:
+    """Run the guest to `until`, performing the boot services it asks for; why it stopped,
+    or None when nothing explains it (an exception the CPU could not deliver, say).
+
+    A boot-service stub stops the guest right after its `out`; the firmware performs the
+    service (`served` is told) and the guest resumes. A spent budget with no fault lets the
+    guest on while `keep_going()` says so (the watchdog's checkpoints)."""
+    while True:
+        try:
+            m.uc.emu_start(m.reg("rip"), until)
+        except UcError as e:
+            faults.on_emulator_error(e)
+            return StopReason.UC_ERROR
+        request = tracer.take_service()
+        if tracer.budget_exhausted and faults.fault is None and keep_going():
+            if request is None:
+                continue
+        elif request is None or faults.fault is not None or tracer.budget_exhausted:
+            break
+        firmware.service(request)
+        served()
+        if firmware.state.efi_main_status is not None:
+            return StopReason.EFI_RETURN
+    pc = m.reg("rip")
+    if faults.fault is not None:
+        return StopReason.FAULT
+    if tracer.budget_exhausted:
+        return StopReason.BUDGET
+    if pc == until:
+        return StopReason.UNTIL
+    if m.read(pc - 1, 1) == b"\xf4":
+        return StopReason.HALT
+    return None

@@ -14,7 +14,7 @@ import rust_demangler
 
 from kernel_emu.errors import ImageError
 from kernel_emu.linkmap import LinkMapError, read_link_map
-from kernel_emu.peload import ImageSegment, UnwindEntry, load_pe
+from kernel_emu.peload import FrameLayouts, ImageSegment, UnwindEntry, load_pe
 
 DESCRIBED_KEPT = 1 << 16
 _HASH_SUFFIX = re.compile(r"::h[0-9a-f]{16}$")
@@ -125,15 +125,10 @@ class KernelImage:
         """Where the function running at `pc` keeps its caller's rbp and its return address,
         as offsets from its rbp: (0, 8) for the System V chain of an ELF image; by the unwind
         tables for a PE image (None for a function without an rbp frame)."""
-        if not self.unwind:
-            return 0, 8
-        i = bisect.bisect_right(self._unwind_starts, pc) - 1
-        if i >= 0 and pc < self.unwind[i][1]:
-            return self.unwind[i][2], self.unwind[i][3]
-        return None
+        return self._layouts.at(pc)
 
     def _index(self) -> None:
-        self._unwind_starts = [e[0] for e in self.unwind]
+        self._layouts = FrameLayouts(self.unwind)
         self._addresses = [s.address for s in self.symbols]
         self._by_name: dict[str, Symbol] = {}
         self._described: dict[int, str] = {}  # describe()'s answers: hangs ask for ~64 a run

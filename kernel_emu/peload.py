@@ -8,7 +8,9 @@ bytes, so that a malformed table is refused with a message instead of half appli
 
 from __future__ import annotations
 
+import bisect
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,31 @@ class LoadedPe:
     segments: tuple[ImageSegment, ...]
     relocations: int  # how many were applied
     unwind: tuple[UnwindEntry, ...] = ()
+
+
+class FrameLayouts:
+    """Unwind entries looked up by address: where the function at an address keeps its
+    caller's rbp and its return address, as offsets from its rbp. With no entries, every
+    function follows the System V chain ([rbp] the caller's rbp, [rbp + 8] the return)."""
+
+    SYSTEM_V = (0, 8)
+
+    def __init__(self, entries: Sequence[UnwindEntry] = ()) -> None:
+        self.entries = tuple(entries)
+        self._starts = [e[0] for e in self.entries]
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def at(self, pc: int) -> tuple[int, int] | None:
+        """The layout of the function running at `pc` (None: a function without an rbp
+        frame, or no function the tables know)."""
+        if not self.entries:
+            return self.SYSTEM_V
+        i = bisect.bisect_right(self._starts, pc) - 1
+        if i >= 0 and pc < self.entries[i][1]:
+            return self.entries[i][2], self.entries[i][3]
+        return None
 
 
 def _frame_layout(image: bytes, info: int) -> tuple[int, int] | None:

@@ -95,7 +95,6 @@ set silently incomplete.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import operator
 import warnings
@@ -120,6 +119,8 @@ from unicorn.x86_const import (
     UC_X86_REG_RSP,
 )
 
+from kernel_emu.peload import FrameLayouts
+
 try:
     from kernel_emu import _tracer as native_tracer
 except ImportError:  # not built: attach_tracer falls back to Python hooks
@@ -141,6 +142,7 @@ MAX_FRAMES = 16
 
 _CR0_PG = 1 << 31
 _MASK64 = (1 << 64) - 1
+_SYSTEM_V = FrameLayouts()  # no unwind tables: the System V chain
 # Registers a watch event records, in WatchEvent field order (after address, instructions).
 _WATCH_REGS = (
     UC_X86_REG_RIP,
@@ -477,31 +479,27 @@ def add_native_hook(uc: Uc, hook_type: int, callback: int, state_address: int, *
     return handle.value
 
 
-def _check_unwind(entries: Sequence[tuple[int, int, int, int]]
-                  ) -> tuple[tuple[int, int, int, int], ...]:
+def _check_unwind(entries: Sequence[tuple[int, int, int, int]]) -> FrameLayouts:
     table = tuple(entries)
     for i, (start, end, _rbp, _ret) in enumerate(table):
         if start >= end or (i and start < table[i - 1][1]):
             raise ValueError("unwind entries must be sorted, non-empty, not overlapping")
-    return table
+    return FrameLayouts(table)
 
 
 def _walk_frames(uc: Uc, rsp: int, rbp: int,
-                 unwind: tuple[tuple[int, int, int, int], ...] = ()) -> tuple[int, ...]:
+                 layouts: FrameLayouts = _SYSTEM_V) -> tuple[int, ...]:
     """The Python twin of the native walk_frames: see :class:`WatchEvent`."""
     try:
         frames = [int.from_bytes(uc.mem_read(rsp, 8), "little")]
     except UcError:
         return ()
-    starts = [e[0] for e in unwind]
     while len(frames) < MAX_FRAMES and rbp and not rbp & 7 and rbp <= _MASK64 - 15:
-        saved, ret_at = 0, 8  # the System V chain: [rbp] the caller's rbp, [rbp + 8] return
-        if unwind:  # the layout of the function the last return address returns into
-            pc = frames[-1] - 1
-            i = bisect.bisect_right(starts, pc) - 1
-            if i < 0 or not pc < unwind[i][1]:
-                break
-            saved, ret_at = unwind[i][2], unwind[i][3]
+        # the layout of the function the last return address returns into
+        layout = layouts.at(frames[-1] - 1)
+        if layout is None:
+            break
+        saved, ret_at = layout
         try:
             ret = int.from_bytes(uc.mem_read((rbp + ret_at) & _MASK64, 8), "little")
             next_rbp = int.from_bytes(uc.mem_read((rbp + saved) & _MASK64, 8), "little")
@@ -723,7 +721,7 @@ class PythonTracer:
         self._ring = [0] * RING_SIZE
         self._budget = NO_BUDGET
         self._watched: frozenset[int] = frozenset()
-        self._unwind: tuple[tuple[int, int, int, int], ...] = ()
+        self._unwind = _SYSTEM_V
         self._clear()
         self._identity_cr3 = 0
         self._handles = [

@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 
 from dashboard.app import create_app
-from tests.workers.conftest import RedisServer, _free_port
+from tests.workers.conftest import RedisServer, running_redis
 from workers import work
 from workers.kernels import ensure_builtin
 from workers.settings import Settings
@@ -54,10 +54,7 @@ class FarmData:
 @pytest.fixture(scope="session")
 def farm_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmData]:
     tmp = tmp_path_factory.mktemp("dashboard-farm")
-    (tmp / "redis").mkdir()
-    server = RedisServer(_free_port(), tmp / "redis")
-    server.start()
-    try:
+    with running_redis(tmp / "redis") as server:
         store = FarmStore.connect(server.url)
         ensure_builtin(store)
         settings = Settings(redis_url=server.url, cache_dir=tmp / "cache",
@@ -98,8 +95,6 @@ def farm_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmData]:
                                   sorted((ROOT / "corpus" / "seeds").glob("*.elf"))[:3]])
         yield FarmData(server, store, settings, sha, out["bucket"], hostile_bucket,
                        hostile_sha, cid, [])
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

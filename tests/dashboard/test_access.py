@@ -18,7 +18,7 @@ from dashboard.__main__ import main
 from dashboard.access import COOKIE, AccessError, ReadAccess
 from dashboard.app import create_app
 from tests.dashboard.conftest import FarmData
-from tests.workers.conftest import RedisServer, _free_port
+from tests.workers.conftest import running_redis
 from workers.kernels import ensure_builtin
 from workers.store import FarmStore, sha256
 
@@ -170,15 +170,10 @@ def test_main_refuses_a_bad_trust_header_in_one_line(monkeypatch: pytest.MonkeyP
 def own_farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FarmStore, Path]]:
     """A Redis of its own: the hostile records below would upset the other tests' pages."""
     tmp = tmp_path_factory.mktemp("hostile-farm")
-    (tmp / "redis").mkdir()
-    server = RedisServer(_free_port(), tmp / "redis")
-    server.start()
-    try:
+    with running_redis(tmp / "redis") as server:
         store = FarmStore.connect(server.url)
         ensure_builtin(store)
         yield store, tmp
-    finally:
-        server.stop()
 
 
 def test_hostile_image_ids_and_names_are_404s(own_farm: tuple[FarmStore, Path]) -> None:

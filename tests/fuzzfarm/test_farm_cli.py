@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fuzzfarm.farm_cli import StatusOutput
-from tests.workers.conftest import ROOT, RedisServer, _free_port
+from tests.workers.conftest import ROOT, _free_port, running_redis
 from workers.store import FarmStore
 
 LONG_SIGNATURE = ("vaddr-corruption | rustux::loader::elf::load_segments < "
@@ -103,17 +103,14 @@ def test_a_stderr_that_went_away_stops_nothing() -> None:
 
 @pytest.fixture(scope="module")
 def farm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("redis")
-    server = RedisServer(_free_port(), data)
-    server.start()
-    store = FarmStore.connect(server.url)
-    for i in range(3):
-        store.buckets.upsert(f"{i:016x}", f"{LONG_SIGNATURE} #{i}", "vaddr-corruption", "seed",
-                             f"{i:064x}", 100 + i, {})
-    store.buckets.upsert("f" * 16, "hang | a | b | c", "hang", "seed", "e" * 64, 7, {})
-    store.campaigns.create("seed", 2, 30.0)
-    yield server.url
-    server.stop()
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        store = FarmStore.connect(server.url)
+        for i in range(3):
+            store.buckets.upsert(f"{i:016x}", f"{LONG_SIGNATURE} #{i}", "vaddr-corruption",
+                                 "seed", f"{i:064x}", 100 + i, {})
+        store.buckets.upsert("f" * 16, "hang | a | b | c", "hang", "seed", "e" * 64, 7, {})
+        store.campaigns.create("seed", 2, 30.0)
+        yield server.url
 
 
 def _fuzzfarm(url: str, *args: str) -> subprocess.CompletedProcess[str]:

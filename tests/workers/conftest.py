@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,14 +75,23 @@ class RedisServer:
                 self.proc.wait()
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    data = tmp_path / "redis"
-    data.mkdir()
+@contextmanager
+def running_redis(data: Path) -> Iterator[RedisServer]:
+    """A Redis server of its own on a free port, its data (and password) in `data`, stopped
+    on leaving."""
+    data.mkdir(parents=True, exist_ok=True)
     server = RedisServer(_free_port(), data)
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture
@@ -137,14 +147,19 @@ class Farm:
                 proc.wait()
 
 
+def farm_env(url: str, cache: Path) -> dict[str, str]:
+    """The environment of the test farm's processes: short slices and graces."""
+    env = dict(os.environ)
+    env.update({"REDIS_URL": url, "FUZZFARM_SLICE_SECONDS": "6",
+                "FUZZFARM_VISIBILITY_TIMEOUT": "20", "FUZZFARM_LOST_GRACE": "8",
+                "FUZZFARM_CACHE": str(cache), "FUZZFARM_MINIMIZE_EXECUTIONS": "1500",
+                "PYTHONPATH": str(ROOT)})
+    return env
+
+
 @pytest.fixture
 def farm(redis_server: RedisServer, tmp_path: Path) -> Iterator[Farm]:
-    env = dict(os.environ)
-    env.update({"REDIS_URL": redis_server.url, "FUZZFARM_SLICE_SECONDS": "6",
-                "FUZZFARM_VISIBILITY_TIMEOUT": "20", "FUZZFARM_LOST_GRACE": "8",
-                "FUZZFARM_CACHE": str(tmp_path / "cache"),
-                "FUZZFARM_MINIMIZE_EXECUTIONS": "1500", "PYTHONPATH": str(ROOT)})
-    f = Farm(redis_server.url, tmp_path, env)
+    f = Farm(redis_server.url, tmp_path, farm_env(redis_server.url, tmp_path / "cache"))
     yield f
     f.stop()
 

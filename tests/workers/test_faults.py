@@ -34,10 +34,9 @@ import pytest
 
 from fuzz.solutions import bucket_id
 from tests.reproducers import REPRODUCERS
-from tests.workers.conftest import ROOT, Farm, RedisServer, wait_for
+from tests.workers.conftest import ROOT, Farm, RedisServer, farm_env, running_redis, wait_for
 from workers.app import make_app
 from workers.kernels import ensure_builtin
-from workers.local import free_port
 from workers.settings import Settings
 from workers.store import Campaign, FarmStore, sha256
 
@@ -440,58 +439,56 @@ def test_the_output_disk_full(small_disk: Path, tmp_path: Path) -> None:
     slice fuzzes: the job goes on, keeping what it cannot write; the failures are harness
     errors (never a bucket); Redis refuses writes and the slice sends them again; once there
     is room the farm goes on by itself and nothing the job found is lost."""
-    server = RedisServer(free_port(0), small_disk / "redis")
-    server.data.mkdir()
-    server.start()
     cache = small_disk / "cache"
-    env = dict(os.environ)
-    env.update({"REDIS_URL": server.url, "FUZZFARM_VISIBILITY_TIMEOUT": "20",
-                "FUZZFARM_LOST_GRACE": "8", "FUZZFARM_TRIAGE_GRACE": "10",
-                "FUZZFARM_CACHE": str(cache), "PYTHONPATH": str(ROOT)})
-    farm = Farm(server.url, tmp_path, env)
-    store = FarmStore.connect(server.url)
-    ensure_builtin(store)
-    try:
-        with WorkFolders(cache) as folders:
-            farm.worker("w1")
-            farm.controller()
-            # one slice longer than the outage: its job lives through it
-            cid = store.campaigns.create("seed", 1, FULL + 25)
-            sid = str(wait_for(lambda: _running_slice(store, cid), 90, "a running slice"))
-            wait_for(lambda: any(f.slice == sid for f in folders.findings()) and
-                     _elapsed(next(cache.glob(f"slice-{sid}-*"))) > 5, 90,
-                     "the slice to find something")
-            filler = _fill(small_disk)
-            full_from = time.time()
-            time.sleep(FULL)  # the fault itself
-            filler.unlink()
-            room = time.monotonic()
-            wait_for(lambda: getattr(store.campaigns.slice(sid), "state", None) == "done", 120,
-                     "the slice that lived through the full disk to finish")
-            done = store.campaigns.slice(sid)
-            assert done is not None and done.stats is not None
-            settle(store, cid)
-        a = audit(store, folders, cid)
-        errors = [e.error for e in store.stats.harness_errors()]
-        writes = [e for e in errors if "write(s) in its work folder" in e]
-        found_while_full = [f for f in folders.findings()
-                            if f.slice == sid and f.written >= full_from]
-        print(f"\noutput disk full {FULL:.0f} s: {a}; the slice through it: "
-              f"{done.stats['execs']:,} execs, stop reason {done.stats['stop_reason']!r}, "
-              f"{len(found_while_full)} reproducers written once there was room; "
-              f"{len(errors)} harness errors ({len(writes)} of failed writes), "
-              f"{store.stats.counters().get('slices_failed', 0)} slices given up; finished "
-              f"{time.monotonic() - room:.1f} s after there was room")
-        assert done.stats["stop_reason"] == "time"  # the job was never killed by the fault
-        assert writes and "No space left on device" in writes[0]
-        assert not any("exited with status" in e for e in errors)
-        assert a.signatures > 0 and a.lost == [] and a.pending == 0
-        assert a.duplicates == [] and a.double_counted == []
-        assert a.execs_counted == a.execs_done
-        # no failure of ours became a finding
-        assert all("Error" not in b.signature for b in store.buckets.all())
-        _all_alive(farm)
-    finally:
-        farm.stop()
-        store.close()
-        server.stop()
+    with running_redis(small_disk / "redis") as server:
+        env = farm_env(server.url, cache) | {"FUZZFARM_TRIAGE_GRACE": "10"}
+        farm = Farm(server.url, tmp_path, env)
+        store = FarmStore.connect(server.url)
+        ensure_builtin(store)
+        try:
+            _survive_a_full_disk(small_disk, cache, farm, store)
+        finally:
+            farm.stop()
+            store.close()
+
+
+def _survive_a_full_disk(small_disk: Path, cache: Path, farm: Farm, store: FarmStore) -> None:
+    with WorkFolders(cache) as folders:
+        farm.worker("w1")
+        farm.controller()
+        # one slice longer than the outage: its job lives through it
+        cid = store.campaigns.create("seed", 1, FULL + 25)
+        sid = str(wait_for(lambda: _running_slice(store, cid), 90, "a running slice"))
+        wait_for(lambda: any(f.slice == sid for f in folders.findings()) and
+                 _elapsed(next(cache.glob(f"slice-{sid}-*"))) > 5, 90,
+                 "the slice to find something")
+        filler = _fill(small_disk)
+        full_from = time.time()
+        time.sleep(FULL)  # the fault itself
+        filler.unlink()
+        room = time.monotonic()
+        wait_for(lambda: getattr(store.campaigns.slice(sid), "state", None) == "done", 120,
+                 "the slice that lived through the full disk to finish")
+        done = store.campaigns.slice(sid)
+        assert done is not None and done.stats is not None
+        settle(store, cid)
+    a = audit(store, folders, cid)
+    errors = [e.error for e in store.stats.harness_errors()]
+    writes = [e for e in errors if "write(s) in its work folder" in e]
+    found_while_full = [f for f in folders.findings()
+                        if f.slice == sid and f.written >= full_from]
+    print(f"\noutput disk full {FULL:.0f} s: {a}; the slice through it: "
+          f"{done.stats['execs']:,} execs, stop reason {done.stats['stop_reason']!r}, "
+          f"{len(found_while_full)} reproducers written once there was room; "
+          f"{len(errors)} harness errors ({len(writes)} of failed writes), "
+          f"{store.stats.counters().get('slices_failed', 0)} slices given up; finished "
+          f"{time.monotonic() - room:.1f} s after there was room")
+    assert done.stats["stop_reason"] == "time"  # the job was never killed by the fault
+    assert writes and "No space left on device" in writes[0]
+    assert not any("exited with status" in e for e in errors)
+    assert a.signatures > 0 and a.lost == [] and a.pending == 0
+    assert a.duplicates == [] and a.double_counted == []
+    assert a.execs_counted == a.execs_done
+    # no failure of ours became a finding
+    assert all("Error" not in b.signature for b in store.buckets.all())
+    _all_alive(farm)
