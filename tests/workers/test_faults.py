@@ -215,6 +215,19 @@ def _elapsed(work: Path) -> float:
         return 0.0
 
 
+def _older(paths, before: float) -> list[Path]:
+    """The paths last written before `before`; a file that vanishes meanwhile (libFuzzer
+    replaces corpus entries by smaller ones as it goes) is left out."""
+    found = []
+    for p in paths:
+        try:
+            if p.stat().st_mtime < before:
+                found.append(p)
+        except FileNotFoundError:
+            pass
+    return found
+
+
 def _job_running(sid: str) -> bool:
     """A slice's job process is alive (its work folder is named after the slice)."""
     return subprocess.run(["pgrep", "-f", f"slice-{sid}-"],
@@ -245,8 +258,8 @@ def test_kill_9_of_a_worker_mid_slice(farm: Farm, store: FarmStore) -> None:
             work = next(cache.glob(f"slice-{sid}-*"), None)
             if work is None:
                 return False
-            solutions = [p for p in work.glob("solutions/*/*.elf") if p.stat().st_mtime < old]
-            corpus = [p for p in work.glob("corpus/*") if p.stat().st_mtime < old]
+            solutions = _older(work.glob("solutions/*/*.elf"), old)
+            corpus = _older(work.glob("corpus/*"), old)
             return len(solutions) >= 1 and len(corpus) >= 10 and _elapsed(work) >= 10
 
         wait_for(ripe, 90, "the slice to find something", poll=0.2)
