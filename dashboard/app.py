@@ -4,8 +4,9 @@ Pages: overview, buckets, one bucket's report, coverage of a kernel build. Parts
 are fragments polled with htmx. Everything the kernel printed and everything an ELF contains
 is untrusted and only ever reaches a page through Jinja2's autoescaping.
 
-State-changing requests (minimize again, verify, sample coverage) are POSTs carrying a token
-and only send a task to the workers:
+State-changing requests (minimize again, verify, crosscheck, sample coverage) are POSTs
+carrying a token and only send a task to the workers (marking it queued where a page shows
+that):
 FUZZFARM_DASHBOARD_TOKEN when it is set (it must be, beyond localhost), else a token made for
 this process and put in the forms. Reading can be guarded too (`dashboard/access.py`).
 """
@@ -55,6 +56,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 NOTICES = {
     "minimize": "Minimization sent to the workers.",
     "verify": "Verification sent to the workers.",
+    "crosscheck": "Crosscheck sent to the workers (only those with QEMU + OVMF take it).",
     "sample": "Coverage sample sent to the workers.",
     "sample-busy": "A coverage sample of this build is already queued or running.",
 }
@@ -257,6 +259,15 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
             abort(400, description="unknown kernel build")
         send("workers.tasks.verify", [bucket.id, kernel])
         return redirect(url_for("bucket_page", bid=bucket.id, notice="verify"), 303)
+
+    @app.post("/bucket/<bid>/crosscheck")
+    def crosscheck(bid: str) -> Response:
+        check_token()
+        bucket = _bucket_or_404(store, bid)
+        store.buckets.queue_crosscheck(bucket.id, bucket.minimized or bucket.reproducer,
+                                       again=True)
+        send("workers.tasks.crosscheck", [bucket.id])
+        return redirect(url_for("bucket_page", bid=bucket.id, notice="crosscheck"), 303)
 
     # downloads: only a bucket's inputs and their reports, by sha256 --------------------------
     @app.get("/download/<sha>.elf")

@@ -42,27 +42,44 @@ _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 def image_for(store: FarmStore, image_sha: str, cache_dir: Path) -> KernelImage | None:
     """The kernel image with this sha256, from the cache or Redis; None if Redis lacks it.
-    A cached copy is hashed each time: one changed since it was written is fetched again."""
+    A cached copy is hashed each time: one changed since it was written is fetched again. A
+    UEFI image comes with the link map stored with it (its symbols)."""
     if not SHA256.match(image_sha):
         return None
     folder = private_dir(cache_dir) / "dashboard" / "images"
-    path = folder / f"{image_sha}.elf"
-    try:
-        cached = sha256(path.read_bytes()) == image_sha
-    except OSError:
-        cached = False
-    if not cached:
-        data = store.blobs.get(image_sha)
-        if data is None or sha256(data) != image_sha:
+    path = folder / f"{image_sha}.image"
+    data = _cached_blob(store, path, image_sha)
+    if data is None:
+        return None
+    if data[:2] == b"MZ":
+        # the map is named as the image loader looks for it: beside the image, suffix .map
+        map_sha = store.kernels.map_of_image(image_sha)
+        if map_sha is None or not SHA256.match(map_sha) or \
+                _cached_blob(store, path.with_suffix(".map"), map_sha) is None:
             return None
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
     try:
         return load_image(path)
     except Exception:  # noqa: BLE001 - a blob that is no kernel image is shown as missing
         return None
+
+
+def _cached_blob(store: FarmStore, path: Path, sha: str) -> bytes | None:
+    """The blob `sha`, kept at `path`: the cached copy when it still has that hash, else
+    fetched from Redis again (None when Redis lacks it)."""
+    try:
+        data = path.read_bytes()
+        if sha256(data) == sha:
+            return data
+    except OSError:
+        pass
+    data = store.blobs.get(sha)
+    if data is None or sha256(data) != sha:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return data
 
 
 # source lines -------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
     except qemu.FirmwareBootError as e:
         raise HarnessError(str(e)) from None
     result = check.result
-    print(f"crosscheck of {args.elf} on {profile.name} ({profile.image.name}): emulator "
+    print(f"crosscheck of {args.elf} on {profile.name} ({profile.image.name}), loaded by the "
+          f"firmware at {check.load_base:#x} (and so in the emulator): emulator "
           f"{check.seconds_emulated:.2f} s, QEMU + OVMF {check.seconds_real:.1f} s "
           f"({check.real_ended})")
     print(f"emulated: {result.verdict}" + (f", {result.signature}" if result.signature else ""))

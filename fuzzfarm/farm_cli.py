@@ -476,10 +476,11 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("worker", help="run one Celery worker of the farm",
                        description="A Celery worker consuming the fuzz, triage, minimize and "
-                                   "coverage queues (one task at a time).")
+                                   "coverage queues, and the crosscheck queue where QEMU and "
+                                   "OVMF are installed (one task at a time).")
     p.add_argument("--name", default="worker", help="worker name (default: worker)")
     p.add_argument("--queues", default=None,
-                   help="comma-separated queues to consume (default: all the farm's: fuzz, "
-                        "triage, minimize, coverage)")
+                   help="comma-separated queues to consume (default: fuzz, triage, "
+                        "minimize, coverage, and crosscheck where QEMU + OVMF are installed)")
     redis_opt(p)
     p.set_defaults(func=cmd_worker)

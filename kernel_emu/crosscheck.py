@@ -1,6 +1,11 @@
 """Crosscheck: the same UEFI kernel image and input, booted by the emulator and by real
 firmware (QEMU + OVMF), and the kernel's debug-console logs compared line by line.
 
+Real firmware boots first, on a machine with the profile's RAM size; the boot shim says where
+the firmware loaded the kernel, and the emulator then loads it at that same address. What a
+kernel does can depend on where it was loaded (an input's segment may overlap the kernel
+there and not elsewhere), so this is the only fair comparison.
+
 What legitimately differs between the two machines is normalised before the comparison: where
 the firmware put things (image handle, system table, the ramdisk, the kernel stack, page
 tables) and what the memory map holds (its entries, and the page allocator's counts derived
@@ -12,6 +17,7 @@ not compared.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,6 +45,7 @@ _VARYING = [
 # after one of these the kernel has nothing more to say (it halts or enters ring 3)
 _LAST = ("[user] enter ", "[PANIC] ", "rejected: ")
 SETTLE = 1.0  # seconds QEMU runs on after a last line, for what the kernel says next
+_LOADED_AT = re.compile(r"^\[rxboot\] kernel image at (0x[0-9a-fA-F]+),", re.M)
 
 
 def normalise(log: str) -> list[str]:
@@ -67,6 +74,7 @@ class Crosscheck:
     seconds_emulated: float
     seconds_real: float
     real_ended: str  # how the QEMU run ended: done, exited, timeout
+    load_base: int  # where the firmware loaded the kernel, and the emulator too
     differences: list[tuple[int, str, str]] = field(default_factory=list)  # (line, emu, real)
 
     @property
@@ -84,20 +92,54 @@ def _finished(log: str, seen: dict[str, float]) -> bool:
     return time.monotonic() - first >= SETTLE
 
 
-def crosscheck(profile: TargetProfile, data: bytes, timeout: float = 120.0) -> Crosscheck:
-    """Boot `data` on the profile's UEFI image in the emulator and under QEMU + OVMF."""
-    if profile.kernel.load_base is None and profile.image.suffix.lower() != ".efi":
+def is_uefi(profile: TargetProfile) -> bool:
+    """The profile's image is a UEFI application (what real firmware can boot)."""
+    try:
+        with open(profile.image, "rb") as f:
+            return f.read(2) == b"MZ"
+    except OSError:
+        return False
+
+
+def real_load_base(log: str) -> int | None:
+    """Where real firmware loaded the kernel, as the boot shim reports it."""
+    m = _LOADED_AT.search(log)
+    return int(m.group(1), 16) if m else None
+
+
+def at_load_base(profile: TargetProfile, base: int) -> TargetProfile:
+    """The same build, loaded at `base`."""
+    return dataclasses.replace(profile, kernel=dataclasses.replace(profile.kernel,
+                                                                   load_base=base))
+
+
+def crosscheck(profile: TargetProfile, data: bytes, timeout: float = 120.0,
+               executor: Executor | None = None) -> Crosscheck:
+    """Boot `data` on the profile's UEFI image under QEMU + OVMF (with the profile's RAM
+    size), then in the emulator at the address where the real firmware loaded the kernel (a
+    full boot; by `executor` if it loads the image there)."""
+    if not is_uefi(profile):
         raise qemu.FirmwareBootError(f"{profile.name}: not a UEFI application (a crosscheck "
                                      f"boots the image real firmware boots)")
-    started = time.monotonic()
-    result = Executor(profile, snapshot=False).run(data)
-    seconds_emulated = time.monotonic() - started
+    if executor is not None and (executor.profile is not profile or executor.use_snapshot):
+        raise ValueError("crosscheck: the executor must make full boots of this profile")
     seen: dict[str, float] = {}
     real = qemu.boot_kernel(Path(profile.image), build_init_ramdisk(data), timeout,
-                            lambda log: _finished(log, seen))
+                            lambda log: _finished(log, seen),
+                            memory_mib=max(1, profile.memory.ram_size >> 20))
+    base = real_load_base(real.log)
+    if base is None:
+        tail = " | ".join(real.log.strip().splitlines()[-3:]) or "nothing"
+        raise qemu.FirmwareBootError(f"the boot shim did not say where the firmware loaded "
+                                     f"the kernel (QEMU {real.ended}; it said: {tail:.300})")
+    if executor is None or executor.image.load_base != base:
+        executor = Executor(at_load_base(profile, base), snapshot=False)
+    started = time.monotonic()
+    result = executor.run(data)
+    seconds_emulated = time.monotonic() - started
     emulated, real_lines = normalise(result.log), normalise(real.log)
     check = Crosscheck(emulated, real_lines[:len(emulated)], real_lines[len(emulated):],
-                       result, seconds_emulated, real.seconds, real.ended)
+                       result, seconds_emulated, real.seconds, real.ended, base)
     for i in range(max(len(emulated), len(check.real))):
         a = emulated[i] if i < len(emulated) else ""
         b = check.real[i] if i < len(check.real) else ""

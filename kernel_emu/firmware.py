@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kernel_emu.errors import ImageError
 from kernel_emu.image import KernelImage
 from kernel_emu.machine import MSR_EFER, PAGE, Machine
 from kernel_emu.profile import TargetProfile
@@ -41,6 +42,8 @@ POOL_BASE = 0x8_2000
 FIRMWARE_END = 0xA_0000
 PAGE_TABLES = 0x1000
 STACK_TOP = 0x8_0000
+# from 1 MiB up to here the memory map says "loader code": the image when it is loaded low
+LOW_LOADER_END = 0x30_0000
 IMAGE_HANDLE = 0x8_1F00
 LOADED_IMAGE = 0x8_1900  # EFI_LOADED_IMAGE_PROTOCOL of the image handle
 ACPI_RSDP = 0x8_1980  # ACPI 2.0: RSDP -> XSDT -> MADT (one CPU, one I/O APIC)
@@ -164,18 +167,30 @@ class Firmware:
 
     # layout ------------------------------------------------------------------------------
     def _memory_map(self) -> list[MemoryDescriptor]:
+        """The firmware below 1 MiB, the loader's area from 1 MiB to LOW_LOADER_END (the
+        image, when it is loaded there), the image wherever else it was loaded, and the rest
+        of RAM free."""
         mem = self.profile.memory
-        image_end = (max(self.image.end, 0x10_0000) + PAGE - 1) & ~(PAGE - 1)
-        image_end = max(image_end, 0x30_0000)
-        return [
+        start = self.image.start & ~(PAGE - 1)
+        end = (max(self.image.end, 0x10_0000) + PAGE - 1) & ~(PAGE - 1)
+        if start < 0x10_0000 or end > mem.ram_size:
+            raise ImageError(f"the kernel image at {self.image.start:#x}-{self.image.end:#x} "
+                             f"is not in RAM above 1 MiB (RAM ends at {mem.ram_size:#x})")
+        low_end = max(end, LOW_LOADER_END) if start < LOW_LOADER_END else LOW_LOADER_END
+        ram = [
             MemoryDescriptor(RESERVED, 0, 1),
             MemoryDescriptor(BS_DATA, PAGE, (FIRMWARE_BASE - PAGE) // PAGE),
             MemoryDescriptor(RT_DATA, FIRMWARE_BASE, (FIRMWARE_END - FIRMWARE_BASE) // PAGE),
             MemoryDescriptor(RESERVED, FIRMWARE_END, (0x10_0000 - FIRMWARE_END) // PAGE),
-            MemoryDescriptor(LOADER_CODE, 0x10_0000, (image_end - 0x10_0000) // PAGE),
-            MemoryDescriptor(CONVENTIONAL, image_end, (mem.ram_size - image_end) // PAGE),
-            MemoryDescriptor(LOADER_DATA, mem.ramdisk_base, mem.ramdisk_size // PAGE),
+            MemoryDescriptor(LOADER_CODE, 0x10_0000, (low_end - 0x10_0000) // PAGE),
         ]
+        if start >= low_end:  # loaded higher up, as real firmware does
+            ram += [MemoryDescriptor(CONVENTIONAL, low_end, (start - low_end) // PAGE),
+                    MemoryDescriptor(LOADER_CODE, start, (end - start) // PAGE)]
+            low_end = end
+        ram.append(MemoryDescriptor(CONVENTIONAL, low_end, (mem.ram_size - low_end) // PAGE))
+        ram = [d for d in ram if d.pages > 0]
+        return [*ram, MemoryDescriptor(LOADER_DATA, mem.ramdisk_base, mem.ramdisk_size // PAGE)]
 
     def install(self) -> None:
         """Write tables, load the image, label memory and point the CPU at efi_main."""
@@ -466,8 +481,9 @@ class Firmware:
     def _allocate_pages(self, args: list[int], _fifth: int) -> int:
         # AllocateAnyPages only: carve from the top of the last conventional range
         kind, mem_type, pages, out_ptr = args
-        conv = [d for d in self.memory_map if d.kind == CONVENTIONAL]
-        if kind != 0 or not conv or pages <= 0 or pages >= conv[-1].pages:
+        # the highest free range with room (firmware hands out high memory first)
+        conv = [d for d in self.memory_map if d.kind == CONVENTIONAL and d.pages > pages]
+        if kind != 0 or not conv or pages <= 0:
             return EFI_OUT_OF_RESOURCES
         if self.m.bank_for(out_ptr, 8) is None:
             return EFI_INVALID_PARAMETER

@@ -11,8 +11,7 @@ from kernel_emu.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BUILTIN_PROFILES = ("seed", "fixed")
-# the same builds as UEFI applications (PE32+); not yet farm kernels (a PE's symbols come from
-# the link map beside it, which a farm kernel build does not carry)
+# the same builds as UEFI applications (PE32+), their link maps beside them
 UEFI_PROFILES = ("seed-uefi", "fixed-uefi")
 CONVENTIONS = ("sysv64", "win64")
 

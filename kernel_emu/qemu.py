@@ -55,9 +55,11 @@ def missing() -> str | None:
 
 
 def boot(app: Path, files: dict[str, bytes] | None = None, timeout: float = 120.0,
-         done: Callable[[str], bool] = lambda _log: False) -> FirmwareBoot:
-    """Boot `app` with `files` (path on the drive -> contents) beside it, until `done(log)`
-    holds, QEMU exits or `timeout` seconds pass; QEMU is always stopped."""
+         done: Callable[[str], bool] = lambda _log: False,
+         memory_mib: int = MEMORY_MIB) -> FirmwareBoot:
+    """Boot `app` with `files` (path on the drive -> contents) beside it on a machine with
+    `memory_mib` MiB of RAM, until `done(log)` holds, QEMU exits or `timeout` seconds pass;
+    QEMU is always stopped."""
     reason = missing()
     if reason:
         raise FirmwareBootError(reason)
@@ -73,7 +75,7 @@ def boot(app: Path, files: dict[str, bytes] | None = None, timeout: float = 120.
             target.write_bytes(data)
         log_path = Path(tmp) / "debugcon.log"
         log_path.touch()
-        cmd = [QEMU, "-machine", "q35", "-m", str(MEMORY_MIB), "-bios", str(firmware),
+        cmd = [QEMU, "-machine", "q35", "-m", str(memory_mib), "-bios", str(firmware),
                "-drive", f"format=raw,file=fat:rw:{drive}", "-debugcon", f"file:{log_path}",
                "-display", "none", "-vga", "none", "-net", "none", "-serial", "none",
                "-monitor", "none", "-no-reboot"]
@@ -108,7 +110,7 @@ def boot(app: Path, files: dict[str, bytes] | None = None, timeout: float = 120.
 
 def boot_kernel(kernel: Path, ramdisk: bytes, timeout: float = 120.0,
                 done: Callable[[str], bool] = lambda _log: False,
-                shim: Path = SHIM_IMAGE) -> FirmwareBoot:
+                shim: Path = SHIM_IMAGE, memory_mib: int = MEMORY_MIB) -> FirmwareBoot:
     """Boot the kernel UEFI application `kernel` with `ramdisk` handed over as the emulated
     firmware hands it over (a configuration-table entry): the boot shim `rxboot.efi` starts
     from the drive, reads `rustux/ramdisk.img`, installs the entry and starts
@@ -116,4 +118,4 @@ def boot_kernel(kernel: Path, ramdisk: bytes, timeout: float = 120.0,
     if not shim.is_file():
         raise FirmwareBootError(f"the boot shim {shim} is missing (fuzzfarm build-guest)")
     return boot(shim, {"rustux/kernel.efi": kernel.read_bytes(), "rustux/ramdisk.img": ramdisk},
-                timeout, done)
+                timeout, done, memory_mib)

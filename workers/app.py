@@ -1,7 +1,7 @@
 """The farm's Celery application: a Redis broker, JSON only, late acknowledgement.
 
-``celery -A workers.app worker -Q fuzz,triage,minimize,coverage`` runs a worker; every setting comes
-from the environment (:class:`workers.settings.Settings`).
+``celery -A workers.app worker -Q fuzz,triage,minimize,coverage,crosscheck`` runs a worker;
+every setting comes from the environment (:class:`workers.settings.Settings`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,18 @@ from workers.settings import Settings
 # A worker takes from its queues in turn (Kombu's round robin), so a slice's findings are
 # triaged, and their buckets minimized, before the worker's next slice but one. Coverage
 # samples, asked for from the dashboard, have a queue of their own so that a backlog of
-# minimizations does not hold them up.
-QUEUES = ("fuzz", "triage", "minimize", "coverage")
+# minimizations does not hold them up. Crosschecks (a bucket's input on QEMU + OVMF) too: only
+# workers with QEMU and OVMF consume that queue, so a farm without them simply leaves its
+# buckets "not run".
+QUEUES = ("fuzz", "triage", "minimize", "coverage", "crosscheck")
+
+
+def worker_queues() -> tuple[str, ...]:
+    """The queues a worker on this machine consumes by default: all, but `crosscheck` only
+    where QEMU and OVMF are installed."""
+    from kernel_emu import qemu
+
+    return QUEUES if qemu.missing() is None else tuple(q for q in QUEUES if q != "crosscheck")
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -50,6 +60,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             "workers.tasks.minimize_many": {"queue": "minimize"},
             "workers.tasks.verify": {"queue": "triage"},
             "workers.tasks.sample_coverage": {"queue": "coverage"},
+            "workers.tasks.crosscheck": {"queue": "crosscheck"},
         },
         worker_hijack_root_logger=False,
         worker_max_tasks_per_child=500,

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from workers.app import QUEUES
+from kernel_emu import qemu
+from workers.app import worker_queues
 from workers.kernels import ensure_builtin
 from workers.redis_server import (
     PASSWORD_FILE,
@@ -146,6 +147,9 @@ class LocalFarm:
         store = FarmStore.connect(self.url)
         ensure_builtin(store)
         say(f"starting {self.workers} worker(s) and the controller")
+        why = qemu.missing()
+        say("buckets are crosschecked on QEMU + OVMF" if why is None else
+            f"buckets are not crosschecked on real firmware: {why}")
         for i in range(self.workers):
             self._spawn(f"worker-{i}", worker_command(f"worker{i}"))
         self._spawn("controller", [sys.executable, "-m", "workers.controller"])
@@ -314,8 +318,9 @@ def _kill(p: Proc) -> None:
 
 
 def worker_command(name: str, queues: str | None = None) -> list[str]:
-    """A worker consuming `queues` (comma-separated; by default all the farm's queues)."""
-    queues = queues or ",".join(QUEUES)
+    """A worker consuming `queues` (comma-separated; by default all the farm's queues, the
+    crosscheck queue only where QEMU and OVMF are installed)."""
+    queues = queues or ",".join(worker_queues())
     return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues,
             "-c", "1", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
             "--without-heartbeat", "-l", "INFO"]

@@ -40,6 +40,21 @@ def send_minimize(buckets: list[str]) -> None:
         minimize_many.delay(buckets)
 
 
+def send_crosscheck(store: FarmStore, buckets: list[str], again: bool = False) -> int:
+    """Queue a crosscheck of each bucket's current input (its queue is consumed only by
+    workers that have QEMU + OVMF); one already queued or done for that input is not sent
+    again unless `again`. Returns how many were sent."""
+    sent = 0
+    for bid in buckets:
+        bucket = store.buckets.get(bid)
+        if bucket is None:
+            continue
+        if store.buckets.queue_crosscheck(bid, bucket.minimized or bucket.reproducer, again):
+            crosscheck.delay(bid)
+            sent += 1
+    return sent
+
+
 @worker_ready.connect
 def _announce(sender: Any = None, **_kwargs: Any) -> None:
     """A worker is listed as live from its start, not only from its first task."""
@@ -129,6 +144,12 @@ def _minimize(task: Any, buckets: list[str]) -> list[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001
             work.record_harness_error(store, "minimize", f"{type(e).__name__}: {e}")
             out.append({"state": "harness-error"})
+    # the input a developer will take, minimized or not, checked on real firmware next
+    try:
+        send_crosscheck(store, [str(b) for b, o in zip(buckets, out, strict=True)
+                                if o.get("state") not in ("unknown bucket", "harness-error")])
+    except Exception as e:  # noqa: BLE001 - the bucket stands; its crosscheck is "not run"
+        work.record_harness_error(store, "crosscheck", f"could not queue: {e}")
     return out
 
 
@@ -140,6 +161,24 @@ def verify(self: Any, bucket: str, kernel: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001
         work.record_harness_error(store, f"verify on {kernel}", f"{type(e).__name__}: {e}")
         return {"state": "harness-error"}
+
+
+@app.task(bind=True, name="workers.tasks.crosscheck")
+def crosscheck(self: Any, bucket: str) -> dict[str, Any]:
+    """A bucket's input on QEMU + OVMF as well as in the emulator (queue `crosscheck`)."""
+    store = _store()
+    store.stats.heartbeat(_worker_name(self), "crosscheck")
+    try:
+        return work.crosscheck_bucket(store, _settings(), str(bucket))
+    except Exception as e:  # noqa: BLE001 - ours, never the kernel's
+        work.record_harness_error(store, "crosscheck", f"{type(e).__name__}: {e}")
+        with contextlib.suppress(Exception):
+            store.buckets.set_crosscheck(str(bucket), {"state": "harness-error",
+                                                       "reason": f"{type(e).__name__}: {e}"})
+        return {"state": "harness-error"}
+    finally:
+        with contextlib.suppress(StoreError):
+            store.stats.heartbeat(_worker_name(self), None)
 
 
 @app.task(bind=True, name="workers.tasks.sample_coverage")

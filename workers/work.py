@@ -25,6 +25,7 @@ from typing import Any
 from fuzz.harness import WATCHDOG, JobConfig, JobStats, stats_path
 from fuzz.minimize import NotACrash, minimize
 from fuzz.solutions import bucket_id
+from kernel_emu import crosscheck, qemu
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
 from kernel_emu.profile import TargetProfile
@@ -634,4 +635,58 @@ def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -
              "class": result.crash_class, "signature": result.signature, "input": sha,
              "time": time.time()}
     store.buckets.set_verify(bid, kernel, state)
+    return state
+
+
+# crosscheck on real firmware -----------------------------------------------------------------
+
+CROSSCHECK_TIMEOUT = 90.0  # seconds QEMU may take to reach the kernel's last line
+DIFFERENCES_KEPT = 5
+
+
+def crosscheck_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str, Any]:
+    """Boot the bucket's input (the minimized one if there is one) on its build under QEMU +
+    OVMF as well as in the emulator, and record whether the kernel says the same on both:
+    yes, no (with the first differences), or not-run (the build is no UEFI application).
+    A QEMU that cannot boot is the farm's failure: a harness error, never a "no"."""
+    bucket = store.buckets.get(bid)
+    if bucket is None:
+        return {"state": "unknown bucket"}
+    sha = bucket.minimized or bucket.reproducer
+    data = store.blobs.get(sha)
+    if data is None:
+        state: dict[str, Any] = {"state": "harness-error", "input": sha,
+                                 "reason": "input not found in Redis", "time": time.time()}
+        record_harness_error(store, "crosscheck", "input not found in Redis", sha)
+        store.buckets.set_crosscheck(bid, state)
+        return state
+    profile = _profile(store, settings, bucket.kernel)
+    if not crosscheck.is_uefi(profile):
+        state = {"state": "not-run", "input": sha, "time": time.time(),
+                 "reason": f"build '{bucket.kernel}' is no UEFI application"}
+        store.buckets.set_crosscheck(bid, state)
+        return state
+    why = qemu.missing()
+    if why is not None:  # a worker given the queue without QEMU: say so, do not guess
+        state = {"state": "not-run", "input": sha, "time": time.time(), "reason": why}
+        store.buckets.set_crosscheck(bid, state)
+        return state
+    try:
+        check = crosscheck.crosscheck(profile, data, CROSSCHECK_TIMEOUT,
+                                      _executor(store, settings, bucket.kernel, snapshot=False))
+    except (HarnessError, qemu.FirmwareBootError) as e:
+        record_harness_error(store, "crosscheck", e, sha)
+        state = {"state": "harness-error", "input": sha, "reason": str(e)[:500],
+                 "time": time.time()}
+        store.buckets.set_crosscheck(bid, state)
+        return state
+    state = {"state": "yes" if check.same else "no", "input": sha,
+             "lines": len(check.emulated),
+             "differences": [list(d) for d in check.differences[:DIFFERENCES_KEPT]],
+             "more_differences": max(0, len(check.differences) - DIFFERENCES_KEPT),
+             "after": check.after[:3], "real_ended": check.real_ended,
+             "seconds_emulated": round(check.seconds_emulated, 2),
+             "seconds_real": round(check.seconds_real, 2), "load_base": check.load_base,
+             "time": time.time()}
+    store.buckets.set_crosscheck(bid, state)
     return state

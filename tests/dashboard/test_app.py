@@ -288,3 +288,30 @@ def test_a_sample_that_fails_says_so_on_the_page(farm_data: FarmData) -> None:
     assert farm_data.store.coverage.claim_job("fixed", 1)  # a failed sample frees the slot
     farm_data.store.coverage.set_job("fixed", {"state": "done", "done": 0, "total": 0,
                                                "finished": time.time()})
+
+
+def test_each_bucket_says_whether_it_reproduces_on_real_firmware(
+        client: FlaskClient, farm_data: FarmData) -> None:
+    bid, store = farm_data.hostile_bucket, farm_data.store
+    page = client.get(f"/bucket/{bid}").get_data(as_text=True)
+    assert re.search(r"reproduces on QEMU \+ OVMF</th><td id=\"crosscheck\"><span "
+                     r"class=\"muted\">not run</span>", page)
+    before = len(farm_data.sent)
+    assert client.post(f"/bucket/{bid}/crosscheck").status_code == 403
+    assert len(farm_data.sent) == before and store.buckets.get(bid).crosscheck is None
+    ok = client.post(f"/bucket/{bid}/crosscheck", data={"token": csrf(client.application)})
+    assert ok.status_code == 303 and "notice=crosscheck" in ok.headers["Location"]
+    assert farm_data.sent[before:] == [("workers.tasks.crosscheck", [bid])]
+    page = client.get(f"/bucket/{bid}").get_data(as_text=True)
+    assert "not run: queued" in page and "only those with QEMU + OVMF" not in page
+    # what a worker stores when the logs differ: each differing line, as text
+    store.buckets.set_crosscheck(bid, {
+        "state": "no", "input": "0" * 64, "lines": 14, "more_differences": 2,
+        "differences": [[14, "rejected: <b>overlap</b>", "[user] enter rip=0x0 <i>"]]})
+    page = client.get(f"/fragment/bucket/{bid}/status").get_data(as_text=True)
+    assert 'class="badge crosscheck-no">no</span>' in page and "3 line(s) differ" in page
+    assert "&lt;b&gt;overlap&lt;/b&gt;" in page and "<b>overlap" not in page
+    store.buckets.set_crosscheck(bid, {"state": "not-run", "input": "0" * 64,
+                                       "reason": "build 'seed' is no UEFI application"})
+    assert "not run: build &#39;seed&#39; is no UEFI application" in client.get(
+        f"/fragment/bucket/{bid}/status").get_data(as_text=True)

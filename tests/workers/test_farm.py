@@ -177,3 +177,35 @@ def test_the_dashboard_s_coverage_button_runs_the_sample_on_a_worker(
     assert re.search(r"Task workers\.tasks\.sample_coverage\[\S+\] succeeded", farm.log("w1"))
     page = app.test_client().get("/coverage/seed").data.decode()
     assert 'id="functions-hit"' in page and "Last sample finished" in page
+
+
+@pytest.mark.slow
+def test_a_uefi_build_s_bucket_is_crosschecked_on_real_firmware(
+        farm: Farm, store: FarmStore) -> None:
+    from kernel_emu import qemu
+    from kernel_emu.profile import PROFILE_DIR
+    from workers.kernels import add_kernel
+
+    if qemu.missing():
+        pytest.skip(qemu.missing())
+    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
+    app = make_app(Settings(redis_url=farm.url))
+    sha = store.blobs.put((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
+    store.triage.pending([sha], "seed-uefi")
+    farm.worker("w1")  # as `fuzzfarm up` starts it: the crosscheck queue too, QEMU being here
+    app.send_task("workers.tasks.triage_many", args=["seed-uefi", [sha]])
+
+    def crosschecked() -> dict | None:
+        (bucket,) = store.buckets.all() or [None]
+        c = bucket.crosscheck if bucket else None
+        return c if c and c["state"] not in ("queued",) else None
+
+    c = wait_for(crosschecked, 240, "the bucket's crosscheck on QEMU + OVMF")
+    assert isinstance(c, dict)
+    (bucket,) = store.buckets.all()
+    print(f"\ncrosscheck of the minimized input: {c}")
+    assert c["state"] == "yes", c
+    assert c["input"] == bucket.minimized  # the input a developer takes: the minimized one
+    assert c["lines"] >= 10 and c["differences"] == []
+    assert re.search(r"Task workers\.tasks\.crosscheck\[\S+\] succeeded", farm.log("w1"))
+    assert store.stats.counters().get("harness_errors", 0) == 0

@@ -13,7 +13,15 @@ import pytest
 from kernel_emu.profile import PROFILE_DIR
 from tests.workers.conftest import ROOT, RedisServer
 from workers import work
-from workers.kernels import STORED_IMAGE, KernelError, add_kernel, materialize, stored_profile
+from workers.kernels import (
+    STORED_EFI,
+    STORED_IMAGE,
+    KernelError,
+    add_kernel,
+    materialize,
+    stored_profile,
+)
+from workers.paths import UnsafeName
 from workers.settings import Settings
 from workers.store import FarmStore, sha256
 from workers.store.blobs import blob_key
@@ -127,3 +135,59 @@ def test_kernel_add_with_a_sha256_uploads_only_that_image(store: FarmStore,
     right = add(image_sha.upper())
     assert right.returncode == 0, right.stderr
     assert f"added kernel build 'mine' (image sha256 {image_sha})" in right.stdout
+
+
+# a UEFI application as a farm kernel: the image and the link map its symbols come from -------
+
+IMAGES = ROOT / "kernel_emu" / "images"
+
+
+@pytest.mark.redis
+def test_a_uefi_build_travels_with_its_link_map(
+        store: FarmStore, redis_server: RedisServer, tmp_path: Path) -> None:
+    assert add_kernel(store, PROFILE_DIR / "seed-uefi.toml") == "seed-uefi"
+    entry = store.kernels.get("seed-uefi")
+    image, link_map = (IMAGES / "seed.efi").read_bytes(), (IMAGES / "seed.map").read_bytes()
+    assert entry is not None and entry.image == sha256(image) and entry.map == sha256(link_map)
+    assert tomllib.loads(entry.profile)["image"] == STORED_EFI
+    assert store.kernels.map_of_image(entry.image) == entry.map
+    settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path / "cache")
+    profile = materialize(store, "seed-uefi", settings.cache_dir)
+    assert profile.image.name == STORED_EFI
+    assert profile.image.read_bytes() == image
+    assert profile.image.with_suffix(".map").read_bytes() == link_map
+    # a map changed in the worker's cache is written again before anything boots
+    profile.image.with_suffix(".map").write_text("nothing\n")
+    sha = store.blobs.put(SEED_BUG)
+    (out,) = work.triage_inputs(store, settings, "seed-uefi", [sha], lambda _b: None)
+    assert out["state"] == "crash", out
+    assert profile.image.with_suffix(".map").read_bytes() == link_map
+    bucket = store.buckets.get(out["bucket"])
+    assert bucket is not None and "rustux::" in bucket.signature  # names from the map
+
+
+@pytest.mark.redis
+def test_a_uefi_build_without_its_map_is_refused_in_one_line(
+        store: FarmStore, tmp_path: Path) -> None:
+    (tmp_path / "k.efi").write_bytes((IMAGES / "seed.efi").read_bytes())
+    text = (PROFILE_DIR / "seed-uefi.toml").read_text().replace(
+        'image = "../images/seed.efi"', 'image = "k.efi"').replace('"seed-uefi"', '"mine"')
+    (tmp_path / "mine.toml").write_text(text)
+    with pytest.raises(KernelError, match=r"k\.map.*cannot be read"):
+        add_kernel(store, tmp_path / "mine.toml")
+    assert store.kernels.get("mine") is None
+
+
+@pytest.mark.redis
+def test_a_stored_map_id_is_checked_before_it_names_a_file(
+        store: FarmStore, tmp_path: Path) -> None:
+    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
+    entry = store.kernels.get("seed-uefi")
+    assert entry is not None
+    for bad in ("", "../../etc/passwd", entry.map[:16]):
+        store.kernels.put("evil", entry.profile, entry.image, "", bad)
+        with pytest.raises(UnsafeName, match="link-map sha256 of kernel build 'evil'"):
+            materialize(store, "evil", tmp_path / "cache")
+    store.kernels.put("evil", entry.profile, entry.image, "", sha256(b"no such map"))
+    with pytest.raises(KernelError, match="its link map is missing from Redis"):
+        materialize(store, "evil", tmp_path / "cache")

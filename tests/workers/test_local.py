@@ -175,3 +175,19 @@ def test_up_keeps_its_redis_password_private(tmp_path: Path) -> None:
     assert (data / "redis" / "password").read_text().strip() == password
     assert "Traceback" not in err.read_text() and password not in err.read_text()
     print(f"second start and stop: {time.monotonic() - started:.0f} s")
+
+
+def test_workers_take_crosschecks_only_where_qemu_and_ovmf_are(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kernel_emu import qemu
+    from workers.app import QUEUES, worker_queues
+    from workers.local import worker_command
+
+    monkeypatch.setenv("FUZZFARM_OVMF", str(tmp_path / "absent.fd"))
+    assert "crosscheck" not in worker_queues()
+    assert worker_queues() == tuple(q for q in QUEUES if q != "crosscheck")
+    command = worker_command("w")
+    assert command[command.index("-Q") + 1] == "fuzz,triage,minimize,coverage"
+    if qemu.missing() is None:
+        monkeypatch.delenv("FUZZFARM_OVMF")
+        assert worker_queues() == QUEUES

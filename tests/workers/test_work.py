@@ -176,3 +176,63 @@ def test_a_finding_goes_to_triage_later_when_the_broker_is_away(store: FarmStore
     assert stream.findings == 1
     stream.flush(None, final=True)
     assert store.triage.waiting() == [(sha, "seed")]  # sent once, not again
+
+
+# crosscheck on real firmware ----------------------------------------------------------------
+
+def _uefi_bucket(store: FarmStore, settings: Settings) -> str:
+    from kernel_emu.profile import PROFILE_DIR
+    from workers.kernels import add_kernel
+
+    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
+    sha = store.blobs.put(SEED_BUG)
+    return str(work.triage_input(store, settings, sha, "seed-uefi", lambda _b: None)["bucket"])
+
+
+def test_a_bucket_s_input_reproduces_on_qemu_and_ovmf(store: FarmStore,
+                                                      settings: Settings) -> None:
+    from kernel_emu import qemu
+
+    if qemu.missing():
+        pytest.skip(qemu.missing())
+    bid = _uefi_bucket(store, settings)
+    out = work.crosscheck_bucket(store, settings, bid)
+    print(f"\n{out}")
+    assert out["state"] == "yes", out
+    bucket = store.buckets.get(bid)
+    assert bucket is not None and bucket.crosscheck == out
+    assert out["input"] == bucket.reproducer and out["lines"] >= 10
+    assert out["differences"] == [] and out["real_ended"] != "timeout"
+
+
+def test_a_crosscheck_is_queued_once_per_input(store: FarmStore, settings: Settings) -> None:
+    bid = _uefi_bucket(store, settings)
+    bucket = store.buckets.get(bid)
+    assert bucket is not None and bucket.crosscheck is None  # "not run" on the dashboard
+    assert store.buckets.queue_crosscheck(bid, bucket.reproducer)
+    assert not store.buckets.queue_crosscheck(bid, bucket.reproducer)
+    assert store.buckets.queue_crosscheck(bid, bucket.reproducer, again=True)  # the button
+    assert store.buckets.queue_crosscheck(bid, "0" * 64)  # a smaller input came since
+    assert not store.buckets.queue_crosscheck("0" * 16, bucket.reproducer)  # no such bucket
+    queued = store.buckets.get(bid)
+    assert queued is not None and queued.crosscheck is not None
+    assert queued.crosscheck["state"] == "queued"
+
+
+def test_a_crosscheck_of_an_elf_build_is_not_run(store: FarmStore,
+                                                 settings: Settings) -> None:
+    sha = store.blobs.put(SEED_BUG)
+    elf = work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"]
+    out = work.crosscheck_bucket(store, settings, elf)
+    assert out["state"] == "not-run" and "no UEFI application" in out["reason"]
+    assert store.stats.counters().get("harness_errors", 0) == 0
+
+
+def test_a_crosscheck_without_firmware_says_why_and_is_no_finding(
+        store: FarmStore, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    bid = _uefi_bucket(store, settings)
+    monkeypatch.setenv("FUZZFARM_OVMF", str(settings.cache_dir / "no-such-firmware.fd"))
+    out = work.crosscheck_bucket(store, settings, bid)
+    assert out["state"] == "not-run" and "OVMF firmware not found" in out["reason"]
+    assert store.stats.counters().get("harness_errors", 0) == 0
+    assert work.crosscheck_bucket(store, settings, "0" * 16) == {"state": "unknown bucket"}

@@ -12,9 +12,11 @@ Schema
     input), `minimized` + `minimized_size`, `minimize_queued` (set when triage queues a
     minimization, cleared when one ends: no second one is queued meanwhile),
     `minimize_done`, `minimize_error`, `verify:<kernel>` (JSON: state
-    reproduces/fixed/harness-error, verdict, class, signature, input, time).
+    reproduces/fixed/harness-error, verdict, class, signature, input, time), `crosscheck`
+    (JSON: state queued/yes/no/not-run/harness-error, input, and once run: reason,
+    differences, after, seconds_emulated, seconds_real, time).
     Written by: triage (`UPSERT_BUCKET`), minimize (`SET_MINIMIZED`, `MINIMIZE_DONE`),
-    verify.
+    verify, crosscheck (and whoever queues one: `Buckets.queue_crosscheck`).
 `ff:bucket:<id>:inputs` (set)
     Input shas counted in the bucket (makes the count idempotent).
     Written by: `UPSERT_BUCKET`.
@@ -150,6 +152,14 @@ def _time(value: str | None) -> float | None:
     return float(value) if value else None
 
 
+def _json(value: str | None) -> dict[str, Any] | None:
+    try:
+        found = json.loads(value) if value else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
 @dataclass
 class Bucket:
     id: str
@@ -167,6 +177,7 @@ class Bucket:
     minimize_queued: float | None = None  # a minimization is queued or running
     minimize_done: float | None = None  # when the last one ended
     minimize_error: str | None = None  # why the reproducer could not be minimized
+    crosscheck: dict[str, Any] | None = None  # the run on QEMU + OVMF, queued or done
 
     @classmethod
     def from_hash(cls, h: dict[str, str], seen: Any = None) -> Bucket:
@@ -179,14 +190,16 @@ class Bucket:
                    h.get("reproducer", ""), int(h.get("reproducer_size", 0)),
                    h.get("minimized"), int(h["minimized_size"]) if "minimized_size" in h
                    else None, verify, _time(h.get("minimize_queued")),
-                   _time(h.get("minimize_done")), h.get("minimize_error") or None)
+                   _time(h.get("minimize_done")), h.get("minimize_error") or None,
+                   _json(h.get("crosscheck")))
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "signature": self.signature, "class": self.crash_class,
                 "kernel": self.kernel, "count": self.count, "first_seen": self.first_seen,
                 "last_seen": self.last_seen, "reproducer": self.reproducer,
                 "reproducer_size": self.reproducer_size, "minimized": self.minimized,
-                "minimized_size": self.minimized_size, "verify": self.verify}
+                "minimized_size": self.minimized_size, "verify": self.verify,
+                "crosscheck": self.crosscheck}
 
 
 class Buckets:
@@ -280,6 +293,24 @@ class Buckets:
 
     def set_verify(self, bucket_id: str, kernel: str, state: dict[str, Any]) -> None:
         self._r.hset(bucket_key(bucket_id), "verify:" + kernel, json.dumps(state))
+
+    def queue_crosscheck(self, bucket_id: str, sha: str, again: bool = False) -> bool:
+        """Mark a crosscheck of input `sha` queued; False (nothing to send) when one of that
+        input is queued or done already, unless `again`."""
+        key = bucket_key(bucket_id)
+        if not self._r.exists(key):
+            return False
+        if not again:
+            known = _json(self._r.hget(key, "crosscheck"))
+            if known is not None and known.get("input") == sha:
+                return False
+        self._r.hset(key, "crosscheck", json.dumps({"state": "queued", "input": sha,
+                                                    "time": time.time()}))
+        return True
+
+    def set_crosscheck(self, bucket_id: str, state: dict[str, Any]) -> None:
+        if self._r.exists(bucket_key(bucket_id)):
+            self._r.hset(bucket_key(bucket_id), "crosscheck", json.dumps(state))
 
 
 class Reports:

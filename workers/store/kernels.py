@@ -7,8 +7,14 @@ Schema
     Names of kernel builds.
     Written by: `kernel add`, `ensure_builtin`.
 `ff:kernel:<name>` (hash)
-    `name`, `profile` (TOML with `image = "image.elf"`), `image` (sha256 of the image blob),
-    `description`, `added`.
+    `name`, `profile` (TOML with `image = "image.elf"`, or `"image.efi"` for a UEFI
+    application), `image` (sha256 of the image blob), `map` (sha256 of the blob holding a UEFI
+    image's link map, where its symbols come from; empty for an ELF image), `description`,
+    `added`.
+    Written by: `kernel add`, `ensure_builtin`.
+`ff:image-map:<image sha256>` (string)
+    The sha256 of the link-map blob of that UEFI image: what the dashboard needs to name the
+    functions of an image it fetched by sha256, even after its build was replaced.
     Written by: `kernel add`, `ensure_builtin`.
 """
 
@@ -26,6 +32,10 @@ def kernel_key(name: str) -> str:
     return "ff:kernel:" + name
 
 
+def image_map_key(image_sha: str) -> str:
+    return "ff:image-map:" + image_sha
+
+
 @dataclass(frozen=True)
 class KernelBuild:
     name: str
@@ -33,26 +43,36 @@ class KernelBuild:
     image: str  # sha256 of the image blob
     description: str
     added: float
+    map: str = ""  # sha256 of a UEFI image's link-map blob
 
 
 class Kernels:
     def __init__(self, conn: Connection) -> None:
         self._r = conn.client
 
-    def put(self, name: str, profile_toml: str, image_sha: str, description: str) -> None:
+    def put(self, name: str, profile_toml: str, image_sha: str, description: str,
+            map_sha: str = "") -> None:
         with self._r.pipeline() as p:
             p.hset(kernel_key(name), mapping={
-                "name": name, "profile": profile_toml, "image": image_sha,
+                "name": name, "profile": profile_toml, "image": image_sha, "map": map_sha,
                 "description": description, "added": time.time()})
+            if map_sha:
+                p.set(image_map_key(image_sha), map_sha)
             p.sadd(KERNELS, name)
             p.execute()
+
+    def map_of_image(self, image_sha: str) -> str | None:
+        """The sha256 of the link map stored with this UEFI image, if any."""
+        value = self._r.get(image_map_key(image_sha))
+        return decode(value) if value else None
 
     def get(self, name: str) -> KernelBuild | None:
         h = decode_hash(self._r.hgetall(kernel_key(name)))
         if not h:
             return None
         return KernelBuild(h.get("name", name), h.get("profile", ""), h.get("image", ""),
-                           h.get("description", ""), float(h.get("added", 0) or 0))
+                           h.get("description", ""), float(h.get("added", 0) or 0),
+                           h.get("map", ""))
 
     def names(self) -> list[str]:
         return sorted(decode(k) for k in self._r.smembers(KERNELS))

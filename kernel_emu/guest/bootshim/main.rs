@@ -61,6 +61,9 @@ struct BootServices {
 struct LoadedImage {
     _revision_parent_system_table: [u8; 24],
     device_handle: Handle,
+    _file_path_to_load_options: [usize; 4],
+    image_base: u64,
+    image_size: u64,
 }
 
 #[repr(C)]
@@ -89,6 +92,8 @@ const _: () = {
     assert!(offset_of!(BootServices, load_image) == 200);
     assert!(offset_of!(BootServices, start_image) == 208);
     assert!(offset_of!(LoadedImage, device_handle) == 24);
+    assert!(offset_of!(LoadedImage, image_base) == 64);
+    assert!(offset_of!(LoadedImage, image_size) == 72);
     assert!(offset_of!(File, read) == 32);
     assert!(offset_of!(File, set_position) == 56);
 };
@@ -192,6 +197,13 @@ pub extern "efiapi" fn efi_main(image: Handle, system_table: *const SystemTable)
         let mut handle = null_mut();
         check((bs.load_image)(0, image, core::ptr::null(), kernel as *const u8, kernel_size,
                               &mut handle), "LoadImage");
+        // where the firmware put the kernel: an emulated boot of the same input is run there
+        let mut kernel_image: *mut c_void = null_mut();
+        check((bs.handle_protocol)(handle, &LOADED_IMAGE, &mut kernel_image), "LoadedImage");
+        let kernel_image = &*(kernel_image as *const LoadedImage);
+        let mut size = [0u8; 18];
+        say(&["[rxboot] kernel image at ", hex(kernel_image.image_base, &mut buffer), ", ",
+              hex(kernel_image.image_size, &mut size), " bytes\n"]);
         let mut exit_size = 0usize;
         check((bs.start_image)(handle, &mut exit_size, null_mut()), "StartImage");
         say(&["[rxboot] the kernel returned\n"]);
