@@ -446,7 +446,7 @@ def _buckets(store: FarmStore, args: Any) -> dict[str, Any]:
 def _symbolize(image: Any, frames: list[str], image_sha: str,
                first_is_pc: bool = True) -> list[dict[str, Any]]:
     out = []
-    table = kernelinfo.line_table(image.path) if image is not None else None
+    table = kernelinfo.image_lines(image) if image is not None else None
     for i, frame in enumerate(frames):
         addr = kernelinfo.frame_address(image, frame) if image is not None else None
         line = None
@@ -483,7 +483,8 @@ def _bucket_view(store: FarmStore, cfg: Config, bucket: Bucket, args: Any) -> di
     marks = report.field_marks(found)
     log_lines, log_hidden = report.mark_log(rep)
     image_sha = rep.get("kernel_sha256") if isinstance(rep.get("kernel_sha256"), str) else ""
-    image = kernelinfo.image_for(store, image_sha, cfg.cache_dir)
+    image = kernelinfo.image_for(store, image_sha, cfg.cache_dir,
+                                 _load_base(rep.get("kernel_load_base")))
     pcs = []
     if found and found[0].pc is not None:
         pcs.append(("where the first finding was seen", found[0].pc))
@@ -504,7 +505,7 @@ def _bucket_view(store: FarmStore, cfg: Config, bucket: Bucket, args: Any) -> di
         "segments": report.segment_rows(rep, marks),
         "heap": report.heap_picture(rep, found), "registers": report.registers(rep),
         "image": image, "image_sha": image_sha, "code": code,
-        "dwarf": kernelinfo.line_table(image.path).present if image is not None else False,
+        "dwarf": kernelinfo.image_lines(image).present if image is not None else False,
         "backtrace": _symbolize(image, [str(f) for f in backtrace], image_sha),
         "finding_frames": [_symbolize(image, f.frames, image_sha) for f in found],
         "ports": [p for p in rep.get("ports", []) if isinstance(p, dict)]
@@ -533,6 +534,14 @@ def _send_sample(store: FarmStore, cfg: Config, send: SendTask, kernel: str) -> 
 FN_SORTS = ("address", "name", "blocks", "covered", "percent")
 
 
+def _load_base(value: Any) -> int | None:
+    """A load base from Redis: a page-aligned address, else None (the image's own)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 48 \
+            and value % 4096 == 0:
+        return value
+    return None
+
+
 def _coverage_view(store: FarmStore, cfg: Config, kernel: str, args: Any) -> dict[str, Any]:
     record = store.coverage.record(kernel)
     view: dict[str, Any] = {"kernel": kernel, "record": record, "rows": [],
@@ -541,14 +550,15 @@ def _coverage_view(store: FarmStore, cfg: Config, kernel: str, args: Any) -> dic
     current = store.kernels.get(kernel)
     if record is None:
         return view
-    image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir)
+    image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir,
+                                 _load_base(record.get("load_base")))
     view["stale"] = current is None or record.get("image") != current.image
     if image is None:
         view["missing_image"] = True
         return view
     executed = coverage.Intervals(record.get("blocks", []))
     entry_only = set(record.get("entry_only", []))
-    table = kernelinfo.line_table(image.path)
+    table = kernelinfo.image_lines(image)
     rows = []
     for fn in kernelinfo.functions(image):
         covered = sum(1 for b in fn.blocks if b in executed)
@@ -585,7 +595,8 @@ def _coverage_function(store: FarmStore, cfg: Config, kernel: str, addr: str) ->
     record = store.coverage.record(kernel)
     if record is None:
         abort(404)
-    image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir)
+    image = kernelinfo.image_for(store, str(record.get("image", "")), cfg.cache_dir,
+                                 _load_base(record.get("load_base")))
     if image is None:
         abort(404)
     fn = next((f for f in kernelinfo.functions(image) if f.address == address), None)
@@ -605,5 +616,5 @@ def _coverage_function(store: FarmStore, cfg: Config, kernel: str, addr: str) ->
         last_line = insn.line or last_line
     covered = sum(1 for b in fn.blocks if b in executed)
     return {"kernel": kernel, "fn": fn, "rows": rows, "covered": covered, "record": record,
-            "dwarf": kernelinfo.line_table(image.path).present,
+            "dwarf": kernelinfo.image_lines(image).present,
             "entry_only": fn.name in set(record.get("entry_only", []))}

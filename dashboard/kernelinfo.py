@@ -17,7 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import capstone
+import lief
 from elftools.common.exceptions import ELFError
+from elftools.dwarf.dwarfinfo import DebugSectionDescriptor, DwarfConfig, DWARFInfo
 from elftools.elf.elffile import ELFFile
 
 from kernel_emu.image import KernelImage, load_image
@@ -40,10 +42,12 @@ _RUSTC_PREFIX = re.compile(r"^/rustc/[0-9a-f]{40}/")
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
-def image_for(store: FarmStore, image_sha: str, cache_dir: Path) -> KernelImage | None:
-    """The kernel image with this sha256, from the cache or Redis; None if Redis lacks it.
-    A cached copy is hashed each time: one changed since it was written is fetched again. A
-    UEFI image comes with the link map stored with it (its symbols)."""
+def image_for(store: FarmStore, image_sha: str, cache_dir: Path,
+              load_base: int | None = None) -> KernelImage | None:
+    """The kernel image with this sha256 (a PE image loaded at `load_base`, where the report
+    says it ran), from the cache or Redis; None if Redis lacks it. A cached copy is hashed
+    each time: one changed since it was written is fetched again. A UEFI image comes with
+    the files stored with it: its link map (symbols) and DWARF companion (source lines)."""
     if not SHA256.match(image_sha):
         return None
     folder = private_dir(cache_dir) / "dashboard" / "images"
@@ -52,13 +56,14 @@ def image_for(store: FarmStore, image_sha: str, cache_dir: Path) -> KernelImage 
     if data is None:
         return None
     if data[:2] == b"MZ":
-        # the map is named as the image loader looks for it: beside the image, suffix .map
-        map_sha = store.kernels.map_of_image(image_sha)
-        if map_sha is None or not SHA256.match(map_sha) or \
-                _cached_blob(store, path.with_suffix(".map"), map_sha) is None:
-            return None
+        # named as the image loader and line_table look for them: beside the image
+        files = store.kernels.image_files(image_sha)
+        for what, suffix in (("map", ".map"), ("debug", ".debug")):
+            sha = files.get(what, "")
+            if SHA256.match(sha):
+                _cached_blob(store, path.with_suffix(suffix), sha)
     try:
-        return load_image(path)
+        return load_image(path, load_base)
     except Exception:  # noqa: BLE001 - a blob that is no kernel image is shown as missing
         return None
 
@@ -123,35 +128,81 @@ def _file_name(header: object, version: int, index: int) -> str:
     return _RUSTC_PREFIX.sub("", full)
 
 
+def image_lines(image: KernelImage) -> LineTable:
+    """The image's line table, at the addresses where the image was loaded."""
+    return line_table(image.path, image.load_base)
+
+
 @lru_cache(maxsize=4)
-def line_table(path: Path) -> LineTable:
+def line_table(path: Path, load_base: int | None = None) -> LineTable:
+    """From the ELF image's own .debug_line, or for a PE image (which carries none) from the
+    DWARF companion the build wrote beside it (`<image>.debug`: the same link with
+    /DEBUG:DWARF, never loaded), moved to `load_base`."""
     try:
-        elf = ELFFile(io.BytesIO(path.read_bytes()))
+        raw = path.read_bytes()
+        if raw[:2] == b"MZ":
+            return _pe_line_table(path.with_suffix(".debug"), load_base)
+        elf = ELFFile(io.BytesIO(raw))
         if not elf.has_dwarf_info() or elf.get_section_by_name(".debug_line") is None:
             return LineTable([], False)
-        dwarf = elf.get_dwarf_info()
-        rows: list[tuple[int, Line | None]] = []
-        for cu in dwarf.iter_CUs():
-            program = dwarf.line_program_for_CU(cu)
-            if program is None:
-                continue
-            version = program.header["version"]
-            names: dict[int, str] = {}
-            for entry in program.get_entries():
-                state = entry.state
-                if state is None:
-                    continue
-                if state.end_sequence:
-                    rows.append((state.address, None))
-                    continue
-                name = names.get(state.file)
-                if name is None:
-                    name = names[state.file] = _file_name(program.header, version, state.file)
-                # line 0: code the compiler made up, belonging to no source line
-                rows.append((state.address, Line(name, state.line) if state.line else None))
-        return LineTable(rows, True)
+        return LineTable(_line_rows(elf.get_dwarf_info(), 0, 0), True)
     except (OSError, ELFError, KeyError, IndexError, ValueError):
         return LineTable([], False)
+
+
+def _pe_line_table(debug: Path, load_base: int | None) -> LineTable:
+    binary = lief.PE.parse(str(debug)) if debug.is_file() else None
+    if binary is None:
+        return LineTable([], False)
+    sections = {}
+    for section in binary.sections:
+        # long section names ("/4") are offsets into the COFF string table
+        long_name = section.coff_string
+        name = long_name.string if long_name is not None else section.name
+        if name.startswith(".debug_"):
+            data = bytes(section.content)[:section.virtual_size]  # without the file padding
+            sections[name[len(".debug_"):]] = DebugSectionDescriptor(
+                io.BytesIO(data), name, None, len(data), 0)
+    if "line" not in sections or "info" not in sections:
+        return LineTable([], False)
+    names = ("info", "aranges", "abbrev", "frame", "eh_frame", "str", "loc", "ranges", "line",
+             "pubtypes", "pubnames", "addr", "str_offsets", "line_str", "loclists", "rnglists",
+             "sup", "gnu_debugaltlink", "types")
+    dwarf = DWARFInfo(DwarfConfig(little_endian=True, machine_arch="x64",
+                                  default_address_size=8),
+                      *[None if n in ("frame", "eh_frame") else sections.get(n) for n in names])
+    preferred = binary.optional_header.imagebase
+    shift = 0 if load_base is None else load_base - preferred
+    # code the linker dropped keeps its address 0: below the image base
+    return LineTable(_line_rows(dwarf, shift, preferred), True)
+
+
+def _line_rows(dwarf: DWARFInfo, shift: int, lowest: int) -> list[tuple[int, Line | None]]:
+    rows: list[tuple[int, Line | None]] = []
+    for cu in dwarf.iter_CUs():
+        program = dwarf.line_program_for_CU(cu)
+        if program is None:
+            continue
+        version = program.header["version"]
+        names: dict[int, str] = {}
+        sequence: list[tuple[int, Line | None]] = []
+        for entry in program.get_entries():
+            state = entry.state
+            if state is None:
+                continue
+            if state.end_sequence:
+                if sequence and sequence[0][0] >= lowest + shift:
+                    rows += sequence
+                    rows.append((state.address + shift, None))
+                sequence = []
+                continue
+            name = names.get(state.file)
+            if name is None:
+                name = names[state.file] = _file_name(program.header, version, state.file)
+            # line 0: code the compiler made up, belonging to no source line
+            sequence.append((state.address + shift,
+                             Line(name, state.line) if state.line else None))
+    return rows
 
 
 def bundled_image(image_sha: str) -> bool:
@@ -226,7 +277,7 @@ def _sweep(image: KernelImage, start: int, end: int) -> list[tuple[int, int, str
 def disassemble_around(image: KernelImage, pc: int, before: int = 8,
                        after: int = 8) -> tuple[list[Insn], str | None]:
     """The instructions around `pc` and a note when their start had to be guessed."""
-    table = line_table(image.path)
+    table = image_lines(image)
     sym = image.function_at(pc)
     note = None
     if sym is not None and 0 <= pc - sym.address < MAX_FUNCTION:
@@ -310,7 +361,7 @@ def functions(image: KernelImage) -> list[Function]:
 
 
 def function_listing(image: KernelImage, func: Function) -> list[Insn]:
-    table = line_table(image.path)
+    table = image_lines(image)
     return [Insn(a, s, m, o, b.hex(" "), image.describe(a), table.lookup(a))
             for a, s, m, o, b in _sweep(image, func.address, func.end)]
 

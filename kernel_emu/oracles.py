@@ -264,6 +264,7 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         console=list(obs.firmware_console),
         kernel=profile.name,
         kernel_sha256=image.sha256,
+        kernel_load_base=image.load_base,
         heap_blocks=[b.to_json(hs) for b in blocks[:256]],
         ports=[{"access": kind, "port": port, "size": size, "value": value}
                for kind, port, size, value in obs.ports],

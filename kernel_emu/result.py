@@ -125,6 +125,9 @@ class Result:
     console: list[str] = field(default_factory=list)
     kernel: str = ""
     kernel_sha256: str = ""
+    # where a relocated (PE) image was loaded, which every address above depends on; absent
+    # for an image run at its link addresses
+    kernel_load_base: int | None = None
     input_sha256: str = ""
     snapshot: bool = False
     notes: list[str] = field(default_factory=list)
@@ -134,6 +137,8 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        if out["kernel_load_base"] is None:
+            del out["kernel_load_base"]
         out["findings"] = [f.to_json() for f in self.findings]
         out["version"] = RESULT_VERSION
         return out

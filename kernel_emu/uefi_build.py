@@ -8,8 +8,11 @@ compiler under `$XDG_CACHE_HOME/fuzzfarm/uefi-sysroot/` (~45 s the first time). 
 then links with `lld-link` in reproducible mode (`/Brepro`: no time stamp, a PDB signature
 that is a hash of its contents) and writes a link map beside the image: the map's public and
 static symbols are where the farm's symbol names come from for a PE image (it has no symbol
-table of its own). No PDB is written: it would carry the build's absolute paths, and in
-reproducible mode its hash goes into the image.
+table of its own). Source lines come from a DWARF companion, `<image stem>.debug`: the same
+objects linked a second time with `/DEBUG:DWARF` (a PE whose `.debug_*` sections hold line
+tables for the same code at the same addresses; the build checks that its `.text` is the
+image's). The image itself carries no debug information, and no PDB is written: it would
+carry the build's absolute paths, and in reproducible mode its hash goes into the image.
 
 What it needs, all from Debian: `rustc-web` (a rustc), `rust-web-src` (its library sources, in
 `/usr/src/rustc-<release>/library`) and `lld` (`lld-link`). A rustc is usable when its
@@ -24,6 +27,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +60,11 @@ _KERNEL_FLAGS = [
     "-C", "panic=abort",
     "-C", "opt-level=2",
     "-C", "codegen-units=1",
-    # no PDB: it holds the build's absolute paths, and its hash would end up in the image
-    "-C", "debuginfo=0",
+    # line tables in DWARF (LLVM emits it beside the target's CodeView when asked): the
+    # image itself is linked without debug information, byte for byte the same; the same
+    # objects linked again with /DEBUG:DWARF make its companion `<variant>.debug`
+    "-C", "debuginfo=line-tables-only",
+    "-Zllvm-module-flag=Dwarf Version:u32:4:max",
     "-C", "force-frame-pointers=yes",
     # .pdata/.xdata for every function: how to walk the Microsoft x64 frames in backtraces
     "-C", "force-unwind-tables=yes",
@@ -180,6 +187,19 @@ def sysroot(rustc: str, library: Path, progress: Any = print) -> Path:
     return root
 
 
+def _same_code(image: Path, debug: Path) -> None:
+    """The DWARF companion describes the image only if its code is the image's."""
+    import lief
+
+    a, b = lief.PE.parse(str(image)), lief.PE.parse(str(debug))
+    if a is None or b is None:
+        raise GuestBuildError(f"cannot read {image.name} or its DWARF companion")
+    code = {bytes(s.content) for pe in (a, b) for s in pe.sections if s.name == ".text"}
+    if len(code) != 1 or a.optional_header.imagebase != b.optional_header.imagebase:
+        raise GuestBuildError(f"the DWARF companion of {image.name} has other code than the "
+                              "image: its source lines would be wrong")
+
+
 SHIM = "rxboot"  # the boot shim: bootshim/main.rs, what a boot loader does on a real machine
 
 
@@ -218,11 +238,22 @@ def build(variant: str, out_dir: Path, progress: Any = print) -> dict[str, Any]:
     _run([rustc, *linker_args, "--sysroot", str(root),
           *_flags(variant, str(out), str(map_path), str(GUEST_DIR))],
          GUEST_DIR, f"building the {variant} UEFI image", _env())
+    debug_name = f"{variant}.debug"
+    with tempfile.TemporaryDirectory(prefix="fuzzfarm-uefi-debug-") as tmp:
+        flags = _flags(variant, f"{tmp}/{name}", f"{tmp}/{map_name}", str(GUEST_DIR))
+        flags[flags.index("-C", flags.index("link-arg=/DEBUG:NONE") - 1) + 1] = \
+            "link-arg=/DEBUG:DWARF"
+        _run([rustc, *linker_args, "--sysroot", str(root), *flags], GUEST_DIR,
+             f"linking the {variant} UEFI image's DWARF companion", _env())
+        _same_code(out, Path(tmp) / name)
+        shutil.copyfile(Path(tmp) / name, out_dir / debug_name)
     data = out.read_bytes()
     return {
         "file": name,
         "map": map_name,
         "map_sha256": hashlib.sha256(map_path.read_bytes()).hexdigest(),
+        "debug": debug_name,
+        "debug_sha256": hashlib.sha256((out_dir / debug_name).read_bytes()).hexdigest(),
         "sha256": hashlib.sha256(data).hexdigest(),
         "rustc": rustc_version(rustc),
         "target": TARGET,

@@ -129,7 +129,8 @@ def sample_coverage(store: FarmStore, settings: Settings, kernel: str, limit: in
             if progress is not None:
                 progress(ran, len(shas))
     record = {
-        "kernel": kernel, "image": image.sha256, "time": time.time(),
+        "kernel": kernel, "image": image.sha256, "load_base": image.load_base,
+        "time": time.time(),
         "seconds": round(time.time() - t0, 1), "inputs": ran, "corpus_inputs": len(corpus),
         "reproducers": len(repro), "limit": limit, "verdicts": dict(verdicts),
         "errors": errors[:20], "error_count": len(errors), "entry_only": bulk,

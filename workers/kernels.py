@@ -26,7 +26,8 @@ log = logging.getLogger("fuzzfarm.workers")
 
 NAME = KERNEL_NAME
 STORED_IMAGE = "image.elf"
-# a UEFI application, and its link map (where its symbols come from), as a worker stores them
+# a UEFI application, its link map (where its symbols come from) and its DWARF companion (source
+# lines, for the dashboard), as a worker stores them
 STORED_EFI = "image.efi"
 STORED_MAP = "image.map"
 STORED_IMAGES = (STORED_IMAGE, STORED_EFI)
@@ -56,8 +57,11 @@ def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None,
     image_sha = sha256(image)
     if image_sha256 is not None and image_sha != image_sha256.lower():
         raise KernelError(f"{profile.image}: its sha256 is {image_sha}, not {image_sha256}")
-    map_sha = ""
+    map_sha = debug_sha = ""
     if stored_name(image) == STORED_EFI:
+        debug_path = profile.image.with_suffix(".debug")
+        if debug_path.is_file():  # optional: without it the dashboard shows no source lines
+            debug_sha = store.blobs.put(debug_path.read_bytes())
         map_path = profile.image.with_suffix(".map")
         try:
             map_sha = store.blobs.put(map_path.read_bytes())
@@ -72,10 +76,10 @@ def add_kernel(store: FarmStore, profile_path: Path, name: str | None = None,
         store.blobs.overwrite(image)
         if not store.blobs.holds(image_sha):
             raise KernelError(f"kernel build '{name}': Redis does not keep its image intact")
-    store.kernels.put(name, stored, image_sha, profile.description, map_sha)
+    store.kernels.put(name, stored, image_sha, profile.description, map_sha, debug_sha)
     entry = store.kernels.get(name)
     if entry is None or entry.image != image_sha or entry.profile != stored or \
-            entry.map != map_sha:
+            entry.map != map_sha or entry.debug != debug_sha:
         raise KernelError(f"kernel build '{name}': Redis does not hold it as uploaded (was it "
                           "replaced at the same moment?)")
     return name

@@ -18,7 +18,7 @@ from dashboard.__main__ import main
 from dashboard.app import TOKEN_HEADER, create_app
 from tests.dashboard.conftest import HOSTILE_ELF, SEED_BUG, FarmData
 from tests.workers.conftest import _free_port
-from workers import coverage
+from workers import coverage, work
 
 pytestmark = pytest.mark.redis
 
@@ -315,3 +315,26 @@ def test_each_bucket_says_whether_it_reproduces_on_real_firmware(
                                        "reason": "build 'seed' is no UEFI application"})
     assert "not run: build &#39;seed&#39; is no UEFI application" in client.get(
         f"/fragment/bucket/{bid}/status").get_data(as_text=True)
+
+
+def test_a_uefi_build_s_report_shows_its_code_and_source_lines(
+        client: FlaskClient, farm_data: FarmData) -> None:
+    from kernel_emu.profile import PROFILE_DIR
+    from workers.kernels import add_kernel
+
+    store = farm_data.store
+    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
+    out = work.triage_input(store, farm_data.settings, farm_data.seed_sha, "seed-uefi",
+                            lambda _b: None)
+    assert out["state"] == "crash" and out["bucket"] == farm_data.bucket  # the same bug
+    report = store.reports.get(farm_data.seed_sha, "seed-uefi")
+    assert report is not None and report["kernel_load_base"] == 0x100000
+    page = client.get(f"/bucket/{farm_data.bucket}?input=original&kernel=seed-uefi")
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert "no .debug_line" not in text and "is not in Redis" not in text
+    # the backtrace named from the link map, its lines from the DWARF companion, at the
+    # addresses where the emulated firmware loaded the image
+    assert "rustux::mm::heap::LinkedListAllocator::allocate" in text
+    assert re.search(r"src/mm/heap\.rs:\d+", text) and re.search(r"src/loader/elf\.rs:\d+", text)
+    assert f"{report['pc']:#x}" in text or f"{report['pc']:016x}" in text

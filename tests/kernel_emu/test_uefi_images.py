@@ -38,6 +38,8 @@ def test_manifest_describes_the_committed_uefi_image(variant: str) -> None:
     assert hashlib.sha256(data).hexdigest() == entry["sha256"] and entry["size"] == len(data)
     assert hashlib.sha256((IMAGES / entry["map"]).read_bytes()).hexdigest() == \
         entry["map_sha256"]
+    assert hashlib.sha256((IMAGES / entry["debug"]).read_bytes()).hexdigest() == \
+        entry["debug_sha256"]
     assert not any(flag.startswith("/") or "/tmp" in flag for flag in entry["flags"])
 
 
@@ -96,6 +98,39 @@ def test_uefi_images_match_source(tmp_path: Path) -> None:
         rebuilt = uefi_build.build(variant, tmp_path, progress=lambda _line: None)
         assert rebuilt["sha256"] == _entry(variant)["sha256"], variant
         assert rebuilt["map_sha256"] == _entry(variant)["map_sha256"], variant
+        assert rebuilt["debug_sha256"] == _entry(variant)["debug_sha256"], variant
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_the_dwarf_companion_is_the_image_s_code_with_line_tables(variant: str) -> None:
+    entry = _entry(variant)
+    image = lief.PE.parse(str(IMAGES / entry["file"]))
+    debug = lief.PE.parse(str(IMAGES / entry["debug"]))
+    assert image is not None and debug is not None
+
+    def named(pe: lief.PE.Binary) -> dict[str, bytes]:
+        return {(s.coff_string.string if s.coff_string is not None else s.name):
+                bytes(s.content) for s in pe.sections}
+
+    assert named(image)[".text"] == named(debug)[".text"]
+    assert {".debug_line", ".debug_info"} <= set(named(debug))
+    assert not any(s.startswith(".debug") for s in named(image))  # the image carries none
+    # no path of the machine that built it: the guest sources are named `rustux/...`
+    raw = (IMAGES / entry["debug"]).read_bytes()
+    assert b"rustux" in raw and not re.search(rb"/(home|root|tmp|work|usr)/", raw)
+
+
+def test_source_lines_of_a_uefi_image_wherever_it_is_loaded() -> None:
+    from dashboard.kernelinfo import image_lines
+    from kernel_emu.image import load_image
+
+    heap = (Path(uefi_build.GUEST_DIR) / "src" / "mm" / "heap.rs").read_text().splitlines()
+    for base in (0x100000, 0x5eaa000):
+        image = load_image(IMAGES / "seed.efi", base)
+        allocate = image.symbol("rustux::mm::heap::LinkedListAllocator::allocate")
+        line = image_lines(image).lookup(allocate.address)
+        assert line is not None and line.file == "src/mm/heap.rs"
+        assert "fn allocate" in heap[line.line - 1]
 
 
 @pytest.mark.slow

@@ -150,7 +150,9 @@ def test_a_uefi_build_travels_with_its_link_map(
     image, link_map = (IMAGES / "seed.efi").read_bytes(), (IMAGES / "seed.map").read_bytes()
     assert entry is not None and entry.image == sha256(image) and entry.map == sha256(link_map)
     assert tomllib.loads(entry.profile)["image"] == STORED_EFI
-    assert store.kernels.map_of_image(entry.image) == entry.map
+    debug = (IMAGES / "seed.debug").read_bytes()  # the source lines, for the dashboard
+    assert entry.debug == sha256(debug) and store.blobs.get(entry.debug) == debug
+    assert store.kernels.image_files(entry.image) == {"map": entry.map, "debug": entry.debug}
     settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path / "cache")
     profile = materialize(store, "seed-uefi", settings.cache_dir)
     assert profile.image.name == STORED_EFI

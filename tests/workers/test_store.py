@@ -231,7 +231,7 @@ def test_writes_use_the_schema_s_keys_and_fields(store: FarmStore, raw: redis.Re
     assert json.loads(raw.get("ff:coverage-job:seed"))["state"] == "starting"
     assert 0 < raw.ttl("ff:coverage-job:seed") <= 6 * 3600
     assert raw.smembers("ff:kernels") >= {"seed", "fixed"}
-    assert set(raw.hgetall("ff:kernel:seed")) == {"name", "profile", "image", "map",
+    assert set(raw.hgetall("ff:kernel:seed")) == {"name", "profile", "image", "map", "debug",
                                                   "description", "added"}
     store.buckets.queue_crosscheck("feedfacefeedface", sha)
     assert list(json.loads(raw.hget("ff:bucket:feedfacefeedface", "crosscheck"))) == [

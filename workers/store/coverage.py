@@ -4,7 +4,8 @@
 Schema
 ------
 `ff:coverage:<kernel>` (string)
-    JSON: `kernel`, `image` (sha256 of the image sampled), `time`, `seconds`, `inputs`
+    JSON: `kernel`, `image` (sha256 of the image sampled), `load_base` (where a PE image was
+    loaded, else null), `time`, `seconds`, `inputs`
     (booted), `corpus_inputs`, `reproducers`, `limit`, `verdicts` (class or verdict →
     count), `errors` (first 20), `error_count`, `entry_only` (routines hooked at their entry
     only), `blocks` (`[start, size]` of every executed translation block in the kernel's
