@@ -241,11 +241,12 @@ def wheel(stages: list[Stage], tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_the_build_stage_wheel_holds_the_images_and_native_hooks(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-        for name in ("seed.elf", "fixed.elf", "manifest.json"):
+        for name in ("seed.elf", "fixed.elf", "manifest.json", "seed.efi", "seed.map",
+                     "seed.debug", "fixed.efi", "fixed.map", "fixed.debug", "rxboot.efi"):
             member = f"kernel_emu/images/{name}"
             assert member in names
             assert z.read(member) == (ROOT / member).read_bytes()
-        for profile in ("seed", "fixed"):
+        for profile in ("seed", "fixed", "seed-uefi", "fixed-uefi"):
             assert f"kernel_emu/profiles/{profile}.toml" in names
         for ext in ("kernel_emu/_tracer", "kernel_emu/_walk", "fuzz/_feedback"):
             assert any(n.startswith(ext) and n.endswith(".so") for n in names), ext
