@@ -33,7 +33,7 @@ from kernel_emu.result import Result
 from workers.kernels import materialize
 from workers.paths import KERNEL_NAME, SHA256, SLICE_ID, checked
 from workers.settings import Settings
-from workers.store import FarmStore, StateWatch, StoreError, sha256
+from workers.store import Bucket, FarmStore, StateWatch, StoreError, sha256
 
 log = logging.getLogger("fuzzfarm.workers")
 
@@ -613,13 +613,21 @@ def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str
             "stored": stored, "executions": outcome.executions}
 
 
-def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -> dict[str, Any]:
-    """Does this bucket's reproducer still crash the same way on `kernel`?"""
+def _bucket_input(store: FarmStore, bid: str) -> tuple[Bucket | None, str, bytes | None]:
+    """The bucket, the input a developer takes from it (the minimized one if there is one)
+    and that input's bytes (None when Redis lacks them)."""
     bucket = store.buckets.get(bid)
     if bucket is None:
-        return {"state": "unknown bucket"}
+        return None, "", None
     sha = bucket.minimized or bucket.reproducer
-    data = store.blobs.get(sha)
+    return bucket, sha, store.blobs.get(sha)
+
+
+def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -> dict[str, Any]:
+    """Does this bucket's reproducer still crash the same way on `kernel`?"""
+    bucket, sha, data = _bucket_input(store, bid)
+    if bucket is None:
+        return {"state": "unknown bucket"}
     if data is None:
         return {"state": "missing"}
     try:
@@ -649,11 +657,9 @@ def crosscheck_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[st
     OVMF as well as in the emulator, and record whether the kernel says the same on both:
     yes, no (with the first differences), or not-run (the build is no UEFI application).
     A QEMU that cannot boot is the farm's failure: a harness error, never a "no"."""
-    bucket = store.buckets.get(bid)
+    bucket, sha, data = _bucket_input(store, bid)
     if bucket is None:
         return {"state": "unknown bucket"}
-    sha = bucket.minimized or bucket.reproducer
-    data = store.blobs.get(sha)
     if data is None:
         state: dict[str, Any] = {"state": "harness-error", "input": sha,
                                  "reason": "input not found in Redis", "time": time.time()}
