@@ -1,7 +1,7 @@
 """`fuzzfarm bench compare --other DIR`: this checkout's emulator against another's (an older
 commit, say, checked out with `git worktree add`), measured side by side in one run; or, with
 `--other-kernel K`, one kernel build against another in this checkout (the ELF image against
-the UEFI one: `--kernel seed --other-kernel seed-uefi`).
+the UEFI one: `--kernel seed-elf --other-kernel seed`).
 
 Each round runs one measurement process in this checkout and one in the other, alternately,
 so that whatever else loads the machine hits both alike; each process imports its own tree's

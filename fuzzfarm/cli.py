@@ -103,8 +103,8 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
     profile = load_profile(args.kernel)
     if profile.image.read_bytes()[:2] != b"MZ":
         raise UsageError(f"kernel {profile.name} is not a UEFI application: crosscheck boots "
-                         f"what real firmware boots (seed-uefi, fixed-uefi, or a profile of "
-                         f"a .efi image)")
+                         f"what real firmware boots (seed, fixed, or a profile of a .efi "
+                         f"image)")
     data = _read_input(args.elf)
     missing = qemu.missing()
     if missing:
@@ -191,9 +191,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create {args.out}: {e.strerror}") from None
-    from kernel_emu.profile import BUILTIN_PROFILES, UEFI_PROFILES
+    from kernel_emu.profile import BUILTIN_PROFILES, ELF_PROFILES
 
-    kernel = args.kernel if args.kernel in BUILTIN_PROFILES + UEFI_PROFILES \
+    kernel = args.kernel if args.kernel in BUILTIN_PROFILES + ELF_PROFILES \
         else str(Path(args.kernel).resolve())
     config = JobConfig(kernel=kernel, out=str(out), seeds=_seed_dirs(args.seeds),
                        seconds=args.seconds if args.seconds or args.runs else 60.0,
@@ -258,7 +258,8 @@ def cmd_build_guest(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    more = {f"{v}-uefi": partial(build_uefi, v, progress=say) for v in VARIANTS}
+    # entries named as the profiles: the UEFI builds are the built-in seed and fixed
+    more = {v: partial(build_uefi, v, progress=say) for v in VARIANTS}
     more[SHIM] = partial(build_uefi, SHIM, progress=say)
     try:
         manifest = build_all(out, more=more)
@@ -357,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "normalising what differs by machine (load addresses, the "
                                    "memory map). Exit status: 0 same, 1 different, 2 error.")
     p.add_argument("elf", metavar="ELF", help="the input file (any bytes)")
-    p.add_argument("--kernel", default="seed-uefi", metavar="seed-uefi|fixed-uefi|PROFILE.toml",
-                   help="a UEFI build: a built-in profile or a profile file (default: seed-uefi)")
+    p.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
+                   help="a UEFI build: a built-in profile or a profile file (default: seed)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long the boot on QEMU may take (default: 120)")
     p.set_defaults(func=cmd_crosscheck)
@@ -478,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare: the other checkout (its native hooks built)")
     p.add_argument("--other-kernel", metavar="KERNEL",
                    help="compare: another kernel build to measure against --kernel (e.g. "
-                        "seed against seed-uefi: the ELF and the UEFI image)")
+                        "seed-elf against seed: the ELF and the UEFI image)")
     p.add_argument("--inputs", type=int, default=None,
                    help="compare: mutated seeds replayed as a fuzzing job runs them "
                         "(default: 1000); hostile: inputs in the storm (default: 1000000)")

@@ -155,11 +155,12 @@ def build(variant: str, out_dir: Path, rustc: str | None = None) -> dict[str, An
 def build_all(out_dir: Path, rustc: str | None = None,
               more: dict[str, Callable[[Path], dict[str, Any]]] | None = None
               ) -> dict[str, Any]:
-    """Builds every variant, and the `more` images (name -> a builder into a directory), and
-    writes `out_dir/manifest.json`; returns the manifest."""
+    """Builds every variant as a static ELF (manifest entry `<variant>-elf`, as its profile is
+    named), and the `more` images (name -> a builder into a directory), and writes
+    `out_dir/manifest.json`; returns the manifest."""
     out_dir = Path(out_dir)
     rustc = rustc or _rustc()
-    manifest = {variant: build(variant, out_dir, rustc) for variant in VARIANTS}
+    manifest = {f"{variant}-elf": build(variant, out_dir, rustc) for variant in VARIANTS}
     for name, builder in (more or {}).items():
         manifest[name] = builder(out_dir)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

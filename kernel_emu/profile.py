@@ -11,8 +11,9 @@ from kernel_emu.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BUILTIN_PROFILES = ("seed", "fixed")
-# the same builds as UEFI applications (PE32+), their link maps beside them
-UEFI_PROFILES = ("seed-uefi", "fixed-uefi")
+# the same builds as static ELFs at their link addresses, the emulator's first way of booting
+# the guest: kept to compare with
+ELF_PROFILES = ("seed-elf", "fixed-elf")
 CONVENTIONS = ("sysv64", "win64")
 
 
@@ -127,14 +128,14 @@ def load_profile_file(path: Path) -> TargetProfile:
 
 
 def load_profile(spec: str) -> TargetProfile:
-    """A built-in profile name (seed, fixed, seed-uefi, fixed-uefi) or a path to a profile
+    """A built-in profile name (seed, fixed, seed-elf, fixed-elf) or a path to a profile
     TOML."""
-    if spec in BUILTIN_PROFILES + UEFI_PROFILES:
+    if spec in BUILTIN_PROFILES + ELF_PROFILES:
         return load_profile_file(PROFILE_DIR / f"{spec}.toml")
     path = Path(spec)
     if path.suffix != ".toml" and not path.exists():
         raise ProfileError(
             f"unknown kernel '{spec}': use one of "
-            f"{', '.join(BUILTIN_PROFILES + UEFI_PROFILES)} or a profile .toml"
+            f"{', '.join(BUILTIN_PROFILES + ELF_PROFILES)} or a profile .toml"
         )
     return load_profile_file(path)

@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 
 from dashboard.app import create_app
+from kernel_emu import qemu
 from tests.workers.conftest import RedisServer, running_redis
 from workers import work
 from workers.kernels import ensure_builtin
@@ -64,6 +65,9 @@ def farm_data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FarmData]:
         assert out["state"] == "crash", out
         minimized = work.minimize_bucket(store, settings, out["bucket"])
         assert minimized["state"] == "minimized", minimized
+        if qemu.missing() is None:  # the minimized input on real firmware, as a worker runs it
+            crosscheck = work.crosscheck_bucket(store, settings, out["bucket"])
+            assert crosscheck["state"] == "yes", crosscheck
 
         # a bucket whose report and input carry markup, as a fuzzed input can make them
         hostile_sha = store.blobs.put(HOSTILE_ELF)

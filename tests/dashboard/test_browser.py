@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from kernel_emu import qemu
 from tests.dashboard.conftest import ROOT, SCREENSHOTS, FarmData
 from tests.workers.conftest import _free_port
 
@@ -143,6 +144,11 @@ def test_bucket_page_and_downloads(browser: Any, base_url: str, farm_data: FarmD
     assert cell.text == "0x300028" and "differs" in cell.get_attribute("class")
     marked = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#kernel-log .ln.mark")]
     assert any("vaddr=0x300028" in line for line in marked)
+    crosschecked = browser.find_element(By.ID, "crosscheck").text
+    if qemu.missing() is None:  # the fixture ran it on QEMU + OVMF
+        assert crosschecked.startswith("yes") and "log lines are the same" in crosschecked
+    else:
+        assert crosschecked == "not run"
     screenshot(browser, "bucket-minimized")
 
     browser.find_element(By.ID, "download-minimized").click()

@@ -246,7 +246,7 @@ def test_the_build_stage_wheel_holds_the_images_and_native_hooks(wheel: Path) ->
             member = f"kernel_emu/images/{name}"
             assert member in names
             assert z.read(member) == (ROOT / member).read_bytes()
-        for profile in ("seed", "fixed", "seed-uefi", "fixed-uefi"):
+        for profile in ("seed", "fixed", "seed-elf", "fixed-elf"):
             assert f"kernel_emu/profiles/{profile}.toml" in names
         for ext in ("kernel_emu/_tracer", "kernel_emu/_walk", "fuzz/_feedback"):
             assert any(n.startswith(ext) and n.endswith(".so") for n in names), ext

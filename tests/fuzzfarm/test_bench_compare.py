@@ -37,10 +37,10 @@ def test_compare_needs_another_checkout(tmp_path: Path) -> None:
 
 
 def test_compare_the_elf_build_with_the_uefi_build() -> None:
-    run = _fuzzfarm("bench", "compare", "--kernel", "seed", "--other-kernel", "seed-uefi",
+    run = _fuzzfarm("bench", "compare", "--kernel", "seed-elf", "--other-kernel", "seed",
                     "--repeats", "2", "--runs", "40", "--inputs", "60")
     assert run.returncode == 0, run.stderr
-    assert "kernel seed (this) against seed-uefi (other)" in run.stdout
+    assert "kernel seed-elf (this) against seed (other)" in run.stdout
     speedups = re.search(r"snapshot/full\s+this\s+([\d.]+)x\s+other\s+([\d.]+)x", run.stdout)
     assert speedups, run.stdout
     # snapshots pay off on both images (the figures of record come from longer runs)

@@ -132,7 +132,7 @@ def _custom_profile(tmp_path: Path, **changes: str) -> Path:
     """A copy of the seed profile with some `key = value` lines replaced."""
     text = (Path(load_profile("seed").source)).read_text()
     image = load_profile("seed").image
-    text = text.replace('image = "../images/seed.elf"', f'image = "{image}"')
+    text = text.replace('image = "../images/seed.efi"', f'image = "{image}"')
     for key, value in changes.items():
         lines = [f"{key} = {value}" if line.startswith(f"{key} =") else line
                  for line in text.splitlines()]

@@ -43,7 +43,7 @@ def _qemu() -> None:
         pytest.skip(missing)
 
 
-@pytest.mark.parametrize("kernel", ["seed-uefi", "fixed-uefi"])
+@pytest.mark.parametrize("kernel", ["seed", "fixed"])
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_the_emulated_boot_is_the_real_one(kernel: str, example: Path) -> None:
     _qemu()
@@ -54,7 +54,7 @@ def test_the_emulated_boot_is_the_real_one(kernel: str, example: Path) -> None:
     assert len(check.emulated) >= 10 and check.real == check.emulated
     segments = [line for line in check.real if line.startswith("[elf] seg 0 ")]
     assert len(segments) == 1
-    if kernel == "seed-uefi" and example.name == "vaddr-0x300028.elf":
+    if kernel == "seed" and example.name == "vaddr-0x300028.elf":
         assert " vaddr=0x300028 " in segments[0]  # the bug, on real firmware
         assert check.result.verdict == "crash"
     else:
@@ -64,7 +64,7 @@ def test_the_emulated_boot_is_the_real_one(kernel: str, example: Path) -> None:
 def test_the_crosscheck_command(tmp_path: Path) -> None:
     _qemu()
     run = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "crosscheck", "--kernel",
-                          "seed-uefi", str(ROOT / "fuzzfarm" / "examples" / "vaddr-0x300028.elf")],
+                          "seed", str(ROOT / "fuzzfarm" / "examples" / "vaddr-0x300028.elf")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "  = [elf] seg 0 vaddr=0x300028 " in run.stdout
@@ -72,8 +72,8 @@ def test_the_crosscheck_command(tmp_path: Path) -> None:
 
 
 def test_crosscheck_wants_a_uefi_build() -> None:
-    run = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "crosscheck", "--kernel", "seed",
-                          str(EXAMPLES[0])], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "crosscheck", "--kernel",
+                          "seed-elf", str(EXAMPLES[0])], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "not a UEFI application" in run.stderr

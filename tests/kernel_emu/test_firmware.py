@@ -21,7 +21,7 @@ def firmware() -> Firmware:
     profile = load_profile("seed")
     mem = profile.memory
     m = Machine([(0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_size)])
-    f = Firmware(m, profile, load_image(profile.image))
+    f = Firmware(m, profile, load_image(profile.image, profile.kernel.load_base))
     f.install()
     return f
 

@@ -98,7 +98,8 @@ def test_spinning_in_looks_up_each_block_once() -> None:
     from kernel_emu.image import load_image
     from kernel_emu.profile import load_profile
 
-    image = load_image(load_profile("seed").image)
+    profile = load_profile("seed")
+    image = load_image(profile.image, profile.kernel.load_base)
     text = [(s.vaddr, s.end) for s in image.segments if s.flags & 1]
     rng = random.Random(0x5B1)
     addresses = [rng.randrange(lo, hi) for lo, hi in text for _ in range(40)] + [0x10, 1 << 47]

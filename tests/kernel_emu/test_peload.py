@@ -136,6 +136,6 @@ def test_the_tracers_refuse_an_unsorted_unwind_table() -> None:
     from kernel_emu.profile import load_profile
 
     for native in (True, False):
-        executor = Executor(load_profile("seed-uefi"), native=native)
+        executor = Executor(load_profile("seed"), native=native)
         with pytest.raises(ValueError, match="sorted"):
             executor.tracer.unwind([(0x2000, 0x3000, 0, 8), (0x1000, 0x1800, 0, 8)])

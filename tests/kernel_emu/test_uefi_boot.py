@@ -28,12 +28,12 @@ def _profile(tmp_path: Path, load_base: int, convention: str = "win64") -> Path:
     for line in text.splitlines():
         if line.startswith("image = "):
             line = 'image = "seed.efi"'
+        if line.startswith("load_base = "):
+            line = f"load_base = {load_base:#x}"
+        if line.startswith("convention = "):
+            line = f'convention = "{convention}"'
         lines.append(line)
-        if line.strip() == "[kernel]":
-            lines.append(f"load_base = {load_base:#x}")
-        if line.strip() == "[heap]":
-            lines.append(f'convention = "{convention}"')
-    path = folder / "seed-uefi.toml"
+    path = folder / "seed.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -74,8 +74,8 @@ def test_the_uefi_build_buckets_every_bug_as_the_elf_build_does() -> None:
 
     base = (EXAMPLES / "three-segments.elf").read_bytes()
     for native in (True, False):
-        pe = Executor(load_profile("seed-uefi"), native=native)
-        elf = Executor(load_profile("seed"), native=native)
+        pe = Executor(load_profile("seed"), native=native)
+        elf = Executor(load_profile("seed-elf"), native=native)
         for reproducer in REPRODUCERS if native else REPRODUCERS[:3]:
             data = reproducer.make(base)
             a, b = pe.run(data), elf.run(data)

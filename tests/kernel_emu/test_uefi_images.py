@@ -22,8 +22,8 @@ ALL = (*VARIANTS, uefi_build.SHIM)  # the kernels and the boot shim
 
 
 def _entry(variant: str) -> dict:
-    key = variant if variant == uefi_build.SHIM else f"{variant}-uefi"
-    return json.loads((IMAGES / "manifest.json").read_text())[key]
+    # named as the profiles: the UEFI builds are the built-in seed and fixed
+    return json.loads((IMAGES / "manifest.json").read_text())[variant]
 
 
 def _names(variant: str) -> dict[str, int]:

@@ -183,17 +183,14 @@ def test_the_dashboard_s_coverage_button_runs_the_sample_on_a_worker(
 def test_a_uefi_build_s_bucket_is_crosschecked_on_real_firmware(
         farm: Farm, store: FarmStore) -> None:
     from kernel_emu import qemu
-    from kernel_emu.profile import PROFILE_DIR
-    from workers.kernels import add_kernel
 
     if qemu.missing():
         pytest.skip(qemu.missing())
-    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
     app = make_app(Settings(redis_url=farm.url))
     sha = store.blobs.put((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
-    store.triage.pending([sha], "seed-uefi")
+    store.triage.pending([sha], "seed")
     farm.worker("w1")  # as `fuzzfarm up` starts it: the crosscheck queue too, QEMU being here
-    app.send_task("workers.tasks.triage_many", args=["seed-uefi", [sha]])
+    app.send_task("workers.tasks.triage_many", args=["seed", [sha]])
 
     def crosschecked() -> dict | None:
         (bucket,) = store.buckets.all() or [None]

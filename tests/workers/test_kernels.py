@@ -28,14 +28,16 @@ from workers.store.blobs import blob_key
 
 
 def test_only_the_image_changes_in_the_builtin_profiles() -> None:
-    for name in ("seed", "fixed"):
+    for name, image, stored_as in (("seed", "seed.efi", STORED_EFI),
+                                   ("fixed", "fixed.efi", STORED_EFI),
+                                   ("seed-elf", "seed.elf", STORED_IMAGE)):
         path = PROFILE_DIR / f"{name}.toml"
         text = path.read_text()
-        stored = stored_profile(text, path)
+        stored = stored_profile(text, path, stored_as)
         changed = [(a, b) for a, b in zip(text.splitlines(), stored.splitlines(), strict=True)
                    if a != b]
-        assert changed == [(f'image = "../images/{name}.elf"', f'image = "{STORED_IMAGE}"')]
-        assert tomllib.loads(stored) == {**tomllib.loads(text), "image": STORED_IMAGE}
+        assert changed == [(f'image = "../images/{image}"', f'image = "{stored_as}"')]
+        assert tomllib.loads(stored) == {**tomllib.loads(text), "image": stored_as}
 
 
 def test_comments_layout_and_odd_spellings_survive() -> None:
@@ -73,14 +75,14 @@ def test_a_cached_image_changed_since_is_fetched_again_not_booted(
     assert sha256(profile.image.read_bytes()) == entry.image
     # another build's image in its place, a valid kernel without the seed bug, and a profile
     # edited to load something else: what the worker loads must still be the build's own
-    profile.image.write_bytes((ROOT / "kernel_emu" / "images" / "fixed.elf").read_bytes())
+    profile.image.write_bytes((ROOT / "kernel_emu" / "images" / "fixed.efi").read_bytes())
     profile.source.write_text(profile.source.read_text().replace(
-        f'image = "{STORED_IMAGE}"', 'image = "/etc/hostname"'))
+        f'image = "{STORED_EFI}"', 'image = "/etc/hostname"'))
     sha = store.blobs.put(SEED_BUG)
     (out,) = work.triage_inputs(store, settings, "seed", [sha], lambda _b: None)
     assert out["state"] == "crash", out  # the seed build's bug: it booted the seed image
     assert sha256(profile.image.read_bytes()) == entry.image
-    assert f'image = "{STORED_IMAGE}"' in profile.source.read_text()
+    assert f'image = "{STORED_EFI}"' in profile.source.read_text()
 
 
 @pytest.mark.redis
@@ -99,7 +101,7 @@ def test_a_damaged_image_in_redis_and_in_the_cache_is_a_harness_error(
 def _profile_copy(tmp_path: Path) -> Path:
     """A user's profile of the seed build, in a folder of its own."""
     text = (PROFILE_DIR / "seed.toml").read_text().replace(
-        'image = "../images/seed.elf"', f'image = "{ROOT / "kernel_emu" / "images" / "seed.elf"}"')
+        'image = "../images/seed.efi"', f'image = "{ROOT / "kernel_emu" / "images" / "seed.efi"}"')
     path = tmp_path / "mine.toml"
     path.write_text(text.replace('name = "seed"', 'name = "mine"'))
     return path
@@ -107,7 +109,7 @@ def _profile_copy(tmp_path: Path) -> Path:
 
 @pytest.mark.redis
 def test_kernel_add_checks_what_redis_keeps(store: FarmStore, tmp_path: Path) -> None:
-    image = (ROOT / "kernel_emu" / "images" / "seed.elf").read_bytes()
+    image = (ROOT / "kernel_emu" / "images" / "seed.efi").read_bytes()
     raw = store._conn.client  # noqa: SLF001
     raw.set(blob_key(sha256(image)), b"planted under the image's name")
     assert add_kernel(store, _profile_copy(tmp_path)) == "mine"
@@ -121,7 +123,7 @@ def test_kernel_add_with_a_sha256_uploads_only_that_image(store: FarmStore,
                                                           redis_server: RedisServer,
                                                           tmp_path: Path) -> None:
     profile = _profile_copy(tmp_path)
-    image_sha = sha256((ROOT / "kernel_emu" / "images" / "seed.elf").read_bytes())
+    image_sha = sha256((ROOT / "kernel_emu" / "images" / "seed.efi").read_bytes())
 
     def add(sha: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "fuzzfarm.cli", "kernel", "add",
@@ -145,8 +147,8 @@ IMAGES = ROOT / "kernel_emu" / "images"
 @pytest.mark.redis
 def test_a_uefi_build_travels_with_its_link_map(
         store: FarmStore, redis_server: RedisServer, tmp_path: Path) -> None:
-    assert add_kernel(store, PROFILE_DIR / "seed-uefi.toml") == "seed-uefi"
-    entry = store.kernels.get("seed-uefi")
+    assert add_kernel(store, PROFILE_DIR / "seed.toml") == "seed"  # as it was: no change
+    entry = store.kernels.get("seed")
     image, link_map = (IMAGES / "seed.efi").read_bytes(), (IMAGES / "seed.map").read_bytes()
     assert entry is not None and entry.image == sha256(image) and entry.map == sha256(link_map)
     assert tomllib.loads(entry.profile)["image"] == STORED_EFI
@@ -154,14 +156,14 @@ def test_a_uefi_build_travels_with_its_link_map(
     assert entry.debug == sha256(debug) and store.blobs.get(entry.debug) == debug
     assert store.kernels.image_files(entry.image) == {"map": entry.map, "debug": entry.debug}
     settings = Settings(redis_url=redis_server.url, cache_dir=tmp_path / "cache")
-    profile = materialize(store, "seed-uefi", settings.cache_dir)
+    profile = materialize(store, "seed", settings.cache_dir)
     assert profile.image.name == STORED_EFI
     assert profile.image.read_bytes() == image
     assert profile.image.with_suffix(".map").read_bytes() == link_map
     # a map changed in the worker's cache is written again before anything boots
     profile.image.with_suffix(".map").write_text("nothing\n")
     sha = store.blobs.put(SEED_BUG)
-    (out,) = work.triage_inputs(store, settings, "seed-uefi", [sha], lambda _b: None)
+    (out,) = work.triage_inputs(store, settings, "seed", [sha], lambda _b: None)
     assert out["state"] == "crash", out
     assert profile.image.with_suffix(".map").read_bytes() == link_map
     bucket = store.buckets.get(out["bucket"])
@@ -172,8 +174,8 @@ def test_a_uefi_build_travels_with_its_link_map(
 def test_a_uefi_build_without_its_map_is_refused_in_one_line(
         store: FarmStore, tmp_path: Path) -> None:
     (tmp_path / "k.efi").write_bytes((IMAGES / "seed.efi").read_bytes())
-    text = (PROFILE_DIR / "seed-uefi.toml").read_text().replace(
-        'image = "../images/seed.efi"', 'image = "k.efi"').replace('"seed-uefi"', '"mine"')
+    text = (PROFILE_DIR / "seed.toml").read_text().replace(
+        'image = "../images/seed.efi"', 'image = "k.efi"').replace('name = "seed"', 'name = "mine"')
     (tmp_path / "mine.toml").write_text(text)
     with pytest.raises(KernelError, match=r"k\.map.*cannot be read"):
         add_kernel(store, tmp_path / "mine.toml")
@@ -183,8 +185,7 @@ def test_a_uefi_build_without_its_map_is_refused_in_one_line(
 @pytest.mark.redis
 def test_a_stored_map_id_is_checked_before_it_names_a_file(
         store: FarmStore, tmp_path: Path) -> None:
-    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
-    entry = store.kernels.get("seed-uefi")
+    entry = store.kernels.get("seed")
     assert entry is not None
     for bad in ("", "../../etc/passwd", entry.map[:16]):
         store.kernels.put("evil", entry.profile, entry.image, "", bad)

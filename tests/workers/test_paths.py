@@ -16,7 +16,7 @@ import pytest
 from kernel_emu.errors import HarnessError
 from tests.workers.conftest import RedisServer
 from workers import coverage, work
-from workers.kernels import STORED_IMAGE, KernelError, materialize
+from workers.kernels import STORED_EFI, KernelError, materialize
 from workers.paths import (
     KERNEL_NAME,
     SHA256,
@@ -125,9 +125,9 @@ def test_a_build_s_image_id_and_profile_cannot_point_elsewhere(
         with pytest.raises(UnsafeName, match="image sha256 of kernel build 'evil'"):
             materialize(store, "evil", settings.cache_dir)
     for where in (str(TARGET), "/etc/passwd", "../" * 20 + str(TARGET)[1:],
-                  "../seed/image.elf"):
-        assert tomllib.loads(profile)["image"] == STORED_IMAGE
-        store.kernels.put("evil", profile.replace(f'"{STORED_IMAGE}"', f'"{where}"'), image, "")
+                  "../seed/image.efi", "image.map"):
+        assert tomllib.loads(profile)["image"] == STORED_EFI
+        store.kernels.put("evil", profile.replace(f'"{STORED_EFI}"', f'"{where}"'), image, "")
         with pytest.raises(KernelError, match="its stored profile names the image"):
             materialize(store, "evil", settings.cache_dir)
     store.kernels.put("evil", "image = [", image, "")

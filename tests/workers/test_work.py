@@ -103,9 +103,11 @@ def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
 
     build = tmp_path / "build"
     (build / "out").mkdir(parents=True)
-    shutil.copy(PROFILE_DIR.parent / "images" / "fixed.elf", build / "out" / "rustux.elf")
+    # a UEFI application and its link map, as a kernel developer's build leaves them
+    shutil.copy(PROFILE_DIR.parent / "images" / "fixed.efi", build / "out" / "rustux.efi")
+    shutil.copy(PROFILE_DIR.parent / "images" / "fixed.map", build / "out" / "rustux.map")
     profile = (PROFILE_DIR / "fixed.toml").read_text()
-    profile = profile.replace('image = "../images/fixed.elf"', 'image = "out/rustux.elf"')
+    profile = profile.replace('image = "../images/fixed.efi"', 'image = "out/rustux.efi"')
     profile = profile.replace('name = "fixed"', 'name = "my-build"')
     (build / "my-build.toml").write_text(profile)
     url = ["--redis-url", settings.redis_url]
@@ -123,11 +125,12 @@ def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
     entry = store.kernels.get("my-build")
     assert entry is not None
     # the profile as uploaded, comments and all, with only its image renamed
-    assert entry.profile == profile.replace('image = "out/rustux.elf"', 'image = "image.elf"')
-    # a worker boots the uploaded bytes, not the file on this machine
-    (build / "out" / "rustux.elf").unlink()
+    assert entry.profile == profile.replace('image = "out/rustux.efi"', 'image = "image.efi"')
+    # a worker boots the uploaded bytes, not the files on this machine
+    (build / "out" / "rustux.efi").unlink()
+    (build / "out" / "rustux.map").unlink()
     loaded = materialize(store, "my-build", settings.cache_dir)
-    assert loaded.image.read_bytes() == (PROFILE_DIR.parent / "images" / "fixed.elf").read_bytes()
+    assert loaded.image.read_bytes() == (PROFILE_DIR.parent / "images" / "fixed.efi").read_bytes()
     sha = store.blobs.put(SEED_BUG)
     assert work.triage_input(store, settings, sha, "my-build", lambda _b: None)["state"] == "ok"
 
@@ -181,12 +184,8 @@ def test_a_finding_goes_to_triage_later_when_the_broker_is_away(store: FarmStore
 # crosscheck on real firmware ----------------------------------------------------------------
 
 def _uefi_bucket(store: FarmStore, settings: Settings) -> str:
-    from kernel_emu.profile import PROFILE_DIR
-    from workers.kernels import add_kernel
-
-    add_kernel(store, PROFILE_DIR / "seed-uefi.toml")
     sha = store.blobs.put(SEED_BUG)
-    return str(work.triage_input(store, settings, sha, "seed-uefi", lambda _b: None)["bucket"])
+    return str(work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"])
 
 
 def test_a_bucket_s_input_reproduces_on_qemu_and_ovmf(store: FarmStore,
@@ -222,9 +221,13 @@ def test_a_crosscheck_is_queued_once_per_input(store: FarmStore, settings: Setti
 def test_a_crosscheck_of_an_elf_build_is_not_run(store: FarmStore,
                                                  settings: Settings) -> None:
     sha = store.blobs.put(SEED_BUG)
-    elf = work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"]
+    from kernel_emu.profile import PROFILE_DIR
+    from workers.kernels import add_kernel
+
+    add_kernel(store, PROFILE_DIR / "seed-elf.toml")
+    elf = work.triage_input(store, settings, sha, "seed-elf", lambda _b: None)["bucket"]
     out = work.crosscheck_bucket(store, settings, elf)
-    assert out["state"] == "not-run" and "no UEFI application" in out["reason"]
+    assert out["state"] == "not-run" and "'seed-elf' is no UEFI application" in out["reason"]
     assert store.stats.counters().get("harness_errors", 0) == 0
 
 
