@@ -121,7 +121,7 @@ def crosscheck(profile: TargetProfile, data: bytes, timeout: float = 120.0,
     if not is_uefi(profile):
         raise qemu.FirmwareBootError(f"{profile.name}: not a UEFI application (a crosscheck "
                                      f"boots the image real firmware boots)")
-    if executor is not None and (executor.profile is not profile or executor.use_snapshot):
+    if executor is not None and (executor.profile != profile or executor.use_snapshot):
         raise ValueError("crosscheck: the executor must make full boots of this profile")
     seen: dict[str, float] = {}
     real = qemu.boot_kernel(Path(profile.image), build_init_ramdisk(data), timeout,

@@ -20,12 +20,15 @@ from workers.settings import Settings
 QUEUES = ("fuzz", "triage", "minimize", "coverage", "crosscheck")
 
 
-def worker_queues() -> tuple[str, ...]:
+def worker_queues(settings: Settings | None = None) -> tuple[str, ...]:
     """The queues a worker on this machine consumes by default: all, but `crosscheck` only
-    where QEMU and OVMF are installed."""
+    where QEMU and OVMF are installed and crosschecks are on (FUZZFARM_CROSSCHECK)."""
     from kernel_emu import qemu
 
-    return QUEUES if qemu.missing() is None else tuple(q for q in QUEUES if q != "crosscheck")
+    settings = settings or Settings.from_env()
+    if settings.crosscheck and qemu.missing() is None:
+        return QUEUES
+    return tuple(q for q in QUEUES if q != "crosscheck")
 
 
 def make_app(settings: Settings | None = None) -> Celery:

@@ -31,7 +31,7 @@ from workers.redis_server import (
     find_server,
     write_config,
 )
-from workers.settings import redact_url
+from workers.settings import Settings, redact_url
 from workers.store import FarmStore, StoreError, wait_until_up
 
 DEFAULT_REDIS_PORT = 6379
@@ -147,7 +147,7 @@ class LocalFarm:
         store = FarmStore.connect(self.url)
         ensure_builtin(store)
         say(f"starting {self.workers} worker(s) and the controller")
-        why = qemu.missing()
+        why = qemu.missing() if Settings.from_env().crosscheck else "FUZZFARM_CROSSCHECK=0"
         say("buckets are crosschecked on QEMU + OVMF" if why is None else
             f"buckets are not crosschecked on real firmware: {why}")
         for i in range(self.workers):

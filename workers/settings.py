@@ -24,6 +24,18 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, not {raw!r}") from None
 
 
+def _switch(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "on", "yes", "true"):
+        return True
+    if value in ("0", "off", "no", "false"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (on or off), not {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -39,6 +51,9 @@ class Settings:
     triage_grace: float = 120.0
     # where a worker caches kernel builds and corpora on its own disk
     cache_dir: Path = Path(tempfile.gettempdir()) / f"fuzzfarm-cache-{os.getuid()}"
+    # each minimized bucket of a UEFI build is booted on QEMU + OVMF too (by workers that have
+    # them); a crosscheck holds a core for a few seconds
+    crosscheck: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -53,6 +68,7 @@ class Settings:
             cache_dir=Path(os.environ.get("FUZZFARM_CACHE") or d.cache_dir),
             lost_grace=_float("FUZZFARM_LOST_GRACE", d.lost_grace),
             triage_grace=_float("FUZZFARM_TRIAGE_GRACE", d.triage_grace),
+            crosscheck=_switch("FUZZFARM_CROSSCHECK", d.crosscheck),
         )
 
 

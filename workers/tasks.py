@@ -145,11 +145,13 @@ def _minimize(task: Any, buckets: list[str]) -> list[dict[str, Any]]:
             work.record_harness_error(store, "minimize", f"{type(e).__name__}: {e}")
             out.append({"state": "harness-error"})
     # the input a developer will take, minimized or not, checked on real firmware next
-    try:
-        send_crosscheck(store, [str(b) for b, o in zip(buckets, out, strict=True)
-                                if o.get("state") not in ("unknown bucket", "harness-error")])
-    except Exception as e:  # noqa: BLE001 - the bucket stands; its crosscheck is "not run"
-        work.record_harness_error(store, "crosscheck", f"could not queue: {e}")
+    if _settings().crosscheck:
+        try:
+            send_crosscheck(store, [str(b) for b, o in zip(buckets, out, strict=True)
+                                    if o.get("state") not in ("unknown bucket",
+                                                              "harness-error")])
+        except Exception as e:  # noqa: BLE001 - the bucket stands; its crosscheck: "not run"
+            work.record_harness_error(store, "crosscheck", f"could not queue: {e}")
     return out
 
 

@@ -189,6 +189,7 @@ def test_a_uefi_build_s_bucket_is_crosschecked_on_real_firmware(
     app = make_app(Settings(redis_url=farm.url))
     sha = store.blobs.put((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
     store.triage.pending([sha], "seed")
+    farm.env["FUZZFARM_CROSSCHECK"] = "1"
     farm.worker("w1")  # as `fuzzfarm up` starts it: the crosscheck queue too, QEMU being here
     app.send_task("workers.tasks.triage_many", args=["seed", [sha]])
 

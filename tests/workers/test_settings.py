@@ -1,10 +1,10 @@
-"""The farm's settings helpers: a Redis URL as it may be shown."""
+"""The farm's settings: a Redis URL as it may be shown, switches read from the environment."""
 
 from __future__ import annotations
 
 import pytest
 
-from workers.settings import redact_url
+from workers.settings import Settings, redact_url
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -24,3 +24,22 @@ from workers.settings import redact_url
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "s3cret" not in redact_url(url)
+
+
+@pytest.mark.parametrize(("raw", "on"), [("", True), ("1", True), ("on", True), ("Yes", True),
+                                         ("0", False), ("off", False), ("false", False)])
+def test_crosschecks_are_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch, raw: str,
+                                              on: bool) -> None:
+    from workers.app import worker_queues
+
+    monkeypatch.setenv("FUZZFARM_CROSSCHECK", raw)
+    assert Settings.from_env().crosscheck is on
+    if not on:
+        assert "crosscheck" not in worker_queues()
+
+
+def test_a_crosscheck_switch_that_is_neither_on_nor_off_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FUZZFARM_CROSSCHECK", "maybe")
+    with pytest.raises(ValueError, match="FUZZFARM_CROSSCHECK must be 1 or 0"):
+        Settings.from_env()
