@@ -5,6 +5,7 @@ Layouts follow the UEFI 2.x specification; addresses follow `guest/ABI.md`.
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid
 from collections.abc import Callable
@@ -229,48 +230,16 @@ class Firmware:
         does not hold as executable, so without it every guest store costs a slow-path call.
 
         Each table is packed whole and written once: tens of thousands of single-entry writes
-        would dominate a full boot."""
+        would dominate a full boot. The packed tables depend only on the layout, so a full
+        boot after the first of a layout writes them from a cache."""
         mem = self.profile.memory
-        m = self.m
-        holes = {0, self.guard_page}
-        tables: dict[tuple[int, int], list[int]] = {}  # (level, index of what it maps) -> entries
-        order: list[tuple[int, int]] = []
-
-        def table(key: tuple[int, int]) -> list[int]:
-            if key not in tables:
-                tables[key] = [0] * 512
-                order.append(key)
-            return tables[key]
-
-        table((4, 0))
-        leaf = PTE_P | PTE_W | PTE_A | PTE_D
-        executable = self.executable_ranges
-        for lo, hi in ((0, mem.ram_size), (mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)):
-            for chunk in range(lo & ~0x1F_FFFF, hi, 0x20_0000):
-                pt = table((1, chunk >> 21))
-                first, last = max(chunk, lo), min(chunk + 0x20_0000, hi)
-                pt[(first >> 12) & 0x1FF:((last - 1) >> 12 & 0x1FF) + 1] = [
-                    page | leaf | PTE_NX for page in range(first, last, PAGE)]
-                for start, end in executable:
-                    for page in range(max(start, first), min(end, last), PAGE):
-                        pt[(page >> 12) & 0x1FF] = page | leaf
-                for hole in holes:
-                    if first <= hole < last:
-                        pt[(hole >> 12) & 0x1FF] = 0
-                table((3, chunk >> 39))
-                table((2, chunk >> 30))
-        # addresses in creation order, PML4 first
-        address = {key: PAGE_TABLES + i * PAGE for i, key in enumerate(order)}
-        link = PTE_P | PTE_W | PTE_A
-        for level, index in order:
-            if level == 4:
-                continue
-            parent = (level + 1, index >> 9) if level < 3 else (4, 0)
-            tables[parent][index & 0x1FF] = address[(level, index)] | link
-        for key in order:
-            m.write(address[key], struct.pack("<512Q", *tables[key]))
-        self.pml4 = address[(4, 0)]
-        self.page_table_end = PAGE_TABLES + len(order) * PAGE
+        blob = _page_tables(((0, mem.ram_size),
+                             (mem.ramdisk_base, mem.ramdisk_base + mem.ramdisk_size)),
+                            tuple(sorted({0, self.guard_page})),
+                            tuple(self.executable_ranges))
+        self.m.write(PAGE_TABLES, blob)
+        self.pml4 = PAGE_TABLES
+        self.page_table_end = PAGE_TABLES + len(blob)
 
     def _build_tables(self) -> None:
         m = self.m
@@ -494,6 +463,46 @@ class Firmware:
         self.state.map_key += 1
         self.m.put_u64(out_ptr, given.start)
         return EFI_SUCCESS
+
+
+@functools.lru_cache(maxsize=8)
+def _page_tables(ranges: tuple[tuple[int, int], ...], holes: tuple[int, ...],
+                 executable: tuple[tuple[int, int], ...]) -> bytes:
+    """The page tables of `Firmware._build_page_tables`, packed one after the other from
+    PAGE_TABLES in creation order (the PML4 first)."""
+    tables: dict[tuple[int, int], list[int]] = {}  # (level, index of what it maps) -> entries
+    order: list[tuple[int, int]] = []
+
+    def table(key: tuple[int, int]) -> list[int]:
+        if key not in tables:
+            tables[key] = [0] * 512
+            order.append(key)
+        return tables[key]
+
+    table((4, 0))
+    leaf = PTE_P | PTE_W | PTE_A | PTE_D
+    for lo, hi in ranges:
+        for chunk in range(lo & ~0x1F_FFFF, hi, 0x20_0000):
+            pt = table((1, chunk >> 21))
+            first, last = max(chunk, lo), min(chunk + 0x20_0000, hi)
+            pt[(first >> 12) & 0x1FF:((last - 1) >> 12 & 0x1FF) + 1] = [
+                page | leaf | PTE_NX for page in range(first, last, PAGE)]
+            for start, end in executable:
+                for page in range(max(start, first), min(end, last), PAGE):
+                    pt[(page >> 12) & 0x1FF] = page | leaf
+            for hole in holes:
+                if first <= hole < last:
+                    pt[(hole >> 12) & 0x1FF] = 0
+            table((3, chunk >> 39))
+            table((2, chunk >> 30))
+    address = {key: PAGE_TABLES + i * PAGE for i, key in enumerate(order)}
+    link = PTE_P | PTE_W | PTE_A
+    for level, index in order:
+        if level == 4:
+            continue
+        parent = (level + 1, index >> 9) if level < 3 else (4, 0)
+        tables[parent][index & 0x1FF] = address[(level, index)] | link
+    return b"".join(struct.pack("<512Q", *tables[key]) for key in order)
 
 
 _SERVICE_NAMES = {
