@@ -47,6 +47,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
 
     if args.no_input:
         return _boot_application(args)
+    if args.check:
+        return _check_profile(args)
     if args.elf is None:
         raise UsageError("boot needs an ELF input (or --no-input to run a UEFI application "
                          "by itself)")
@@ -60,6 +62,21 @@ def cmd_boot(args: argparse.Namespace) -> int:
     else:
         print(render_result(result, log_lines=args.log_lines))
     return EXIT_CRASH if result.verdict == "crash" else EXIT_OK
+
+
+def _check_profile(args: argparse.Namespace) -> int:
+    """Is the profile good enough to fuzz with? Boots a valid input (the given ELF, else the
+    built-in example) and says what holds."""
+    from kernel_emu.draft import check_profile
+
+    data = _read_input(args.elf) if args.elf else (EXAMPLES / "three-segments.elf").read_bytes()
+    checks = check_profile(args.kernel, data)
+    for c in checks:
+        print(f"  {'ok  ' if c.ok else 'FAIL'}  {c.what}" + (f" ({c.detail})" if c.detail else ""))
+    good = all(c.ok for c in checks)
+    print("the profile is good to fuzz with" if good else
+          "the profile needs work: see FAIL above")
+    return EXIT_OK if good else EXIT_CRASH
 
 
 def _boot_application(args: argparse.Namespace) -> int:
@@ -343,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel build: a built-in profile or a profile file (default: seed)")
     p.add_argument("--full-boot", action="store_true",
                    help="boot from power-on instead of restoring the snapshot")
+    p.add_argument("--check", action="store_true",
+                   help="check that the --kernel profile is good to fuzz with: its symbols, "
+                        "snapshot and success points and heap, on ELF or on the built-in "
+                        "example (exit status 1 if not)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--log-lines", type=int, default=12, metavar="N",
                    help="lines of kernel log to show (default: 12)")

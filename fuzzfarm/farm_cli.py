@@ -347,6 +347,8 @@ def minimize_bucket(args: argparse.Namespace) -> int:
 def cmd_kernel(args: argparse.Namespace) -> int:
     from workers.kernels import add_kernel, ensure_builtin
 
+    if args.action == "init":
+        return _kernel_init(args)
     store = _store(args)
     ensure_builtin(store)
     if args.action == "add":
@@ -360,6 +362,37 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         entry = store.kernels.get(name)
         image, about = (entry.image, entry.description) if entry else ("?", "")
         print(f"{name:<16} image {image[:16]}  {about}")
+    return EXIT_OK
+
+
+def _kernel_init(args: argparse.Namespace) -> int:
+    """Draft a profile from an image's symbols; no farm needed."""
+    from kernel_emu.draft import draft_profile
+    from kernel_emu.errors import ImageError
+
+    if not args.profile:
+        raise FarmUsageError("kernel init needs the kernel IMAGE (an ELF, or a UEFI "
+                             "application with its link map beside it)")
+    image = Path(args.profile)
+    try:
+        draft = draft_profile(image, args.name)
+    except ImageError as e:
+        raise FarmUsageError(str(e)) from None
+    out = Path(args.out) if args.out else image.with_suffix(".toml")
+    if out.exists() and not args.force:
+        raise FarmUsageError(f"{out} exists: give another --out, or --force to replace it")
+    text = draft.text.replace(f'image = "{image.name}"',
+                              f'image = "{os.path.relpath(image.resolve(), out.resolve().parent)}"')
+    try:
+        out.write_text(text)
+    except OSError as e:
+        raise FarmUsageError(f"cannot write {out}: {e.strerror}") from None
+    print(f"wrote {out}")
+    for key, symbol in draft.found.items():
+        print(f"  found     {key:<26} {symbol}")
+    for what in draft.missing:
+        print(f"  fill in   {what}")
+    print(f"then: fuzzfarm boot --kernel {out} --check")
     return EXIT_OK
 
 
@@ -448,11 +481,17 @@ def add_parsers(sub: Any) -> None:
     redis_opt(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("kernel", help="add or list kernel builds",
+    p = sub.add_parser("kernel", help="add, list or draft kernel builds",
                        description="add: upload a profile and its image so every worker boots "
-                                   "the same bytes. list: the builds the farm knows.")
-    p.add_argument("action", choices=["add", "list"])
-    p.add_argument("profile", nargs="?", metavar="PROFILE.toml")
+                                   "the same bytes. list: the builds the farm knows. init: draft "
+                                   "a profile for a kernel image from its symbols (no farm "
+                                   "needed), to check with `fuzzfarm boot --check`.")
+    p.add_argument("action", choices=["add", "list", "init"])
+    p.add_argument("profile", nargs="?", metavar="PROFILE.toml|IMAGE",
+                   help="add: the profile; init: the kernel image")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="init: where to write the draft (default: the image's name, .toml)")
+    p.add_argument("--force", action="store_true", help="init: replace an existing --out")
     p.add_argument("--name", default=None, help="build name (default: the profile's name)")
     p.add_argument("--sha256", default=None, metavar="HEX",
                    help="with add: the sha256 the image must have (your build's), checked "
