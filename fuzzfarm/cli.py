@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fuzzfarm.farm_cli import FarmUsageError
 from kernel_emu.errors import HarnessError
+from workers.settings import SettingsError
 
 EXIT_OK, EXIT_CRASH, EXIT_ERROR = 0, 1, 2
 EXIT_SIGPIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
@@ -531,7 +532,7 @@ def _run(argv: Sequence[str] | None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, FarmUsageError) as e:
+    except (UsageError, FarmUsageError, SettingsError) as e:
         print(f"fuzzfarm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except HarnessError as e:

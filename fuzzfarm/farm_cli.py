@@ -124,9 +124,11 @@ class StatusOutput:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from workers.local import ExecRate, FarmError, LocalFarm, status_line
+    from workers.settings import Settings
 
     if args.workers < 1:
         raise FarmUsageError("--workers must be at least 1")
+    Settings.from_env()  # a setting that cannot be read stops `up` before anything starts
     farm = LocalFarm(data=Path(args.data), workers=args.workers, kernel=args.kernel,
                      redis_url=args.redis_url or os.environ.get("REDIS_URL"),
                      slice_seconds=args.slice_seconds, dashboard_port=args.port)

@@ -14,6 +14,10 @@ REDACTED = "***"
 _USERINFO = re.compile(r"(?<=://)[^/?#]*@")
 
 
+class SettingsError(ValueError):
+    """A farm setting in the environment that cannot be read: the user's to fix."""
+
+
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -21,7 +25,7 @@ def _float(name: str, default: float) -> float:
     try:
         return float(raw)
     except ValueError:
-        raise ValueError(f"{name} must be a number, not {raw!r}") from None
+        raise SettingsError(f"{name} must be a number, not {raw!r}") from None
 
 
 def _switch(name: str, default: bool) -> bool:
@@ -33,7 +37,7 @@ def _switch(name: str, default: bool) -> bool:
         return True
     if value in ("0", "off", "no", "false"):
         return False
-    raise ValueError(f"{name} must be 1 or 0 (on or off), not {raw!r}")
+    raise SettingsError(f"{name} must be 1 or 0 (on or off), not {raw!r}")
 
 
 @dataclass(frozen=True)

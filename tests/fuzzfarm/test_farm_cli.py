@@ -172,3 +172,20 @@ def test_status_without_redis_is_one_line(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "cannot reach Redis at redis://:***@127.0.0.1:" in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1 and "s3cret-pw" not in run.stderr
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ("FUZZFARM_SLICE_SECONDS=soon", "FUZZFARM_SLICE_SECONDS must be a number, not 'soon'"),
+    ("FUZZFARM_CROSSCHECK=maybe", "FUZZFARM_CROSSCHECK must be 1 or 0 (on or off)")])
+@pytest.mark.parametrize("command", [["worker", "--name", "w"], ["up", "--data", "DATA"]])
+def test_a_setting_that_cannot_be_read_is_one_line_before_anything_starts(
+        tmp_path: Path, setting: str, said: str, command: list[str]) -> None:
+    name, value = setting.split("=")
+    args = [tmp_path / "farm" if a == "DATA" else a for a in command]
+    run = subprocess.run([sys.executable, "-m", "fuzzfarm.cli", *map(str, args)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, name: value, "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("fuzzfarm: error: ") and said in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "farm").exists()  # nothing was started
