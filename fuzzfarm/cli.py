@@ -115,11 +115,11 @@ def _boot_application(args: argparse.Namespace) -> int:
 def cmd_crosscheck(args: argparse.Namespace) -> int:
     """The same UEFI image and input in the emulator and on QEMU + OVMF, logs compared."""
     from kernel_emu import qemu
-    from kernel_emu.crosscheck import crosscheck
+    from kernel_emu.crosscheck import crosscheck, is_uefi
     from kernel_emu.profile import load_profile
 
     profile = load_profile(args.kernel)
-    if profile.image.read_bytes()[:2] != b"MZ":
+    if not is_uefi(profile):
         raise UsageError(f"kernel {profile.name} is not a UEFI application: crosscheck boots "
                          f"what real firmware boots (seed, fixed, or a profile of a .efi "
                          f"image)")

@@ -660,39 +660,32 @@ def crosscheck_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[st
     bucket, sha, data = _bucket_input(store, bid)
     if bucket is None:
         return {"state": "unknown bucket"}
-    if data is None:
-        state: dict[str, Any] = {"state": "harness-error", "input": sha,
-                                 "reason": "input not found in Redis", "time": time.time()}
-        record_harness_error(store, "crosscheck", "input not found in Redis", sha)
-        store.buckets.set_crosscheck(bid, state)
-        return state
-    profile = _profile(store, settings, bucket.kernel)
-    if not crosscheck.is_uefi(profile):
-        state = {"state": "not-run", "input": sha, "time": time.time(),
-                 "reason": f"build '{bucket.kernel}' is no UEFI application"}
-        store.buckets.set_crosscheck(bid, state)
-        return state
-    why = qemu.missing()
-    if why is not None:  # a worker given the queue without QEMU: say so, do not guess
-        state = {"state": "not-run", "input": sha, "time": time.time(), "reason": why}
-        store.buckets.set_crosscheck(bid, state)
-        return state
-    try:
-        check = crosscheck.crosscheck(profile, data, CROSSCHECK_TIMEOUT,
-                                      _executor(store, settings, bucket.kernel, snapshot=False))
-    except (HarnessError, qemu.FirmwareBootError) as e:
-        record_harness_error(store, "crosscheck", e, sha)
-        state = {"state": "harness-error", "input": sha, "reason": str(e)[:500],
-                 "time": time.time()}
-        store.buckets.set_crosscheck(bid, state)
-        return state
-    state = {"state": "yes" if check.same else "no", "input": sha,
-             "lines": len(check.emulated),
-             "differences": [list(d) for d in check.differences[:DIFFERENCES_KEPT]],
-             "more_differences": max(0, len(check.differences) - DIFFERENCES_KEPT),
-             "after": check.after[:3], "real_ended": check.real_ended,
-             "seconds_emulated": round(check.seconds_emulated, 2),
-             "seconds_real": round(check.seconds_real, 2), "load_base": check.load_base,
+    state = {**_crosscheck(store, settings, bucket.kernel, sha, data), "input": sha,
              "time": time.time()}
     store.buckets.set_crosscheck(bid, state)
     return state
+
+
+def _crosscheck(store: FarmStore, settings: Settings, kernel: str, sha: str,
+                data: bytes | None) -> dict[str, Any]:
+    if data is None:
+        record_harness_error(store, "crosscheck", "input not found in Redis", sha)
+        return {"state": "harness-error", "reason": "input not found in Redis"}
+    profile = _profile(store, settings, kernel)
+    if not crosscheck.is_uefi(profile):
+        return {"state": "not-run", "reason": f"build '{kernel}' is no UEFI application"}
+    why = qemu.missing()
+    if why is not None:  # a worker given the queue without QEMU: say so, do not guess
+        return {"state": "not-run", "reason": why}
+    try:
+        check = crosscheck.crosscheck(profile, data, CROSSCHECK_TIMEOUT,
+                                      _executor(store, settings, kernel, snapshot=False))
+    except (HarnessError, qemu.FirmwareBootError) as e:
+        record_harness_error(store, "crosscheck", e, sha)
+        return {"state": "harness-error", "reason": str(e)[:500]}
+    return {"state": "yes" if check.same else "no", "lines": len(check.emulated),
+            "differences": [list(d) for d in check.differences[:DIFFERENCES_KEPT]],
+            "more_differences": max(0, len(check.differences) - DIFFERENCES_KEPT),
+            "after": check.after[:3], "real_ended": check.real_ended,
+            "seconds_emulated": round(check.seconds_emulated, 2),
+            "seconds_real": round(check.seconds_real, 2), "load_base": check.load_base}
