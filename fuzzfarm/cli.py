@@ -168,8 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     examples = sorted(EXAMPLES.glob("*.elf"))
     if not examples:
         raise HarnessError(f"no example ELFs in {EXAMPLES}")
-    print(f"{'input':<28} {'kernel':<6} {'verdict':<9} finding")
-    for kernel in ("seed", "fixed"):
+    print(f"{'input':<28} {'kernel':<8} {'verdict':<9} finding")
+    for kernel in ("seed", "upstream", "fixed"):
         executor = Executor(load_profile(kernel))
         for path in examples:
             result = executor.run(path.read_bytes())

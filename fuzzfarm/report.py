@@ -62,4 +62,4 @@ def render_summary_row(name: str, kernel: str, result: Result) -> str:
         vaddr = next((f for f in result.findings if f.cls == "vaddr-corruption"), None)
         if vaddr is not None and vaddr is not result.findings[0]:
             what += f"; then {vaddr.evidence[0]}"
-    return f"{name:<28} {kernel:<6} {result.verdict:<9} {what}"
+    return f"{name:<28} {kernel:<8} {result.verdict:<9} {what}"

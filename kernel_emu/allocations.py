@@ -47,6 +47,9 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     starts: list[int] = []  # sorted keys of `live`, to find a neighbour that overlaps
     findings: list[Finding] = []
     seq = 0
+    # the last free seen, which is what let a first-fit allocator hand out a block twice:
+    # (pointer, the allocation it ended or None, the free's event)
+    last_free: tuple[int, Allocation | None, WatchEvent] | None = None
     # the argument after &self: the size to allocate, or the pointer to free
     second: Callable[[WatchEvent], int] = (lambda ev: ev.rdx) if sites.convention == "win64" \
         else (lambda ev: ev.rsi)
@@ -65,10 +68,13 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                 continue
             other = _overlapping(live, starts, ptr, max(size, 1))
             if other is not None:
+                evidence = [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which "
+                            f"overlaps live allocation #{other.seq} at {other.ptr:#x} "
+                            f"({other.size:#x} bytes)"]
+                if last_free is not None:
+                    evidence.append(_free_evidence(*last_free, describe))
                 findings.append(Finding(
-                    CrashClass.HEAP_CORRUPTION,
-                    [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which overlaps "
-                     f"live allocation #{other.seq} at {other.ptr:#x} ({other.size:#x} bytes)"],
+                    CrashClass.HEAP_CORRUPTION, evidence,
                     frames=_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
             if ptr not in live:
                 bisect.insort(starts, ptr)
@@ -77,7 +83,9 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             ptr = second(ev)
             if not ptr:
                 continue
-            if live.pop(ptr, None) is None:
+            ended = live.pop(ptr, None)
+            last_free = (ptr, ended, ev)
+            if ended is None:
                 findings.append(Finding(
                     CrashClass.HEAP_CORRUPTION,
                     [f"free of {ptr:#x}, which is not a live allocation"],
@@ -99,6 +107,13 @@ def _overlapping(live: dict[int, Allocation], starts: list[int], ptr: int,
     if i < len(starts) and starts[i] < ptr + size:
         return live[starts[i]]
     return None
+
+
+def _free_evidence(ptr: int, ended: Allocation | None, ev: WatchEvent,
+                   describe: Callable[[int, bool], str]) -> str:
+    what = f"allocation #{ended.seq}, {ended.size:#x} bytes" if ended else "not live"
+    return (f"the free before it: {ptr:#x} ({what}), from "
+            + " < ".join(_frames(ev, describe)[:6]))
 
 
 def _frames(ev: WatchEvent, describe: Callable[[int, bool], str]) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-VARIANTS = ("seed", "fixed")
+VARIANTS = ("seed", "fixed", "upstream")
 BUILD_TIMEOUT_S = 600
 
 _BASE_FLAGS = [
@@ -46,7 +46,7 @@ _BASE_FLAGS = [
     "-C", "link-arg=-no-pie",
     "-C", "link-arg=-Wl,--build-id=none",
     "-C", "link-arg=-Tlinker.ld",
-    "--check-cfg", "cfg(rustux_fixed)",
+    "--check-cfg", "cfg(rustux_fixed, rustux_upstream)",
 ]
 
 
@@ -116,6 +116,8 @@ def _flags(variant: str, out_file: str, guest_dir: str) -> list[str]:
     flags = list(_BASE_FLAGS)
     if variant == "fixed":
         flags += ["--cfg", "rustux_fixed"]
+    if variant == "upstream":
+        flags += ["--cfg", "rustux_upstream"]
     flags += [f"--remap-path-prefix={guest_dir}=rustux", "-o", out_file, "src/main.rs"]
     return flags
 

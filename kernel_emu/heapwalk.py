@@ -45,26 +45,25 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     bank = m.bank_for(heap.base, heap.size)
     if bank is None:
         return HeapState([], [("heap.size", f"heap {heap.base:#x}+{heap.size:#x} is not RAM")])
+    if not heap.blocks_tile:
+        return _walk_free_list(m, heap, free_list_head, max_blocks)
+    # the header's size field, less what it counts beyond the payload
+    counted = hs if heap.size_includes_header else 0
     addr = heap.base
     while addr < heap.end and len(blocks) < max_blocks:
         if addr + hs > heap.end:
             problems.append(("heap.size", f"block at {addr:#x} runs past the heap end "
                                           f"{heap.end:#x}"))
             break
-        raw = bank.view[addr - bank.base:addr - bank.base + hs]
-        size = struct.unpack_from("<Q", raw, heap.size_offset)[0]
-        free = raw[heap.free_offset] != 0
-        magic = struct.unpack_from("<Q", raw, heap.magic_offset)[0]
-        prev = struct.unpack_from("<Q", raw, heap.prev_offset)[0]
-        nxt = struct.unpack_from("<Q", raw, heap.next_offset)[0]
-        block = Block(addr, size, free, magic == heap.magic, prev, nxt)
+        block = _read_block(bank.view, addr - bank.base, addr, heap)
         blocks.append(block)
         if not block.magic_ok:
-            problems.append(("block.magic", f"block at {addr:#x}: bad magic {magic:#x} "
-                                            f"(expected {heap.magic:#x})"))
+            problems.append(("block.magic", _bad_magic(bank.view, addr - bank.base, addr,
+                                                       heap)))
             break
-        nxt_addr = addr + hs + size
-        if nxt_addr > heap.end or size > heap.size:
+        size = block.size
+        nxt_addr = addr + hs + size - counted
+        if nxt_addr > heap.end or size > heap.size or nxt_addr <= addr:
             problems.append(("block.size", f"block at {addr:#x}: size {size:#x} runs past the "
                                            f"heap end {heap.end:#x}"))
             break
@@ -75,6 +74,52 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     if free_list_head is not None and not problems and len(blocks) < max_blocks:
         problems += _check_free_list(m, heap, blocks, free_list_head)
     return HeapState(blocks, problems)
+
+
+def _read_block(view: Any, at: int, addr: int, heap: HeapLayout) -> Block:
+    raw = view[at:at + heap.header_size]
+    return Block(addr,
+                 struct.unpack_from("<Q", raw, heap.size_offset)[0],
+                 raw[heap.free_offset] != 0,
+                 struct.unpack_from("<Q", raw, heap.magic_offset)[0] == heap.magic,
+                 struct.unpack_from("<Q", raw, heap.prev_offset)[0],
+                 struct.unpack_from("<Q", raw, heap.next_offset)[0])
+
+
+def _bad_magic(view: Any, at: int, addr: int, heap: HeapLayout) -> str:
+    magic = struct.unpack_from("<Q", view, at + heap.magic_offset)[0]
+    return f"block at {addr:#x}: bad magic {magic:#x} (expected {heap.magic:#x})"
+
+
+def _walk_free_list(m: Machine, heap: HeapLayout, head: int | None,
+                    max_blocks: int) -> HeapState:
+    """For allocators whose blocks do not tile the heap: the free list from its head, each
+    node a header inside the heap with the right magic, marked free, met once."""
+    blocks: list[Block] = []
+    if head is None:
+        return HeapState(blocks, [])
+    bank = m.bank_for(heap.base, heap.size)
+    assert bank is not None
+    seen: set[int] = set()
+    node = head
+    while node and len(blocks) < max_blocks:
+        if node in seen:
+            return HeapState(blocks, [("free_list", f"free list loops back to {node:#x}")])
+        seen.add(node)
+        if node < heap.base or node + heap.header_size > heap.end:
+            return HeapState(blocks, [("free_list", f"free list node {node:#x} lies outside "
+                                                    f"the heap")])
+        block = _read_block(bank.view, node - bank.base, node, heap)
+        blocks.append(block)
+        if not block.magic_ok:
+            return HeapState(blocks, [("block.magic", _bad_magic(bank.view, node - bank.base,
+                                                                 node, heap))])
+        if not block.free:
+            return HeapState(blocks, [("free_list", f"free list node {node:#x} is not marked "
+                                                    f"free")])
+        node = block.next
+    blocks.sort(key=lambda b: b.addr)
+    return HeapState(blocks, [])
 
 
 def _check_free_list(m: Machine, heap: HeapLayout, blocks: list[Block],

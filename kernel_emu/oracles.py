@@ -233,8 +233,9 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
             fld, evidence = heap.problems[0]
             state.append(Finding(CrashClass.HEAP_CORRUPTION, [evidence], frames=frames,
                                  field=fld))
-    if log.rejected is None:
-        state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)
+    # a table the kernel printed is compared even if it then refused to map it: a corrupted
+    # table is often what makes it refuse
+    state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)
     if stop == StopReason.UNTIL:
         state += user_space_findings(m, image, profile, log, expected, frames, kstack_base)
     findings = _dedupe(obs.events + state + ([terminal] if terminal else []))

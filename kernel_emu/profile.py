@@ -10,10 +10,10 @@ from typing import Any
 from kernel_emu.errors import ProfileError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-BUILTIN_PROFILES = ("seed", "fixed")
+BUILTIN_PROFILES = ("seed", "fixed", "upstream")
 # the same builds as static ELFs at their link addresses, the emulator's first way of booting
 # the guest: kept to compare with
-ELF_PROFILES = ("seed-elf", "fixed-elf")
+ELF_PROFILES = ("seed-elf", "fixed-elf", "upstream-elf")
 CONVENTIONS = ("sysv64", "win64")
 
 
@@ -42,6 +42,12 @@ class HeapLayout:
     # how the allocator's entry points take their arguments: "sysv64" (rdi, rsi, rdx) or
     # "win64" (rcx, rdx, r8: a Rust function's own convention on the UEFI target)
     convention: str = "sysv64"
+    # whether a header's size counts the header itself (else only the payload after it)
+    size_includes_header: bool = False
+    # whether the blocks lie back to back from the heap base, each header's size leading to
+    # the next (false for allocators that leave a block's size claiming more than it holds:
+    # then only the free list is walked)
+    blocks_tile: bool = True
 
     @property
     def end(self) -> int:
@@ -91,8 +97,8 @@ def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
         if name not in table:
             continue  # optional, left at its default
         value = table[name]
-        expect = str if typ in (str, "str") else int
-        if not isinstance(value, expect) or isinstance(value, bool):
+        expect = {"str": str, "bool": bool}.get(typ if isinstance(typ, str) else typ.__name__, int)
+        if not isinstance(value, expect) or (expect is int and isinstance(value, bool)):
             raise ProfileError(f"{origin}: [{key}].{name} must be {expect.__name__}")
         values[name] = value
     if values.get("convention", "sysv64") not in CONVENTIONS:

@@ -71,7 +71,7 @@ _KERNEL_FLAGS = [
     "-C", "link-arg=/Brepro",
     "-C", "link-arg=/DEBUG:NONE",
     *_MANGLING,
-    "--check-cfg", "cfg(rustux_fixed)",
+    "--check-cfg", "cfg(rustux_fixed, rustux_upstream)",
 ]
 # where the library sources are said to be in the images' strings (panic locations)
 LIBRARY_REMAP = "/rustc/library"
@@ -208,6 +208,8 @@ def _flags(variant: str, out_file: str, map_file: str, guest_dir: str) -> list[s
     source = "src/main.rs"
     if variant == "fixed":
         flags += ["--cfg", "rustux_fixed"]
+    if variant == "upstream":
+        flags += ["--cfg", "rustux_upstream"]
     if variant == SHIM:
         flags[flags.index("rustux")] = SHIM
         source = "bootshim/main.rs"

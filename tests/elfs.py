@@ -235,3 +235,21 @@ def readelf_loads(path: Path) -> list[dict[str, int]]:
             "flags": _flags_from_readelf(flags),
         })
     return loads
+
+
+def build_static_program(tmp_dir: Path, name: str = "hello") -> Path:
+    """A plain C program linked by gcc with `-static` against the C library, as anyone would
+    build one: gcc's own program headers (on x86-64 Debian 12: four PT_LOADs among ten, the
+    data segment not page-aligned). ToolMissingError when gcc or a static libc is missing."""
+    if not tools_available():
+        raise ToolMissingError("gcc and readelf are needed to build test ELFs")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    source = tmp_dir / f"{name}.c"
+    source.write_text('#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n')
+    output = tmp_dir / name
+    result = subprocess.run(["gcc", "-static", "-O1", "-o", str(output), str(source)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise ToolMissingError(f"gcc -static failed (is libc6-dev installed?): "
+                               f"{result.stderr.strip()[:200]}")
+    return output

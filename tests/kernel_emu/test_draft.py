@@ -25,6 +25,7 @@ def _fuzzfarm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("image", "builtin"), [("seed.efi", "seed"), ("fixed.efi", "fixed"),
+                                                ("upstream.efi", "upstream"),
                                                 ("seed.elf", "seed-elf")])
 def test_the_draft_finds_what_the_hand_written_profile_names(image: str, builtin: str) -> None:
     draft = draft_profile(IMAGES / image)

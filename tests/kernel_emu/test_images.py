@@ -19,7 +19,7 @@ def _manifest() -> dict:
     return json.loads((IMAGES / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("variant", ["seed-elf", "fixed-elf"])
+@pytest.mark.parametrize("variant", ["seed-elf", "fixed-elf", "upstream-elf"])
 def test_manifest_describes_committed_image(variant: str) -> None:
     entry = _manifest()[variant]
     data = (IMAGES / entry["file"]).read_bytes()
@@ -40,19 +40,20 @@ def test_images_match_source(tmp_path: Path) -> None:
     with one, an image that does not come out byte for byte fails."""
     manifest = _manifest()
     pinned = manifest["seed-elf"]["rustc"]
-    assert manifest["fixed-elf"]["rustc"] == pinned
+    assert manifest["fixed-elf"]["rustc"] == manifest["upstream-elf"]["rustc"] == pinned
     rustc = guest_build.find_rustc(pinned)
     if rustc is None:
         found = "; ".join(f"{c}: {_version(c)}" for c in guest_build.rustc_candidates())
         pytest.skip(f"no rustc of the version the images were built with ({pinned}); "
                     f"found: {found or 'none'}")
     rebuilt = guest_build.build_all(tmp_path, rustc=rustc)
-    for variant in ("seed-elf", "fixed-elf"):
+    for variant in ("seed-elf", "fixed-elf", "upstream-elf"):
         assert rebuilt[variant]["rustc"] == pinned, variant
         assert rebuilt[variant]["sha256"] == manifest[variant]["sha256"], variant
 
 
-@pytest.mark.parametrize("variant", ["seed", "fixed", "seed-elf", "fixed-elf"])
+@pytest.mark.parametrize("variant", ["seed", "fixed", "upstream", "seed-elf", "fixed-elf",
+                                     "upstream-elf"])
 def test_profile_symbols_resolve(variant: str) -> None:
     profile = load_profile(variant)
     image = load_image(profile.image, profile.kernel.load_base)

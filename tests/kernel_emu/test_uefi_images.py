@@ -17,7 +17,7 @@ from kernel_emu.linkmap import LinkMapError, parse_link_map, read_link_map
 from kernel_emu.profile import load_profile
 
 IMAGES = Path(uefi_build.__file__).parent / "images"
-VARIANTS = ("seed", "fixed")
+VARIANTS = ("seed", "fixed", "upstream")
 ALL = (*VARIANTS, uefi_build.SHIM)  # the kernels and the boot shim
 
 

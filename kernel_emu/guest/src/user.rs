@@ -156,6 +156,7 @@ pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible
                 continue;
             }
             let (start, end) = page_span(s.vaddr, s.memsz);
+            #[cfg(rustux_upstream)] if s.vaddr % PAGE_SIZE != 0 { return Err("segment address not page-aligned"); }
             if overlaps(start, end, image_start, image_reserved_end)
                 || overlaps(start, end, stack_base, stack_top)
             {

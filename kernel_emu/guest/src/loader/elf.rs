@@ -4,12 +4,12 @@
 //! Heap use, in this order: the segment table (`Vec<Segment>`, the loader's first
 //! allocation), the table of buffer pointers, one buffer per segment, the `LoadedElf`.
 
-use alloc::vec::Vec;
-use core::alloc::Layout;
-use core::mem::ManuallyDrop;
+#[cfg(not(rustux_upstream))] use alloc::vec::Vec;
+#[cfg(not(rustux_upstream))] use core::alloc::Layout;
+#[cfg(not(rustux_upstream))] use core::mem::ManuallyDrop;
 use core::ptr::read_volatile;
 
-#[cfg(not(rustux_fixed))]
+#[cfg(all(not(rustux_fixed), not(rustux_upstream)))]
 use alloc::boxed::Box;
 
 pub const PT_LOAD: u32 = 1;
@@ -17,7 +17,7 @@ pub const PF_X: u64 = 1;
 pub const PF_W: u64 = 2;
 
 const EHDR_SIZE: usize = 64;
-const PHDR_SIZE: u64 = 56;
+#[cfg(not(rustux_upstream))] const PHDR_SIZE: u64 = 56;
 const ELFCLASS64: u8 = 2;
 const ELFDATA2LSB: u8 = 1;
 const ET_EXEC: u16 = 2;
@@ -58,14 +58,14 @@ pub struct LoadedElf {
 const _: () = assert!(core::mem::size_of::<Segment>() == 40);
 const _: () = assert!(core::mem::size_of::<LoadedElf>() == 40);
 
-struct ElfHeader {
+#[cfg(not(rustux_upstream))] struct ElfHeader {
     entry: u64,
     phoff: u64,
     phentsize: u16,
     phnum: u16,
 }
 
-struct ProgramHeader {
+#[cfg(not(rustux_upstream))] struct ProgramHeader {
     kind: u32,
     flags: u32,
     offset: u64,
@@ -88,7 +88,7 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
 }
 
 /// Loads `file` (the ELF, in place in the ramdisk) into heap buffers.
-#[inline(never)]
+#[cfg(not(rustux_upstream))] #[inline(never)]
 pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
     let header = parse_header(file)?;
     let segments = collect_segments(file, &header)?;
@@ -101,7 +101,7 @@ pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
     finish(segments, buffers, header.entry)
 }
 
-fn parse_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
+#[cfg(not(rustux_upstream))] fn parse_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
     if file.len() < EHDR_SIZE {
         return Err("file too small for an ELF header");
     }
@@ -133,7 +133,7 @@ fn parse_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
     Ok(header)
 }
 
-fn read_program_header(file: &[u8], at: u64) -> Result<ProgramHeader, &'static str> {
+#[cfg(not(rustux_upstream))] fn read_program_header(file: &[u8], at: u64) -> Result<ProgramHeader, &'static str> {
     if !at.checked_add(PHDR_SIZE).is_some_and(|end| end <= file.len() as u64) {
         return Err("program header outside the file");
     }
@@ -151,7 +151,7 @@ fn read_program_header(file: &[u8], at: u64) -> Result<ProgramHeader, &'static s
 
 /// Walks the program headers with a cursor advanced by `e_phentsize`; the table is sized for
 /// every program header.
-#[cfg(not(rustux_fixed))]
+#[cfg(all(not(rustux_fixed), not(rustux_upstream)))]
 #[inline(never)]
 fn collect_segments(file: &[u8], header: &ElfHeader) -> Result<Vec<Segment>, &'static str> {
     let mut segments = Vec::with_capacity(usize::from(header.phnum));
@@ -196,7 +196,7 @@ fn collect_segments(file: &[u8], header: &ElfHeader) -> Result<Vec<Segment>, &'s
 }
 
 /// Validates one PT_LOAD entry and turns it into a `Segment`.
-fn check_segment(file: &[u8], ph: &ProgramHeader) -> Result<Segment, &'static str> {
+#[cfg(not(rustux_upstream))] fn check_segment(file: &[u8], ph: &ProgramHeader) -> Result<Segment, &'static str> {
     #[cfg(not(rustux_fixed))]
     if ph.vaddr % ph.align != ph.offset % ph.align {
         return Err("segment address and file offset disagree modulo p_align");
@@ -259,7 +259,7 @@ fn check_entry(segments: &[Segment], entry: u64) -> Result<(), &'static str> {
 }
 
 /// Copies every segment into a fresh heap buffer of `memsz` bytes and zeroes the BSS part.
-#[inline(never)]
+#[cfg(not(rustux_upstream))] #[inline(never)]
 fn load_segments(file: &[u8], segments: &[Segment]) -> Result<Vec<*mut u8>, &'static str> {
     #[cfg(not(rustux_fixed))]
     let mut buffers = Vec::with_capacity(segments.len());
@@ -294,7 +294,7 @@ fn load_segments(file: &[u8], segments: &[Segment]) -> Result<Vec<*mut u8>, &'st
 }
 
 /// Hands the segment table and the buffers over to a heap-allocated `LoadedElf`.
-#[inline(never)]
+#[cfg(not(rustux_upstream))] #[inline(never)]
 fn finish(
     segments: Vec<Segment>,
     buffers: Vec<*mut u8>,
@@ -375,3 +375,11 @@ pub fn log_segment_table(loaded: *const LoadedElf) {
         kline!("[elf] entry=", Hex(read_volatile(&(*loaded).entry)));
     }
 }
+
+// The upstream build's loader (its own file; the items above marked not(rustux_upstream) are
+// the seed and fixed loaders').
+#[cfg(rustux_upstream)]
+#[path = "elf_upstream.rs"]
+mod upstream;
+#[cfg(rustux_upstream)]
+pub use upstream::load;

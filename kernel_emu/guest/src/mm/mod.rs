@@ -1,7 +1,7 @@
 //! Memory management: physical pages, page tables, the kernel stack and the heap.
 
 pub mod frame;
-pub mod heap;
+#[cfg(not(rustux_upstream))] pub mod heap;
 pub mod paging;
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -27,3 +27,8 @@ pub fn allocate_kernel_stack() -> u64 {
     }
     base + KERNEL_STACK_SIZE
 }
+
+// the upstream build's heap: the allocator as public Rustux has it
+#[cfg(rustux_upstream)]
+#[path = "heap_upstream.rs"]
+pub mod heap;

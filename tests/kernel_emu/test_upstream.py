@@ -1,0 +1,88 @@
+"""The upstream build: public Rustux's allocator and loader mechanics under the emulator, and
+the fixed build on the same inputs."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from tests.elfs import ToolMissingError, build_elf, build_static_program, readelf_loads
+
+HEAP_BASE_PAYLOAD = 0x300028  # the upstream heap's base plus its 40-byte header
+
+
+@pytest.fixture(scope="module")
+def executors() -> dict[str, Executor]:
+    return {k: Executor(load_profile(k)) for k in ("upstream", "fixed")}
+
+
+@pytest.fixture(scope="module")
+def static_program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        return build_static_program(tmp_path_factory.mktemp("static"))
+    except ToolMissingError as e:
+        pytest.skip(str(e))
+
+
+def _phdr_types(data: bytes) -> list[int]:
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    return [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+
+
+def test_a_gcc_static_program_gets_vaddr_0x300028_with_its_cause(
+        executors: dict[str, Executor], static_program: Path) -> None:
+    data = static_program.read_bytes()
+    assert len(_phdr_types(data)) > 4  # what makes the program header Vec grow
+    result = executors["upstream"].run(data)
+    assert result.verdict == "crash"
+    assert result.segments[0]["vaddr"] == HEAP_BASE_PAYLOAD
+    cause, *consequences = result.findings
+    # the cause: an allocation handed out over a live one, and the free that allowed it
+    assert cause.cls == "heap-corruption" and cause.field == "allocation.overlap"
+    assert "returned 0x300028" in cause.evidence[0]
+    assert cause.evidence[1].startswith("the free before it:")
+    assert "LinkedListAllocator::deallocate" in cause.evidence[1]
+    assert "LinkedListAllocator::allocate" in cause.frames[0]
+    assert cause.signature().split(" | ")[1].startswith(
+        "rustux::mm::heap::LinkedListAllocator::allocate")
+    # the consequence: the segment table's head overwritten with a pointer
+    vaddr = next(f for f in consequences if f.field == "segments[0].vaddr")
+    assert vaddr.cls == "vaddr-corruption"
+    assert "kernel loaded vaddr 0x300028" in vaddr.evidence[0]
+    # the upstream mapping refuses the address that is not page-aligned
+    assert result.reject_reason == "segment address not page-aligned"
+
+
+def test_the_fixed_build_loads_the_same_program_cleanly(
+        executors: dict[str, Executor], static_program: Path) -> None:
+    result = executors["fixed"].run(static_program.read_bytes())
+    assert result.verdict == "ok", result.findings
+    assert result.stop == "until"
+    assert result.segments == readelf_loads(static_program)
+
+
+def test_one_pt_load_panics_reading_segment_2(executors: dict[str, Executor],
+                                              tmp_path: Path) -> None:
+    result = executors["upstream"].run(build_elf(tmp_path, loads=1).read_bytes())
+    assert result.verdict == "crash"
+    classes = [(f.cls, f.field) for f in result.findings]
+    # the heap is already wrong before the panic: the cause comes first
+    assert classes[0] == ("heap-corruption", "allocation.overlap")
+    panic = next(f for f in result.findings if f.cls == "kernel-panic")
+    assert "index out of bounds: the len is 1 but the index is 2" in panic.evidence[0]
+
+
+def test_the_heap_walk_reads_headers_that_count_themselves(executors: dict[str, Executor],
+                                                           tmp_path: Path) -> None:
+    """Upstream blocks claim more than they hold: the walk must not call the first block's
+    size (the whole heap, header included) a block running past the heap's end."""
+    result = executors["upstream"].run(build_elf(tmp_path, loads=3).read_bytes())
+    assert not any(f.field in ("block.size", "heap.size") for f in result.findings), \
+        result.findings
+    assert result.heap_blocks, "the free list was not walked"
+    assert all(b["free"] and b["magic_ok"] for b in result.heap_blocks)
