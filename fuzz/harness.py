@@ -310,10 +310,13 @@ class Job:
         if self._mutator is None:
             import atheris
 
+            from fuzz.facts import facts_for
             from fuzz.mutator import ElfMutator
 
+            facts = facts_for(self.executor.profile, self.executor.image)
             # looked up at call time: Fuzz() replaces atheris.Mutate once it starts
-            self._mutator = ElfMutator(lambda d, n: atheris.Mutate(d, n), seed=self.config.seed)
+            self._mutator = ElfMutator(lambda d, n: atheris.Mutate(d, n), seed=self.config.seed,
+                                       facts=facts)
         return self._mutator
 
     # stopping ----------------------------------------------------------------------------

@@ -464,7 +464,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, crash_optional: bool = Fal
     """The options of `fuzzfarm minimize`, for a parser of its own or a subcommand's."""
     parser.add_argument("crash", metavar="CRASH", nargs="?" if crash_optional else None,
                         help="an input that crashes the kernel")
-    parser.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
+    parser.add_argument("--kernel", default="seed", metavar="seed|fixed|upstream|PROFILE.toml",
                         help="kernel build: a built-in profile or a profile file "
                              "(default: seed)")
     parser.add_argument("-o", "--output", metavar="OUT",

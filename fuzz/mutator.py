@@ -2,8 +2,8 @@
 
 Blind byte flips almost never get past the loader's header checks with a meaningful change:
 most of what makes the loader interesting is in a handful of 64-bit fields whose dangerous
-values are far apart (page boundaries, sizes near the 16 MiB heap, wrap points at 2**32 and
-2**64, the kernel half).  This mutator edits those fields directly, reshapes the program
+values are far apart (page boundaries, sizes near the kernel heap's end, wrap points at 2**32
+and 2**64, the kernel half).  This mutator edits those fields directly, reshapes the program
 header table, and moves segment data around while keeping the rest of the file consistent,
 so that one mutation changes one thing the loader checks.
 
@@ -18,6 +18,7 @@ import random
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 
+from fuzz.facts import HeapFacts, KernelFacts
 from kernel_emu.elflayout import (
     EI_ABIVERSION,
     EI_CLASS,
@@ -57,12 +58,6 @@ from kernel_emu.elflayout import (
 
 ByteMutate = Callable[[bytes, int], bytes]
 
-# Kernel heap geometry (the target profile's [heap] table and ABI.md): sizes that land a
-# loader allocation right at the end of the heap are the ones the allocator gets wrong.
-HEAP_BASE = 0x30_0000
-HEAP_SIZE = 0x100_0000
-HEAP_HEADER = 40
-SEGMENT_RECORD = 40  # bytes per entry of the kernel's own segment table
 PAGE = 0x1000
 
 U16_MAX = 0xFFFF
@@ -75,6 +70,8 @@ BYTE_MUTATION_SHARE = 0.25
 PLANT_SHARE = 0.1
 # how often a call stacks a second (and third) ELF-aware operation
 STACK_SHARE = 0.3
+# share of field values taken from the kernel's dictionary (fuzz.facts) when it has one
+DICTIONARY_SHARE = 0.2
 
 _EHDR = ELF64_EHDR.le
 _PHDR = ELF64_PHDR.le
@@ -100,16 +97,17 @@ _PHDR_FIELD_WEIGHT_LIST = tuple(_PHDR_FIELD_WEIGHTS[name] for name in _PHDR_FIEL
 # --- interesting values ------------------------------------------------------------------
 KERNEL_HALF = 0xFFFF_8000_0000_0000
 KERNEL_TOP = 0xFFFF_FFFF_8000_0000
+# generic ones here; the kernel's own (its heap, its image, values its code checks) come from
+# its profile and image (fuzz.facts)
 ADDRESSES: tuple[int, ...] = (
-    0, 1, 0xFFF, PAGE, PAGE + 1, 0x10_0000, 0x20_0000, HEAP_BASE, HEAP_BASE + HEAP_HEADER,
-    HEAP_BASE + HEAP_SIZE, 0x40_0000, 0x800_0000, 0xFFFF_F000, 0x1_0000_0000,
+    0, 1, 0xFFF, PAGE, PAGE + 1, 0x10_0000, 0x20_0000, 0x40_0000, 0x800_0000, 0xFFFF_F000,
+    0x1_0000_0000,
     0x7FFF_FFFF_F000, 0x0000_8000_0000_0000, 0x0000_8000_0000_1000, KERNEL_HALF,
     KERNEL_HALF + 0x40_0000, KERNEL_TOP, 0xFFFF_FFFF_FFFF_F000, U64_MAX, 1 << 63,
 )
 SIZES: tuple[int, ...] = (
     0, 1, 7, 8, 0x27, 0x28, 0x29, 0x50, 0x9F, 0xA0, 0xA1, 0xA8, 0xFFF, PAGE, PAGE + 1,
-    0x2000, 0x1_0000, 0x20_0000, HEAP_SIZE - PAGE, HEAP_SIZE - 0xA8, HEAP_SIZE - HEAP_HEADER,
-    HEAP_SIZE, HEAP_SIZE + 1, 0x200_0000, 0x7FFF_FFFF, 0x8000_0000, U32_MAX, 1 << 32,
+    0x2000, 0x1_0000, 0x20_0000, 0x200_0000, 0x7FFF_FFFF, 0x8000_0000, U32_MAX, 1 << 32,
     (1 << 32) + PAGE, (1 << 32) + 0x2000, 1 << 63, U64_MAX - PAGE + 1, U64_MAX,
 )
 ALIGNS: tuple[int, ...] = (0, 1, 2, 3, 8, 0x10, 0xFFF, PAGE, PAGE + 1, 0x20_0000, 1 << 63,
@@ -122,8 +120,9 @@ PHNUMS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 8, 15, 16, 17, 32, 64, 0x7FFF, 0xFF
 PHENTSIZES: tuple[int, ...] = (0, 1, 8, 32, 55, 56, 57, 64, 112, 0x8000, U16_MAX)
 ELF_TYPES: tuple[int, ...] = (0, ET_REL, ET_EXEC, ET_DYN, ET_CORE, 0xFE00, 0xFF00, U16_MAX)
 MACHINES: tuple[int, ...] = (0, EM_386, EM_X86_64, EM_ARM, EM_AARCH64, EM_RISCV, U16_MAX)
-# free bytes to leave after a segment buffer: both sides of any plausible split threshold
-LEFTOVERS: tuple[int, ...] = (0, 8, 16, 32, 40, 48, 56, 80, 96, 120, 152, 159, 160, 168, 200)
+# free bytes to leave after a segment buffer (with multiples of the heap's header size, around
+# which an allocator decides whether to split a block)
+LEFTOVERS: tuple[int, ...] = (0, 8, 16, 32, 64, 96, 128, 200, 256)
 DELTAS: tuple[int, ...] = (1, 2, 3, 4, 7, 8, 16, 40, 48, 56, 64, 160, 168, 0xFFF, PAGE,
                            0x1_0000, 1 << 32)
 GENERIC: tuple[int, ...] = (0, 1, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, U16_MAX, 0x1_0000,
@@ -212,16 +211,17 @@ def parse(data: bytes | bytearray) -> _Elf | None:
     return _Elf(data if isinstance(data, bytearray) else bytearray(data))
 
 
-def heap_free_before(table_entries: int, load_memsz: Sequence[int], index: int) -> int:
-    """Free payload bytes left in the heap's one block when the buffer of PT_LOAD `index` is
-    requested: after the segment table, the buffer-pointer table and the earlier buffers,
-    every request split off the front of the block (40-byte header each)."""
-    free = HEAP_SIZE - HEAP_HEADER
-    requests = [SEGMENT_RECORD * table_entries, 8 * len(load_memsz)]
-    # a size above 4 GiB only gets this far through a loader that keeps its low 32 bits
-    requests += [size & U32_MAX if size > U32_MAX else size for size in load_memsz[:index]]
+def heap_free_before(heap: HeapFacts, record: int, table_entries: int,
+                     load_memsz: Sequence[int], index: int) -> int:
+    """Free bytes a first-fit heap that starts as one block has left when a loader that keeps
+    its segments in heap buffers asks for the buffer of PT_LOAD `index`: after a segment table
+    (`record` bytes per entry), a table of pointers and the earlier buffers, each request split
+    off the front of the block with its header. A guess at a loader's bookkeeping, good enough
+    to land near the heap's end."""
+    free = heap.size - heap.header
+    requests = [record * table_entries, 8 * len(load_memsz), *load_memsz[:index]]
     for size in requests:
-        free -= _round8(max(size, 1)) + HEAP_HEADER
+        free -= _round8(max(size, 1)) + heap.header
     return free
 
 
@@ -239,8 +239,12 @@ class ElfMutator:
     """
 
     def __init__(self, byte_mutate: ByteMutate | None = None, *, seed: int | None = None,
-                 raise_errors: bool = False) -> None:
+                 raise_errors: bool = False, facts: KernelFacts | None = None) -> None:
         self.byte_mutate = byte_mutate
+        self.facts = facts or KernelFacts()
+        self._addresses = ADDRESSES + self.facts.places
+        self._sizes = SIZES + self.facts.sizes
+        self._values = self.facts.values
         self._salt = 0 if seed is None else (int(seed) & U64_MAX) << 64
         self._raise = raise_errors
         ops: list[tuple[str, Operation, int]] = [
@@ -393,7 +397,7 @@ class ElfMutator:
                                 vaddr + rng.randrange(max(memsz, 1) & U32_MAX or 1),
                                 vaddr - 1))
         elif roll < 0.85:
-            value = rng.choice(ADDRESSES)
+            value = self._pick(rng, self._addresses)
         else:
             value = elf.entry + rng.choice(DELTAS) * rng.choice((1, -1))
         return value & U64_MAX
@@ -450,7 +454,7 @@ class ElfMutator:
         offset = min(offset, size)
         filesz = rng.choice((0, min(PAGE, size - offset), size - offset, rng.randrange(0x200)))
         filesz = min(filesz, size - offset)
-        memsz = rng.choice((filesz, filesz + PAGE, _round8(filesz), rng.choice(SIZES)))
+        memsz = rng.choice((filesz, filesz + PAGE, _round8(filesz), self._pick(rng, self._sizes)))
         vaddr = _align_up(top, PAGE) + rng.choice((0, PAGE, 0x20_0000)) + offset % PAGE
         flags = rng.choice((PF_R, PF_R | PF_X, PF_R | PF_W, PF_R | PF_W | PF_X))
         return _PHDR.pack(PT_LOAD, flags, offset, vaddr, vaddr, filesz, memsz & U64_MAX, PAGE)
@@ -551,14 +555,24 @@ class ElfMutator:
             near = (vaddr + 1, vaddr - PAGE, vaddr + PAGE, vaddr | (1 << 32),
                     (1 << 64) - memsz, (1 << 64) - memsz + 1, (1 << 32) - memsz,
                     KERNEL_HALF + (vaddr & (PAGE - 1)), KERNEL_TOP + (vaddr & (PAGE - 1)))
-            return rng.choice(ADDRESSES + near)
+            return self._pick(rng, self._addresses + near)
         if name == "p_filesz":
-            return rng.choice(SIZES + (memsz, memsz + 1, memsz + PAGE, size - offset,
+            return self._pick(rng, self._sizes + (memsz, memsz + 1, memsz + PAGE, size - offset,
                                        size - offset + 1, (1 << 64) - offset))
         # p_memsz
-        return rng.choice(SIZES + (filesz, filesz - 1, filesz + 1, memsz | (1 << 32),
-                                   memsz + (1 << 32), (1 << 64) - vaddr, (1 << 32) - vaddr,
-                                   HEAP_SIZE - SEGMENT_RECORD * elf.phnum))
+        near = (filesz, filesz - 1, filesz + 1, memsz | (1 << 32), memsz + (1 << 32),
+                (1 << 64) - vaddr, (1 << 32) - vaddr)
+        heap = self.facts.heap
+        if heap is not None:
+            near += (heap.size - rng.choice(self.facts.record_sizes) * elf.phnum,)
+        return self._pick(rng, self._sizes + near)
+
+    def _pick(self, rng: random.Random, choices: tuple[int, ...]) -> int:
+        """One of `choices`, or now and then one of the values the kernel's code compares
+        against (its dictionary)."""
+        if self._values and rng.random() < DICTIONARY_SHARE:
+            return rng.choice(self._values)
+        return rng.choice(choices)
 
     def _op_phdr_field(self, rng: random.Random, elf: _Elf, max_size: int) -> bool:
         index = self._pick_entry(rng, elf)
@@ -615,8 +629,8 @@ class ElfMutator:
             else:
                 elf.set(index, "p_vaddr", vaddr + rng.choice((1, 8, 0x800)))
         elif kind == 5:  # segment in the kernel half (entry follows it sometimes)
-            target = rng.choice((KERNEL_HALF, KERNEL_TOP, 0x0000_8000_0000_0000, 0x10_0000,
-                                 HEAP_BASE)) + (vaddr & (PAGE - 1))
+            places = (KERNEL_HALF, KERNEL_TOP, 0x0000_8000_0000_0000, 0x10_0000)
+            target = rng.choice(places + self.facts.places) + (vaddr & (PAGE - 1))
             elf.set(index, "p_vaddr", target)
             if rng.random() < 0.5:
                 elf.set_header("e_entry", target + (elf.entry - vaddr) % max(memsz, 1))
@@ -625,26 +639,30 @@ class ElfMutator:
             if not vaddr <= elf.entry < vaddr + memsz:
                 elf.set_header("e_entry", vaddr + rng.randrange(max(min(memsz, PAGE), 1)))
         else:  # a huge or empty allocation
-            elf.set(index, "p_memsz", rng.choice((0, HEAP_SIZE, HEAP_SIZE + 8, 0x200_0000,
-                                                  0x7FFF_FFF8, U32_MAX)))
+            huge = (0, 0x200_0000, 0x7FFF_FFF8, U32_MAX)
+            if self.facts.heap is not None:
+                huge += (self.facts.heap.size, self.facts.heap.size + 8)
+            elf.set(index, "p_memsz", rng.choice(huge))
         return True
 
     def _op_heap_fit(self, rng: random.Random, elf: _Elf, max_size: int) -> bool:
         """Size one PT_LOAD so that its buffer leaves only a few bytes of the heap free: a
         heap allocator's rarely taken path (no split, then an exhausted free list)."""
         loads = elf.loads()
-        if not loads:
+        heap = self.facts.heap
+        if not loads or heap is None:
             return False
         pos = len(loads) - 1 if rng.random() < 0.6 else rng.randrange(len(loads))
         index = loads[pos]
-        # the kernel's segment table may be sized by e_phnum or by the PT_LOAD count
+        # a kernel's segment table may be sized by e_phnum or by the PT_LOAD count
         table = elf.phnum if rng.random() < 0.7 else len(loads)
         memsz = [elf.get(i, "p_memsz") for i in loads]
-        free = heap_free_before(table, memsz, pos)
+        free = heap_free_before(heap, rng.choice(self.facts.record_sizes), table, memsz, pos)
         if rng.random() < 0.8:
-            leftover = rng.choice(LEFTOVERS)
+            leftover = rng.choice(LEFTOVERS) if rng.random() < 0.4 else \
+                heap.header * rng.randrange(1, 6) + rng.choice((-8, -1, 0, 8))
         else:
-            leftover = rng.randrange(-HEAP_HEADER, 4 * HEAP_HEADER + 40)
+            leftover = rng.randrange(-heap.header, 4 * heap.header + 40)
         size = free - leftover - rng.randrange(8)
         if size < 1:
             return False

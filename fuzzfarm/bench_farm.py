@@ -7,7 +7,7 @@
    the end of the run; the whole run's figure is printed too), hence how many workers one
    Redis can serve.
 3. Time from `fuzzfarm up` (a subprocess, as a user runs it) to a triaged and minimized bucket
-   of the seed bug (segment 0's vaddr = 0x300028).
+   of the seed bug (segment 0's vaddr = the heap's first payload).
 """
 
 from __future__ import annotations

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-input", action="store_true",
                    help="run the UEFI application given as --kernel APP.efi by itself, with "
                         "no input and no profile")
-    p.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
+    p.add_argument("--kernel", default="seed", metavar="seed|fixed|upstream|PROFILE.toml",
                    help="kernel build: a built-in profile or a profile file (default: seed)")
     p.add_argument("--full-boot", action="store_true",
                    help="boot from power-on instead of restoring the snapshot")
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "normalising what differs by machine (load addresses, the "
                                    "memory map). Exit status: 0 same, 1 different, 2 error.")
     p.add_argument("elf", metavar="ELF", help="the input file (any bytes)")
-    p.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
+    p.add_argument("--kernel", default="seed", metavar="seed|fixed|upstream|PROFILE.toml",
                    help="a UEFI build: a built-in profile or a profile file (default: seed)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                    help="how long the boot on QEMU may take (default: 120)")
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "guest coverage and compares) on one kernel build, with a "
                                    "live progress line, then print the findings by signature. "
                                    "Exit status: 0 nothing found, 1 findings, 2 error.")
-    p.add_argument("--kernel", default="seed", metavar="seed|fixed|PROFILE.toml",
+    p.add_argument("--kernel", default="seed", metavar="seed|fixed|upstream|PROFILE.toml",
                    help="kernel build (default: seed)")
     p.add_argument("--seconds", type=float, default=None, metavar="N",
                    help="how long to fuzz (default: 60, or unlimited with --runs)")

@@ -229,9 +229,15 @@ def check_profile(profile_spec: str, example: bytes) -> list[Check]:
     checks.append(Check("the oracles find nothing wrong with a valid input",
                         result.verdict == "ok",
                         f"verdict {result.verdict}" + (f": {evidence}" if evidence else "")))
-    used = [b for b in result.heap_blocks if not b.get("free")]
-    checks.append(Check("the heap walks as the profile describes it, blocks in use",
-                        bool(used), f"{len(result.heap_blocks)} blocks, {len(used)} in use"))
+    if heap.blocks_tile:
+        used = [b for b in result.heap_blocks if not b.get("free")]
+        checks.append(Check("the heap walks as the profile describes it, blocks in use",
+                            bool(used), f"{len(result.heap_blocks)} blocks, {len(used)} in use"))
+    else:
+        bad = [f for f in result.findings if f.field in ("free_list", "block.magic")]
+        checks.append(Check("the free list walks as the profile describes it", not bad,
+                            bad[0].evidence[0] if bad else
+                            f"{len(result.heap_blocks)} free blocks"))
     header = executor.machine.read(heap.base, max(heap.header_size, heap.magic_offset + 8))
     magic = int.from_bytes(header[heap.magic_offset:heap.magic_offset + 8], "little")
     checks.append(Check("the heap's first block header carries the profile's magic",

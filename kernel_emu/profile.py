@@ -72,6 +72,15 @@ class RunLimits:
 
 
 @dataclass(frozen=True)
+class FuzzHints:
+    """Optional `[fuzz]` table: values the kernel's author knows its loader checks against
+    (limits, magic numbers, addresses), tried by the mutator beside those it learns from the
+    image."""
+
+    values: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class TargetProfile:
     name: str
     image: Path
@@ -81,6 +90,7 @@ class TargetProfile:
     kernel: KernelLayout
     run: RunLimits
     source: Path
+    fuzz: FuzzHints = FuzzHints()
 
 
 def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
@@ -107,6 +117,22 @@ def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
     return cls(**values)
 
 
+def _fuzz_hints(raw: dict[str, Any], origin: Path) -> FuzzHints:
+    table = raw.get("fuzz", {})
+    if not isinstance(table, dict):
+        raise ProfileError(f"{origin}: [fuzz] must be a table")
+    unknown = sorted(set(table) - {"values"})
+    if unknown:
+        raise ProfileError(f"{origin}: [fuzz] has unknown keys {', '.join(unknown)}")
+    values = table.get("values", [])
+    if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+            for v in values):
+        raise ProfileError(f"{origin}: [fuzz].values must be a list of integers from 0 to "
+                           "2**64 - 1")
+    return FuzzHints(tuple(values))
+
+
 def load_profile_file(path: Path) -> TargetProfile:
     """Read a profile TOML; the image path is relative to the profile file."""
     try:
@@ -130,6 +156,7 @@ def load_profile_file(path: Path) -> TargetProfile:
         kernel=_section(raw, "kernel", KernelLayout, path),
         run=_section(raw, "run", RunLimits, path),
         source=path.resolve(),
+        fuzz=_fuzz_hints(raw, path),
     )
 
 

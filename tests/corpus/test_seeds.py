@@ -111,14 +111,27 @@ def test_the_corpus_covers_what_it_should(manifest: Manifest) -> None:
 def test_no_seed_is_tailored_to_the_allocator_edge(manifest: Manifest) -> None:
     """Reaching the split threshold is for the fuzzer to find: every seed leaves the heap's
     free block far from it on the seed build."""
-    from corpus.seeds import SEED_SPLIT_THRESHOLD, heap_leftovers, loader_requests
-
     for info in manifest.seeds:
         binary = lief.ELF.parse(_seed(info))
         memsz = [s.virtual_size for s in _loads(binary)]
-        left = heap_leftovers(loader_requests(info.phnum, memsz, fixed=False),
-                              SEED_SPLIT_THRESHOLD)
+        left = _seed_heap_leftovers(info.phnum, memsz)
         assert min(left) >= 0x10000, info.file
+
+
+def _seed_heap_leftovers(phnum: int, memsz: list[int]) -> list[int]:
+    """The seed build's loader (BUGS.md, "Loader heap use"): the bytes its one free block has
+    left after each request (segment table sized by e_phnum, buffer pointers, the buffers, the
+    LoadedElf), each split off the front with a 40-byte header; -1 when a request does not
+    fit."""
+    free = 0x100_0000 - 40
+    out = []
+    for request in (40 * phnum, 8 * len(memsz), *memsz, 40):
+        need = (max(request, 1) + 7) & ~7
+        if need > free:
+            return [*out, -1]
+        out.append(free - need)
+        free -= need + 40
+    return out
 
 
 @needs_gcc

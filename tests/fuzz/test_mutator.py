@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fuzz.mutator import (
-    HEAP_HEADER,
-    HEAP_SIZE,
-    SEGMENT_RECORD,
-    ElfMutator,
-    heap_free_before,
-    parse,
-)
+from fuzz.facts import HeapFacts, KernelFacts, facts_for
+from fuzz.mutator import ElfMutator, heap_free_before, parse
+from kernel_emu.image import load_image
+from kernel_emu.profile import load_profile
 from tests.elfs import build_elf, tools_available
 from tests.reproducers import get_phdr, loads, set_header, set_phdr
 
@@ -25,8 +21,22 @@ EXAMPLES = Path(__file__).parents[2] / "fuzzfarm" / "examples"
 THREE = (EXAMPLES / "three-segments.elf").read_bytes()
 PHDR = 56
 U64 = (1 << 64) - 1
-# the seed allocator hands a free block out whole when less than this would be left
+# the seed build (BUGS.md): its heap, its segment table's entry size, and the allocator's
+# threshold under which it hands a free block out whole
+HEAP_SIZE = 0x100_0000
+HEAP_HEADER = 40
+SEGMENT_RECORD = 40
 SEED_SPLIT_THRESHOLD = 160
+SEED_HEAP = HeapFacts(0x30_0000, HEAP_SIZE, HEAP_HEADER)
+_facts: dict[str, KernelFacts] = {}
+
+
+def seed_facts() -> KernelFacts:
+    """What the farm tells the mutator about the seed build: from its profile and image."""
+    if "seed" not in _facts:
+        profile = load_profile("seed")
+        _facts["seed"] = facts_for(profile, load_image(profile.image, profile.kernel.load_base))
+    return _facts["seed"]
 
 
 def _phnum(elf: bytes) -> int:
@@ -217,8 +227,9 @@ def test_mutation_mix() -> None:
 
 
 # each family changes what it is meant to ---------------------------------------------------
-def _each(name: str, data: bytes = THREE, seeds: int = 200, max_size: int = 65536) -> list[bytes]:
-    mutator = ElfMutator()
+def _each(name: str, data: bytes = THREE, seeds: int = 200, max_size: int = 65536,
+          facts: KernelFacts | None = None) -> list[bytes]:
+    mutator = ElfMutator(facts=facts)
     outs = [mutator.apply(name, data, max_size, seed) for seed in range(seeds)]
     return [o for o in outs if o is not None]
 
@@ -279,13 +290,14 @@ def test_header_field_and_ident_edits_stay_in_the_header() -> None:
             diff = [i for i in range(len(THREE)) if out[i] != THREE[i]]
             assert len(out) == len(THREE)
             assert all(lo <= i < hi for i in diff), (name, diff)
-    entries = {struct.unpack_from("<Q", o, 0x18)[0] for o in _each("header_field", seeds=400)}
+    entries = {struct.unpack_from("<Q", o, 0x18)[0]
+               for o in _each("header_field", seeds=400, facts=seed_facts())}
     assert {0, 0xFFFF_8000_0000_0000, 0x300028} & entries
 
 
 def test_phdr_field_edits_touch_one_entry() -> None:
     off = _phoff(THREE)
-    outs = _each("phdr_field", seeds=400)
+    outs = _each("phdr_field", seeds=400, facts=seed_facts())
     values: set[int] = set()
     for out in outs:
         diff = [i for i in range(len(THREE)) if out[i] != THREE[i]]
@@ -355,7 +367,8 @@ def test_relation_breaks_the_invariants_the_loader_relies_on() -> None:
 
 
 def test_heap_fit_leaves_a_few_bytes_of_the_heap() -> None:
-    outs = _each("heap_fit", seeds=300)
+    assert not _each("heap_fit", seeds=20), "no heap to fit without a profile"
+    outs = _each("heap_fit", seeds=300, facts=seed_facts())
     assert outs
     near = 0
     for out in outs:
@@ -366,7 +379,8 @@ def test_heap_fit_leaves_a_few_bytes_of_the_heap() -> None:
             continue
         k = changed[0]
         for table in (_phnum(out), len(idx)):
-            left = heap_free_before(table, memsz, k) - ((memsz[k] & 0xFFFF_FFFF) + 7 & ~7)
+            left = heap_free_before(SEED_HEAP, SEGMENT_RECORD, table, memsz, k) - \
+                ((memsz[k] & 0xFFFF_FFFF) + 7 & ~7)
             if 0 <= left < SEED_SPLIT_THRESHOLD:
                 near += 1
                 break
@@ -439,13 +453,14 @@ def test_reaches_the_heap_split_region_without_booting() -> None:
     assert not seed_split_hit(THREE)
     assert seed_split_hit((EXAMPLES / "vaddr-0x300028.elf").read_bytes())
     i = loads(THREE)[-1]
-    free = heap_free_before(_phnum(THREE), [get_phdr(THREE, k)["memsz"] for k in loads(THREE)],
+    free = heap_free_before(SEED_HEAP, SEGMENT_RECORD, _phnum(THREE),
+                            [get_phdr(THREE, k)["memsz"] for k in loads(THREE)],
                             len(loads(THREE)) - 1)
     assert seed_split_hit(set_phdr(THREE, i, memsz=free - 100))
     assert not seed_split_hit(set_phdr(THREE, i, memsz=free - 168))
     assert not seed_split_hit(set_header(set_phdr(THREE, i, memsz=free - 100), phentsize=0))
 
-    mutator = ElfMutator()
+    mutator = ElfMutator(facts=seed_facts())
     hits = [seed for seed in range(20_000) if seed_split_hit(mutator.mutate(THREE, 65536, seed))]
     assert len(hits) >= 20, len(hits)
 
@@ -454,7 +469,7 @@ def test_split_hits_boot_to_the_planted_corruption() -> None:
     from kernel_emu.executor import Executor
     from kernel_emu.profile import load_profile
 
-    mutator = ElfMutator()
+    mutator = ElfMutator(facts=seed_facts())
     candidates = []
     for seed in range(5000):
         out = mutator.mutate(THREE, 65536, seed)

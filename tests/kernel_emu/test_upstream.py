@@ -86,3 +86,31 @@ def test_the_heap_walk_reads_headers_that_count_themselves(executors: dict[str, 
         result.findings
     assert result.heap_blocks, "the free list was not walked"
     assert all(b["free"] and b["magic_ok"] for b in result.heap_blocks)
+
+
+def _elf(phdrs: list[tuple[int, ...]], phoff: int = 64) -> bytes:
+    header = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, 0x400100, phoff, 0, 0, 64, 56, len(phdrs), 64, 0, 0)
+    table = b"".join(struct.pack("<IIQQQQQQ", *p) for p in phdrs)
+    return (header + table).ljust(0x1000, b"\0")
+
+
+def test_a_free_list_that_loops_is_seen_by_the_heap_walk(executors: dict[str, Executor]) -> None:
+    """Five program headers and no PT_LOAD: every free the loader makes is of a live pointer,
+    yet the first block is marked free twice and heads a list that points back to itself."""
+    note = (4, 4, 0, 0, 0, 0, 0, 4)
+    result = executors["upstream"].run(_elf([note] * 5))
+    first = result.findings[0]
+    assert (first.cls, first.field) == ("heap-corruption", "free_list")
+    assert "loops back to 0x300000" in first.evidence[0]
+    assert executors["fixed"].run(_elf([note] * 5)).reject_reason == "no loadable segments"
+
+
+def test_a_program_header_offset_that_wraps_panics(executors: dict[str, Executor]) -> None:
+    load = (1, 7, 0, 0x400000, 0x400000, 0x1000, 0x1000, 0x1000)
+    data = bytearray(_elf([load]))
+    struct.pack_into("<Q", data, 32, (1 << 64) - 1)
+    result = executors["upstream"].run(bytes(data))
+    assert result.crash_class == "kernel-panic"
+    assert "slice_index_fail" in (result.signature or "")
+    assert executors["fixed"].run(bytes(data)).verdict == "rejected"
