@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kernel_emu import qemu
 from kernel_emu.executor import Executor
+from kernel_emu.inputs import embed_in_image
 from kernel_emu.profile import TargetProfile
 from kernel_emu.ramdisk import build_init_ramdisk
 from kernel_emu.result import Result
@@ -124,8 +125,12 @@ def crosscheck(profile: TargetProfile, data: bytes, timeout: float = 120.0,
     if executor is not None and (executor.profile != profile or executor.use_snapshot):
         raise ValueError("crosscheck: the executor must make full boots of this profile")
     seen: dict[str, float] = {}
-    real = qemu.boot_kernel(Path(profile.image), build_init_ramdisk(data), timeout,
-                            lambda log: _finished(log, seen),
+    if profile.input.channel == "embedded":
+        # the input built into the image, as the kernel expects it; the shim's ramdisk is empty
+        kernel, ramdisk = embed_in_image(profile, data), build_init_ramdisk(b"")
+    else:
+        kernel, ramdisk = Path(profile.image).read_bytes(), build_init_ramdisk(data)
+    real = qemu.boot_kernel(kernel, ramdisk, timeout, lambda log: _finished(log, seen),
                             memory_mib=max(1, profile.memory.ram_size >> 20))
     base = real_load_base(real.log)
     if base is None:

@@ -24,13 +24,13 @@ from kernel_emu.cycles import CycleFinder
 from kernel_emu.dirtylog import PageTableLog
 from kernel_emu.dirtypages import PageMasks, WrittenPages
 from kernel_emu.elfview import load_segments
-from kernel_emu.errors import HarnessError, InputError
+from kernel_emu.errors import HarnessError
 from kernel_emu.firmware import DEBUG_PORT, FIRMWARE_BASE, FIRMWARE_END, SERVICE_PORT, Firmware
 from kernel_emu.image import KernelImage, load_image
+from kernel_emu.inputs import channel_for, encode
 from kernel_emu.machine import Machine
 from kernel_emu.observations import FaultObserver, RunObservations
 from kernel_emu.profile import TargetProfile
-from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
 from kernel_emu.result import Result, StopReason
 from kernel_emu.snapshot import Snapshot, code_masks
 from kernel_emu.tracing import PORT_LOG_SIZE, GuestTracer, PortConfig, attach_tracer
@@ -79,7 +79,6 @@ class Executor:
         self.last_observations: RunObservations | None = None  # of the last run
         self._code_masks: list[int] = []
         self._machine_hooks: list[Callable[[Any], object]] = []
-        self._ramdisk_size = 0
         self.use_snapshot = snapshot
         if snapshot:
             self._take_snapshot()
@@ -104,6 +103,7 @@ class Executor:
             attach(m.uc)
         m.uc.ctl_flush_tb()
         self.machine, self.firmware, self.tracer, self.faults = m, fw, tracer, faults
+        self.channel = channel_for(m, fw, self.profile, self.image)
         self._observe_writes(None)
 
     def _observe_writes(self, log: PageTableLog | None) -> None:
@@ -140,7 +140,7 @@ class Executor:
                 early_reads.append(m.reg("rip"))
 
         hooks = [m.uc.hook_add(UC_HOOK_MEM_READ, on_read, None, lo, hi - 1)
-                 for lo, hi in fw.ramdisk_ranges]
+                 for lo, hi in self.channel.ranges]
         m.uc.ctl_flush_tb()
         tracer.reset(self.budget)
         stop = self._emulate(until=self.snapshot_addr)
@@ -148,7 +148,7 @@ class Executor:
             m.uc.hook_del(h)
         m.uc.ctl_flush_tb()
         if early_reads:
-            self._no_snapshot(f"the kernel reads the ramdisk at "
+            self._no_snapshot(f"the kernel reads its input at "
                               f"{self.image.describe(early_reads[0])} before "
                               f"{self.profile.kernel.snapshot_symbol}")
             return
@@ -190,6 +190,8 @@ class Executor:
         assert snap is not None
         if written is OBSERVED:
             written = self.written.since_snapshot()
+        elif written is None:
+            self.channel.forget()  # every page is the snapshot's again, input included
         snap.restore(self.machine, written, self._code_masks)
         self.firmware.state = snap.firmware.copy()
         self._start_run(self.budget - snap.instructions)
@@ -197,19 +199,16 @@ class Executor:
     # running -----------------------------------------------------------------------------
     def run(self, data: bytes) -> Result:
         """Boot `data` as bin/init. Raises HarnessError when the farm, not the kernel, failed."""
+        payload = encode(self.profile, data)
         try:
-            ramdisk = build_init_ramdisk(data)
-        except RamdiskTooLarge as e:
-            raise InputError(str(e)) from e
-        try:
-            return self._run(data, ramdisk)
+            return self._run(data, payload)
         except HarnessError:
             raise
         except Exception as e:  # a bug of ours must never pass for a kernel finding
             raise HarnessError(f"internal error while booting the input: "
                                f"{type(e).__name__}: {e}") from e
 
-    def _run(self, data: bytes, ramdisk: bytes) -> Result:
+    def _run(self, data: bytes, payload: bytes) -> Result:
         t0 = time.perf_counter()
         segments = load_segments(data)
         if self.snapshot is not None:
@@ -219,10 +218,8 @@ class Executor:
             self._new_machine()
             self._fast_forward(True)
             self._start_run(self.budget)
-            self._ramdisk_size = 0
             base = 0
-        self.firmware.hand_over_ramdisk(ramdisk, self._ramdisk_size)
-        self._ramdisk_size = len(ramdisk)
+        self.channel.place(payload)
         t1 = time.perf_counter()
         stop = self._emulate(until=self.success_addr)
         t2 = time.perf_counter()

@@ -15,6 +15,9 @@ BUILTIN_PROFILES = ("seed", "fixed", "upstream")
 # the guest: kept to compare with
 ELF_PROFILES = ("seed-elf", "fixed-elf", "upstream-elf")
 CONVENTIONS = ("sysv64", "win64")
+# how the kernel gets bin/init: a ramdisk the firmware hands over in its configuration table,
+# or a program embedded in the kernel image when it was built
+CHANNELS = ("firmware-ramdisk", "embedded")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,19 @@ class KernelLayout:
 
 
 @dataclass(frozen=True)
+class InputLayout:
+    """Optional `[input]` table: where the input goes. `embedded`: a blob in the image's data
+    at `symbol`, a little-endian 64-bit size at `size_offset` and up to `capacity` bytes at
+    `data_offset`, which the farm overwrites before the kernel reads it."""
+
+    channel: str = "firmware-ramdisk"
+    symbol: str = ""
+    size_offset: int = 0
+    data_offset: int = 8
+    capacity: int = 0
+
+
+@dataclass(frozen=True)
 class RunLimits:
     budget: int
 
@@ -91,6 +107,7 @@ class TargetProfile:
     run: RunLimits
     source: Path
     fuzz: FuzzHints = FuzzHints()
+    input: InputLayout = InputLayout()
 
 
 def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
@@ -133,6 +150,18 @@ def _fuzz_hints(raw: dict[str, Any], origin: Path) -> FuzzHints:
     return FuzzHints(tuple(values))
 
 
+def _input_layout(raw: dict[str, Any], origin: Path) -> InputLayout:
+    if "input" not in raw:
+        return InputLayout()
+    layout: InputLayout = _section(raw, "input", InputLayout, origin)
+    if layout.channel not in CHANNELS:
+        raise ProfileError(f"{origin}: [input].channel must be one of {', '.join(CHANNELS)}")
+    if layout.channel == "embedded" and (not layout.symbol or layout.capacity <= 0):
+        raise ProfileError(f"{origin}: an embedded input needs [input].symbol and a "
+                           "capacity above 0")
+    return layout
+
+
 def load_profile_file(path: Path) -> TargetProfile:
     """Read a profile TOML; the image path is relative to the profile file."""
     try:
@@ -157,6 +186,7 @@ def load_profile_file(path: Path) -> TargetProfile:
         run=_section(raw, "run", RunLimits, path),
         source=path.resolve(),
         fuzz=_fuzz_hints(raw, path),
+        input=_input_layout(raw, path),
     )
 
 

@@ -108,14 +108,15 @@ def boot(app: Path, files: dict[str, bytes] | None = None, timeout: float = 120.
         return FirmwareBoot(log, seconds, ended)
 
 
-def boot_kernel(kernel: Path, ramdisk: bytes, timeout: float = 120.0,
+def boot_kernel(kernel: Path | bytes, ramdisk: bytes, timeout: float = 120.0,
                 done: Callable[[str], bool] = lambda _log: False,
                 shim: Path = SHIM_IMAGE, memory_mib: int = MEMORY_MIB) -> FirmwareBoot:
-    """Boot the kernel UEFI application `kernel` with `ramdisk` handed over as the emulated
-    firmware hands it over (a configuration-table entry): the boot shim `rxboot.efi` starts
-    from the drive, reads `rustux/ramdisk.img`, installs the entry and starts
-    `rustux/kernel.efi`."""
+    """Boot the kernel UEFI application `kernel` (a file, or its bytes) with `ramdisk` handed
+    over as the emulated firmware hands it over (a configuration-table entry): the boot shim
+    `rxboot.efi` starts from the drive, reads `rustux/ramdisk.img`, installs the entry and
+    starts `rustux/kernel.efi`."""
     if not shim.is_file():
         raise FirmwareBootError(f"the boot shim {shim} is missing (fuzzfarm build-guest)")
-    return boot(shim, {"rustux/kernel.efi": kernel.read_bytes(), "rustux/ramdisk.img": ramdisk},
+    image = kernel if isinstance(kernel, bytes) else kernel.read_bytes()
+    return boot(shim, {"rustux/kernel.efi": image, "rustux/ramdisk.img": ramdisk},
                 timeout, done, memory_mib)

@@ -77,3 +77,21 @@ def test_crosscheck_wants_a_uefi_build() -> None:
                          text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and "not a UEFI application" in run.stderr
+
+
+def test_upstream_on_real_firmware_with_the_input_built_in(tmp_path: Path) -> None:
+    """The upstream build reads bin/init from its own image: the crosscheck builds the input
+    into the image file (the blob the emulator writes it over), and real firmware shows the
+    same corrupted segment table for a plain gcc-built static program."""
+    _qemu()
+    from tests.elfs import ToolMissingError, build_static_program
+
+    try:
+        program = build_static_program(tmp_path).read_bytes()
+    except ToolMissingError as e:
+        pytest.skip(str(e))
+    check = crosscheck(load_profile("upstream"), program)
+    assert check.same, check.differences
+    assert f"[elf] bin/init at …, {len(program)} bytes" in check.real
+    assert any(line.startswith("[elf] seg 0 vaddr=0x300028 ") for line in check.real)
+    assert check.real[-1] == "rejected: segment address not page-aligned"

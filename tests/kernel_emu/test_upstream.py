@@ -114,3 +114,46 @@ def test_a_program_header_offset_that_wraps_panics(executors: dict[str, Executor
     assert result.crash_class == "kernel-panic"
     assert "slice_index_fail" in (result.signature or "")
     assert executors["fixed"].run(bytes(data)).verdict == "rejected"
+
+
+def test_the_input_replaces_the_embedded_program(executors: dict[str, Executor],
+                                                 tmp_path: Path) -> None:
+    """Upstream reads bin/init from a blob in its own image: each input is written there (and
+    what a longer input left behind is cleared), never handed over by the firmware."""
+    ex = executors["upstream"]
+    image = ex.image
+    blob = image.symbol(ex.profile.input.symbol).address
+    assert image.start <= blob < image.end
+    longer = build_elf(tmp_path, loads=3, bss=0x3000, name="long").read_bytes() + bytes(5000)
+    shorter = build_elf(tmp_path, loads=2, name="short").read_bytes()
+    for data in (longer, shorter):
+        result = ex.run(data)
+        line = next(x for x in result.log.splitlines() if x.startswith("[elf] bin/init at "))
+        assert line.endswith(f", {len(data)} bytes"), line
+        assert int(line.split()[3].rstrip(","), 16) == blob + ex.profile.input.data_offset
+    tail = ex.machine.read(blob + 8 + len(shorter), len(longer) - len(shorter))
+    assert tail == bytes(len(tail))
+
+
+def test_an_input_larger_than_the_blob_is_an_input_error(
+        executors: dict[str, Executor]) -> None:
+    from kernel_emu.errors import InputError
+
+    with pytest.raises(InputError, match="embedded init program"):
+        executors["upstream"].run(bytes(executors["upstream"].profile.input.capacity + 1))
+
+
+def test_an_embedded_input_needs_its_symbol(tmp_path: Path) -> None:
+    from kernel_emu.errors import ProfileError
+    from kernel_emu.profile import load_profile_file
+
+    source = load_profile("upstream").source
+    text = source.read_text().replace('image = "../images/upstream.efi"',
+                                      f'image = "{load_profile("upstream").image}"')
+    bad = text.replace('symbol = "rustux::loader::embedded::EMBEDDED_INIT"\n', "")
+    (tmp_path / "bad.toml").write_text(bad)
+    with pytest.raises(ProfileError, match="embedded input needs"):
+        load_profile_file(tmp_path / "bad.toml")
+    (tmp_path / "odd.toml").write_text(text.replace('channel = "embedded"', 'channel = "tape"'))
+    with pytest.raises(ProfileError, match="channel must be one of"):
+        load_profile_file(tmp_path / "odd.toml")

@@ -15,7 +15,7 @@ mod console;
 mod arch;
 mod boot;
 mod efi;
-mod loader;
+#[cfg_attr(rustux_upstream, allow(dead_code, unused_imports))] mod loader;
 mod mem;
 mod mm;
 mod sync;

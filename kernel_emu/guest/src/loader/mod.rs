@@ -26,7 +26,7 @@ struct RamdiskDescriptor {
 }
 
 /// The first code that touches the ramdisk: everything before it is independent of the input.
-#[inline(never)]
+#[cfg(not(rustux_upstream))] #[inline(never)]
 pub fn load_init(system_table: *const SystemTable, space: AddressSpace) -> ! {
     let descriptor = find_descriptor(system_table);
     // SAFETY: the firmware's configuration table points at a descriptor in its own memory.
@@ -122,3 +122,10 @@ fn find_file<'a>(image: &'a [u8], name: &[u8]) -> Result<&'a [u8], &'static str>
     }
     Err("bin/init not found")
 }
+
+// The upstream build takes `bin/init` from a program embedded in the kernel image, not from
+// the firmware's ramdisk (the items above are then unused).
+#[cfg(rustux_upstream)]
+mod embedded;
+#[cfg(rustux_upstream)]
+pub use embedded::load_init;
