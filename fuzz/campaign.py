@@ -43,6 +43,9 @@ class CampaignSummary:
     buckets: list[Bucket]
     job_failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # with JobConfig.canaries: planted bug -> (first reached, first triggered), seconds into
+    # the campaign (None: never)
+    canaries: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     rate: float = 0.0  # sum over jobs of execs / seconds fuzzing (start-up excluded)
 
@@ -111,12 +114,21 @@ def summarize(out: Path, jobs: int, seconds: float) -> CampaignSummary:
         for cls, (_exec, when) in s.first_class.items():
             first_class[cls] = min(first_class.get(cls, when), when)
     notes = sorted({n for s in stats for n in s.notes})
+    canaries: dict[str, tuple[float | None, float | None]] = {}
+    for s in stats:
+        for name, (reached, triggered) in s.canaries.items():
+            was = canaries.get(name, (None, None))
+            canaries[name] = (_earliest(was[0], reached), _earliest(was[1], triggered))
     return CampaignSummary(
         out=out, seconds=seconds, execs=sum(s.execs for s in stats),
         edges=max((s.edges for s in stats), default=0), corpus=_corpus_size(out),
         harness_errors=sum(s.harness_errors for s in stats), findings=dict(findings),
         first_seen=first, first_class=first_class, buckets=Solutions(out).buckets(), notes=notes,
-        rate=sum(s.execs / s.elapsed for s in stats if s.elapsed > 0))
+        rate=sum(s.execs / s.elapsed for s in stats if s.elapsed > 0), canaries=canaries)
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def progress_line(summary: CampaignSummary, total: float | None) -> str:

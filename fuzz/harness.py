@@ -27,6 +27,7 @@ from typing import Any
 
 from fuzz.feedback import Feedback, LibFuzzer, make_feedback
 from fuzz.solutions import Solutions, bucket_id, write_atomic
+from kernel_emu.canaries import canaries_for
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
@@ -71,6 +72,9 @@ class JobConfig:
     # under the watchdog (same results either way; off to measure or compare)
     fast_routines: bool = True
     skip_cycles: bool = True
+    # for benchmarks only: record when each planted bug's canary (the profile's [canaries])
+    # was first reached and triggered; nothing of the fuzzing depends on them
+    canaries: bool = False
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -115,6 +119,9 @@ class JobStats:
     slow_inputs: list[str] = field(default_factory=list)  # sha256 of inputs over SLOW_INPUT
     # class, and class:field, -> (exec, seconds) of its first sighting, as cause or consequence
     first_class: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # with JobConfig.canaries: planted bug -> seconds when first reached, first triggered
+    # (None: not yet)
+    canaries: dict[str, list[float | None]] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
@@ -159,6 +166,9 @@ class Job:
         self._confirmer: Executor | None = None
         self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
         self._unwritten: dict[str, tuple[bytes, Any]] = {}  # signature -> its reproducer
+        self._canaries = canaries_for(self.profile, self.executor.image) \
+            if config.canaries else None
+        self._canary_flags = 0  # every flag seen so far
 
     def _new_executor(self) -> Executor:
         executor = Executor(self.profile, native=self.config.native,
@@ -222,8 +232,26 @@ class Job:
             return
         if self.config.coverage:
             self.feedback.collect(self.executor.tracer.coverage())
+        if self._canaries is not None:
+            self._record_canaries(now)
         if result.verdict == "crash" and result.signature:
             self._finding(data, result, now)
+
+    def _record_canaries(self, now: float) -> None:
+        canaries = self._canaries
+        assert canaries is not None
+        flags = canaries.raw(self.executor.machine) & canaries.flag_mask
+        if not flags & ~self._canary_flags:
+            return
+        self._canary_flags |= flags
+        state = canaries.state(flags)
+        when = now - self.stats.started
+        for name in canaries.names:
+            seen = self.stats.canaries.setdefault(name, [None, None])
+            if name in state.reached and seen[0] is None:
+                seen[0] = when
+            if name in state.triggered and seen[1] is None:
+                seen[1] = when
 
     def _finding(self, data: bytes, result: Any, now: float, *, checked: bool = False) -> None:
         sig = result.signature

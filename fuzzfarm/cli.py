@@ -298,6 +298,21 @@ def cmd_build_guest(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fuzzfarm.bench import bench_boot
 
+    kernel = args.kernel or "seed"
+    if args.what == "bugs":
+        from fuzzfarm.bench_bugs import bench_bugs
+        from kernel_emu.profile import load_profile
+
+        kernels = (args.kernel or "seed,fixed").split(",")
+        if args.trials < 1 or (args.seconds is not None and args.seconds <= 0) or args.jobs < 1:
+            raise UsageError("--trials and --jobs must be at least 1, --seconds above 0")
+        for name in kernels:
+            load_profile(name)  # an unknown build is a usage error before anything runs
+        return bench_bugs(kernels, args.trials, args.seconds or 600.0, args.jobs,
+                          Path(args.out or "out/bench-bugs"))
+    args.kernel = kernel
+    if args.seconds is None:
+        args.seconds = 30.0
     if args.what == "boot":
         return bench_boot(kernel=args.kernel, runs=args.runs, repeats=args.repeats,
                           native=not args.no_native)
@@ -459,10 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's images directory)")
     p.set_defaults(func=cmd_build_guest)
 
-    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, farm, tracer, compare, hostile)",
+    p = sub.add_parser("bench", help="benchmarks (boot, fuzz, bugs, farm, tracer, compare, "
+                                     "hostile)",
                        description="Measure throughput; prints medians and ratios. boot: "
                                    "snapshot versus full boot. fuzz: feedback cost, time to "
-                                   "the seed bug with 1 and 2 jobs, BUGS.md bugs found. farm: "
+                                   "the seed bug with 1 and 2 jobs, BUGS.md bugs found. bugs: "
+                                   "trials per build of planted bugs reached, triggered and "
+                                   "bucketed (canaries), Kaplan-Meier time to bug, buckets per "
+                                   "bug, survival curves as SVG, JSON. farm: "
                                    "execs/s with 1 and 2 workers, Redis commands per 1,000 "
                                    "execs, time from `fuzzfarm up` to the seed bug minimized. "
                                    "tracer: nanoseconds per guest instruction of the tracing "
@@ -473,14 +492,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fuzzing job runs them; counts per family, verdicts, "
                                    "harness errors, rate; exit status 1 on any harness "
                                    "error.")
-    p.add_argument("what", choices=["boot", "fuzz", "farm", "tracer", "compare", "hostile"],
+    p.add_argument("what", choices=["boot", "fuzz", "bugs", "farm", "tracer", "compare",
+                                    "hostile"],
                    help="what to measure")
-    p.add_argument("--kernel", default="seed", help="kernel build (default: seed)")
+    p.add_argument("--kernel", default=None,
+                   help="kernel build (default: seed; bugs: a comma-separated list, default "
+                        "seed,fixed)")
     p.add_argument("--runs", type=int, default=400, help="snapshot runs per repeat")
     p.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported")
     p.add_argument("--no-native", action="store_true", help="pure-Python hooks")
-    p.add_argument("--seconds", type=float, default=30.0,
-                   help="fuzz: length of each feedback on/off campaign (default: 30)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="fuzz: length of each feedback on/off campaign (default: 30); bugs: "
+                        "length of each trial (default: 600)")
+    p.add_argument("--trials", type=int, default=10, help="bugs: trials per build (default: 10)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="bugs: fuzzing jobs per trial (default: 2)")
+    p.add_argument("--out", default=None,
+                   help="bugs: where results, trials and plots go (default: out/bench-bugs)")
     p.add_argument("--first-runs", type=int, default=5,
                    help="fuzz: campaigns per job count for the time to the seed bug")
     p.add_argument("--first-cap", type=float, default=120.0,

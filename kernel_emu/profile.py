@@ -83,6 +83,16 @@ class InputLayout:
 
 
 @dataclass(frozen=True)
+class CanaryLayout:
+    """Optional `[canaries]` table of a build with planted bugs: a byte per bug at `symbol`,
+    bit 0 set when the bug's code is reached, bit 1 when the bug is triggered, in the order
+    of `names`. For benchmarks only: no oracle reads them."""
+
+    symbol: str = ""
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RunLimits:
     budget: int
 
@@ -108,6 +118,7 @@ class TargetProfile:
     source: Path
     fuzz: FuzzHints = FuzzHints()
     input: InputLayout = InputLayout()
+    canaries: CanaryLayout = CanaryLayout()
 
 
 def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
@@ -162,6 +173,19 @@ def _input_layout(raw: dict[str, Any], origin: Path) -> InputLayout:
     return layout
 
 
+def _canaries(raw: dict[str, Any], origin: Path) -> CanaryLayout:
+    table = raw.get("canaries")
+    if table is None:
+        return CanaryLayout()
+    symbol, names = (table.get("symbol"), table.get("names")) if isinstance(table, dict) \
+        else (None, None)
+    if not isinstance(symbol, str) or not symbol or not isinstance(names, list) or \
+            not names or not all(isinstance(n, str) and n for n in names) or \
+            len(set(names)) != len(names):
+        raise ProfileError(f"{origin}: [canaries] needs a symbol and a list of distinct names")
+    return CanaryLayout(symbol, tuple(names))
+
+
 def load_profile_file(path: Path) -> TargetProfile:
     """Read a profile TOML; the image path is relative to the profile file."""
     try:
@@ -187,6 +211,7 @@ def load_profile_file(path: Path) -> TargetProfile:
         source=path.resolve(),
         fuzz=_fuzz_hints(raw, path),
         input=_input_layout(raw, path),
+        canaries=_canaries(raw, path),
     )
 
 

@@ -115,3 +115,17 @@ def test_the_emulators_layers() -> None:
         assert driver not in _reaches(graph, "kernel_emu.oracles"), driver
     # the Result is the contract every other package reads: it depends on nothing
     assert _reaches(graph, "kernel_emu.result") == set()
+
+
+def test_only_benchmarks_read_the_canaries() -> None:
+    """Planted bugs' canaries are ground truth: the fuzzing job records them for a benchmark
+    that asks (JobConfig.canaries) and the bugs benchmark reads them; no oracle, no part of the
+    emulator and no farm module imports them."""
+    graph = _graph()
+    readers = {m for m, deps in graph.items() if "kernel_emu.canaries" in deps}
+    assert readers == {"fuzz.harness", "fuzzfarm.bench_bugs"}
+    for judge in ("kernel_emu.oracles", "kernel_emu.executor", "kernel_emu.allocations",
+                  "kernel_emu.heapwalk", "kernel_emu.userspace", "fuzz.mutator",
+                  "fuzz.feedback", "fuzz.minimize"):
+        assert "kernel_emu.canaries" not in _reaches(graph, judge), judge
+    assert not [m for m in readers if m.startswith(("workers.", "dashboard."))]

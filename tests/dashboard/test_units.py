@@ -139,12 +139,19 @@ def image():  # type: ignore[no-untyped-def]
 
 
 def test_disassembly_around_a_pc(image) -> None:  # type: ignore[no-untyped-def]
+    import capstone
+
     sym = image.find_symbol("rustux::loader::elf::load")
     assert sym is not None
-    insns, note = kernelinfo.disassemble_around(image, sym.address + 0x1ee)
+    seg = next(s for s in image.segments if s.vaddr <= sym.address < s.end)
+    code = bytes(seg.data[sym.address - seg.vaddr:sym.address - seg.vaddr + sym.size])
+    # an instruction well inside the function, as a pc of a finding would be
+    pc = list(capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64).disasm(
+        code, sym.address))[40].address
+    insns, note = kernelinfo.disassemble_around(image, pc)
     assert note is None
     current = [i for i in insns if i.current]
-    assert len(current) == 1 and current[0].address == sym.address + 0x1ee
+    assert len(current) == 1 and current[0].address == pc
     assert insns.index(current[0]) == 8 and len(insns) == 17
     assert all(i.line is not None for i in insns[:3])
     # an address outside the image's code: nothing to show, and said so

@@ -10,6 +10,8 @@
 extern crate alloc;
 
 #[macro_use]
+mod canary;
+#[macro_use]
 mod console;
 #[macro_use]
 mod arch;

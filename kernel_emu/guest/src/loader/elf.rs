@@ -97,6 +97,9 @@ pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
     }
     #[cfg(rustux_fixed)]
     check_entry(&segments, header.entry)?;
+    canary!(RX_08, !segments.iter().any(|s| {
+        s.flags & PF_X != 0 && header.entry >= s.vaddr && header.entry - s.vaddr < s.memsz
+    }));
     let buffers = load_segments(file, &segments)?;
     finish(segments, buffers, header.entry)
 }
@@ -157,6 +160,7 @@ fn collect_segments(file: &[u8], header: &ElfHeader) -> Result<Vec<Segment>, &'s
     let mut segments = Vec::with_capacity(usize::from(header.phnum));
     let end = header.phoff + u64::from(header.phnum) * PHDR_SIZE;
     let mut cursor = header.phoff;
+    canary!(RX_06, u64::from(header.phentsize) != PHDR_SIZE);
     while cursor < end {
         let ph = read_program_header(file, cursor)?;
         if ph.kind == PT_LOAD {
@@ -197,6 +201,11 @@ fn collect_segments(file: &[u8], header: &ElfHeader) -> Result<Vec<Segment>, &'s
 
 /// Validates one PT_LOAD entry and turns it into a `Segment`.
 #[cfg(not(rustux_upstream))] fn check_segment(file: &[u8], ph: &ProgramHeader) -> Result<Segment, &'static str> {
+    canary!(RX_07, ph.align == 0);
+    canary!(RX_03, ph.memsz > u64::from(u32::MAX));
+    canary!(RX_02, ph.offset.checked_add(ph.filesz).is_none());
+    canary!(RX_05, ph.filesz > ph.memsz as u32 as u64);
+    canary!(RX_04, ph.vaddr.checked_add(ph.memsz as u32 as u64).is_none_or(|end| end > 1 << 47));
     #[cfg(not(rustux_fixed))]
     if ph.vaddr % ph.align != ph.offset % ph.align {
         return Err("segment address and file offset disagree modulo p_align");
@@ -274,6 +283,7 @@ fn load_segments(file: &[u8], segments: &[Segment]) -> Result<Vec<*mut u8>, &'st
         let layout = Layout::from_size_align(memsz.max(1), 8).map_err(|_| "segment too large")?;
         // SAFETY: the layout has a non-zero size.
         let buffer = unsafe { alloc::alloc::alloc(layout) };
+        canary!(RX_09, buffer.is_null());
         if buffer.is_null() {
             #[cfg(not(rustux_fixed))]
             alloc::alloc::handle_alloc_error(layout);

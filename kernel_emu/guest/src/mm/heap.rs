@@ -122,6 +122,8 @@ impl LinkedListAllocator {
                         self.replace_in_list(block, rest);
                         (*block).size = size;
                     } else {
+                        // the whole block goes: the seed's threshold leaves the list empty sooner
+                        canary!(RX_01, false);
                         self.unlink(block);
                     }
                     (*block).free = false;
@@ -134,6 +136,7 @@ impl LinkedListAllocator {
             #[cfg(not(rustux_fixed))]
             if FREE_LIST.is_null() {
                 // reuse from the heap start when the free list is empty
+                canary!(RX_01, true);
                 return (self.start + HEADER_SIZE) as *mut u8;
             }
         }
