@@ -55,34 +55,46 @@ class Trial:
     buckets: dict[str, list[str]] = field(default_factory=dict)
 
 
-def first_triggered(executor: Executor, canaries: Canaries, data: bytes) -> str | None:
-    """The planted bug `data` triggers first (the likeliest cause of what it does)."""
+def triggered(executor: Executor, canaries: Canaries, data: bytes) -> tuple[str, ...]:
+    """The planted bugs `data` triggers, in the order it triggers them."""
     try:
         executor.run(data)
     except HarnessError:
-        return None
-    triggered = canaries.state(canaries.raw(executor.machine)).triggered
-    return triggered[0] if triggered else None
+        return ()
+    return canaries.state(canaries.raw(executor.machine)).triggered
 
 
 def attribute(summary: CampaignSummary, executor: Executor,
               canaries: Canaries | None) -> dict[str, list[str]]:
-    """Each bucket of a campaign and the planted bugs its inputs (up to BUCKET_INPUTS of
-    them) trigger first, the most frequent first: one bug for a bucket that holds one root
-    cause, several for a bucket a reviewer would split, none when no planted bug did it."""
+    """Each bucket of a campaign and the planted bug(s) it is: those every one of its inputs
+    (up to BUCKET_INPUTS of them) triggers, in the order the smallest triggers them. An input
+    often triggers a bug by the way (an entry point a mutation moved out of its segment) that
+    is not what the bucket found; the root cause is common to all. With none in common, the
+    bugs the inputs trigger, the most frequent first: a bucket a reviewer would split."""
     out: dict[str, list[str]] = {}
     for bucket in summary.buckets:
-        bugs: Counter[str] = Counter()
-        if canaries is not None:
-            inputs = sorted(bucket.reproducer.parent.glob("*.elf"))[:BUCKET_INPUTS]
-            for path in inputs:
-                try:
-                    bug = first_triggered(executor, canaries, path.read_bytes())
-                except OSError:
-                    continue
-                if bug is not None:
-                    bugs[bug] += 1
-        out[bucket.signature] = [bug for bug, _ in bugs.most_common()]
+        if canaries is None:
+            out[bucket.signature] = []
+            continue
+        inputs = [bucket.reproducer] + [
+            p for p in sorted(bucket.reproducer.parent.glob("*.elf"))
+            if p != bucket.reproducer][:BUCKET_INPUTS - 1]
+        seen: list[tuple[str, ...]] = []
+        for path in inputs:
+            try:
+                seen.append(triggered(executor, canaries, path.read_bytes()))
+            except OSError:
+                continue
+        seen = [bugs for bugs in seen if bugs]
+        if not seen:
+            out[bucket.signature] = []
+            continue
+        common = [bug for bug in seen[0] if all(bug in other for other in seen[1:])]
+        if common:
+            out[bucket.signature] = common
+        else:
+            counts = Counter(bug for bugs in seen for bug in bugs)
+            out[bucket.signature] = [bug for bug, _ in counts.most_common()]
     return out
 
 
