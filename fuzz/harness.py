@@ -171,10 +171,12 @@ class Job:
         self._canary_flags = 0  # every flag seen so far
 
     def _new_executor(self) -> Executor:
+        # no second run to name who wrote a damaged heap header (Executor.explain): jobs and
+        # triage file findings under the same signature
         executor = Executor(self.profile, native=self.config.native,
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
                             fast_routines=self.config.fast_routines,
-                            skip_cycles=self.config.skip_cycles)
+                            skip_cycles=self.config.skip_cycles, explain=False)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor
@@ -294,7 +296,8 @@ class Job:
         try:
             if self._confirmer is None:
                 self._confirmer = Executor(self.profile, native=self.config.native,
-                                           fast_routines=self.config.fast_routines)
+                                           fast_routines=self.config.fast_routines,
+                                           explain=False)
             return self._confirmer.run(data)
         except Exception as e:  # noqa: BLE001
             self._confirmer = None

@@ -55,46 +55,47 @@ class Trial:
     buckets: dict[str, list[str]] = field(default_factory=dict)
 
 
-def triggered(executor: Executor, canaries: Canaries, data: bytes) -> tuple[str, ...]:
-    """The planted bugs `data` triggers, in the order it triggers them."""
-    try:
-        executor.run(data)
-    except HarnessError:
-        return ()
-    return canaries.state(canaries.raw(executor.machine)).triggered
-
-
 def attribute(summary: CampaignSummary, executor: Executor,
-              canaries: Canaries | None) -> dict[str, list[str]]:
-    """Each bucket of a campaign and the planted bug(s) it is: those every one of its inputs
-    (up to BUCKET_INPUTS of them) triggers, in the order the smallest triggers them. An input
-    often triggers a bug by the way (an entry point a mutation moved out of its segment) that
-    is not what the bucket found; the root cause is common to all. With none in common, the
-    bugs the inputs trigger, the most frequent first: a bucket a reviewer would split."""
-    out: dict[str, list[str]] = {}
+              canaries: Canaries | None) -> dict[str, tuple[list[str], float | None]]:
+    """The campaign's findings as the farm's triage buckets them, and the planted bug(s) each
+    bucket is, with when it was first found.
+
+    Triage boots each finding again with every oracle and files it under the signature it
+    gets. So here: up to BUCKET_INPUTS inputs of every job-level bucket are booted again, as
+    triage boots them, and grouped by the signature they get. A bucket
+    is the bugs every one of its inputs triggers (an input often triggers another bug by the
+    way, an entry point a mutation moved, say: the root cause is common to all), in the order
+    the first triggers them; with none in common, those they trigger, the most frequent
+    first: a bucket a reviewer would split; none at all: a finding no planted bug explains."""
+    inputs: dict[str, list[tuple[str, ...]]] = {}
+    first: dict[str, float | None] = {}
     for bucket in summary.buckets:
-        if canaries is None:
-            out[bucket.signature] = []
-            continue
-        inputs = [bucket.reproducer] + [
+        paths = [bucket.reproducer] + [
             p for p in sorted(bucket.reproducer.parent.glob("*.elf"))
             if p != bucket.reproducer][:BUCKET_INPUTS - 1]
-        seen: list[tuple[str, ...]] = []
-        for path in inputs:
+        when = summary.first_seen.get(bucket.signature)
+        for path in paths:
             try:
-                seen.append(triggered(executor, canaries, path.read_bytes()))
-            except OSError:
+                result = executor.run(path.read_bytes())
+            except (OSError, HarnessError):
                 continue
+            if result.verdict != "crash" or not result.signature:
+                continue
+            triggered = canaries.state(canaries.raw(executor.machine)).triggered \
+                if canaries is not None else ()
+            inputs.setdefault(result.signature, []).append(triggered)
+            was = first.get(result.signature)
+            first[result.signature] = when if was is None or when is None else min(was, when)
+    out: dict[str, tuple[list[str], float | None]] = {}
+    for signature, seen in inputs.items():
         seen = [bugs for bugs in seen if bugs]
         if not seen:
-            out[bucket.signature] = []
+            out[signature] = ([], first[signature])
             continue
         common = [bug for bug in seen[0] if all(bug in other for other in seen[1:])]
-        if common:
-            out[bucket.signature] = common
-        else:
-            counts = Counter(bug for bugs in seen for bug in bugs)
-            out[bucket.signature] = [bug for bug, _ in counts.most_common()]
+        counts = Counter(bug for bugs in seen for bug in bugs)
+        out[signature] = (common or [bug for bug, _ in counts.most_common()],
+                          first[signature])
     return out
 
 
@@ -105,11 +106,11 @@ def run_trial(kernel: str, index: int, seconds: float, jobs: int, out: Path) -> 
     profile = load_profile(kernel)
     executor = Executor(profile)
     canaries = canaries_for(profile, executor.image)
-    buckets = attribute(summary, executor, canaries)
+    triaged = attribute(summary, executor, canaries)
+    buckets = {signature: bugs for signature, (bugs, _) in triaged.items()}
     names = list(profile.canaries.names)
     bucketed: dict[str, float | None] = {name: None for name in names}
-    for signature, bugs in buckets.items():
-        when = summary.first_seen.get(signature)
+    for bugs, when in triaged.values():
         for bug in bugs or [UNATTRIBUTED]:
             if when is not None:
                 was = bucketed.get(bug)

@@ -93,10 +93,10 @@ def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
                   speedups: bool = True) -> tuple[float, float]:
     profile = load_profile(kernel)
     kw = {"fast_routines": speedups, "skip_cycles": speedups}
-    on = Executor(profile, coverage=True, watchdog=WATCHDOG, **kw)
+    on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, **kw)
     feedback = make_feedback()
     on.add_machine_hook(feedback.attach)
-    off = Executor(profile, watchdog=WATCHDOG, **kw)
+    off = Executor(profile, watchdog=WATCHDOG, explain=False, **kw)
     rates_on, rates_off = [], []
     for _ in range(repeats):
         for executor, rates, collect in ((on, rates_on, True), (off, rates_off, False)):

@@ -241,7 +241,7 @@ class _JobLike:
         self.confirmed = 0
 
     def _new(self) -> Executor:
-        return Executor(self.profile, coverage=True, watchdog=WATCHDOG)
+        return Executor(self.profile, coverage=True, watchdog=WATCHDOG, explain=False)
 
     def run(self, data: bytes) -> tuple[Result, bool]:
         """The Result as a job would record it, and whether the watchdog stopped the run."""
@@ -256,7 +256,7 @@ class _JobLike:
         if stalled and result.verdict == "crash" and result.signature and \
                 result.signature not in self.judged:
             if self.confirmer is None:
-                self.confirmer = Executor(self.profile)
+                self.confirmer = Executor(self.profile, explain=False)
             try:
                 confirmed = self.confirmer.run(data)
             except BaseException:

@@ -55,8 +55,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
                          "by itself)")
     profile = load_profile(args.kernel)
     data = _read_input(args.elf)
+    # one input, read by a person: a damaged heap header is charged to its last writer
     executor = Executor(profile, snapshot=not args.full_boot, native=not args.no_native,
-                        fast_routines=not args.no_fast_routines)
+                        fast_routines=not args.no_fast_routines, explain=True)
     result = executor.run(data)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))

@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from unicorn.unicorn_const import UC_HOOK_INTR, UC_HOOK_MEM_READ
+from unicorn.unicorn_const import UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 from unicorn.unicorn_py3.unicorn import UcError
 
 from kernel_emu import codescan, dirtypages, oracles
@@ -47,18 +47,23 @@ class Executor:
     `coverage`: fill the guest edge-coverage map. `budget`: instructions per run (default:
     the profile's). `watchdog`: stop a run as stalled when it makes no progress for that many
     instructions. `native`, `fast_routines`, `skip_cycles`: the native tracer, the native bulk
-    moves of memset/memcpy and the skipping of exact cycles; each changes only the speed."""
+    moves of memset/memcpy and the skipping of exact cycles; each changes only the speed.
+    `explain`: when a run leaves a block header written over, make it again watching that
+    header, so the finding (and its signature) names its last writer rather than where the run
+    stopped. Off by default: a fuzzing job runs such inputs by the thousand, and the farm's
+    jobs and triage must file a finding under one signature; `fuzzfarm boot` explains."""
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
                  watchdog: int | None = None, fast_routines: bool = True,
-                 skip_cycles: bool = True) -> None:
+                 skip_cycles: bool = True, explain: bool = False) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
         self.budget = budget or profile.run.budget
         self.watchdog_interval = watchdog
         self.skip_cycles, self.fast_routines = skip_cycles, fast_routines
+        self.explain = explain
         self.notes: list[str] = []
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
@@ -79,6 +84,7 @@ class Executor:
         self.last_observations: RunObservations | None = None  # of the last run
         self._code_masks: list[int] = []
         self._machine_hooks: list[Callable[[Any], object]] = []
+        self._fast_units = 0
         self.use_snapshot = snapshot
         if snapshot:
             self._take_snapshot()
@@ -208,7 +214,11 @@ class Executor:
             raise HarnessError(f"internal error while booting the input: "
                                f"{type(e).__name__}: {e}") from e
 
-    def _run(self, data: bytes, payload: bytes) -> Result:
+    def _run(self, data: bytes, payload: bytes,
+             watch: tuple[int, int] | None = None) -> Result:
+        """One run; `watch`: (address, size) whose last writer to record, in a run made again
+        as the first (the guest itself doing the bulk moves, so that every write is seen; a
+        skipped cycle repeats writes the hook saw in the periods before)."""
         t0 = time.perf_counter()
         segments = load_segments(data)
         if self.snapshot is not None:
@@ -220,10 +230,20 @@ class Executor:
             self._start_run(self.budget)
             base = 0
         self.channel.place(payload)
+        writers: dict[int, list[str]] = {}
+        hook = self._watch_writes(watch, writers) if watch is not None else None
         t1 = time.perf_counter()
-        stop = self._emulate(until=self.success_addr)
+        try:
+            stop = self._emulate(until=self.success_addr)
+        finally:
+            if hook is not None:
+                self.machine.uc.hook_del(hook)
+                self.machine.uc.ctl_flush_tb()
+                self._fast_forward(True)
         t2 = time.perf_counter()
         tracer, image = self.tracer, self.image
+        if watch is None:
+            self._fast_units = tracer.fast_units
         events, _ = replay(self.written.take_events(), self.alloc_sites,
                            lambda a, ret: image.describe(a, return_address=ret))
         faults = self.faults
@@ -233,9 +253,14 @@ class Executor:
             console=self.console(), ports=self.port_accesses(),
             recent_blocks=tracer.recent_blocks, stalled_at=self.watchdog.stalled_at,
             budget=self.budget, efi_main_status=self.firmware.state.efi_main_status,
-            firmware_console=self.firmware.state.console)
+            firmware_console=self.firmware.state.console, writers=writers)
         self.last_observations = observed
         result = oracles.assess(observed, image, self.profile, segments)
+        if watch is None and self.explain:
+            damaged = oracles.heap_damage(observed, image, self.profile, result)
+            if damaged is not None:
+                # a block header found written over: the same run again, watching it
+                return self._run(data, payload, watch=damaged)
         result.input_sha256 = hashlib.sha256(data).hexdigest()
         result.snapshot = self.snapshot is not None
         result.notes = list(self.notes) + [
@@ -247,6 +272,21 @@ class Executor:
         phases["guest"] += t2 - t1
         phases["oracles"] += t3 - t2
         return result
+
+    def _watch_writes(self, watch: tuple[int, int], writers: dict[int, list[str]]) -> Any:
+        """Record, for the range `watch`, the frames of the last instruction that writes into
+        it; the tracer's bulk moves are turned off so that the guest does every write."""
+        m, image = self.machine, self.image
+        start, size = watch
+
+        def on_write(_uc: Any, _access: int, _addr: int, _size: int, _value: int,
+                     _user: Any) -> None:
+            writers[start] = oracles.backtrace(m, image)
+
+        self._fast_forward(False)
+        hook = m.uc.hook_add(UC_HOOK_MEM_WRITE, on_write, None, start, start + size - 1)
+        m.uc.ctl_flush_tb()
+        return hook
 
     def _start_run(self, run_budget: int) -> None:
         self.services = 0
@@ -279,8 +319,9 @@ class Executor:
 
     @property
     def fast_units(self) -> int:
-        """Iterations of the guest's bulk moves performed natively in the last run."""
-        return self.tracer.fast_units
+        """Iterations of the guest's bulk moves performed natively in the last run (not in
+        the run made again to watch a damaged header, which performs none)."""
+        return self._fast_units
 
     @property
     def skipped_instructions(self) -> int:

@@ -30,6 +30,9 @@ class Block(NamedTuple):
 class HeapState:
     blocks: list[Block]
     problems: list[tuple[str, str]]  # (field, evidence)
+    # (address, size) of the header field the first problem was read in, when it is one:
+    # whoever wrote it last is the likeliest culprit
+    damaged: tuple[int, int] | None = None
 
 
 def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
@@ -50,20 +53,25 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     # the header's size field, less what it counts beyond the payload
     counted = hs if heap.size_includes_header else 0
     addr = heap.base
+    damaged: tuple[int, int] | None = None
     while addr < heap.end and len(blocks) < max_blocks:
         if addr + hs > heap.end:
             problems.append(("heap.size", f"block at {addr:#x} runs past the heap end "
                                           f"{heap.end:#x}"))
+            if blocks:  # the size that led here
+                damaged = (blocks[-1].addr + heap.size_offset, 8)
             break
         block = _read_block(bank.view, addr - bank.base, addr, heap)
         blocks.append(block)
         if not block.magic_ok:
             problems.append(("block.magic", _bad_magic(bank.view, addr - bank.base, addr,
                                                        heap)))
+            damaged = damaged or (addr + heap.magic_offset, 8)
             break
         size = block.size
         nxt_addr = addr + hs + size - counted
         if nxt_addr > heap.end or size > heap.size or nxt_addr <= addr:
+            damaged = damaged or (addr + heap.size_offset, 8)
             problems.append(("block.size", f"block at {addr:#x}: size {size:#x} runs past the "
                                            f"heap end {heap.end:#x}"))
             break
@@ -71,9 +79,11 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     else:
         if addr != heap.end and len(blocks) < max_blocks:
             problems.append(("heap.size", f"blocks end at {addr:#x}, heap ends at {heap.end:#x}"))
+            if blocks:
+                damaged = (blocks[-1].addr + heap.size_offset, 8)
     if free_list_head is not None and not problems and len(blocks) < max_blocks:
         problems += _check_free_list(m, heap, blocks, free_list_head)
-    return HeapState(blocks, problems)
+    return HeapState(blocks, problems, damaged if problems else None)
 
 
 def _read_block(view: Any, at: int, addr: int, heap: HeapLayout) -> Block:

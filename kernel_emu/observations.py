@@ -10,7 +10,7 @@ observations: the oracles read its registers and memory, and change nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_emu.machine import Machine
@@ -70,3 +70,6 @@ class RunObservations:
     budget: int
     efi_main_status: int | None  # set if efi_main returned to the firmware
     firmware_console: list[str]  # text output through the firmware's console service
+    # watched ranges (by start address) -> frames of the last write into each, when the run
+    # was made again watching what a first run found damaged
+    writers: dict[int, list[str]] = field(default_factory=dict)

@@ -231,8 +231,15 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         blocks = heap.blocks
         if heap.problems:
             fld, evidence = heap.problems[0]
-            state.append(Finding(CrashClass.HEAP_CORRUPTION, [evidence], frames=frames,
-                                 field=fld))
+            writer = obs.writers.get(heap.damaged[0]) if heap.damaged else None
+            if writer:
+                # who wrote the damaged field last: the culprit, wherever the run then stopped
+                state.append(Finding(CrashClass.HEAP_CORRUPTION,
+                                     [evidence, f"last written by {writer[0]}"],
+                                     frames=writer, field=fld))
+            else:
+                state.append(Finding(CrashClass.HEAP_CORRUPTION, [evidence], frames=frames,
+                                     field=fld))
     # a table the kernel printed is compared even if it then refused to map it: a corrupted
     # table is often what makes it refuse
     state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)
@@ -270,6 +277,22 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         ports=[{"access": kind, "port": port, "size": size, "value": value}
                for kind, port, size, value in obs.ports],
     )
+
+
+def heap_damage(obs: RunObservations, image: KernelImage, profile: TargetProfile,
+                result: Result) -> tuple[int, int] | None:
+    """The header field (address, size) a heap walk found damaged after this run, when the
+    result has such a finding: a run made again watching it names who wrote it."""
+    if not any(f.cls == CrashClass.HEAP_CORRUPTION and f.field in HEADER_FIELDS
+               for f in result.findings):
+        return None
+    heap = heapwalk.walk_heap(obs.machine, profile.heap,
+                              _free_list_head(obs.machine, image, profile))
+    return heap.damaged
+
+
+# what a heap walk reads in a block header
+HEADER_FIELDS = ("block.magic", "block.size", "heap.size")
 
 
 def _dedupe(findings: list[Finding]) -> list[Finding]:

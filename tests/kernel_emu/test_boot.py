@@ -267,3 +267,30 @@ def test_native_page_walk_matches_the_python_walk(executors: dict[str, Executor]
         assert runs == pagewalk.coalesce(python)
         assert len(runs) < len(python)  # the segments' consecutive pages do merge
         assert [run.leaf(k) for run in runs for k in range(run.count)] == python
+
+
+def test_a_damaged_block_header_is_charged_to_its_last_writer(
+        executors: dict[str, Executor], base_elf: bytes) -> None:
+    """A header found written over after the run: the run is made again watching it, and the
+    finding (and its signature) names the code that wrote it last, not where the run then
+    happened to stop (a panic in the allocator, a fault, ring 3), so one overflow makes one
+    bucket however far it runs."""
+    i = loads(base_elf)[0]
+    signatures = set()
+    explaining = Executor(load_profile("seed"), explain=True)
+    for memsz in (0x8, 0x40, 0x100):
+        data = set_phdr(base_elf, i, memsz=memsz)
+        # not explained: the frames of where the run stopped (a panic in the allocator)
+        assert not executors["seed"].run(data).findings[0].frames[0].startswith("memcpy")
+        result = explaining.run(data)
+        header = next(f for f in result.findings if f.field in ("block.magic", "block.size"))
+        assert header.evidence[-1].startswith("last written by memcpy"), header.evidence
+        assert header.frames[0].startswith("memcpy")
+        signatures.add(header.signature())
+    assert len(signatures) == 1
+    sig = signatures.pop()
+    assert " | memcpy < rustux::loader::elf::load_segments" in sig and sig.endswith("block header")
+    # the same input, booted in full: the same finding
+    full = Executor(load_profile("seed"), snapshot=False, explain=True).run(
+        set_phdr(base_elf, i, memsz=0x40))
+    assert any(f.frames and f.frames[0].startswith("memcpy") for f in full.findings)
