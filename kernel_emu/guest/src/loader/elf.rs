@@ -58,7 +58,7 @@ pub struct LoadedElf {
 const _: () = assert!(core::mem::size_of::<Segment>() == 40);
 const _: () = assert!(core::mem::size_of::<LoadedElf>() == 40);
 
-#[cfg(not(rustux_upstream))] struct ElfHeader {
+struct ElfHeader {
     entry: u64,
     phoff: u64,
     phentsize: u16,
@@ -105,6 +105,17 @@ pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
 }
 
 #[cfg(not(rustux_upstream))] fn parse_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
+    let header = read_header(file)?;
+    let table_end = header.phoff.checked_add(u64::from(header.phnum) * PHDR_SIZE);
+    if !table_end.is_some_and(|end| end <= file.len() as u64) {
+        return Err("program header table outside the file");
+    }
+    Ok(header)
+}
+
+/// The identity checks every build makes (size, magic, class, byte order, type, machine),
+/// then the header fields the loaders use.
+fn read_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
     if file.len() < EHDR_SIZE {
         return Err("file too small for an ELF header");
     }
@@ -123,17 +134,12 @@ pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
     if read_u16(file, 18) != EM_X86_64 {
         return Err("not an x86-64 ELF");
     }
-    let header = ElfHeader {
+    Ok(ElfHeader {
         entry: read_u64(file, 24),
         phoff: read_u64(file, 32),
         phentsize: read_u16(file, 54),
         phnum: read_u16(file, 56),
-    };
-    let table_end = header.phoff.checked_add(u64::from(header.phnum) * PHDR_SIZE);
-    if !table_end.is_some_and(|end| end <= file.len() as u64) {
-        return Err("program header table outside the file");
-    }
-    Ok(header)
+    })
 }
 
 #[cfg(not(rustux_upstream))] fn read_program_header(file: &[u8], at: u64) -> Result<ProgramHeader, &'static str> {

@@ -13,10 +13,7 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-use super::{
-    read_u16, read_u32, read_u64, LoadedElf, Segment, EHDR_SIZE, ELFCLASS64, ELFDATA2LSB,
-    EM_X86_64, ET_EXEC, PT_LOAD,
-};
+use super::{read_header, read_u32, read_u64, ElfHeader, LoadedElf, Segment, PT_LOAD};
 use crate::console::Hex;
 use crate::mm::{frame, PAGE_SIZE};
 
@@ -24,13 +21,6 @@ use crate::mm::{frame, PAGE_SIZE};
 const MAX_LOADS: usize = 16;
 /// The smallest program header entry the loader reads.
 const MIN_PHENTSIZE: u16 = 56;
-
-struct ElfHeader {
-    entry: u64,
-    phoff: u64,
-    phentsize: u16,
-    phnum: u16,
-}
 
 // every field is read from the file, as upstream does, though not all are used
 #[allow(dead_code)]
@@ -68,30 +58,7 @@ pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
 }
 
 fn parse_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
-    if file.len() < EHDR_SIZE {
-        return Err("file too small for an ELF header");
-    }
-    if file[..4] != [0x7f, b'E', b'L', b'F'] {
-        return Err("bad ELF magic");
-    }
-    if file[4] != ELFCLASS64 {
-        return Err("not a 64-bit ELF");
-    }
-    if file[5] != ELFDATA2LSB {
-        return Err("not a little-endian ELF");
-    }
-    if read_u16(file, 16) != ET_EXEC {
-        return Err("not an executable (ET_EXEC)");
-    }
-    if read_u16(file, 18) != EM_X86_64 {
-        return Err("not an x86-64 ELF");
-    }
-    let header = ElfHeader {
-        entry: read_u64(file, 24),
-        phoff: read_u64(file, 32),
-        phentsize: read_u16(file, 54),
-        phnum: read_u16(file, 56),
-    };
+    let header = read_header(file)?;
     if header.phnum == 0 {
         return Err("no program headers");
     }

@@ -41,28 +41,7 @@ const _: () = assert!(HEADER_SIZE == 40);
 #[used]
 pub static mut FREE_LIST: *mut BlockHeader = null_mut();
 
-pub struct LinkedListAllocator {
-    start: usize,
-    size: usize,
-}
-
-#[global_allocator]
-static ALLOCATOR: LinkedListAllocator = LinkedListAllocator::new(HEAP_START, HEAP_SIZE);
-
-/// The emulator hooks the allocator methods by symbol with the C register convention; taking
-/// their addresses here keeps them as standalone functions with that exact signature.
-#[used]
-static ENTRY_POINTS: (
-    extern "C" fn(&LinkedListAllocator, usize, usize) -> *mut u8,
-    extern "C" fn(&LinkedListAllocator, *mut u8),
-) = (LinkedListAllocator::allocate, LinkedListAllocator::deallocate);
-
-/// Creates the single free block spanning the heap. Nothing may allocate before this.
-pub fn init() {
-    // SAFETY: the heap range is RAM excluded from the page allocator and unused so far.
-    unsafe { ALLOCATOR.init() };
-    kprintln!("[heap] init base={:#x} size={:#x}", ALLOCATOR.start, ALLOCATOR.size);
-}
+include!("heap_glue.rs");
 
 unsafe fn write_header(
     block: *mut BlockHeader,
@@ -84,18 +63,11 @@ unsafe fn following(block: *mut BlockHeader) -> *mut BlockHeader {
 }
 
 impl LinkedListAllocator {
-    pub const fn new(start: usize, size: usize) -> Self {
-        LinkedListAllocator { start, size }
-    }
-
+    /// The single free block spanning the heap.
     unsafe fn init(&self) {
         let first = self.start as *mut BlockHeader;
         write_header(first, self.size - HEADER_SIZE, true, null_mut(), null_mut());
         FREE_LIST = first;
-    }
-
-    fn end(&self) -> usize {
-        self.start + self.size
     }
 
     /// First fit over the free list. `size` is rounded up to 8; alignments above 8 are not
@@ -232,15 +204,5 @@ impl LinkedListAllocator {
             }
             panic!("heap: double free of {:#x}", addr + HEADER_SIZE);
         }
-    }
-}
-
-unsafe impl GlobalAlloc for LinkedListAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.allocate(layout.size(), layout.align())
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        self.deallocate(ptr)
     }
 }

@@ -46,28 +46,7 @@ pub static mut FREE_LIST: *mut BlockHeader = null_mut();
 static mut LAST_ALLOCATED: usize = 0;
 static mut LAST_SIZE: usize = 0;
 
-pub struct LinkedListAllocator {
-    start: usize,
-    size: usize,
-}
-
-#[global_allocator]
-static ALLOCATOR: LinkedListAllocator = LinkedListAllocator::new(HEAP_START, HEAP_SIZE);
-
-/// The emulator hooks the allocator methods by symbol; taking their addresses here keeps them
-/// as standalone functions with this exact signature.
-#[used]
-static ENTRY_POINTS: (
-    extern "C" fn(&LinkedListAllocator, usize, usize) -> *mut u8,
-    extern "C" fn(&LinkedListAllocator, *mut u8),
-) = (LinkedListAllocator::allocate, LinkedListAllocator::deallocate);
-
-/// Makes the whole heap one free block. Nothing may allocate before this.
-pub fn init() {
-    // SAFETY: the heap range is RAM excluded from the page allocator and unused so far.
-    unsafe { ALLOCATOR.init() };
-    kprintln!("[heap] init base={:#x} size={:#x}", ALLOCATOR.start, ALLOCATOR.size);
-}
+include!("heap_glue.rs");
 
 unsafe fn write_header(block: *mut BlockHeader, size: usize, next: *mut BlockHeader) {
     block.write(BlockHeader { size, free: true, magic: MAGIC, prev: null_mut(), next });
@@ -89,18 +68,10 @@ unsafe fn is_free(block: *const BlockHeader) -> bool {
 }
 
 impl LinkedListAllocator {
-    pub const fn new(start: usize, size: usize) -> Self {
-        LinkedListAllocator { start, size }
-    }
-
     unsafe fn init(&self) {
         let first = self.start as *mut BlockHeader;
         write_header(first, self.size, null_mut());
         FREE_LIST = first;
-    }
-
-    fn end(&self) -> usize {
-        self.start + self.size
     }
 
     /// First fit over the free list.
@@ -224,15 +195,5 @@ impl LinkedListAllocator {
             candidate = end as *mut BlockHeader;
         }
         block
-    }
-}
-
-unsafe impl GlobalAlloc for LinkedListAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.allocate(layout.size(), layout.align())
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        self.deallocate(ptr)
     }
 }
