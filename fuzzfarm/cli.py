@@ -161,7 +161,7 @@ def cmd_crosscheck(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Boot the bundled examples on both builds: the farm's job in miniature."""
+    """Boot the bundled examples on the built-in builds: the farm's job in miniature."""
     from fuzzfarm.report import render_summary_row
     from kernel_emu.executor import Executor
     from kernel_emu.profile import load_profile
@@ -459,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default: the package's corpus/seeds)")
     p.set_defaults(func=cmd_seeds)
 
-    p = sub.add_parser("demo", help="boot the bundled example ELFs on both kernel builds",
-                       description="Boot every bundled example ELF on the seed and fixed builds "
-                                   "and print one line per boot.")
+    p = sub.add_parser("demo", help="boot the bundled example ELFs on the built-in kernel builds",
+                       description="Boot every bundled example ELF on the seed, upstream and "
+                                   "fixed builds and print one line per boot.")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("build-guest", help="rebuild the Rustux boot images from source",
