@@ -149,6 +149,9 @@ def _check_free_list(m: Machine, heap: HeapLayout, blocks: list[Block],
         if block.prev != prev:
             return [("free_list", f"free list node {node:#x} has prev {block.prev:#x}, "
                                   f"expected {prev:#x}")]
+        if heap.list_order == "address" and prev and node <= prev:
+            return [("free_list", f"free list node {node:#x} follows {prev:#x}: the list is "
+                                  f"kept in address order")]
         prev, node = node, block.next
     missing = [b.addr for b in blocks if b.free and b.addr not in seen]
     if missing:

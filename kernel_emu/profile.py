@@ -15,6 +15,7 @@ BUILTIN_PROFILES = ("seed", "fixed", "upstream")
 # the guest: kept to compare with
 ELF_PROFILES = ("seed-elf", "fixed-elf", "upstream-elf")
 CONVENTIONS = ("sysv64", "win64")
+LIST_ORDERS = ("address", "lifo", "any")
 # how the kernel gets bin/init: a ramdisk the firmware hands over in its configuration table,
 # or a program embedded in the kernel image when it was built
 CHANNELS = ("firmware-ramdisk", "embedded")
@@ -51,6 +52,9 @@ class HeapLayout:
     # the next (false for allocators that leave a block's size claiming more than it holds:
     # then only the free list is walked)
     blocks_tile: bool = True
+    # how the free list is kept: "address" (by address, lowest first: a node out of order is
+    # damage), "lifo" (the last freed first) or "any"
+    list_order: str = "any"
 
     @property
     def end(self) -> int:
@@ -139,6 +143,9 @@ def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
         if not isinstance(value, expect) or (expect is int and isinstance(value, bool)):
             raise ProfileError(f"{origin}: [{key}].{name} must be {expect.__name__}")
         values[name] = value
+    if values.get("list_order", "any") not in LIST_ORDERS:
+        raise ProfileError(f"{origin}: [{key}].list_order must be one of "
+                           f"{', '.join(LIST_ORDERS)}")
     if values.get("convention", "sysv64") not in CONVENTIONS:
         raise ProfileError(f"{origin}: [{key}].convention must be one of "
                            f"{', '.join(CONVENTIONS)}")
