@@ -165,6 +165,9 @@ free_offset = 8  # GUESS
 magic_offset = 16  # GUESS
 prev_offset = 24  # GUESS
 next_offset = 32  # GUESS
+size_includes_header = false  # GUESS: does a header's size count the header itself?
+blocks_tile = true  # GUESS: do blocks lie back to back from the base, each size to the next?
+list_order = "any"  # GUESS: "address" if the free list is kept by address, "lifo", "any"
 free_list_symbol = {value("heap.free_list_symbol")}
 alloc_symbol = {value("heap.alloc_symbol")}
 dealloc_symbol = {value("heap.dealloc_symbol")}
@@ -178,6 +181,17 @@ user_top = 0x800000000000
 
 [run]
 budget = 60000000
+
+# If the kernel embeds its init program instead of reading a ramdisk, say where:
+# [input]
+# channel = "embedded"
+# symbol = "..."        # the blob: a 64-bit size at size_offset, the bytes at data_offset
+# size_offset = 0
+# data_offset = 8
+# capacity = 0x100000
+# Values your loader checks against, for the fuzzer (it also learns them from your code):
+# [fuzz]
+# values = []
 '''
 
 
