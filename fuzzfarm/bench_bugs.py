@@ -39,6 +39,7 @@ from kernel_emu.profile import load_profile
 SEEDS = Path(__file__).parent.parent / "corpus" / "seeds"
 UNATTRIBUTED = "unattributed"
 BUCKET_INPUTS = 20  # inputs of one bucket booted again to tell which bug it is
+STOP_SLACK = 3.0  # a trial that ended this much before its time was stopped
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Trial:
     bucketed: dict[str, float | None]
     # bucket signature -> the bugs its reproducer triggers ([] : unattributed)
     buckets: dict[str, list[str]] = field(default_factory=dict)
+    # the campaign ran its full time (not stopped by Ctrl-C or a signal)
+    complete: bool = True
 
 
 def attribute(summary: CampaignSummary, executor: Executor,
@@ -62,11 +65,11 @@ def attribute(summary: CampaignSummary, executor: Executor,
 
     Triage boots each finding again with every oracle and files it under the signature it
     gets. So here: up to BUCKET_INPUTS inputs of every job-level bucket are booted again, as
-    triage boots them, and grouped by the signature they get. A bucket
-    is the bugs every one of its inputs triggers (an input often triggers another bug by the
-    way, an entry point a mutation moved, say: the root cause is common to all), in the order
-    the first triggers them; with none in common, those they trigger, the most frequent
-    first: a bucket a reviewer would split; none at all: a finding no planted bug explains."""
+    triage boots them, and grouped by the signature they get. A bucket is the bugs every one
+    of its inputs triggers (an input often triggers another bug by the way, an entry point a
+    mutation moved, say: the root cause is common to all), in the order the first triggers
+    them; with none in common, those they trigger, the most frequent first: a bucket a
+    reviewer would split; none at all: a finding no planted bug explains."""
     inputs: dict[str, list[tuple[str, ...]]] = {}
     first: dict[str, float | None] = {}
     for bucket in summary.buckets:
@@ -85,7 +88,8 @@ def attribute(summary: CampaignSummary, executor: Executor,
                 if canaries is not None else ()
             inputs.setdefault(result.signature, []).append(triggered)
             was = first.get(result.signature)
-            first[result.signature] = when if was is None or when is None else min(was, when)
+            first[result.signature] = was if when is None else \
+                when if was is None else min(was, when)
     out: dict[str, tuple[list[str], float | None]] = {}
     for signature, seen in inputs.items():
         seen = [bugs for bugs in seen if bugs]
@@ -117,7 +121,8 @@ def run_trial(kernel: str, index: int, seconds: float, jobs: int, out: Path) -> 
                 bucketed[bug] = when if was is None else min(was, when)
     reached = {n: summary.canaries.get(n, (None, None))[0] for n in names}
     triggered = {n: summary.canaries.get(n, (None, None))[1] for n in names}
-    return Trial(kernel, index, seconds, summary.execs, reached, triggered, bucketed, buckets)
+    return Trial(kernel, index, seconds, summary.execs, reached, triggered, bucketed, buckets,
+                 complete=summary.seconds >= seconds - STOP_SLACK)
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,6 +272,12 @@ def bench_bugs(kernels: list[str], trials: int, seconds: float, jobs: int, out: 
         for index in range(trials):
             started = time.monotonic()
             trial = run_trial(kernel, index, seconds, jobs, out / "trials" / f"{kernel}-{index}")
+            if not trial.complete:
+                # stopped (Ctrl-C reaches the campaign first): what was measured is kept
+                _write(out, results, names_of)
+                say(f"stopped during {kernel} trial {index + 1}; the finished trials are in "
+                    f"{out / 'bugs.json'}", flush=True)
+                return 130
             results[kernel].append(trial)
             found = sorted(b for b, t in trial.bucketed.items() if t is not None)
             say(f"  {kernel} trial {index + 1}/{trials}: {len(trial.buckets)} bucket(s), "

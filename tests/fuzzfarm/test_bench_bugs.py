@@ -72,3 +72,23 @@ def test_a_short_trial_tells_buckets_apart_by_their_canaries(tmp_path: Path,
     assert (tmp_path / "survival-seed.svg").read_text().startswith("<svg")
     out = capsys.readouterr().out
     assert "median s (KM)" in out and "buckets/bug" in out
+
+
+def test_a_stopped_trial_ends_the_benchmark_and_keeps_the_finished_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fuzzfarm.bench_bugs as bench
+
+    calls: list[int] = []
+
+    def fake_trial(kernel: str, index: int, seconds: float, jobs: int, out: Path) -> Trial:
+        calls.append(index)
+        trial = _trial(index, {"RX-01": 1.0}, {"sig-a": ["RX-01"]})
+        trial.complete = index == 0  # the second is stopped by Ctrl-C
+        return trial
+
+    monkeypatch.setattr(bench, "run_trial", fake_trial)
+    assert bench_bugs(["seed"], trials=5, seconds=10.0, jobs=1, out=tmp_path,
+                      say=lambda *a, **k: None) == 130
+    assert calls == [0, 1]
+    data = json.loads((tmp_path / "bugs.json").read_text())
+    assert [t["index"] for t in data["seed"]["trials"]] == [0]
