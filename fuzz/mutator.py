@@ -242,7 +242,8 @@ class ElfMutator:
                  raise_errors: bool = False, facts: KernelFacts | None = None) -> None:
         self.byte_mutate = byte_mutate
         self.facts = facts or KernelFacts()
-        self._addresses = ADDRESSES + self.facts.places
+        self._places = self.facts.places
+        self._addresses = ADDRESSES + self._places
         self._sizes = SIZES + self.facts.sizes
         self._values = self.facts.values
         self._salt = 0 if seed is None else (int(seed) & U64_MAX) << 64
@@ -630,7 +631,7 @@ class ElfMutator:
                 elf.set(index, "p_vaddr", vaddr + rng.choice((1, 8, 0x800)))
         elif kind == 5:  # segment in the kernel half (entry follows it sometimes)
             places = (KERNEL_HALF, KERNEL_TOP, 0x0000_8000_0000_0000, 0x10_0000)
-            target = rng.choice(places + self.facts.places) + (vaddr & (PAGE - 1))
+            target = rng.choice(places + self._places) + (vaddr & (PAGE - 1))
             elf.set(index, "p_vaddr", target)
             if rng.random() < 0.5:
                 elf.set_header("e_entry", target + (elf.entry - vaddr) % max(memsz, 1))

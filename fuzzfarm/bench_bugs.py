@@ -4,10 +4,10 @@ buckets per bug.
 
 For each kernel build, N trials of T seconds: each a fresh campaign from the bundled seeds
 with J jobs, the jobs recording when each planted bug's canary (the profile's `[canaries]`)
-was first reached and triggered. After a trial every bucket's smallest reproducer is booted
-again and the canaries read: a bucket is the bug(s) its reproducer triggers, or
-"unattributed" when it triggers none (on a build without canaries, such as `fixed`, every
-bucket is a finding, and the goal is none).
+was first reached and triggered. After a trial the campaign's findings are booted again as
+triage boots them, grouped into buckets by the signature they get, and the canaries read: a
+bucket is the bug(s) all its inputs trigger, or "unattributed" when they trigger none (on a
+build without canaries, such as `fixed`, every bucket is a finding, and the goal is none).
 
 Per bug: trials in which it was reached, triggered and bucketed; the median time to its first
 bucket by Kaplan–Meier (a trial that never bucketed it is censored at T); buckets per bug (the
@@ -52,7 +52,7 @@ class Trial:
     reached: dict[str, float | None]
     triggered: dict[str, float | None]
     bucketed: dict[str, float | None]
-    # bucket signature -> the bugs its reproducer triggers ([] : unattributed)
+    # bucket signature -> the bugs its inputs trigger ([] : unattributed)
     buckets: dict[str, list[str]] = field(default_factory=dict)
     # the campaign ran its full time (not stopped by Ctrl-C or a signal)
     complete: bool = True
@@ -193,7 +193,8 @@ def table(kernel: str, trials: list[Trial], names: list[str]) -> str:
         return "\n".join(lines)
     lines.append(f"  {'bug':<8} {'reached':>8} {'triggered':>10} {'bucketed':>9} "
                  f"{'median s (KM)':>14} {'buckets/bug':>12}")
-    for row in rows(trials, names):
+    bug_rows = rows(trials, names)
+    for row in bug_rows:
         median = f"{row.median_seconds:.1f}" if row.median_seconds is not None else \
             f">{trials[0].seconds:.0f}"
         per = f"{row.buckets_per_bug:.2f}" if row.buckets_per_bug is not None else "-"
@@ -202,7 +203,7 @@ def table(kernel: str, trials: list[Trial], names: list[str]) -> str:
                      f"{row.bucketed:>6}/{n:<2} {median:>14} {per:>12}")
     unattributed = [sum(1 for b in t.buckets.values() if not b) for t in trials]
     splits = sum(1 for t in trials for b in t.buckets.values() if len(b) > 1)
-    merges = sum(r.merges_needed for r in rows(trials, names))
+    merges = sum(r.merges_needed for r in bug_rows)
     lines.append(f"  buckets that are no planted bug: {sum(unattributed)} over all trials "
                  f"(per trial: {', '.join(map(str, unattributed))})")
     lines.append(f"  a reviewer would have merged {merges} and split {splits} bucket(s)")

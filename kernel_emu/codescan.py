@@ -21,10 +21,9 @@ _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 def return_sites(image: KernelImage, start: int, size: int) -> tuple[int, ...]:
     """The addresses of the `ret` instructions of the function at [start, start + size)."""
-    seg = next((s for s in image.segments if s.vaddr <= start < s.end), None)
-    if seg is None or size <= 0:
+    code = image.bytes_at(start, size)
+    if code is None or size <= 0:
         raise HarnessError(f"allocator symbol at {start:#x} has no code in the image")
-    code = seg.data[start - seg.vaddr:start - seg.vaddr + size]
     sites = tuple(i.address for i in _md.disasm(code, start) if i.mnemonic == "ret")
     if not sites:
         raise HarnessError("no return instruction found in the allocator")

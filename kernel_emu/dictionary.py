@@ -28,13 +28,6 @@ _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md.detail = True
 
 
-def _code(image: KernelImage, start: int, size: int) -> bytes:
-    seg = next((s for s in image.segments if s.vaddr <= start < s.end), None)
-    if seg is None:
-        return b""
-    return bytes(seg.data[start - seg.vaddr:start - seg.vaddr + size])
-
-
 def _is_text(value: int) -> bool:
     """Bytes of an inlined string (a log line written a word at a time), not a check."""
     raw = value.to_bytes(8, "little").rstrip(b"\0")
@@ -59,7 +52,7 @@ def learn_values(image: KernelImage, entry: str, *, max_functions: int = MAX_FUN
         fn = queue.popleft()
         visited += 1
         own = fn.name.startswith(crate)
-        for insn in _md.disasm(_code(image, fn.address, fn.size), fn.address):
+        for insn in _md.disasm(image.bytes_at(fn.address, fn.size) or b"", fn.address):
             if insn.mnemonic == "call":
                 op = insn.operands[0] if insn.operands else None
                 if op is not None and op.type == x86.X86_OP_IMM:

@@ -49,12 +49,12 @@ def _kernel_symbols(image: KernelImage) -> list[Symbol]:
 
 
 def _is_code(image: KernelImage, address: int) -> bool:
-    return any(s.flags & 1 and s.vaddr <= address < s.end for s in image.segments)
+    return any(lo <= address < hi for lo, hi in image.text_ranges)
 
 
-def _allocator(image: KernelImage, symbols: list[Symbol]) -> tuple[str, str] | None:
-    """An allocate/deallocate pair with the same owner (type or module)."""
-    code = [s for s in symbols if _is_code(image, s.address)]
+def _allocator(code: list[Symbol]) -> tuple[str, str] | None:
+    """An allocate/deallocate pair with the same owner (type or module) among the kernel's
+    functions."""
     frees = {(_owner(s.name), _last(s.name).lower()): s.name for s in code}
     pairs = []
     for s in code:
@@ -96,7 +96,7 @@ def draft_profile(path: Path, name: str | None = None) -> Draft:
     data = [s for s in symbols if not _is_code(image, s.address)]
     code = [s for s in symbols if _is_code(image, s.address)]
 
-    pair = _allocator(image, symbols)
+    pair = _allocator(code)
     if pair is not None:
         draft.found["heap.alloc_symbol"], draft.found["heap.dealloc_symbol"] = pair
     else:

@@ -149,6 +149,14 @@ class KernelImage:
     def text_ranges(self) -> tuple[tuple[int, int], ...]:
         return tuple((s.vaddr, s.end) for s in self.segments if s.flags & 1)
 
+    def bytes_at(self, start: int, size: int) -> bytes | None:
+        """Up to `size` bytes of the image from `start` (fewer at the end of its part); None
+        when no part of the image holds `start`."""
+        seg = next((s for s in self.segments if s.vaddr <= start < s.end), None)
+        if seg is None:
+            return None
+        return bytes(seg.data[start - seg.vaddr:start - seg.vaddr + size])
+
     def symbol(self, name: str) -> Symbol:
         try:
             return self._by_name[name]

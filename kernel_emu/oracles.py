@@ -20,7 +20,7 @@ from kernel_emu.klog import KernelLog, parse_log
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.observations import RunObservations
 from kernel_emu.profile import TargetProfile
-from kernel_emu.result import CrashClass, Finding, Result, StopReason, Verdict
+from kernel_emu.result import HEADER_FIELDS, CrashClass, Finding, Result, StopReason, Verdict
 from kernel_emu.userspace import user_space_findings
 
 VECTORS = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general protection",
@@ -289,10 +289,6 @@ def heap_damage(obs: RunObservations, image: KernelImage, profile: TargetProfile
     heap = heapwalk.walk_heap(obs.machine, profile.heap,
                               _free_list_head(obs.machine, image, profile))
     return heap.damaged
-
-
-# what a heap walk reads in a block header
-HEADER_FIELDS = ("block.magic", "block.size", "heap.size")
 
 
 def _dedupe(findings: list[Finding]) -> list[Finding]:

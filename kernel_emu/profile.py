@@ -19,6 +19,8 @@ LIST_ORDERS = ("address", "lifo", "any")
 # how the kernel gets bin/init: a ramdisk the firmware hands over in its configuration table,
 # or a program embedded in the kernel image when it was built
 CHANNELS = ("firmware-ramdisk", "embedded")
+# the keys of any table that take one of a few words
+_CHOICES = {"convention": CONVENTIONS, "list_order": LIST_ORDERS, "channel": CHANNELS}
 
 
 @dataclass(frozen=True)
@@ -142,13 +144,10 @@ def _section(raw: dict[str, Any], key: str, cls: type, origin: Path) -> Any:
         expect = {"str": str, "bool": bool}.get(typ if isinstance(typ, str) else typ.__name__, int)
         if not isinstance(value, expect) or (expect is int and isinstance(value, bool)):
             raise ProfileError(f"{origin}: [{key}].{name} must be {expect.__name__}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ProfileError(f"{origin}: [{key}].{name} must be one of "
+                               f"{', '.join(_CHOICES[name])}")
         values[name] = value
-    if values.get("list_order", "any") not in LIST_ORDERS:
-        raise ProfileError(f"{origin}: [{key}].list_order must be one of "
-                           f"{', '.join(LIST_ORDERS)}")
-    if values.get("convention", "sysv64") not in CONVENTIONS:
-        raise ProfileError(f"{origin}: [{key}].convention must be one of "
-                           f"{', '.join(CONVENTIONS)}")
     return cls(**values)
 
 
@@ -172,8 +171,6 @@ def _input_layout(raw: dict[str, Any], origin: Path) -> InputLayout:
     if "input" not in raw:
         return InputLayout()
     layout: InputLayout = _section(raw, "input", InputLayout, origin)
-    if layout.channel not in CHANNELS:
-        raise ProfileError(f"{origin}: [input].channel must be one of {', '.join(CHANNELS)}")
     if layout.channel == "embedded" and (not layout.symbol or layout.capacity <= 0):
         raise ProfileError(f"{origin}: an embedded input needs [input].symbol and a "
                            "capacity above 0")
@@ -223,7 +220,7 @@ def load_profile_file(path: Path) -> TargetProfile:
 
 
 def load_profile(spec: str) -> TargetProfile:
-    """A built-in profile name (seed, fixed, seed-elf, fixed-elf) or a path to a profile
+    """A built-in profile name (BUILTIN_PROFILES, ELF_PROFILES) or a path to a profile
     TOML."""
     if spec in BUILTIN_PROFILES + ELF_PROFILES:
         return load_profile_file(PROFILE_DIR / f"{spec}.toml")

@@ -108,15 +108,14 @@ def boot(app: Path, files: dict[str, bytes] | None = None, timeout: float = 120.
         return FirmwareBoot(log, seconds, ended)
 
 
-def boot_kernel(kernel: Path | bytes, ramdisk: bytes, timeout: float = 120.0,
+def boot_kernel(kernel: bytes, ramdisk: bytes, timeout: float = 120.0,
                 done: Callable[[str], bool] = lambda _log: False,
                 shim: Path = SHIM_IMAGE, memory_mib: int = MEMORY_MIB) -> FirmwareBoot:
-    """Boot the kernel UEFI application `kernel` (a file, or its bytes) with `ramdisk` handed
-    over as the emulated firmware hands it over (a configuration-table entry): the boot shim
+    """Boot the kernel UEFI application whose file is `kernel` with `ramdisk` handed over as
+    the emulated firmware hands it over (a configuration-table entry): the boot shim
     `rxboot.efi` starts from the drive, reads `rustux/ramdisk.img`, installs the entry and
     starts `rustux/kernel.efi`."""
     if not shim.is_file():
         raise FirmwareBootError(f"the boot shim {shim} is missing (fuzzfarm build-guest)")
-    image = kernel if isinstance(kernel, bytes) else kernel.read_bytes()
-    return boot(shim, {"rustux/kernel.efi": image, "rustux/ramdisk.img": ramdisk},
+    return boot(shim, {"rustux/kernel.efi": kernel, "rustux/ramdisk.img": ramdisk},
                 timeout, done, memory_mib)

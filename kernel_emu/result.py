@@ -94,8 +94,7 @@ class Finding:
 _INDEX = re.compile(r"\[(\d+)\]")
 # what a heap walk finds wrong in a block header, whichever field showed it: one kind of damage
 # (the header written over), however far the write went
-_HEADER_FIELDS = {"block.magic": "block header", "block.size": "block header",
-                  "heap.size": "block header"}
+HEADER_FIELDS = ("block.magic", "block.size", "heap.size")
 
 
 def signature_field(field: str) -> str:
@@ -103,7 +102,7 @@ def signature_field(field: str) -> str:
     is what an allocator that hands one block out twice overwrites), any later index becomes
     `segments[n]`, because it only says how many program headers the input had; the fields of
     a damaged block header are one "block header"."""
-    field = _HEADER_FIELDS.get(field, field)
+    field = "block header" if field in HEADER_FIELDS else field
     return _INDEX.sub(lambda m: m.group(0) if m.group(1) == "0" else "[n]", field)
 
 

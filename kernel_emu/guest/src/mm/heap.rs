@@ -3,17 +3,15 @@
 //! Blocks lie back to back from the heap base: a 40-byte header, then `size` payload bytes,
 //! then the next header; sizes plus headers always add up to the whole heap. Free blocks are
 //! also linked, in address order, into a doubly linked list headed by `FREE_LIST`. Allocated
-//! blocks have `free == false` and null links.
+//! blocks have `free == false` and null links. A header's `size` is its payload's.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::mem::size_of;
 use core::ptr::null_mut;
 
 pub const HEAP_START: usize = 0x30_0000;
 pub const HEAP_SIZE: usize = 0x100_0000;
 /// "RHEAPBLK" in little-endian byte order.
 pub const MAGIC: u64 = 0x4b4c_4250_4145_4852;
-pub const HEADER_SIZE: usize = size_of::<BlockHeader>();
 pub const MIN_BLOCK_SIZE: usize = HEADER_SIZE;
 const ALIGN: usize = 8;
 
@@ -23,23 +21,6 @@ const ALIGN: usize = 8;
 const SPLIT_THRESHOLD: usize = MIN_BLOCK_SIZE * 4;
 #[cfg(rustux_fixed)]
 const SPLIT_THRESHOLD: usize = MIN_BLOCK_SIZE + ALIGN;
-
-#[repr(C)]
-pub struct BlockHeader {
-    /// Payload bytes after the header.
-    pub size: usize,
-    pub free: bool,
-    _pad: [u8; 7],
-    pub magic: u64,
-    pub prev: *mut BlockHeader,
-    pub next: *mut BlockHeader,
-}
-
-const _: () = assert!(HEADER_SIZE == 40);
-
-/// Head of the free list (lowest free block). Read by the emulator through its symbol.
-#[used]
-pub static mut FREE_LIST: *mut BlockHeader = null_mut();
 
 include!("heap_glue.rs");
 

@@ -1,8 +1,27 @@
 // What every heap of this kernel has around its allocator, included by heap.rs and
-// heap_upstream.rs: the allocator's handle over the heap region, its registration as the
-// global allocator, the entry points the emulator hooks, and `init`. Each includer provides
-// `LinkedListAllocator::{init, allocate, deallocate}` (as `unsafe fn init(&self)` and
-// `extern "C"` methods), HEAP_START and HEAP_SIZE.
+// heap_upstream.rs: the block header's layout, the head of the free list, the allocator's
+// handle over the heap region, its registration as the global allocator, the entry points the
+// emulator hooks, and `init`. Each includer provides `LinkedListAllocator::{init, allocate,
+// deallocate}` (as `unsafe fn init(&self)` and `extern "C"` methods), HEAP_START, HEAP_SIZE
+// and MAGIC, and says what a header's `size` counts.
+
+#[repr(C)]
+pub struct BlockHeader {
+    /// The block's size: its payload's, or with the header (as the including heap says).
+    pub size: usize,
+    pub free: bool,
+    _pad: [u8; 7],
+    pub magic: u64,
+    pub prev: *mut BlockHeader,
+    pub next: *mut BlockHeader,
+}
+
+pub const HEADER_SIZE: usize = core::mem::size_of::<BlockHeader>();
+const _: () = assert!(HEADER_SIZE == 40);
+
+/// Head of the free list. Read by the emulator through its symbol.
+#[used]
+pub static mut FREE_LIST: *mut BlockHeader = null_mut();
 
 pub struct LinkedListAllocator {
     start: usize,

@@ -15,31 +15,13 @@
 //!   the next allocation hands out the heap base again while its memory is in use.
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::mem::size_of;
 use core::ptr::null_mut;
 
 pub const HEAP_START: usize = 0x30_0000;
 pub const HEAP_SIZE: usize = 0x100_0000;
 pub const MAGIC: u64 = 0xDEAD_BEEF_CAFE_BABE;
-pub const HEADER_SIZE: usize = size_of::<BlockHeader>();
 const MIN_BLOCK_SIZE: usize = HEADER_SIZE;
 const ALIGN: usize = 8;
-
-#[repr(C)]
-pub struct BlockHeader {
-    /// Bytes of the block, header included.
-    pub size: usize,
-    pub free: bool,
-    pub magic: u64,
-    pub prev: *mut BlockHeader,
-    pub next: *mut BlockHeader,
-}
-
-const _: () = assert!(HEADER_SIZE == 40);
-
-/// Head of the free list. Read by the emulator through its symbol.
-#[used]
-pub static mut FREE_LIST: *mut BlockHeader = null_mut();
 
 /// Payload address and size of the last allocation handed out: a block whose payload would
 /// start inside it is skipped (and stays marked allocated).
@@ -49,7 +31,14 @@ static mut LAST_SIZE: usize = 0;
 include!("heap_glue.rs");
 
 unsafe fn write_header(block: *mut BlockHeader, size: usize, next: *mut BlockHeader) {
-    block.write(BlockHeader { size, free: true, magic: MAGIC, prev: null_mut(), next });
+    block.write(BlockHeader {
+        size,
+        free: true,
+        _pad: [0; 7],
+        magic: MAGIC,
+        prev: null_mut(),
+        next,
+    });
 }
 
 /// Puts `block` at the head of the free list.
