@@ -165,7 +165,8 @@ class Job:
         self._mutator_seconds = 0.0
         self._confirmer: Executor | None = None
         self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
-        self._unwritten: dict[str, tuple[bytes, Any]] = {}  # signature -> its reproducer
+        # signature -> its reproducer (signature and sha256 -> an input kept beside it)
+        self._unwritten: dict[str, tuple[bytes, Any]] = {}
         self._canaries = canaries_for(self.profile, self.executor.image) \
             if config.canaries else None
         self._canary_flags = 0  # every flag seen so far
@@ -280,16 +281,23 @@ class Job:
                                  first_seconds=now - self.stats.started)
             self.stats.findings[sig] = entry
         entry.count += 1
+        first_sighting = False
         for finding in result.findings:  # consequences too: when was each class first seen
             keys = [finding.cls] + ([f"{finding.cls}:{finding.field}"] if finding.field else [])
             for key in keys:
                 if key not in self.stats.first_class:
                     self.stats.first_class[key] = (self.stats.execs + 1,
                                                    now - self.stats.started)
+                    first_sighting = True
         if entry.smallest == 0 or len(data) < entry.smallest:
             entry.smallest = len(data)
             self._unwritten[sig] = (data, result)
             self.flush(now)  # a new reproducer is worth telling the parent at once
+        elif first_sighting:
+            # not the bucket's smallest, but the evidence of a class (or field) seen for the
+            # first time: kept beside it, so what the statistics say was found can be shown
+            self._unwritten[f"{sig}\0{hashlib.sha256(data).hexdigest()}"] = (data, result)
+            self.flush(now)
 
     def _confirm(self, data: bytes) -> Any:
         """The Result of `data` with the profile's budget and no watchdog (None on failure)."""
