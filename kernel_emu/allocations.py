@@ -33,6 +33,7 @@ class Allocation(NamedTuple):
     seq: int
     ptr: int
     size: int
+    returned: WatchEvent | None = None  # allocate's return: where it was called from
 
 
 def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
@@ -75,10 +76,10 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                     evidence.append(_free_evidence(*last_free, describe))
                 findings.append(Finding(
                     CrashClass.HEAP_CORRUPTION, evidence,
-                    frames=_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
+                    frames=event_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
             if ptr not in live:
                 bisect.insort(starts, ptr)
-            live[ptr] = Allocation(seq, ptr, size)
+            live[ptr] = Allocation(seq, ptr, size, ev)
         elif ev.address == sites.dealloc_entry:
             ptr = second(ev)
             if not ptr:
@@ -89,7 +90,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                 findings.append(Finding(
                     CrashClass.HEAP_CORRUPTION,
                     [f"free of {ptr:#x}, which is not a live allocation"],
-                    frames=_frames(ev, describe), field="free.unknown", pc=ev.rip))
+                    frames=event_frames(ev, describe), field="free.unknown", pc=ev.rip))
             else:
                 del starts[bisect.bisect_left(starts, ptr)]
     return findings, list(live.values())
@@ -113,8 +114,9 @@ def _free_evidence(ptr: int, ended: Allocation | None, ev: WatchEvent,
                    describe: Callable[[int, bool], str]) -> str:
     what = f"allocation #{ended.seq}, {ended.size:#x} bytes" if ended else "not live"
     return (f"the free before it: {ptr:#x} ({what}), from "
-            + " < ".join(_frames(ev, describe)[:6]))
+            + " < ".join(event_frames(ev, describe)[:6]))
 
 
-def _frames(ev: WatchEvent, describe: Callable[[int, bool], str]) -> list[str]:
+def event_frames(ev: WatchEvent, describe: Callable[[int, bool], str]) -> list[str]:
+    """The symbolized frames of a watch event: where it happened, then its callers."""
     return [describe(ev.rip, False)] + [describe(f, True) for f in ev.frames]

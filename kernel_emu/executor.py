@@ -244,7 +244,7 @@ class Executor:
         tracer, image = self.tracer, self.image
         if watch is None:
             self._fast_units = tracer.fast_units
-        events, _ = replay(self.written.take_events(), self.alloc_sites,
+        events, live = replay(self.written.take_events(), self.alloc_sites,
                            lambda a, ret: image.describe(a, return_address=ret))
         faults = self.faults
         observed = RunObservations(
@@ -253,7 +253,7 @@ class Executor:
             console=self.console(), ports=self.port_accesses(),
             recent_blocks=tracer.recent_blocks, stalled_at=self.watchdog.stalled_at,
             budget=self.budget, efi_main_status=self.firmware.state.efi_main_status,
-            firmware_console=self.firmware.state.console, writers=writers)
+            firmware_console=self.firmware.state.console, writers=writers, live=live, file=data)
         self.last_observations = observed
         result = oracles.assess(observed, image, self.profile, segments)
         if watch is None and self.explain:

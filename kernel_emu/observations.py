@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernel_emu.allocations import Allocation
 from kernel_emu.machine import Machine
 from kernel_emu.result import Finding, StopReason
 
@@ -73,3 +74,7 @@ class RunObservations:
     # watched ranges (by start address) -> frames of the last write into each, when the run
     # was made again watching what a first run found damaged
     writers: dict[int, list[str]] = field(default_factory=dict)
+    # allocations this run made and did not free, in the order they were made
+    live: list[Allocation] = field(default_factory=list)
+    # the input file (the ELF), as the kernel was given it
+    file: bytes = b""

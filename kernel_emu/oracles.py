@@ -17,6 +17,7 @@ from kernel_emu import heapwalk
 from kernel_emu.elfview import Segment
 from kernel_emu.image import KernelImage
 from kernel_emu.klog import KernelLog, parse_log
+from kernel_emu.leaks import leak_findings
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.observations import RunObservations
 from kernel_emu.profile import TargetProfile
@@ -244,7 +245,16 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     # table is often what makes it refuse
     state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)
     if stop == StopReason.UNTIL:
-        state += user_space_findings(m, image, profile, log, expected, frames, kstack_base)
+        state += user_space_findings(m, image, profile, log, expected, frames, kstack_base,
+                                     obs.file)
+    if stop == StopReason.UNTIL or (stop == StopReason.HALT and log.rejected is not None):
+        # a settled kernel: everything the run allocated is freed or still in use. Entering
+        # user mode abandons the kernel stack (the next entry starts at its top), so only a
+        # halted kernel's stack is a root
+        stack = (kstack_base, kstack_base + profile.kernel.stack_size) \
+            if kstack_base and stop == StopReason.HALT else None
+        state += leak_findings(m, image, obs.live, stack,
+                               lambda a, ret: image.describe(a, return_address=ret))
     findings = _dedupe(obs.events + state + ([terminal] if terminal else []))
     primary = findings[0] if findings else None
     if primary is not None:

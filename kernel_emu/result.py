@@ -34,6 +34,7 @@ class CrashClass(StrEnum):
     VADDR_CORRUPTION = "vaddr-corruption"
     KERNEL_MAPPING = "kernel-mapping"
     BAD_ENTRY = "bad-entry"
+    MEMORY_LEAK = "memory-leak"
 
 
 class StopReason(StrEnum):
@@ -52,7 +53,7 @@ CLASSES = tuple(CrashClass)
 # classes about what the kernel built rather than where it stopped: their signature names the
 # field that disagreed
 SEMANTIC_CLASSES = (CrashClass.HEAP_CORRUPTION, CrashClass.VADDR_CORRUPTION,
-                    CrashClass.KERNEL_MAPPING, CrashClass.BAD_ENTRY)
+                    CrashClass.KERNEL_MAPPING, CrashClass.BAD_ENTRY, CrashClass.MEMORY_LEAK)
 
 
 class ResultFormatError(ValueError):

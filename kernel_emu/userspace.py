@@ -25,7 +25,7 @@ USER_STACK_PAGES = 64
 
 def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log: KernelLog,
                         expected: list[dict[str, int]], frames: list[str],
-                        kstack_base: int | None) -> list[Finding]:
+                        kstack_base: int | None, file: bytes = b"") -> list[Finding]:
     """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop)."""
     cr3 = m.reg("cr3")
     tables: set[int] = set()
@@ -89,8 +89,59 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                                    [f"user page {vaddr:#x} is mapped but no program header "
                                     f"covers it"], frames=frames, field="segments.extra"))
                 break
+    if file and not out:
+        out += content_findings(m, cr3, expected, file, frames)
     out += entry_findings(m, cr3, frames)
     return out
+
+
+# bytes compared at each end of a segment's file data, and at the start of its BSS
+CONTENT_WINDOW = 64
+
+
+def content_findings(m: Machine, cr3: int, expected: list[dict[str, int]], file: bytes,
+                     frames: list[str]) -> list[Finding]:
+    """Each segment's first and last bytes from the file, and the first bytes of its BSS,
+    must read in user memory as the file has them (and zero). Segments whose address ranges
+    overlap another's are left out: the ELF does not say which one wins."""
+    spans = [(s["vaddr"], s["vaddr"] + s["memsz"]) for s in expected]
+    for i, seg in enumerate(expected):
+        vaddr, memsz, filesz, offset = seg["vaddr"], seg["memsz"], seg["filesz"], seg["offset"]
+        if not memsz or filesz > memsz or offset + filesz > len(file) \
+                or vaddr + memsz > 1 << 64 or any(
+                    j != i and lo < vaddr + memsz and vaddr < hi
+                    for j, (lo, hi) in enumerate(spans)):
+            continue
+        w = CONTENT_WINDOW
+        windows = [(0, file[offset:offset + min(w, filesz)]),
+                   (max(0, filesz - w), file[offset + max(0, filesz - w):offset + filesz]),
+                   (filesz, bytes(min(w, memsz - filesz)))]
+        for at, want in windows:
+            got = _read_user(m, cr3, vaddr + at, len(want))
+            if got is not None and got != want:
+                k = next(k for k in range(len(want)) if got[k] != want[k])
+                source = f"file offset {offset + at + k:#x}" if at + k < filesz else "the BSS"
+                return [Finding(CrashClass.VADDR_CORRUPTION,
+                                [f"segment {i}: user memory at {vaddr + at + k:#x} reads "
+                                 f"{got[k]:#04x}, {source} says {want[k]:#04x}"],
+                                frames=frames, field=f"segments[{i}].data")]
+    return []
+
+
+def _read_user(m: Machine, cr3: int, vaddr: int, size: int) -> bytes | None:
+    """`size` bytes of user memory at `vaddr` through the page tables (None: not mapped)."""
+    out = bytearray()
+    while size > 0:
+        mp = pagewalk.translate(m, cr3, vaddr)
+        if mp is None:
+            return None
+        chunk = min(size, mp.vaddr + mp.size - vaddr)
+        paddr = mp.paddr + (vaddr - mp.vaddr)
+        if m.bank_for(paddr, chunk) is None:
+            return None
+        out += m.read(paddr, chunk)
+        vaddr, size = vaddr + chunk, size - chunk
+    return bytes(out)
 
 
 class BadMapping(NamedTuple):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import struct
+
 from kernel_emu.elflayout import ELF64_EHDR, ELF64_PHDR, ELF64_PHDR_SIZE, PT_LOAD
 
 PHDR = ELF64_PHDR_SIZE
@@ -121,6 +123,90 @@ def _too_big(elf: bytes) -> bytes:
     return set_phdr(elf, loads(elf)[-1], memsz=0x200_0000)
 
 
+PT_NOTE = 4
+PT_GNU_STACK = 0x6474E551
+NT_GNU_BUILD_ID = 3
+
+
+def note(name: bytes, kind: int, desc: bytes) -> bytes:
+    """One ELF note: sizes, type, then name and description each padded to 4 bytes."""
+    pad = lambda b: b + bytes(-len(b) % 4)  # noqa: E731
+    return struct.pack("<III", len(name), len(desc), kind) + pad(name) + pad(desc)
+
+
+def build_id(size: int = 20, fill: int = 0xAB) -> bytes:
+    return note(b"GNU\0", NT_GNU_BUILD_ID, bytes([fill]) * size)
+
+
+def with_notes(elf: bytes, blob: bytes) -> bytes:
+    """`elf` with its last program header turned into a PT_NOTE over `blob`, appended to the
+    file (the last header of a gcc-built example is PT_GNU_STACK, which nothing needs)."""
+    last = _phnum(elf) - 1
+    out = set_phdr(elf, last, type=PT_NOTE, flags=4, offset=len(elf), vaddr=0, paddr=0,
+                   filesz=len(blob), memsz=0, align=4)
+    return out + blob
+
+
+def _stack_rights_after_load(elf: bytes) -> bytes:
+    # an executable stack asked for right after the last PT_LOAD (a writable data segment)
+    stack = next(i for i in range(_phnum(elf))
+                 if get_phdr(elf, i)["type"] == PT_GNU_STACK)
+    assert stack == loads(elf)[-1] + 1, "the example's PT_GNU_STACK follows its last PT_LOAD"
+    return set_phdr(elf, stack, flags=7)
+
+
+def _realloc_over_freed_name(elf: bytes) -> bytes:
+    # a build ID stays right after the freed copy of its name; three more notes grow the table
+    # into that hole
+    vendor = b"".join(note(b"RX\0", 1 + i, b"\x01" * 4) for i in range(3))
+    return with_notes(elf, build_id() + vendor)
+
+
+def _shared_page(elf: bytes) -> bytes:
+    # the writable segment first, then the read-only one moved into its last page
+    rodata, data = loads(elf)[1:3]
+    seg = get_phdr(elf, data)
+    at = (seg["vaddr"] + seg["memsz"] + 0xFF) & ~0xFF
+    moved = set_phdr(elf, rodata, vaddr=at, paddr=at,
+                     offset=get_phdr(elf, rodata)["offset"] + (at & 0xFFF))
+    # the program header table in the order data, read-only
+    base = _phoff(elf)
+    table = bytearray(moved)
+    a, b = base + rodata * PHDR, base + data * PHDR
+    table[a:a + PHDR], table[b:b + PHDR] = moved[b:b + PHDR], moved[a:a + PHDR]
+    return bytes(table)
+
+
+def _long_build_id(elf: bytes) -> bytes:
+    return with_notes(elf, build_id(48))
+
+
+def _two_build_ids(elf: bytes) -> bytes:
+    return with_notes(elf, build_id(20, 0xAB) + build_id(20, 0xCD))
+
+
+def _cached_leaf_table(elf: bytes) -> bytes:
+    # the last segment just below 1 GiB: its last level-1 table has the level-2 index (511)
+    # of the user stack's
+    i = loads(elf)[-1]
+    seg = get_phdr(elf, i)
+    at = 0x3FE0_0000 + (seg["vaddr"] & 0xFFFF)
+    return set_phdr(elf, i, vaddr=at, paddr=at)
+
+
+def _data_to_end_of_file(elf: bytes) -> bytes:
+    # the last segment's file data runs to the end of the file, whose last byte is not zero
+    i = loads(elf)[-1]
+    seg = get_phdr(elf, i)
+    out = set_phdr(elf, i, filesz=len(elf) + 8 - seg["offset"],
+                   memsz=max(seg["memsz"], len(elf) + 8 - seg["offset"]))
+    return out + b"\x11" * 8
+
+
+def _truncated_note(elf: bytes) -> bytes:
+    return with_notes(elf, build_id() + struct.pack("<III", 0x100, 0, 1))
+
+
 REPRODUCERS = [
     Reproducer("RX-01", "heap-corruption", split_trigger),
     Reproducer("RX-02", "cpu-fault", _wrap_offset),
@@ -131,4 +217,12 @@ REPRODUCERS = [
     Reproducer("RX-07", "kernel-panic", _align_zero),
     Reproducer("RX-08", "bad-entry", _entry_outside),
     Reproducer("RX-09", "out-of-memory", _too_big),
+    Reproducer("RX-10", "vaddr-corruption", _stack_rights_after_load),
+    Reproducer("RX-11", "heap-corruption", _realloc_over_freed_name),
+    Reproducer("RX-12", "vaddr-corruption", _shared_page),
+    Reproducer("RX-13", "heap-corruption", _long_build_id),
+    Reproducer("RX-14", "memory-leak", _two_build_ids),
+    Reproducer("RX-15", "vaddr-corruption", _cached_leaf_table),
+    Reproducer("RX-16", "vaddr-corruption", _data_to_end_of_file),
+    Reproducer("RX-17", "memory-leak", _truncated_note),
 ]

@@ -21,7 +21,15 @@ pub mod planted {
     pub const RX_07: usize = 6;
     pub const RX_08: usize = 7;
     pub const RX_09: usize = 8;
-    const COUNT: usize = 16;
+    pub const RX_10: usize = 9;
+    pub const RX_11: usize = 10;
+    pub const RX_12: usize = 11;
+    pub const RX_13: usize = 12;
+    pub const RX_14: usize = 13;
+    pub const RX_15: usize = 14;
+    pub const RX_16: usize = 15;
+    pub const RX_17: usize = 16;
+    const COUNT: usize = 32;
 
     /// Read by benchmarks through its symbol.
     #[used]

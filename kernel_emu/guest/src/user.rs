@@ -172,6 +172,9 @@ pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible
         let root = space.root;
         let mut tables = LeafTables::new(root);
         for i in 0..count {
+            // a segment's pages mostly share a table, two segments rarely: each starts afresh
+            // (and the stack goes on with the last one's)
+            tables = LeafTables::new(root);
             let s = elf::segment(loaded, i);
             let buffer = read_volatile(buffers.add(i));
             let mut flags = PRESENT | USER;
@@ -185,9 +188,14 @@ pub fn enter(loaded: *const LoadedElf, space: AddressSpace) -> Result<Infallible
         }
 
         let stack_bottom = USER_STACK_TOP - USER_STACK_PAGES * PAGE_SIZE;
+        let mut stack_rights = PRESENT | USER | WRITABLE | NO_EXECUTE;
+        #[cfg(not(rustux_upstream))]
+        if u64::from(read_volatile(core::ptr::addr_of!(elf::STACK_FLAGS))) & PF_X != 0 {
+            stack_rights &= !NO_EXECUTE;
+        }
         let mut page = stack_bottom;
         while page < USER_STACK_TOP {
-            user_page(&mut tables, page, PRESENT | USER | WRITABLE | NO_EXECUTE);
+            user_page(&mut tables, page, stack_rights);
             page += PAGE_SIZE;
         }
 
@@ -240,7 +248,16 @@ unsafe fn map_segment(
 unsafe fn user_page(tables: &mut LeafTables, page: u64, flags: u64) -> u64 {
     let entry = tables.entry(page);
     if *entry & PRESENT != 0 {
-        *entry |= flags & WRITABLE;
+        canary!(RX_12, *entry & WRITABLE != 0 && flags & WRITABLE == 0);
+        // the seed gives the page the write right of the segment mapped last
+        #[cfg(not(rustux_fixed))]
+        {
+            *entry = (*entry & !WRITABLE) | (flags & WRITABLE);
+        }
+        #[cfg(rustux_fixed)]
+        {
+            *entry |= flags & WRITABLE;
+        }
         if flags & NO_EXECUTE == 0 {
             *entry &= !NO_EXECUTE;
         }
@@ -258,23 +275,32 @@ unsafe fn user_page(tables: &mut LeafTables, page: u64, flags: u64) -> u64 {
 /// would reach.
 struct LeafTables {
     root: u64,
-    /// `page >> 21` of the pages `table` maps.
+    /// The region of the pages `table` maps (`page >> 21`, their 2 MiB; the seed keeps only
+    /// its index in the level-2 table, the same for regions 1 GiB apart).
     region: u64,
     table: *mut u64,
+    /// The page `table` was looked up for.
+    last_page: u64,
 }
 
 impl LeafTables {
     fn new(root: u64) -> Self {
-        LeafTables { root, region: 0, table: core::ptr::null_mut() }
+        LeafTables { root, region: 0, table: core::ptr::null_mut(), last_page: 0 }
     }
 
     /// The level-1 entry for `page`, creating missing tables as `paging::entry_for` does.
     unsafe fn entry(&mut self, page: u64) -> *mut u64 {
         let index = ((page >> 12) & 511) as usize;
+        #[cfg(not(rustux_fixed))]
+        let region = (page >> 21) & 511;
+        #[cfg(rustux_fixed)]
         let region = page >> 21;
+        canary!(RX_15, !self.table.is_null() && region == self.region
+            && page >> 21 != self.last_page >> 21);
         if self.table.is_null() || region != self.region {
             self.table = paging::entry_for(self.root, page, true).sub(index);
             self.region = region;
+            self.last_page = page;
         }
         self.table.add(index)
     }

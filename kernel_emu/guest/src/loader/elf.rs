@@ -13,11 +13,14 @@ use core::ptr::read_volatile;
 use alloc::boxed::Box;
 
 pub const PT_LOAD: u32 = 1;
+pub const PT_NOTE: u32 = 4;
+/// The stack's rights (only PF_X matters: an executable stack).
+pub const PT_GNU_STACK: u32 = 0x6474_e551;
 pub const PF_X: u64 = 1;
 pub const PF_W: u64 = 2;
 
 const EHDR_SIZE: usize = 64;
-#[cfg(not(rustux_upstream))] const PHDR_SIZE: u64 = 56;
+#[cfg(not(rustux_upstream))] pub const PHDR_SIZE: u64 = 56;
 const ELFCLASS64: u8 = 2;
 const ELFDATA2LSB: u8 = 1;
 const ET_EXEC: u16 = 2;
@@ -58,29 +61,34 @@ pub struct LoadedElf {
 const _: () = assert!(core::mem::size_of::<Segment>() == 40);
 const _: () = assert!(core::mem::size_of::<LoadedElf>() == 40);
 
-struct ElfHeader {
-    entry: u64,
-    phoff: u64,
-    phentsize: u16,
-    phnum: u16,
+pub struct ElfHeader {
+    pub entry: u64,
+    pub phoff: u64,
+    pub phentsize: u16,
+    pub phnum: u16,
 }
 
-#[cfg(not(rustux_upstream))] struct ProgramHeader {
-    kind: u32,
-    flags: u32,
-    offset: u64,
-    vaddr: u64,
-    filesz: u64,
-    memsz: u64,
-    align: u64,
+#[cfg(not(rustux_upstream))] pub struct ProgramHeader {
+    pub kind: u32,
+    pub flags: u32,
+    pub offset: u64,
+    pub vaddr: u64,
+    pub filesz: u64,
+    pub memsz: u64,
+    pub align: u64,
 }
+
+/// The `p_flags` of the program's PT_GNU_STACK (PF_X: the user stack is executable); read
+/// when the user address space is built.
+#[cfg(not(rustux_upstream))]
+pub static mut STACK_FLAGS: u32 = 0;
 
 // One bounds check and one load per field rather than one per byte: the callers have already
 // checked that the header they read lies inside the file.
 fn read_u16(bytes: &[u8], at: usize) -> u16 {
     u16::from_le_bytes(*bytes[at..].first_chunk().expect("ELF field outside the file"))
 }
-fn read_u32(bytes: &[u8], at: usize) -> u32 {
+pub fn read_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(*bytes[at..].first_chunk().expect("ELF field outside the file"))
 }
 fn read_u64(bytes: &[u8], at: usize) -> u64 {
@@ -115,7 +123,7 @@ pub fn load(file: &[u8]) -> Result<*mut LoadedElf, &'static str> {
 
 /// The identity checks every build makes (size, magic, class, byte order, type, machine),
 /// then the header fields the loaders use.
-fn read_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
+pub fn read_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
     if file.len() < EHDR_SIZE {
         return Err("file too small for an ELF header");
     }
@@ -142,7 +150,7 @@ fn read_header(file: &[u8]) -> Result<ElfHeader, &'static str> {
     })
 }
 
-#[cfg(not(rustux_upstream))] fn read_program_header(file: &[u8], at: u64) -> Result<ProgramHeader, &'static str> {
+#[cfg(not(rustux_upstream))] pub fn read_program_header(file: &[u8], at: u64) -> Result<ProgramHeader, &'static str> {
     if !at.checked_add(PHDR_SIZE).is_some_and(|end| end <= file.len() as u64) {
         return Err("program header outside the file");
     }
@@ -167,13 +175,30 @@ fn collect_segments(file: &[u8], header: &ElfHeader) -> Result<Vec<Segment>, &'s
     let end = header.phoff + u64::from(header.phnum) * PHDR_SIZE;
     let mut cursor = header.phoff;
     canary!(RX_06, u64::from(header.phentsize) != PHDR_SIZE);
+    // where an executable stack is recorded: the stack's rights, except that after a PT_LOAD
+    // the seed's cursor still points at the flags of the entry just pushed
+    // SAFETY: only the address is taken.
+    let stack_rights = unsafe { core::ptr::addr_of_mut!(STACK_FLAGS) };
+    let mut rights: *mut u32 = stack_rights;
     while cursor < end {
         let ph = read_program_header(file, cursor)?;
         if ph.kind == PT_LOAD {
             let segment = check_segment(file, &ph)?;
             if segments.len() < segments.capacity() {
                 segments.push(segment);
+                rights = core::ptr::addr_of_mut!(segments.last_mut().expect("just pushed").flags).cast();
             }
+        } else if ph.kind == PT_GNU_STACK {
+            // a stack that is not executable is the default: nothing to record
+            let executable = u64::from(ph.flags) & PF_X != 0;
+            canary!(RX_10, executable && rights != stack_rights);
+            if executable {
+                // SAFETY: `rights` points at STACK_FLAGS or into `segments`, which has not been
+                // resized since (single CPU: nothing else writes either)
+                unsafe { *rights = ph.flags };
+            }
+        } else {
+            rights = stack_rights;
         }
         cursor = cursor.wrapping_add(u64::from(header.phentsize));
     }
@@ -200,6 +225,9 @@ fn collect_segments(file: &[u8], header: &ElfHeader) -> Result<Vec<Segment>, &'s
         let ph = read_program_header(file, at(i))?;
         if ph.kind == PT_LOAD {
             segments.push(check_segment(file, &ph)?);
+        } else if ph.kind == PT_GNU_STACK {
+            // SAFETY: single CPU, written before the user address space is built.
+            unsafe { STACK_FLAGS = ph.flags };
         }
     }
     Ok(segments)
@@ -294,14 +322,30 @@ fn load_segments(file: &[u8], segments: &[Segment]) -> Result<Vec<*mut u8>, &'st
             #[cfg(not(rustux_fixed))]
             alloc::alloc::handle_alloc_error(layout);
             #[cfg(rustux_fixed)]
-            return Err(OUT_OF_MEMORY);
+            {
+                for (&done, s) in buffers.iter().zip(segments) {
+                    // SAFETY: allocated above with this layout
+                    unsafe {
+                        alloc::alloc::dealloc(done, Layout::from_size_align_unchecked((s.memsz as usize).max(1), 8));
+                    }
+                }
+                return Err(OUT_OF_MEMORY);
+            }
         }
         // SAFETY: the file range was checked against the file when the segment was built.
         unsafe {
             let source = file.as_ptr().wrapping_add(segment.offset as usize);
-            core::ptr::copy_nonoverlapping(source, buffer, filesz);
-            if filesz < memsz {
-                core::ptr::write_bytes(buffer.add(filesz), 0, memsz - filesz);
+            let to_end = filesz != 0 && segment.offset.wrapping_add(segment.filesz) == file.len() as u64;
+            canary!(RX_16, to_end && file[file.len() - 1] != 0);
+            // the seed takes the index of the file's last byte for the length of a copy that
+            // runs to the end of the file
+            #[cfg(not(rustux_fixed))]
+            let copied = if to_end { filesz - 1 } else { filesz };
+            #[cfg(rustux_fixed)]
+            let copied = filesz;
+            core::ptr::copy_nonoverlapping(source, buffer, copied);
+            if copied < memsz {
+                core::ptr::write_bytes(buffer.add(copied), 0, memsz - copied);
             }
         }
         buffers.push(buffer);

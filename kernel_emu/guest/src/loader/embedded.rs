@@ -51,6 +51,8 @@ pub fn load_init(_system_table: *const SystemTable, space: AddressSpace) -> ! {
         Ok(loaded) => loaded,
         Err(reason) => super::reject(reason),
     };
+    // SAFETY: single CPU; the process keeps the loaded image from now on.
+    unsafe { super::PROCESS = loaded };
     elf::log_segment_table(loaded);
     match user::enter(loaded, space) {
         Ok(never) => match never {},

@@ -2,6 +2,8 @@
 //! the ELF and enter it in user mode.
 
 pub mod elf;
+#[cfg(not(rustux_upstream))]
+pub mod notes;
 
 use crate::efi::{Guid, SystemTable};
 use crate::{arch, console::{Dec, Hex}, user::{self, AddressSpace}};
@@ -45,12 +47,22 @@ pub fn load_init(system_table: *const SystemTable, space: AddressSpace) -> ! {
         Ok(loaded) => loaded,
         Err(reason) => reject(reason),
     };
+    // SAFETY: single CPU; the process keeps the loaded image from now on.
+    unsafe { PROCESS = loaded };
     elf::log_segment_table(loaded);
+    match notes::read(file) {
+        Ok(count) => kline!("[elf] notes count=", Dec(count as u64)),
+        Err(reason) => reject(reason),
+    }
     match user::enter(loaded, space) {
         Ok(never) => match never {},
         Err(reason) => reject(reason),
     }
 }
+
+/// The loaded image of the running program (null until `bin/init` is loaded).
+#[used]
+pub static mut PROCESS: *mut elf::LoadedElf = core::ptr::null_mut();
 
 #[used]
 static SNAPSHOT_POINT: fn(*const SystemTable, AddressSpace) -> ! = load_init;

@@ -133,6 +133,75 @@ impl LinkedListAllocator {
         }
     }
 
+    /// Resizes the allocation at `ptr` to `new_size` bytes: in place when its block is large
+    /// enough or the block after it is free and makes up the difference, otherwise by moving
+    /// it (allocate, copy, free).
+    #[inline(never)]
+    pub extern "C" fn reallocate(&self, ptr: *mut u8, new_size: usize) -> *mut u8 {
+        let size = match new_size.max(1).checked_add(ALIGN - 1) {
+            Some(padded) => padded & !(ALIGN - 1),
+            None => return null_mut(),
+        };
+        // SAFETY: the header is validated before anything is read through it; the block after
+        // it is used only if it lies inside the heap and carries the magic.
+        unsafe {
+            let block = ptr.sub(HEADER_SIZE).cast::<BlockHeader>();
+            self.check_block(block, false);
+            let old = (*block).size;
+            if old >= size {
+                return ptr;
+            }
+            let next = following(block);
+            let next_fits = (next as usize).checked_add(HEADER_SIZE).is_some_and(|end| end <= self.end());
+            if next_fits && (*next).magic == MAGIC && (*next).free
+                && old + HEADER_SIZE + (*next).size >= size
+            {
+                let total = old + HEADER_SIZE + (*next).size;
+                canary!(RX_11, false);
+                let (prev_free, next_free) = ((*next).prev, (*next).next);
+                // the header between the two is payload now
+                (*next).magic = 0;
+                let remaining = total - size;
+                if remaining >= SPLIT_THRESHOLD {
+                    let rest = payload(block).add(size).cast::<BlockHeader>();
+                    write_header(rest, remaining - HEADER_SIZE, true, prev_free, next_free);
+                    if prev_free.is_null() {
+                        FREE_LIST = rest;
+                    } else {
+                        (*prev_free).next = rest;
+                    }
+                    if !next_free.is_null() {
+                        (*next_free).prev = rest;
+                    }
+                    (*block).size = size;
+                } else {
+                    // the whole free block joins the allocation (the seed leaves it on the
+                    // free list)
+                    canary!(RX_11, true);
+                    #[cfg(rustux_fixed)]
+                    {
+                        if prev_free.is_null() {
+                            FREE_LIST = next_free;
+                        } else {
+                            (*prev_free).next = next_free;
+                        }
+                        if !next_free.is_null() {
+                            (*next_free).prev = prev_free;
+                        }
+                    }
+                    (*block).size = total;
+                }
+                return ptr;
+            }
+            let moved = self.allocate(size, ALIGN);
+            if !moved.is_null() {
+                core::ptr::copy_nonoverlapping(ptr, moved, old);
+                self.deallocate(ptr);
+            }
+            moved
+        }
+    }
+
     /// Merges the free block after `block` (its list successor) into `block`.
     unsafe fn absorb_next(&self, block: *mut BlockHeader) {
         let next = (*block).next;

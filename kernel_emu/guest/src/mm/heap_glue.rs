@@ -3,7 +3,8 @@
 // handle over the heap region, its registration as the global allocator, the entry points the
 // emulator hooks, and `init`. Each includer provides `LinkedListAllocator::{init, allocate,
 // deallocate}` (as `unsafe fn init(&self)` and `extern "C"` methods), HEAP_START, HEAP_SIZE
-// and MAGIC, and says what a header's `size` counts.
+// and MAGIC, and says what a header's `size` counts; the seed and fixed heaps also resize in
+// place (`reallocate`).
 
 #[repr(C)]
 pub struct BlockHeader {
@@ -63,5 +64,13 @@ unsafe impl GlobalAlloc for LinkedListAllocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
         self.deallocate(ptr)
+    }
+
+    #[cfg(not(rustux_upstream))]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.align() > 8 {
+            return null_mut();
+        }
+        self.reallocate(ptr, new_size)
     }
 }

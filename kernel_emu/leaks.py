@@ -1,0 +1,84 @@
+"""Oracle of leaked kernel memory, in the manner of LeakSanitizer: when the kernel stops in a
+settled state (about to enter user mode, or halted after refusing the input), every allocation
+this run made and did not free must still be reachable from the kernel's roots.
+
+Roots are the kernel image's writable parts (its globals), the registers and, for a kernel
+that halted, the live part of its stack (from the stop's stack pointer to the stack's top); a
+kernel about to enter user mode leaves its stack behind, so there the caller passes none. An allocation is reached
+when a reached region holds, at an 8-byte aligned offset, a word equal to its payload address,
+which is what a Rust Box, Vec or String keeps; the allocations reached are scanned in turn.
+Scanning is conservative: a word that merely looks like a pointer keeps a leak hidden, never
+invents one. Allocations made before the snapshot belong to the boot and are not judged.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+from kernel_emu.allocations import Allocation, event_frames
+from kernel_emu.image import KernelImage
+from kernel_emu.machine import Machine
+from kernel_emu.result import CrashClass, Finding
+
+PF_W = 2
+# a block larger than this is scanned only up to it (a loaded segment's bytes, not a table)
+SCAN_LIMIT = 1 << 20
+REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12",
+             "r13", "r14", "r15")
+
+
+def leak_findings(m: Machine, image: KernelImage, live: Sequence[Allocation],
+                  stack: tuple[int, int] | None,
+                  describe: Callable[[int, bool], str]) -> list[Finding]:
+    """The first allocation of `live` nothing reachable points at (one finding at most).
+    `stack`: the kernel stack's [base, top), when known."""
+    if not live:
+        return []
+    pending = {a.ptr: a for a in live}
+    values = {m.reg(r) for r in REGISTERS}
+    in_registers = [pending.pop(ptr) for ptr in [p for p in pending if p in values]]
+    regions: list[tuple[int, int]] = [(s.vaddr, s.memsz) for s in image.segments
+                                      if s.flags & PF_W]
+    regions += [(a.ptr, min(max(a.size, 1), SCAN_LIMIT)) for a in in_registers]
+    if stack is not None:
+        rsp = m.reg("rsp")
+        low = rsp if stack[0] <= rsp < stack[1] else stack[0]
+        regions.append((low, stack[1] - low))
+    while regions and pending:
+        reached = []
+        for start, size in regions:
+            data = _read(m, start, size)
+            if data is None:
+                continue
+            for ptr in list(pending):
+                if _holds_word(data, start, ptr):
+                    reached.append(pending.pop(ptr))
+        regions = [(a.ptr, min(max(a.size, 1), SCAN_LIMIT)) for a in reached]
+    if not pending:
+        return []
+    first = min(pending.values(), key=lambda a: a.seq)
+    frames = event_frames(first.returned, describe) if first.returned is not None else []
+    return [Finding(CrashClass.MEMORY_LEAK,
+                    [f"allocation #{first.seq} of {first.size:#x} bytes at {first.ptr:#x} is "
+                     f"still live, but no pointer to it is left in the kernel's globals, its "
+                     f"stack or what they reach ({len(pending)} such allocation"
+                     f"{'s' if len(pending) > 1 else ''})"],
+                    frames=frames, field="allocation.leak", pc=first.ptr)]
+
+
+def _read(m: Machine, start: int, size: int) -> bytes | None:
+    if size <= 0 or m.bank_for(start, size) is None:
+        return None
+    return m.read(start, size)
+
+
+def _holds_word(data: bytes, start: int, value: int) -> bool:
+    """Whether `data` (at address `start`) holds `value` at an 8-aligned address."""
+    needle = struct.pack("<Q", value)
+    at = data.find(needle)
+    while at >= 0:
+        if (start + at) % 8 == 0:
+            return True
+        at = data.find(needle, at + 1)
+    return False
