@@ -269,7 +269,25 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 
 
 def cmd_buckets(args: argparse.Namespace) -> int:
+    if args.action == "merge":
+        return _merge_buckets(args)
+    if args.action == "split":
+        return _split_buckets(args)
+    if args.ids:
+        raise FarmUsageError("`fuzzfarm buckets` lists; to merge or split: `fuzzfarm buckets "
+                             "merge INTO OTHER...`, `fuzzfarm buckets split BUCKET INPUT... "
+                             "--name NAME`")
     store = _store(args)
+    if args.log:
+        log = store.buckets.review_log()
+        if args.json:
+            print(json.dumps(log, indent=2, sort_keys=True))
+        for entry in [] if args.json else log:
+            print(f"{entry['action']:5}  {entry['from']} -> {entry['into']}  "
+                  f"{entry['signature']}")
+        if not log and not args.json:
+            print("no merges or splits")
+        return EXIT_OK
     buckets = [b for b in store.buckets.all() if args.cls in (None, b.crash_class)]
     if args.json:
         print(json.dumps([b.to_json() for b in buckets], indent=2, sort_keys=True))
@@ -287,6 +305,45 @@ def cmd_buckets(args: argparse.Namespace) -> int:
         table.add_row(b.id, b.crash_class, str(b.count), str(b.reproducer_size),
                       str(b.minimized_size or "-"), verify, b.signature)
     _stdout().print(table)
+    return EXIT_OK
+
+
+def _merge_buckets(args: argparse.Namespace) -> int:
+    if len(args.ids) < 2:
+        raise FarmUsageError("buckets merge needs the bucket to keep, then one or more to "
+                             "merge into it")
+    store = _store(args)
+    into, *others = args.ids
+    try:
+        merged = store.buckets.merge(into, others)
+    except KeyError as e:
+        raise FarmUsageError(f"no bucket {e.args[0]} (see `fuzzfarm buckets`)") from None
+    print(f"merged {len(set(others) - {into})} bucket(s) into {merged.id}: {merged.count} "
+          f"inputs, reproducer {merged.reproducer_size} bytes, signature {merged.signature}")
+    return EXIT_OK
+
+
+def _split_buckets(args: argparse.Namespace) -> int:
+    if len(args.ids) < 2 or not args.name:
+        raise FarmUsageError("buckets split needs the bucket, then the inputs (sha256) that "
+                             "are another bug, and --name for it")
+    store = _store(args)
+    bid, *shas = args.ids
+    counted = store.buckets.counted_inputs(bid)
+    if not counted:
+        raise FarmUsageError(f"no bucket {bid} with inputs (see `fuzzfarm buckets`)")
+    sizes = {sha: len(data) for sha, data in zip(sorted(counted),
+                                                  store.blobs.get_many(sorted(counted)),
+                                                  strict=True) if data is not None}
+    lost = sorted(counted - set(sizes))
+    if lost:
+        raise FarmUsageError(f"the farm no longer holds input(s) {', '.join(lost[:3])}")
+    from fuzz.solutions import bucket_id
+    try:
+        made = store.buckets.split(bid, shas, args.name, sizes, bucket_id)
+    except (KeyError, ValueError) as e:
+        raise FarmUsageError(str(e)) from None
+    print(f"split {made.count} input(s) of {bid} into {made.id}: {made.signature}")
     return EXIT_OK
 
 
@@ -467,9 +524,19 @@ def add_parsers(sub: Any) -> None:
     redis_opt(p)
     p.set_defaults(func=cmd_campaign)
 
-    p = sub.add_parser("buckets", help="list the farm's buckets",
-                       description="One line per bucket: class, count, reproducer and "
-                                   "minimized sizes, verification per kernel build, signature.")
+    p = sub.add_parser("buckets", help="list, merge or split the farm's buckets",
+                       description="Without an action: one line per bucket (class, count, "
+                                   "reproducer and minimized sizes, verification per kernel "
+                                   "build, signature). `merge INTO OTHER...`: the other "
+                                   "buckets are the same bug as INTO; their inputs move there "
+                                   "and their later inputs follow. `split BUCKET INPUT... "
+                                   "--name NAME`: those inputs (sha256) are another bug; they "
+                                   "move to a new bucket. Both are logged (--log).")
+    p.add_argument("action", nargs="?", choices=("list", "merge", "split"), default="list",
+                   help="list (default), merge or split")
+    p.add_argument("ids", nargs="*", help="merge: buckets; split: a bucket, then inputs")
+    p.add_argument("--name", default=None, help="split: what the new bucket's bug is called")
+    p.add_argument("--log", action="store_true", help="the merges and splits made so far")
     p.add_argument("--json", action="store_true")
     p.add_argument("--class", dest="cls", default=None, help="only this crash class")
     redis_opt(p)

@@ -7,10 +7,29 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from kernel_emu.result import CrashClass, Finding
-from kernel_emu.tracing import WatchEvent
+
+
+class WatchEvent(Protocol):
+    """What is read of the tracer's watch events (kernel_emu.tracing.WatchEvent): the
+    oracles, which read allocations, depend on no part of the tracer."""
+
+    @property
+    def address(self) -> int: ...
+    @property
+    def rip(self) -> int: ...
+    @property
+    def rsp(self) -> int: ...
+    @property
+    def rax(self) -> int: ...
+    @property
+    def rdx(self) -> int: ...
+    @property
+    def rsi(self) -> int: ...
+    @property
+    def frames(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -37,8 +56,10 @@ class Allocation(NamedTuple):
 
 
 def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
-           describe: Callable[[int, bool], str]) -> tuple[list[Finding], list[Allocation]]:
-    """Findings in the order they happened, and the allocations still live at the end.
+           describe: Callable[[int, bool], str],
+           made: dict[int, Allocation] | None = None) -> tuple[list[Finding], list[Allocation]]:
+    """Findings in the order they happened, and the allocations still live at the end;
+    `made`, if given, gets every allocation, the latest at each address.
 
     Entry and return are paired by the stack pointer: at allocate's `ret` it is back where it
     was on entry. `describe(address, is_return_address)` symbolizes frames."""
@@ -80,6 +101,8 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             if ptr not in live:
                 bisect.insort(starts, ptr)
             live[ptr] = Allocation(seq, ptr, size, ev)
+            if made is not None:
+                made[ptr] = live[ptr]
         elif ev.address == sites.dealloc_entry:
             ptr = second(ev)
             if not ptr:

@@ -33,6 +33,9 @@ class HeapState:
     # (address, size) of the header field the first problem was read in, when it is one:
     # whoever wrote it last is the likeliest culprit
     damaged: tuple[int, int] | None = None
+    # where the first problem was found: the header found damaged, or the free-list node or
+    # free block that is wrong
+    spot: int | None = None
 
 
 def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
@@ -54,12 +57,14 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     counted = hs if heap.size_includes_header else 0
     addr = heap.base
     damaged: tuple[int, int] | None = None
+    spot: int | None = None
     while addr < heap.end and len(blocks) < max_blocks:
         if addr + hs > heap.end:
             problems.append(("heap.size", f"block at {addr:#x} runs past the heap end "
                                           f"{heap.end:#x}"))
             if blocks:  # the size that led here
                 damaged = (blocks[-1].addr + heap.size_offset, 8)
+                spot = blocks[-1].addr
             break
         block = _read_block(bank.view, addr - bank.base, addr, heap)
         blocks.append(block)
@@ -67,11 +72,13 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
             problems.append(("block.magic", _bad_magic(bank.view, addr - bank.base, addr,
                                                        heap)))
             damaged = damaged or (addr + heap.magic_offset, 8)
+            spot = addr
             break
         size = block.size
         nxt_addr = addr + hs + size - counted
         if nxt_addr > heap.end or size > heap.size or nxt_addr <= addr:
             damaged = damaged or (addr + heap.size_offset, 8)
+            spot = addr
             problems.append(("block.size", f"block at {addr:#x}: size {size:#x} runs past the "
                                            f"heap end {heap.end:#x}"))
             break
@@ -81,9 +88,13 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
             problems.append(("heap.size", f"blocks end at {addr:#x}, heap ends at {heap.end:#x}"))
             if blocks:
                 damaged = (blocks[-1].addr + heap.size_offset, 8)
+                spot = blocks[-1].addr
     if free_list_head is not None and not problems and len(blocks) < max_blocks:
-        problems += _check_free_list(m, heap, blocks, free_list_head)
-    return HeapState(blocks, problems, damaged if problems else None)
+        wrong = _check_free_list(m, heap, blocks, free_list_head)
+        if wrong is not None:
+            spot, problem = wrong
+            problems.append(problem)
+    return HeapState(blocks, problems, damaged if problems else None, spot)
 
 
 def _read_block(view: Any, at: int, addr: int, heap: HeapLayout) -> Block:
@@ -114,46 +125,49 @@ def _walk_free_list(m: Machine, heap: HeapLayout, head: int | None,
     node = head
     while node and len(blocks) < max_blocks:
         if node in seen:
-            return HeapState(blocks, [("free_list", f"free list loops back to {node:#x}")])
+            return HeapState(blocks, [("free_list", f"free list loops back to {node:#x}")],
+                             spot=node)
         seen.add(node)
         if node < heap.base or node + heap.header_size > heap.end:
             return HeapState(blocks, [("free_list", f"free list node {node:#x} lies outside "
-                                                    f"the heap")])
+                                                    f"the heap")], spot=node)
         block = _read_block(bank.view, node - bank.base, node, heap)
         blocks.append(block)
         if not block.magic_ok:
             return HeapState(blocks, [("block.magic", _bad_magic(bank.view, node - bank.base,
-                                                                 node, heap))])
+                                                                 node, heap))], spot=node)
         if not block.free:
             return HeapState(blocks, [("free_list", f"free list node {node:#x} is not marked "
-                                                    f"free")])
+                                                    f"free")], spot=node)
         node = block.next
     blocks.sort(key=lambda b: b.addr)
     return HeapState(blocks, [])
 
 
 def _check_free_list(m: Machine, heap: HeapLayout, blocks: list[Block],
-                     head: int) -> list[tuple[str, str]]:
+                     head: int) -> tuple[int, tuple[str, str]] | None:
+    """The first node or free block that is wrong, and what is wrong with it."""
     by_addr = {b.addr: b for b in blocks}
     seen: set[int] = set()
     node, prev = head, 0
     while node:
         if node in seen:
-            return [("free_list", f"free list loops back to {node:#x}")]
+            return node, ("free_list", f"free list loops back to {node:#x}")
         seen.add(node)
         block = by_addr.get(node)
         if block is None:
-            return [("free_list", f"free list node {node:#x} is not a block header")]
+            return node, ("free_list", f"free list node {node:#x} is not a block header")
         if not block.free:
-            return [("free_list", f"free list node {node:#x} is not marked free")]
+            return node, ("free_list", f"free list node {node:#x} is not marked free")
         if block.prev != prev:
-            return [("free_list", f"free list node {node:#x} has prev {block.prev:#x}, "
-                                  f"expected {prev:#x}")]
+            return node, ("free_list", f"free list node {node:#x} has prev {block.prev:#x}, "
+                                       f"expected {prev:#x}")
         if heap.list_order == "address" and prev and node <= prev:
-            return [("free_list", f"free list node {node:#x} follows {prev:#x}: the list is "
-                                  f"kept in address order")]
+            return node, ("free_list", f"free list node {node:#x} follows {prev:#x}: the list "
+                                       f"is kept in address order")
         prev, node = node, block.next
     missing = [b.addr for b in blocks if b.free and b.addr not in seen]
     if missing:
-        return [("free_list", f"free block at {missing[0]:#x} is not on the free list")]
-    return []
+        return missing[0], ("free_list", f"free block at {missing[0]:#x} is not on the free "
+                                         f"list")
+    return None

@@ -4,9 +4,10 @@ this run made and did not free must still be reachable from the kernel's roots.
 
 Roots are the kernel image's writable parts (its globals), the registers and, for a kernel
 that halted, the live part of its stack (from the stop's stack pointer to the stack's top); a
-kernel about to enter user mode leaves its stack behind, so there the caller passes none. An allocation is reached
-when a reached region holds, at an 8-byte aligned offset, a word equal to its payload address,
-which is what a Rust Box, Vec or String keeps; the allocations reached are scanned in turn.
+kernel about to enter user mode leaves its stack behind, so there the caller passes none. An
+allocation is reached when a reached region holds, at an 8-byte aligned offset, a word equal
+to its payload address, which is what a Rust Box, Vec or String keeps; the allocations reached
+are scanned in turn.
 Scanning is conservative: a word that merely looks like a pointer keeps a leak hidden, never
 invents one. Allocations made before the snapshot belong to the boot and are not judged.
 """

@@ -14,6 +14,7 @@ from collections import Counter
 import capstone
 
 from kernel_emu import heapwalk
+from kernel_emu.allocations import Allocation, event_frames
 from kernel_emu.elfview import Segment
 from kernel_emu.image import KernelImage
 from kernel_emu.klog import KernelLog, parse_log
@@ -174,6 +175,10 @@ def _expected(segments: tuple[Segment, ...]) -> list[dict[str, int]]:
     return [s.to_json() for s in segments]
 
 
+# the site of what the printed segment table shows wrong: one place, wherever the run stopped
+SEGMENT_TABLE = "segment table"
+
+
 def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
                       frames: list[str], cut_short: bool = False) -> list[Finding]:
     """`cut_short`: the run was stopped (budget or watchdog), so a segment table still being
@@ -187,14 +192,15 @@ def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
         out.append(Finding(CrashClass.VADDR_CORRUPTION,
                            [f"the ELF has {len(expected)} PT_LOAD segments, the kernel loaded "
                             f"{len(log.segments)} (said count={log.segment_count})"],
-                           frames=frames, field="segments.count"))
+                           frames=frames, field="segments.count", site=SEGMENT_TABLE))
     for i, (want, got) in enumerate(zip(expected, log.segments, strict=False)):
         for key in ("vaddr", "memsz", "filesz", "offset", "flags"):
             if want[key] != got[key]:
                 out.append(Finding(CrashClass.VADDR_CORRUPTION,
                                    [f"segment {i}: ELF says {key} {want[key]:#x}, "
                                     f"kernel loaded {key} {got[key]:#x}"],
-                                   frames=frames, field=f"segments[{i}].{key}"))
+                                   frames=frames, field=f"segments[{i}].{key}",
+                                   site=SEGMENT_TABLE))
                 break
     return out
 
@@ -232,15 +238,20 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         blocks = heap.blocks
         if heap.problems:
             fld, evidence = heap.problems[0]
+            lines, where = [evidence], frames
+            # the damage is charged to the allocation it lies in or right after (as a heap
+            # overflow report names the overflowed block), wherever the run then stopped
+            culprit = _culprit(obs.made, heap.spot, profile.heap.header_size)
+            if culprit is not None and culprit.returned is not None:
+                where = event_frames(culprit.returned,
+                                     lambda a, ret: image.describe(a, return_address=ret))
+                lines.append(f"in or right after allocation #{culprit.seq} "
+                             f"({culprit.size:#x} bytes at {culprit.ptr:#x}) from "
+                             + " < ".join(where[1:5]))
             writer = obs.writers.get(heap.damaged[0]) if heap.damaged else None
             if writer:
-                # who wrote the damaged field last: the culprit, wherever the run then stopped
-                state.append(Finding(CrashClass.HEAP_CORRUPTION,
-                                     [evidence, f"last written by {writer[0]}"],
-                                     frames=writer, field=fld))
-            else:
-                state.append(Finding(CrashClass.HEAP_CORRUPTION, [evidence], frames=frames,
-                                     field=fld))
+                lines.append(f"last written by {' < '.join(writer[:4])}")
+            state.append(Finding(CrashClass.HEAP_CORRUPTION, lines, frames=where, field=fld))
     # a table the kernel printed is compared even if it then refused to map it: a corrupted
     # table is often what makes it refuse
     state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)
@@ -287,6 +298,21 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         ports=[{"access": kind, "port": port, "size": size, "value": value}
                for kind, port, size, value in obs.ports],
     )
+
+
+def _culprit(made: dict[int, Allocation], spot: int | None,
+             header: int) -> Allocation | None:
+    """The allocation of this run whose block holds `spot` or ends right before it: the last
+    one whose header starts before `spot`, if `spot` lies within its payload plus the next
+    header and the remainder a first-fit allocator leaves unsplit (a few headers' worth)."""
+    if spot is None:
+        return None
+    best: Allocation | None = None
+    for a in made.values():
+        end = a.ptr + ((max(a.size, 1) + 7) & ~7) + 5 * header
+        if a.ptr - header < spot <= end and (best is None or a.ptr > best.ptr):
+            best = a
+    return best
 
 
 def heap_damage(obs: RunObservations, image: KernelImage, profile: TargetProfile,

@@ -72,24 +72,31 @@ class Finding:
     frames: list[str] = field(default_factory=list)
     field: str | None = None
     pc: int | None = None
+    # where the anomaly was seen when that is a structure rather than code (the segment table
+    # the kernel printed): named by the signature instead of the frames, which say only where
+    # the run happened to stop
+    site: str | None = None
 
     def signature(self) -> str:
         names = [_frame_name(f) for f in self.frames]
         # the panic machinery is the same for every panic: name where it was called from
         top = [n for n in names if not n.startswith(PANIC_PLUMBING)][:3] or names[:3]
-        parts = [self.cls, " < ".join(top) if top else "?"]
+        parts = [self.cls, self.site or (" < ".join(top) if top else "?")]
         if self.field and self.cls in SEMANTIC_CLASSES:
             parts.append(signature_field(self.field))
         return " | ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        return {"class": self.cls, "evidence": self.evidence, "frames": self.frames,
-                "field": self.field, "pc": self.pc, "signature": self.signature()}
+        out = {"class": self.cls, "evidence": self.evidence, "frames": self.frames,
+               "field": self.field, "pc": self.pc, "signature": self.signature()}
+        if self.site is not None:
+            out["site"] = self.site
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Finding:
         return cls(CrashClass(raw["class"]), list(raw["evidence"]), list(raw["frames"]),
-                   raw.get("field"), raw.get("pc"))
+                   raw.get("field"), raw.get("pc"), raw.get("site"))
 
 
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -99,12 +106,11 @@ HEADER_FIELDS = ("block.magic", "block.size", "heap.size")
 
 
 def signature_field(field: str) -> str:
-    """The field as a signature names it: `segments[0]` stays (the head of the segment table
-    is what an allocator that hands one block out twice overwrites), any later index becomes
-    `segments[n]`, because it only says how many program headers the input had; the fields of
-    a damaged block header are one "block header"."""
+    """The field as a signature names it: any index becomes `[n]`, because which segment it
+    was only says where in the input the bad program header sat; the fields of a damaged
+    block header are one "block header"."""
     field = "block header" if field in HEADER_FIELDS else field
-    return _INDEX.sub(lambda m: m.group(0) if m.group(1) == "0" else "[n]", field)
+    return _INDEX.sub("[n]", field)
 
 
 def _frame_name(frame: str) -> str:

@@ -3,10 +3,9 @@ header and program-header fields. Each names the crash class expected on the see
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import struct
 
 from kernel_emu.elflayout import ELF64_EHDR, ELF64_PHDR, ELF64_PHDR_SIZE, PT_LOAD
 

@@ -189,3 +189,26 @@ def test_a_setting_that_cannot_be_read_is_one_line_before_anything_starts(
     assert run.stderr.startswith("fuzzfarm: error: ") and said in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "farm").exists()  # nothing was started
+
+
+@pytest.mark.redis
+def test_buckets_merge_and_split_from_the_command_line(tmp_path: Path) -> None:
+    with running_redis(tmp_path / "redis") as server:
+        store = FarmStore.connect(server.url)
+        shas = [store.blobs.put(bytes([i]) * (10 + i)) for i in range(3)]
+        store.buckets.upsert("a" * 16, "one", "hang", "seed", shas[0], 10, {})
+        store.buckets.upsert("b" * 16, "two", "hang", "seed", shas[1], 11, {})
+        store.buckets.upsert("b" * 16, "two", "hang", "seed", shas[2], 12, {})
+        bad = _fuzzfarm(server.url, "buckets", "merge", "a" * 16)
+        assert bad.returncode != 0 and "needs the bucket to keep" in bad.stderr
+        assert "Traceback" not in bad.stderr
+        unknown = _fuzzfarm(server.url, "buckets", "merge", "a" * 16, "c" * 16)
+        assert unknown.returncode != 0 and f"no bucket {'c' * 16}" in unknown.stderr
+        split = _fuzzfarm(server.url, "buckets", "split", "b" * 16, shas[2], "--name", "other")
+        assert split.returncode == 0, split.stderr
+        assert "two [other]" in split.stdout
+        merge = _fuzzfarm(server.url, "buckets", "merge", "a" * 16, "b" * 16)
+        assert merge.returncode == 0, merge.stderr
+        assert "2 inputs" in merge.stdout
+        log = _fuzzfarm(server.url, "buckets", "--log").stdout
+        assert log.splitlines()[0].startswith("merge") and "split" in log

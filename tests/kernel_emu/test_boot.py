@@ -70,6 +70,50 @@ def test_known_bug_reproducers(executors: dict[str, Executor], base_elf: bytes, 
     assert fixed.verdict in ("ok", "rejected"), (fixed.findings, fixed.log[-600:])
 
 
+def test_heap_damage_is_charged_to_the_block_it_follows_wherever_the_run_stops(
+        base_elf: bytes) -> None:
+    # RX-05 overflows a segment buffer and the run panics in the allocator; RX-13 overflows
+    # the build ID's buffer and the kernel enters user mode: each bucket names the block that
+    # was overflowed, and a run made again to watch the header (fuzzfarm boot) agrees
+    job = Executor(load_profile("seed"), explain=False)
+    boot = Executor(load_profile("seed"), explain=True)
+    for bug, block, stop in (("RX-05", "load_segments", "halt"),
+                             ("RX-13", "keep_build_id", "until")):
+        data = next(r for r in REPRODUCERS if r.bug == bug).make(base_elf)
+        fast, explained = job.run(data), boot.run(data)
+        assert fast.stop == stop
+        assert fast.signature == explained.signature, bug
+        assert f"{block} <" in fast.signature and fast.signature.endswith("| block header")
+        assert any("in or right after allocation #" in e for e in fast.findings[0].evidence)
+        assert any(e.startswith("last written by ") for e in explained.findings[0].evidence)
+
+
+def test_segment_table_findings_share_a_bucket_wherever_the_kernel_stops(
+        executors: dict[str, Executor], base_elf: bytes) -> None:
+    # a truncated memsz (RX-03) on the first and on the last segment: one enters user mode,
+    # the other is refused once the table is printed (its segment now overlaps the kernel)
+    last = loads(base_elf)[-1]
+    entered = set_phdr(base_elf, last, memsz=(1 << 32) + 0x3000)
+    refused = set_phdr(base_elf, 0, memsz=(1 << 32) + 0x131, vaddr=0x10_0000, paddr=0x10_0000,
+                       offset=0)
+    a, b = executors["seed"].run(entered), executors["seed"].run(refused)
+    assert (a.stop, b.stop) == ("until", "halt") and b.reject_reason
+    assert a.signature == b.signature == "vaddr-corruption | segment table | segments[n].memsz"
+
+
+def test_leaks_are_judged_only_where_the_kernel_settles(executors: dict[str, Executor],
+                                                       base_elf: bytes) -> None:
+    # the fixed build frees or keeps every block it allocates, refused or not; the seed's
+    # second build ID is allocated in keep_build_id and left with nothing pointing at it
+    leaky = next(r for r in REPRODUCERS if r.bug == "RX-14").make(base_elf)
+    for data in (base_elf, leaky, set_phdr(base_elf, loads(base_elf)[-1], memsz=0x200_0000)):
+        fixed = executors["fixed"].run(data)
+        assert not any(f.cls == "memory-leak" for f in fixed.findings), fixed.findings
+    seed = executors["seed"].run(leaky)
+    assert seed.findings[0].field == "allocation.leak"
+    assert "keep_build_id" in seed.signature and "still live" in seed.findings[0].evidence[0]
+
+
 def _garble(rng: random.Random, base: bytes) -> bytes:
     data = bytearray(base)
     for _ in range(rng.randint(1, 12)):
@@ -269,28 +313,28 @@ def test_native_page_walk_matches_the_python_walk(executors: dict[str, Executor]
         assert [run.leaf(k) for run in runs for k in range(run.count)] == python
 
 
-def test_a_damaged_block_header_is_charged_to_its_last_writer(
+def test_a_damaged_block_header_is_charged_to_the_block_before_it(
         executors: dict[str, Executor], base_elf: bytes) -> None:
-    """A header found written over after the run: the run is made again watching it, and the
-    finding (and its signature) names the code that wrote it last, not where the run then
-    happened to stop (a panic in the allocator, a fault, ring 3), so one overflow makes one
-    bucket however far it runs."""
+    """A header found written over after the run: the finding (and its signature) names the
+    allocation whose block it follows, not where the run then happened to stop (a panic in
+    the allocator, a fault, ring 3), so one overflow makes one bucket however far it runs; a
+    run made again watching the header adds who wrote it last, without moving the bucket."""
     i = loads(base_elf)[0]
     signatures = set()
     explaining = Executor(load_profile("seed"), explain=True)
     for memsz in (0x8, 0x40, 0x100):
         data = set_phdr(base_elf, i, memsz=memsz)
-        # not explained: the frames of where the run stopped (a panic in the allocator)
-        assert not executors["seed"].run(data).findings[0].frames[0].startswith("memcpy")
+        fast = executors["seed"].run(data)
         result = explaining.run(data)
         header = next(f for f in result.findings if f.field in ("block.magic", "block.size"))
         assert header.evidence[-1].startswith("last written by memcpy"), header.evidence
-        assert header.frames[0].startswith("memcpy")
+        assert header.frames == fast.findings[0].frames
         signatures.add(header.signature())
     assert len(signatures) == 1
     sig = signatures.pop()
-    assert " | memcpy < rustux::loader::elf::load_segments" in sig and sig.endswith("block header")
+    assert " | rustux::mm::heap::LinkedListAllocator::allocate < rustux::loader::elf::" \
+        "load_segments" in sig and sig.endswith("block header")
     # the same input, booted in full: the same finding
     full = Executor(load_profile("seed"), snapshot=False, explain=True).run(
         set_phdr(base_elf, i, memsz=0x40))
-    assert any(f.frames and f.frames[0].startswith("memcpy") for f in full.findings)
+    assert any(f.signature() == sig for f in full.findings)

@@ -10,19 +10,27 @@ def test_signature_drops_offsets_and_keeps_the_field_of_semantic_classes() -> No
                 field="segments[0].vaddr")
     b = Finding("vaddr-corruption", ["y"], frames=["f+0x22", "g+0x8", "h+0x1"],
                 field="segments[0].vaddr")
-    assert a.signature() == b.signature() == "vaddr-corruption | f < g < h | segments[0].vaddr"
+    assert a.signature() == b.signature() == "vaddr-corruption | f < g < h | segments[n].vaddr"
 
 
-def test_signature_keeps_segment_zero_and_folds_later_indexes() -> None:
+def test_signature_folds_segment_indexes() -> None:
     # how many program headers came before the bad one depends on the input, not on the bug
     frames = ["rustux::loader::map_segments+0x10"]
-    later = [Finding("vaddr-corruption", ["x"], frames=frames, field=f"segments[{i}].memsz")
-             for i in (1, 8, 89, 95)]
-    assert {f.signature() for f in later} == {
+    found = [Finding("vaddr-corruption", ["x"], frames=frames, field=f"segments[{i}].memsz")
+             for i in (0, 1, 8, 89, 95)]
+    assert {f.signature() for f in found} == {
         "vaddr-corruption | rustux::loader::map_segments | segments[n].memsz"}
-    head = Finding("vaddr-corruption", ["x"], frames=frames, field="segments[0].memsz")
-    assert head.signature().endswith("| segments[0].memsz")
-    assert head.field == "segments[0].memsz" and later[2].field == "segments[89].memsz"
+    assert found[0].field == "segments[0].memsz" and found[3].field == "segments[89].memsz"
+
+
+def test_a_site_names_the_signature_wherever_the_run_stopped() -> None:
+    at_entry = Finding("vaddr-corruption", ["x"], frames=["enter_user+0x1"],
+                       field="segments[2].flags", site="segment table")
+    refused = Finding("vaddr-corruption", ["y"], frames=["reject+0x8", "load_init+0x30"],
+                      field="segments[0].flags", site="segment table")
+    assert at_entry.signature() == refused.signature() == \
+        "vaddr-corruption | segment table | segments[n].flags"
+    assert Finding.from_json(at_entry.to_json()) == at_entry
 
 
 def test_signature_of_a_non_semantic_class_ignores_the_field() -> None:

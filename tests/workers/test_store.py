@@ -236,3 +236,42 @@ def test_writes_use_the_schema_s_keys_and_fields(store: FarmStore, raw: redis.Re
     store.buckets.queue_crosscheck("feedfacefeedface", sha)
     assert list(json.loads(raw.hget("ff:bucket:feedfacefeedface", "crosscheck"))) == [
         "state", "input", "time"]
+
+
+def test_a_merge_moves_inputs_and_later_ones_follow(store: FarmStore) -> None:
+    sig = ("keep", "gone")
+    store.buckets.upsert("k1", sig[0], "heap-corruption", "seed", "a" * 64, 500, {})
+    store.buckets.upsert("g1", sig[1], "heap-corruption", "seed", "b" * 64, 90, {})
+    store.buckets.upsert("g1", sig[1], "heap-corruption", "seed", "c" * 64, 700, {})
+    merged = store.buckets.merge("k1", ["g1"])
+    assert (merged.count, merged.reproducer, merged.reproducer_size) == (3, "b" * 64, 90)
+    assert store.buckets.get("g1") is None and [b.id for b in store.buckets.all()] == ["k1"]
+    # a later input of the merged signature lands in the bucket kept, once
+    store.buckets.upsert("g1", sig[1], "heap-corruption", "seed", "d" * 64, 50, {})
+    store.buckets.upsert("g1", sig[1], "heap-corruption", "seed", "b" * 64, 90, {})
+    kept = store.buckets.get("k1")
+    assert kept is not None and (kept.count, kept.reproducer_size) == (4, 50)
+    assert store.buckets.counted_inputs("k1") == {c * 64 for c in "abcd"}
+    assert store.buckets.smallest_sizes(["g1"]) == {"g1": 50}
+    assert [(e["action"], e["from"], e["into"]) for e in store.buckets.review_log()] == [
+        ("merge", "g1", "k1")]
+    with pytest.raises(KeyError):
+        store.buckets.merge("k1", ["nope"])
+
+
+def test_a_split_moves_the_inputs_named(store: FarmStore) -> None:
+    for sha, size in (("a" * 64, 10), ("b" * 64, 20), ("c" * 64, 30)):
+        store.buckets.upsert("s1", "sig", "vaddr-corruption", "seed", sha, size, {})
+    sizes = {"a" * 64: 10, "b" * 64: 20, "c" * 64: 30}
+    made = store.buckets.split("s1", ["a" * 64, "c" * 64], "RX-99", sizes,
+                               lambda s: "n" + s[-4:-1].encode().hex()[:15])
+    assert made.signature == "sig [RX-99]" and (made.count, made.reproducer_size) == (2, 10)
+    old = store.buckets.get("s1")
+    assert old is not None and (old.count, old.reproducer, old.reproducer_size) == (
+        1, "b" * 64, 20)
+    assert store.buckets.counted_inputs(made.id) == {"a" * 64, "c" * 64}
+    with pytest.raises(ValueError, match="at least one input"):
+        store.buckets.split("s1", ["b" * 64], "all", sizes, lambda s: "x" * 16)
+    with pytest.raises(ValueError, match="not inputs"):
+        store.buckets.split("s1", ["e" * 64], "none", sizes, lambda s: "y" * 16)
+    assert [e["action"] for e in store.buckets.review_log()] == ["split"]

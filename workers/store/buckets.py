@@ -31,6 +31,14 @@ Schema
     Bucket id → when a slice last hit it without sending the input to triage; a bucket's
     last seen is the later of this and its own `last_seen`.
     Written by: fuzz slices (`Buckets.mark_seen`, one `HSET` per slice).
+`ff:bucket-alias` (hash)
+    Bucket id → the bucket it was merged into (`fuzzfarm buckets merge`): triage files the
+    id's later inputs there, and slices take its smallest known size from there.
+    Written by: `Buckets.merge`.
+`ff:bucket-log` (list)
+    JSON records of the merges and splits a reviewer made (what, buckets, signatures, time),
+    newest first: how often the signatures were wrong.
+    Written by: `Buckets.merge`, `Buckets.split`.
 `ff:report:<kernel>:<sha256>` (string)
     The Result JSON of that input on that build (full boot for triage and verify, snapshot
     for a minimized input).
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,6 +63,8 @@ from workers.store.connection import Connection, decode, decode_hash, server_tim
 BUCKETS = "ff:buckets"
 SIZES = "ff:bucket-sizes"
 SEEN = "ff:bucket-seen"
+ALIAS = "ff:bucket-alias"
+LOG = "ff:bucket-log"
 PENDING = "ff:triage:pending"
 SAMPLES_KEPT = 5
 
@@ -213,6 +224,7 @@ class Buckets:
                size: int, sample: dict[str, Any]) -> Upsert:
         """Count one crashing input in its bucket. An input already counted changes
         nothing."""
+        bucket_id = self.resolve([bucket_id])[0]
         key = bucket_key(bucket_id)
         new, shrank, minimize = self._upsert(
             keys=[key, key + ":inputs", key + ":samples", BUCKETS, SIZES],
@@ -274,9 +286,117 @@ class Buckets:
         (None: no such bucket), in one command."""
         if not bucket_ids:
             return {}
-        sizes = self._r.hmget(SIZES, bucket_ids)
+        sizes = self._r.hmget(SIZES, self.resolve(bucket_ids))
         return {b: int(v) if v is not None else None
                 for b, v in zip(bucket_ids, sizes, strict=True)}
+
+    def resolve(self, bucket_ids: list[str]) -> list[str]:
+        """Each id, or the bucket it was merged into (one command when nothing was)."""
+        out = list(bucket_ids)
+        for _ in range(8):  # a merge into a bucket merged later: follow the chain
+            targets = self._r.hmget(ALIAS, out) if out else []
+            if not any(targets):
+                break
+            out = [decode(t) if t else b for b, t in zip(out, targets, strict=True)]
+        return out
+
+    def merge(self, into: str, others: list[str]) -> Bucket:
+        """A reviewer's call that `others` are the same bug as `into`: their inputs, counts,
+        samples and smallest reproducers move to `into`, their ids become aliases of it."""
+        target = self.get(into)
+        if target is None:
+            raise KeyError(into)
+        moved = []
+        for other in dict.fromkeys(others):
+            if other == into:
+                continue
+            b = self.get(other)
+            if b is None:
+                raise KeyError(other)
+            moved.append(b)
+        key = bucket_key(into)
+        with self._r.pipeline(transaction=True) as p:
+            for b in moved:
+                okey = bucket_key(b.id)
+                p.sunionstore(key + ":inputs", [key + ":inputs", okey + ":inputs"])
+                p.hincrby(key, "count", b.count)
+                if b.reproducer_size < target.reproducer_size:
+                    p.hset(key, mapping={"reproducer": b.reproducer,
+                                         "reproducer_size": b.reproducer_size})
+                    target.reproducer, target.reproducer_size = b.reproducer, b.reproducer_size
+                if b.minimized and (target.minimized_size is None
+                                    or (b.minimized_size or 0) < target.minimized_size):
+                    p.hset(key, mapping={"minimized": b.minimized,
+                                         "minimized_size": b.minimized_size or 0})
+                    target.minimized, target.minimized_size = b.minimized, b.minimized_size
+                p.hset(key, mapping={"first_seen": min(target.first_seen, b.first_seen),
+                                     "last_seen": max(target.last_seen, b.last_seen)})
+                target.first_seen = min(target.first_seen, b.first_seen)
+                target.last_seen = max(target.last_seen, b.last_seen)
+                p.delete(okey, okey + ":inputs", okey + ":samples")
+                p.zrem(BUCKETS, b.id)
+                p.hdel(SIZES, b.id)
+                p.hdel(SEEN, b.id)
+                p.hset(ALIAS, b.id, into)
+                p.lpush(LOG, json.dumps({"action": "merge", "into": into, "from": b.id,
+                                         "signature": b.signature,
+                                         "into_signature": target.signature,
+                                         "time": time.time()}))
+            smallest = min([target.reproducer_size]
+                           + ([target.minimized_size] if target.minimized_size else []))
+            p.hset(SIZES, into, smallest)
+            p.execute()
+        merged = self.get(into)
+        assert merged is not None
+        return merged
+
+    def split(self, bucket_id: str, shas: list[str], name: str, sizes: dict[str, int],
+              id_of: Callable[[str], str]) -> Bucket:
+        """A reviewer's call that the inputs `shas` of a bucket are another bug: they move
+        to a new bucket, its signature the old one plus `[name]` (its id `id_of(signature)`),
+        its reproducer the smallest of them. `sizes`: the size of every input the bucket
+        counts. Later inputs with the signature still go to the old bucket."""
+        old = self.get(bucket_id)
+        if old is None:
+            raise KeyError(bucket_id)
+        counted = self.counted_inputs(bucket_id)
+        chosen = list(dict.fromkeys(shas))
+        missing = [sha for sha in chosen if sha not in counted]
+        if missing:
+            raise ValueError(f"not inputs of bucket {bucket_id}: {', '.join(missing)}")
+        rest = counted - set(chosen)
+        if not rest:
+            raise ValueError("a split leaves at least one input in the bucket")
+        signature = f"{old.signature} [{name}]"
+        new = id_of(signature)
+        if self._r.exists(bucket_key(new)):
+            raise ValueError(f"bucket {new} ({signature}) exists already")
+        now = time.time()
+        repro = min(chosen, key=lambda sha: sizes[sha])
+        keep = old.reproducer if old.reproducer in rest else min(rest, key=lambda s: sizes[s])
+        key, nkey = bucket_key(bucket_id), bucket_key(new)
+        with self._r.pipeline(transaction=True) as p:
+            p.hset(nkey, mapping={"id": new, "signature": signature, "class": old.crash_class,
+                                  "kernel": old.kernel, "first_seen": now, "last_seen": now,
+                                  "count": len(chosen), "reproducer": repro,
+                                  "reproducer_size": sizes[repro]})
+            p.sadd(nkey + ":inputs", *chosen)
+            p.srem(key + ":inputs", *chosen)
+            p.hincrby(key, "count", -len(chosen))
+            if keep != old.reproducer:
+                p.hset(key, mapping={"reproducer": keep, "reproducer_size": sizes[keep]})
+            p.zadd(BUCKETS, {new: now})
+            p.hset(SIZES, new, sizes[repro])
+            p.lpush(LOG, json.dumps({"action": "split", "from": bucket_id, "into": new,
+                                     "signature": signature, "inputs": chosen, "time": now}))
+            p.execute()
+        made = self.get(new)
+        assert made is not None
+        return made
+
+    def review_log(self) -> list[dict[str, Any]]:
+        """The merges and splits made so far, newest first."""
+        return [json.loads(x) for x in self._r.lrange(LOG, 0, -1)]
 
     def set_minimized(self, bucket_id: str, sha: str, size: int) -> bool:
         """Record a minimized input (kept if the smallest so far) and that the minimization
