@@ -300,11 +300,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fuzzfarm.bench import bench_boot
 
     kernel = args.kernel or "seed"
+    args.race_seconds = args.seconds  # before the other benchmarks' default
     if args.what == "bugs":
         from fuzzfarm.bench_bugs import bench_bugs
         from kernel_emu.profile import load_profile
 
         kernels = (args.kernel or "seed,fixed").split(",")
+        if args.trials is None:
+            args.trials = 10
         if args.trials < 1 or (args.seconds is not None and args.seconds <= 0) or args.jobs < 1:
             raise UsageError("--trials and --jobs must be at least 1, --seconds above 0")
         for name in kernels:
@@ -329,13 +332,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           first_runs=args.first_runs, bug_seconds=args.bug_seconds,
                           first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
                           parts=args.parts)
+    if args.what == "compare" and not args.other and not args.other_kernel:
+        return _race(args)
     if args.what == "compare":
         from fuzzfarm.bench_compare import bench_compare
 
-        if not args.other and not args.other_kernel:
-            raise UsageError("bench compare needs --other DIR (another checkout to compare "
-                             "with, e.g. made with `git worktree add`) or --other-kernel K "
-                             "(another kernel build, in this checkout)")
         return bench_compare(args.other, kernel=args.kernel, rounds=args.repeats,
                              runs=args.runs, inputs=args.inputs or 1000,
                              other_kernel=args.other_kernel)
@@ -352,6 +353,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench_tracer.main(repeats=args.repeats)
         return EXIT_OK
     raise UsageError(f"unknown benchmark '{args.what}'")
+
+
+def _race(args: argparse.Namespace) -> int:
+    from fuzzfarm.bench_race import COMPETITORS, bench_race
+    from kernel_emu.profile import load_profile
+
+    picked = [c.strip() for c in (args.competitors or ",".join(COMPETITORS)).split(",")
+              if c.strip()]
+    unknown = [c for c in picked if c not in COMPETITORS]
+    if unknown or not picked:
+        raise UsageError(f"--competitors: unknown {', '.join(unknown) or '(none given)'}; "
+                         f"pick from {','.join(COMPETITORS)}")
+    if args.trials is not None and args.trials < 1:
+        raise UsageError("--trials must be at least 1")
+    seconds = args.race_seconds if args.race_seconds is not None else 300.0
+    if seconds <= 0:
+        raise UsageError("--seconds must be above 0")
+    load_profile(args.kernel)  # an unknown build is a usage error before anything runs
+    return bench_race(args.kernel, list(dict.fromkeys(picked)), seconds,
+                      args.trials or 1, Path(args.out or "out/bench-compare"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -486,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "execs/s with 1 and 2 workers, Redis commands per 1,000 "
                                    "execs, time from `fuzzfarm up` to the seed bug minimized. "
                                    "tracer: nanoseconds per guest instruction of the tracing "
-                                   "hooks, native versus Python. compare: this checkout's "
-                                   "emulator against another checkout's (--other), side by "
-                                   "side. hostile: a storm of hostile inputs (random, "
+                                   "hooks, native versus Python. compare: with --other, this "
+                                   "checkout's emulator against another checkout's, side by "
+                                   "side; without, a race of fuzzers on one build (the farm, "
+                                   "AFL++ Unicorn mode, a plain Unicorn fuzzer, qiling), same "
+                                   "seeds and wall time, execs/s per core and time to each "
+                                   "planted bug. hostile: a storm of hostile inputs (random, "
                                    "truncated, bit-flipped, extreme header fields) run as a "
                                    "fuzzing job runs them; counts per family, verdicts, "
                                    "harness errors, rate; exit status 1 on any harness "
@@ -504,12 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native", action="store_true", help="pure-Python hooks")
     p.add_argument("--seconds", type=float, default=None,
                    help="fuzz: length of each feedback on/off campaign (default: 30); bugs: "
-                        "length of each trial (default: 600)")
-    p.add_argument("--trials", type=int, default=10, help="bugs: trials per build (default: 10)")
+                        "length of each trial (default: 600); compare (race): wall time of "
+                        "each competitor per trial (default: 300)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="bugs: trials per build (default: 10); compare (race): trials per "
+                        "competitor (default: 1)")
     p.add_argument("--jobs", type=int, default=2,
                    help="bugs: fuzzing jobs per trial (default: 2)")
     p.add_argument("--out", default=None,
-                   help="bugs: where results, trials and plots go (default: out/bench-bugs)")
+                   help="bugs: where results, trials and plots go (default: out/bench-bugs); "
+                        "compare (race): race.json, the exported snapshot and each "
+                        "competitor's saved inputs (default: out/bench-compare)")
+    p.add_argument("--competitors", default=None, metavar="LIST",
+                   help="compare (race): which competitors, comma-separated, from farm,afl,"
+                        "unicorn,qiling (default: all four)")
     p.add_argument("--first-runs", type=int, default=5,
                    help="fuzz: campaigns per job count for the time to the seed bug")
     p.add_argument("--first-cap", type=float, default=120.0,

@@ -91,6 +91,8 @@ TEST = [
          "the dashboard's browser tests", required=False),
     Need("chromedriver", "chromium-driver", _which("chromedriver"),
          "the dashboard's browser tests", required=False),
+    Need("afl-fuzz", "afl++", _which("afl-fuzz"),
+         "the race of `fuzzfarm bench compare` (AFL++ in Unicorn mode)", required=False),
     *UEFI,
 ]
 TARGETS = {"setup": SETUP, "test": TEST, "uefi": UEFI}
