@@ -56,10 +56,8 @@ class Allocation(NamedTuple):
 
 
 def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
-           describe: Callable[[int, bool], str],
-           made: dict[int, Allocation] | None = None) -> tuple[list[Finding], list[Allocation]]:
-    """Findings in the order they happened, and the allocations still live at the end;
-    `made`, if given, gets every allocation, the latest at each address.
+           describe: Callable[[int, bool], str]) -> tuple[list[Finding], list[Allocation]]:
+    """Findings in the order they happened, and the allocations still live at the end.
 
     Entry and return are paired by the stack pointer: at allocate's `ret` it is back where it
     was on entry. `describe(address, is_return_address)` symbolizes frames."""
@@ -101,8 +99,6 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             if ptr not in live:
                 bisect.insort(starts, ptr)
             live[ptr] = Allocation(seq, ptr, size, ev)
-            if made is not None:
-                made[ptr] = live[ptr]
         elif ev.address == sites.dealloc_entry:
             ptr = second(ev)
             if not ptr:

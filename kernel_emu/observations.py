@@ -76,7 +76,5 @@ class RunObservations:
     writers: dict[int, list[str]] = field(default_factory=dict)
     # allocations this run made and did not free, in the order they were made
     live: list[Allocation] = field(default_factory=list)
-    # every allocation this run made, the latest at each address
-    made: dict[int, Allocation] = field(default_factory=dict)
     # the input file (the ELF), as the kernel was given it
     file: bytes = b""

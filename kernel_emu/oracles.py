@@ -241,7 +241,7 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
             lines, where = [evidence], frames
             # the damage is charged to the allocation it lies in or right after (as a heap
             # overflow report names the overflowed block), wherever the run then stopped
-            culprit = _culprit(obs.made, heap.spot, profile.heap.header_size)
+            culprit = _culprit(obs.live, heap.spot, profile.heap.header_size)
             if culprit is not None and culprit.returned is not None:
                 where = event_frames(culprit.returned,
                                      lambda a, ret: image.describe(a, return_address=ret))
@@ -300,15 +300,15 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     )
 
 
-def _culprit(made: dict[int, Allocation], spot: int | None,
-             header: int) -> Allocation | None:
-    """The allocation of this run whose block holds `spot` or ends right before it: the last
-    one whose header starts before `spot`, if `spot` lies within its payload plus the next
-    header and the remainder a first-fit allocator leaves unsplit (a few headers' worth)."""
+def _culprit(live: list[Allocation], spot: int | None, header: int) -> Allocation | None:
+    """The live allocation of this run whose block holds `spot` or ends right before it: the
+    last one whose header starts before `spot`, if `spot` lies within its payload plus the
+    next header and the remainder a first-fit allocator leaves unsplit (a few headers'
+    worth). A block freed since is no culprit: its memory may be anyone's now."""
     if spot is None:
         return None
     best: Allocation | None = None
-    for a in made.values():
+    for a in live:
         end = a.ptr + ((max(a.size, 1) + 7) & ~7) + 5 * header
         if a.ptr - header < spot <= end and (best is None or a.ptr > best.ptr):
             best = a
