@@ -5,10 +5,9 @@ buckets per bug.
 For each kernel build, N trials of T seconds: each a fresh campaign from the bundled seeds
 with J jobs, the jobs recording when each planted bug's canary (the profile's `[canaries]`)
 was first reached and triggered. After a trial the campaign's findings are booted again as
-triage boots them, grouped into buckets by the signature they get, and the canaries read: an
-input is the bug it triggers first, a bucket the bugs of its inputs, or "unattributed" when
-they trigger none (on a build without canaries, such as `fixed`, every bucket is a finding,
-and the goal is none).
+triage boots them, grouped into buckets by the signature they get, and the canaries read: a
+bucket is the bug all its inputs trigger, or "unattributed" when they trigger none (on a
+build without canaries, such as `fixed`, every bucket is a finding, and the goal is none).
 
 Per bug: trials in which it was reached, triggered and bucketed; the median time to its first
 bucket by Kaplan–Meier (a trial that never bucketed it is censored at T); buckets per bug (the
@@ -66,11 +65,11 @@ def attribute(summary: CampaignSummary, executor: Executor,
 
     Triage boots each finding again with every oracle and files it under the signature it
     gets. So here: up to BUCKET_INPUTS inputs of every job-level bucket are booted again, as
-    triage boots them, and grouped by the signature they get. Each input's bug is the first
-    one it triggers (an input often triggers others on the way, an entry point a mutation
-    moved, say: the first is the cause the rest follow from). A bucket is the bugs of its
-    inputs, the most frequent first: one, a bucket as it should be; several, a bucket a
-    reviewer would split; none at all, a finding no planted bug explains."""
+    triage boots them, and grouped by the signature they get. An input often triggers more
+    than one bug (an entry point a mutation moved on the way, say), so a bucket is the bug
+    all its inputs trigger, the first of them to trigger when they share several; when they
+    share none, the bugs each triggers first, the most frequent first: a bucket a reviewer
+    would split; none at all: a finding no planted bug explains."""
     inputs: dict[str, list[tuple[str, ...]]] = {}
     first: dict[str, float | None] = {}
     for bucket in summary.buckets:
@@ -96,6 +95,10 @@ def attribute(summary: CampaignSummary, executor: Executor,
         seen = [bugs for bugs in seen if bugs]
         if not seen:
             out[signature] = ([], first[signature])
+            continue
+        common = [bug for bug in seen[0] if all(bug in other for other in seen[1:])]
+        if common:  # the root cause is the one all share: the first of them to trigger
+            out[signature] = ([common[0]], first[signature])
             continue
         counts = Counter(bugs[0] for bugs in seen)
         out[signature] = ([bug for bug, _ in counts.most_common()], first[signature])

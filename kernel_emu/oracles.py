@@ -135,14 +135,29 @@ def _fault_finding(obs: RunObservations, image: KernelImage, kstack_base: int | 
 def spinning_in(image: KernelImage, blocks: list[int]) -> tuple[str | None, str]:
     """The function most of a hang's recent blocks are in (the first seen of a tie; None
     without blocks) and the lowest eight distinct block addresses."""
+    funcs, times = _loop_functions(image, blocks)
+    spot = funcs.most_common(1)[0][0] if funcs else None
+    return spot, ", ".join(sorted(f"{b:#x}" for b in times)[:8])
+
+
+def _loop_functions(image: KernelImage, blocks: list[int]) -> tuple[Counter[str], Counter[int]]:
     # a loop is a few blocks over and over: each distinct one is looked up once, in order of
     # first appearance
     times = Counter(blocks)
     funcs: Counter[str] = Counter()
     for block, n in times.items():
         funcs[image.describe(block).rsplit("+0x", 1)[0]] += n
-    spot = funcs.most_common(1)[0][0] if funcs else None
-    return spot, ", ".join(sorted(f"{b:#x}" for b in times)[:8])
+    return funcs, times
+
+
+def _loop_frames(image: KernelImage, blocks: list[int], frames: list[str]) -> list[str]:
+    """The backtrace from the outermost function the loop runs in: the loop's owner, which
+    the backtrace shows wherever in the loop the run was stopped (a callee it calls each time
+    round is on the stack only some of the time)."""
+    funcs, _ = _loop_functions(image, blocks)
+    names = [f.rsplit("+0x", 1)[0] for f in frames]
+    owner = max((i for i, name in enumerate(names) if name in funcs), default=None)
+    return frames[owner:] if owner is not None else frames
 
 
 def _hang_finding(obs: RunObservations, image: KernelImage, frames: list[str]) -> Finding:
@@ -156,7 +171,7 @@ def _hang_finding(obs: RunObservations, image: KernelImage, frames: list[str]) -
     else:
         why = f"instruction budget of {obs.budget} spent"
     return Finding(CrashClass.HANG, [f"{why}; spinning in {spot} (blocks {loop})"],
-                   frames=frames, pc=rip)
+                   frames=_loop_frames(image, obs.recent_blocks(), frames), pc=rip)
 
 
 def _panic_finding(m: Machine, log: KernelLog, frames: list[str]) -> Finding:
@@ -177,6 +192,8 @@ def _expected(segments: tuple[Segment, ...]) -> list[dict[str, int]]:
 
 # the site of what the printed segment table shows wrong: one place, wherever the run stopped
 SEGMENT_TABLE = "segment table"
+# the site of heap damage no allocation of the run can be charged to
+HEAP_WALK = "heap"
 
 
 def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
@@ -251,7 +268,9 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
             writer = obs.writers.get(heap.damaged[0]) if heap.damaged else None
             if writer:
                 lines.append(f"last written by {' < '.join(writer[:4])}")
-            state.append(Finding(CrashClass.HEAP_CORRUPTION, lines, frames=where, field=fld))
+            # no block of this run to charge it to: the heap itself, not the stop, names it
+            state.append(Finding(CrashClass.HEAP_CORRUPTION, lines, frames=where, field=fld,
+                                 site=None if where is not frames else HEAP_WALK))
     # a table the kernel printed is compared even if it then refused to map it: a corrupted
     # table is often what makes it refuse
     state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)

@@ -61,6 +61,9 @@ class ResultFormatError(ValueError):
 PANIC_PLUMBING = ("core::panicking::", "__rustc::", "rust_begin_unwind", "core::panic::",
                   "alloc::alloc::handle_alloc_error", "core::result::unwrap_failed",
                   "core::option::unwrap_failed", "core::option::expect_failed")
+# the Rust library's own ways to the allocator (a Vec growing, a Box made)
+ALLOC_PLUMBING = ("alloc::raw_vec::", "alloc::alloc::", "__rust_alloc", "__rust_realloc")
+PLUMBING = PANIC_PLUMBING + ALLOC_PLUMBING
 
 
 @dataclass
@@ -79,8 +82,9 @@ class Finding:
 
     def signature(self) -> str:
         names = [_frame_name(f) for f in self.frames]
-        # the panic machinery is the same for every panic: name where it was called from
-        top = [n for n in names if not n.startswith(PANIC_PLUMBING)][:3] or names[:3]
+        # the panic machinery is the same for every panic, the growth of a Vec for every Vec:
+        # name where they were called from
+        top = [n for n in names if not n.startswith(PLUMBING)][:3] or names[:3]
         parts = [self.cls, self.site or (" < ".join(top) if top else "?")]
         if self.field and self.cls in SEMANTIC_CLASSES:
             parts.append(signature_field(self.field))

@@ -78,7 +78,9 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                             "kernel stack"))
     bad = first_bad_mapping(runs, prof.kernel.user_top, kernel_phys, sorted(tables))
     if bad is not None:
-        out.append(bad.finding(frames))
+        # the most specific evidence first: a user page over kernel memory (a missing bound)
+        # explains the segment pages it takes the place of
+        out.insert(0, bad.finding(frames))
     if not any(f.cls == CrashClass.VADDR_CORRUPTION for f in out):
         merged = merge_pages(covered)
         stack = None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top)

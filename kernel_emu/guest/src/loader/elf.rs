@@ -323,12 +323,7 @@ fn load_segments(file: &[u8], segments: &[Segment]) -> Result<Vec<*mut u8>, &'st
             alloc::alloc::handle_alloc_error(layout);
             #[cfg(rustux_fixed)]
             {
-                for (&done, s) in buffers.iter().zip(segments) {
-                    // SAFETY: allocated above with this layout
-                    unsafe {
-                        alloc::alloc::dealloc(done, Layout::from_size_align_unchecked((s.memsz as usize).max(1), 8));
-                    }
-                }
+                free_buffers(&buffers, segments);
                 return Err(OUT_OF_MEMORY);
             }
         }
@@ -351,6 +346,17 @@ fn load_segments(file: &[u8], segments: &[Segment]) -> Result<Vec<*mut u8>, &'st
         buffers.push(buffer);
     }
     Ok(buffers)
+}
+
+/// Frees the segment buffers made so far (`buffers[i]` holds segment i's) on the way out.
+#[cfg(rustux_fixed)]
+fn free_buffers(buffers: &[*mut u8], segments: &[Segment]) {
+    for (&buffer, s) in buffers.iter().zip(segments) {
+        // SAFETY: allocated by load_segments with this layout, and owned by nothing else
+        unsafe {
+            alloc::alloc::dealloc(buffer, Layout::from_size_align_unchecked((s.memsz as usize).max(1), 8));
+        }
+    }
 }
 
 /// Hands the segment table and the buffers over to a heap-allocated `LoadedElf`.
@@ -378,6 +384,7 @@ fn finish(
         // SAFETY: LoadedElf has a non-zero size.
         let place = unsafe { alloc::alloc::alloc(Layout::new::<LoadedElf>()) }.cast::<LoadedElf>();
         if place.is_null() {
+            free_buffers(&buffers, &segments);
             // SAFETY: taken out of the ManuallyDrops exactly once, nothing else owns them.
             unsafe {
                 ManuallyDrop::drop(&mut segments);

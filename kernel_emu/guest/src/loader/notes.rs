@@ -13,6 +13,7 @@ use core::ptr::null_mut;
 use super::elf::{self, PHDR_SIZE, PT_NOTE};
 
 const NOTE_HEADER_SIZE: u64 = 12;
+const OUT_OF_MEMORY: &str = "out of memory";
 const NT_GNU_BUILD_ID: u32 = 3;
 const GNU: &[u8] = b"GNU\0";
 /// What linkers write by default (a SHA-1).
@@ -53,7 +54,12 @@ pub fn read(file: &[u8]) -> Result<usize, &'static str> {
             continue;
         }
         canary!(RX_17, false);
-        let notes = table.get_or_insert_with(|| ManuallyDrop::new(Vec::with_capacity(2)));
+        if table.is_none() {
+            let mut notes = Vec::new();
+            notes.try_reserve_exact(2).map_err(|_| OUT_OF_MEMORY)?;
+            table = Some(ManuallyDrop::new(notes));
+        }
+        let notes = table.as_mut().expect("made above");
         #[cfg(rustux_fixed)]
         let before = notes.len();
         match read_segment(file, ph.offset, ph.filesz, notes) {
@@ -105,7 +111,9 @@ fn read_segment(file: &[u8], offset: u64, size: u64, notes: &mut Vec<Note>)
         if next > data.len() as u64 {
             return Ok((count, true));
         }
-        let name = data[name_at as usize..(name_at + u64::from(name_len)) as usize].to_vec();
+        let mut name = Vec::new();
+        name.try_reserve_exact(name_len as usize).map_err(|_| OUT_OF_MEMORY)?;
+        name.extend_from_slice(&data[name_at as usize..(name_at + u64::from(name_len)) as usize]);
         let desc = &data[desc_at as usize..(desc_at + u64::from(desc_len)) as usize];
         let gnu = name == GNU;
         if gnu && kind == NT_GNU_BUILD_ID {
@@ -113,6 +121,7 @@ fn read_segment(file: &[u8], offset: u64, size: u64, notes: &mut Vec<Note>)
         }
         drop(name);
         if !gnu {
+            notes.try_reserve(1).map_err(|_| OUT_OF_MEMORY)?;
             notes.push(Note {
                 kind,
                 name_len,
@@ -142,7 +151,7 @@ fn keep_build_id(desc: &[u8]) -> Result<(), &'static str> {
     unsafe {
         let buffer = alloc::alloc::alloc(Layout::from_size_align_unchecked(size, 1));
         if buffer.is_null() {
-            return Err("out of memory");
+            return Err(OUT_OF_MEMORY);
         }
         core::ptr::copy_nonoverlapping(desc.as_ptr(), buffer, desc.len());
         let (old, _old_len) = BUILD_ID;
