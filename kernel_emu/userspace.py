@@ -259,4 +259,13 @@ def entry_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
                                                  else "not executable")
         return [Finding(CrashClass.BAD_ENTRY, [f"ring 3 entered at {rip:#x}, which is {state}"],
                         frames=frames, field="entry.rip")]
+    # the program's first push goes just below its stack pointer
+    user_rsp = m.u64(rsp + 24)
+    mp = pagewalk.translate(m, cr3, (user_rsp - 8) & ((1 << 64) - 1))
+    if mp is None or not mp.user or not mp.writable:
+        state = "not mapped" if mp is None else ("not user-accessible" if not mp.user
+                                                 else "not writable")
+        return [Finding(CrashClass.BAD_ENTRY,
+                        [f"ring 3 entered with its stack at {user_rsp:#x}, whose page is "
+                         f"{state}"], frames=frames, field="entry.rsp")]
     return []

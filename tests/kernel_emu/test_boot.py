@@ -338,3 +338,17 @@ def test_a_damaged_block_header_is_charged_to_the_block_before_it(
     full = Executor(load_profile("seed"), snapshot=False, explain=True).run(
         set_phdr(base_elf, i, memsz=0x40))
     assert any(f.signature() == sig for f in full.findings)
+
+
+def test_ring_3_entered_without_its_stack_is_a_bad_entry(executors: dict[str, Executor],
+                                                         base_elf: bytes) -> None:
+    # the seed's level-1 table of the last segment (just below 1 GiB, where the stack's pages
+    # have its level-2 index) takes the stack's entries, and those the segment holds already
+    # are not mapped again: the stack ends up nowhere (RX-15)
+    i = loads(base_elf)[-1]
+    at = 0x3FE0_0000 + 0x1FB000
+    data = set_phdr(base_elf, i, vaddr=at, paddr=at)
+    seed = executors["seed"].run(data)
+    stack = next(f for f in seed.findings if f.field == "entry.rsp")
+    assert stack.cls == "bad-entry" and "whose page is not mapped" in stack.evidence[0]
+    assert executors["fixed"].run(data).verdict == "ok"
