@@ -5,8 +5,11 @@ the same kernel build (one core each):
 
 * `farm`: the farm's own fuzzing job (`fuzzfarm fuzz`, one job: libFuzzer with guest coverage
   and compares, the ELF-aware mutator, every oracle);
-* `afl`: AFL++ (Debian's `afl-fuzz`) in Unicorn mode through PyPI's `unicornafl`, on the
-  farm's snapshot (`fuzzfarm/race/afl_harness.py`);
+* `afl`: AFL++ (Debian's `afl-fuzz`, Unicorn mode) on the farm's snapshot. The target side is
+  the race's own harness (`fuzzfarm/race/afl_harness.py`), not unicornafl: it speaks AFL++'s
+  fork server protocol and writes AFL's edge coverage into AFL++'s map from a Unicorn block
+  hook in Python, without unicornafl's compare splitting. No PyPI release of unicornafl can run
+  the snapshot (the harness's docstring and docs/performance.md say why);
 * `unicorn`: a plain Unicorn fuzzer in Python, block hooks for coverage and a random
   byte-level mutator (`fuzzfarm/race/naive.py`), on the same snapshot;
 * `qiling`: qiling booting the UEFI image (`fuzzfarm/race/qiling_boot.py`); fuzzing needs the
@@ -67,7 +70,7 @@ RACE = Path(__file__).resolve().parent / "race"
 COMPETITORS = ("farm", "afl", "unicorn", "qiling")
 # each competitor's virtualenv: exactly these packages
 PINS = {
-    "afl": ("unicorn==2.1.4", "unicornafl==2.1.0", "setuptools<70"),
+    "afl": ("unicorn==2.1.4",),
     "unicorn": ("unicorn==2.1.4",),
     "qiling": ("qiling==1.4.6",),
 }
@@ -250,9 +253,11 @@ def run_afl(export: Path, seconds: float, trial: int, out: Path, say: Say,
         if proc.returncode != 0 and killed:
             name = signal.Signals(int(killed.group(1))).name
             return Run("afl", trial, False, reason=(
-                f"the unicornafl harness dies with {name} under afl-showmap on a valid seed "
-                f"({first.name}), before any input runs: unicornafl {PINS['afl'][1][12:]}'s "
-                "coverage hook writes outside AFL++'s map"))
+                f"the AFL++ harness dies with {name} under afl-showmap on a valid seed "
+                f"({first.name}), before any input runs"))
+        if proc.returncode == 0 and not _read(out / "map.txt").strip():
+            return Run("afl", trial, False, reason=(
+                f"the AFL++ harness reports no coverage under afl-showmap on {first.name}"))
     log = (out / "afl.log").open("wb")
     proc_ = subprocess.Popen([fuzz, "-U", "-i", str(seeds), "-o", str(out / "afl"),
                               "-t", "10000+", "-V", str(int(seconds)), "-s", str(trial + 1),
@@ -485,6 +490,13 @@ def _afl_stats(path: Path) -> dict[str, str]:
         return {}
     return {k.strip(): v.strip() for k, _, v in
             (line.partition(":") for line in text.splitlines()) if k.strip()}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _last_line(path: Path) -> str:

@@ -4,8 +4,15 @@ reason."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -95,6 +102,78 @@ def test_a_resumed_snapshot_stops_where_the_farm_stops(exported: tuple[Executor,
     assert kinds == {"user", "halt", "panic", "fault", "hang"}
 
 
+class _Shm:
+    """A System V shared-memory segment, as afl-fuzz makes its coverage map."""
+
+    def __init__(self, size: int) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.shmat.restype = ctypes.c_void_p
+        self.libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+        self.id = self.libc.shmget(0, size, 0o1000 | 0o600)  # IPC_PRIVATE, IPC_CREAT
+        assert self.id >= 0
+        self.map = (ctypes.c_ubyte * size).from_address(self.libc.shmat(self.id, None, 0))
+
+    def clear(self) -> None:
+        ctypes.memset(self.map, 0, len(self.map))
+
+    def edges(self) -> int:
+        return sum(1 for b in bytes(self.map) if b)
+
+    def close(self) -> None:
+        self.libc.shmctl(self.id, 0, None)  # IPC_RMID
+
+
+def test_the_afl_harness_speaks_afl_fork_server_and_fills_its_map(
+        exported: tuple[Executor, Path], tmp_path: Path) -> None:
+    """What afl-fuzz sees of fuzzfarm/race/afl_harness.py: its hello, then per input a child's
+    pid and wait status (SIGABRT for a panic or a fault, 0 for an input loaded or rejected),
+    and edges in the shared map for every run."""
+    executor, where = exported
+    by_kind: dict[str, bytes] = {}
+    for _name, data in _inputs():
+        by_kind.setdefault(_expected(executor, data), data)
+    shm = _Shm(1 << 16)
+    control_r, control_w = os.pipe()
+    status_r, status_w = os.pipe()
+    os.dup2(control_r, 198)
+    os.dup2(status_w, 199)
+    current = tmp_path / "input"
+    current.write_bytes(b"")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "fuzzfarm/race/afl_harness.py"), str(where), str(current)],
+            cwd=ROOT / "fuzzfarm/race", pass_fds=(198, 199), env={**os.environ, "__AFL_SHM_ID":
+                                                                  str(shm.id)})
+    finally:
+        for fd in (198, 199, control_r, status_w):
+            os.close(fd)
+
+    def word() -> int:
+        assert select.select([status_r], [], [], 120)[0], "the harness said nothing"
+        raw = os.read(status_r, 4)
+        assert len(raw) == 4
+        return int(struct.unpack("<i", raw)[0])
+
+    try:
+        assert word() == 0  # hello
+        for kind in ("user", "halt", "panic", "fault"):
+            current.write_bytes(by_kind[kind])
+            shm.clear()
+            os.write(control_w, bytes(4))
+            assert word() > 0  # the child's pid
+            status = word()
+            if kind in ("panic", "fault"):
+                assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGABRT, kind
+            else:
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, kind
+            assert shm.edges() > 10, kind
+    finally:
+        os.close(control_w)  # afl-fuzz gone: the fork server ends
+        assert proc.wait(60) == 0
+        os.close(status_r)
+        shm.close()
+
+
 def test_bench_compare_race_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "compare", "--competitors", "farm,nope"]) == 2
     assert "--competitors" in capsys.readouterr().err
@@ -120,6 +199,8 @@ def test_a_short_race_gives_every_competitor_a_row_or_a_reason(
             assert run["reason"], name
             assert f"{name}: could not run: " in printed
     assert runs["farm"]["ran"] and runs["unicorn"]["ran"]
+    if shutil.which("afl-fuzz"):
+        assert runs["afl"]["ran"], runs["afl"]["reason"]
     # the farm finds at least one planted bug in seconds, and says when
     assert any(t is not None for t in runs["farm"]["time_to_bug"].values())
     assert "execs/s/core" in printed
