@@ -93,9 +93,12 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                             f"({other.size:#x} bytes)"]
                 if last_free is not None:
                     evidence.append(_free_evidence(*last_free, describe))
+                frames = event_frames(ev, describe)
+                # an allocator that hands out a live block is wrong in itself, whoever asked:
+                # the allocator names the bucket
                 findings.append(Finding(
-                    CrashClass.HEAP_CORRUPTION, evidence,
-                    frames=event_frames(ev, describe), field="allocation.overlap", pc=ev.rip))
+                    CrashClass.HEAP_CORRUPTION, evidence, frames=frames,
+                    field="allocation.overlap", pc=ev.rip, site=frames[0].rsplit("+0x", 1)[0]))
             if ptr not in live:
                 bisect.insort(starts, ptr)
             live[ptr] = Allocation(seq, ptr, size, ev)

@@ -1,6 +1,7 @@
-"""Oracle of the user address space the kernel is about to enter ring 3 with: each PT_LOAD
-mapped where and as the ELF says, no user page over kernel memory or in the upper half, no
-user page that no program header covers, and an entry into ring 3 at user-executable code.
+"""Oracle of the user address space the kernel is about to enter ring 3 with: no PT_LOAD the
+user half cannot hold, each PT_LOAD mapped where and as the ELF says with the file's bytes,
+no user page over kernel memory or in the upper half, no user page that no program header
+covers, and an entry into ring 3 at user-executable code with a writable stack.
 
 The page walk comes as runs of consecutive pages (a 16 MiB segment is a dozen runs, not 4096
 mappings); every check finds the first page of a run it applies to, so the findings name the
@@ -40,6 +41,16 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
         return pagewalk.translate(m, cr3, page)
 
     out: list[Finding] = []
+    # a segment the user half cannot hold, which the kernel went on to map: the cause of
+    # whatever its pages then look like
+    for i, seg in enumerate(expected):
+        if seg["memsz"] and seg["vaddr"] + seg["memsz"] > prof.kernel.user_top:
+            out.append(Finding(CrashClass.KERNEL_MAPPING,
+                               [f"segment {i}: the ELF asks for {seg['vaddr']:#x}+"
+                                f"{seg['memsz']:#x}, past the user half (which ends at "
+                                f"{prof.kernel.user_top:#x}), and the kernel entered ring 3 "
+                                f"with it"], frames=frames, field="segments.bounds"))
+            break
     covered: list[tuple[int, int]] = []
     page_flags = shared_page_flags(expected)
     for i, seg in enumerate(expected):
@@ -80,7 +91,7 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
     if bad is not None:
         # the most specific evidence first: a user page over kernel memory (a missing bound)
         # explains the segment pages it takes the place of
-        out.insert(0, bad.finding(frames))
+        out.insert(sum(f.field == "segments.bounds" for f in out), bad.finding(frames))
     if not any(f.cls == CrashClass.VADDR_CORRUPTION for f in out):
         merged = merge_pages(covered)
         stack = None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top)
