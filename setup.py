@@ -7,7 +7,7 @@ setup(
         Extension(
             "kernel_emu._tracer",
             ["kernel_emu/native/tracer.c"],
-            depends=["kernel_emu/native/bulk.h"],
+            depends=["kernel_emu/native/bulk.h", "kernel_emu/native/guard.h"],
             extra_compile_args=["-O2"],
         ),
         Extension(

@@ -7,9 +7,15 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
+from kernel_emu import redzones
+from kernel_emu.redzones import GuardHit
 from kernel_emu.result import CrashClass, Finding
+
+# the site of heap damage that no allocation of the run explains
+HEAP = "heap"
 
 
 class WatchEvent(Protocol):
@@ -18,6 +24,8 @@ class WatchEvent(Protocol):
 
     @property
     def address(self) -> int: ...
+    @property
+    def instructions(self) -> int: ...
     @property
     def rip(self) -> int: ...
     @property
@@ -29,23 +37,46 @@ class WatchEvent(Protocol):
     @property
     def rsi(self) -> int: ...
     @property
+    def r8(self) -> int: ...
+    @property
     def frames(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
 class AllocatorSites:
-    """Watched addresses: allocate's first instruction, its `ret`s, deallocate's first."""
+    """Watched addresses: the first instruction and the `ret`s of allocate, deallocate and,
+    if the allocator has its own, reallocate."""
 
     alloc_entry: int
     alloc_returns: tuple[int, ...]
     dealloc_entry: int
-    # how the allocator takes (&self, size, align) and (&self, ptr): "sysv64" (rdi, rsi, rdx)
-    # or "win64" (rcx, rdx, r8), as the kernel's target passes arguments
+    # how the allocator takes (&self, size, align), (&self, ptr) and (&self, ptr, new_size):
+    # "sysv64" (rdi, rsi, rdx) or "win64" (rcx, rdx, r8), as the kernel's target passes them
     convention: str = "sysv64"
+    dealloc_returns: tuple[int, ...] = ()
+    realloc_entry: int | None = None
+    realloc_returns: tuple[int, ...] = ()
+    realloc_takes_self: bool = True
+
+    @property
+    def args(self) -> redzones.Arguments:
+        return redzones.Arguments.of(self.convention, self.realloc_takes_self)
 
     @property
     def addresses(self) -> list[int]:
-        return [self.alloc_entry, *self.alloc_returns, self.dealloc_entry]
+        return [address for address, _ in self.roles]
+
+    @property
+    def roles(self) -> list[tuple[int, int]]:
+        """(address, role) of every site, roles as kernel_emu.redzones numbers them."""
+        out = [(self.alloc_entry, redzones.ALLOC_IN),
+               *((a, redzones.ALLOC_OUT) for a in self.alloc_returns),
+               (self.dealloc_entry, redzones.FREE_IN),
+               *((a, redzones.FREE_OUT) for a in self.dealloc_returns)]
+        if self.realloc_entry is not None:
+            out += [(self.realloc_entry, redzones.REALLOC_IN),
+                    *((a, redzones.REALLOC_OUT) for a in self.realloc_returns)]
+        return out
 
 
 class Allocation(NamedTuple):
@@ -56,13 +87,17 @@ class Allocation(NamedTuple):
 
 
 def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
-           describe: Callable[[int, bool], str]) -> tuple[list[Finding], list[Allocation]]:
+           describe: Callable[[int, bool], str],
+           hits: Sequence[GuardHit] = ()) -> tuple[list[Finding], list[Allocation]]:
     """Findings in the order they happened, and the allocations still live at the end.
 
-    Entry and return are paired by the stack pointer: at allocate's `ret` it is back where it
-    was on entry. `describe(address, is_return_address)` symbolizes frames."""
-    returns = set(sites.alloc_returns)
-    pending: list[tuple[int, int]] = []  # (rsp, size)
+    Entry and return are paired by the stack pointer: at a `ret` it is back where it was on
+    entry. `describe(address, is_return_address)` symbolizes frames. `hits`: the redzone
+    hits of the run (kernel_emu.redzones), each placed before the first event it did not
+    come after."""
+    returns, realloc_returns = set(sites.alloc_returns), set(sites.realloc_returns)
+    # (rsp, size, the pointer a reallocate resizes or None)
+    pending: list[tuple[int, int, int | None]] = []
     live: dict[int, Allocation] = {}
     starts: list[int] = []  # sorted keys of `live`, to find a neighbour that overlaps
     findings: list[Finding] = []
@@ -70,40 +105,64 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     # the last free seen, which is what let a first-fit allocator hand out a block twice:
     # (pointer, the allocation it ended or None, the free's event)
     last_free: tuple[int, Allocation | None, WatchEvent] | None = None
-    # the argument after &self: the size to allocate, or the pointer to free
-    second: Callable[[WatchEvent], int] = (lambda ev: ev.rdx) if sites.convention == "win64" \
-        else (lambda ev: ev.rsi)
+    args = sites.args
+    size, freed = attrgetter(args.size), attrgetter(args.free)
+    resized, new_size = attrgetter(args.resized), attrgetter(args.new_size)
+    waiting = sorted(hits, key=lambda hit: hit.instructions)
+    h = 0
+
+    def made(ptr: int, size: int, ev: WatchEvent) -> None:
+        nonlocal seq
+        seq += 1
+        other = _overlapping(live, starts, ptr, max(size, 1))
+        if other is not None:
+            evidence = [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which "
+                        f"overlaps live allocation #{other.seq} at {other.ptr:#x} "
+                        f"({other.size:#x} bytes)"]
+            if last_free is not None:
+                evidence.append(_free_evidence(*last_free, describe))
+            frames = event_frames(ev, describe)
+            # an allocator that hands out a live block is wrong in itself, whoever asked:
+            # the allocator call that made that block live, and should have taken it off
+            # its free list, names the bucket
+            maker = other.returned.rip if other.returned is not None else ev.rip
+            findings.append(Finding(
+                CrashClass.HEAP_CORRUPTION, evidence, frames=frames,
+                field="allocation.overlap", pc=ev.rip,
+                site=describe(maker, False).rsplit("+0x", 1)[0]))
+        if ptr not in live:
+            bisect.insort(starts, ptr)
+        live[ptr] = Allocation(seq, ptr, size, ev)
+
     for ev in events:
+        while h < len(waiting) and waiting[h].instructions <= ev.instructions:
+            findings.append(_redzone_finding(waiting[h], live, ev, describe))
+            h += 1
         if ev.address == sites.alloc_entry:
-            pending.append((ev.rsp, second(ev)))
-        elif ev.address in returns:
+            pending.append((ev.rsp, size(ev), None))
+        elif ev.address == sites.realloc_entry:
+            pending.append((ev.rsp, new_size(ev), resized(ev)))
+        elif ev.address in returns or ev.address in realloc_returns:
             match = next((i for i in range(len(pending) - 1, -1, -1)
                           if pending[i][0] == ev.rsp), None)
             if match is None:
                 continue
-            _, size = pending.pop(match)
-            seq += 1
+            _, asked, old_ptr = pending.pop(match)
             ptr = ev.rax
             if not ptr:
                 continue
-            other = _overlapping(live, starts, ptr, max(size, 1))
-            if other is not None:
-                evidence = [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which "
-                            f"overlaps live allocation #{other.seq} at {other.ptr:#x} "
-                            f"({other.size:#x} bytes)"]
-                if last_free is not None:
-                    evidence.append(_free_evidence(*last_free, describe))
-                frames = event_frames(ev, describe)
-                # an allocator that hands out a live block is wrong in itself, whoever asked:
-                # the allocator names the bucket
-                findings.append(Finding(
-                    CrashClass.HEAP_CORRUPTION, evidence, frames=frames,
-                    field="allocation.overlap", pc=ev.rip, site=frames[0].rsplit("+0x", 1)[0]))
-            if ptr not in live:
-                bisect.insort(starts, ptr)
-            live[ptr] = Allocation(seq, ptr, size, ev)
+            if old_ptr is None:
+                made(ptr, asked, ev)
+            elif ptr == old_ptr and ptr in live:  # in place
+                del starts[bisect.bisect_left(starts, ptr)]
+                del live[ptr]
+                made(ptr, asked, ev)
+            elif ptr not in live:  # moved, by other means than its own allocate + free
+                if live.pop(old_ptr, None) is not None:
+                    del starts[bisect.bisect_left(starts, old_ptr)]
+                made(ptr, asked, ev)
         elif ev.address == sites.dealloc_entry:
-            ptr = second(ev)
+            ptr = freed(ev)
             if not ptr:
                 continue
             ended = live.pop(ptr, None)
@@ -115,7 +174,32 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                     frames=event_frames(ev, describe), field="free.unknown", pc=ev.rip))
             else:
                 del starts[bisect.bisect_left(starts, ptr)]
+    for hit in waiting[h:]:  # found when the run ended
+        findings.append(_redzone_finding(hit, live, None, describe))
     return findings, list(live.values())
+
+
+def _redzone_finding(hit: GuardHit, live: dict[int, Allocation], noticed: WatchEvent | None,
+                     describe: Callable[[int, bool], str]) -> Finding:
+    """A write past the end (or before the start) of a live allocation, seen at the next call
+    into the allocator: it is charged, as a heap overflow report charges it, to the
+    allocation it ran out of, named by where that was made."""
+    where = "after" if hit.after else "before"
+    offset = hit.address - (hit.ptr + hit.size) if hit.after else hit.ptr - hit.address - 1
+    evidence = [f"{offset:#x} bytes {where} allocation of {hit.size:#x} bytes at "
+                f"{hit.ptr:#x}: {hit.address:#x} held {hit.was:#04x}, now {hit.now:#04x}"]
+    owner = live.get(hit.ptr)
+    frames: list[str] = []
+    if owner is not None and owner.returned is not None:
+        frames = event_frames(owner.returned, describe)
+        evidence[0] = f"allocation #{owner.seq}: " + evidence[0]
+        evidence.append("allocated by " + " < ".join(frames[1:5]))
+    evidence.append("written before " + (
+        "the call into the allocator from " + " < ".join(event_frames(noticed, describe)[1:5])
+        if noticed is not None else "the run ended"))
+    return Finding(CrashClass.HEAP_CORRUPTION, evidence, frames=frames,
+                   field="block.overflow" if hit.after else "block.underflow",
+                   site=None if frames else HEAP)
 
 
 def _overlapping(live: dict[int, Allocation], starts: list[int], ptr: int,

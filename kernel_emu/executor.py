@@ -70,10 +70,15 @@ class Executor:
         k, h = profile.kernel, profile.heap
         self.success_addr = self.image.symbol(k.success_symbol).address
         self.snapshot_addr = self.image.symbol(k.snapshot_symbol).address
-        alloc = self.image.symbol(h.alloc_symbol)
+        alloc, dealloc = self.image.symbol(h.alloc_symbol), self.image.symbol(h.dealloc_symbol)
+        realloc = self.image.symbol(h.realloc_symbol) if h.realloc_symbol else None
         self.alloc_sites = AllocatorSites(
             alloc.address, codescan.return_sites(self.image, alloc.address, alloc.size),
-            self.image.symbol(h.dealloc_symbol).address, h.convention)
+            dealloc.address, h.convention,
+            dealloc_returns=codescan.return_sites(self.image, dealloc.address, dealloc.size),
+            realloc_entry=realloc.address if realloc else None,
+            realloc_returns=codescan.return_sites(self.image, realloc.address, realloc.size)
+            if realloc else (), realloc_takes_self=h.realloc_takes_self)
         self.bulk_ranges = codescan.bulk_ranges(self.image)
         # the bulk moves of memset/memcpy/memmove the native tracer performs itself where that
         # is provably the same (see kernel_emu/native/bulk.h); without: the guest runs them
@@ -103,6 +108,10 @@ class Executor:
                                                 console_read_value=DEBUG_PORT),
                                track_writes=track_writes)
         tracer.watch(self.alloc_sites.addresses)
+        # redzones a header wide around every allocation: a write past one is caught at the
+        # next allocator call, before the allocator can carry the damage on
+        sites = self.alloc_sites
+        tracer.guard(self.profile.heap.header_size, sites.roles, sites.args)
         if self.image.unwind:  # a PE image: its frames do not chain through rbp
             tracer.unwind(self.image.unwind)
         for attach in self._machine_hooks:
@@ -244,8 +253,10 @@ class Executor:
         tracer, image = self.tracer, self.image
         if watch is None:
             self._fast_units = tracer.fast_units
+        tracer.check_guards()
         events, live = replay(self.written.take_events(), self.alloc_sites,
-                              lambda a, ret: image.describe(a, return_address=ret))
+                              lambda a, ret: image.describe(a, return_address=ret),
+                              tracer.take_guard_hits())
         faults = self.faults
         observed = RunObservations(
             machine=self.machine, stop=stop, instructions=base + tracer.instructions,

@@ -2,9 +2,10 @@
 image and its profile to findings and a Result.
 
 The first anomaly in execution order is the primary finding. Anomalies seen while the guest
-ran (an allocation overlapping a live one, a free of a pointer that is not live) keep their
-order; state found damaged after the stop (heap walk, segment table, user page tables)
-happened before the stop, so it is placed before the terminal event (fault, panic, hang).
+ran (a write past an allocation, caught at the next allocator call; an allocation overlapping
+a live one; a free of a pointer that is not live) keep their order; state found damaged after
+the stop (heap walk, segment table, user page tables) happened before the stop, so it is
+placed before the terminal event (fault, panic, hang).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 import capstone
 
 from kernel_emu import heapwalk
-from kernel_emu.allocations import Allocation, event_frames
+from kernel_emu.allocations import HEAP, Allocation, event_frames
 from kernel_emu.elfview import Segment
 from kernel_emu.image import KernelImage
 from kernel_emu.klog import KernelLog, parse_log
@@ -193,7 +194,7 @@ def _expected(segments: tuple[Segment, ...]) -> list[dict[str, int]]:
 # the site of what the printed segment table shows wrong: one place, wherever the run stopped
 SEGMENT_TABLE = "segment table"
 # the site of heap damage no allocation of the run can be charged to
-HEAP_WALK = "heap"
+HEAP_WALK = HEAP
 
 
 def _segment_findings(log: KernelLog, expected: list[dict[str, int]],

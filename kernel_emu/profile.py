@@ -45,6 +45,12 @@ class HeapLayout:
     free_list_symbol: str
     alloc_symbol: str
     dealloc_symbol: str
+    # the allocator's resize in place, if it has one of its own (else "": a resize is an
+    # allocate, a copy and a deallocate, which the other two already show)
+    realloc_symbol: str = ""
+    # whether it still takes &self (a compiler may drop an argument the function never
+    # reads): then (ptr, new_size) follow it, else they are the first two arguments
+    realloc_takes_self: bool = True
     # how the allocator's entry points take their arguments: "sysv64" (rdi, rsi, rdx) or
     # "win64" (rcx, rdx, r8: a Rust function's own convention on the UEFI target)
     convention: str = "sysv64"

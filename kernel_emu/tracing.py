@@ -109,6 +109,7 @@ from unicorn.x86_const import (
     UC_X86_INS_OUT,
     UC_X86_REG_CR0,
     UC_X86_REG_CR3,
+    UC_X86_REG_R8,
     UC_X86_REG_RAX,
     UC_X86_REG_RBP,
     UC_X86_REG_RCX,
@@ -119,7 +120,9 @@ from unicorn.x86_const import (
     UC_X86_REG_RSP,
 )
 
+from kernel_emu import redzones
 from kernel_emu.peload import FrameLayouts
+from kernel_emu.redzones import Arguments, GuardHit, Redzones
 
 try:
     from kernel_emu import _tracer as native_tracer
@@ -153,6 +156,7 @@ _WATCH_REGS = (
     UC_X86_REG_RSI,
     UC_X86_REG_RDX,
     UC_X86_REG_RCX,
+    UC_X86_REG_R8,
 )
 # Attribute on the Uc object that owns the native states: hooks hold raw pointers to them,
 # so they must live exactly as long as the engine that may call those hooks.
@@ -227,6 +231,7 @@ class WatchEvent(NamedTuple):
     rsi: int
     rdx: int
     rcx: int
+    r8: int
     frames: tuple[int, ...]
 
 
@@ -348,6 +353,24 @@ class GuestTracer(Protocol):
         watching.  The set survives :meth:`reset`.  Raises ``ValueError`` for more than
         :data:`WATCH_MAX` distinct addresses or one outside ``[0, 2**64)``.
         """
+        ...
+
+    def guard(self, width: int, sites: Sequence[tuple[int, int]], args: Arguments) -> None:
+        """Keep redzones of ``width`` bytes (0: none) around the allocations made through the
+        allocator ``sites``, ``(address, role)`` with the roles of
+        :mod:`kernel_emu.redzones`, each one watched; ``args``: the registers the calls take
+        their arguments in. Kept across :meth:`reset`, which forgets the allocations and
+        hits."""
+        ...
+
+    def check_guards(self) -> None:
+        """Compare the redzones now, as a call into the allocator does (nothing if the run
+        stopped inside the allocator)."""
+        ...
+
+    def take_guard_hits(self) -> list[GuardHit]:
+        """Return and forget the redzone hits since the last take or reset (at most
+        :data:`kernel_emu.redzones.HITS_MAX`)."""
         ...
 
     def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
@@ -639,6 +662,17 @@ class NativeTracer:
     def unwind(self, entries: Sequence[tuple[int, int, int, int]]) -> None:
         self._state.unwind(list(entries))
 
+    def guard(self, width: int, sites: Sequence[tuple[int, int]], args: Arguments) -> None:
+        redzones.check_sites(width, sites, args)
+        size, freed, resized, new_size = (redzones.REGISTERS.index(name) for name in args)
+        self._state.guard(width, list(sites), (size, freed, resized, new_size))
+
+    def check_guards(self) -> None:
+        self._state.check_guards()
+
+    def take_guard_hits(self) -> list[GuardHit]:
+        return [GuardHit._make(hit) for hit in self._state.take_guard_hits()]
+
     def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
         self._state.bulk([(site.address, _bulk_kind(site.kind)) for site in sites],
                          [(base, size, host) for base, size, host in ram])
@@ -722,6 +756,7 @@ class PythonTracer:
         self._budget = NO_BUDGET
         self._watched: frozenset[int] = frozenset()
         self._unwind = _SYSTEM_V
+        self._guard: Redzones | None = None
         self._clear()
         self._identity_cr3 = 0
         self._handles = [
@@ -753,6 +788,8 @@ class PythonTracer:
         self._events: list[WatchEvent] = []
         self._events_dropped = 0
         self._events_seen = 0
+        if self._guard is not None:
+            self._guard.clear()
         self._stop_addr: int | None = None
         self._stop_left = 0
         self._stop_armed_at = 0
@@ -783,13 +820,16 @@ class PythonTracer:
 
     def _record(self, uc: Uc, address: int) -> None:
         self._events_seen += 1
+        rip, rsp, rbp, rax, rdi, rsi, rdx, rcx, r8 = (uc.reg_read(reg) for reg in _WATCH_REGS)
+        if self._guard is not None:
+            self._guard.event(address, {"rsp": rsp, "rax": rax, "rsi": rsi, "rdx": rdx,
+                                        "r8": r8}, self._count)
         # Read at call time so tests can lower the cap.
         if len(self._events) >= EVENT_CAP:
             self._events_dropped += 1
             return
-        rip, rsp, rbp, rax, rdi, rsi, rdx, rcx = (uc.reg_read(reg) for reg in _WATCH_REGS)
         self._events.append(WatchEvent(address, self._count, rip, rsp, rbp, rax, rdi, rsi, rdx,
-                                       rcx, _walk_frames(uc, rsp, rbp, self._unwind)))
+                                       rcx, r8, _walk_frames(uc, rsp, rbp, self._unwind)))
 
     def _on_block(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
         # A block starting after a service OUT means the guest was resumed without the
@@ -934,6 +974,28 @@ class PythonTracer:
 
     def unwind(self, entries: Sequence[tuple[int, int, int, int]]) -> None:
         self._unwind = _check_unwind(entries)
+
+    def guard(self, width: int, sites: Sequence[tuple[int, int]], args: Arguments) -> None:
+        roles = redzones.check_sites(width, sites, args)
+        self._guard = Redzones(width, args, roles, self._read) if width else None
+
+    def _read(self, address: int, size: int) -> bytes | None:
+        assert self._uc is not None
+        try:
+            return bytes(self._uc.mem_read(address, size))
+        except UcError:
+            return None
+
+    def check_guards(self) -> None:
+        if self._guard is not None and not self._guard.pending:
+            self._guard.check(self._count)
+
+    def take_guard_hits(self) -> list[GuardHit]:
+        if self._guard is None:
+            return []
+        hits = list(self._guard.hits)
+        self._guard.hits.clear()
+        return hits
 
     def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
         for site in sites:

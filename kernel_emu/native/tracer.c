@@ -55,6 +55,7 @@
 #define UC_X86_REG_RIP 41
 #define UC_X86_REG_RSI 43
 #define UC_X86_REG_RSP 44
+#define UC_X86_REG_R8 106
 #define UC_X86_REG_CR0 50
 #define UC_X86_REG_CR3 53
 #define UC_X86_REG_CS 11
@@ -89,10 +90,10 @@ typedef struct {
 } Bank;
 
 /* Registers a watch event records, in WatchEvent field order. */
-enum { W_RIP, W_RSP, W_RBP, W_RAX, W_RDI, W_RSI, W_RDX, W_RCX, W_NREGS };
+enum { W_RIP, W_RSP, W_RBP, W_RAX, W_RDI, W_RSI, W_RDX, W_RCX, W_R8, W_NREGS };
 static const int watch_regs[W_NREGS] = {
     UC_X86_REG_RIP, UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RAX,
-    UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX, UC_X86_REG_RCX,
+    UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX, UC_X86_REG_RCX, UC_X86_REG_R8,
 };
 
 typedef struct {
@@ -224,6 +225,7 @@ typedef struct {
      * chain ([rbp] the caller's rbp, [rbp + 8] the return address). */
     UnwindEntry *unwind;
     uint32_t nunwind;
+    struct HeapGuard *guard; /* see guard.h; NULL: no redzones kept */
 
     uint8_t map[MAP_SIZE];
 } TracerState;
@@ -325,6 +327,7 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
 static void record_block(TracerState *s, uint64_t address);
 static void mark_page(TracerState *s, uint64_t page);
 #include "bulk.h"
+#include "guard.h"
 
 /* Out of line so the common case of the code hook stays a few instructions. */
 static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
@@ -353,6 +356,14 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
         return;
     }
     s->events_seen++;
+    uint64_t regs[W_NREGS];
+    for (int r = 0; r < W_NREGS; r++) {
+        regs[r] = 0;
+        (void)s->reg_read(uc, watch_regs[r], &regs[r]);
+    }
+    if (s->guard != NULL) {
+        guard_event(s, s->guard, uc, address, regs);
+    }
     if (s->nevents == EVENT_CAP) {
         s->events_dropped++;
         return;
@@ -360,10 +371,7 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
     WatchEvent *e = &s->events[s->nevents++];
     e->address = address;
     e->instructions = s->icount;
-    for (int r = 0; r < W_NREGS; r++) {
-        e->regs[r] = 0;
-        (void)s->reg_read(uc, watch_regs[r], &e->regs[r]);
-    }
+    memcpy(e->regs, regs, sizeof(regs));
     e->nframes = walk_frames(s, uc, e->regs[W_RSP], e->regs[W_RBP], e->frames);
 }
 
@@ -689,7 +697,9 @@ static void State_dealloc(TracerState *s)
     s->console = NULL;
     PyMem_RawFree(s->events);
     PyMem_RawFree(s->unwind);
+    PyMem_RawFree(s->guard);
     s->events = NULL;
+    s->guard = NULL;
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -836,6 +846,9 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->port_log_len = 0;
     s->nevents = 0;
     s->events_dropped = 0;
+    if (s->guard != NULL) {
+        guard_clear(s->guard);
+    }
     s->bulk_units = 0;
     s->memo_site = UINT64_MAX;
     if (s->stop_addr != UINT64_MAX) {
@@ -1206,9 +1219,10 @@ static PyObject *event_tuple(const WatchEvent *e)
         PyTuple_SET_ITEM(frames, (Py_ssize_t)k, f);
     }
     /* "N" hands the frames reference to the tuple, also on failure. */
-    return Py_BuildValue("(KKKKKKKKKKN)", e->address, e->instructions, e->regs[W_RIP],
+    return Py_BuildValue("(KKKKKKKKKKKN)", e->address, e->instructions, e->regs[W_RIP],
                          e->regs[W_RSP], e->regs[W_RBP], e->regs[W_RAX], e->regs[W_RDI],
-                         e->regs[W_RSI], e->regs[W_RDX], e->regs[W_RCX], frames);
+                         e->regs[W_RSI], e->regs[W_RDX], e->regs[W_RCX], e->regs[W_R8],
+                         frames);
 }
 
 static PyObject *State_take_events(TracerState *s, PyObject *Py_UNUSED(ignored))
@@ -1227,6 +1241,116 @@ static PyObject *State_take_events(TracerState *s, PyObject *Py_UNUSED(ignored))
         PyList_SET_ITEM(out, (Py_ssize_t)k, item);
     }
     s->nevents = 0;
+    return out;
+}
+
+/* guard(width, sites, args): keep heap redzones (guard.h) of `width` bytes
+ * around the allocations made through `sites`, a sequence of (address, role)
+ * with role 0..5 (allocate entry, its return, deallocate entry, its return,
+ * reallocate entry, its return); `args`: the registers (indexes into a watch
+ * event's registers) of allocate's size, deallocate's pointer, reallocate's
+ * pointer and new size. Width 0 turns them off. */
+static PyObject *State_guard(TracerState *s, PyObject *args)
+{
+    unsigned int width;
+    int regs[4];
+    PyObject *sites_obj;
+    if (!PyArg_ParseTuple(args, "IO(iiii)", &width, &sites_obj, &regs[0], &regs[1], &regs[2],
+                          &regs[3])) {
+        return NULL;
+    }
+    if (width > GUARD_WIDTH_MAX) {
+        return PyErr_Format(PyExc_ValueError, "a redzone is at most %d bytes", GUARD_WIDTH_MAX);
+    }
+    for (int k = 0; k < 4; k++) {
+        if (regs[k] < 0 || regs[k] >= W_NREGS) {
+            return PyErr_Format(PyExc_ValueError, "no watched register %d", regs[k]);
+        }
+    }
+    PyObject *seq = PySequence_Fast(sites_obj, "sites must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > GUARD_SITES_MAX) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "at most %d allocator sites", GUARD_SITES_MAX);
+    }
+    uint64_t sites[GUARD_SITES_MAX];
+    uint8_t roles[GUARD_SITES_MAX];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long address;
+        int role;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "Ki;a site is (address, role)",
+                              &address, &role)) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (role < 0 || role >= G_ROLES) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError, "unknown allocator site role %d", role);
+        }
+        sites[i] = address;
+        roles[i] = (uint8_t)role;
+    }
+    Py_DECREF(seq);
+    if (width == 0) {
+        PyMem_RawFree(s->guard);
+        s->guard = NULL;
+        Py_RETURN_NONE;
+    }
+    if (s->reg_read == NULL || s->mem_read == NULL) {
+        PyErr_SetString(PyExc_ValueError, "redzones need the reg_read and mem_read addresses");
+        return NULL;
+    }
+    if (s->guard == NULL) {
+        s->guard = PyMem_RawCalloc(1, sizeof(HeapGuard));
+        if (s->guard == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    HeapGuard *g = s->guard;
+    guard_clear(g);
+    g->width = width;
+    memcpy(g->args, regs, sizeof(regs));
+    memcpy(g->sites, sites, sizeof(uint64_t) * (size_t)n);
+    memcpy(g->roles, roles, (size_t)n);
+    g->nsites = (uint32_t)n;
+    Py_RETURN_NONE;
+}
+
+/* check_guards(): the end of a run is a check like an allocator call's entry,
+ * unless the run stopped inside the allocator (its headers half-written). */
+static PyObject *State_check_guards(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    HeapGuard *g = s->guard;
+    if (g != NULL && g->npending == 0 && g->nlive > 0 && g->uc != NULL) {
+        guard_check(s, g, g->uc);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_take_guard_hits(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    HeapGuard *g = s->guard;
+    uint32_t n = g != NULL ? g->nhits : 0;
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        const GuardHit *h = &g->hits[k];
+        PyObject *item = Py_BuildValue("(KKKKNII)", h->instructions, h->ptr, h->size,
+                                       h->address, PyBool_FromLong(h->after), h->was, h->now);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)k, item);
+    }
+    if (g != NULL) {
+        g->nhits = 0;
+    }
     return out;
 }
 
@@ -1392,6 +1516,18 @@ static PyBufferProcs State_as_buffer = {
 };
 
 static PyMethodDef State_methods[] = {
+    {"guard", (PyCFunction)State_guard, METH_VARARGS,
+     "guard(width, sites, args) -> None\n\nKeep redzones of width bytes around the "
+     "allocations made through sites ((address, role): 0 allocate entry, 1 its return, 2 "
+     "deallocate entry, 3 its return, 4 reallocate entry, 5 its return); each must be watched. "
+     "args: the watch-event register indexes of allocate's size, deallocate's pointer, "
+     "reallocate's pointer and new size. Width 0: none."},
+    {"check_guards", (PyCFunction)State_check_guards, METH_NOARGS,
+     "check_guards() -> None\n\nCompare the redzones now, as an allocator call's entry does "
+     "(nothing if the run stopped inside the allocator)."},
+    {"take_guard_hits", (PyCFunction)State_take_guard_hits, METH_NOARGS,
+     "take_guard_hits() -> list[tuple]\n\nReturn and forget the redzone hits: "
+     "(instructions, ptr, size, address, after, was, now)."},
     {"reset", (PyCFunction)State_reset, METH_O,
      "reset(budget) -> None\n\nZero counters, coverage, recent blocks and dirty sets; "
      "stop the guest before instruction number budget + 1."},

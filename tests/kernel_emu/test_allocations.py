@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from kernel_emu.allocations import AllocatorSites, replay
+from kernel_emu.redzones import GuardHit
 from kernel_emu.tracing import WatchEvent
 
 SITES = AllocatorSites(alloc_entry=0x1000, alloc_returns=(0x1080, 0x10A0), dealloc_entry=0x2000)
 
 
 def ev(address: int, rsp: int, *, rax: int = 0, rsi: int = 0) -> WatchEvent:
-    return WatchEvent(address, 0, address, rsp, 0, rax, 0, rsi, 8, 0, (0x5000,))
+    return WatchEvent(address, 0, address, rsp, 0, rax, 0, rsi, 8, 0, 0, (0x5000,))
 
 
 def alloc(size: int, ptr: int, rsp: int = 0x8000, site: int = 0x1080) -> list[WatchEvent]:
@@ -78,3 +79,60 @@ def test_many_allocations_stay_fast() -> None:
         events += alloc(0x20, 0x300000 + i * 0x40)
     findings, live = replay(events, SITES, describe)
     assert findings == [] and len(live) == 20000
+
+
+RESIZING = AllocatorSites(alloc_entry=0x1000, alloc_returns=(0x1080,), dealloc_entry=0x2000,
+                          realloc_entry=0x3000, realloc_returns=(0x3080,))
+
+
+def resize(ptr: int, new_size: int, result: int, rsp: int = 0x8000) -> list[WatchEvent]:
+    # sysv64 with &self: (ptr, new_size) in rsi, rdx
+    return [WatchEvent(0x3000, 0, 0x3000, rsp, 0, 0, 0, ptr, new_size, 0, 0, (0x5000,)),
+            ev(0x3080, rsp, rax=result)]
+
+
+def test_a_resize_in_place_is_the_allocation_at_its_new_size() -> None:
+    events = alloc(0x20, 0x300028) + resize(0x300028, 0x60, 0x300028)
+    findings, live = replay(events, RESIZING, describe)
+    assert findings == []
+    [a] = live
+    assert (a.ptr, a.size) == (0x300028, 0x60)
+    assert a.returned is not None and a.returned.address == 0x3080
+    # a block handed out inside the grown one overlaps it: the resize made it live
+    findings, _ = replay(events + alloc(0x8, 0x300070), RESIZING, describe)
+    assert [(f.field, f.site) for f in findings] == [("allocation.overlap", "f0x3080")]
+
+
+def test_a_resize_that_moves_ends_the_old_allocation() -> None:
+    events = alloc(0x20, 0x300028) + resize(0x300028, 0x100, 0x300400)
+    findings, live = replay(events, RESIZING, describe)
+    assert findings == [] and [(a.ptr, a.size) for a in live] == [(0x300400, 0x100)]
+    # one that moves by its own allocate and free leaves those to say so
+    events = alloc(0x20, 0x300028) + [
+        WatchEvent(0x3000, 0, 0x3000, 0x8000, 0, 0, 0, 0x300028, 0x100, 0, 0, (0x5000,)),
+        *alloc(0x100, 0x300400, rsp=0x7F00), ev(SITES.dealloc_entry, 0x7F00, rsi=0x300028),
+        ev(0x3080, 0x8000, rax=0x300400)]
+    findings, live = replay(events, RESIZING, describe)
+    assert findings == [] and [(a.ptr, a.size) for a in live] == [(0x300400, 0x100)]
+
+
+def test_redzone_hits_are_charged_to_their_allocation_in_order() -> None:
+    events = alloc(0x20, 0x300028) + alloc(0x20, 0x300070)
+    events = [e._replace(instructions=10 * i) for i, e in enumerate(events)]
+    over = GuardHit(instructions=20, ptr=0x300028, size=0x20, address=0x30004A, after=True,
+                    was=0xBE, now=0x41)
+    under = GuardHit(instructions=99, ptr=0x300070, size=0x20, address=0x30006F, after=False,
+                     was=0x00, now=0x41)
+    findings, _ = replay(events, SITES, describe, [under, over])
+    assert [(f.field, f.site) for f in findings] == [("block.overflow", None),
+                                                     ("block.underflow", None)]
+    first, second = findings
+    assert first.signature() == "heap-corruption | f0x1080 < f0x5000 | block.overflow"
+    assert first.evidence[0] == ("allocation #1: 0x2 bytes after allocation of 0x20 bytes at "
+                                 "0x300028: 0x30004a held 0xbe, now 0x41")
+    assert "before the call into the allocator from f0x5000" in first.evidence[-1]
+    assert second.evidence[0].startswith("allocation #2: 0x0 bytes before")
+    assert second.evidence[-1] == "written before the run ended"
+    # an allocation the replay does not know (made before the run began): the heap names it
+    findings, _ = replay([], SITES, describe, [over])
+    assert findings[0].signature() == "heap-corruption | heap | block.overflow"

@@ -74,7 +74,9 @@ def test_heap_damage_is_charged_to_the_block_it_follows_wherever_the_run_stops(
         base_elf: bytes) -> None:
     # RX-05 overflows a segment buffer and the run panics in the allocator; RX-13 overflows
     # the build ID's buffer and the kernel enters user mode: each bucket names the block that
-    # was overflowed, and a run made again to watch the header (fuzzfarm boot) agrees
+    # was overflowed (its redzone changed before the next allocator call or the end of the
+    # run), the heap walk's damaged header follows as a consequence charged to the same
+    # block, and a run made again to watch that header (fuzzfarm boot) agrees
     job = Executor(load_profile("seed"), explain=False)
     boot = Executor(load_profile("seed"), explain=True)
     for bug, block, stop in (("RX-05", "load_segments", "halt"),
@@ -83,9 +85,13 @@ def test_heap_damage_is_charged_to_the_block_it_follows_wherever_the_run_stops(
         fast, explained = job.run(data), boot.run(data)
         assert fast.stop == stop
         assert fast.signature == explained.signature, bug
-        assert f"{block} <" in fast.signature and fast.signature.endswith("| block header")
-        assert any("in or right after allocation #" in e for e in fast.findings[0].evidence)
-        assert any(e.startswith("last written by ") for e in explained.findings[0].evidence)
+        assert f"{block} <" in fast.signature and fast.signature.endswith("| block.overflow")
+        assert "bytes after allocation of" in fast.findings[0].evidence[0]
+        walked = next(f for f in fast.findings if f.field in ("block.magic", "block.size"))
+        assert any("in or right after allocation #" in e for e in walked.evidence)
+        assert walked.signature() == fast.signature.replace("block.overflow", "block header")
+        assert any(e.startswith("last written by ") for f in explained.findings
+                   for e in f.evidence)
 
 
 def test_segment_table_findings_share_a_bucket_wherever_the_kernel_stops(

@@ -1155,6 +1155,7 @@ def test_watch_records_entry_and_ret_with_registers(native: bool) -> None:
         rsi=0x2222,
         rdx=0x3333,
         rcx=0x4444,
+        r8=0,
         frames=(AFTER_CALL,),
     )
     # At the ret: push, mov, mov, add and pop have run too; rax holds the result.
@@ -1169,13 +1170,14 @@ def test_watch_records_entry_and_ret_with_registers(native: bool) -> None:
         rsi=0x2222,
         rdx=0x3333,
         rcx=0x4444,
+        r8=0,
         frames=(AFTER_CALL,),
     )
     assert tracer.events_dropped == 0
 
 
 def test_watch_event_is_frozen() -> None:
-    event = WatchEvent(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, (11,))
+    event = WatchEvent(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, (12,))
     with pytest.raises(AttributeError):
         event.rax = 0  # type: ignore[misc]
 
