@@ -17,7 +17,8 @@ one kernel's memory layout or allocator is written into this module: what a kern
 is the kernel's to say when it boots the seed.
 
 `write_seeds` regenerates the whole corpus; the output depends only on the templates, gcc,
-binutils and LIEF (no build ids, no timestamps, no paths of the build machine).
+binutils and LIEF (no timestamps, no paths of the build machine; the one seed with a build
+ID has ld's SHA-1 of its contents).
 """
 
 from __future__ import annotations
@@ -343,6 +344,8 @@ def catalogue() -> list[SeedSpec]:
     # more program headers and file shapes
     add("phdr-note", "PT_PHDR and PT_NOTE besides the PT_LOADs",
         basic(2, phdr=True, note=True))
+    add("gnu-notes", "a PT_NOTE as glibc static programs have it: the GNU ABI tag and a SHA-1 "
+        "build ID, then a vendor note", basic(2, note=True, gnu_notes=True))
     add("empty-load", "a PT_LOAD with p_filesz = p_memsz = 0 (LIEF turned PT_GNU_STACK "
         "into it)", basic(2), gnu_stack_to_empty_load(0x90_0000), added_loads=1)
     add("lief-added-segment", "LIEF added a code segment and entered it, moving the "

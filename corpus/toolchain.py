@@ -91,6 +91,9 @@ class Layout:
     blobs: int = 0  # BLOB_COUNT of templates/blobs.S (0: not linked in)
     gnu_stack: bool = True
     note: bool = False
+    # the PT_NOTE also holds the notes a glibc static program carries: the GNU ABI tag and
+    # a SHA-1 build ID (a hash of the file's contents, so the output stays reproducible)
+    gnu_notes: bool = False
     phdr: bool = False
 
     @property
@@ -175,7 +178,8 @@ def _segment_body(layout: Layout, index: int, segment: SegmentPlan, body: list[s
     if segment.sections != (*progbits, *nobits):
         raise ValueError(f"segment {index}: NOBITS sections must come last")
     if index == 0 and layout.note:
-        body.append(f"  .note : {{ *(.note.rustux) }} {target} :note")
+        gnu = " *(.note.ABI-tag) *(.note.gnu.build-id)" if layout.gnu_notes else ""
+        body.append(f"  .note : {{{gnu} *(.note.rustux) }} {target} :note")
     for section in progbits:
         if section.at is not None:
             body.append(f"  . = {_hexa(section.at)};")
@@ -254,13 +258,16 @@ class Toolchain:
         flags: tuple[str, ...] = ()
         if _highest_address(layout) >= _SMALL_MODEL_LIMIT:
             flags = ("-mcmodel=large",)
-        objects = [self._object(INIT_SOURCE, (*flags, f"-DINIT_BSS={layout.init_bss:#x}"))]
+        gnu = ("-DGNU_NOTES",) if layout.gnu_notes else ()
+        objects = [self._object(INIT_SOURCE,
+                                (*flags, *gnu, f"-DINIT_BSS={layout.init_bss:#x}"))]
         if layout.blobs:
             objects.append(self._object(BLOB_SOURCE, (f"-DBLOB_COUNT={layout.blobs}",)))
         script = self._work / "layout.ld"
         script.write_text(linker_script(layout))
         page = f"{layout.max_page_size:#x}"
-        _run_gcc([*_CFLAGS, *flags, *_LDFLAGS, f"-Wl,-z,max-page-size={page}",
+        build_id = ("-Wl,--build-id=sha1",) if layout.gnu_notes else ()
+        _run_gcc([*_CFLAGS, *flags, *_LDFLAGS, *build_id, f"-Wl,-z,max-page-size={page}",
                   f"-Wl,-z,common-page-size={page}", "-T", script.name, "-o", "init.elf",
                   *objects], self._work)
         return (self._work / "init.elf").read_bytes()

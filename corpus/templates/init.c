@@ -28,6 +28,20 @@ struct init_note {
 static const struct init_note note
     __attribute__((used, section(".note.rustux"), aligned(4))) = {7, 8, 1, "Rustux", {1, 0}};
 
+#ifdef GNU_NOTES
+/* The ABI tag glibc's crt1 brings: type 1 (NT_GNU_ABI_TAG), OS 0 (Linux), kernel 3.2.0. */
+struct abi_note {
+    unsigned int namesz;
+    unsigned int descsz;
+    unsigned int type;
+    char name[4];
+    unsigned int desc[4];
+};
+
+static const struct abi_note abi_tag
+    __attribute__((used, section(".note.ABI-tag"), aligned(4))) = {4, 16, 1, "GNU", {0, 3, 2, 0}};
+#endif
+
 static const char banner[] __attribute__((used)) = "rustux init: seed corpus template";
 static const unsigned short primes[] = {2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37};
 
