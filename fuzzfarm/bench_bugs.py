@@ -67,9 +67,10 @@ def attribute(summary: CampaignSummary, executor: Executor,
     gets. So here: up to BUCKET_INPUTS inputs of every job-level bucket are booted again, as
     triage boots them, and grouped by the signature they get. An input often triggers more
     than one bug (an entry point a mutation moved on the way, say), so a bucket is the bug
-    all its inputs trigger, the first of them to trigger when they share several; when they
-    share none, the bugs each triggers first, the most frequent first: a bucket a reviewer
-    would split; none at all: a finding no planted bug explains."""
+    all its inputs trigger; when they share several, the one triggered in the fewest
+    buckets of the trial (the most specific), then the first to trigger; when they share
+    none, the bugs each triggers first, the most frequent first: a bucket a reviewer would
+    split; none at all: a finding no planted bug explains."""
     inputs: dict[str, list[tuple[str, ...]]] = {}
     first: dict[str, float | None] = {}
     for bucket in summary.buckets:
@@ -90,18 +91,29 @@ def attribute(summary: CampaignSummary, executor: Executor,
             was = first.get(result.signature)
             first[result.signature] = was if when is None else \
                 when if was is None else min(was, when)
-    out: dict[str, tuple[list[str], float | None]] = {}
+    return {signature: (bugs, first[signature])
+            for signature, bugs in bucket_bugs(inputs).items()}
+
+
+def bucket_bugs(inputs: dict[str, list[tuple[str, ...]]]) -> dict[str, list[str]]:
+    """Signature -> the planted bug(s) it is, from the bugs each of its inputs triggered (in
+    trigger order), as `attribute` says."""
+    # in how many buckets each bug is triggered at all: a bug many inputs trigger on the way
+    # (an entry point a mutation moved) explains little of any one bucket
+    spread = Counter(bug for seen in inputs.values() for bug in {b for bugs in seen for b in bugs})
+    out: dict[str, list[str]] = {}
     for signature, seen in inputs.items():
         seen = [bugs for bugs in seen if bugs]
         if not seen:
-            out[signature] = ([], first[signature])
+            out[signature] = []
             continue
         common = [bug for bug in seen[0] if all(bug in other for other in seen[1:])]
-        if common:  # the root cause is the one all share: the first of them to trigger
-            out[signature] = ([common[0]], first[signature])
+        if common:  # the root cause is one all share: the one found in the fewest buckets,
+            # the first of them to trigger if several are
+            out[signature] = [min(common, key=lambda bug: (spread[bug], common.index(bug)))]
             continue
         counts = Counter(bugs[0] for bugs in seen)
-        out[signature] = ([bug for bug, _ in counts.most_common()], first[signature])
+        out[signature] = [bug for bug, _ in counts.most_common()]
     return out
 
 

@@ -12,6 +12,7 @@ from fuzzfarm.bench_bugs import (
     UNATTRIBUTED,
     Trial,
     bench_bugs,
+    bucket_bugs,
     km_median,
     rows,
     survival,
@@ -51,6 +52,22 @@ def test_rows_count_buckets_per_bug_and_merges() -> None:
     assert by_bug[UNATTRIBUTED].buckets_per_bug == 1.0
     svg = survival_svg("seed", trials, ["RX-01", "RX-02"])
     assert svg.startswith("<svg") and svg.count("<polyline") == 2
+
+
+def test_a_bucket_is_the_most_specific_bug_all_its_inputs_trigger() -> None:
+    inputs = {
+        # RX-08 is triggered on the way in almost every bucket: it is RX-11's bucket
+        "overlap": [("RX-08", "RX-11"), ("RX-06", "RX-08", "RX-11")],
+        "bad-entry": [("RX-08",), ("RX-06", "RX-08")],
+        "table": [("RX-08", "RX-03"), ("RX-03",)],
+        # two bugs, each in one bucket: the first to trigger
+        "both": [("RX-08", "RX-02", "RX-09"), ("RX-02", "RX-09")],
+        "split": [("RX-04",), ("RX-05",), ("RX-05", "RX-04")],
+        "none": [(), ()],
+    }
+    assert bucket_bugs(inputs) == {"overlap": ["RX-11"], "bad-entry": ["RX-08"],
+                                   "table": ["RX-03"], "both": ["RX-02"],
+                                   "split": ["RX-05", "RX-04"], "none": []}
 
 
 @pytest.mark.slow
