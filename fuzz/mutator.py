@@ -125,6 +125,13 @@ MACHINES: tuple[int, ...] = (0, EM_386, EM_X86_64, EM_ARM, EM_AARCH64, EM_RISCV,
 LEFTOVERS: tuple[int, ...] = (0, 8, 16, 32, 64, 96, 128, 200, 256)
 DELTAS: tuple[int, ...] = (1, 2, 3, 4, 7, 8, 16, 40, 48, 56, 64, 160, 168, 0xFFF, PAGE,
                            0x1_0000, 1 << 32)
+# ELF notes (gABI "Note Section"): owners and types of the notes real programs carry, and the
+# description sizes they come in (a SHA-1 or MD5 build ID, an ABI tag, a UUID)
+NOTE_OWNERS: tuple[bytes, ...] = (b"GNU\0", b"Go\0", b"FreeBSD\0", b"NetBSD\0", b"LINUX\0",
+                                  b"stapsdt\0", b"Xen\0", b"")
+NOTE_TYPES: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 0x100, 0x4000_0000, U32_MAX)
+NOTE_SIZES: tuple[int, ...] = (0, 1, 3, 4, 5, 8, 16, 20, 21, 24, 32, 36, 64, 0xFF, PAGE,
+                               0x7FFF_FFFF, U32_MAX)
 GENERIC: tuple[int, ...] = (0, 1, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, U16_MAX, 0x1_0000,
                             0x7FFF_FFFF, 0x8000_0000, U32_MAX, 1 << 32, 1 << 63, U64_MAX)
 
@@ -263,6 +270,7 @@ class ElfMutator:
             ("heap_fit", self._op_heap_fit, 1),
             ("flip_segment", self._op_flip_segment, 6),
             ("resize_segment", self._op_resize_segment, 5),
+            ("note", self._op_note, 4),
         ]
         self._by_name = {name: op for name, op, _ in ops}
         self._ops = [op for _, op, _ in ops]
@@ -749,6 +757,55 @@ class ElfMutator:
             if j != index and end <= off < len(buf) - delta:
                 elf.set(j, "p_offset", off + delta)
         return True
+
+    # notes ------------------------------------------------------------------------------------
+    def _notes(self, elf: _Elf) -> list[tuple[int, int, int]]:
+        """Every note header in the file data of the PT_NOTE entries: (offset, namesz,
+        descsz), walked as a loader walks them (name and description padded to 4)."""
+        out: list[tuple[int, int, int]] = []
+        buf = elf.buf
+        for index in range(elf.count):
+            if elf.get(index, "p_type") != PT_NOTE:
+                continue
+            span = self._file_range(elf, index)
+            if span is None:
+                continue
+            at, end = span
+            while at + 12 <= end and len(out) < 64:
+                namesz = int.from_bytes(buf[at:at + 4], "little")
+                descsz = int.from_bytes(buf[at + 4:at + 8], "little")
+                out.append((at, namesz, descsz))
+                at += 12 + _align_up(namesz, 4) + _align_up(descsz, 4)
+        return out
+
+    def _op_note(self, rng: random.Random, elf: _Elf, max_size: int) -> bool:
+        """Change one note of a PT_NOTE: its name size, description size or type, or its
+        owner's name (rewritten in place, as long as the name's room allows)."""
+        notes = self._notes(elf)
+        if not notes:
+            return False
+        at, namesz, descsz = rng.choice(notes)
+        buf = elf.buf
+        before = bytes(buf[at:at + 12 + _align_up(namesz, 4)])
+        what = rng.randrange(4)
+        if what == 0:  # description size: a neighbouring or a usual size
+            value = rng.choice((descsz + 1, descsz - 1, descsz + 4, descsz - 4, descsz * 2,
+                                *NOTE_SIZES))
+            buf[at + 4:at + 8] = (value & U32_MAX).to_bytes(4, "little")
+        elif what == 1:
+            value = rng.choice((namesz + 1, namesz - 1, *NOTE_SIZES))
+            buf[at:at + 4] = (value & U32_MAX).to_bytes(4, "little")
+        elif what == 2:
+            value = self._pick(rng, NOTE_TYPES) & U32_MAX
+            buf[at + 8:at + 12] = value.to_bytes(4, "little")
+        else:  # another owner, its size with it
+            owner = rng.choice(NOTE_OWNERS)
+            room = _align_up(namesz, 4)
+            if len(owner) > room or at + 12 + room > len(buf):
+                return False
+            buf[at + 12:at + 12 + room] = owner + bytes(room - len(owner))
+            buf[at:at + 4] = len(owner).to_bytes(4, "little")
+        return buf[at:at + len(before)] != before
 
     # crossover ----------------------------------------------------------------------------
     def _crossover(self, rng: random.Random, a: bytes, b: bytes, max_size: int) -> bytes:

@@ -83,7 +83,11 @@ class Allocation(NamedTuple):
     seq: int
     ptr: int
     size: int
-    returned: WatchEvent | None = None  # allocate's return: where it was called from
+    # allocate's return: where the object was first allocated (a resize keeps it: the same
+    # object, named by the same site)
+    returned: WatchEvent | None = None
+    # the return of the last resize, which made the block what it is now
+    resized: WatchEvent | None = None
 
 
 def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
@@ -97,7 +101,8 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     come after."""
     returns, realloc_returns = set(sites.alloc_returns), set(sites.realloc_returns)
     # (rsp, size, the pointer a reallocate resizes or None)
-    pending: list[tuple[int, int, int | None]] = []
+    # (rsp, size, for a resize the pointer and the allocation it resizes)
+    pending: list[tuple[int, int, int | None, Allocation | None]] = []
     live: dict[int, Allocation] = {}
     starts: list[int] = []  # sorted keys of `live`, to find a neighbour that overlaps
     findings: list[Finding] = []
@@ -111,9 +116,16 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     waiting = sorted(hits, key=lambda hit: hit.instructions)
     h = 0
 
-    def made(ptr: int, size: int, ev: WatchEvent) -> None:
+    def made(ptr: int, size: int, ev: WatchEvent, resize: bool = False,
+             was: Allocation | None = None) -> None:
+        """`ptr` is live with `size` bytes from `ev` on; `resize`: `ev` is a resize's return,
+        `was` the allocation it resized, if known."""
         nonlocal seq
         seq += 1
+        if resize and ptr in live:  # in place, or moved by its own allocate
+            was = was or live[ptr]
+            del live[ptr]
+            del starts[bisect.bisect_left(starts, ptr)]
         other = _overlapping(live, starts, ptr, max(size, 1))
         if other is not None:
             evidence = [f"allocation #{seq} of {size:#x} bytes returned {ptr:#x}, which "
@@ -125,42 +137,41 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             # an allocator that hands out a live block is wrong in itself, whoever asked:
             # the allocator call that made that block live, and should have taken it off
             # its free list, names the bucket
-            maker = other.returned.rip if other.returned is not None else ev.rip
+            maker = (other.resized or other.returned or ev).rip
             findings.append(Finding(
                 CrashClass.HEAP_CORRUPTION, evidence, frames=frames,
                 field="allocation.overlap", pc=ev.rip,
                 site=describe(maker, False).rsplit("+0x", 1)[0]))
         if ptr not in live:
             bisect.insort(starts, ptr)
-        live[ptr] = Allocation(seq, ptr, size, ev)
+        live[ptr] = Allocation(seq, ptr, size, was.returned, ev) if was is not None else \
+            Allocation(seq, ptr, size, ev)
 
     for ev in events:
         while h < len(waiting) and waiting[h].instructions <= ev.instructions:
             findings.append(_redzone_finding(waiting[h], live, ev, describe))
             h += 1
         if ev.address == sites.alloc_entry:
-            pending.append((ev.rsp, size(ev), None))
+            pending.append((ev.rsp, size(ev), None, None))
         elif ev.address == sites.realloc_entry:
-            pending.append((ev.rsp, new_size(ev), resized(ev)))
+            old_ptr = resized(ev)
+            pending.append((ev.rsp, new_size(ev), old_ptr, live.get(old_ptr)))
         elif ev.address in returns or ev.address in realloc_returns:
             match = next((i for i in range(len(pending) - 1, -1, -1)
                           if pending[i][0] == ev.rsp), None)
             if match is None:
                 continue
-            _, asked, old_ptr = pending.pop(match)
+            _, asked, old_ptr, was = pending.pop(match)
             ptr = ev.rax
             if not ptr:
                 continue
             if old_ptr is None:
                 made(ptr, asked, ev)
-            elif ptr == old_ptr and ptr in live:  # in place
-                del starts[bisect.bisect_left(starts, ptr)]
-                del live[ptr]
-                made(ptr, asked, ev)
-            elif ptr not in live:  # moved, by other means than its own allocate + free
-                if live.pop(old_ptr, None) is not None:
-                    del starts[bisect.bisect_left(starts, old_ptr)]
-                made(ptr, asked, ev)
+                continue
+            if ptr != old_ptr and old_ptr in live:  # moved, by other means than its own
+                del live[old_ptr]  # allocate and free
+                del starts[bisect.bisect_left(starts, old_ptr)]
+            made(ptr, asked, ev, resize=True, was=was)
         elif ev.address == sites.dealloc_entry:
             ptr = freed(ev)
             if not ptr:

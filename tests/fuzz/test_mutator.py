@@ -17,6 +17,8 @@ from kernel_emu.profile import load_profile
 from tests.elfs import build_elf, tools_available
 from tests.reproducers import get_phdr, loads, set_header, set_phdr
 
+ROOT = Path(__file__).resolve().parents[2]
+
 EXAMPLES = Path(__file__).parents[2] / "fuzzfarm" / "examples"
 THREE = (EXAMPLES / "three-segments.elf").read_bytes()
 PHDR = 56
@@ -417,6 +419,31 @@ def test_resize_segment_keeps_later_segments_consistent() -> None:
                 assert new["filesz"] == old["filesz"]
             assert out[new["offset"] + start:new["offset"] + keep] == \
                 THREE[old["offset"] + start:old["offset"] + keep]
+
+
+def test_note_edits_one_note_header_or_owner_in_place() -> None:
+    notes = (ROOT / "corpus" / "seeds" / "gnu-notes.elf").read_bytes()
+    # the seed's PT_NOTE: the ABI tag, the SHA-1 build ID, the vendor note
+    start = get_phdr(notes, next(i for i in range(_phnum(notes))
+                                 if get_phdr(notes, i)["type"] == 4))["offset"]
+    heads = [start, start + 12 + 4 + 16, start + 12 + 4 + 16 + 12 + 4 + 20]
+    outs = _each("note", data=notes, seeds=300)
+    assert len(outs) > 100
+    kinds = Counter()
+    for out in outs:
+        assert len(out) == len(notes)
+        diff = [i for i in range(len(notes)) if out[i] != notes[i]]
+        # inside one note's header, or its name
+        assert diff and any(all(h <= i < h + 12 + 8 for i in diff) for h in heads), diff
+        for h in heads:
+            if any(h <= i < h + 12 for i in diff):
+                kinds[(min(diff) - h) // 4] += 1
+    assert set(kinds) == {0, 1, 2}  # name size, description size, type
+    # the description sizes a build ID check is about: a byte more than SHA-1's is among them
+    sizes = {struct.unpack_from("<I", out, heads[1] + 4)[0] for out in outs}
+    assert 21 in sizes or 24 in sizes
+    # nothing to edit without a PT_NOTE
+    assert _each("note") == []
 
 
 # crossover --------------------------------------------------------------------------------

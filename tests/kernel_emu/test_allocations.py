@@ -97,7 +97,9 @@ def test_a_resize_in_place_is_the_allocation_at_its_new_size() -> None:
     assert findings == []
     [a] = live
     assert (a.ptr, a.size) == (0x300028, 0x60)
-    assert a.returned is not None and a.returned.address == 0x3080
+    # the same object: named where it was first allocated, resized by the resize
+    assert a.returned is not None and a.returned.address == 0x1080
+    assert a.resized is not None and a.resized.address == 0x3080
     # a block handed out inside the grown one overlaps it: the resize made it live
     findings, _ = replay(events + alloc(0x8, 0x300070), RESIZING, describe)
     assert [(f.field, f.site) for f in findings] == [("allocation.overlap", "f0x3080")]
@@ -107,6 +109,7 @@ def test_a_resize_that_moves_ends_the_old_allocation() -> None:
     events = alloc(0x20, 0x300028) + resize(0x300028, 0x100, 0x300400)
     findings, live = replay(events, RESIZING, describe)
     assert findings == [] and [(a.ptr, a.size) for a in live] == [(0x300400, 0x100)]
+    assert live[0].returned is not None and live[0].returned.address == 0x1080
     # one that moves by its own allocate and free leaves those to say so
     events = alloc(0x20, 0x300028) + [
         WatchEvent(0x3000, 0, 0x3000, 0x8000, 0, 0, 0, 0x300028, 0x100, 0, 0, (0x5000,)),
@@ -114,6 +117,8 @@ def test_a_resize_that_moves_ends_the_old_allocation() -> None:
         ev(0x3080, 0x8000, rax=0x300400)]
     findings, live = replay(events, RESIZING, describe)
     assert findings == [] and [(a.ptr, a.size) for a in live] == [(0x300400, 0x100)]
+    assert live[0].returned is not None and live[0].returned.address == 0x1080
+    assert live[0].resized is not None and live[0].resized.address == 0x3080
 
 
 def test_redzone_hits_are_charged_to_their_allocation_in_order() -> None:
