@@ -152,7 +152,9 @@ class ElfTables:
     size: int
 
 
-_HEADER_MARKS = {"phnum": ("segments.count",), "entry": ("entry.rip",)}
+# a table that is not the ELF's ("segments") is the program header table as a whole
+_HEADER_MARKS = {"phoff": ("segments",), "phnum": ("segments",),
+                 "phentsize": ("segments",), "entry": ("entry.rip",)}
 PHDR_COLUMNS = ("type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align")
 
 

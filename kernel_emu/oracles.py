@@ -197,30 +197,45 @@ SEGMENT_TABLE = "segment table"
 HEAP_WALK = HEAP
 
 
+SEGMENT_KEYS = ("vaddr", "memsz", "filesz", "offset", "flags")
+
+
 def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
                       frames: list[str], cut_short: bool = False) -> list[Finding]:
-    """`cut_short`: the run was stopped (budget or watchdog), so a segment table still being
-    printed is unfinished, not short."""
+    """What the printed segment table shows wrong. A table whose entries are not the ELF's
+    (another count, or an entry wrong in more than one field: program headers misread, or
+    written over) is first of all one finding, field `segments`, whatever shape that took;
+    then each wrong entry's first wrong field, as consequences. `cut_short`: the run was
+    stopped (budget or watchdog), so a segment table still being printed is unfinished, not
+    short."""
     if log.segment_count is None:
         return []
-    out: list[Finding] = []
     unfinished = cut_short and len(log.segments) < log.segment_count
+    evidence: list[str] = []
     if log.segment_count != len(expected) or (
             len(log.segments) != len(expected) and not unfinished):
-        out.append(Finding(CrashClass.VADDR_CORRUPTION,
-                           [f"the ELF has {len(expected)} PT_LOAD segments, the kernel loaded "
-                            f"{len(log.segments)} (said count={log.segment_count})"],
-                           frames=frames, field="segments.count", site=SEGMENT_TABLE))
+        evidence.append(f"the ELF has {len(expected)} PT_LOAD segments, the kernel loaded "
+                        f"{len(log.segments)} (said count={log.segment_count})")
+    wrong = []  # (index, the fields that differ)
     for i, (want, got) in enumerate(zip(expected, log.segments, strict=False)):
-        for key in ("vaddr", "memsz", "filesz", "offset", "flags"):
-            if want[key] != got[key]:
-                out.append(Finding(CrashClass.VADDR_CORRUPTION,
-                                   [f"segment {i}: ELF says {key} {want[key]:#x}, "
-                                    f"kernel loaded {key} {got[key]:#x}"],
-                                   frames=frames, field=f"segments[{i}].{key}",
-                                   site=SEGMENT_TABLE))
-                break
-    return out
+        keys = [key for key in SEGMENT_KEYS if want[key] != got[key]]
+        if keys:
+            wrong.append((i, keys))
+    misread = next(((i, keys) for i, keys in wrong if len(keys) > 1), None)
+    out: list[Finding] = []
+    if evidence or misread is not None:
+        if misread is not None:
+            i, keys = misread
+            evidence.append(f"segment {i} is wrong in {len(keys)} fields: ELF says " + ", ".join(
+                f"{key} {expected[i][key]:#x}" for key in keys) + "; kernel loaded " + ", ".join(
+                f"{key} {log.segments[i][key]:#x}" for key in keys))
+        out.append(Finding(CrashClass.VADDR_CORRUPTION, evidence, frames=frames,
+                           field="segments", site=SEGMENT_TABLE))
+    return out + [Finding(CrashClass.VADDR_CORRUPTION,
+                          [f"segment {i}: ELF says {keys[0]} {expected[i][keys[0]]:#x}, "
+                           f"kernel loaded {keys[0]} {log.segments[i][keys[0]]:#x}"],
+                          frames=frames, field=f"segments[{i}].{keys[0]}", site=SEGMENT_TABLE)
+                  for i, keys in wrong]
 
 
 # ------------------------------------------------------------------------------------------

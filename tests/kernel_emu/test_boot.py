@@ -9,9 +9,11 @@ import pytest
 
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
+from kernel_emu.klog import parse_log
+from kernel_emu.oracles import _segment_findings
 from kernel_emu.profile import load_profile
 from tests.elfs import build_elf, readelf_loads
-from tests.reproducers import REPRODUCERS, loads, set_phdr, split_trigger
+from tests.reproducers import REPRODUCERS, loads, set_header, set_phdr, split_trigger
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +49,10 @@ def test_seed_trigger_corrupts_vaddr(executors: dict[str, Executor], base_elf: b
     classes = [f.cls for f in seed.findings]
     assert classes[0] == "heap-corruption"
     assert "vaddr-corruption" in classes[1:]
-    vaddr = next(f for f in seed.findings if f.cls == "vaddr-corruption")
-    assert vaddr.field == "segments[0].vaddr"
+    # the table as a whole (its entry 0 is the LoadedElf written over it), then the field
+    assert [f.field for f in seed.findings if f.cls == "vaddr-corruption"][:2] == \
+        ["segments", "segments[0].vaddr"]
+    vaddr = next(f for f in seed.findings if f.field == "segments[0].vaddr")
     assert "kernel loaded vaddr 0x300028" in vaddr.evidence[0]
     fixed = executors["fixed"].run(data)
     assert fixed.verdict in ("ok", "rejected"), fixed.findings
@@ -92,6 +96,32 @@ def test_heap_damage_is_charged_to_the_block_it_follows_wherever_the_run_stops(
         assert walked.signature() == fast.signature.replace("block.overflow", "block header")
         assert any(e.startswith("last written by ") for f in explained.findings
                    for e in f.evidence)
+
+
+def test_a_misread_program_header_table_is_one_finding_whatever_its_shape(
+        executors: dict[str, Executor], base_elf: bytes) -> None:
+    # a stride the seed walks by, short of 56: fewer entries, each read across two headers
+    signatures = {executors["seed"].run(set_header(base_elf, phentsize=stride)).signature
+                  for stride in (40, 48, 55)}
+    assert signatures == {"vaddr-corruption | segment table | segments"}
+    # the same count with an entry wrong in several fields is the same misreading; an entry
+    # wrong in one field only is that field's
+    want = [{"vaddr": 0x400000, "memsz": 0x1000, "filesz": 0x1000, "offset": 0, "flags": 5},
+            {"vaddr": 0x401000, "memsz": 0x2000, "filesz": 0x1000, "offset": 0x1000,
+             "flags": 6}]
+
+    def table(*rows: str) -> list[str | None]:
+        log = parse_log("[elf] segments count=2\n" + "".join(
+            f"[elf] seg {i} {row}\n" for i, row in enumerate(rows)))
+        return [f.field for f in _segment_findings(log, want, [])]
+
+    first = "vaddr=0x400000 memsz=0x1000 filesz=0x1000 offset=0x0 flags=0x5"
+    assert table(first, "vaddr=0x401000 memsz=0x2000 filesz=0x1000 offset=0x1000 "
+                        "flags=0x6") == []
+    assert table(first, "vaddr=0x1000 memsz=0x401000 filesz=0x2000 offset=0x1000 "
+                        "flags=0x6") == ["segments", "segments[1].vaddr"]
+    assert table(first, "vaddr=0x401000 memsz=0x2000 filesz=0x1000 offset=0x1000 "
+                        "flags=0x7") == ["segments[1].flags"]
 
 
 def test_segment_table_findings_share_a_bucket_wherever_the_kernel_stops(

@@ -80,5 +80,5 @@ def test_a_segment_table_cut_off_by_the_budget_is_not_a_short_one() -> None:
         if said and result.log.count("[elf] seg ") < 3:
             cut_runs += 1
             assert result.crash_class == "hang"
-            assert all(f.field != "segments.count" for f in result.findings), result.findings
+            assert all(f.field != "segments" for f in result.findings), result.findings
     assert cut_runs > 0  # some budget really did stop the kernel inside its table
