@@ -1093,19 +1093,30 @@ done:
     return result;
 }
 
-static PyObject *State_watch(TracerState *s, PyObject *arg)
+/* PySequence_Fast(obj) of at most `max` items, or NULL with ValueError or
+ * TypeError set; `what` names the items in the messages. */
+static PyObject *bounded_sequence(PyObject *obj, Py_ssize_t max, const char *what)
 {
-    uint64_t addresses[WATCH_MAX];
-    PyObject *seq = PySequence_Fast(arg, "addresses must be a sequence");
+    PyObject *seq = PySequence_Fast(obj, "expected a sequence");
     if (seq == NULL) {
         return NULL;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n > WATCH_MAX) {
+    if (n > max) {
         Py_DECREF(seq);
-        return PyErr_Format(PyExc_ValueError, "at most %d watched addresses, got %zd",
-                            WATCH_MAX, n);
+        return PyErr_Format(PyExc_ValueError, "at most %zd %s, got %zd", max, what, n);
     }
+    return seq;
+}
+
+static PyObject *State_watch(TracerState *s, PyObject *arg)
+{
+    uint64_t addresses[WATCH_MAX];
+    PyObject *seq = bounded_sequence(arg, WATCH_MAX, "watched addresses");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long a = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
         if (a == (unsigned long long)-1 && PyErr_Occurred()) {
@@ -1267,15 +1278,11 @@ static PyObject *State_guard(TracerState *s, PyObject *args)
             return PyErr_Format(PyExc_ValueError, "no watched register %d", regs[k]);
         }
     }
-    PyObject *seq = PySequence_Fast(sites_obj, "sites must be a sequence");
+    PyObject *seq = bounded_sequence(sites_obj, GUARD_SITES_MAX, "allocator sites");
     if (seq == NULL) {
         return NULL;
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n > GUARD_SITES_MAX) {
-        Py_DECREF(seq);
-        return PyErr_Format(PyExc_ValueError, "at most %d allocator sites", GUARD_SITES_MAX);
-    }
     uint64_t sites[GUARD_SITES_MAX];
     uint8_t roles[GUARD_SITES_MAX];
     for (Py_ssize_t i = 0; i < n; i++) {
