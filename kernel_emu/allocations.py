@@ -156,6 +156,11 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
         elif ev.address == sites.realloc_entry:
             old_ptr = resized(ev)
             pending.append((ev.rsp, new_size(ev), old_ptr, live.get(old_ptr)))
+            if old_ptr and old_ptr not in live:
+                findings.append(Finding(
+                    CrashClass.HEAP_CORRUPTION,
+                    [f"resize of {old_ptr:#x}, which is not a live allocation"],
+                    frames=event_frames(ev, describe), field="realloc.unknown", pc=ev.rip))
         elif ev.address in returns or ev.address in realloc_returns:
             match = next((i for i in range(len(pending) - 1, -1, -1)
                           if pending[i][0] == ev.rsp), None)

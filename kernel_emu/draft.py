@@ -25,6 +25,7 @@ _LIBRARY = re.compile(r"^(<|core::|alloc::|std::|compiler_builtins::|__rust_|__r
                       r"rust_begin_unwind|rust_eh_)")
 ALLOCATE = ("allocate", "alloc", "malloc", "kmalloc")
 DEALLOCATE = ("deallocate", "dealloc", "free", "kfree")
+REALLOCATE = ("reallocate", "realloc", "krealloc", "resize")
 # where a UEFI image goes when the profile does not say (the emulated firmware's choice)
 DEFAULT_UEFI_LOAD_BASE = 0x10_0000
 
@@ -99,6 +100,12 @@ def draft_profile(path: Path, name: str | None = None) -> Draft:
     pair = _allocator(code)
     if pair is not None:
         draft.found["heap.alloc_symbol"], draft.found["heap.dealloc_symbol"] = pair
+        # a resize of the allocator's own, beside them (else resizes go through the two)
+        owner = _owner(pair[0])
+        resize = [s.name for s in code if _owner(s.name) == owner
+                  and _last(s.name).lower() in REALLOCATE]
+        if resize:
+            draft.found["heap.realloc_symbol"] = min(resize, key=len)
     else:
         draft.missing.append("heap.alloc_symbol, heap.dealloc_symbol: no allocate/deallocate "
                              "pair of one type or module")
@@ -139,6 +146,10 @@ def _render(path: Path, name: str, uefi: bool, draft: Draft) -> str:
     kernel_extra = (f"# where the emulated firmware loads the image (it is relocated there)\n"
                     f"load_base = {DEFAULT_UEFI_LOAD_BASE:#x}\n") if uefi else ""
     convention = "win64" if uefi else "sysv64"
+    realloc = (f'realloc_symbol = {value("heap.realloc_symbol")}\n'
+               "# GUESS: a build may drop a &self the function never reads; then false\n"
+               "realloc_takes_self = true\n") if "heap.realloc_symbol" in draft.found else \
+        "# no resize of its own found: resizes are an allocate, a copy and a deallocate\n"
     return f'''# Draft profile for {path.name}, made by `fuzzfarm kernel init` from its symbols.
 # Check every value marked GUESS or NOT FOUND, then: fuzzfarm boot --kernel THIS.toml --check
 name = "{name}"
@@ -171,7 +182,7 @@ list_order = "any"  # GUESS: "address" if the free list is kept by address, "lif
 free_list_symbol = {value("heap.free_list_symbol")}
 alloc_symbol = {value("heap.alloc_symbol")}
 dealloc_symbol = {value("heap.dealloc_symbol")}
-
+{realloc}
 [kernel]
 {kernel_extra}stack_base_symbol = {value("kernel.stack_base_symbol")}
 stack_size = 0x10000  # GUESS: the kernel stack's size

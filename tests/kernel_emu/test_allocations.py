@@ -121,6 +121,14 @@ def test_a_resize_that_moves_ends_the_old_allocation() -> None:
     assert live[0].resized is not None and live[0].resized.address == 0x3080
 
 
+def test_a_resize_of_a_pointer_that_is_not_live() -> None:
+    # as a resize whose arguments the profile places wrong would look, too
+    events = alloc(0x20, 0x300028) + resize(0x60, 0x300028, 0x300028)
+    findings, _ = replay(events, RESIZING, describe)
+    assert [f.field for f in findings] == ["realloc.unknown"]
+    assert findings[0].evidence == ["resize of 0x60, which is not a live allocation"]
+
+
 def test_redzone_hits_are_charged_to_their_allocation_in_order() -> None:
     events = alloc(0x20, 0x300028) + alloc(0x20, 0x300070)
     events = [e._replace(instructions=10 * i) for i, e in enumerate(events)]

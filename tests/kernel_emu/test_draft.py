@@ -30,6 +30,8 @@ def _fuzzfarm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_the_draft_finds_what_the_hand_written_profile_names(image: str, builtin: str) -> None:
     draft = draft_profile(IMAGES / image)
     profile = load_profile(builtin)
+    resize = {"heap.realloc_symbol": profile.heap.realloc_symbol} \
+        if profile.heap.realloc_symbol else {}
     assert draft.found == {
         "heap.alloc_symbol": profile.heap.alloc_symbol,
         "heap.dealloc_symbol": profile.heap.dealloc_symbol,
@@ -37,12 +39,14 @@ def test_the_draft_finds_what_the_hand_written_profile_names(image: str, builtin
         "kernel.stack_base_symbol": profile.kernel.stack_base_symbol,
         "kernel.snapshot_symbol": profile.kernel.snapshot_symbol,
         "kernel.success_symbol": profile.kernel.success_symbol,
+        **resize,
     }
     # what symbols cannot say is said, not made up
     assert any("heap.base" in m for m in draft.missing)
     raw = tomllib.loads(draft.text)
     assert raw["heap"]["base"] == 0 and raw["heap"]["header_size"] == 0
     assert raw["heap"]["convention"] == profile.heap.convention
+    assert raw["heap"].get("realloc_symbol", "") == profile.heap.realloc_symbol
     assert raw["kernel"].get("load_base") == profile.kernel.load_base
 
 
