@@ -162,9 +162,10 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                     [f"resize of {old_ptr:#x}, which is not a live allocation"],
                     frames=event_frames(ev, describe), field="realloc.unknown", pc=ev.rip))
         elif ev.address in returns or ev.address in realloc_returns:
-            match = next((i for i in range(len(pending) - 1, -1, -1)
-                          if pending[i][0] == ev.rsp), None)
-            if match is None:
+            match = len(pending) - 1  # nearly always the innermost call
+            while match >= 0 and pending[match][0] != ev.rsp:
+                match -= 1
+            if match < 0:
                 continue
             _, asked, old_ptr, was = pending.pop(match)
             ptr = ev.rax
