@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 WIDTH_MAX = 64
-LIVE_MAX = 256
+LIVE_MAX = 1024  # past it the oldest is let go (the newest are the ones being filled)
 PENDING_MAX = 16
 HITS_MAX = 8
 
@@ -62,6 +62,7 @@ class GuardHit(NamedTuple):
 class _Block:
     ptr: int
     size: int
+    age: int = 0
     lo: int = 0
     hi: int = 0
     before: bytes = b""
@@ -80,12 +81,13 @@ class Redzones:
     hits: list[GuardHit] = field(default_factory=list)
     hits_dropped: int = 0
     unguarded: int = 0
+    made: int = 0
 
     def clear(self) -> None:
         self.live.clear()
         self.pending.clear()
         self.hits.clear()
-        self.hits_dropped = self.unguarded = 0
+        self.hits_dropped = self.unguarded = self.made = 0
 
     def event(self, address: int, regs: dict[str, int], instructions: int) -> None:
         role = self.sites.get(address)
@@ -184,9 +186,11 @@ class Redzones:
             self.live[i].size = size
             return
         if len(self.live) == LIVE_MAX:
+            del self.live[min(range(len(self.live)), key=lambda k: self.live[k].age)]
             self.unguarded += 1
-            return
-        self.live.insert(i, _Block(ptr, size, ptr, ptr + size))
+            i = self._find(ptr)
+        self.live.insert(i, _Block(ptr, size, self.made, ptr, ptr + size))
+        self.made += 1
 
 
 def check_sites(width: int, sites: Sequence[tuple[int, int]], args: Arguments) -> dict[int, int]:

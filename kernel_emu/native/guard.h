@@ -24,7 +24,9 @@
  */
 
 #define GUARD_WIDTH_MAX 64
-#define GUARD_LIVE_MAX 256
+/* Live allocations guarded at once; past it the oldest is let go (a loader fills a block
+ * right after it allocates it, so the newest are the ones worth watching). */
+#define GUARD_LIVE_MAX 1024
 #define GUARD_PENDING_MAX 16
 #define GUARD_HITS_MAX 8
 #define GUARD_SITES_MAX WATCH_MAX
@@ -33,6 +35,7 @@ enum { G_ALLOC_IN, G_ALLOC_OUT, G_FREE_IN, G_FREE_OUT, G_REALLOC_IN, G_REALLOC_O
 
 typedef struct {
     uint64_t ptr, size;
+    uint64_t age; /* when it was made: the oldest is let go first */
     uint64_t lo, hi; /* guarded: [lo, ptr) and [ptr + size, hi) */
     uint8_t before[GUARD_WIDTH_MAX];
     uint8_t after[GUARD_WIDTH_MAX];
@@ -63,7 +66,8 @@ typedef struct HeapGuard {
     void *uc; /* the engine of the last event, for the owner's final check */
     GuardBlock live[GUARD_LIVE_MAX]; /* sorted by ptr */
     uint32_t nlive;
-    uint64_t unguarded; /* allocations not kept: the table was full */
+    uint64_t made;      /* allocations kept since reset */
+    uint64_t unguarded; /* allocations let go: the table was full */
     GuardCall pending[GUARD_PENDING_MAX];
     uint32_t npending;
     GuardHit hits[GUARD_HITS_MAX];
@@ -74,6 +78,7 @@ typedef struct HeapGuard {
 static void guard_clear(HeapGuard *g)
 {
     g->nlive = 0;
+    g->made = 0;
     g->unguarded = 0;
     g->npending = 0;
     g->nhits = 0;
@@ -212,11 +217,21 @@ static void guard_keep(HeapGuard *g, uint64_t ptr, uint64_t size)
         return;
     }
     if (g->nlive == GUARD_LIVE_MAX) {
+        uint32_t oldest = 0;
+        for (uint32_t k = 1; k < g->nlive; k++) {
+            if (g->live[k].age < g->live[oldest].age) {
+                oldest = k;
+            }
+        }
+        memmove(&g->live[oldest], &g->live[oldest + 1],
+                sizeof(GuardBlock) * (g->nlive - oldest - 1));
+        g->nlive--;
         g->unguarded++;
-        return;
+        i = guard_find(g, ptr);
     }
     memmove(&g->live[i + 1], &g->live[i], sizeof(GuardBlock) * (g->nlive - i));
-    g->live[i] = (GuardBlock){.ptr = ptr, .size = size, .lo = ptr, .hi = ptr + size};
+    g->live[i] = (GuardBlock){.ptr = ptr, .size = size, .age = g->made++, .lo = ptr,
+                              .hi = ptr + size};
     g->nlive++;
 }
 

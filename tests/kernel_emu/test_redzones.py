@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kernel_emu.elflayout import ELF64_EHDR, ELF64_PHDR_SIZE
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 from kernel_emu.redzones import (
@@ -19,7 +20,7 @@ from kernel_emu.redzones import (
     Redzones,
 )
 from kernel_emu.tracing import attach_tracer, native_available
-from tests.reproducers import REPRODUCERS
+from tests.reproducers import REPRODUCERS, get_phdr, loads, set_header, set_phdr
 
 BASE = 0x1000
 SITES = {0xA0: ALLOC_IN, 0xA1: ALLOC_OUT, 0xF0: FREE_IN, 0xF1: FREE_OUT, 0xB0: REALLOC_IN,
@@ -184,3 +185,35 @@ def test_loads_that_write_only_their_own_buffers_have_no_hits(base_elf: bytes) -
     result = Executor(load_profile("upstream")).run(base_elf)
     assert result.findings and not any(f.field in ("block.overflow", "block.underflow")
                                        for f in result.findings)
+
+
+def test_a_full_table_lets_the_oldest_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kernel_emu.redzones.LIVE_MAX", 4)
+    h = Heap()
+    for k in range(6):
+        h.alloc(0x10, 0x1100 + 0x40 * k)
+    assert [b.ptr for b in h.guard.live] == [0x1180, 0x11C0, 0x1200, 0x1240]
+    assert h.guard.unguarded == 2
+    h.write(0x1250, b"!")  # the newest is watched
+    h.guard.check(h.count)
+    assert [hit.ptr for hit in h.guard.hits] == [0x1240]
+
+
+def many_loads(elf: bytes, count: int) -> bytes:
+    """`elf` with a program header table of `count` copies of its first PT_LOAD appended,
+    the last of them copying 16 bytes more than its buffer holds."""
+    index = loads(elf)[0]
+    last = set_phdr(elf, index, memsz=get_phdr(elf, index)["filesz"] - 16)
+    phoff = ELF64_EHDR["e_phoff"].read(elf) + index * ELF64_PHDR_SIZE
+    entry, overflowing = (e[phoff:phoff + ELF64_PHDR_SIZE] for e in (elf, last))
+    return set_header(elf, phoff=len(elf), phnum=count) + entry * (count - 1) + overflowing
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_an_overflow_after_hundreds_of_allocations_is_still_caught(base_elf: bytes,
+                                                                  native: bool) -> None:
+    data = many_loads(base_elf, 300)  # a buffer per segment, and the tables
+    result = Executor(load_profile("seed"), native=native).run(data)
+    cause = result.findings[0]
+    assert (cause.cls, cause.field) == ("heap-corruption", "block.overflow"), result.findings
+    assert "load_segments" in cause.signature()
