@@ -58,8 +58,9 @@ class Trial:
     complete: bool = True
 
 
-def attribute(summary: CampaignSummary, executor: Executor,
-              canaries: Canaries | None) -> dict[str, tuple[list[str], float | None]]:
+def attribute(summary: CampaignSummary, executor: Executor, canaries: Canaries | None,
+              expected: dict[str, str] | None = None
+              ) -> dict[str, tuple[list[str], float | None]]:
     """The campaign's findings as the farm's triage buckets them, and the planted bug(s) each
     bucket is, with when it was first found.
 
@@ -67,10 +68,11 @@ def attribute(summary: CampaignSummary, executor: Executor,
     gets. So here: up to BUCKET_INPUTS inputs of every job-level bucket are booted again, as
     triage boots them, and grouped by the signature they get. An input often triggers more
     than one bug (an entry point a mutation moved on the way, say), so a bucket is the bug
-    all its inputs trigger; when they share several, the one triggered in the fewest
-    buckets of the trial (the most specific), then the first to trigger; when they share
-    none, the bugs each triggers first, the most frequent first: a bucket a reviewer would
-    split; none at all: a finding no planted bug explains."""
+    all its inputs trigger; when they share several, one whose `expected` class (the
+    profile's, after BUGS.md) is the bucket's, then the one triggered in the fewest buckets
+    of the trial (the most specific), then the first to trigger; when they share none, the
+    bugs each triggers first, the most frequent first: a bucket a reviewer would split; none
+    at all: a finding no planted bug explains."""
     inputs: dict[str, list[tuple[str, ...]]] = {}
     first: dict[str, float | None] = {}
     for bucket in summary.buckets:
@@ -92,12 +94,14 @@ def attribute(summary: CampaignSummary, executor: Executor,
             first[result.signature] = was if when is None else \
                 when if was is None else min(was, when)
     return {signature: (bugs, first[signature])
-            for signature, bugs in bucket_bugs(inputs).items()}
+            for signature, bugs in bucket_bugs(inputs, expected).items()}
 
 
-def bucket_bugs(inputs: dict[str, list[tuple[str, ...]]]) -> dict[str, list[str]]:
+def bucket_bugs(inputs: dict[str, list[tuple[str, ...]]],
+                expected: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Signature -> the planted bug(s) it is, from the bugs each of its inputs triggered (in
-    trigger order), as `attribute` says."""
+    trigger order), as `attribute` says; `expected`: bug -> the class it shows."""
+    expected = expected or {}
     # in how many buckets each bug is triggered at all: a bug many inputs trigger on the way
     # (an entry point a mutation moved) explains little of any one bucket
     spread = Counter(bug for seen in inputs.values() for bug in {b for bugs in seen for b in bugs})
@@ -108,9 +112,11 @@ def bucket_bugs(inputs: dict[str, list[tuple[str, ...]]]) -> dict[str, list[str]
             out[signature] = []
             continue
         common = [bug for bug in seen[0] if all(bug in other for other in seen[1:])]
-        if common:  # the root cause is one all share: the one found in the fewest buckets,
-            # the first of them to trigger if several are
-            out[signature] = [min(common, key=lambda bug: (spread[bug], common.index(bug)))]
+        if common:  # the root cause is one all share: of the bucket's class, found in the
+            # fewest buckets, the first of them to trigger
+            cls = signature.split(" | ", 1)[0]
+            out[signature] = [min(common, key=lambda bug: (expected.get(bug, cls) != cls,
+                                                           spread[bug], common.index(bug)))]
             continue
         counts = Counter(bugs[0] for bugs in seen)
         out[signature] = [bug for bug, _ in counts.most_common()]
@@ -124,7 +130,9 @@ def run_trial(kernel: str, index: int, seconds: float, jobs: int, out: Path) -> 
     profile = load_profile(kernel)
     executor = Executor(profile)
     canaries = canaries_for(profile, executor.image)
-    triaged = attribute(summary, executor, canaries)
+    layout = profile.canaries
+    triaged = attribute(summary, executor, canaries,
+                        dict(zip(layout.names, layout.classes, strict=False)))
     buckets = {signature: bugs for signature, (bugs, _) in triaged.items()}
     names = list(profile.canaries.names)
     bucketed: dict[str, float | None] = {name: None for name in names}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel_emu.errors import ProfileError
+from kernel_emu.result import CrashClass
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 BUILTIN_PROFILES = ("seed", "fixed", "upstream")
@@ -98,10 +99,13 @@ class InputLayout:
 class CanaryLayout:
     """Optional `[canaries]` table of a build with planted bugs: a byte per bug at `symbol`,
     bit 0 set when the bug's code is reached, bit 1 when the bug is triggered, in the order
-    of `names`. For benchmarks only: no oracle reads them."""
+    of `names`. `classes`: the crash class each bug is expected to show (BUGS.md), which a
+    benchmark uses to tell which of several bugs an input triggered a bucket is. For
+    benchmarks only: no oracle reads them."""
 
     symbol: str = ""
     names: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,13 @@ def _canaries(raw: dict[str, Any], origin: Path) -> CanaryLayout:
             not names or not all(isinstance(n, str) and n for n in names) or \
             len(set(names)) != len(names):
         raise ProfileError(f"{origin}: [canaries] needs a symbol and a list of distinct names")
-    return CanaryLayout(symbol, tuple(names))
+    classes = table.get("classes", [])
+    known = {c.value for c in CrashClass}
+    if not isinstance(classes, list) or (classes and len(classes) != len(names)) or \
+            not all(c in known for c in classes):
+        raise ProfileError(f"{origin}: [canaries] classes must name a crash class per bug "
+                           f"({', '.join(sorted(known))})")
+    return CanaryLayout(symbol, tuple(names), tuple(classes))
 
 
 def load_profile_file(path: Path) -> TargetProfile:

@@ -68,6 +68,16 @@ def test_a_bucket_is_the_most_specific_bug_all_its_inputs_trigger() -> None:
     assert bucket_bugs(inputs) == {"overlap": ["RX-11"], "bad-entry": ["RX-08"],
                                    "table": ["RX-03"], "both": ["RX-02"],
                                    "split": ["RX-05", "RX-04"], "none": []}
+    # of two bugs all inputs trigger, the one whose class the bucket has
+    inputs = {"heap-corruption | allocate < read | free_list": [("RX-14", "RX-11")] * 2,
+              "memory-leak | allocate < keep | allocation.leak": [("RX-14", "RX-11")],
+              "cpu-fault | memcpy": [("RX-02", "RX-05")]}
+    expected = {"RX-11": "heap-corruption", "RX-14": "memory-leak", "RX-02": "cpu-fault",
+                "RX-05": "heap-corruption"}
+    assert bucket_bugs(inputs, expected) == {
+        "heap-corruption | allocate < read | free_list": ["RX-11"],
+        "memory-leak | allocate < keep | allocation.leak": ["RX-14"],
+        "cpu-fault | memcpy": ["RX-02"]}
 
 
 @pytest.mark.slow

@@ -82,3 +82,20 @@ def test_the_uefi_build_buckets_every_bug_as_the_elf_build_does() -> None:
             a, b = pe.run(data), elf.run(data)
             assert a.signature == b.signature, reproducer.bug
             assert a.signature is not None and " < 0x" not in a.signature
+
+
+def test_canary_classes_name_a_crash_class_per_bug(tmp_path: Path) -> None:
+    path = _profile(tmp_path, 0x10_0000)
+    profile = load_profile_file(path)
+    assert len(profile.canaries.classes) == len(profile.canaries.names)
+    assert dict(zip(profile.canaries.names, profile.canaries.classes,
+                    strict=True))["RX-14"] == "memory-leak"
+    text = path.read_text()
+    too_few = '["heap-corruption"]'
+    unknown = "[" + ", ".join(['"hang"'] * 16 + ['"no-such-class"']) + "]"
+    for bad in (too_few, unknown):
+        start = text.index("classes = [")
+        end = text.index("]", start) + 1
+        path.write_text(text[:start] + "classes = " + bad + text[end:])
+        with pytest.raises(ProfileError, match="classes must name a crash class per bug"):
+            load_profile_file(path)
