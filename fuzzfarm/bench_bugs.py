@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fuzz.campaign import CampaignSummary, run_campaign
+from fuzz.campaign import CampaignSummary, run_campaign, summarize
 from fuzz.harness import JobConfig
 from kernel_emu.canaries import Canaries, canaries_for
 from kernel_emu.errors import HarnessError
@@ -127,6 +127,12 @@ def run_trial(kernel: str, index: int, seconds: float, jobs: int, out: Path) -> 
     config = JobConfig(kernel=kernel, out=str(out), seeds=[str(SEEDS)], seconds=seconds,
                        seed=1000 * index, canaries=True)
     summary = run_campaign(config, jobs, live=False, stream=io.StringIO())
+    return judge_trial(kernel, index, seconds, summary)
+
+
+def judge_trial(kernel: str, index: int, seconds: float, summary: CampaignSummary) -> Trial:
+    """The Trial a finished campaign makes: its findings bucketed as triage buckets them, and
+    the planted bugs they are."""
     profile = load_profile(kernel)
     executor = Executor(profile)
     canaries = canaries_for(profile, executor.image)
@@ -313,6 +319,45 @@ def bench_bugs(kernels: list[str], trials: int, seconds: float, jobs: int, out: 
         if results[kernel]:
             svg = out / f"survival-{kernel}.svg"
             svg.write_text(survival_svg(kernel, results[kernel], names_of[kernel]))
+            say(f"  survival curves: {svg}", flush=True)
+    say(f"results: {out / 'bugs.json'}", flush=True)
+    return 0
+
+
+def rebucket(source: Path, out: Path, say: Any = print) -> int:
+    """The trials of an earlier `bench bugs` run (SOURCE/bugs.json and SOURCE/trials), judged
+    again by this checkout: their campaigns' findings booted again and bucketed with today's
+    oracles and signatures, without fuzzing again. What the campaigns found, and when, stays
+    theirs; the buckets, the attribution and the table are this checkout's."""
+    try:
+        earlier = json.loads((source / "bugs.json").read_text())
+        if not isinstance(earlier, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("trials"), list)
+                for v in earlier.values()):
+            raise ValueError("not the results of fuzzfarm bench bugs")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{source}: no bench bugs results to bucket again ({e})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[Trial]] = {}
+    names_of: dict[str, list[str]] = {}
+    for kernel, data in earlier.items():
+        names_of[kernel] = list(load_profile(kernel).canaries.names)
+        results[kernel] = []
+        for old in data.get("trials", []):
+            folder = source / "trials" / f"{kernel}-{old['index']}"
+            jobs = len(list((folder / "jobs").glob("job-*.json")))
+            summary = summarize(folder, jobs, old["seconds"])
+            trial = judge_trial(kernel, old["index"], old["seconds"], summary)
+            trial.complete = old.get("complete", True)
+            results[kernel].append(trial)
+            say(f"  {kernel} trial {old['index'] + 1}: {len(trial.buckets)} bucket(s) "
+                f"(were {len(old.get('buckets', {}))})", flush=True)
+            _write(out, results, names_of)
+    for kernel, trials in results.items():
+        say("\n" + table(kernel, trials, names_of[kernel] + [UNATTRIBUTED]), flush=True)
+        if trials:
+            svg = out / f"survival-{kernel}.svg"
+            svg.write_text(survival_svg(kernel, trials, names_of[kernel]))
             say(f"  survival curves: {svg}", flush=True)
     say(f"results: {out / 'bugs.json'}", flush=True)
     return 0

@@ -305,6 +305,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from fuzzfarm.bench_bugs import bench_bugs
         from kernel_emu.profile import load_profile
 
+        if args.rebucket:
+            from fuzzfarm.bench_bugs import rebucket
+
+            source = Path(args.rebucket)
+            try:
+                return rebucket(source, Path(args.out or source / "rebucketed"))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         kernels = (args.kernel or "seed,fixed").split(",")
         if args.trials is None:
             args.trials = 10
@@ -558,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="farm: runs per worker count (default: 1)")
     p.add_argument("--bug-cap", type=float, default=300.0,
                    help="farm: give up waiting for the seed bug after this many seconds")
+    p.add_argument("--rebucket", metavar="DIR",
+                   help="bugs: judge the trials of an earlier run (DIR/bugs.json) again with "
+                        "this checkout's oracles and signatures, without fuzzing again "
+                        "(results in --out, default DIR/rebucketed)")
     p.add_argument("--other", metavar="DIR",
                    help="compare: the other checkout (its native hooks built)")
     p.add_argument("--other-kernel", metavar="KERNEL",

@@ -51,6 +51,10 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                                 f"{prof.kernel.user_top:#x}), and the kernel entered ring 3 "
                                 f"with it"], frames=frames, field="segments.bounds"))
             break
+    # the kernel's own mapping, the user stack, before what the file asked for: a stack
+    # mapped to the wrong place also shows as a segment page it took, or a page nobody asked
+    # for, and is the cause of both
+    out += stack_findings(m, cr3, frames)
     covered: list[tuple[int, int]] = []
     page_flags = shared_page_flags(expected)
     for i, seg in enumerate(expected):
@@ -270,6 +274,15 @@ def entry_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
                                                  else "not executable")
         return [Finding(CrashClass.BAD_ENTRY, [f"ring 3 entered at {rip:#x}, which is {state}"],
                         frames=frames, field="entry.rip")]
+    return []
+
+
+def stack_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
+    """The stack the kernel set up for ring 3 must be mapped user-writable where the `iretq`
+    about to run puts the stack pointer."""
+    rsp = m.reg("rsp")
+    if m.u64(rsp + 8) & 3 != 3:
+        return []  # not into ring 3: entry_findings says so
     # the program's first push goes just below its stack pointer
     user_rsp = m.u64(rsp + 24)
     mp = pagewalk.translate(m, cr3, (user_rsp - 8) & ((1 << 64) - 1))

@@ -221,7 +221,7 @@ REPRODUCERS = [
     Reproducer("RX-12", "vaddr-corruption", _shared_page),
     Reproducer("RX-13", "heap-corruption", _long_build_id),
     Reproducer("RX-14", "memory-leak", _two_build_ids),
-    Reproducer("RX-15", "vaddr-corruption", _cached_leaf_table),
+    Reproducer("RX-15", "bad-entry", _cached_leaf_table),
     Reproducer("RX-16", "vaddr-corruption", _data_to_end_of_file),
     Reproducer("RX-17", "memory-leak", _truncated_note),
 ]
