@@ -14,6 +14,7 @@ from fuzzfarm.bench_bugs import (
     bench_bugs,
     bucket_bugs,
     km_median,
+    rebucket,
     rows,
     survival,
     survival_svg,
@@ -99,6 +100,22 @@ def test_a_short_trial_tells_buckets_apart_by_their_canaries(tmp_path: Path,
     assert (tmp_path / "survival-seed.svg").read_text().startswith("<svg")
     out = capsys.readouterr().out
     assert "median s (KM)" in out and "buckets/bug" in out
+    # judged again by the same checkout: the same buckets, what the campaign saw kept
+    again = tmp_path / "again"
+    assert rebucket(tmp_path, again, say=lambda *a, **k: None) == 0
+    judged = json.loads((again / "bugs.json").read_text())["seed"]["trials"][0]
+    assert judged["buckets"] == trial["buckets"]
+    assert (judged["execs"], judged["reached"], judged["triggered"]) == \
+        (trial["execs"], trial["reached"], trial["triggered"])
+    assert (again / "survival-seed.svg").is_file()
+
+
+def test_rebucket_wants_an_earlier_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no bench bugs results"):
+        rebucket(tmp_path, tmp_path / "out")
+    (tmp_path / "bugs.json").write_text('{"seed": []}')
+    with pytest.raises(ValueError, match="not the results of fuzzfarm bench bugs"):
+        rebucket(tmp_path, tmp_path / "out")
 
 
 def test_a_stopped_trial_ends_the_benchmark_and_keeps_the_finished_ones(
