@@ -14,6 +14,7 @@ is a *harness error*: written apart, never counted as a finding, and the executo
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -72,6 +73,8 @@ class JobConfig:
     # under the watchdog (same results either way; off to measure or compare)
     fast_routines: bool = True
     skip_cycles: bool = True
+    # the leaner run (kernel_emu.executor.Executor's `lean`; same results, off to measure it)
+    lean: bool = True
     # for benchmarks only: record when each planted bug's canary (the profile's [canaries])
     # was first reached and triggered; nothing of the fuzzing depends on them
     canaries: bool = False
@@ -177,7 +180,8 @@ class Job:
         executor = Executor(self.profile, native=self.config.native,
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
                             fast_routines=self.config.fast_routines,
-                            skip_cycles=self.config.skip_cycles, explain=False)
+                            skip_cycles=self.config.skip_cycles, explain=False,
+                            lean=self.config.lean)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor
@@ -305,7 +309,7 @@ class Job:
             if self._confirmer is None:
                 self._confirmer = Executor(self.profile, native=self.config.native,
                                            fast_routines=self.config.fast_routines,
-                                           explain=False)
+                                           explain=False, lean=self.config.lean)
             return self._confirmer.run(data)
         except Exception as e:  # noqa: BLE001
             self._confirmer = None
@@ -458,6 +462,11 @@ def run_job(config: JobConfig) -> None:
     if config.mutator:
         kwargs = {"custom_mutator": job.mutate, "custom_crossover": job.crossover}
     atheris.Setup(libfuzzer_args(config), job.test_one_input, **kwargs)
+    if config.lean:
+        # what was built so far (the snapshot's pages, the image, the modules) lives as long
+        # as the job: the collector need not go through it again every few runs
+        gc.collect()
+        gc.freeze()
     atheris.Fuzz()
     job.finish("libfuzzer")
 

@@ -90,9 +90,9 @@ def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
 
 
 def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
-                  speedups: bool = True) -> tuple[float, float]:
+                  speedups: bool = True, lean: bool = True) -> tuple[float, float]:
     profile = load_profile(kernel)
-    kw = {"fast_routines": speedups, "skip_cycles": speedups}
+    kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean}
     on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, **kw)
     feedback = make_feedback()
     on.add_machine_hook(feedback.attach)
@@ -141,21 +141,22 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
     return 0
 
 
-# (label, feedback, native bulk moves, cycle skipping), run interleaved
-_SETUPS = [("both speed-ups (default)", True, True, True),
-           ("native bulk moves only  ", True, True, False),
-           ("neither                 ", True, False, False),
-           ("both speed-ups (default)", False, True, True),
-           ("neither                 ", False, False, False)]
+# (label, feedback, native bulk moves, cycle skipping, lean runs), run interleaved
+_SETUPS = [("all speed-ups (default)      ", True, True, True, True),
+           ("both, without the lean runs  ", True, True, True, False),
+           ("native bulk moves only       ", True, True, False, False),
+           ("none                         ", True, False, False, False),
+           ("all speed-ups (default)      ", False, True, True, True),
+           ("none                         ", False, False, False, False)]
 
 
 def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path]) -> None:
     rates: list[list[float]] = [[] for _ in _SETUPS]
     for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
-        for got, (_, feedback, fast, skip) in zip(rates, _SETUPS, strict=True):
+        for got, (_, feedback, fast, skip, lean) in zip(rates, _SETUPS, strict=True):
             got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
                                  compares=feedback, fast_routines=fast,
-                                 skip_cycles=skip).execs_per_second)
+                                 skip_cycles=skip, lean=lean).execs_per_second)
     med = [statistics.median(r) for r in rates]
 
     def ratio(a: float, b: float) -> str:
@@ -163,15 +164,17 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
 
     print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats "
           f"(execs/s, median [each repeat]):", flush=True)
-    for (label, feedback, _, _), m, r in zip(_SETUPS, med, rates, strict=True):
+    for (label, feedback, *_), m, r in zip(_SETUPS, med, rates, strict=True):
         shown = ", ".join(f"{x:,.0f}" for x in r)
         print(f"   feedback {'on ' if feedback else 'off'}, {label}: {m:7,.0f}  [{shown}]")
-    print(f"   feedback on, both speed-ups / neither: {ratio(med[0], med[2])}; "
-          f"feedback off / on with both: {ratio(med[3], med[0])}, with neither: "
-          f"{ratio(med[4], med[2])}")
+    print(f"   feedback on: all / without the lean runs (the old default): "
+          f"{ratio(med[0], med[1])}; all / none: {ratio(med[0], med[3])}; feedback off / on "
+          f"with all: {ratio(med[4], med[0])}, with none: {ratio(med[5], med[3])}")
     inputs = _mutated_inputs(1000)
-    for speedups, label in ((True, "both speed-ups"), (False, "neither")):
-        r_on, r_off = _replay_rates(kernel, inputs, 3, speedups=speedups)
+    for speedups, lean, label in ((True, True, "all speed-ups"),
+                                  (True, False, "without the lean runs"),
+                                  (False, False, "none")):
+        r_on, r_off = _replay_rates(kernel, inputs, 3, speedups=speedups, lean=lean)
         print(f"   same 1,000 mutated inputs replayed, {label} (execs/s, median of 3): "
               f"feedback on {r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x",
               flush=True)

@@ -29,14 +29,17 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kernel_emu.dirtylog import ADDR_MASK, dirty_count, dirty_leaves
-from kernel_emu.machine import PAGE, Machine
+from kernel_emu.machine import PAGE, REGISTERS, Machine
 from kernel_emu.tracing import RING_SIZE, GuestTracer
 
 FIRST_PROBE = 4096
 MAX_ARRIVALS = 16
 MAX_PAGES = 256
+# what an arrival's registers are compared by (Machine.registers)
+_REGISTER_IDS = tuple(REGISTERS.values())
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,14 @@ class CycleFinder:
     gives the watchdog's next checkpoint, `services` the boot services performed so far."""
 
     def __init__(self, m: Machine, tracer: GuestTracer, pml4: int, no_stop: frozenset[int],
-                 checkpoint: Callable[[], int], services: Callable[[], int]) -> None:
+                 checkpoint: Callable[[], int], services: Callable[[], int],
+                 native_arrivals: bool = False) -> None:
         self.m, self.tracer, self.pml4, self.no_stop = m, tracer, pml4, no_stop
+        # the native tracer compares the registers of each arrival itself and stops only at
+        # those equal to the first arrival's (the only ones this search reads memory at), or
+        # never: the same search without a stop per arrival
+        self._same: Any = (tracer if native_arrivals and hasattr(tracer, "stop_when_same")
+                           else None)
         self._checkpoint, self._services = checkpoint, services
         self._probe_at: int | None = FIRST_PROBE  # in instructions outside bulk moves
         self._address: int | None = None
@@ -122,6 +131,9 @@ class CycleFinder:
         if not blocks or not self._may_stop_at(blocks[-1]) or not self._small_enough():
             return
         self._address, self._first, self._anchor, self._arrivals = blocks[-1], None, None, 0
+        if self._same is not None:
+            self._same.stop_when_same(self._address, _REGISTER_IDS, MAX_ARRIVALS)
+            return
         tracer.stop_at(self._address)
 
     def _small_enough(self) -> bool:
@@ -144,6 +156,11 @@ class CycleFinder:
         if self._cycle is not None:
             self._skip()
             return
+        if self._same is not None:
+            # an arrival whose registers equal the first arrival's (the tracer compared them)
+            self._arrivals = self._same.same_arrivals
+            self._same_registers()
+            return
         registers = self.m.registers()
         if self._first is None:
             # memory is read only once these registers come back: a loop that makes progress
@@ -155,6 +172,10 @@ class CycleFinder:
         if registers != self._first:
             self._next_arrival()
             return
+        self._same_registers()
+
+    def _same_registers(self) -> None:
+        """At an arrival with the first arrival's registers: compare the whole state."""
         state = self._capture()
         if state is None:
             self._drop()
@@ -176,7 +197,11 @@ class CycleFinder:
 
     def _next_arrival(self) -> None:
         if self._arrivals < MAX_ARRIVALS:
-            self.tracer.stop_at(self._address)
+            assert self._address is not None
+            if self._same is not None:
+                self._same.stop_when_same(self._address, None, MAX_ARRIVALS)
+            else:
+                self.tracer.stop_at(self._address)
         else:
             self._drop()
 

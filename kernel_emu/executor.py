@@ -48,6 +48,8 @@ class Executor:
     the profile's). `watchdog`: stop a run as stalled when it makes no progress for that many
     instructions. `native`, `fast_routines`, `skip_cycles`: the native tracer, the native bulk
     moves of memset/memcpy and the skipping of exact cycles; each changes only the speed.
+    `lean`: the leaner run (the tracer judges the cycle search's arrivals itself, ...), which
+    changes only the speed too; off to measure it.
     `explain`: when a run leaves a block header written over, make it again watching that
     header, so the finding (and its signature) names its last writer rather than where the run
     stopped. Off by default: a fuzzing job runs such inputs by the thousand, and the farm's
@@ -56,7 +58,7 @@ class Executor:
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
                  watchdog: int | None = None, fast_routines: bool = True,
-                 skip_cycles: bool = True, explain: bool = False) -> None:
+                 skip_cycles: bool = True, explain: bool = False, lean: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
@@ -64,6 +66,7 @@ class Executor:
         self.watchdog_interval = watchdog
         self.skip_cycles, self.fast_routines = skip_cycles, fast_routines
         self.explain = explain
+        self.lean = lean
         self.notes: list[str] = []
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
@@ -307,7 +310,8 @@ class Executor:
         if self.skip_cycles and self.written.log is not None and self.snapshot is not None:
             watchdog = self.watchdog
             cycles = CycleFinder(self.machine, self.tracer, self.firmware.pml4, self._no_stop,
-                                 lambda: watchdog.next_checkpoint, lambda: self.services)
+                                 lambda: watchdog.next_checkpoint, lambda: self.services,
+                                 native_arrivals=self.lean)
         self.watchdog.start_run(run_budget, cycles)
 
     def _emulate(self, until: int) -> StopReason:

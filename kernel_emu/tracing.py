@@ -704,6 +704,19 @@ class NativeTracer:
              after: bytes) -> None:
         self._state.skip(instructions, blocks, periods, before, after)
 
+    def stop_when_same(self, address: int, registers: Sequence[int] | None,
+                       max_arrivals: int) -> None:
+        """Native only: :meth:`stop_at` the next arrival at ``address`` whose ``registers``
+        (Unicorn register ids) hold what they held at the first arrival, which is read when it
+        comes, without a stop; after ``max_arrivals`` arrivals past the first without one, the
+        search ends by itself (no stop). ``registers`` None: go on with the current search.
+        :attr:`same_arrivals` counts the arrivals past the first."""
+        self._state.stop_when_same(address, registers, max_arrivals)
+
+    @property
+    def same_arrivals(self) -> int:
+        return self._state.same_arrivals
+
     def take_events(self) -> list[WatchEvent]:
         # a NamedTuple: a few hundred of these per run, built far faster than dataclasses
         return [WatchEvent._make(event) for event in self._state.take_events()]

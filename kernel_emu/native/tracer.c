@@ -80,6 +80,7 @@ typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 
 #define BULK_MAX 8
 #define BANK_MAX 8
+#define SAME_MAX 32 /* registers a stop_when_same arrival compares */
 enum { BULK_STOSQ, BULK_MOVSQ };
 
 /* Guest RAM as the owner mapped it: guest-physical base and size, host address. */
@@ -215,6 +216,17 @@ typedef struct {
     uint64_t stop_armed_at; /* count when armed: the stopped instruction is no arrival */
     int stop_hit;
     int quiet_block;
+    /* stop_when_same: the arrivals at stop_addr stop the guest only when these
+     * registers equal those of the first arrival (read when it comes, with no
+     * stop), and the search ends by itself after same_max arrivals past the
+     * first without one. */
+    int same_on;
+    int same_have_first;
+    uint32_t same_nregs;
+    uint32_t same_arrivals; /* arrivals since the first */
+    uint32_t same_max;
+    int same_ids[SAME_MAX];
+    uint64_t same_first[SAME_MAX];
     uint64_t events_seen; /* recorded or dropped since reset, taken or not */
     WatchEvent *events; /* EVENT_CAP entries, allocated by the first watch */
     uint32_t nevents;
@@ -330,12 +342,43 @@ static void mark_page(TracerState *s, uint64_t page);
 #include "guard.h"
 
 /* Out of line so the common case of the code hook stays a few instructions. */
+static void rebuild_filter(TracerState *s);
+
+/* An arrival at a stop_when_same address: whether it stops the guest. */
+static NOINLINE int same_arrival(TracerState *s, void *uc)
+{
+    uint64_t regs[SAME_MAX];
+    for (uint32_t r = 0; r < s->same_nregs; r++) {
+        regs[r] = 0;
+        (void)s->reg_read(uc, s->same_ids[r], &regs[r]);
+    }
+    /* as a stop re-armed here would: this instruction is no second arrival */
+    s->stop_armed_at = s->icount;
+    if (!s->same_have_first) {
+        memcpy(s->same_first, regs, sizeof(uint64_t) * s->same_nregs);
+        s->same_have_first = 1;
+        return 0;
+    }
+    s->same_arrivals++;
+    if (memcmp(regs, s->same_first, sizeof(uint64_t) * s->same_nregs) == 0) {
+        return 1;
+    }
+    if (s->same_arrivals >= s->same_max) {
+        s->same_on = 0;
+        s->stop_addr = UINT64_MAX;
+        rebuild_filter(s);
+    }
+    return 0;
+}
+
 static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
 {
-    if (address == s->stop_addr && s->icount != s->stop_armed_at && --s->stop_left == 0) {
+    if (address == s->stop_addr && s->icount != s->stop_armed_at &&
+        (s->same_on ? same_arrival(s, uc) : --s->stop_left == 0)) {
         /* stop like the budget does: before the instruction, uncounted, so
          * it runs (and gives its watch event) when the guest resumes */
         s->stop_addr = UINT64_MAX;
+        s->same_on = 0;
         s->stop_hit = 1;
         s->budget = s->icount;
         s->bulk_limit = s->icount;
@@ -654,7 +697,6 @@ static uint32_t in_hook(void *uc, uint32_t port, int size, void *user_data)
 /* TracerState type                                                          */
 /* ------------------------------------------------------------------------ */
 
-static void rebuild_filter(TracerState *s);
 
 static void state_clear_dirty(TracerState *s)
 {
@@ -857,6 +899,7 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     }
     s->stop_left = 0;
     s->stop_hit = 0;
+    s->same_on = 0;
     s->quiet_block = 0;
     s->events_seen = 0;
     memset(s->map, 0, sizeof(s->map));
@@ -1012,6 +1055,58 @@ static PyObject *State_stop_at(TracerState *s, PyObject *args)
         s->stop_left = nth;
         s->stop_armed_at = s->icount;
     }
+    s->same_on = 0;
+    s->stop_hit = 0;
+    rebuild_filter(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
+{
+    unsigned long long a;
+    PyObject *ids_obj;
+    unsigned int max_arrivals;
+    if (!PyArg_ParseTuple(args, "KOI", &a, &ids_obj, &max_arrivals)) {
+        return NULL;
+    }
+    if (a == UINT64_MAX || max_arrivals == 0) {
+        PyErr_SetString(PyExc_ValueError, "bad stop address or arrival count");
+        return NULL;
+    }
+    if (ids_obj != Py_None) {
+        PyObject *ids = PySequence_Fast(ids_obj, "register ids must be a sequence");
+        if (ids == NULL) {
+            return NULL;
+        }
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
+        if (n < 1 || n > SAME_MAX) {
+            Py_DECREF(ids);
+            PyErr_Format(PyExc_ValueError, "between 1 and %d registers", SAME_MAX);
+            return NULL;
+        }
+        int parsed[SAME_MAX];
+        for (Py_ssize_t i = 0; i < n; i++) {
+            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(ids, i));
+            if (v == -1 && PyErr_Occurred()) {
+                Py_DECREF(ids);
+                return NULL;
+            }
+            parsed[i] = (int)v;
+        }
+        Py_DECREF(ids);
+        memcpy(s->same_ids, parsed, sizeof(int) * (size_t)n);
+        s->same_nregs = (uint32_t)n;
+        s->same_have_first = 0;
+        s->same_arrivals = 0;
+    } else if (!s->same_have_first) {
+        PyErr_SetString(PyExc_ValueError, "no search to go on with");
+        return NULL;
+    }
+    s->same_max = max_arrivals;
+    s->same_on = 1;
+    s->stop_addr = a;
+    s->stop_left = 1;
+    s->stop_armed_at = s->icount;
     s->stop_hit = 0;
     rebuild_filter(s);
     Py_RETURN_NONE;
@@ -1564,6 +1659,11 @@ static PyMethodDef State_methods[] = {
     {"stop_at", (PyCFunction)State_stop_at, METH_VARARGS,
      "stop_at(address, nth=1) -> None\n\nStop before the nth next arrival at address, like "
      "a budget stop (uncounted); None cancels."},
+    {"stop_when_same", (PyCFunction)State_stop_when_same, METH_VARARGS,
+     "stop_when_same(address, register_ids, max_arrivals) -> None\n\nStop before the next "
+     "arrival at address whose registers equal those of the first arrival (read then, "
+     "without a stop), like stop_at; give up after max_arrivals arrivals past the first. "
+     "register_ids None: go on with the current search (its first arrival and count)."},
     {"quiet_resume", (PyCFunction)State_quiet_resume, METH_NOARGS,
      "quiet_resume() -> None\n\nLeave the next block entry out of the recent blocks and "
      "the coverage."},
@@ -1655,7 +1755,15 @@ static PyObject *State_get_event_count(TracerState *s, void *closure)
     return PyLong_FromUnsignedLongLong(s->events_seen);
 }
 
+static PyObject *State_get_same_arrivals(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLong(s->same_arrivals);
+}
+
 static PyGetSetDef State_getset[] = {
+    {"same_arrivals", (getter)State_get_same_arrivals, NULL,
+     "Arrivals past the first of the current stop_when_same search.", NULL},
     {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
     {"blocks", (getter)State_get_blocks, NULL, "Block entries recorded since reset.", NULL},
     {"event_count", (getter)State_get_event_count, NULL,
