@@ -48,6 +48,7 @@ class State(Buffer):
     @property
     def event_count(self) -> int: ...
     bulk_on: bool
+    direct_reads: bool
     @property
     def bulk_units(self) -> int: ...
     identity_cr3: int

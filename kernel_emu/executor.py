@@ -33,7 +33,13 @@ from kernel_emu.observations import FaultObserver, RunObservations
 from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result, StopReason
 from kernel_emu.snapshot import Snapshot, code_masks
-from kernel_emu.tracing import PORT_LOG_SIZE, GuestTracer, PortConfig, attach_tracer
+from kernel_emu.tracing import (
+    PORT_LOG_SIZE,
+    GuestTracer,
+    NativeTracer,
+    PortConfig,
+    attach_tracer,
+)
 from kernel_emu.watchdog import Watchdog
 
 # what `restore` is given by default: the pages the dirty-page observer says were written
@@ -48,8 +54,9 @@ class Executor:
     the profile's). `watchdog`: stop a run as stalled when it makes no progress for that many
     instructions. `native`, `fast_routines`, `skip_cycles`: the native tracer, the native bulk
     moves of memset/memcpy and the skipping of exact cycles; each changes only the speed.
-    `lean`: the leaner run (the tracer judges the cycle search's arrivals itself, ...), which
-    changes only the speed too; off to measure it.
+    `lean`: the leaner run (the tracer judges the cycle search's arrivals itself and reads
+    the frames of watch events from the RAM banks), which changes only the speed too; off
+    to measure it.
     `explain`: when a run leaves a block header written over, make it again watching that
     header, so the finding (and its signature) names its last writer rather than where the run
     stopped. Off by default: a fuzzing job runs such inputs by the thousand, and the farm's
@@ -115,6 +122,8 @@ class Executor:
         # next allocator call, before the allocator can carry the damage on
         sites = self.alloc_sites
         tracer.guard(self.profile.heap.header_size, sites.roles, sites.args)
+        if isinstance(tracer, NativeTracer):
+            tracer.state.direct_reads = self.lean  # frames read from the RAM banks
         if self.image.unwind:  # a PE image: its frames do not chain through rbp
             tracer.unwind(self.image.unwind)
         for attach in self._machine_hooks:

@@ -200,6 +200,7 @@ typedef struct {
     int bulk_on;
     Bank banks[BANK_MAX];
     uint32_t nbanks;
+    int direct_reads; /* frames read from the banks rather than through Unicorn */
     uc_reg_write_fn reg_write;
     uint64_t bulk_units; /* iterations fast-forwarded since reset */
     /* The last refusal, so the iterations of one refused instance that stay
@@ -287,6 +288,22 @@ static const UnwindEntry *unwind_for(const TracerState *s, uint64_t ret)
     return NULL;
 }
 
+/* uc_mem_read's answer: with direct_reads, straight from the RAM bank that holds all `n`
+ * bytes (the very memory Unicorn reads there), through Unicorn otherwise. */
+static int guest_read(TracerState *s, void *uc, uint64_t addr, uint8_t *out, uint64_t n)
+{
+    if (s->direct_reads) {
+        for (uint32_t i = 0; i < s->nbanks; i++) {
+            const Bank *b = &s->banks[i];
+            if (addr >= b->base && addr - b->base <= b->size && n <= b->size - (addr - b->base)) {
+                memcpy(out, b->host + (addr - b->base), (size_t)n);
+                return 0;
+            }
+        }
+    }
+    return s->mem_read(uc, addr, out, n);
+}
+
 static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp,
                             uint64_t *frames)
 {
@@ -294,7 +311,7 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
     uint32_t n = 0;
     /* At a function's entry or its ret the return address is on top of the
      * stack, not behind rbp: the frame there is the caller's. */
-    if (s->mem_read(uc, rsp, buf, 8) != 0) {
+    if (guest_read(s, uc, rsp, buf, 8) != 0) {
         return 0;
     }
     frames[n++] = load_le64(buf);
@@ -304,11 +321,11 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
         while (n < MAX_FRAMES && rbp != 0 && (rbp & 7) == 0) {
             const UnwindEntry *u = unwind_for(s, frames[n - 1]);
             uint8_t word[8];
-            if (u == NULL || s->mem_read(uc, rbp + (uint64_t)u->ret, word, 8) != 0) {
+            if (u == NULL || guest_read(s, uc, rbp + (uint64_t)u->ret, word, 8) != 0) {
                 break;
             }
             uint64_t ret = load_le64(word);
-            if (s->mem_read(uc, rbp + (uint64_t)u->saved_rbp, word, 8) != 0) {
+            if (guest_read(s, uc, rbp + (uint64_t)u->saved_rbp, word, 8) != 0) {
                 break;
             }
             uint64_t next = load_le64(word);
@@ -323,7 +340,7 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
     /* Requiring rising, aligned frame pointers ends the walk on a corrupt
      * or absent chain instead of looping or reading junk forever. */
     while (n < MAX_FRAMES && rbp != 0 && (rbp & 7) == 0 && rbp <= UINT64_MAX - 15) {
-        if (s->mem_read(uc, rbp, buf, 16) != 0) {
+        if (guest_read(s, uc, rbp, buf, 16) != 0) {
             break;
         }
         uint64_t next = load_le64(buf);
@@ -1761,7 +1778,31 @@ static PyObject *State_get_same_arrivals(TracerState *s, void *closure)
     return PyLong_FromUnsignedLong(s->same_arrivals);
 }
 
+static PyObject *State_get_direct_reads(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(s->direct_reads);
+}
+
+static int State_set_direct_reads(TracerState *s, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete direct_reads");
+        return -1;
+    }
+    int on = PyObject_IsTrue(value);
+    if (on < 0) {
+        return -1;
+    }
+    s->direct_reads = on;
+    return 0;
+}
+
 static PyGetSetDef State_getset[] = {
+    {"direct_reads", (getter)State_get_direct_reads, (setter)State_set_direct_reads,
+     "Whether watch events read their frames from the RAM banks given to bulk() (the same "
+     "bytes) instead of through uc_mem_read.", NULL},
     {"same_arrivals", (getter)State_get_same_arrivals, NULL,
      "Arrivals past the first of the current stop_when_same search.", NULL},
     {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
