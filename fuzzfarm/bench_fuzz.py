@@ -90,23 +90,29 @@ def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
 
 
 def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
-                  speedups: bool = True, lean: bool = True) -> tuple[float, float]:
+                  setups: list[tuple[bool, bool]]) -> list[tuple[float, float]]:
+    """Per (speed-ups, lean) setup: median execs/s replaying `inputs` with the feedback hooks
+    and without; every setup and both executors of each take their turn in every repeat."""
     profile = load_profile(kernel)
-    kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean}
-    on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, **kw)
-    feedback = make_feedback()
-    on.add_machine_hook(feedback.attach)
-    off = Executor(profile, watchdog=WATCHDOG, explain=False, **kw)
-    rates_on, rates_off = [], []
+    runs = []
+    for speedups, lean in setups:
+        kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean}
+        on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, **kw)
+        feedback = make_feedback()
+        on.add_machine_hook(feedback.attach)
+        off = Executor(profile, watchdog=WATCHDOG, explain=False, **kw)
+        runs.append(((on, feedback), (off, None)))
+    rates: list[tuple[list[float], list[float]]] = [([], []) for _ in setups]
     for _ in range(repeats):
-        for executor, rates, collect in ((on, rates_on, True), (off, rates_off, False)):
-            start = time.perf_counter()
-            for data in inputs:
-                executor.run(data)
-                if collect:
-                    feedback.collect(executor.tracer.coverage())
-            rates.append(len(inputs) / (time.perf_counter() - start))
-    return statistics.median(rates_on), statistics.median(rates_off)
+        for pair, got in zip(runs, rates, strict=True):
+            for (executor, feedback), into in zip(pair, got, strict=True):
+                start = time.perf_counter()
+                for data in inputs:
+                    executor.run(data)
+                    if feedback is not None:
+                        feedback.collect(executor.tracer.coverage())
+                into.append(len(inputs) / (time.perf_counter() - start))
+    return [(statistics.median(on), statistics.median(off)) for on, off in rates]
 
 
 def _mutated_inputs(count: int, seed: int = 7) -> list[bytes]:
@@ -171,13 +177,16 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
           f"{ratio(med[0], med[1])}; all / none: {ratio(med[0], med[3])}; feedback off / on "
           f"with all: {ratio(med[4], med[0])}, with none: {ratio(med[5], med[3])}")
     inputs = _mutated_inputs(1000)
-    for speedups, lean, label in ((True, True, "all speed-ups"),
-                                  (True, False, "without the lean runs"),
-                                  (False, False, "none")):
-        r_on, r_off = _replay_rates(kernel, inputs, 3, speedups=speedups, lean=lean)
-        print(f"   same 1,000 mutated inputs replayed, {label} (execs/s, median of 3): "
-              f"feedback on {r_on:,.0f}, off {r_off:,.0f}, off/on {r_off / r_on:.2f}x",
-              flush=True)
+    setups = [(True, True, "all speed-ups"), (True, False, "without the lean runs"),
+              (False, False, "none")]
+    replayed = _replay_rates(kernel, inputs, 3, [(fast, lean) for fast, lean, _ in setups])
+    print("   the same 1,000 mutated inputs replayed, the setups interleaved (execs/s, median "
+          "of 3):")
+    for (_, _, label), (r_on, r_off) in zip(setups, replayed, strict=True):
+        print(f"     {label:22}: feedback on {r_on:7,.0f}, off {r_off:7,.0f}, "
+              f"off/on {r_off / r_on:.2f}x")
+    print(f"     feedback on: all / without the lean runs {ratio(replayed[0][0], replayed[1][0])}",
+          flush=True)
 
 
 def _time_to_first(first_runs: int, first_cap: float, fresh: Callable[[], Path]) -> None:
