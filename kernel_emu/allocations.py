@@ -92,8 +92,10 @@ class Allocation(NamedTuple):
 
 def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
            describe: Callable[[int, bool], str],
-           hits: Sequence[GuardHit] = ()) -> tuple[list[Finding], list[Allocation]]:
-    """Findings in the order they happened, and the allocations still live at the end.
+           hits: Sequence[GuardHit] = (), freed: list[Allocation] | None = None
+           ) -> tuple[list[Finding], list[Allocation]]:
+    """Findings in the order they happened, and the allocations still live at the end
+    (`freed`, if given, gets those freed during the run, in the order they were).
 
     Entry and return are paired by the stack pointer: at a `ret` it is back where it was on
     entry. `describe(address, is_return_address)` symbolizes frames. `hits`: the redzone
@@ -111,7 +113,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     # (pointer, the allocation it ended or None, the free's event)
     last_free: tuple[int, Allocation | None, WatchEvent] | None = None
     args = sites.args
-    size, freed = attrgetter(args.size), attrgetter(args.free)
+    size, freed_ptr = attrgetter(args.size), attrgetter(args.free)
     resized, new_size = attrgetter(args.resized), attrgetter(args.new_size)
     waiting = sorted(hits, key=lambda hit: hit.instructions)
     h = 0
@@ -179,11 +181,13 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                 del starts[bisect.bisect_left(starts, old_ptr)]
             made(ptr, asked, ev, resize=True, was=was)
         elif ev.address == sites.dealloc_entry:
-            ptr = freed(ev)
+            ptr = freed_ptr(ev)
             if not ptr:
                 continue
             ended = live.pop(ptr, None)
             last_free = (ptr, ended, ev)
+            if ended is not None and freed is not None:
+                freed.append(ended)
             if ended is None:
                 findings.append(Finding(
                     CrashClass.HEAP_CORRUPTION,

@@ -19,7 +19,7 @@ from unicorn.unicorn_const import UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WR
 from unicorn.unicorn_py3.unicorn import UcError
 
 from kernel_emu import codescan, dirtypages, oracles
-from kernel_emu.allocations import AllocatorSites, replay
+from kernel_emu.allocations import Allocation, AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
 from kernel_emu.dirtylog import PageTableLog
 from kernel_emu.dirtypages import PageMasks, WrittenPages
@@ -266,9 +266,10 @@ class Executor:
         if watch is None:
             self._fast_units = tracer.fast_units
         tracer.check_guards()
+        freed: list[Allocation] = []
         events, live = replay(self.written.take_events(), self.alloc_sites,
                               lambda a, ret: image.describe(a, return_address=ret),
-                              tracer.take_guard_hits())
+                              tracer.take_guard_hits(), freed)
         faults = self.faults
         observed = RunObservations(
             machine=self.machine, stop=stop, instructions=base + tracer.instructions,
@@ -277,6 +278,7 @@ class Executor:
             recent_blocks=tracer.recent_blocks, stalled_at=self.watchdog.stalled_at,
             budget=self.budget, efi_main_status=self.firmware.state.efi_main_status,
             firmware_console=self.firmware.state.console, writers=writers, live=live,
+            freed=freed,
             file=data)
         self.last_observations = observed
         result = oracles.assess(observed, image, self.profile, segments)

@@ -76,5 +76,7 @@ class RunObservations:
     writers: dict[int, list[str]] = field(default_factory=dict)
     # allocations this run made and did not free, in the order they were made
     live: list[Allocation] = field(default_factory=list)
+    # allocations this run made and freed, in the order they were freed
+    freed: list[Allocation] = field(default_factory=list)
     # the input file (the ELF), as the kernel was given it
     file: bytes = b""

@@ -11,6 +11,7 @@ placed before the terminal event (fault, panic, hang).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 import capstone
 
@@ -274,13 +275,15 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
             lines, where = [evidence], frames
             # the damage is charged to the allocation it lies in or right after (as a heap
             # overflow report names the overflowed block), wherever the run then stopped
-            culprit = _culprit(obs.live, heap.spot, profile.heap.header_size)
+            culprit = _culprit(obs.live, heap.spot, profile.heap.header_size, obs.freed)
             if culprit is not None and culprit.returned is not None:
                 where = event_frames(culprit.returned,
                                      lambda a, ret: image.describe(a, return_address=ret))
-                lines.append(f"in or right after allocation #{culprit.seq} "
-                             f"({culprit.size:#x} bytes at {culprit.ptr:#x}) from "
-                             + " < ".join(where[1:5]))
+                how = "in allocation" if culprit not in obs.live else \
+                    "in or right after allocation"
+                gone = ", freed since," if culprit not in obs.live else ""
+                lines.append(f"{how} #{culprit.seq} ({culprit.size:#x} bytes at "
+                             f"{culprit.ptr:#x}){gone} from " + " < ".join(where[1:5]))
             writer = obs.writers.get(heap.damaged[0]) if heap.damaged else None
             if writer:
                 lines.append(f"last written by {' < '.join(writer[:4])}")
@@ -335,11 +338,14 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     )
 
 
-def _culprit(live: list[Allocation], spot: int | None, header: int) -> Allocation | None:
-    """The live allocation of this run whose block holds `spot` or ends right before it: the
-    last one whose header starts before `spot`, if `spot` lies within its payload plus the
-    next header and the remainder a first-fit allocator leaves unsplit (a few headers'
-    worth). A block freed since is no culprit: its memory may be anyone's now."""
+def _culprit(live: Sequence[Allocation], spot: int | None, header: int,
+             freed: Sequence[Allocation] = ()) -> Allocation | None:
+    """The allocation of this run whose block holds `spot` or ends right before it: the
+    last live one whose header starts before `spot`, if `spot` lies within its payload plus
+    the next header and the remainder a first-fit allocator leaves unsplit (a few headers'
+    worth); unless `spot` lies past that one's payload and inside the payload of an
+    allocation freed since (the last freed, and none live over it): the block is free again,
+    and the object that lived there is what it was damaged through."""
     if spot is None:
         return None
     best: Allocation | None = None
@@ -347,6 +353,12 @@ def _culprit(live: list[Allocation], spot: int | None, header: int) -> Allocatio
         end = a.ptr + ((max(a.size, 1) + 7) & ~7) + 5 * header
         if a.ptr - header < spot <= end and (best is None or a.ptr > best.ptr):
             best = a
+    if best is not None and best.ptr <= spot < best.ptr + max(best.size, 1):
+        return best  # inside a live payload
+    for a in reversed(freed):
+        if a.ptr <= spot < a.ptr + max(a.size, 1) and not any(
+                b.ptr <= spot < b.ptr + max(b.size, 1) for b in live):
+            return a
     return best
 
 

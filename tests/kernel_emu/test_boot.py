@@ -388,3 +388,19 @@ def test_ring_3_entered_without_its_stack_is_a_bad_entry(executors: dict[str, Ex
     stack = next(f for f in seed.findings if f.field == "entry.rsp")
     assert stack.cls == "bad-entry" and "whose page is not mapped" in stack.evidence[0]
     assert executors["fixed"].run(data).verdict == "ok"
+
+
+def test_damage_in_a_block_freed_again_is_charged_to_what_lived_there() -> None:
+    from kernel_emu.allocations import Allocation
+    from kernel_emu.oracles import _culprit
+
+    table = Allocation(1, 0x302720, 0x60)  # grown, then freed on a refusal
+    after = Allocation(2, 0x3026D0, 0x28)  # live, just before it
+    # the spot lies in the freed table, past the live block's payload
+    assert _culprit([after], 0x302750, 40, [table]) is table
+    # inside a live payload, the live block; nothing freed: the one it follows, as before
+    assert _culprit([after], 0x3026E0, 40, [table]) is after
+    assert _culprit([after], 0x302750, 40, []) is after
+    # a freed block handed out again is its new owner's
+    again = Allocation(3, 0x302720, 0x60)
+    assert _culprit([after, again], 0x302750, 40, [table]) is again
