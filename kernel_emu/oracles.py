@@ -199,13 +199,17 @@ HEAP_WALK = HEAP
 
 
 SEGMENT_KEYS = ("vaddr", "memsz", "filesz", "offset", "flags")
+# an entry wrong in this many of them was not loaded from its program header (read from the
+# wrong place, or written over); fewer are as many wrong fields, each a bug of its own
+MISREAD_FIELDS = 3
 
 
 def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
                       frames: list[str], cut_short: bool = False) -> list[Finding]:
     """What the printed segment table shows wrong. A table whose entries are not the ELF's
-    (another count, or an entry wrong in more than one field: program headers misread, or
-    written over) is first of all one finding, field `segments`, whatever shape that took;
+    (another count, or an entry wrong in MISREAD_FIELDS fields or more: program headers
+    misread, or written over) is first of all one finding, field `segments`, whatever shape
+    that took;
     then each wrong entry's first wrong field, as consequences. `cut_short`: the run was
     stopped (budget or watchdog), so a segment table still being printed is unfinished, not
     short."""
@@ -222,7 +226,7 @@ def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
         keys = [key for key in SEGMENT_KEYS if want[key] != got[key]]
         if keys:
             wrong.append((i, keys))
-    misread = next(((i, keys) for i, keys in wrong if len(keys) > 1), None)
+    misread = next(((i, keys) for i, keys in wrong if len(keys) >= MISREAD_FIELDS), None)
     out: list[Finding] = []
     if evidence or misread is not None:
         if misread is not None:

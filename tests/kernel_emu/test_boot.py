@@ -122,6 +122,9 @@ def test_a_misread_program_header_table_is_one_finding_whatever_its_shape(
                         "flags=0x6") == ["segments", "segments[1].vaddr"]
     assert table(first, "vaddr=0x401000 memsz=0x2000 filesz=0x1000 offset=0x1000 "
                         "flags=0x7") == ["segments[1].flags"]
+    # two wrong fields are two bugs (a truncated size, flags written over), not a misreading
+    assert table(first, "vaddr=0x401000 memsz=0x1000 filesz=0x1000 offset=0x1000 "
+                        "flags=0x7") == ["segments[1].memsz"]
 
 
 def test_segment_table_findings_share_a_bucket_wherever_the_kernel_stops(
