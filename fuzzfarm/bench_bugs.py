@@ -346,6 +346,10 @@ def rebucket(source: Path, out: Path, say: Any = print) -> int:
         for old in data.get("trials", []):
             folder = source / "trials" / f"{kernel}-{old['index']}"
             jobs = len(list((folder / "jobs").glob("job-*.json")))
+            if not jobs:
+                say(f"  {kernel} trial {old['index'] + 1}: {folder} holds no campaign, left "
+                    f"out", flush=True)
+                continue
             summary = summarize(folder, jobs, old["seconds"])
             trial = judge_trial(kernel, old["index"], old["seconds"], summary)
             trial.complete = old.get("complete", True)

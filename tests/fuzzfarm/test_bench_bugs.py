@@ -116,6 +116,11 @@ def test_rebucket_wants_an_earlier_run(tmp_path: Path) -> None:
     (tmp_path / "bugs.json").write_text('{"seed": []}')
     with pytest.raises(ValueError, match="not the results of fuzzfarm bench bugs"):
         rebucket(tmp_path, tmp_path / "out")
+    # a trial whose folder is gone is left out, and said to be
+    (tmp_path / "bugs.json").write_text('{"seed": {"trials": [{"index": 0, "seconds": 8}]}}')
+    said: list[str] = []
+    assert rebucket(tmp_path, tmp_path / "out", say=lambda s, **k: said.append(s)) == 0
+    assert any("holds no campaign, left out" in s for s in said)
 
 
 def test_a_stopped_trial_ends_the_benchmark_and_keeps_the_finished_ones(
