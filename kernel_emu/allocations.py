@@ -102,7 +102,6 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     hits of the run (kernel_emu.redzones), each placed before the first event it did not
     come after."""
     returns, realloc_returns = set(sites.alloc_returns), set(sites.realloc_returns)
-    # (rsp, size, the pointer a reallocate resizes or None)
     # (rsp, size, for a resize the pointer and the allocation it resizes)
     pending: list[tuple[int, int, int | None, Allocation | None]] = []
     live: dict[int, Allocation] = {}
@@ -113,7 +112,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     # (pointer, the allocation it ended or None, the free's event)
     last_free: tuple[int, Allocation | None, WatchEvent] | None = None
     args = sites.args
-    size, freed_ptr = attrgetter(args.size), attrgetter(args.free)
+    asked_size, freed_ptr = attrgetter(args.size), attrgetter(args.free)
     resized, new_size = attrgetter(args.resized), attrgetter(args.new_size)
     waiting = sorted(hits, key=lambda hit: hit.instructions)
     h = 0
@@ -154,7 +153,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
             findings.append(_redzone_finding(waiting[h], live, ev, describe))
             h += 1
         if ev.address == sites.alloc_entry:
-            pending.append((ev.rsp, size(ev), None, None))
+            pending.append((ev.rsp, asked_size(ev), None, None))
         elif ev.address == sites.realloc_entry:
             old_ptr = resized(ev)
             pending.append((ev.rsp, new_size(ev), old_ptr, live.get(old_ptr)))
