@@ -173,7 +173,7 @@ class Redzones:
         b.before, b.after = before, after
 
     def _find(self, ptr: int) -> int:
-        return bisect.bisect_left([b.ptr for b in self.live], ptr)
+        return bisect.bisect_left(self.live, ptr, key=lambda b: b.ptr)
 
     def _forget(self, ptr: int) -> None:
         i = self._find(ptr)

@@ -90,15 +90,7 @@ static void guard_clear(HeapGuard *g)
  * through uc_mem_read otherwise. */
 static int guard_read(TracerState *s, void *uc, uint64_t address, uint8_t *out, uint64_t size)
 {
-    if (size == 0) {
-        return 0;
-    }
-    const uint8_t *host = bank_host(s, address, size, NULL);
-    if (host != NULL) {
-        memcpy(out, host, size);
-        return 0;
-    }
-    return s->mem_read(uc, address, out, size) == 0 ? 0 : -1;
+    return size == 0 || ram_read(s, uc, address, out, size, 1) == 0 ? 0 : -1;
 }
 
 /* The guarded ranges of block i, clipped to the payloads of its neighbours,

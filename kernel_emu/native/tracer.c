@@ -288,20 +288,25 @@ static const UnwindEntry *unwind_for(const TracerState *s, uint64_t ret)
     return NULL;
 }
 
-/* uc_mem_read's answer: with direct_reads, straight from the RAM bank that holds all `n`
- * bytes (the very memory Unicorn reads there), through Unicorn otherwise. */
-static int guest_read(TracerState *s, void *uc, uint64_t addr, uint8_t *out, uint64_t n)
+static uint8_t *bank_host(TracerState *s, uint64_t phys, uint64_t size, uint32_t *bank);
+
+/* uc_mem_read's answer: when `direct`, straight from the RAM bank that holds all `n` bytes
+ * (the very memory Unicorn reads there), through Unicorn otherwise or outside the banks. */
+static int ram_read(TracerState *s, void *uc, uint64_t addr, uint8_t *out, uint64_t n,
+                    int direct)
 {
-    if (s->direct_reads) {
-        for (uint32_t i = 0; i < s->nbanks; i++) {
-            const Bank *b = &s->banks[i];
-            if (addr >= b->base && addr - b->base <= b->size && n <= b->size - (addr - b->base)) {
-                memcpy(out, b->host + (addr - b->base), (size_t)n);
-                return 0;
-            }
-        }
+    const uint8_t *host = direct ? bank_host(s, addr, n, NULL) : NULL;
+    if (host != NULL) {
+        memcpy(out, host, (size_t)n);
+        return 0;
     }
     return s->mem_read(uc, addr, out, n);
+}
+
+/* Frames are read directly only with direct_reads (the lean runs). */
+static int guest_read(TracerState *s, void *uc, uint64_t addr, uint8_t *out, uint64_t n)
+{
+    return ram_read(s, uc, addr, out, n, s->direct_reads);
 }
 
 static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp,
