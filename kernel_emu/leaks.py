@@ -23,6 +23,11 @@ from kernel_emu.image import KernelImage
 from kernel_emu.machine import Machine
 from kernel_emu.result import CrashClass, Finding
 
+try:
+    from kernel_emu._walk import held_words
+except ImportError:  # not built: the scan below, in Python
+    held_words = None
+
 PF_W = 2
 # a block larger than this is scanned only up to it (a loaded segment's bytes, not a table)
 SCAN_LIMIT = 1 << 20
@@ -34,19 +39,23 @@ REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10",
 
 def leak_findings(m: Machine, image: KernelImage, live: Sequence[Allocation],
                   stack: tuple[int, int] | None,
-                  describe: Callable[[int, bool], str]) -> list[Finding]:
+                  describe: Callable[[int, bool], str],
+                  registers: dict[str, int] | None = None) -> list[Finding]:
     """The first allocation of `live` nothing reachable points at (one finding at most).
-    `stack`: the kernel stack's [base, top), when known."""
+    `stack`: the kernel stack's [base, top), when known; `registers`: the machine's, when
+    the caller has read them already."""
     if not live:
         return []
+    if registers is None:
+        registers = m.registers()
     pending = {a.ptr: a for a in live}
-    values = {m.reg(r) for r in REGISTERS}
+    values = {registers[r] for r in REGISTERS}
     in_registers = [pending.pop(ptr) for ptr in [p for p in pending if p in values]]
     regions: list[tuple[int, int]] = [(s.vaddr, s.memsz) for s in image.segments
                                       if s.flags & PF_W]
     regions += [(a.ptr, min(max(a.size, 1), SCAN_LIMIT)) for a in in_registers]
     if stack is not None:
-        rsp = m.reg("rsp")
+        rsp = registers["rsp"]
         low = rsp if stack[0] <= rsp < stack[1] else stack[0]
         regions.append((low, stack[1] - low))
     # what is reached does not depend on the order regions are scanned in, so the smallest
@@ -82,7 +91,14 @@ def _read(m: Machine, start: int, size: int) -> bytes | None:
 
 def _held(data: bytes, start: int, wanted: dict[int, Allocation]) -> list[int]:
     """The keys of `wanted` that `data` (at address `start`) holds at 8-aligned addresses:
-    a small region is read as a set of words once, a large one searched for each key."""
+    natively one pass over the words; in Python a small region is read as a set of words
+    once, a large one searched for each key."""
+    if held_words is not None:
+        return held_words(data, start, list(wanted))
+    return _held_python(data, start, wanted)
+
+
+def _held_python(data: bytes, start: int, wanted: dict[int, Allocation]) -> list[int]:
     if len(data) <= WORDS_AT_ONCE:
         skip = -start % 8
         usable = (len(data) - skip) // 8 * 8

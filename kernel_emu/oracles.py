@@ -39,9 +39,14 @@ _md.detail = True
 # ------------------------------------------------------------------------------------------
 # backtraces
 
-def backtrace(m: Machine, image: KernelImage, *, limit: int = 24) -> list[str]:
-    """Symbolized frames where the guest stopped, by the frame-pointer chain."""
-    pc, rbp = m.reg("rip"), m.reg("rbp")
+def backtrace(m: Machine, image: KernelImage, *, limit: int = 24,
+              registers: dict[str, int] | None = None) -> list[str]:
+    """Symbolized frames where the guest stopped, by the frame-pointer chain (`registers`:
+    the machine's, when the caller has read them already)."""
+    if registers is None:
+        pc, rbp = m.reg("rip"), m.reg("rbp")
+    else:
+        pc, rbp = registers["rip"], registers["rbp"]
     frames = [image.describe(pc)]
     seen = set()
     layout = image.frame_layout(pc)
@@ -252,7 +257,9 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     text = obs.console.decode("utf-8", errors="replace")
     log = parse_log(text)
     expected = _expected(segments)
-    frames = backtrace(m, image)
+    registers = m.registers()  # one read for all the oracles below
+    pc = registers["rip"]
+    frames = backtrace(m, image, registers=registers)
     kstack_base = kernel_stack_base(m, image, profile) or None
     terminal: Finding | None = None
     if stop in (StopReason.FAULT, StopReason.UC_ERROR):
@@ -264,11 +271,11 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     elif stop == StopReason.HALT and log.rejected is None:
         terminal = Finding(CrashClass.KERNEL_PANIC,
                            ["the kernel halted without a panic message or a rejection"],
-                           frames=frames, pc=m.reg("rip"))
+                           frames=frames, pc=pc)
     elif stop == StopReason.EFI_RETURN:
         terminal = Finding(CrashClass.KERNEL_PANIC,
                            [f"efi_main returned to the firmware with status "
-                            f"{obs.efi_main_status:#x}"], frames=frames, pc=m.reg("rip"))
+                            f"{obs.efi_main_status:#x}"], frames=frames, pc=pc)
     state: list[Finding] = []
     blocks: list[heapwalk.Block] = []
     if _heap_initialised(log):
@@ -307,7 +314,8 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         stack = (kstack_base, kstack_base + profile.kernel.stack_size) \
             if kstack_base and stop == StopReason.HALT else None
         state += leak_findings(m, image, obs.live, stack,
-                               lambda a, ret: image.describe(a, return_address=ret))
+                               lambda a, ret: image.describe(a, return_address=ret),
+                               registers)
     findings = _dedupe(obs.events + state + ([terminal] if terminal else []))
     primary = findings[0] if findings else None
     if primary is not None:
@@ -322,8 +330,8 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         crash_class=primary.cls if primary else None,
         signature=primary.signature() if primary else None,
         findings=findings,
-        pc=m.reg("rip"),
-        symbol=image.describe(m.reg("rip")),
+        pc=pc,
+        symbol=image.describe(pc),
         backtrace=frames,
         segments=log.segments,
         expected_segments=expected,
@@ -331,7 +339,7 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         instructions=obs.instructions,
         stop=stop,
         reject_reason=log.rejected,
-        registers=m.registers(),
+        registers=registers,
         console=list(obs.firmware_console),
         kernel=profile.name,
         kernel_sha256=image.sha256,

@@ -38,6 +38,12 @@
  *   With form 2, only len(pages), without building anything (the watchdog's progress
  *   check at every checkpoint of a run that loads megabytes).
  *
+ * held_words(data, start, keys) -> [key]
+ *   The keys (ints below 2**64, in their given order) that `data`, at guest address
+ *   `start`, holds as a little-endian word at an 8-aligned address: the leak oracle's
+ *   question of every region it reaches (kernel_emu.leaks._held is the reference). One pass
+ *   over the words with a binary search each, ending once every key is found.
+ *
  * restore_pages(ram, saved, bitmap) -> None
  *   The copy half of a snapshot restore, which a run that loaded megabytes needs for
  *   thousands of pages: each page whose bit is set in `bitmap` (as above) gets saved[index]
@@ -47,6 +53,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define P 1ULL
@@ -416,6 +423,98 @@ done:
     return result;
 }
 
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static PyObject *held_words(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer data;
+    unsigned long long start;
+    PyObject *keys_arg;
+    if (!PyArg_ParseTuple(args, "y*KO", &data, &start, &keys_arg)) {
+        return NULL;
+    }
+    PyObject *result = NULL, *keys = PySequence_Fast(keys_arg, "keys must be a sequence");
+    uint64_t *wanted = NULL, *sorted = NULL;
+    uint8_t *found = NULL, *hit = NULL; /* hit: by position in `sorted` */
+    if (keys == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    result = PyList_New(0);
+    if (result == NULL || n == 0) {
+        goto done;
+    }
+    wanted = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
+    sorted = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
+    found = PyMem_Calloc((size_t)n, 1);
+    hit = PyMem_Calloc((size_t)n, 1);
+    if (wanted == NULL || sorted == NULL || found == NULL || hit == NULL) {
+        PyErr_NoMemory();
+        Py_CLEAR(result);
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        wanted[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(keys, i));
+        if (wanted[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        sorted[i] = wanted[i];
+    }
+    qsort(sorted, (size_t)n, sizeof(uint64_t), compare_u64);
+    /* keys to find, a repeated one once, and how many are found */
+    Py_ssize_t distinct = 1, hits = 0;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        distinct += sorted[i] != sorted[i - 1];
+    }
+    const uint8_t *bytes = data.buf;
+    Py_ssize_t skip = (Py_ssize_t)((8 - (start & 7)) & 7);
+    for (Py_ssize_t at = skip; at + 8 <= data.len && hits < distinct; at += 8) {
+        uint64_t word;
+        memcpy(&word, bytes + at, 8);
+        Py_ssize_t lo = 0, hi = n;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (sorted[mid] < word) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        if (lo < n && sorted[lo] == word && !hit[lo]) {
+            hit[lo] = 1;
+            hits++;
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t *at = bsearch(&wanted[i], sorted, (size_t)n, sizeof(uint64_t), compare_u64);
+        /* bsearch may land on any copy of a repeated key: the first copy holds the mark */
+        while (at != NULL && at > sorted && at[-1] == wanted[i]) {
+            at--;
+        }
+        found[i] = at != NULL && hit[at - sorted];
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (found[i] && PyList_Append(result, PySequence_Fast_GET_ITEM(keys, i)) < 0) {
+            Py_CLEAR(result);
+            goto done;
+        }
+    }
+done:
+    PyMem_Free(wanted);
+    PyMem_Free(sorted);
+    PyMem_Free(found);
+    PyMem_Free(hit);
+    Py_XDECREF(keys);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"restore_pages", restore_pages, METH_VARARGS,
      "restore_pages(ram, saved, bitmap) -> None"},
@@ -424,6 +523,7 @@ static PyMethodDef methods[] = {
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
      "(pages, tables, executable) | int | None"},
+    {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
     {NULL, NULL, 0, NULL},
 };
 
