@@ -26,7 +26,7 @@ from kernel_emu.result import CrashClass, Finding
 try:
     from kernel_emu._walk import held_words
 except ImportError:  # not built: the scan below, in Python
-    held_words = None
+    held_words = None  # type: ignore[assignment]
 
 PF_W = 2
 # a block larger than this is scanned only up to it (a loaded segment's bytes, not a table)

@@ -11,6 +11,7 @@ same page as a page-by-page scan would.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kernel_emu import pagewalk
@@ -22,6 +23,8 @@ from kernel_emu.profile import TargetProfile
 from kernel_emu.result import CrashClass, Finding
 
 USER_STACK_PAGES = 64
+# a page walk under the run's final CR3: the leaf mapping a virtual address (None: not mapped)
+Translate = Callable[[int], pagewalk.Mapping | None]
 
 
 def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log: KernelLog,
@@ -29,6 +32,7 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                         kstack_base: int | None, file: bytes = b"") -> list[Finding]:
     """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop)."""
     cr3 = m.reg("cr3")
+    translate = _translator(m, cr3)
     tables: set[int] = set()
     runs = pagewalk.walk_user(m, cr3, tables, runs=True)
     small = [r for r in runs if r.size == PAGE]
@@ -38,7 +42,7 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
         i = bisect.bisect_right(starts, page) - 1
         if i >= 0 and page < small[i].end:
             return small[i]  # only its rights are read, the same for every page of the run
-        return pagewalk.translate(m, cr3, page)
+        return translate(page)
 
     out: list[Finding] = []
     # a segment the user half cannot hold, which the kernel went on to map: the cause of
@@ -54,7 +58,7 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
     # the kernel's own mapping, the user stack, before what the file asked for: a stack
     # mapped to the wrong place also shows as a segment page it took, or a page nobody asked
     # for, and is the cause of both
-    out += stack_findings(m, cr3, frames)
+    out += stack_findings(m, translate, frames)
     covered: list[tuple[int, int]] = []
     page_flags = shared_page_flags(expected)
     for i, seg in enumerate(expected):
@@ -107,8 +111,8 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                                     f"covers it"], frames=frames, field="segments.extra"))
                 break
     if file and not out:
-        out += content_findings(m, cr3, expected, file, frames)
-    out += entry_findings(m, cr3, frames)
+        out += content_findings(m, translate, expected, file, frames)
+    out += entry_findings(m, translate, frames)
     return out
 
 
@@ -116,8 +120,8 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
 CONTENT_WINDOW = 64
 
 
-def content_findings(m: Machine, cr3: int, expected: list[dict[str, int]], file: bytes,
-                     frames: list[str]) -> list[Finding]:
+def content_findings(m: Machine, translate: Translate, expected: list[dict[str, int]],
+                     file: bytes, frames: list[str]) -> list[Finding]:
     """Each segment's first and last bytes from the file, and the first bytes of its BSS,
     must read in user memory as the file has them (and zero). Segments whose address ranges
     overlap another's are left out: the ELF does not say which one wins."""
@@ -134,7 +138,7 @@ def content_findings(m: Machine, cr3: int, expected: list[dict[str, int]], file:
                    (max(0, filesz - w), file[offset + max(0, filesz - w):offset + filesz]),
                    (filesz, bytes(min(w, memsz - filesz)))]
         for at, want in windows:
-            got = _read_user(m, cr3, vaddr + at, len(want))
+            got = _read_user(m, translate, vaddr + at, len(want))
             if got is not None and got != want:
                 k = next(k for k in range(len(want)) if got[k] != want[k])
                 source = f"file offset {offset + at + k:#x}" if at + k < filesz else "the BSS"
@@ -145,11 +149,25 @@ def content_findings(m: Machine, cr3: int, expected: list[dict[str, int]], file:
     return []
 
 
-def _read_user(m: Machine, cr3: int, vaddr: int, size: int) -> bytes | None:
+def _translator(m: Machine, cr3: int) -> Translate:
+    """`pagewalk.translate` under `cr3`, each 4 KiB page walked once (the oracles below ask
+    for the same few pages several times a run)."""
+    walked: dict[int, pagewalk.Mapping | None] = {}
+
+    def translate(vaddr: int) -> pagewalk.Mapping | None:
+        page = vaddr >> 12
+        if page not in walked:
+            walked[page] = pagewalk.translate(m, cr3, vaddr)
+        return walked[page]
+
+    return translate
+
+
+def _read_user(m: Machine, translate: Translate, vaddr: int, size: int) -> bytes | None:
     """`size` bytes of user memory at `vaddr` through the page tables (None: not mapped)."""
     out = bytearray()
     while size > 0:
-        mp = pagewalk.translate(m, cr3, vaddr)
+        mp = translate(vaddr)
         if mp is None:
             return None
         chunk = min(size, mp.vaddr + mp.size - vaddr)
@@ -261,14 +279,14 @@ def merge_pages(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def entry_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
+def entry_findings(m: Machine, translate: Translate, frames: list[str]) -> list[Finding]:
     """The `iretq` about to run must enter ring 3 at user-executable code."""
     rsp = m.reg("rsp")
     rip, cs = m.u64(rsp), m.u64(rsp + 8)
     if cs & 3 != 3:
         return [Finding(CrashClass.BAD_ENTRY, [f"iretq does not enter ring 3 (CS={cs:#x})"],
                         frames=frames, field="entry.ring")]
-    mp = pagewalk.translate(m, cr3, rip)
+    mp = translate(rip)
     if mp is None or not mp.user or not mp.executable:
         state = "not mapped" if mp is None else ("not user-accessible" if not mp.user
                                                  else "not executable")
@@ -277,7 +295,7 @@ def entry_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
     return []
 
 
-def stack_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
+def stack_findings(m: Machine, translate: Translate, frames: list[str]) -> list[Finding]:
     """The stack the kernel set up for ring 3 must be mapped user-writable where the `iretq`
     about to run puts the stack pointer."""
     rsp = m.reg("rsp")
@@ -285,7 +303,7 @@ def stack_findings(m: Machine, cr3: int, frames: list[str]) -> list[Finding]:
         return []  # not into ring 3: entry_findings says so
     # the program's first push goes just below its stack pointer
     user_rsp = m.u64(rsp + 24)
-    mp = pagewalk.translate(m, cr3, (user_rsp - 8) & ((1 << 64) - 1))
+    mp = translate((user_rsp - 8) & ((1 << 64) - 1))
     if mp is None or not mp.user or not mp.writable:
         state = "not mapped" if mp is None else ("not user-accessible" if not mp.user
                                                  else "not writable")
