@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 import struct
 
-from kernel_emu.allocations import Allocation
 import pytest
 
 from kernel_emu import leaks
+from kernel_emu.allocations import Allocation
 from kernel_emu.leaks import WORDS_AT_ONCE, _held, _held_python, _holds_word
 
 needs_native = pytest.mark.skipif(leaks.held_words is None,
