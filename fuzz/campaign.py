@@ -69,7 +69,8 @@ class _Job:
     finished: bool = False
 
 
-def _spawn(config: JobConfig, out: Path) -> tuple[subprocess.Popen[bytes], TextIO]:
+def _spawn(config: JobConfig, out: Path,
+           checkout: Path | None = None) -> tuple[subprocess.Popen[bytes], TextIO]:
     log = (out / "jobs" / f"job-{config.job}.log").open("a")
     env = dict(os.environ)
     # Python-level coverage of the harness must not reach libFuzzer
@@ -77,6 +78,8 @@ def _spawn(config: JobConfig, out: Path) -> tuple[subprocess.Popen[bytes], TextI
     process = subprocess.Popen(
         [sys.executable, "-m", "fuzz.harness", config.dumps()],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        # another checkout's job runs that checkout's code (`python -m` looks in cwd first)
+        cwd=checkout,
         # the parent decides when jobs stop: a terminal's Ctrl-C reaches only the parent
         start_new_session=True,
     )
@@ -143,11 +146,12 @@ def progress_line(summary: CampaignSummary, total: float | None) -> str:
 
 
 def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO | None = None,
-                 live: bool | None = None) -> CampaignSummary:
+                 live: bool | None = None, checkout: Path | None = None) -> CampaignSummary:
     """Run `jobs` jobs of `base` (its `job` and `seed` are set per job) to their end.
 
     The progress line goes to `stream` (default: stderr), live when it is a terminal or
-    `live` says so, as a plain line every few seconds otherwise."""
+    `live` says so, as a plain line every few seconds otherwise. `checkout`: run the jobs
+    with another checkout's code (a benchmark's side-by-side; its paths must be absolute)."""
     out = Path(base.out)
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "corpus").mkdir(parents=True, exist_ok=True)
@@ -158,7 +162,7 @@ def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO | None = None,
     running: list[_Job] = []
     for job in range(jobs):
         config = JobConfig(**{**base.__dict__, "job": job, "seed": base.seed + job + 1})
-        process, log = _spawn(config, out)
+        process, log = _spawn(config, out, checkout)
         running.append(_Job(config, process, log))
 
     stop_requested = False
@@ -192,7 +196,8 @@ def run_campaign(base: JobConfig, jobs: int, *, stream: TextIO | None = None,
                     failures.append(failure + "; restarted")
                     j.restarts += 1
                     j.log.close()
-                    j.process, j.log = _spawn(_remaining(j.config, now - start), out)
+                    j.process, j.log = _spawn(_remaining(j.config, now - start), out,
+                                                 checkout)
                     continue
                 if failure:
                     failures.append(failure)

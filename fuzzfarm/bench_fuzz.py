@@ -84,9 +84,10 @@ def attribute(summary: CampaignSummary) -> dict[str, int]:
     return found
 
 
-def _campaign(kernel: str, jobs: int, out: Path, **kw: Any) -> CampaignSummary:
-    config = JobConfig(kernel=kernel, out=str(out), seeds=[str(SEEDS)], **kw)
-    return run_campaign(config, jobs, live=False, stream=io.StringIO())
+def _campaign(kernel: str, jobs: int, out: Path, checkout: Path | None = None,
+              **kw: Any) -> CampaignSummary:
+    config = JobConfig(kernel=kernel, out=str(out.resolve()), seeds=[str(SEEDS.resolve())], **kw)
+    return run_campaign(config, jobs, live=False, stream=io.StringIO(), checkout=checkout)
 
 
 def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
@@ -125,8 +126,11 @@ def _mutated_inputs(count: int, seed: int = 7) -> list[bytes]:
 
 def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
                bug_seconds: float, first_cap: float, fixed_seconds: float = 600.0,
-               parts: str = "123") -> int:
-    print(f"bench fuzz: kernel {kernel}, seeds {len(list(SEEDS.glob('*.elf')))} files")
+               parts: str = "123", other: Path | None = None) -> int:
+    """`other`: another checkout whose default campaigns part 1 runs too, interleaved with
+    this one's, by that checkout's own code (the figure before a change, side by side)."""
+    print(f"bench fuzz: kernel {kernel}, seeds {len(list(SEEDS.glob('*.elf')))} files"
+          + (f"; the other checkout: {other}" if other else ""))
     # a worker that is still winding down may write into it while it is removed
     with tempfile.TemporaryDirectory(prefix="fuzzfarm-bench-",
                                      ignore_cleanup_errors=True) as tmp:
@@ -139,7 +143,7 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
             return root / f"c{n}"
 
         if "1" in parts:
-            _feedback_cost(kernel, seconds, repeats, fresh)
+            _feedback_cost(kernel, seconds, repeats, fresh, other)
         if "2" in parts:
             _time_to_first(first_runs, first_cap, fresh)
         if "3" in parts:
@@ -156,13 +160,22 @@ _SETUPS = [("all speed-ups (default)      ", True, True, True, True),
            ("none                         ", False, False, False, False)]
 
 
-def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path]) -> None:
+def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path],
+                   other: Path | None = None) -> None:
     rates: list[list[float]] = [[] for _ in _SETUPS]
+    theirs: list[float] = []
     for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
         for got, (_, feedback, fast, skip, lean) in zip(rates, _SETUPS, strict=True):
             got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
                                  compares=feedback, fast_routines=fast,
                                  skip_cycles=skip, lean=lean).execs_per_second)
+            if other is not None and got is rates[0]:
+                # right after this checkout's default: the same setup by the other's code
+                summary = _campaign(kernel, 1, fresh(), checkout=other, seconds=seconds)
+                if not summary.execs:
+                    raise RuntimeError(f"the other checkout's campaign failed: "
+                                       f"{'; '.join(summary.job_failures) or 'no execution'}")
+                theirs.append(summary.execs_per_second)
     med = [statistics.median(r) for r in rates]
 
     def ratio(a: float, b: float) -> str:
@@ -173,6 +186,12 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
     for (label, feedback, *_), m, r in zip(_SETUPS, med, rates, strict=True):
         shown = ", ".join(f"{x:,.0f}" for x in r)
         print(f"   feedback {'on ' if feedback else 'off'}, {label}: {m:7,.0f}  [{shown}]")
+    if other is not None:
+        shown = ", ".join(f"{x:,.0f}" for x in theirs)
+        print(f"   feedback on, the other checkout, its defaults: "
+              f"{statistics.median(theirs):7,.0f}  [{shown}]")
+        print(f"   feedback on, default: this / the other checkout "
+              f"{ratio(med[0], statistics.median(theirs))}")
     print(f"   feedback on: all / without the lean runs (the old default): "
           f"{ratio(med[0], med[1])}; all / none: {ratio(med[0], med[3])}; feedback off / on "
           f"with all: {ratio(med[4], med[0])}, with none: {ratio(med[5], med[3])}")

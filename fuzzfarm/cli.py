@@ -336,10 +336,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "fuzz":
         from fuzzfarm.bench_fuzz import bench_fuzz
 
-        return bench_fuzz(kernel=args.kernel, seconds=args.seconds, repeats=args.repeats,
-                          first_runs=args.first_runs, bug_seconds=args.bug_seconds,
-                          first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
-                          parts=args.parts)
+        other = None
+        if args.other:
+            other = Path(args.other).resolve()
+            if not (other / "fuzz" / "harness.py").is_file():
+                raise UsageError(f"--other {args.other}: not a checkout of this project")
+        try:
+            return bench_fuzz(kernel=args.kernel, seconds=args.seconds, repeats=args.repeats,
+                              first_runs=args.first_runs, bug_seconds=args.bug_seconds,
+                              first_cap=args.first_cap, fixed_seconds=args.fixed_seconds,
+                              parts=args.parts, other=other)
+        except RuntimeError as e:
+            print(f"fuzzfarm: error: {e}", file=sys.stderr)
+            return 2
     if args.what == "compare" and not args.other and not args.other_kernel:
         return _race(args)
     if args.what == "compare":
@@ -571,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "this checkout's oracles and signatures, without fuzzing again "
                         "(results in --out, default DIR/rebucketed)")
     p.add_argument("--other", metavar="DIR",
-                   help="compare: the other checkout (its native hooks built)")
+                   help="compare: the other checkout (its native hooks built); fuzz: also "
+                        "run part 1's default campaigns with that checkout's code, "
+                        "interleaved, for the figure before a change")
     p.add_argument("--other-kernel", metavar="KERNEL",
                    help="compare: another kernel build to measure against --kernel (e.g. "
                         "seed-elf against seed: the ELF and the UEFI image)")

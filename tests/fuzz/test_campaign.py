@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,32 @@ def test_fuzz_command_reports_bad_options_in_one_line(tmp_path: Path) -> None:
         assert needle in proc.stderr
         assert "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_campaign_can_run_another_checkouts_code(tmp_path: Path) -> None:
+    """`bench fuzz --other`: the jobs run the code of the checkout they are given. The other
+    checkout here is this one with its job harness marked: the job says which ran."""
+    root = Path(__file__).parents[2]
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("kernel_emu", "corpus"):
+        (other / name).symlink_to(root / name)
+    shutil.copytree(root / "fuzz", other / "fuzz",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    harness = other / "fuzz" / "harness.py"
+    source = harness.read_text()
+    anchor = "        self.stats.notes = list(self.executor.notes)\n"
+    assert anchor in source
+    harness.write_text(source.replace(
+        anchor, anchor + '        self.stats.notes.append("the other checkout ran")\n'))
+    config = JobConfig(kernel="seed", out=str(tmp_path / "out"), seeds=[str(SEEDS)], runs=50)
+    summary = run_campaign(config, 1, live=False, checkout=other)
+    assert summary.job_failures == []
+    assert summary.execs >= 50
+    stats = json.loads((tmp_path / "out" / "jobs" / "job-0.json").read_text())
+    assert "the other checkout ran" in stats["notes"]
+    # and without it, this checkout's own code
+    config = JobConfig(kernel="seed", out=str(tmp_path / "mine"), seeds=[str(SEEDS)], runs=50)
+    run_campaign(config, 1, live=False)
+    stats = json.loads((tmp_path / "mine" / "jobs" / "job-0.json").read_text())
+    assert "the other checkout ran" not in stats["notes"]
