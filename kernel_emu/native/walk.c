@@ -429,6 +429,21 @@ static int compare_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The first index of the ascending keys[0..n) whose key is not below `word`. */
+static Py_ssize_t lower_bound(const uint64_t *keys, Py_ssize_t n, uint64_t word)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (keys[mid] < word) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
 static PyObject *held_words(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -439,8 +454,8 @@ static PyObject *held_words(PyObject *self, PyObject *args)
         return NULL;
     }
     PyObject *result = NULL, *keys = PySequence_Fast(keys_arg, "keys must be a sequence");
-    uint64_t *wanted = NULL, *sorted = NULL;
-    uint8_t *found = NULL, *hit = NULL; /* hit: by position in `sorted` */
+    uint64_t *distinct = NULL; /* the keys ascending, each once */
+    uint8_t *hit = NULL;       /* by position in `distinct` */
     if (keys == NULL) {
         goto done;
     }
@@ -449,66 +464,50 @@ static PyObject *held_words(PyObject *self, PyObject *args)
     if (result == NULL || n == 0) {
         goto done;
     }
-    wanted = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
-    sorted = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
-    found = PyMem_Calloc((size_t)n, 1);
+    distinct = PyMem_Malloc(sizeof(uint64_t) * (size_t)n);
     hit = PyMem_Calloc((size_t)n, 1);
-    if (wanted == NULL || sorted == NULL || found == NULL || hit == NULL) {
+    if (distinct == NULL || hit == NULL) {
         PyErr_NoMemory();
         Py_CLEAR(result);
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        wanted[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(keys, i));
-        if (wanted[i] == (uint64_t)-1 && PyErr_Occurred()) {
+        distinct[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(keys, i));
+        if (distinct[i] == (uint64_t)-1 && PyErr_Occurred()) {
             Py_CLEAR(result);
             goto done;
         }
-        sorted[i] = wanted[i];
     }
-    qsort(sorted, (size_t)n, sizeof(uint64_t), compare_u64);
-    /* keys to find, a repeated one once, and how many are found */
-    Py_ssize_t distinct = 1, hits = 0;
+    qsort(distinct, (size_t)n, sizeof(uint64_t), compare_u64);
+    Py_ssize_t count = 1;
     for (Py_ssize_t i = 1; i < n; i++) {
-        distinct += sorted[i] != sorted[i - 1];
+        if (distinct[i] != distinct[count - 1]) {
+            distinct[count++] = distinct[i];
+        }
     }
     const uint8_t *bytes = data.buf;
-    Py_ssize_t skip = (Py_ssize_t)((8 - (start & 7)) & 7);
-    for (Py_ssize_t at = skip; at + 8 <= data.len && hits < distinct; at += 8) {
+    Py_ssize_t found = 0;
+    for (Py_ssize_t at = (Py_ssize_t)((8 - (start & 7)) & 7);
+         at + 8 <= data.len && found < count; at += 8) {
         uint64_t word;
         memcpy(&word, bytes + at, 8);
-        Py_ssize_t lo = 0, hi = n;
-        while (lo < hi) {
-            Py_ssize_t mid = lo + (hi - lo) / 2;
-            if (sorted[mid] < word) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        if (lo < n && sorted[lo] == word && !hit[lo]) {
-            hit[lo] = 1;
-            hits++;
+        Py_ssize_t i = lower_bound(distinct, count, word);
+        if (i < count && distinct[i] == word && !hit[i]) {
+            hit[i] = 1;
+            found++;
         }
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t *at = bsearch(&wanted[i], sorted, (size_t)n, sizeof(uint64_t), compare_u64);
-        /* bsearch may land on any copy of a repeated key: the first copy holds the mark */
-        while (at != NULL && at > sorted && at[-1] == wanted[i]) {
-            at--;
-        }
-        found[i] = at != NULL && hit[at - sorted];
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (found[i] && PyList_Append(result, PySequence_Fast_GET_ITEM(keys, i)) < 0) {
+        PyObject *key = PySequence_Fast_GET_ITEM(keys, i);
+        /* converted above without error, so again without one */
+        if (hit[lower_bound(distinct, count, PyLong_AsUnsignedLongLong(key))] &&
+            PyList_Append(result, key) < 0) {
             Py_CLEAR(result);
             goto done;
         }
     }
 done:
-    PyMem_Free(wanted);
-    PyMem_Free(sorted);
-    PyMem_Free(found);
+    PyMem_Free(distinct);
     PyMem_Free(hit);
     Py_XDECREF(keys);
     PyBuffer_Release(&data);
