@@ -15,6 +15,7 @@ every result fits in the size libFuzzer allows.  A call is deterministic for a g
 from __future__ import annotations
 
 import random
+import sys
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 
@@ -85,6 +86,8 @@ _P_VADDR = ELF64_PHDR["p_vaddr"].index
 _P_MEMSZ = ELF64_PHDR["p_memsz"].index
 _P_TYPE = ELF64_PHDR["p_type"]
 _P_OFFSET = ELF64_PHDR["p_offset"]
+# the program header table can be read as native 32-bit words on a little-endian host
+_LITTLE_HOST = sys.byteorder == "little"
 _P_FILESZ = ELF64_PHDR["p_filesz"]
 _P_ALIGN = ELF64_PHDR["p_align"]
 
@@ -195,16 +198,33 @@ class _Elf:
         return value
 
     def loads(self) -> list[int]:
-        buf, stride = self.buf, self.stride
+        """The indexes of the PT_LOAD entries."""
+        count, stride = self.count, self.stride
+        if count == 0:
+            return []
+        if _LITTLE_HOST and stride % 4 == 0:
+            # every entry's p_type at once: the table as 32-bit words, one per `stride` bytes
+            # (the last entry may be cut short after its 56 bytes: padded)
+            table = bytes(self.buf[self.phoff:self.phoff + count * stride])
+            words = memoryview(table.ljust(count * stride, b"\0")).cast("I")
+            return [i for i, p_type in enumerate(words[_P_TYPE.offset // 4::stride // 4])
+                    if p_type == PT_LOAD]
+        buf = self.buf
         start = self.phoff + _P_TYPE.offset
-        p_type = _P_TYPE.le
-        return [i for i in range(self.count)
-                if p_type.unpack_from(buf, start + i * stride)[0] == PT_LOAD]
+        p_type_of = _P_TYPE.le
+        return [i for i in range(count)
+                if p_type_of.unpack_from(buf, start + i * stride)[0] == PT_LOAD]
 
     def entries(self) -> list[bytes]:
-        buf = self.buf
-        return [bytes(buf[p:p + ELF64_PHDR_SIZE])
-                for p in range(self.phoff, self.phoff + self.count * self.stride, self.stride)]
+        """Every entry's 56 bytes, in order."""
+        stride = self.stride
+        table = bytes(self.buf[self.phoff:self.phoff + self.count * stride])
+        return [table[p:p + ELF64_PHDR_SIZE] for p in range(0, self.count * stride, stride)]
+
+    def entry_bytes(self, index: int) -> bytes:
+        """Entry `index`'s 56 bytes."""
+        at = self.at(index)
+        return bytes(self.buf[at:at + ELF64_PHDR_SIZE])
 
 
 def parse(data: bytes | bytearray) -> _Elf | None:
@@ -815,11 +835,10 @@ class ElfMutator:
         donors = eb.loads() or list(range(eb.count))
         picked = rng.sample(donors, min(len(donors), rng.randrange(1, 4)))
         entries = ea.entries()
-        b_entries = eb.entries()
         a_loads = ea.loads()
         buf = ea.buf
         for d in picked:
-            raw = bytearray(b_entries[d])
+            raw = bytearray(eb.entry_bytes(d))
             offset, filesz, align = (f.le.unpack_from(raw, f.offset)[0]
                                      for f in (_P_OFFSET, _P_FILESZ, _P_ALIGN))
             chunk = b[offset:offset + filesz] if offset < len(b) else b""

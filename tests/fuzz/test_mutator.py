@@ -509,3 +509,32 @@ def test_split_hits_boot_to_the_planted_corruption() -> None:
         result = executor.run(data)
         assert result.verdict == "crash"
         assert "vaddr-corruption" in {f.cls for f in result.findings}, result.findings
+
+
+def test_program_header_reads_agree_with_field_by_field_reads() -> None:
+    """The table read at once (PT_LOAD indexes, entries) gives what reading each entry's
+    fields one by one gives, whatever the stride, the table's offset or a cut-short end."""
+    rng = random.Random(11)
+    checked = 0  # tables read by whole words
+    for _ in range(400):
+        data = bytearray(THREE)
+        phentsize = rng.choice((56, 56, 60, 64, 57, 100, 0, 3))
+        phnum = rng.randrange(0, 40)
+        phoff = rng.choice((64, 64, 65, 66, 0x100, len(data) - 100, len(data) - 56))
+        struct.pack_into("<QHH", data, 0x20, phoff, 0, 0)
+        struct.pack_into("<HH", data, 0x36, phentsize, phnum)
+        data.extend(rng.randbytes(rng.randrange(0, 3000)))
+        for _ in range(rng.randrange(0, 30)):
+            at = rng.randrange(len(data) - 4)
+            struct.pack_into("<I", data, at, rng.choice((1, 1, 2, 6, 0x6474E551)))
+        del data[len(data) - rng.randrange(0, 60):]
+        elf = parse(bytes(data))
+        if elf is None:
+            continue
+        checked += elf.count > 0 and elf.stride % 4 == 0
+        expect_loads = [i for i in range(elf.count) if elf.get(i, "p_type") == 1]
+        assert elf.loads() == expect_loads
+        entries = elf.entries()
+        assert entries == [bytes(elf.buf[elf.at(i):elf.at(i) + PHDR]) for i in range(elf.count)]
+        assert all(elf.entry_bytes(i) == entries[i] for i in range(elf.count))
+    assert checked > 100
