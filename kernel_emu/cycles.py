@@ -18,7 +18,9 @@ iterations of bulk moves performed natively, which make progress by definition):
 stopped at the start of the block it is in (``stop_at``), its registers are recorded, and the
 guest is stopped again at each of its next arrivals there, up to :data:`MAX_ARRIVALS`. The whole
 state is read only at arrivals with those registers again, and two of them with the same state
-prove the cycle. Only snapshot runs under the firmware's identity page
+prove the cycle. The first such state is the anchor; a probe whose next :data:`MAX_CAPTURES`
+states all differ from it gives up (a loop whose registers repeat while its memory moves on,
+such as a counter kept on the stack, would otherwise cost a whole-state read per arrival). Only snapshot runs under the firmware's identity page
 tables are probed (the Dirty bits there name every page the run wrote), and only while the run
 has written at most :data:`MAX_PAGES` pages. The extra stops leave no trace: the tracer drops
 the block entry of each resume (``quiet_resume``).
@@ -37,6 +39,8 @@ from kernel_emu.tracing import RING_SIZE, GuestTracer
 
 FIRST_PROBE = 4096
 MAX_ARRIVALS = 16
+# whole states read per probe after its anchor: cycles of up to this many arrivals are found
+MAX_CAPTURES = 3
 MAX_PAGES = 256
 # what an arrival's registers are compared by (Machine.registers)
 _REGISTER_IDS = tuple(REGISTERS.values())
@@ -83,6 +87,7 @@ class CycleFinder:
         self._anchor: _State | None = None
         self._anchored_at = 0
         self._arrivals = 0
+        self._captures = 0  # whole states read since the anchor
         self._cycle: _Cycle | None = None
         self._regime = 0  # block entries from here on follow the periodic sequence
         self.skipped = 0
@@ -131,6 +136,7 @@ class CycleFinder:
         if not blocks or not self._may_stop_at(blocks[-1]) or not self._small_enough():
             return
         self._address, self._first, self._anchor, self._arrivals = blocks[-1], None, None, 0
+        self._captures = 0
         if self._same is not None:
             self._same.stop_when_same(self._address, _REGISTER_IDS, MAX_ARRIVALS)
             return
@@ -192,6 +198,10 @@ class CycleFinder:
                                  anchor.coverage, state.coverage)
             self._probe_at = None
             self._skip()
+            return
+        self._captures += 1
+        if self._captures >= MAX_CAPTURES:
+            self._drop()
         else:
             self._next_arrival()
 

@@ -142,7 +142,10 @@ def _fault_finding(obs: RunObservations, image: KernelImage, kstack_base: int | 
 def spinning_in(image: KernelImage, blocks: list[int]) -> tuple[str | None, str]:
     """The function most of a hang's recent blocks are in (the first seen of a tie; None
     without blocks) and the lowest eight distinct block addresses."""
-    funcs, times = _loop_functions(image, blocks)
+    return _spinning_in(*_loop_functions(image, blocks))
+
+
+def _spinning_in(funcs: Counter[str], times: Counter[int]) -> tuple[str | None, str]:
     spot = funcs.most_common(1)[0][0] if funcs else None
     return spot, ", ".join(sorted(f"{b:#x}" for b in times)[:8])
 
@@ -157,11 +160,10 @@ def _loop_functions(image: KernelImage, blocks: list[int]) -> tuple[Counter[str]
     return funcs, times
 
 
-def _loop_frames(image: KernelImage, blocks: list[int], frames: list[str]) -> list[str]:
-    """The backtrace from the outermost function the loop runs in: the loop's owner, which
-    the backtrace shows wherever in the loop the run was stopped (a callee it calls each time
-    round is on the stack only some of the time)."""
-    funcs, _ = _loop_functions(image, blocks)
+def _loop_frames(funcs: Counter[str], frames: list[str]) -> list[str]:
+    """The backtrace from the outermost function the loop runs in (`funcs`: the functions
+    of its blocks): the loop's owner, which the backtrace shows wherever in the loop the run
+    was stopped (a callee it calls each time round is on the stack only some of the time)."""
     names = [f.rsplit("+0x", 1)[0] for f in frames]
     owner = max((i for i, name in enumerate(names) if name in funcs), default=None)
     return frames[owner:] if owner is not None else frames
@@ -169,7 +171,8 @@ def _loop_frames(image: KernelImage, blocks: list[int], frames: list[str]) -> li
 
 def _hang_finding(obs: RunObservations, image: KernelImage, frames: list[str]) -> Finding:
     rip = obs.machine.reg("rip")
-    spot, loop = spinning_in(image, obs.recent_blocks())
+    funcs, times = _loop_functions(image, obs.recent_blocks())
+    spot, loop = _spinning_in(funcs, times)
     if spot is None:
         spot = image.describe(rip)
     if obs.stalled_at:
@@ -178,7 +181,7 @@ def _hang_finding(obs: RunObservations, image: KernelImage, frames: list[str]) -
     else:
         why = f"instruction budget of {obs.budget} spent"
     return Finding(CrashClass.HANG, [f"{why}; spinning in {spot} (blocks {loop})"],
-                   frames=_loop_frames(image, obs.recent_blocks(), frames), pc=rip)
+                   frames=_loop_frames(funcs, frames), pc=rip)
 
 
 def _panic_finding(m: Machine, log: KernelLog, frames: list[str]) -> Finding:
