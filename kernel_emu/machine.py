@@ -49,6 +49,7 @@ REGISTERS = {
     "cr2": UC_X86_REG_CR2, "cr3": UC_X86_REG_CR3, "cr4": UC_X86_REG_CR4,
 }
 MSR_EFER = 0xC000_0080
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class Machine:
         for bank in self.banks:
             self.uc.mem_map_ptr(bank.base, bank.size, UC_PROT_ALL, bank.address)
         self.labels: list[Label] = []
+        # the first bank (RAM from address 0) holds almost every access the oracles make
+        low = self.banks[0]
+        self._low_base, self._low_size, self._low_buffer = low.base, low.size, low.buffer
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
         self._batch_values = [ctypes.c_uint64() for _ in REGISTERS]
@@ -103,6 +107,9 @@ class Machine:
 
     def read(self, addr: int, size: int) -> bytes:
         """Read guest physical memory; bytes outside RAM read as 0xff, like an open bus."""
+        off = addr - self._low_base
+        if off >= 0 and off + size <= self._low_size:
+            return self._low_buffer[off:off + size]
         bank = self.bank_for(addr, size)
         if bank is not None:
             off = addr - bank.base
@@ -125,6 +132,10 @@ class Machine:
         bank.view[off:off + len(data)] = data
 
     def u64(self, addr: int) -> int:
+        off = addr - self._low_base
+        if off >= 0 and off + 8 <= self._low_size:
+            value: int = _U64.unpack_from(self._low_buffer, off)[0]
+            return value
         return int.from_bytes(self.read(addr, 8), "little")
 
     def put_u64(self, addr: int, value: int) -> None:
