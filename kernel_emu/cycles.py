@@ -20,9 +20,10 @@ guest is stopped again at each of its next arrivals there, up to :data:`MAX_ARRI
 state is read only at arrivals with those registers again, and two of them with the same state
 prove the cycle. The first such state is the anchor; a probe whose next :data:`MAX_CAPTURES`
 states all differ from it gives up (a loop whose registers repeat while its memory moves on,
-such as a counter kept on the stack, would otherwise cost a whole-state read per arrival). Only snapshot runs under the firmware's identity page
-tables are probed (the Dirty bits there name every page the run wrote), and only while the run
-has written at most :data:`MAX_PAGES` pages. The extra stops leave no trace: the tracer drops
+such as a counter kept on the stack, would otherwise cost a whole-state read per arrival).
+Only snapshot runs under the firmware's identity page tables are probed (the Dirty bits there
+name every page the run wrote), and only while the run has written at most
+:data:`MAX_PAGES` pages. The extra stops leave no trace: the tracer drops
 the block entry of each resume (``quiet_resume``).
 """
 

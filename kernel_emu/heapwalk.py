@@ -97,14 +97,39 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
     return HeapState(blocks, problems, damaged if problems else None, spot)
 
 
+_U64 = struct.Struct("<Q")
+# per header layout: one Struct for its size, free byte, magic, prev and next, and where
+# each of those five is in what it unpacks (None: fields that overlap, read one by one)
+_headers: dict[tuple[int, ...], tuple[struct.Struct, tuple[int, ...]] | None] = {}
+
+
+def _header_struct(heap: HeapLayout) -> tuple[struct.Struct, tuple[int, ...]] | None:
+    key = (heap.size_offset, heap.free_offset, heap.magic_offset, heap.prev_offset,
+           heap.next_offset)
+    if key not in _headers:
+        fields = sorted(zip(key, (8, 1, 8, 8, 8), range(5), strict=True))
+        layout: tuple[struct.Struct, tuple[int, ...]] | None = None
+        if all(a + width <= b for (a, width, _), (b, _, _) in zip(fields, fields[1:], strict=False)):
+            fmt, at = "<", 0
+            for offset, width, _ in fields:
+                fmt += (f"{offset - at}x" if offset > at else "") + ("Q" if width == 8 else "B")
+                at = offset + width
+            by_offset = [i for _, _, i in fields]
+            layout = struct.Struct(fmt), tuple(by_offset.index(i) for i in range(5))
+        _headers[key] = layout
+    return _headers[key]
+
+
 def _read_block(view: Any, at: int, addr: int, heap: HeapLayout) -> Block:
-    raw = view[at:at + heap.header_size]
-    return Block(addr,
-                 struct.unpack_from("<Q", raw, heap.size_offset)[0],
-                 raw[heap.free_offset] != 0,
-                 struct.unpack_from("<Q", raw, heap.magic_offset)[0] == heap.magic,
-                 struct.unpack_from("<Q", raw, heap.prev_offset)[0],
-                 struct.unpack_from("<Q", raw, heap.next_offset)[0])
+    layout = _header_struct(heap)
+    if layout is None:
+        u = _U64.unpack_from
+        return Block(addr, u(view, at + heap.size_offset)[0], view[at + heap.free_offset] != 0,
+                     u(view, at + heap.magic_offset)[0] == heap.magic,
+                     u(view, at + heap.prev_offset)[0], u(view, at + heap.next_offset)[0])
+    st, p = layout
+    got = st.unpack_from(view, at)
+    return Block(addr, got[p[0]], got[p[1]] != 0, got[p[2]] == heap.magic, got[p[3]], got[p[4]])
 
 
 def _bad_magic(view: Any, at: int, addr: int, heap: HeapLayout) -> str:

@@ -90,10 +90,11 @@ class Machine:
         self._low_base, self._low_size, self._low_buffer = low.base, low.size, low.buffer
         self._scratch = ctypes.c_uint64()
         self._scratch_ref = ctypes.byref(self._scratch)
-        self._batch_values = [ctypes.c_uint64() for _ in REGISTERS]
+        # one array for a batch read of every register: its values come out as ints at once
+        self._batch_values = (ctypes.c_uint64 * len(REGISTERS))()
         self._batch_ids = (ctypes.c_int32 * len(REGISTERS))(*REGISTERS.values())
         self._batch_ptrs = (ctypes.c_void_p * len(REGISTERS))(
-            *(ctypes.addressof(v) for v in self._batch_values))
+            *(ctypes.addressof(self._batch_values) + 8 * i for i in range(len(REGISTERS))))
 
     # memory ------------------------------------------------------------------------------
     def bank_for(self, addr: int, size: int = 1) -> RamBank | None:
@@ -130,6 +131,16 @@ class Machine:
             raise ValueError(f"host write outside RAM at {addr:#x}")
         off = addr - bank.base
         bank.view[off:off + len(data)] = data
+
+    def u64_in_ram(self, addr: int) -> int | None:
+        """The 64-bit word at `addr`, or None when RAM does not hold all of its bytes."""
+        off = addr - self._low_base
+        if off >= 0 and off + 8 <= self._low_size:
+            value: int = _U64.unpack_from(self._low_buffer, off)[0]
+            return value
+        if self.bank_for(addr, 8) is None:
+            return None
+        return int.from_bytes(self.read(addr, 8), "little")
 
     def u64(self, addr: int) -> int:
         off = addr - self._low_base
@@ -171,4 +182,4 @@ class Machine:
                                          len(REGISTERS))
         if status:
             raise UcError(status)
-        return {name: v.value for name, v in zip(REGISTERS, self._batch_values, strict=True)}
+        return dict(zip(REGISTERS, self._batch_values[:], strict=True))

@@ -50,17 +50,20 @@ def backtrace(m: Machine, image: KernelImage, *, limit: int = 24,
     frames = [image.describe(pc)]
     seen = set()
     layout = image.frame_layout(pc)
+    text = image.text_ranges
     while len(frames) < limit and layout and rbp and rbp not in seen:
         saved_at, ret_at = layout
-        if not (m.bank_for(rbp + ret_at, 8) and m.bank_for(rbp + saved_at, 8)):
+        ret, next_rbp = m.u64_in_ram(rbp + ret_at), m.u64_in_ram(rbp + saved_at)
+        if ret is None or next_rbp is None:
             break
         seen.add(rbp)
-        ret = m.u64(rbp + ret_at)
-        if not any(lo <= ret < hi for lo, hi in image.text_ranges):
+        for lo, hi in text:
+            if lo <= ret < hi:
+                break
+        else:
             break
         frames.append(image.describe(ret, return_address=True))
         layout = image.frame_layout(ret - 1)
-        next_rbp = m.u64(rbp + saved_at)
         if next_rbp <= rbp:
             break
         rbp = next_rbp
@@ -197,7 +200,9 @@ def _panic_finding(m: Machine, log: KernelLog, frames: list[str]) -> Finding:
 # what was loaded versus what the ELF says
 
 def _expected(segments: tuple[Segment, ...]) -> list[dict[str, int]]:
-    return [s.to_json() for s in segments]
+    # Segment.to_json, inline: an input may have hundreds of PT_LOAD entries
+    return [{"vaddr": vaddr, "memsz": memsz, "filesz": filesz, "offset": offset, "flags": flags}
+            for vaddr, memsz, filesz, offset, flags in segments]
 
 
 # the site of what the printed segment table shows wrong: one place, wherever the run stopped

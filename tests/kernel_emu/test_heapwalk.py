@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import struct
 
+from kernel_emu import heapwalk
 from kernel_emu.heapwalk import walk_heap
 from kernel_emu.machine import Machine
 from kernel_emu.profile import load_profile
@@ -70,3 +72,27 @@ def test_blocks_that_do_not_tile_walk_only_the_free_list() -> None:
     m.write(rest + UPSTREAM.next_offset, struct.pack("<Q", rest))
     assert walk_heap(m, UPSTREAM, rest).problems[0] == ("free_list",
                                                         f"free list loops back to {rest:#x}")
+
+
+def test_a_header_reads_the_same_whatever_its_layout() -> None:
+    """Each header field where the layout puts it, in any order or overlapping: the
+    one-unpack read of a header agrees with reading its fields one by one."""
+    heap = load_profile("seed").heap
+    rng = random.Random(1)
+    for trial in range(300):
+        offsets = (rng.sample(range(64), 5) if trial % 2
+                   else [o * 8 for o in rng.sample(range(8), 5)])
+        layout = dataclasses.replace(heap, size_offset=offsets[0], free_offset=offsets[1],
+                                     magic_offset=offsets[2], prev_offset=offsets[3],
+                                     next_offset=offsets[4], header_size=80)
+        buf = bytearray(rng.randbytes(200))
+        if trial % 3 == 0:
+            struct.pack_into("<Q", buf, 7 + layout.magic_offset, layout.magic)
+
+        def u64(offset: int, buf: bytearray = buf) -> int:
+            return int(struct.unpack_from("<Q", buf, 7 + offset)[0])
+
+        want = heapwalk.Block(0x1234, u64(layout.size_offset), buf[7 + layout.free_offset] != 0,
+                              u64(layout.magic_offset) == layout.magic,
+                              u64(layout.prev_offset), u64(layout.next_offset))
+        assert heapwalk._read_block(memoryview(buf), 7, 0x1234, layout) == want, offsets
