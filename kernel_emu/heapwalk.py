@@ -109,7 +109,8 @@ def _header_struct(heap: HeapLayout) -> tuple[struct.Struct, tuple[int, ...]] | 
     if key not in _headers:
         fields = sorted(zip(key, (8, 1, 8, 8, 8), range(5), strict=True))
         layout: tuple[struct.Struct, tuple[int, ...]] | None = None
-        if all(a + width <= b for (a, width, _), (b, _, _) in zip(fields, fields[1:], strict=False)):
+        pairs = zip(fields, fields[1:], strict=False)
+        if all(a + width <= b for (a, width, _), (b, _, _) in pairs):
             fmt, at = "<", 0
             for offset, width, _ in fields:
                 fmt += (f"{offset - at}x" if offset > at else "") + ("Q" if width == 8 else "B")
