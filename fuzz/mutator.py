@@ -18,6 +18,7 @@ import random
 import sys
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
+from itertools import compress
 
 from fuzz.facts import HeapFacts, KernelFacts
 from kernel_emu.elflayout import (
@@ -88,6 +89,7 @@ _P_TYPE = ELF64_PHDR["p_type"]
 _P_OFFSET = ELF64_PHDR["p_offset"]
 # the program header table can be read as native 32-bit words on a little-endian host
 _LITTLE_HOST = sys.byteorder == "little"
+_IS_PT_LOAD = PT_LOAD.__eq__
 _P_FILESZ = ELF64_PHDR["p_filesz"]
 _P_ALIGN = ELF64_PHDR["p_align"]
 
@@ -207,8 +209,8 @@ class _Elf:
             # (the last entry may be cut short after its 56 bytes: padded)
             table = bytes(self.buf[self.phoff:self.phoff + count * stride])
             words = memoryview(table.ljust(count * stride, b"\0")).cast("I")
-            return [i for i, p_type in enumerate(words[_P_TYPE.offset // 4::stride // 4])
-                    if p_type == PT_LOAD]
+            p_types = words[_P_TYPE.offset // 4::stride // 4].tolist()
+            return list(compress(range(count), map(_IS_PT_LOAD, p_types)))
         buf = self.buf
         start = self.phoff + _P_TYPE.offset
         p_type_of = _P_TYPE.le
