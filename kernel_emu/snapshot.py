@@ -9,13 +9,9 @@ hold code, and restores the CPU context.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-
-from unicorn.unicorn_py3.unicorn import UcError, uclib
-from unicorn.x86_const import UC_X86_REG_CR3
 
 from kernel_emu.dirtylog import mask_indexes
 from kernel_emu.firmware import FirmwareState
@@ -72,11 +68,7 @@ class Snapshot:
                 bank.view[page * PAGE:(page + 1) * PAGE] = saved[page] or ZERO_PAGE
         m.uc.context_restore(self.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
-        # (straight to the C API, as Machine.reg reads: the binding's generic path is slow)
-        cr3 = ctypes.c_uint64(m.reg("cr3"))
-        status = uclib.uc_reg_write(m.uc._uch, UC_X86_REG_CR3, ctypes.byref(cr3))
-        if status:
-            raise UcError(status)
+        m.set_reg("cr3", m.reg("cr3"))
 
 
 def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[int]:

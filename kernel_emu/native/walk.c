@@ -514,7 +514,71 @@ done:
     return result;
 }
 
+/* read_register(uc_reg_read, uc, regid) -> int: one register through Unicorn's C API, at the
+ * addresses the caller passes (uc_reg_read and the engine handle), without the per-call
+ * argument conversions of ctypes; OSError with Unicorn's status if it fails. Only for
+ * registers of at most 64 bits, which is what Machine.reg reads. */
+typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
+
+static PyObject *read_register(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "read_register(uc_reg_read, uc, regid)");
+        return NULL;
+    }
+    unsigned long long fn = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long long uc = PyLong_AsUnsignedLongLong(args[1]);
+    long regid = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fn == 0 || uc == 0) {
+        PyErr_SetString(PyExc_ValueError, "read_register: a null function or engine");
+        return NULL;
+    }
+    /* room for any register, though only 64-bit ones are asked for */
+    uint64_t value[8] = {0};
+    int status = ((uc_reg_read_fn)(uintptr_t)fn)((void *)(uintptr_t)uc, (int)regid, value);
+    if (status != 0) {
+        return PyErr_Format(PyExc_OSError, "uc_reg_read failed with status %d", status);
+    }
+    return PyLong_FromUnsignedLongLong(value[0]);
+}
+
+/* write_register(uc_reg_write, uc, regid, value) -> None: the same for a write. */
+typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
+
+static PyObject *write_register(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "write_register(uc_reg_write, uc, regid, value)");
+        return NULL;
+    }
+    unsigned long long fn = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long long uc = PyLong_AsUnsignedLongLong(args[1]);
+    long regid = PyLong_AsLong(args[2]);
+    uint64_t value[8] = {PyLong_AsUnsignedLongLong(args[3])};
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (fn == 0 || uc == 0) {
+        PyErr_SetString(PyExc_ValueError, "write_register: a null function or engine");
+        return NULL;
+    }
+    int status = ((uc_reg_write_fn)(uintptr_t)fn)((void *)(uintptr_t)uc, (int)regid, value);
+    if (status != 0) {
+        return PyErr_Format(PyExc_OSError, "uc_reg_write failed with status %d", status);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"read_register", (PyCFunction)(void (*)(void))read_register, METH_FASTCALL,
+     "read_register(uc_reg_read, uc, regid) -> int"},
+    {"write_register", (PyCFunction)(void (*)(void))write_register, METH_FASTCALL,
+     "write_register(uc_reg_write, uc, regid, value) -> None"},
     {"restore_pages", restore_pages, METH_VARARGS,
      "restore_pages(ram, saved, bitmap) -> None"},
     {"user_leaves", user_leaves, METH_VARARGS,
