@@ -89,15 +89,54 @@ def dirty_leaves(m: Machine, root: int, accessed_level: int = 0) -> Walk | None:
 
 
 class MaskWalk:
-    """:class:`Walk` with the pages and the tables as integer bit masks over the first RAM
-    bank's pages (bit i: the page at base + i * PAGE)."""
+    """:class:`Walk` with the pages and the tables as bitmaps over the first RAM bank's pages
+    (bit i of byte i // 8, from the lowest: the page at base + i * PAGE); `pages` and
+    `tables` give them as integer bit masks."""
 
-    __slots__ = ("pages", "tables", "executable")
+    __slots__ = ("page_bits", "table_bits", "executable")
 
-    def __init__(self, pages: int, tables: int, executable: list[tuple[int, int, int]]) -> None:
-        self.pages = pages
-        self.tables = tables
+    def __init__(self, page_bits: bytes | bytearray, table_bits: bytes | bytearray,
+                 executable: list[tuple[int, int, int]]) -> None:
+        self.page_bits = page_bits
+        self.table_bits = table_bits
         self.executable = executable
+
+    @property
+    def pages(self) -> int:
+        return int.from_bytes(self.page_bits, "little")
+
+    @property
+    def tables(self) -> int:
+        return int.from_bytes(self.table_bits, "little")
+
+
+# Bitmaps of pages (as MaskWalk's): which pages two share, and all of both. Natively when the
+# walker is built: a mask over the bank's 32,768 pages is a 4 KiB int, and turning bitmaps
+# into ints and back cost ~5 µs a run.
+def bits_meet(a: bytes | bytearray, b: bytes | bytearray) -> bool:
+    if native_walker is not None:
+        return native_walker.bits_meet(a, b)
+    return bool(int.from_bytes(a, "little") & int.from_bytes(b, "little"))
+
+
+def bits_or(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
+    if native_walker is not None:
+        return native_walker.bits_or(a, b)
+    either = int.from_bytes(a, "little") | int.from_bytes(b, "little")
+    return either.to_bytes(max(len(a), len(b)), "little")
+
+
+def bits_and_indexes(a: bytes | bytearray, b: bytes | bytearray) -> list[int]:
+    if native_walker is not None:
+        return native_walker.bits_and_indexes(a, b)
+    return mask_indexes(int.from_bytes(a, "little") & int.from_bytes(b, "little"))
+
+
+def to_bits(mask: int | bytes | bytearray, count: int) -> bytes | bytearray:
+    """A mask over `count` pages as a bitmap (a bitmap as it is)."""
+    if isinstance(mask, int):
+        return mask.to_bytes((count + 7) // 8, "little")
+    return mask
 
 
 def index_mask(indexes: Iterable[int], count: int) -> int:
@@ -120,9 +159,10 @@ def page_mask(m: Machine, addresses: Iterable[int]) -> int | None:
     return index_mask(indexes, low.size // PAGE)
 
 
-def mask_indexes(mask: int) -> list[int]:
-    """The indexes of the set bits, in order."""
-    data = mask.to_bytes((mask.bit_length() + 7) // 8, "little")
+def mask_indexes(mask: int | bytes | bytearray) -> list[int]:
+    """The indexes of the set bits, in order (of an int, or of a bitmap)."""
+    data = mask.to_bytes((mask.bit_length() + 7) // 8, "little") if isinstance(mask, int) \
+        else mask
     return [i * 8 + bit for i, byte in enumerate(data) if byte
             for bit in range(8) if byte >> bit & 1]
 
@@ -136,16 +176,15 @@ def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | No
                                             MAX_PAGES, MAX_TABLES, _BITMAPS)
         if native is None:
             return None
-        pages, tables, executable = native
-        return MaskWalk(int.from_bytes(pages, "little"), int.from_bytes(tables, "little"),
-                        executable)
+        return MaskWalk(*native)
     walk = dirty_leaves_python(m, root, accessed_level)
     if walk is None:
         return None
     pages, tables = page_mask(m, walk.pages), page_mask(m, walk.tables)
     if pages is None or tables is None:
         return None
-    return MaskWalk(pages, tables, walk.executable)
+    count = m.banks[0].size // PAGE
+    return MaskWalk(to_bits(pages, count), to_bits(tables, count), walk.executable)
 
 
 def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
@@ -244,7 +283,7 @@ class PageTableLog:
             raise ValueError("the identity page tables or the code are not all in the first "
                              "RAM bank")
         # what no run may write for the log to vouch for its pages
-        self._forbidden = identity_tables | exec_pages
+        self._forbidden = to_bits(identity_tables | exec_pages, m.banks[0].size // PAGE)
         self.sites = sorted({site for lo, hi in self.executable
                              for site in paging_sites(m.read(lo, hi - lo), lo)})
 
@@ -273,18 +312,18 @@ class PageTableLog:
                                           for page in range(paddr, paddr + size, PAGE))
                    for vaddr, paddr, size in walk.executable)
 
-    def collect(self, paging_writes: int) -> int | None:
+    def collect(self, paging_writes: int) -> bytes | None:
         """The physical pages to restore after a run in which ``paging_writes`` watched
-        instructions ran, as a bit mask over the first RAM bank's pages (see
+        instructions ran, as a bitmap over the first RAM bank's pages (see
         :class:`MaskWalk`), or ``None`` when only a full restore is safe (see the module doc).
         Read it before the next restore; the pages include the tables the walks visited."""
         m = self.m
         identity = dirty_masks(m, self.identity, accessed_level=2)
         if identity is None or paging_writes > 1:
             return None
-        if identity.pages & self._forbidden:
+        if bits_meet(identity.page_bits, self._forbidden):
             return None
-        restore = identity.pages | identity.tables
+        restore = bits_or(identity.page_bits, identity.table_bits)
         cr3 = m.reg("cr3") & ADDR_MASK
         if not m.reg("cr0") & CR0_PG or (cr3 != self.identity and not paging_writes):
             return None
@@ -292,7 +331,8 @@ class PageTableLog:
             final = dirty_masks(m, cr3)
             if final is None or not self._runs_only_own_code(final):
                 return None
-            if final.pages & (self._forbidden | final.tables):
+            if bits_meet(final.page_bits, self._forbidden) or \
+                    bits_meet(final.page_bits, final.table_bits):
                 return None
-            restore |= final.pages | final.tables
+            restore = bits_or(restore, bits_or(final.page_bits, final.table_bits))
         return restore

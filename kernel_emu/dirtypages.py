@@ -16,8 +16,9 @@ from kernel_emu.firmware import Firmware
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.tracing import WATCH_MAX, GuestTracer, WatchEvent
 
-# bank index -> bit mask of pages (bit i: page i of the bank)
-PageMasks = dict[int, int]
+# bank index -> the pages of the bank, as a bit mask (bit i: page i) or a bitmap (bit i of
+# byte i // 8, from the lowest)
+PageMasks = dict[int, int | bytes]
 
 
 def page_table_log(m: Machine, fw: Firmware, watched: Sequence[int]) -> PageTableLog | None:

@@ -97,7 +97,7 @@ class Executor:
         self.services = 0  # boot services performed in this run
         self.snapshot: Snapshot | None = None
         self.last_observations: RunObservations | None = None  # of the last run
-        self._code_masks: list[int] = []
+        self._code_masks: list[bytes] = []
         self._machine_hooks: list[Callable[[Any], object]] = []
         self._fast_units = 0
         self.use_snapshot = snapshot

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kernel_emu.dirtylog import mask_indexes
+from kernel_emu.dirtylog import bits_and_indexes, mask_indexes, to_bits
 from kernel_emu.firmware import FirmwareState
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.tracing import GuestTracer
@@ -45,34 +45,36 @@ class Snapshot:
         return cls(m.uc.context_save(), pages, firmware.copy(), tracer.console(),
                    tuple(tracer.port_log()), tracer.instructions)
 
-    def restore(self, m: Machine, written: dict[int, int] | None,
-                code_masks: list[int]) -> None:
-        """Put `m` back in the snapshot's state. `written`: bank index -> bit mask of the
-        pages (bit i: page i) that may differ from the snapshot; None: all of them."""
+    def restore(self, m: Machine, written: dict[int, int | bytes] | None,
+                code_masks: list[bytes]) -> None:
+        """Put `m` back in the snapshot's state. `written`: bank index -> the pages that may
+        differ from the snapshot, as a bit mask (bit i: page i) or a bitmap (bit i of byte
+        i // 8); None: all of them. `code_masks`: per bank, the bitmap of its code pages."""
         if written is None:
             written = {r: (1 << bank.size // PAGE) - 1 for r, bank in enumerate(m.banks)}
+        bitmaps = {region: to_bits(mask, m.banks[region].size // PAGE)
+                   for region, mask in written.items()}
         # first: Unicorn finds the code to drop with a page walk under the run's CR3, which
         # sets Accessed bits in those tables; the copies below put them back
-        for region, mask in written.items():
+        for region, bits in bitmaps.items():
             base = m.banks[region].base
-            for page in mask_indexes(mask & code_masks[region]):
+            for page in bits_and_indexes(bits, code_masks[region]):
                 m.uc.ctl_remove_cache(base + page * PAGE, base + (page + 1) * PAGE)
-        for region, mask in written.items():
+        for region, bits in bitmaps.items():
             bank = m.banks[region]
             if native_walker is not None:
-                native_walker.restore_pages(bank.buffer, self.pages[region],
-                                    mask.to_bytes((bank.size // PAGE + 7) // 8, "little"))
+                native_walker.restore_pages(bank.buffer, self.pages[region], bits)
                 continue
             saved = self.pages[region]
-            for page in mask_indexes(mask):
+            for page in mask_indexes(bits):
                 bank.view[page * PAGE:(page + 1) * PAGE] = saved[page] or ZERO_PAGE
         m.uc.context_restore(self.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
 
 
-def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[int]:
-    """Per bank, a mask of the pages holding code in `ranges`: a restore of such a page must
+def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
+    """Per bank, a bitmap of the pages holding code in `ranges`: a restore of such a page must
     also drop the code Unicorn translated from it."""
     masks = [0] * len(m.banks)
     for lo, hi in ranges:
@@ -80,4 +82,5 @@ def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[int]:
             for r, bank in enumerate(m.banks):
                 if bank.contains(addr):
                     masks[r] |= 1 << (addr - bank.base) // PAGE
-    return masks
+    return [bytes(to_bits(mask, bank.size // PAGE)) for mask, bank in zip(masks, m.banks,
+                                                                         strict=True)]

@@ -178,3 +178,28 @@ def test_restore_without_the_native_walker(monkeypatch: pytest.MonkeyPatch,
         assert pages is not None and set(pages) == {0}, data[:16]
         ex.restore(pages)
         assert _differences(ex) == [], data[:16]
+
+
+def test_page_bitmaps_combine_natively_as_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which pages two bitmaps share and all pages of both, natively and in Python, for
+    bitmaps of different lengths (the shorter read as zeros past its end)."""
+    rng = random.Random(9)
+    cases = []
+    for _ in range(300):
+        a = bytes(rng.choice((0, 0, 0, 1, 0x80, 0xFF, rng.randrange(256)))
+                  for _ in range(rng.randrange(0, 40)))
+        b = bytes(rng.choice((0, 0, 0, 2, 0x40, rng.randrange(256)))
+                  for _ in range(rng.randrange(0, 40)))
+        cases.append((a, b))
+    native = [(dirtylog.bits_meet(a, b), dirtylog.bits_or(a, b), dirtylog.bits_and_indexes(a, b))
+              for a, b in cases]
+    monkeypatch.setattr(dirtylog, "native_walker", None)
+    python = [(dirtylog.bits_meet(a, b), dirtylog.bits_or(a, b), dirtylog.bits_and_indexes(a, b))
+              for a, b in cases]
+    assert native == python
+    for (a, b), (meet, either, both) in zip(cases, native, strict=True):
+        ia, ib = int.from_bytes(a, "little"), int.from_bytes(b, "little")
+        assert meet == bool(ia & ib)
+        assert int.from_bytes(either, "little") == ia | ib and len(either) == max(len(a), len(b))
+        assert both == dirtylog.mask_indexes(ia & ib)
+    assert any(meet for meet, _, _ in native) and not all(meet for meet, _, _ in native)
