@@ -540,7 +540,18 @@ static PyObject *bits_meet(PyObject *self, PyObject *args)
     Py_ssize_t n = a.len < b.len ? a.len : b.len;
     const uint8_t *x = a.buf, *y = b.buf;
     int meet = 0;
-    for (Py_ssize_t i = 0; i < n && !meet; i++) {
+    Py_ssize_t i = 0;
+    /* a word at a time: a 4 KiB bitmap is mostly zeros */
+    for (; i + 64 <= n && !meet; i += 64) {
+        uint64_t u[8], v[8], any = 0;
+        memcpy(u, x + i, 64);
+        memcpy(v, y + i, 64);
+        for (int k = 0; k < 8; k++) {
+            any |= u[k] & v[k];
+        }
+        meet = any != 0;
+    }
+    for (; i < n && !meet; i++) {
         meet = (x[i] & y[i]) != 0;
     }
     PyBuffer_Release(&a);
@@ -560,7 +571,15 @@ static PyObject *bits_or(PyObject *self, PyObject *args)
     if (out != NULL) {
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *y = shorter->buf;
-        for (Py_ssize_t i = 0; i < shorter->len; i++) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= shorter->len; i += 8) {
+            uint64_t u, v;
+            memcpy(&u, o + i, 8);
+            memcpy(&v, y + i, 8);
+            u |= v;
+            memcpy(o + i, &u, 8);
+        }
+        for (; i < shorter->len; i++) {
             o[i] |= y[i];
         }
     }
@@ -580,6 +599,19 @@ static PyObject *bits_and_indexes(PyObject *self, PyObject *args)
     const uint8_t *x = a.buf, *y = b.buf;
     PyObject *out = PyList_New(0);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        if (i + 64 <= n && (i & 63) == 0) {
+            /* skip 64 bytes without a common bit at once */
+            uint64_t u[8], v[8], any = 0;
+            memcpy(u, x + i, 64);
+            memcpy(v, y + i, 64);
+            for (int k = 0; k < 8; k++) {
+                any |= u[k] & v[k];
+            }
+            if (any == 0) {
+                i += 63;
+                continue;
+            }
+        }
         unsigned both = x[i] & y[i];
         for (unsigned bit = 0; both >> bit; bit++) {
             if (!(both >> bit & 1)) {
