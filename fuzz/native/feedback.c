@@ -38,6 +38,10 @@ typedef struct {
     uint64_t edges;
     uint8_t *counters; /* registered with libFuzzer: never freed or moved */
     uint8_t seen[MAP_SIZE];
+    /* the 8-byte words of `counters` the last collect wrote, which the next one clears:
+     * a run touches a few hundred of the 8,192 */
+    uint16_t written[MAP_SIZE / 8];
+    uint32_t nwritten;
 } Feedback;
 
 /* Signature of uc_hook_tcg_op_2 in unicorn.h; `size` is the operand width
@@ -108,7 +112,13 @@ static PyObject *Feedback_collect(Feedback *self, PyObject *arg)
         return NULL;
     }
     map = (const uint8_t *)view.buf;
-    memcpy(self->counters, map, MAP_SIZE);
+    /* The counters become the map: the words the last map wrote are cleared, this map's
+     * non-zero words written (libFuzzer clears the counters before each run itself, but
+     * collect must not depend on being called by it). */
+    for (uint32_t k = 0; k < self->nwritten; k++) {
+        memset(self->counters + (size_t)self->written[k] * 8, 0, 8);
+    }
+    self->nwritten = 0;
     /* Word-wise: almost every word of a run's map is zero. */
     for (size_t i = 0; i < MAP_SIZE; i += 8) {
         uint64_t word;
@@ -116,6 +126,8 @@ static PyObject *Feedback_collect(Feedback *self, PyObject *arg)
         if (word == 0) {
             continue;
         }
+        memcpy(self->counters + i, &word, 8);
+        self->written[self->nwritten++] = (uint16_t)(i / 8);
         for (size_t j = i; j < i + 8; j++) {
             if (map[j] != 0 && self->seen[j] == 0) {
                 self->seen[j] = 1;

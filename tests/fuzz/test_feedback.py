@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import random
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,18 @@ def test_collect_counts_only_new_edges() -> None:
         assert fb.edges == 3
         with pytest.raises(ValueError):
             fb.collect(memoryview(b"short"))
+
+
+def test_the_counters_hold_exactly_the_last_map() -> None:
+    """What libFuzzer reads after a run is that run's map, whatever the runs before left."""
+    fb = NativeFeedback()
+    rng = random.Random(5)
+    for _ in range(30):
+        run = bytearray(MAP_SIZE)
+        for _ in range(rng.choice((0, 1, 50, 800))):
+            run[rng.randrange(MAP_SIZE)] = rng.randrange(1, 256)
+        fb.collect(memoryview(bytes(run)))
+        assert ctypes.string_at(fb._state.counters_address, MAP_SIZE) == bytes(run)
 
 
 def test_harness_error_is_recorded_apart_and_never_a_finding(tmp_path: Path,
