@@ -4,7 +4,9 @@
    with and without the two speed-ups (memset/memcpy bulk moves performed natively, exact
    cycles skipped under the watchdog), interleaved, medians; plus the same fixed mix of
    mutated inputs replayed through an executor with and without the feedback hooks (isolates
-   the hooks from corpus drift), likewise with and without the speed-ups.
+   the hooks from corpus drift), likewise with and without the speed-ups; and, for those
+   inputs, the share of runs and of time of each way a run ends (halted after a rejection,
+   entering ring 3, stopped by the watchdog, ...), with µs per run in each phase.
 2. Time to the first vaddr-corruption on `seed` (as cause or consequence), median of N
    campaigns, with 1 and 2 jobs.
 3. Known bugs found: a 2-job campaign on `seed`, its buckets attributed to kernel_emu/guest/
@@ -116,6 +118,43 @@ def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
     return [(statistics.median(on), statistics.median(off)) for on, off in rates]
 
 
+def _run_class(result: Any, stalled: bool) -> str:
+    """How a run ended, for the breakdown of where a replay's time goes."""
+    stop = str(result.stop)
+    if stop == "until":
+        return f"enters ring 3, {'a finding' if result.verdict == 'crash' else 'clean'}"
+    if stop == "halt":
+        return "halts: rejected" if result.verdict == "rejected" else "halts: a finding"
+    if stop == "budget":
+        return "stopped by the watchdog" if stalled else "budget spent"
+    return stop
+
+
+def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, list[float]]]:
+    """Per class of run (how it ended): runs, seconds, and seconds in each phase (prepare,
+    guest, oracles) of replaying `inputs` as a fuzzing job runs them (feedback on)."""
+    executor = Executor(load_profile(kernel), coverage=True, watchdog=WATCHDOG, explain=False)
+    feedback = make_feedback()
+    executor.add_machine_hook(feedback.attach)
+    for data in inputs[:50]:  # the translated code and the caches, as in a running job
+        executor.run(data)
+    phases = executor.phase_seconds
+    table: dict[str, tuple[int, float, list[float]]] = {}
+    for data in inputs:
+        before = [phases[k] for k in ("prepare", "guest", "oracles")]
+        start = time.perf_counter()
+        result = executor.run(data)
+        feedback.collect(executor.tracer.coverage())
+        took = time.perf_counter() - start
+        runs, seconds, split = table.get(_run_class(result, bool(executor.stalled_at)),
+                                         (0, 0.0, [0.0, 0.0, 0.0]))
+        after = [phases[k] for k in ("prepare", "guest", "oracles")]
+        table[_run_class(result, bool(executor.stalled_at))] = (
+            runs + 1, seconds + took, [a + b - c for a, b, c in zip(split, after, before,
+                                                                     strict=True)])
+    return sorted(((name, *row) for name, row in table.items()), key=lambda r: -r[2])
+
+
 def _mutated_inputs(count: int, seed: int = 7) -> list[bytes]:
     seeds = [p.read_bytes() for p in sorted(SEEDS.glob("*.elf"))]
     mutator = ElfMutator(None, seed=seed)
@@ -206,6 +245,16 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
               f"off/on {r_off / r_on:.2f}x")
     print(f"     feedback on: all / without the lean runs {ratio(replayed[0][0], replayed[1][0])}",
           flush=True)
+    rows = _by_class(kernel, inputs)
+    runs, seconds = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    print(f"   where the replay's time goes (feedback on, all speed-ups), by how a run ends: "
+          f"{seconds / runs * 1e6:,.0f} µs a run")
+    print(f"     {'':26} {'runs':>6} {'time':>6} {'µs a run':>9} {'prepare':>8} {'guest':>7} "
+          f"{'oracles':>8}")
+    for name, n, took, split in rows:
+        per = [x / n * 1e6 for x in split]
+        print(f"     {name:26} {n / runs:6.1%} {took / seconds:6.1%} {took / n * 1e6:9,.0f} "
+              f"{per[0]:8,.0f} {per[1]:7,.0f} {per[2]:8,.0f}", flush=True)
 
 
 def _time_to_first(first_runs: int, first_cap: float, fresh: Callable[[], Path]) -> None:
