@@ -55,7 +55,7 @@ try:
     from kernel_emu import _walk as _native
 except ImportError:  # not built: registers are read through ctypes
     _native = None  # type: ignore[assignment]
-# uc_reg_read of the Unicorn library the binding loaded
+# uc_reg_read and uc_reg_write of the Unicorn library the binding loaded
 _UC_REG_READ = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value or 0
 _UC_REG_WRITE = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value or 0
 

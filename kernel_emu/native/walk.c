@@ -521,15 +521,24 @@ done:
     return result;
 }
 
-/* read_register(uc_reg_read, uc, regid) -> int: one register through Unicorn's C API, at the
- * addresses the caller passes (uc_reg_read and the engine handle), without the per-call
- * argument conversions of ctypes; OSError with Unicorn's status if it fails. Only for
- * registers of at most 64 bits, which is what Machine.reg reads. */
 /* Bitmaps of pages, as dirty_leaves and restore_pages use them: bit i of byte i / 8 (bit i %
  * 8) is page i; two bitmaps may differ in length, the shorter read as zeros past its end.
  *   bits_meet(a, b) -> bool: whether a page is in both;
  *   bits_or(a, b) -> bytes: the pages in either;
  *   bits_and_indexes(a, b) -> [int]: the pages in both, ascending. */
+/* Whether two 64-byte blocks of bitmaps share a bit: a 4 KiB bitmap is mostly zeros, and a
+ * block at a time passes them quickly. */
+static int block_meets(const uint8_t *x, const uint8_t *y)
+{
+    uint64_t u[8], v[8], any = 0;
+    memcpy(u, x, 64);
+    memcpy(v, y, 64);
+    for (int k = 0; k < 8; k++) {
+        any |= u[k] & v[k];
+    }
+    return any != 0;
+}
+
 static PyObject *bits_meet(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -541,15 +550,8 @@ static PyObject *bits_meet(PyObject *self, PyObject *args)
     const uint8_t *x = a.buf, *y = b.buf;
     int meet = 0;
     Py_ssize_t i = 0;
-    /* a word at a time: a 4 KiB bitmap is mostly zeros */
     for (; i + 64 <= n && !meet; i += 64) {
-        uint64_t u[8], v[8], any = 0;
-        memcpy(u, x + i, 64);
-        memcpy(v, y + i, 64);
-        for (int k = 0; k < 8; k++) {
-            any |= u[k] & v[k];
-        }
-        meet = any != 0;
+        meet = block_meets(x + i, y + i);
     }
     for (; i < n && !meet; i++) {
         meet = (x[i] & y[i]) != 0;
@@ -599,18 +601,9 @@ static PyObject *bits_and_indexes(PyObject *self, PyObject *args)
     const uint8_t *x = a.buf, *y = b.buf;
     PyObject *out = PyList_New(0);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
-        if (i + 64 <= n && (i & 63) == 0) {
-            /* skip 64 bytes without a common bit at once */
-            uint64_t u[8], v[8], any = 0;
-            memcpy(u, x + i, 64);
-            memcpy(v, y + i, 64);
-            for (int k = 0; k < 8; k++) {
-                any |= u[k] & v[k];
-            }
-            if (any == 0) {
-                i += 63;
-                continue;
-            }
+        if (i + 64 <= n && (i & 63) == 0 && !block_meets(x + i, y + i)) {
+            i += 63; /* 64 bytes without a common bit */
+            continue;
         }
         unsigned both = x[i] & y[i];
         for (unsigned bit = 0; both >> bit; bit++) {
@@ -631,28 +624,49 @@ static PyObject *bits_and_indexes(PyObject *self, PyObject *args)
     return out;
 }
 
+/* read_register(uc_reg_read, uc, regid) -> int: one register through Unicorn's C API, at the
+ * addresses the caller passes (uc_reg_read and the engine handle), without the per-call
+ * argument conversions of ctypes; OSError with Unicorn's status if it fails. Only for
+ * registers of at most 64 bits, which is what Machine.reg reads. */
 typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
+
+/* The first three arguments of both register calls: the function, the engine, the register;
+ * 0 and an exception when they are not that. */
+static int register_call(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                         const char *usage, void **fn, void **uc, int *regid)
+{
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return 0;
+    }
+    unsigned long long f = PyLong_AsUnsignedLongLong(args[0]);
+    unsigned long long u = PyLong_AsUnsignedLongLong(args[1]);
+    long r = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred()) {
+        return 0;
+    }
+    if (f == 0 || u == 0) {
+        PyErr_Format(PyExc_ValueError, "%s: a null function or engine", usage);
+        return 0;
+    }
+    *fn = (void *)(uintptr_t)f;
+    *uc = (void *)(uintptr_t)u;
+    *regid = (int)r;
+    return 1;
+}
 
 static PyObject *read_register(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "read_register(uc_reg_read, uc, regid)");
-        return NULL;
-    }
-    unsigned long long fn = PyLong_AsUnsignedLongLong(args[0]);
-    unsigned long long uc = PyLong_AsUnsignedLongLong(args[1]);
-    long regid = PyLong_AsLong(args[2]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    if (fn == 0 || uc == 0) {
-        PyErr_SetString(PyExc_ValueError, "read_register: a null function or engine");
+    void *fn, *uc;
+    int regid;
+    if (!register_call(args, nargs, 3, "read_register(uc_reg_read, uc, regid)", &fn, &uc,
+                       &regid)) {
         return NULL;
     }
     /* room for any register, though only 64-bit ones are asked for */
     uint64_t value[8] = {0};
-    int status = ((uc_reg_read_fn)(uintptr_t)fn)((void *)(uintptr_t)uc, (int)regid, value);
+    int status = ((uc_reg_read_fn)fn)(uc, regid, value);
     if (status != 0) {
         return PyErr_Format(PyExc_OSError, "uc_reg_read failed with status %d", status);
     }
@@ -665,22 +679,17 @@ typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 static PyObject *write_register(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "write_register(uc_reg_write, uc, regid, value)");
+    void *fn, *uc;
+    int regid;
+    if (!register_call(args, nargs, 4, "write_register(uc_reg_write, uc, regid, value)", &fn,
+                       &uc, &regid)) {
         return NULL;
     }
-    unsigned long long fn = PyLong_AsUnsignedLongLong(args[0]);
-    unsigned long long uc = PyLong_AsUnsignedLongLong(args[1]);
-    long regid = PyLong_AsLong(args[2]);
     uint64_t value[8] = {PyLong_AsUnsignedLongLong(args[3])};
     if (PyErr_Occurred()) {
         return NULL;
     }
-    if (fn == 0 || uc == 0) {
-        PyErr_SetString(PyExc_ValueError, "write_register: a null function or engine");
-        return NULL;
-    }
-    int status = ((uc_reg_write_fn)(uintptr_t)fn)((void *)(uintptr_t)uc, (int)regid, value);
+    int status = ((uc_reg_write_fn)fn)(uc, regid, value);
     if (status != 0) {
         return PyErr_Format(PyExc_OSError, "uc_reg_write failed with status %d", status);
     }
