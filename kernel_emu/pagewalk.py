@@ -57,8 +57,8 @@ def _table(m: Machine, table: int) -> bytes:
 
 
 def _entry(m: Machine, table: int, index: int) -> int:
-    entry: int = struct.unpack_from("<Q", _table(m, table), index * 8)[0]
-    return entry
+    # the entry's own 8 bytes of the table (which reads as all ones outside RAM)
+    return m.u64((table & ADDR_MASK) + index * 8)
 
 
 def _user_entries(m: Machine, table: int) -> list[tuple[int, int]]:

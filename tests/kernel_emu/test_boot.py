@@ -350,6 +350,11 @@ def test_native_page_walk_matches_the_python_walk(executors: dict[str, Executor]
         assert runs == pagewalk.coalesce(python)
         assert len(runs) < len(python)  # the segments' consecutive pages do merge
         assert [run.leaf(k) for run in runs for k in range(run.count)] == python
+        # a single address's walk agrees with the whole walk, leaf by leaf
+        for leaf in python:
+            for vaddr in (leaf.vaddr, leaf.vaddr + leaf.size - 1):
+                assert pagewalk.translate(ex.machine, cr3, vaddr) == leaf
+        assert pagewalk.translate(ex.machine, cr3, 0) is None
 
 
 def test_a_damaged_block_header_is_charged_to_the_block_before_it(
