@@ -35,9 +35,10 @@ def parse_log(text: str) -> KernelLog:
         if not line.startswith(("[elf]", "rejected: ", "[PANIC]", "[mm] kstack", "[user]")):
             continue
         if m := _SEG.match(line):
-            vals = [int(v, 16) for v in m.groups()[1:]]
-            log.segments.append(dict(zip(("vaddr", "memsz", "filesz", "offset", "flags"), vals,
-                                         strict=True)))
+            _, vaddr, memsz, filesz, offset, flags = m.groups()
+            log.segments.append({"vaddr": int(vaddr, 16), "memsz": int(memsz, 16),
+                                 "filesz": int(filesz, 16), "offset": int(offset, 16),
+                                 "flags": int(flags, 16)})
         elif m := _COUNT.match(line):
             log.segment_count = int(m.group(1))
             log.segments = []
