@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from operator import attrgetter
 from typing import NamedTuple, Protocol
 
@@ -58,8 +59,9 @@ class AllocatorSites:
     realloc_returns: tuple[int, ...] = ()
     realloc_takes_self: bool = True
 
-    @property
+    @cached_property
     def args(self) -> redzones.Arguments:
+        # asked at every run's replay: made once
         return redzones.Arguments.of(self.convention, self.realloc_takes_self)
 
     @property

@@ -58,9 +58,10 @@ class WrittenPages:
         """The tracer's watch events without those of the paging sites, which are counted."""
         events = self.tracer.take_events()
         sites = self.paging_sites
-        if sites and any(e.address in sites for e in events):
-            self.paging_writes += sum(e.address in sites for e in events)
-            events = [e for e in events if e.address not in sites]
+        if sites and events:
+            kept = [e for e in events if e.address not in sites]
+            self.paging_writes += len(events) - len(kept)
+            events = kept
         return events
 
     def since_snapshot(self) -> PageMasks | None:
