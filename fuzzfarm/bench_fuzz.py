@@ -138,20 +138,18 @@ def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, l
     executor.add_machine_hook(feedback.attach)
     for data in inputs[:50]:  # the translated code and the caches, as in a running job
         executor.run(data)
-    phases = executor.phase_seconds
+    phases, names = executor.phase_seconds, ("prepare", "guest", "oracles")
     table: dict[str, tuple[int, float, list[float]]] = {}
     for data in inputs:
-        before = [phases[k] for k in ("prepare", "guest", "oracles")]
+        before = [phases[k] for k in names]
         start = time.perf_counter()
         result = executor.run(data)
         feedback.collect(executor.tracer.coverage())
         took = time.perf_counter() - start
-        runs, seconds, split = table.get(_run_class(result, bool(executor.stalled_at)),
-                                         (0, 0.0, [0.0, 0.0, 0.0]))
-        after = [phases[k] for k in ("prepare", "guest", "oracles")]
-        table[_run_class(result, bool(executor.stalled_at))] = (
-            runs + 1, seconds + took, [a + b - c for a, b, c in zip(split, after, before,
-                                                                     strict=True)])
+        name = _run_class(result, bool(executor.stalled_at))
+        runs, seconds, split = table.get(name, (0, 0.0, [0.0, 0.0, 0.0]))
+        table[name] = (runs + 1, seconds + took,
+                       [t + phases[k] - b for t, k, b in zip(split, names, before, strict=True)])
     return sorted(((name, *row) for name, row in table.items()), key=lambda r: -r[2])
 
 

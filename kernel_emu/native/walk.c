@@ -539,14 +539,25 @@ static int block_meets(const uint8_t *x, const uint8_t *y)
     return any != 0;
 }
 
+/* The two bitmaps of a call, and the length they share; 0 and an exception on bad
+ * arguments (the caller releases both buffers when it got them). */
+static int two_bitmaps(PyObject *args, Py_buffer *a, Py_buffer *b, Py_ssize_t *shared)
+{
+    if (!PyArg_ParseTuple(args, "y*y*", a, b)) {
+        return 0;
+    }
+    *shared = a->len < b->len ? a->len : b->len;
+    return 1;
+}
+
 static PyObject *bits_meet(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer a, b;
-    if (!PyArg_ParseTuple(args, "y*y*", &a, &b)) {
+    Py_ssize_t n;
+    if (!two_bitmaps(args, &a, &b, &n)) {
         return NULL;
     }
-    Py_ssize_t n = a.len < b.len ? a.len : b.len;
     const uint8_t *x = a.buf, *y = b.buf;
     int meet = 0;
     Py_ssize_t i = 0;
@@ -565,7 +576,8 @@ static PyObject *bits_or(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer a, b;
-    if (!PyArg_ParseTuple(args, "y*y*", &a, &b)) {
+    Py_ssize_t n;
+    if (!two_bitmaps(args, &a, &b, &n)) {
         return NULL;
     }
     Py_buffer *longer = a.len >= b.len ? &a : &b, *shorter = a.len >= b.len ? &b : &a;
@@ -574,14 +586,14 @@ static PyObject *bits_or(PyObject *self, PyObject *args)
         uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
         const uint8_t *y = shorter->buf;
         Py_ssize_t i = 0;
-        for (; i + 8 <= shorter->len; i += 8) {
+        for (; i + 8 <= n; i += 8) {
             uint64_t u, v;
             memcpy(&u, o + i, 8);
             memcpy(&v, y + i, 8);
             u |= v;
             memcpy(o + i, &u, 8);
         }
-        for (; i < shorter->len; i++) {
+        for (; i < n; i++) {
             o[i] |= y[i];
         }
     }
@@ -594,10 +606,10 @@ static PyObject *bits_and_indexes(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer a, b;
-    if (!PyArg_ParseTuple(args, "y*y*", &a, &b)) {
+    Py_ssize_t n;
+    if (!two_bitmaps(args, &a, &b, &n)) {
         return NULL;
     }
-    Py_ssize_t n = a.len < b.len ? a.len : b.len;
     const uint8_t *x = a.buf, *y = b.buf;
     PyObject *out = PyList_New(0);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
