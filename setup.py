@@ -7,7 +7,8 @@ setup(
         Extension(
             "kernel_emu._tracer",
             ["kernel_emu/native/tracer.c"],
-            depends=["kernel_emu/native/bulk.h", "kernel_emu/native/guard.h"],
+            depends=["kernel_emu/native/bulk.h", "kernel_emu/native/guard.h",
+                     "kernel_emu/native/blockcount.h"],
             extra_compile_args=["-O2"],
         ),
         Extension(

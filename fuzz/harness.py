@@ -75,6 +75,8 @@ class JobConfig:
     skip_cycles: bool = True
     # the leaner run (kernel_emu.executor.Executor's `lean`; same results, off to measure it)
     lean: bool = True
+    # instructions counted per translated block (Executor's `count_blocks`; same results)
+    count_blocks: bool = True
     # for benchmarks only: record when each planted bug's canary (the profile's [canaries])
     # was first reached and triggered; nothing of the fuzzing depends on them
     canaries: bool = False
@@ -181,7 +183,7 @@ class Job:
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
                             fast_routines=self.config.fast_routines,
                             skip_cycles=self.config.skip_cycles, explain=False,
-                            lean=self.config.lean)
+                            lean=self.config.lean, count_blocks=self.config.count_blocks)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor

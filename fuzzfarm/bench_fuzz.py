@@ -93,13 +93,15 @@ def _campaign(kernel: str, jobs: int, out: Path, checkout: Path | None = None,
 
 
 def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
-                  setups: list[tuple[bool, bool]]) -> list[tuple[float, float]]:
-    """Per (speed-ups, lean) setup: median execs/s replaying `inputs` with the feedback hooks
-    and without; every setup and both executors of each take their turn in every repeat."""
+                  setups: list[tuple[bool, bool, bool]]) -> list[tuple[float, float]]:
+    """Per (speed-ups, lean, block counting) setup: median execs/s replaying `inputs` with the
+    feedback hooks and without; every setup and both executors of each take their turn in
+    every repeat."""
     profile = load_profile(kernel)
     runs = []
-    for speedups, lean in setups:
-        kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean}
+    for speedups, lean, blocks in setups:
+        kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean,
+              "count_blocks": blocks}
         on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, **kw)
         feedback = make_feedback()
         on.add_machine_hook(feedback.attach)
@@ -188,13 +190,15 @@ def bench_fuzz(kernel: str, seconds: float, repeats: int, first_runs: int,
     return 0
 
 
-# (label, feedback, native bulk moves, cycle skipping, lean runs), run interleaved
-_SETUPS = [("all speed-ups (default)      ", True, True, True, True),
-           ("both, without the lean runs  ", True, True, True, False),
-           ("native bulk moves only       ", True, True, False, False),
-           ("none                         ", True, False, False, False),
-           ("all speed-ups (default)      ", False, True, True, True),
-           ("none                         ", False, False, False, False)]
+# (label, feedback, native bulk moves, cycle skipping, lean runs, block counting), run
+# interleaved
+_SETUPS = [("all speed-ups (default)      ", True, True, True, True, True),
+           ("all, without block counting  ", True, True, True, True, False),
+           ("both, without the lean runs  ", True, True, True, False, False),
+           ("native bulk moves only       ", True, True, False, False, False),
+           ("none                         ", True, False, False, False, False),
+           ("all speed-ups (default)      ", False, True, True, True, True),
+           ("none                         ", False, False, False, False, False)]
 
 
 def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[], Path],
@@ -202,10 +206,10 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
     rates: list[list[float]] = [[] for _ in _SETUPS]
     theirs: list[float] = []
     for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
-        for got, (_, feedback, fast, skip, lean) in zip(rates, _SETUPS, strict=True):
+        for got, (_, feedback, fast, skip, lean, blocks) in zip(rates, _SETUPS, strict=True):
             got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
-                                 compares=feedback, fast_routines=fast,
-                                 skip_cycles=skip, lean=lean).execs_per_second)
+                                 compares=feedback, fast_routines=fast, skip_cycles=skip,
+                                 lean=lean, count_blocks=blocks).execs_per_second)
             if other is not None and got is rates[0]:
                 # right after this checkout's default: the same setup by the other's code
                 summary = _campaign(kernel, 1, fresh(), checkout=other, seconds=seconds)
@@ -229,20 +233,23 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
               f"{statistics.median(theirs):7,.0f}  [{shown}]")
         print(f"   feedback on, default: this / the other checkout "
               f"{ratio(med[0], statistics.median(theirs))}")
-    print(f"   feedback on: all / without the lean runs (the old default): "
-          f"{ratio(med[0], med[1])}; all / none: {ratio(med[0], med[3])}; feedback off / on "
-          f"with all: {ratio(med[4], med[0])}, with none: {ratio(med[5], med[3])}")
+    print(f"   feedback on: all / without block counting (the old default): "
+          f"{ratio(med[0], med[1])}; all / without that and the lean runs: "
+          f"{ratio(med[0], med[2])}; all / none: {ratio(med[0], med[4])}; feedback off / on "
+          f"with all: {ratio(med[5], med[0])}, with none: {ratio(med[6], med[4])}")
     inputs = _mutated_inputs(1000)
-    setups = [(True, True, "all speed-ups"), (True, False, "without the lean runs"),
-              (False, False, "none")]
-    replayed = _replay_rates(kernel, inputs, 3, [(fast, lean) for fast, lean, _ in setups])
+    setups = [(True, True, True, "all speed-ups"),
+              (True, True, False, "without block counting"),
+              (True, False, False, "nor the lean runs"), (False, False, False, "none")]
+    replayed = _replay_rates(kernel, inputs, 3,
+                             [(fast, lean, blocks) for fast, lean, blocks, _ in setups])
     print("   the same 1,000 mutated inputs replayed, the setups interleaved (execs/s, median "
           "of 3):")
-    for (_, _, label), (r_on, r_off) in zip(setups, replayed, strict=True):
+    for (_, _, _, label), (r_on, r_off) in zip(setups, replayed, strict=True):
         print(f"     {label:22}: feedback on {r_on:7,.0f}, off {r_off:7,.0f}, "
               f"off/on {r_off / r_on:.2f}x")
-    print(f"     feedback on: all / without the lean runs {ratio(replayed[0][0], replayed[1][0])}",
-          flush=True)
+    print(f"     feedback on: all / without block counting "
+          f"{ratio(replayed[0][0], replayed[1][0])}", flush=True)
     rows = _by_class(kernel, inputs)
     runs, seconds = sum(r[1] for r in rows), sum(r[2] for r in rows)
     print(f"   where the replay's time goes (feedback on, all speed-ups), by how a run ends: "

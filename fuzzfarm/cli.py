@@ -220,7 +220,8 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                        compares=not args.no_feedback and not args.no_compares,
                        mutator=not args.no_elf_mutator, native=not args.no_native,
                        fast_routines=not args.no_fast_routines,
-                       skip_cycles=not args.no_cycle_skip)
+                       skip_cycles=not args.no_cycle_skip,
+                       count_blocks=not args.no_block_counting)
     print(f"fuzzing kernel {args.kernel} with {args.jobs} job(s); output in {args.out}",
           file=sys.stderr)
     summary = run_campaign(config, args.jobs)
@@ -468,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cycle-skip", action="store_true",
                    help="run every instruction of an endless loop up to the watchdog instead "
                         "of skipping its exact repetitions (same results, slower)")
+    p.add_argument("--no-block-counting", action="store_true",
+                   help="count guest instructions with a hook on every instruction instead of "
+                        "per translated block (same results, slower)")
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("minimize", help="shrink a crashing input, keeping its signature",

@@ -65,7 +65,8 @@ class Executor:
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
                  watchdog: int | None = None, fast_routines: bool = True,
-                 skip_cycles: bool = True, explain: bool = False, lean: bool = True) -> None:
+                 skip_cycles: bool = True, explain: bool = False, lean: bool = True,
+                 count_blocks: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
@@ -74,6 +75,7 @@ class Executor:
         self.skip_cycles, self.fast_routines = skip_cycles, fast_routines
         self.explain = explain
         self.lean = lean
+        self.count_blocks = count_blocks
         self.notes: list[str] = []
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
@@ -194,8 +196,13 @@ class Executor:
             tracer.watch([*self.alloc_sites.addresses, *log.sites])
         else:
             tracer.take_dirty()
-        self.snapshot = Snapshot.capture(m, fw.state, tracer)
         self._fast_forward(True)
+        if self.count_blocks and isinstance(tracer, NativeTracer):
+            # Before the capture: setting up translates code, and the page walks set Accessed
+            # bits. The firmware's boot-service stubs stop the guest right after an `out`.
+            tracer.count_blocks(self.image.text_ranges, [(FIRMWARE_BASE, FIRMWARE_END)],
+                                self.success_addr)
+        self.snapshot = Snapshot.capture(m, fw.state, tracer)
         tracer.identity_cr3 = fw.pml4
         self._code_masks = code_masks(m, [*self.image.text_ranges,
                                           (FIRMWARE_BASE, FIRMWARE_END)])
@@ -215,6 +222,7 @@ class Executor:
         consumes what the last run left); None: all of them."""
         snap = self.snapshot
         assert snap is not None
+        self.tracer.end_run()
         if written is OBSERVED:
             written = self.written.since_snapshot()
         elif written is None:
@@ -373,6 +381,14 @@ class Executor:
 __all__ = ["OBSERVED", "Executor", "GuestTracer"]
 
 
+def _settle(m: Machine, tracer: NativeTracer) -> None:
+    """A fault left the block it interrupted counted whole: count what ran of it."""
+    if not tracer.settle(m.reg("rip")):
+        raise HarnessError(f"the instruction count of this run is not exact: the block "
+                           f"interrupted at {m.reg('rip'):#x} cannot be counted back "
+                           f"(--no-block-counting counts per instruction)")
+
+
 def run_guest(m: Machine, tracer: GuestTracer, faults: FaultObserver, firmware: Firmware,
               until: int, keep_going: Callable[[], bool] = lambda: False,
               served: Callable[[], object] = lambda: None) -> StopReason | None:
@@ -382,11 +398,17 @@ def run_guest(m: Machine, tracer: GuestTracer, faults: FaultObserver, firmware: 
     A boot-service stub stops the guest right after its `out`; the firmware performs the
     service (`served` is told) and the guest resumes. A spent budget with no fault lets the
     guest on while `keep_going()` says so (the watchdog's checkpoints)."""
+    counting = tracer if isinstance(tracer, NativeTracer) and tracer.counts_blocks else None
+    if counting is not None and until != counting.until:
+        raise HarnessError(f"the tracer counts blocks for runs to {counting.until:#x}, "
+                           f"not {until:#x}")
     while True:
         try:
             m.uc.emu_start(m.reg("rip"), until)
         except UcError as e:
             faults.on_emulator_error(e)
+            if counting is not None:
+                _settle(m, counting)
             return StopReason.UC_ERROR
         request = tracer.take_service()
         if tracer.budget_exhausted and faults.fault is None and keep_going():
@@ -399,6 +421,13 @@ def run_guest(m: Machine, tracer: GuestTracer, faults: FaultObserver, firmware: 
         if firmware.state.efi_main_status is not None:
             return StopReason.EFI_RETURN
     pc = m.reg("rip")
+    if counting is not None:
+        if faults.fault is not None:
+            _settle(m, counting)
+        if counting.count_inexact:
+            raise HarnessError(f"the instruction count of this run is not exact (counting "
+                               f"per block, stopped at {pc:#x}); --no-block-counting counts "
+                               f"per instruction")
     if faults.fault is not None:
         return StopReason.FAULT
     if tracer.budget_exhausted:

@@ -408,6 +408,11 @@ class GuestTracer(Protocol):
         resume starts at the stopped instruction, which an uninterrupted run does not have."""
         ...
 
+    def end_run(self) -> None:
+        """The run is over and the machine's memory about to be put back (a snapshot
+        restore): what the tracer set up for this run only is let go first."""
+        ...
+
     @property
     def blocks(self) -> int:
         """Block entries recorded since reset."""
@@ -580,6 +585,8 @@ class NativeTracer:
         states: dict[int, Any] = uc.__dict__.setdefault(_KEEPALIVE_ATTR, {})
         states[id(self._state)] = self._state
         self._handles: list[int] = []
+        self._code_hook: int | None = None
+        self.until: int | None = None  # while counting blocks: where every run goes
         address = self._state.address
         try:
             hooks = [(UC_HOOK_CODE, native_tracer.CODE_HOOK),
@@ -588,6 +595,7 @@ class NativeTracer:
                 hooks.append((UC_HOOK_MEM_WRITE, native_tracer.WRITE_HOOK))
             for hook_type, callback in hooks:
                 self._handles.append(add_native_hook(uc, hook_type, callback, address))
+            self._code_hook = self._handles[0]
             if ports is not None:
                 for callback, insn in (
                     (native_tracer.OUT_HOOK, UC_X86_INS_OUT),
@@ -609,6 +617,16 @@ class NativeTracer:
 
     def reset(self, budget: int) -> None:
         self._state.reset(_check_budget(budget))
+
+    def _sweep_hooks(self) -> None:
+        # Unicorn keeps deleted hooks in its list until a uc_emu_start ends, and code
+        # translated meanwhile would call them: an empty run (to where it starts) ends one.
+        # The block cached at the start would run regardless of the exit: dropped first.
+        uc = self._uc
+        if uc is not None:
+            pc = uc.reg_read(UC_X86_REG_RIP)
+            uc.ctl_remove_cache(pc, pc + 1)
+            uc.emu_start(pc, pc)
 
     def extend(self, budget: int, limit: int | None = None) -> None:
         self._state.extend(_check_budget(budget), None if limit is None else _check_budget(limit))
@@ -692,6 +710,9 @@ class NativeTracer:
     def quiet_resume(self) -> None:
         self._state.quiet_resume()
 
+    def end_run(self) -> None:
+        self._state.end_run()
+
     @property
     def blocks(self) -> int:
         return self._state.blocks
@@ -725,11 +746,59 @@ class NativeTracer:
     def events_dropped(self) -> int:
         return self._state.events_dropped
 
+    def count_blocks(self, text: Sequence[tuple[int, int]], precise: Sequence[tuple[int, int]],
+                     until: int) -> None:
+        """Count instructions per translated block from now on instead of per instruction,
+        with the same counts, stops and events (see ``kernel_emu/native/blockcount.h``):
+        `text` holds the [start, end) ranges of code that never changes, `precise` ranges
+        run under the per-instruction hook always (code that stops the guest at an ``out``),
+        and every ``emu_start`` must run to `until`. After a fault, :meth:`settle` mends the
+        count before it is read."""
+        uc = self._uc
+        if uc is None or self._code_hook is None:
+            raise ValueError("the tracer is detached or counts blocks already")
+        status = uclib.uc_hook_del(uc._uch, ctypes.c_size_t(self._code_hook))
+        if status != 0:
+            raise UcError(status)
+        self._handles.remove(self._code_hook)
+        self._code_hook = None
+        self._sweep_hooks()
+        self._state.count_blocks(
+            function_address(uc._uch), function_address(uclib.uc_hook_add),
+            function_address(uclib.uc_hook_del), function_address(uclib.uc_ctl),
+            [(int(lo), int(hi)) for lo, hi in text],
+            sorted((int(lo), int(hi)) for lo, hi in precise), until)
+        self.until = until
+        uc.ctl_flush_tb()
+
+    @property
+    def counts_blocks(self) -> bool:
+        return self._code_hook is None and self._uc is not None
+
+    def settle(self, pc: int) -> bool:
+        """After a fault at `pc`: take back what the block it interrupted counted but never
+        ran; False when that cannot be counted (the run's count is then not exact)."""
+        return bool(self._state.settle(pc))
+
+    @property
+    def count_inexact(self) -> bool:
+        """Counting per block: a count since the last reset cannot be vouched for (a
+        service ``out`` in a block counted whole, say); the run must not be trusted."""
+        return bool(self._state.count_inexact)
+
+    def block_counts(self) -> dict[str, Any] | None:
+        """Counting per block: entries counted whole, blocks made precise on the spot,
+        precise ranges, blocks known, and whether a count since the last reset cannot be
+        vouched for; None when counting per instruction."""
+        counts: dict[str, Any] | None = self._state.block_counts()
+        return counts
+
     def detach(self) -> None:
         uc = self._uc
         if uc is None:
             return
         self._uc = None
+        self._state.stop_counting_blocks()
         errors = []
         for handle in self._handles:
             status = uclib.uc_hook_del(uc._uch, ctypes.c_size_t(handle))
@@ -1030,6 +1099,9 @@ class PythonTracer:
 
     def quiet_resume(self) -> None:
         self._quiet_block = True
+
+    def end_run(self) -> None:
+        pass  # counts per instruction, always
 
     @property
     def blocks(self) -> int:

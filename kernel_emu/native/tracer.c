@@ -239,6 +239,7 @@ typedef struct {
     UnwindEntry *unwind;
     uint32_t nunwind;
     struct HeapGuard *guard; /* see guard.h; NULL: no redzones kept */
+    struct BlockCount *bc;   /* see blockcount.h; NULL: the code hook counts */
 
     uint8_t map[MAP_SIZE];
 } TracerState;
@@ -362,6 +363,17 @@ static void record_block(TracerState *s, uint64_t address);
 static void mark_page(TracerState *s, uint64_t page);
 #include "bulk.h"
 #include "guard.h"
+#include "blockcount.h"
+
+/* Outside a run, after the watched addresses, bulk sites or stop changed. */
+static int sync_points(TracerState *s)
+{
+    if (s->bc != NULL && bc_sync_points(s, s->bc) < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "uc_hook_add failed for a point");
+        return -1;
+    }
+    return 0;
+}
 
 /* Out of line so the common case of the code hook stays a few instructions. */
 static void rebuild_filter(TracerState *s);
@@ -494,11 +506,15 @@ static void record_block(TracerState *s, uint64_t address)
     }
 }
 
+static void block_hook_counting(TracerState *s, void *uc, uint64_t address, uint32_t size);
+
 static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     TracerState *s = (TracerState *)user_data;
-    (void)uc;
-    (void)size;
+    if (s->bc != NULL) {
+        block_hook_counting(s, uc, address, size);
+        return;
+    }
     if (s->stop_pending) {
         /* The service OUT's stop was honoured without announcing the next
          * instruction to this tracer: at the next block's entry check when
@@ -515,6 +531,29 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
         return;
     }
     record_block(s, address);
+}
+
+/* The block hook while blocks are counted (see blockcount.h): the entry is
+ * recorded as without counting, once, and a budget that ends at the entry
+ * stops the guest there, as the code hook would at the first instruction. */
+static void block_hook_counting(TracerState *s, void *uc, uint64_t address, uint32_t size)
+{
+    if (s->stop_pending) {
+        clear_stop_pending(s);
+    }
+    int action = bc_entry(s, s->bc, uc, address, size);
+    if (action == BLOCK_RESTARTED) {
+        return;
+    }
+    if (s->quiet_block) {
+        s->quiet_block = 0;
+    } else {
+        record_block(s, address);
+    }
+    if (action == BLOCK_STOP) {
+        s->exhausted = 1;
+        s->emu_stop(uc);
+    }
 }
 
 static uint64_t hash_page(uint64_t page)
@@ -686,6 +725,10 @@ static void out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
     if (port == s->service_port) {
         s->service_value = value;
         s->service_pending = 1;
+        if (s->bc != NULL && s->bc->cur_counted) {
+            /* no code hook comes to honour the stop at the next instruction */
+            s->bc->inexact = 1;
+        }
         if (!s->stop_pending) {
             s->saved_budget = s->budget;
             s->budget = s->icount;
@@ -762,6 +805,14 @@ static void State_dealloc(TracerState *s)
     PyMem_RawFree(s->events);
     PyMem_RawFree(s->unwind);
     PyMem_RawFree(s->guard);
+    if (s->bc != NULL) {
+        /* the owner stops counting before it lets the state go (detach) */
+        free(s->bc->stale);
+        free(s->bc->table);
+        free(s->bc->ranges);
+        free(s->bc);
+        s->bc = NULL;
+    }
     s->events = NULL;
     s->guard = NULL;
     Py_TYPE(s)->tp_free((PyObject *)s);
@@ -918,6 +969,9 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     if (s->stop_addr != UINT64_MAX) {
         s->stop_addr = UINT64_MAX;
         rebuild_filter(s);
+        if (sync_points(s) < 0) {
+            return NULL;
+        }
     }
     s->stop_left = 0;
     s->stop_hit = 0;
@@ -926,6 +980,23 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->events_seen = 0;
     memset(s->map, 0, sizeof(s->map));
     state_clear_dirty(s);
+    if (s->bc != NULL) {
+        s->bc->cur_counted = 0;
+        s->bc->inexact = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Before the memory is put back after a run: the ranges made precise for it go
+ * stale, and the blocks translated over those of the run before are dropped
+ * (Unicorn finds them by a page walk, which sets Accessed bits the restore
+ * then puts back). */
+static PyObject *State_end_run(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    if (s->bc != NULL) {
+        bc_clean_stale(s->bc);
+        bc_drop(s->bc, 0);
+    }
     Py_RETURN_NONE;
 }
 
@@ -950,6 +1021,10 @@ static PyObject *State_extend(TracerState *s, PyObject *args)
         return NULL;
     }
     s->bulk_limit = limit;
+    if (s->bc != NULL) {
+        /* the guest resumes: the blocks made precise for this stop count whole again */
+        bc_drop(s->bc, 0);
+    }
     /* While a service stop is pending the real budget is parked. */
     if (s->stop_pending) {
         s->saved_budget = budget;
@@ -1047,6 +1122,9 @@ static PyObject *State_bulk(TracerState *s, PyObject *args)
     s->nbanks = (uint32_t)nbanks;
     s->memo_site = UINT64_MAX;
     rebuild_filter(s);
+    if (sync_points(s) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 
 fail:
@@ -1080,6 +1158,9 @@ static PyObject *State_stop_at(TracerState *s, PyObject *args)
     s->same_on = 0;
     s->stop_hit = 0;
     rebuild_filter(s);
+    if (sync_points(s) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -1131,6 +1212,9 @@ static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
     s->stop_armed_at = s->icount;
     s->stop_hit = 0;
     rebuild_filter(s);
+    if (sync_points(s) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -1138,6 +1222,161 @@ static PyObject *State_quiet_resume(TracerState *s, PyObject *Py_UNUSED(ignored)
 {
     s->quiet_block = 1;
     Py_RETURN_NONE;
+}
+
+/* Remove every hook of block counting and forget it. */
+static void bc_stop(TracerState *s)
+{
+    BlockCount *bc = s->bc;
+    if (bc == NULL) {
+        return;
+    }
+    s->bc = NULL;
+    bc_drop(bc, 1);
+    bc_clean_stale(bc);
+    for (uint32_t i = 0; i < bc->npoints; i++) {
+        (void)bc->hook_del(bc->uc, bc->points[i].hook);
+    }
+    free(bc->stale);
+    free(bc->table);
+    free(bc->ranges);
+    free(bc);
+}
+
+static PyObject *State_count_blocks(TracerState *s, PyObject *args)
+{
+    unsigned long long uc, hook_add, hook_del, ctl, until;
+    PyObject *text_obj, *precise_obj;
+    if (!PyArg_ParseTuple(args, "KKKKOOK", &uc, &hook_add, &hook_del, &ctl, &text_obj,
+                          &precise_obj, &until)) {
+        return NULL;
+    }
+    if (s->bc != NULL) {
+        PyErr_SetString(PyExc_ValueError, "blocks are counted already");
+        return NULL;
+    }
+    if (uc == 0 || hook_add == 0 || hook_del == 0 || ctl == 0 || s->reg_write == NULL) {
+        PyErr_SetString(PyExc_ValueError, "counting blocks needs the engine, uc_hook_add, "
+                                          "uc_hook_del, uc_ctl and reg_write");
+        return NULL;
+    }
+    PyObject *text = PySequence_Fast(text_obj, "text ranges must be a sequence");
+    if (text == NULL) {
+        return NULL;
+    }
+    PyObject *precise = PySequence_Fast(precise_obj, "precise ranges must be a sequence");
+    if (precise == NULL) {
+        Py_DECREF(text);
+        return NULL;
+    }
+    BlockCount *bc = calloc(1, sizeof(BlockCount));
+    if (bc == NULL) {
+        Py_DECREF(text);
+        Py_DECREF(precise);
+        return PyErr_NoMemory();
+    }
+    bc->uc = (void *)(uintptr_t)uc;
+    bc->hook_add = (uc_hook_add_fn)(uintptr_t)hook_add;
+    bc->hook_del = (uc_hook_del_fn)(uintptr_t)hook_del;
+    bc->ctl = (uc_ctl_fn)(uintptr_t)ctl;
+    bc->until = until;
+    bc->gen = 1;
+    Py_ssize_t ntext = PySequence_Fast_GET_SIZE(text);
+    Py_ssize_t nprecise = PySequence_Fast_GET_SIZE(precise);
+    if (ntext > BC_TEXT_MAX) {
+        PyErr_Format(PyExc_ValueError, "at most %d text ranges", BC_TEXT_MAX);
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < ntext; i++) {
+        unsigned long long lo, hi;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(text, i), "KK;a range is (start, end)",
+                              &lo, &hi)) {
+            goto fail;
+        }
+        bc->text[i][0] = lo;
+        bc->text[i][1] = hi;
+        bc->ntext++;
+    }
+    if (bc_grow(bc) < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < nprecise; i++) {
+        unsigned long long lo, hi;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(precise, i),
+                              "KK;a range is (start, end)", &lo, &hi)) {
+            goto fail;
+        }
+        if (lo >= hi || bc_covered(bc, lo, hi) != 0) {
+            PyErr_SetString(PyExc_ValueError, "precise ranges must be non-empty and disjoint");
+            goto fail;
+        }
+        if (bc_add_range(s, bc, bc->uc, lo, hi, 0) < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "uc_hook_add failed");
+            goto fail;
+        }
+    }
+    Py_DECREF(text);
+    Py_DECREF(precise);
+    s->bc = bc;
+    if (sync_points(s) < 0) {
+        bc_stop(s);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+
+fail:
+    bc_drop(bc, 1);
+    free(bc->stale);
+    free(bc->table);
+    free(bc->ranges);
+    free(bc);
+    Py_DECREF(text);
+    Py_DECREF(precise);
+    return NULL;
+}
+
+static PyObject *State_stop_counting_blocks(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    bc_stop(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_settle(TracerState *s, PyObject *arg)
+{
+    unsigned long long pc = PyLong_AsUnsignedLongLong(arg);
+    if (pc == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (s->bc == NULL) {
+        Py_RETURN_TRUE;
+    }
+    return PyBool_FromLong(bc_settle(s->bc, s, pc) == 0);
+}
+
+static PyObject *State_block_counts(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    BlockCount *bc = s->bc;
+    if (bc == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *ranges = PyList_New((Py_ssize_t)bc->nranges);
+    if (ranges == NULL) {
+        return NULL;
+    }
+    for (uint32_t i = 0; i < bc->nranges; i++) {
+        PyObject *r = Py_BuildValue("(KKO)", (unsigned long long)bc->ranges[i].begin,
+                                    (unsigned long long)bc->ranges[i].end,
+                                    bc->ranges[i].per_run ? Py_True : Py_False);
+        if (r == NULL) {
+            Py_DECREF(ranges);
+            return NULL;
+        }
+        PyList_SET_ITEM(ranges, (Py_ssize_t)i, r);
+    }
+    return Py_BuildValue("{s:K,s:K,s:N,s:I,s:O,s:K,s:K,s:K}", "counted", (unsigned long long)bc->counted,
+                         "restarts", (unsigned long long)bc->restarts, "ranges", ranges,
+                         "blocks", bc->used, "inexact", bc->inexact ? Py_True : Py_False, "precise", (unsigned long long)bc->precise_calls, "counted_insns", (unsigned long long)bc->counted_insns, "points", (unsigned long long)bc->point_calls);
 }
 
 /* The offset of the first 8-byte word at or after `from` where the maps differ, or
@@ -1267,6 +1506,9 @@ static PyObject *State_watch(TracerState *s, PyObject *arg)
     }
     s->nwatched = count;
     rebuild_filter(s);
+    if (sync_points(s) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -1686,6 +1928,25 @@ static PyMethodDef State_methods[] = {
      "arrival at address whose registers equal those of the first arrival (read then, "
      "without a stop), like stop_at; give up after max_arrivals arrivals past the first. "
      "register_ids None: go on with the current search (its first arrival and count)."},
+    {"count_blocks", (PyCFunction)State_count_blocks, METH_VARARGS,
+     "count_blocks(uc, uc_hook_add, uc_hook_del, uc_ctl, text, precise, until) -> None\n\n"
+     "Count instructions per translated block from now on (see blockcount.h); the global "
+     "code hook must be gone. text: the [start, end) ranges of fixed code; precise: ranges "
+     "run under the code hook always; until: the address every emu_start runs to."},
+    {"stop_counting_blocks", (PyCFunction)State_stop_counting_blocks, METH_NOARGS,
+     "stop_counting_blocks() -> None\n\nRemove the precise ranges' hooks and count per "
+     "instruction again (the owner adds the global code hook back)."},
+    {"end_run", (PyCFunction)State_end_run, METH_NOARGS,
+     "end_run() -> None\n\nA run is over and its memory about to be put back: counting per "
+     "block lets go of what it made precise for the run."},
+    {"settle", (PyCFunction)State_settle, METH_O,
+     "settle(pc) -> bool\n\nAfter a fault at pc: take back the instructions of the block "
+     "it interrupted that never ran. False if they cannot be counted (the count is then "
+     "not exact)."},
+    {"block_counts", (PyCFunction)State_block_counts, METH_NOARGS,
+     "block_counts() -> dict | None\n\nCounting per block: entries counted whole, blocks "
+     "made precise on the spot, precise ranges, blocks known, and whether a count could "
+     "not be vouched for since the last reset. None when not counting blocks."},
     {"quiet_resume", (PyCFunction)State_quiet_resume, METH_NOARGS,
      "quiet_resume() -> None\n\nLeave the next block entry out of the recent blocks and "
      "the coverage."},
@@ -1804,7 +2065,14 @@ static int State_set_direct_reads(TracerState *s, PyObject *value, void *closure
     return 0;
 }
 
+static PyObject *State_get_count_inexact(TracerState *s, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(s->bc != NULL && s->bc->inexact);
+}
+
 static PyGetSetDef State_getset[] = {
+    {"count_inexact", (getter)State_get_count_inexact, NULL,
+     "Counting per block: whether a count since the last reset cannot be vouched for.", NULL},
     {"direct_reads", (getter)State_get_direct_reads, (setter)State_set_direct_reads,
      "Whether watch events read their frames from the RAM banks given to bulk() (the same "
      "bytes) instead of through uc_mem_read.", NULL},

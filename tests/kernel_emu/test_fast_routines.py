@@ -123,21 +123,29 @@ def test_budget_stop_inside_a_bulk_move(base_elf: bytes) -> None:
     assert fast.machine.registers() == slow.machine.registers()
 
 
-def test_cycle_probes_are_not_counted_in_bulk_moves(base_elf: bytes) -> None:
+@pytest.mark.parametrize("count_blocks", [False, True])
+def test_cycle_probes_are_not_counted_in_bulk_moves(base_elf: bytes, count_blocks: bool) -> None:
     """The cycle search probes at 4096, 8192, ... instructions outside the bulk moves: the
     tracer's floating stop moves on with every iteration performed natively, so a run zeroing
-    and copying 16 MiB stops at exactly those counts, and at nothing in between."""
+    and copying 16 MiB stops at exactly those counts, and at nothing in between. Counting per
+    block, a probe stops at the first block entry from its count on (a probe needs no exact
+    place), and the next probe is twice as far."""
     from kernel_emu import cycles
 
     data = next(r for r in REPRODUCERS if r.bug == "RX-01").make(base_elf)
-    ex = Executor(load_profile("seed"), watchdog=WATCHDOG)
+    ex = Executor(load_profile("seed"), watchdog=WATCHDOG, count_blocks=count_blocks)
     ex.run(data)
     finder = ex.watchdog.cycles
     assert finder is not None
     probes = finder.probes
     own = ex.tracer.instructions - ex.fast_units
     assert ex.fast_units > 4_000_000
-    assert [at for at, _ in probes] == [cycles.FIRST_PROBE << i for i in range(len(probes))]
+    if count_blocks:
+        wanted = [cycles.FIRST_PROBE] + [2 * at for at, _ in probes[:-1]]
+        # no block of this kernel is 64 instructions long
+        assert all(0 <= at - want < 64 for (at, _), want in zip(probes, wanted, strict=True))
+    else:
+        assert [at for at, _ in probes] == [cycles.FIRST_PROBE << i for i in range(len(probes))]
     assert probes[-1][0] * 2 > own
     assert any(units > 0 for _, units in probes)  # a stop that bulk moves pushed back
     assert finder.idle_stops == 0

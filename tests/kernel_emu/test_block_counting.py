@@ -1,0 +1,124 @@
+"""Counting instructions per translated block (kernel_emu/native/blockcount.h) gives every
+count, stop, event and Result exactly as the code hook on every instruction does.
+
+Each test runs the same thing both ways and compares: a hand-assembled loop stopped at every
+instruction count, a watched instruction inside blocks counted whole, a fault part-way through
+a block, and the seed kernel's runs of mutated inputs, bug reproducers, hangs and faults."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc, UcError
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RIP
+
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from kernel_emu.tracing import NativeTracer, attach_tracer
+from tests.reproducers import REPRODUCERS
+
+BASE = 0x1000
+# mov ecx, 20; L: add eax, 1; inc ebx; nop; dec ecx; jnz L; add eax, 5; <tail>; add eax, 7; hlt
+HEAD = bytes.fromhex("b914000000" "83c001" "ffc3" "90" "ffc9" "75f6" "83c005")
+LOOP = BASE + 5
+WATCHED = BASE + 10  # the nop, three instructions into the loop's block
+LOAD_UNMAPPED = bytes.fromhex("488b142500002000")  # mov rdx, [0x200000]
+END_TAIL = bytes.fromhex("83c007" "f4")
+ROOT = Path(__file__).parents[2]
+
+
+def _machine(code: bytes, blocks: bool) -> tuple[Uc, NativeTracer, int]:
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(BASE, code)
+    until = BASE + 0x80  # never reached: hlt stops the guest, in a block counted whole
+    tracer = attach_tracer(uc, [(0, 0x10000)], native=True, coverage=True)
+    assert isinstance(tracer, NativeTracer)
+    tracer.watch([WATCHED])
+    if blocks:
+        tracer.count_blocks([(BASE, BASE + 0x100)], [], until)
+        assert tracer.counts_blocks
+    return uc, tracer, until
+
+
+def _run(uc: Uc, tracer: NativeTracer, until: int, budget: int) -> dict[str, Any]:
+    tracer.end_run()
+    tracer.reset(budget)
+    for reg in (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX):
+        uc.reg_write(reg, 0)
+    error = None
+    try:
+        uc.emu_start(BASE, until)
+    except UcError as e:
+        error = str(e)
+        assert tracer.settle(uc.reg_read(UC_X86_REG_RIP))
+    return {"instructions": tracer.instructions, "exhausted": tracer.budget_exhausted,
+            "rip": uc.reg_read(UC_X86_REG_RIP), "rax": uc.reg_read(UC_X86_REG_RAX),
+            "rbx": uc.reg_read(UC_X86_REG_RBX), "error": error,
+            "events": [(e.address, e.instructions) for e in tracer.take_events()],
+            "blocks": tracer.recent_blocks(), "coverage": bytes(tracer.coverage())}
+
+
+def test_a_loop_stopped_at_every_count_gives_the_same_state() -> None:
+    code = HEAD + END_TAIL
+    exact, blocks = _machine(code, False), _machine(code, True)
+    total = _run(*exact, 10**6)["instructions"]
+    assert total == 1 + 20 * 5 + 3  # hlt included
+    for budget in range(total + 2):
+        assert _run(*blocks, budget) == _run(*exact, budget), budget
+    counts = blocks[1].block_counts()
+    assert counts is not None and counts["counted"] > 0 and counts["points"] > 0
+    assert not counts["inexact"]
+
+
+def test_a_fault_part_way_through_a_block_is_counted_to_the_faulting_instruction() -> None:
+    code = HEAD + LOAD_UNMAPPED + END_TAIL
+    exact, blocks = _machine(code, False), _machine(code, True)
+    want = _run(*exact, 10**6)
+    assert want["error"] is not None and want["rip"] == BASE + len(HEAD)
+    assert _run(*blocks, 10**6) == want
+    # and stopped by a budget before it, in the block that faults
+    for budget in range(want["instructions"] - 3, want["instructions"] + 1):
+        assert _run(*blocks, budget) == _run(*exact, budget), budget
+
+
+def _job_inputs(base: bytes) -> list[bytes]:
+    rng = random.Random(11)
+    seeds = [p.read_bytes() for p in sorted((ROOT / "corpus" / "seeds").glob("*.elf"))]
+    out = [base, b"", b"junk", *(r.make(base) for r in REPRODUCERS)]
+    for _ in range(120):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 9)):
+            where = rng.randrange(min(len(data), 0x200)) if rng.random() < 0.8 \
+                else rng.randrange(len(data))
+            data[where] = rng.randrange(256)
+        out.append(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["seed", "fixed"])
+def test_kernel_runs_are_the_same_counted_per_block(kernel: str) -> None:
+    """As a fuzzing job runs them (coverage on, the watchdog stopping stalled runs): every
+    Result, coverage map and recent-block ring the same, for runs that halt, enter ring 3,
+    fault, hang and are stopped by the watchdog."""
+    base = (ROOT / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes()
+    profile = load_profile(kernel)
+    exact = Executor(profile, coverage=True, watchdog=200_000, count_blocks=False)
+    blocks = Executor(profile, coverage=True, watchdog=200_000)
+    assert isinstance(blocks.tracer, NativeTracer) and blocks.tracer.counts_blocks
+    stops = set()
+    for data in _job_inputs(base):
+        want = exact.run(data)
+        got = blocks.run(data)
+        assert got.to_json() == want.to_json(), data[:64]
+        assert blocks.coverage_map() == exact.coverage_map()
+        assert blocks.tracer.recent_blocks() == exact.tracer.recent_blocks()
+        stops.add((str(want.stop), bool(exact.stalled_at)))
+    assert {("until", False), ("halt", False)} <= stops
+    if kernel == "seed":
+        assert ("budget", True) in stops  # the watchdog's stop, mid-block
+    counts = blocks.tracer.block_counts()
+    assert counts is not None and counts["counted"] > 1000 and counts["restarts"] > 0
