@@ -82,7 +82,11 @@ class JobConfig:
     canaries: bool = False
 
     def dumps(self) -> str:
-        return json.dumps(asdict(self))
+        # a field at its default is left out: a checkout without it (a benchmark runs
+        # another checkout's jobs side by side) reads the same configuration
+        defaults = JobConfig(kernel=self.kernel, out=self.out)
+        return json.dumps({k: v for k, v in asdict(self).items()
+                           if k in ("kernel", "out") or v != getattr(defaults, k)})
 
     @classmethod
     def loads(cls, text: str) -> JobConfig:
