@@ -1243,10 +1243,45 @@ static void bc_stop(TracerState *s)
     free(bc);
 }
 
+/* A sequence of at most `max` (start, end) pairs with start < end; the count, or -1. */
+static Py_ssize_t parse_ranges(PyObject *obj, uint64_t (*out)[2], Py_ssize_t max,
+                               const char *what)
+{
+    PyObject *seq = PySequence_Fast(obj, "ranges must be a sequence");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > max) {
+        PyErr_Format(PyExc_ValueError, "at most %zd %s ranges", max, what);
+        n = -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long lo, hi;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK;a range is (start, end)",
+                              &lo, &hi)) {
+            n = -1;
+            break;
+        }
+        if (lo >= hi) {
+            PyErr_Format(PyExc_ValueError, "%s range (0x%llx, 0x%llx) is empty", what, lo, hi);
+            n = -1;
+            break;
+        }
+        out[i][0] = lo;
+        out[i][1] = hi;
+    }
+    Py_DECREF(seq);
+    return n;
+}
+
+#define PRECISE_GIVEN_MAX 16
+
 static PyObject *State_count_blocks(TracerState *s, PyObject *args)
 {
     unsigned long long uc, hook_add, hook_del, ctl, until;
     PyObject *text_obj, *precise_obj;
+    uint64_t text[BC_TEXT_MAX][2], precise[PRECISE_GIVEN_MAX][2];
     if (!PyArg_ParseTuple(args, "KKKKOOK", &uc, &hook_add, &hook_del, &ctl, &text_obj,
                           &precise_obj, &until)) {
         return NULL;
@@ -1260,19 +1295,15 @@ static PyObject *State_count_blocks(TracerState *s, PyObject *args)
                                           "uc_hook_del, uc_ctl and reg_write");
         return NULL;
     }
-    PyObject *text = PySequence_Fast(text_obj, "text ranges must be a sequence");
-    if (text == NULL) {
-        return NULL;
-    }
-    PyObject *precise = PySequence_Fast(precise_obj, "precise ranges must be a sequence");
-    if (precise == NULL) {
-        Py_DECREF(text);
+    Py_ssize_t ntext = parse_ranges(text_obj, text, BC_TEXT_MAX, "text");
+    Py_ssize_t nprecise = ntext < 0 ? -1
+                          : parse_ranges(precise_obj, precise, PRECISE_GIVEN_MAX, "precise");
+    if (nprecise < 0) {
         return NULL;
     }
     BlockCount *bc = calloc(1, sizeof(BlockCount));
-    if (bc == NULL) {
-        Py_DECREF(text);
-        Py_DECREF(precise);
+    if (bc == NULL || bc_grow(bc) < 0) {
+        free(bc);
         return PyErr_NoMemory();
     }
     bc->uc = (void *)(uintptr_t)uc;
@@ -1281,59 +1312,26 @@ static PyObject *State_count_blocks(TracerState *s, PyObject *args)
     bc->ctl = (uc_ctl_fn)(uintptr_t)ctl;
     bc->until = until;
     bc->gen = 1;
-    Py_ssize_t ntext = PySequence_Fast_GET_SIZE(text);
-    Py_ssize_t nprecise = PySequence_Fast_GET_SIZE(precise);
-    if (ntext > BC_TEXT_MAX) {
-        PyErr_Format(PyExc_ValueError, "at most %d text ranges", BC_TEXT_MAX);
-        goto fail;
-    }
-    for (Py_ssize_t i = 0; i < ntext; i++) {
-        unsigned long long lo, hi;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(text, i), "KK;a range is (start, end)",
-                              &lo, &hi)) {
-            goto fail;
-        }
-        bc->text[i][0] = lo;
-        bc->text[i][1] = hi;
-        bc->ntext++;
-    }
-    if (bc_grow(bc) < 0) {
-        PyErr_NoMemory();
-        goto fail;
-    }
-    for (Py_ssize_t i = 0; i < nprecise; i++) {
-        unsigned long long lo, hi;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(precise, i),
-                              "KK;a range is (start, end)", &lo, &hi)) {
-            goto fail;
-        }
-        if (lo >= hi || bc_covered(bc, lo, hi) != 0) {
-            PyErr_SetString(PyExc_ValueError, "precise ranges must be non-empty and disjoint");
-            goto fail;
-        }
-        if (bc_add_range(s, bc, bc->uc, lo, hi, 0) < 0) {
-            PyErr_SetString(PyExc_RuntimeError, "uc_hook_add failed");
-            goto fail;
-        }
-    }
-    Py_DECREF(text);
-    Py_DECREF(precise);
+    memcpy(bc->text, text, sizeof(uint64_t) * 2 * (size_t)ntext);
+    bc->ntext = (uint32_t)ntext;
     s->bc = bc;
+    for (Py_ssize_t i = 0; i < nprecise; i++) {
+        if (bc_covered(bc, precise[i][0], precise[i][1]) != 0) {
+            PyErr_SetString(PyExc_ValueError, "precise ranges must not overlap");
+            bc_stop(s);
+            return NULL;
+        }
+        if (bc_add_range(s, bc, bc->uc, precise[i][0], precise[i][1], 0) < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "uc_hook_add failed");
+            bc_stop(s);
+            return NULL;
+        }
+    }
     if (sync_points(s) < 0) {
         bc_stop(s);
         return NULL;
     }
     Py_RETURN_NONE;
-
-fail:
-    bc_drop(bc, 1);
-    free(bc->stale);
-    free(bc->table);
-    free(bc->ranges);
-    free(bc);
-    Py_DECREF(text);
-    Py_DECREF(precise);
-    return NULL;
 }
 
 static PyObject *State_stop_counting_blocks(TracerState *s, PyObject *Py_UNUSED(ignored))
