@@ -37,6 +37,8 @@ def _read_input(path: str) -> bytes:
 
 FAST_ROUTINES_HELP = ("run the guest's memset/memcpy bulk moves instruction by instruction "
                       "instead of natively (same results, slower)")
+BLOCK_COUNTING_HELP = ("count guest instructions with a hook on every instruction instead of "
+                       "per translated block (same results, slower)")
 
 
 # boot -------------------------------------------------------------------------------------
@@ -57,7 +59,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     data = _read_input(args.elf)
     # one input, read by a person: a damaged heap header is charged to its last writer
     executor = Executor(profile, snapshot=not args.full_boot, native=not args.no_native,
-                        fast_routines=not args.no_fast_routines, explain=True)
+                        fast_routines=not args.no_fast_routines, explain=True,
+                        count_blocks=not args.no_block_counting)
     result = executor.run(data)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
@@ -426,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-native", action="store_true",
                    help="use the pure-Python hooks instead of the native tracer (slow)")
     p.add_argument("--no-fast-routines", action="store_true", help=FAST_ROUTINES_HELP)
+    p.add_argument("--no-block-counting", action="store_true", help=BLOCK_COUNTING_HELP)
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("crosscheck", help="boot one input in the emulator and on QEMU + OVMF",
@@ -469,9 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cycle-skip", action="store_true",
                    help="run every instruction of an endless loop up to the watchdog instead "
                         "of skipping its exact repetitions (same results, slower)")
-    p.add_argument("--no-block-counting", action="store_true",
-                   help="count guest instructions with a hook on every instruction instead of "
-                        "per translated block (same results, slower)")
+    p.add_argument("--no-block-counting", action="store_true", help=BLOCK_COUNTING_HELP)
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("minimize", help="shrink a crashing input, keeping its signature",

@@ -1932,8 +1932,8 @@ static PyMethodDef State_methods[] = {
      "code hook must be gone. text: the [start, end) ranges of fixed code; precise: ranges "
      "run under the code hook always; until: the address every emu_start runs to."},
     {"stop_counting_blocks", (PyCFunction)State_stop_counting_blocks, METH_NOARGS,
-     "stop_counting_blocks() -> None\n\nRemove the precise ranges' hooks and count per "
-     "instruction again (the owner adds the global code hook back)."},
+     "stop_counting_blocks() -> None\n\nRemove the hooks of counting per block (points and "
+     "precise ranges) and forget it; the owner detaches, or adds a code hook over all code."},
     {"end_run", (PyCFunction)State_end_run, METH_NOARGS,
      "end_run() -> None\n\nA run is over and its memory about to be put back: counting per "
      "block lets go of what it made precise for the run."},
