@@ -427,13 +427,20 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
         /* where the code hook would stop at the block's first instruction */
         return BLOCK_STOP;
     }
+    if (size == 0) {
+        /* no instruction translated whole (one that cannot be decoded): the code hook
+         * announces it, as without this mode */
+        e = b + 1;
+    }
     int covered = bc_covered(bc, b, e);
     if (covered == 2) {
         return BLOCK_PRECISE;
     }
-    BlockInfo *info = bc_info(bc, uc, b, size);
+    BlockInfo *info = size == 0 ? NULL : bc_info(bc, uc, b, size);
     int per_run = 0;
-    if (info == NULL || info->n == UINT32_MAX || info->unplaced ||
+    if (size == 0) {
+        per_run = 1;
+    } else if (info == NULL || info->n == UINT32_MAX || info->unplaced ||
         (bc->until >= b && bc->until <= e)) {
         per_run = 0;
     } else if (covered || !info->text || (s->stop_addr > b && s->stop_addr < e) ||
