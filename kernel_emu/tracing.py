@@ -787,9 +787,11 @@ class NativeTracer:
         return bool(self._state.count_inexact)
 
     def block_counts(self) -> dict[str, Any] | None:
-        """Counting per block: entries counted whole, blocks made precise on the spot,
-        precise ranges, blocks known, and whether a count since the last reset cannot be
-        vouched for; None when counting per instruction."""
+        """Counting per block (see the native ``block_counts``): block entries counted whole
+        and their instructions, instructions announced in precise ranges, points announced in
+        blocks counted whole, blocks made precise on the spot, the precise ranges, blocks
+        known, and whether a count since the last reset cannot be vouched for; None when
+        counting per instruction."""
         counts: dict[str, Any] | None = self._state.block_counts()
         return counts
 

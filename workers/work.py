@@ -50,21 +50,23 @@ CORPUS_RECENT = 64
 CORPUS_RANDOM = 64
 Enqueue = Callable[..., None]
 
-_executors: dict[tuple[str, str, bool], Executor] = {}
+_executors: dict[tuple[str, str, bool, bool], Executor] = {}
 
 
-def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bool) -> Executor:
+def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bool,
+              watchdog: bool | None = None) -> Executor:
     """One executor per kernel build and mode in this worker process (a build's profile is
     keyed by its image and profile bytes, so a replaced build gets a new one). Snapshot
-    executors serve minimization and stop stalled candidates early (the minimizer keeps only
-    candidates with the bucket's own signature, and triage already judged with the full
-    budget); full boots, for triage and verify, never do."""
+    executors serve minimization and stop stalled candidates early unless `watchdog` is
+    False (the minimizer keeps only candidates with the bucket's own signature, and triage
+    already judged with the full budget); full boots, for triage and verify, never do."""
     profile = _profile(store, settings, kernel)
-    key = (kernel, str(profile.source), snapshot)
+    stops_early = snapshot if watchdog is None else watchdog
+    key = (kernel, str(profile.source), snapshot, stops_early)
     ex = _executors.get(key)
     if ex is None:
         ex = _executors[key] = Executor(profile, snapshot=snapshot,
-                                        watchdog=WATCHDOG if snapshot else None)
+                                        watchdog=WATCHDOG if stops_early else None)
     return ex
 
 
@@ -592,8 +594,13 @@ def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str
         record_harness_error(store, "minimize", "reproducer not found in Redis",
                              bucket.reproducer)
         return {"state": "missing"}
-    ex = _executor(store, settings, bucket.kernel, snapshot=True)
     try:
+        ex = _executor(store, settings, bucket.kernel, snapshot=True)
+        if ex.run(data).signature != bucket.signature and ex.stalled_at:
+            # The watchdog stopped the reproducer, and it stops some hangs in another
+            # function of their loop than the full budget does: minimized without it, as
+            # triage ran it (an exact cycle is skipped, so a hang costs milliseconds).
+            ex = _executor(store, settings, bucket.kernel, snapshot=True, watchdog=False)
         outcome = minimize(data, ex, max_executions=settings.minimize_executions)
     except NotACrash as e:
         store.buckets.set_minimize_error(bid, str(e))

@@ -1372,9 +1372,13 @@ static PyObject *State_block_counts(TracerState *s, PyObject *Py_UNUSED(ignored)
         }
         PyList_SET_ITEM(ranges, (Py_ssize_t)i, r);
     }
-    return Py_BuildValue("{s:K,s:K,s:N,s:I,s:O,s:K,s:K,s:K}", "counted", (unsigned long long)bc->counted,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:N,s:I,s:O}",
+                         "counted", (unsigned long long)bc->counted,
+                         "counted_instructions", (unsigned long long)bc->counted_insns,
+                         "precise", (unsigned long long)bc->precise_calls,
+                         "points", (unsigned long long)bc->point_calls,
                          "restarts", (unsigned long long)bc->restarts, "ranges", ranges,
-                         "blocks", bc->used, "inexact", bc->inexact ? Py_True : Py_False, "precise", (unsigned long long)bc->precise_calls, "counted_insns", (unsigned long long)bc->counted_insns, "points", (unsigned long long)bc->point_calls);
+                         "blocks", bc->used, "inexact", bc->inexact ? Py_True : Py_False);
 }
 
 /* The offset of the first 8-byte word at or after `from` where the maps differ, or
@@ -1942,9 +1946,11 @@ static PyMethodDef State_methods[] = {
      "it interrupted that never ran. False if they cannot be counted (the count is then "
      "not exact)."},
     {"block_counts", (PyCFunction)State_block_counts, METH_NOARGS,
-     "block_counts() -> dict | None\n\nCounting per block: entries counted whole, blocks "
-     "made precise on the spot, precise ranges, blocks known, and whether a count could "
-     "not be vouched for since the last reset. None when not counting blocks."},
+     "block_counts() -> dict | None\n\nCounting per block, since it began: block entries "
+     "counted whole and the instructions they held, instructions announced in precise "
+     "ranges, points announced in blocks counted whole, blocks made precise on the spot; "
+     "the precise ranges now ((start, end, for this run only)), blocks known, and whether a "
+     "count since the last reset cannot be vouched for. None when not counting blocks."},
     {"quiet_resume", (PyCFunction)State_quiet_resume, METH_NOARGS,
      "quiet_resume() -> None\n\nLeave the next block entry out of the recent blocks and "
      "the coverage."},

@@ -91,6 +91,33 @@ def test_minimize_then_verify_on_fixed(store: FarmStore, settings: Settings) -> 
     assert verify["fixed"]["state"] == "fixed" and verify["seed"]["state"] == "reproduces"
 
 
+def test_a_hang_the_watchdog_stops_elsewhere_is_minimized_as_triage_judged_it(
+        store: FarmStore, settings: Settings) -> None:
+    """An endless loop (RX-06) that the watchdog stops in another function of the loop than
+    the full budget does: the minimizer's snapshot executor stops stalled runs early, so it
+    minimizes this one without the watchdog, with the signature triage gave the bucket,
+    instead of reporting a harness error. (A fuzzing job's input, kept as it was found.)"""
+    from fuzz.harness import WATCHDOG
+    from kernel_emu.executor import Executor
+    from kernel_emu.profile import load_profile
+
+    data = (Path(__file__).parent / "data" / "watchdog-hang.elf").read_bytes()
+    stopped = Executor(load_profile("seed"), watchdog=WATCHDOG)
+    early = stopped.run(data)
+    sha = store.blobs.put(data)
+    bid = work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"]
+    bucket = store.buckets.get(bid)
+    assert bucket is not None and bucket.signature.startswith("hang")
+    assert stopped.stalled_at and early.signature != bucket.signature  # the case at hand
+    out = work.minimize_bucket(store, settings, bid)
+    assert out["state"] == "minimized", out
+    assert store.stats.counters().get("harness_errors", 0) == 0
+    minimized = store.buckets.get(bid)
+    assert minimized is not None and minimized.minimized is not None
+    report = store.reports.get(minimized.minimized, "seed")
+    assert report is not None and report["signature"] == bucket.signature
+
+
 def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
                                                               settings: Settings,
                                                               tmp_path: Path) -> None:
