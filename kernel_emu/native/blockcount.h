@@ -141,6 +141,17 @@ static BlockInfo *bc_find(BlockCount *bc, uint64_t pc, uint32_t size)
     return &bc->table[i];
 }
 
+/* Its memory (NULL: nothing); the hooks are the owner's to delete first. */
+static void bc_free(BlockCount *bc)
+{
+    if (bc != NULL) {
+        free(bc->stale);
+        free(bc->table);
+        free(bc->ranges);
+        free(bc);
+    }
+}
+
 static int bc_grow(BlockCount *bc)
 {
     uint32_t old_cap = bc->cap;

@@ -365,7 +365,7 @@ static void mark_page(TracerState *s, uint64_t page);
 #include "guard.h"
 #include "blockcount.h"
 
-/* Outside a run, after the watched addresses, bulk sites or stop changed. */
+/* Outside a run, after the watched addresses or bulk sites changed. */
 static int sync_points(TracerState *s)
 {
     if (s->bc != NULL && bc_sync_points(s, s->bc) < 0) {
@@ -805,14 +805,9 @@ static void State_dealloc(TracerState *s)
     PyMem_RawFree(s->events);
     PyMem_RawFree(s->unwind);
     PyMem_RawFree(s->guard);
-    if (s->bc != NULL) {
-        /* the owner stops counting before it lets the state go (detach) */
-        free(s->bc->stale);
-        free(s->bc->table);
-        free(s->bc->ranges);
-        free(s->bc);
-        s->bc = NULL;
-    }
+    /* the owner stops counting (its hooks) before it lets the state go (detach) */
+    bc_free(s->bc);
+    s->bc = NULL;
     s->events = NULL;
     s->guard = NULL;
     Py_TYPE(s)->tp_free((PyObject *)s);
@@ -969,9 +964,6 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     if (s->stop_addr != UINT64_MAX) {
         s->stop_addr = UINT64_MAX;
         rebuild_filter(s);
-        if (sync_points(s) < 0) {
-            return NULL;
-        }
     }
     s->stop_left = 0;
     s->stop_hit = 0;
@@ -1158,9 +1150,6 @@ static PyObject *State_stop_at(TracerState *s, PyObject *args)
     s->same_on = 0;
     s->stop_hit = 0;
     rebuild_filter(s);
-    if (sync_points(s) < 0) {
-        return NULL;
-    }
     Py_RETURN_NONE;
 }
 
@@ -1212,9 +1201,6 @@ static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
     s->stop_armed_at = s->icount;
     s->stop_hit = 0;
     rebuild_filter(s);
-    if (sync_points(s) < 0) {
-        return NULL;
-    }
     Py_RETURN_NONE;
 }
 
@@ -1237,10 +1223,7 @@ static void bc_stop(TracerState *s)
     for (uint32_t i = 0; i < bc->npoints; i++) {
         (void)bc->hook_del(bc->uc, bc->points[i].hook);
     }
-    free(bc->stale);
-    free(bc->table);
-    free(bc->ranges);
-    free(bc);
+    bc_free(bc);
 }
 
 /* A sequence of at most `max` (start, end) pairs with start < end; the count, or -1. */
