@@ -28,6 +28,7 @@ from typing import Any
 
 from fuzz.feedback import Feedback, LibFuzzer, make_feedback
 from fuzz.solutions import Solutions, bucket_id, write_atomic
+from kernel_emu import causes
 from kernel_emu.canaries import canaries_for
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.executor import Executor
@@ -174,6 +175,10 @@ class Job:
         self._mutator_seconds = 0.0
         self._confirmer: Executor | None = None
         self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
+        self._seen: set[str] = set()  # signatures as the executor gives them, seen before
+        # signature -> header field -> what the kernel did with it put right (None: it
+        # crashed the same way), as causes.attribute keeps it
+        self._causes: dict[str, dict[str, str | None]] = {}
         # signature -> its reproducer (signature and sha256 -> an input kept beside it)
         self._unwritten: dict[str, tuple[bytes, Any]] = {}
         self._canaries = canaries_for(self.profile, self.executor.image) \
@@ -182,12 +187,14 @@ class Job:
 
     def _new_executor(self) -> Executor:
         # no second run to name who wrote a damaged heap header (Executor.explain): jobs and
-        # triage file findings under the same signature
+        # triage file findings under the same signature. A cause in the input is judged
+        # once per signature and broken fields (`_with_cause`), not for every run
         executor = Executor(self.profile, native=self.config.native,
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
                             fast_routines=self.config.fast_routines,
                             skip_cycles=self.config.skip_cycles, explain=False,
-                            lean=self.config.lean, count_blocks=self.config.count_blocks)
+                            lean=self.config.lean, count_blocks=self.config.count_blocks,
+                            causes=False)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor
@@ -268,14 +275,13 @@ class Job:
 
     def _finding(self, data: bytes, result: Any, now: float, *, checked: bool = False) -> None:
         sig = result.signature
-        entry = self.stats.findings.get(sig)
         # the watchdog ended this run early: only the profile's own budget can say what the
         # run really comes to (a hang, something else, or nothing)
         if self.executor.stalled_at and not checked:
             if sig in self._unconfirmed:
                 self.stats.slow += 1
                 return
-            if entry is None:
+            if sig not in self._seen:
                 confirmed = self._confirm(data)
                 if confirmed is None or confirmed.signature != sig:
                     self._unconfirmed.add(sig)
@@ -285,6 +291,10 @@ class Job:
                         self._finding(data, confirmed, now, checked=True)
                     return
                 result = confirmed
+        self._seen.add(sig)
+        result = self._with_cause(data, result)
+        sig = result.signature
+        entry = self.stats.findings.get(sig)
         if entry is None:
             entry = FindingStats(result.crash_class or "?", bucket_id(sig),
                                  first_exec=self.stats.execs + 1,
@@ -317,15 +327,33 @@ class Job:
     def _confirm(self, data: bytes) -> Any:
         """The Result of `data` with the profile's budget and no watchdog (None on failure)."""
         try:
-            if self._confirmer is None:
-                self._confirmer = Executor(self.profile, native=self.config.native,
-                                           fast_routines=self.config.fast_routines,
-                                           explain=False, lean=self.config.lean)
-            return self._confirmer.run(data)
+            return self._full_budget(data)
         except Exception as e:  # noqa: BLE001
             self._confirmer = None
             self._harness_error(data, e)
             return None
+
+    def _full_budget(self, data: bytes) -> Any:
+        if self._confirmer is None:
+            self._confirmer = Executor(self.profile, native=self.config.native,
+                                       fast_routines=self.config.fast_routines,
+                                       explain=False, lean=self.config.lean, causes=False)
+        return self._confirmer.run(data)
+
+    def _with_cause(self, data: bytes, result: Any) -> Any:
+        """`result` filed under its cause in the input, as triage files it (Executor's
+        `causes`). What putting a field right does is judged once per signature and field:
+        the first input of each is booted again with it put right, on the confirming
+        executor (the profile's budget; this job's executor and its feedback left alone)."""
+        if result.signature is None or not causes.broken_fields(data):
+            return result
+        try:
+            return causes.attribute(data, result, self._full_budget,
+                                    self._causes.setdefault(result.signature, {}))[0]
+        except Exception as e:  # noqa: BLE001 - ours: the crash keeps its own signature
+            self._confirmer = None
+            self._harness_error(data, e)
+            return result
 
     def _harness_error(self, data: bytes, error: BaseException, rebuild: bool = False) -> None:
         self.stats.harness_errors += 1

@@ -48,9 +48,10 @@ def rate(executor, data, n):
 
 out = {"snapshot": rate(Executor(profile), example, runs),
        "full": rate(Executor(profile, snapshot=False), example, max(1, runs // 40))}
-# as a fuzzing job runs inputs (a tree that has the option: no second run for damaged headers)
+# as a fuzzing job runs inputs (where the tree has the options: no second run for damaged
+# headers, nor for inputs with a broken header field)
 import inspect
-as_job = {"explain": False} if "explain" in inspect.signature(Executor).parameters else {}
+as_job = {k: False for k in ("explain", "causes") if k in inspect.signature(Executor).parameters}
 job = Executor(profile, coverage=True, watchdog=200_000, **as_job)
 for data in inputs[:20]:
     job.run(data)

@@ -102,10 +102,11 @@ def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
     for speedups, lean, blocks in setups:
         kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean,
               "count_blocks": blocks}
-        on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, **kw)
+        on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, causes=False,
+                      **kw)
         feedback = make_feedback()
         on.add_machine_hook(feedback.attach)
-        off = Executor(profile, watchdog=WATCHDOG, explain=False, **kw)
+        off = Executor(profile, watchdog=WATCHDOG, explain=False, causes=False, **kw)
         runs.append(((on, feedback), (off, None)))
     rates: list[tuple[list[float], list[float]]] = [([], []) for _ in setups]
     for _ in range(repeats):
@@ -135,7 +136,8 @@ def _run_class(result: Any, stalled: bool) -> str:
 def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, list[float]]]:
     """Per class of run (how it ended): runs, seconds, and seconds in each phase (prepare,
     guest, oracles) of replaying `inputs` as a fuzzing job runs them (feedback on)."""
-    executor = Executor(load_profile(kernel), coverage=True, watchdog=WATCHDOG, explain=False)
+    executor = Executor(load_profile(kernel), coverage=True, watchdog=WATCHDOG, explain=False,
+                        causes=False)
     feedback = make_feedback()
     executor.add_machine_hook(feedback.attach)
     for data in inputs[:50]:  # the translated code and the caches, as in a running job

@@ -18,7 +18,7 @@ from typing import Any
 from unicorn.unicorn_const import UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 from unicorn.unicorn_py3.unicorn import UcError
 
-from kernel_emu import codescan, dirtypages, oracles
+from kernel_emu import causes, codescan, dirtypages, oracles
 from kernel_emu.allocations import Allocation, AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
 from kernel_emu.dirtylog import PageTableLog
@@ -31,7 +31,7 @@ from kernel_emu.inputs import channel_for, encode
 from kernel_emu.machine import Machine
 from kernel_emu.observations import FaultObserver, RunObservations
 from kernel_emu.profile import TargetProfile
-from kernel_emu.result import Result, StopReason
+from kernel_emu.result import Result, StopReason, Verdict
 from kernel_emu.snapshot import Snapshot, code_masks
 from kernel_emu.tracing import (
     PORT_LOG_SIZE,
@@ -60,13 +60,17 @@ class Executor:
     `explain`: when a run leaves a block header written over, make it again watching that
     header, so the finding (and its signature) names its last writer rather than where the run
     stopped. Off by default: a fuzzing job runs such inputs by the thousand, and the farm's
-    jobs and triage must file a finding under one signature; `fuzzfarm boot` explains."""
+    jobs and triage must file a finding under one signature; `fuzzfarm boot` explains.
+    `causes`: when a crashing input breaks a header field the ELF format allows one value
+    for, boot it again with that value (on a second executor like this one, so that this
+    one's machine stays as the input left it) and, if the crash goes away, file it under the
+    field (kernel_emu.causes). Off in fuzzing jobs, which judge that once per signature."""
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
                  watchdog: int | None = None, fast_routines: bool = True,
                  skip_cycles: bool = True, explain: bool = False, lean: bool = True,
-                 count_blocks: bool = True) -> None:
+                 count_blocks: bool = True, causes: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
@@ -76,6 +80,8 @@ class Executor:
         self.explain = explain
         self.lean = lean
         self.count_blocks = count_blocks
+        self.causes = causes
+        self._second: Executor | None = None  # boots the inputs `causes` puts right
         self.notes: list[str] = []
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
@@ -236,12 +242,25 @@ class Executor:
         """Boot `data` as bin/init. Raises HarnessError when the farm, not the kernel, failed."""
         payload = encode(self.profile, data)
         try:
-            return self._run(data, payload)
+            result = self._run(data, payload)
+            if self.causes and result.verdict == Verdict.CRASH:
+                result = causes.attribute(data, result, self._boot_second)[0]
+            return result
         except HarnessError:
             raise
         except Exception as e:  # a bug of ours must never pass for a kernel finding
             raise HarnessError(f"internal error while booting the input: "
                                f"{type(e).__name__}: {e}") from e
+
+    def _boot_second(self, data: bytes) -> Result:
+        if self._second is None:
+            self._second = Executor(
+                self.profile, snapshot=self.use_snapshot, native=self.native,
+                coverage=False, budget=self.budget, watchdog=self.watchdog_interval,
+                fast_routines=self.fast_routines, skip_cycles=self.skip_cycles,
+                explain=self.explain, lean=self.lean, count_blocks=self.count_blocks,
+                causes=False)
+        return self._second.run(data)
 
     def _run(self, data: bytes, payload: bytes,
              watch: tuple[int, int] | None = None) -> Result:

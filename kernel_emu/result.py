@@ -35,6 +35,9 @@ class CrashClass(StrEnum):
     KERNEL_MAPPING = "kernel-mapping"
     BAD_ENTRY = "bad-entry"
     MEMORY_LEAK = "memory-leak"
+    # a field the ELF format allows one value for, used unchecked: the crash goes away with
+    # that value (kernel_emu.causes)
+    UNCHECKED_FIELD = "unchecked-field"
 
 
 class StopReason(StrEnum):
@@ -53,7 +56,8 @@ CLASSES = tuple(CrashClass)
 # classes about what the kernel built rather than where it stopped: their signature names the
 # field that disagreed
 SEMANTIC_CLASSES = (CrashClass.HEAP_CORRUPTION, CrashClass.VADDR_CORRUPTION,
-                    CrashClass.KERNEL_MAPPING, CrashClass.BAD_ENTRY, CrashClass.MEMORY_LEAK)
+                    CrashClass.KERNEL_MAPPING, CrashClass.BAD_ENTRY, CrashClass.MEMORY_LEAK,
+                    CrashClass.UNCHECKED_FIELD)
 
 
 class ResultFormatError(ValueError):

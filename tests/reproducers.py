@@ -212,7 +212,7 @@ REPRODUCERS = [
     Reproducer("RX-03", "vaddr-corruption", _memsz_truncated),
     Reproducer("RX-04", "kernel-mapping", _upper_half),
     Reproducer("RX-05", "heap-corruption", _filesz_over_memsz),
-    Reproducer("RX-06", "hang", _phentsize_zero),
+    Reproducer("RX-06", "unchecked-field", _phentsize_zero),
     Reproducer("RX-07", "kernel-panic", _align_zero),
     Reproducer("RX-08", "bad-entry", _entry_outside),
     Reproducer("RX-09", "out-of-memory", _too_big),

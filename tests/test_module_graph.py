@@ -107,7 +107,8 @@ def test_the_emulators_layers() -> None:
     for part in ("kernel_emu.machine", "kernel_emu.firmware", "kernel_emu.tracing",
                  "kernel_emu.dirtypages", "kernel_emu.observations", "kernel_emu.snapshot",
                  "kernel_emu.watchdog", "kernel_emu.cycles", "kernel_emu.oracles",
-                 "kernel_emu.userspace", "kernel_emu.allocations", "kernel_emu.result"):
+                 "kernel_emu.userspace", "kernel_emu.allocations", "kernel_emu.result",
+                 "kernel_emu.causes"):
         assert executor not in _reaches(graph, part), part
     # the oracles judge what was observed: they start, stop and restore nothing
     for driver in ("kernel_emu.snapshot", "kernel_emu.watchdog", "kernel_emu.cycles",
@@ -124,7 +125,8 @@ def test_only_benchmarks_read_the_canaries() -> None:
     graph = _graph()
     readers = {m for m, deps in graph.items() if "kernel_emu.canaries" in deps}
     assert readers == {"fuzz.harness", "fuzzfarm.bench_bugs", "fuzzfarm.bench_race"}
-    for judge in ("kernel_emu.oracles", "kernel_emu.executor", "kernel_emu.allocations",
+    for judge in ("kernel_emu.oracles", "kernel_emu.causes", "kernel_emu.executor",
+                  "kernel_emu.allocations",
                   "kernel_emu.heapwalk", "kernel_emu.userspace", "fuzz.mutator",
                   "fuzz.feedback", "fuzz.minimize"):
         assert "kernel_emu.canaries" not in _reaches(graph, judge), judge

@@ -100,10 +100,13 @@ def test_heap_damage_is_charged_to_the_block_it_follows_wherever_the_run_stops(
 
 def test_a_misread_program_header_table_is_one_finding_whatever_its_shape(
         executors: dict[str, Executor], base_elf: bytes) -> None:
-    # a stride the seed walks by, short of 56: fewer entries, each read across two headers
-    signatures = {executors["seed"].run(set_header(base_elf, phentsize=stride)).signature
-                  for stride in (40, 48, 55)}
-    assert signatures == {"vaddr-corruption | segment table | segments"}
+    # a stride the seed walks by, short of 56: fewer entries, each read across two headers.
+    # The stride is the cause (kernel_emu.causes); the misread table its first consequence
+    results = [executors["seed"].run(set_header(base_elf, phentsize=stride))
+               for stride in (40, 48, 55)]
+    assert {r.signature for r in results} == {"unchecked-field | ELF header | e_phentsize"}
+    assert {r.findings[1].signature() for r in results} == {
+        "vaddr-corruption | segment table | segments"}
     # the same count with an entry wrong in several fields is the same misreading; an entry
     # wrong in one field only is that field's
     want = [{"vaddr": 0x400000, "memsz": 0x1000, "filesz": 0x1000, "offset": 0, "flags": 5},

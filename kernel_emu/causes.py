@@ -1,0 +1,171 @@
+"""Causes in the input: a crash that a field of the ELF header, had the kernel checked it,
+would not have let happen.
+
+Some fields of an ELF64 x86-64 executable's header admit one value: the magic, the class, the
+byte order, the versions, the machine, the header's size. A table's entry size admits no value
+below the size of an entry. A loader must check such fields or never read them. One that uses
+such a field unchecked fails in ways that depend on the value: a program-header stride of 0
+walks the same entry for ever, one of 16 reads entries across two program headers. Where the
+damage shows says little about the bug, so signatures taken there file one missing check under
+as many buckets as it has symptoms.
+
+So a crash whose input breaks such a rule is booted again with that one field put right,
+nothing else changed: the value the rule asks for, or for an entry size the entry's own size.
+That is also how the farm's ELF reader (kernel_emu.elfview) reads such a file, so the file
+put right means what the oracles took the original to mean. If the crash does not happen then
+(no finding of the second run has the first's signature), the field is its cause: the Result
+gets a finding of class `unchecked-field` at site `ELF header`, field `e_phentsize` (say),
+before everything the run found, which the chain keeps as its consequences. Fields are tried
+in file order; the first whose value alone makes the difference is the cause. A crash the
+right value does not take away keeps its own signature: the field was wrong, but not why the
+kernel crashed.
+
+Fields with a range of legal values (`p_filesz` up to `p_memsz`, say) are not judged here:
+there is no one right value to put in place, and what the kernel did with the value is what
+the other oracles name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from kernel_emu.elflayout import (
+    EI_CLASS,
+    EI_DATA,
+    EI_VERSION,
+    ELF64_EHDR,
+    ELF64_EHDR_SIZE,
+    ELF64_PHDR_SIZE,
+    ELF64_SHDR_SIZE,
+    ELF_MAGIC,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    EM_X86_64,
+    EV_CURRENT,
+)
+from kernel_emu.result import CrashClass, Finding, Result, Verdict
+
+# the site every finding of this module names: the file's header, not where the run stopped
+ELF_HEADER = "ELF header"
+
+
+@dataclass(frozen=True)
+class FixedField:
+    """A header field the format allows one value for, or with `least` no value below it
+    (`when`: only if that holds of the file, e.g. a table entry's size only matters when the
+    table has entries)."""
+
+    name: str
+    offset: int
+    size: int
+    value: int
+    meaning: str
+    least: bool = False
+    when: Callable[[bytes], bool] | None = None
+
+    def broken(self, data: bytes) -> bool:
+        value = self.read(data)
+        return (value < self.value if self.least else value != self.value) and (
+            self.when is None or self.when(data))
+
+    def read(self, data: bytes) -> int:
+        return int.from_bytes(data[self.offset:self.offset + self.size], "little")
+
+    def put_right(self, data: bytes) -> bytes:
+        out = bytearray(data)
+        out[self.offset:self.offset + self.size] = self.value.to_bytes(self.size, "little")
+        return bytes(out)
+
+    def format(self, value: int) -> str:
+        return f"{value:#0{2 + 2 * self.size}x}" if self.name == "EI_MAG" else f"{value:#x}"
+
+
+def _count(name: str) -> Callable[[bytes], bool]:
+    field = ELF64_EHDR[name]
+    return lambda data: field.read(data) != 0
+
+
+def _at(name: str) -> int:
+    return ELF64_EHDR.offset(name)
+
+
+FIXED_FIELDS: tuple[FixedField, ...] = (
+    FixedField("EI_MAG", 0, 4, int.from_bytes(ELF_MAGIC, "little"), "the ELF magic"),
+    FixedField("EI_CLASS", EI_CLASS, 1, ELFCLASS64, "ELFCLASS64"),
+    FixedField("EI_DATA", EI_DATA, 1, ELFDATA2LSB, "little-endian (ELFDATA2LSB)"),
+    FixedField("EI_VERSION", EI_VERSION, 1, EV_CURRENT, "EV_CURRENT, the one version"),
+    FixedField("e_machine", _at("e_machine"), 2, EM_X86_64, "EM_X86_64, for an amd64 kernel"),
+    FixedField("e_version", _at("e_version"), 4, EV_CURRENT, "EV_CURRENT, the one version"),
+    FixedField("e_ehsize", _at("e_ehsize"), 2, ELF64_EHDR_SIZE,
+               "the size of an Elf64_Ehdr"),
+    FixedField("e_phentsize", _at("e_phentsize"), 2, ELF64_PHDR_SIZE,
+               "the size of an Elf64_Phdr", least=True, when=_count("e_phnum")),
+    FixedField("e_shentsize", _at("e_shentsize"), 2, ELF64_SHDR_SIZE,
+               "the size of an Elf64_Shdr", least=True, when=_count("e_shnum")),
+)
+
+
+def broken_fields(data: bytes) -> list[FixedField]:
+    """The fields whose rule `data` breaks, in file order (none for a file too short to hold
+    an ELF64 header)."""
+    if len(data) < ELF64_EHDR_SIZE:
+        return []
+    return [f for f in FIXED_FIELDS if f.broken(data)]
+
+
+def outcome(result: Result) -> str:
+    """What a run came to, in a few words."""
+    if result.verdict == Verdict.CRASH:
+        return f"crashes otherwise ({result.signature})"
+    if result.verdict == Verdict.REJECTED:
+        return f"rejects it ({result.reject_reason})"
+    return "loads it"
+
+
+def cause_finding(data: bytes, field: FixedField, consequence: Finding, after: str) -> Finding:
+    """The finding that names `field` as the cause of `consequence` (`after`: what the kernel
+    did with the field put right, as `outcome` says)."""
+    return Finding(
+        CrashClass.UNCHECKED_FIELD,
+        [f"{field.name} is {field.format(field.read(data))}; the format allows "
+         f"{'no less than' if field.least else 'only'} {field.format(field.value)} "
+         f"({field.meaning})",
+         f"with {field.name} {field.format(field.value)} and nothing else changed, the kernel "
+         f"{after}: it used the field unchecked, and the crash below follows from it"],
+        frames=list(consequence.frames), field=field.name, pc=consequence.pc, site=ELF_HEADER)
+
+
+def with_cause(result: Result, cause: Finding) -> Result:
+    """`result` with `cause` first, the crash it found kept as its consequences."""
+    return replace(result, crash_class=cause.cls, signature=cause.signature(),
+                   findings=[cause] + list(result.findings))
+
+
+def attribute(data: bytes, result: Result, boot: Callable[[bytes], Result],
+              known: dict[str, str | None] | None = None
+              ) -> tuple[Result, FixedField | None, str | None]:
+    """`result` (of booting `data`) with its cause in the input, if a field of the header is
+    one; `boot` boots another input the same way (its errors are the caller's: a harness
+    error is never a cause). Also the field (None: no cause found) and what the kernel did
+    with it put right. `known`: what earlier inputs of this signature said of each field
+    (field name -> what the kernel did with it put right, None where the crash stayed),
+    taken for this input's instead of booting again, and added to."""
+    if result.verdict != Verdict.CRASH or not result.findings or result.signature is None:
+        return result, None, None
+    for field in broken_fields(data):
+        if known is not None and field.name in known:
+            after = known[field.name]
+            if after is not None:
+                after += ", as an earlier input with this signature showed"
+        else:
+            other = boot(field.put_right(data))
+            # the crash happens all the same: the field is wrong, but not the cause
+            after = None if any(f.signature() == result.signature for f in other.findings) \
+                else outcome(other)
+            if known is not None:
+                known[field.name] = after
+        if after is not None:
+            return with_cause(result, cause_finding(data, field, result.findings[0], after)), \
+                field, after
+    return result, None, None

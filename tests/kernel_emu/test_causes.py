@@ -1,0 +1,112 @@
+"""A crash's cause in the input (kernel_emu.causes): a header field the kernel used unchecked
+files every symptom of it under one signature; a field that is wrong but not why the kernel
+crashed changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from kernel_emu.causes import FIXED_FIELDS, broken_fields
+from kernel_emu.elflayout import ELF64_EHDR
+from kernel_emu.executor import Executor
+from kernel_emu.profile import load_profile
+from tests.reproducers import REPRODUCERS, set_header
+
+CAUSE = "unchecked-field | ELF header | e_phentsize"
+
+
+@pytest.fixture(scope="module")
+def seed() -> Executor:
+    return Executor(load_profile("seed"), watchdog=200_000)
+
+
+def test_every_symptom_of_an_unchecked_stride_is_one_signature(seed: Executor,
+                                                               base_elf: bytes) -> None:
+    # 0 walks the first entry for ever; 16 to 55 read fewer entries, each across two headers
+    raw = Executor(load_profile("seed"), watchdog=200_000, causes=False)
+    consequences = set()
+    for stride in (0, 16, 40, 55):
+        data = set_header(base_elf, phentsize=stride)
+        result = seed.run(data)
+        assert result.verdict == "crash" and result.signature == CAUSE, stride
+        cause, first = result.findings[0], result.findings[1]
+        assert cause.field == "e_phentsize" and cause.site == "ELF header"
+        assert cause.evidence[0] == (f"e_phentsize is {stride:#x}; the format allows no less "
+                                     f"than 0x38 (the size of an Elf64_Phdr)")
+        assert "the kernel loads it" in cause.evidence[1]
+        # the frames are where the damage showed; the rest of the chain is the run's own
+        assert cause.frames == first.frames
+        assert [f.to_json() for f in result.findings[1:]] == \
+            [f.to_json() for f in raw.run(data).findings]
+        consequences.add(first.signature())
+    assert {c.split(" | ")[0] for c in consequences} == {"hang", "vaddr-corruption"}
+
+
+def test_the_executors_machine_is_the_inputs_after_the_second_boot(seed: Executor,
+                                                                   base_elf: bytes) -> None:
+    # the field put right boots on a second executor: what a caller reads of this one after
+    # the run (the stop, the watchdog, the console) is still the input's
+    data = set_header(base_elf, phentsize=0)
+    result = seed.run(data)
+    assert seed.stalled_at > 0
+    assert result.stop == "budget" and seed.last_observations is not None
+    assert seed.last_observations.stop == "budget"
+
+
+def test_a_wrong_field_that_is_not_the_cause_changes_nothing(seed: Executor,
+                                                             base_elf: bytes) -> None:
+    # the seed never reads e_version or e_ehsize: with them wrong, an overflowing segment
+    # (RX-05) crashes as it does without, and a clean input loads
+    rx05 = next(r for r in REPRODUCERS if r.bug == "RX-05").make(base_elf)
+    alone = seed.run(rx05)
+    for field in ("version", "ehsize"):
+        data = set_header(rx05, **{field: 7})
+        assert [f.name for f in broken_fields(data)] == [f"e_{field}"]
+        assert seed.run(data).to_json()["findings"] == alone.to_json()["findings"]
+        assert seed.run(set_header(base_elf, **{field: 7})).verdict == "ok"
+
+
+def test_the_fixed_build_refuses_the_stride(base_elf: bytes) -> None:
+    fixed = Executor(load_profile("fixed"))
+    for stride in (0, 16, 40):
+        result = fixed.run(set_header(base_elf, phentsize=stride))
+        assert result.verdict == "rejected", stride
+        assert result.reject_reason == "bad program header entry size"
+
+
+def test_the_rules(base_elf: bytes) -> None:
+    assert broken_fields(base_elf) == []
+    assert broken_fields(base_elf[:63]) == []  # too short for a header: nothing to judge
+    # an entry size matters only when the table has entries; a larger one is padding, as
+    # the farm's ELF reader reads it
+    assert broken_fields(set_header(base_elf, phentsize=0, phnum=0)) == []
+    assert broken_fields(set_header(base_elf, phentsize=64)) == []
+    assert [f.name for f in broken_fields(set_header(base_elf, shentsize=8))] == \
+        (["e_shentsize"] if ELF64_EHDR["e_shnum"].read(base_elf) else [])
+    # several broken: in file order
+    data = bytearray(set_header(base_elf, phentsize=8, version=2, machine=3))
+    data[4] = 1  # EI_CLASS: ELFCLASS32
+    assert [f.name for f in broken_fields(bytes(data))] == [
+        "EI_CLASS", "e_machine", "e_version", "e_phentsize"]
+    # each put right alone, nothing else changed
+    for field in FIXED_FIELDS:
+        if field.broken(bytes(data)):
+            fixed = field.put_right(bytes(data))
+            assert not field.broken(fixed) and len(fixed) == len(data)
+            assert sum(a != b for a, b in zip(fixed, data, strict=True)) <= field.size
+
+
+def test_a_job_files_every_stride_under_the_cause_too(base_elf: bytes, tmp_path) -> None:
+    """A fuzzing job judges a signature's fields once, on its confirming executor, and files
+    later inputs of that signature by what the first showed (triage boots each)."""
+    from fuzz.harness import Job, JobConfig
+
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path)))
+    for stride in (0, 40, 48, 0):
+        job.run_input(set_header(base_elf, phentsize=stride))
+    assert job.stats.harness_errors == 0
+    assert list(job.stats.findings) == [CAUSE]
+    assert job.stats.findings[CAUSE].count == 4
+    # the hang (stalled under the watchdog) and the misread table: one judgement each
+    assert {sig.split(" | ")[0]: list(fields) for sig, fields in job._causes.items()} == {
+        "hang": ["e_phentsize"], "vaddr-corruption": ["e_phentsize"]}
