@@ -645,7 +645,11 @@ def verify_bucket(store: FarmStore, settings: Settings, bid: str, kernel: str) -
         store.buckets.set_verify(bid, kernel, state)
         return state
     store.reports.put(sha, kernel, result.to_json())
-    same = result.verdict == "crash" and result.crash_class == bucket.crash_class
+    # the same class, or the bucket's own finding among the run's: a bucket filed before
+    # the farm named its cause still reproduces when that finding comes as a consequence
+    same = result.verdict == "crash" and (
+        result.crash_class == bucket.crash_class
+        or any(f.signature() == bucket.signature for f in result.findings))
     state = {"state": "reproduces" if same else "fixed", "verdict": result.verdict,
              "class": result.crash_class, "signature": result.signature, "input": sha,
              "time": time.time()}

@@ -94,21 +94,24 @@ def test_minimize_then_verify_on_fixed(store: FarmStore, settings: Settings) -> 
 def test_a_hang_the_watchdog_stops_elsewhere_is_minimized_as_triage_judged_it(
         store: FarmStore, settings: Settings) -> None:
     """An endless loop (RX-06) that the watchdog stops in another function of the loop than
-    the full budget does: the minimizer's snapshot executor stops stalled runs early, so it
-    minimizes this one without the watchdog, with the signature triage gave the bucket,
-    instead of reporting a harness error. (A fuzzing job's input, kept as it was found.)"""
+    the full budget does. Its cause is in the input (a program-header stride of 0), so
+    triage and the minimizer's snapshot executor, which stops stalled runs early, file it
+    under that cause alike, and it is minimized without a harness error. (A fuzzing job's
+    input, kept as it was found.)"""
     from fuzz.harness import WATCHDOG
     from kernel_emu.executor import Executor
     from kernel_emu.profile import load_profile
 
     data = (Path(__file__).parent / "data" / "watchdog-hang.elf").read_bytes()
-    stopped = Executor(load_profile("seed"), watchdog=WATCHDOG)
+    seed = load_profile("seed")
+    stopped, full = Executor(seed, watchdog=WATCHDOG, causes=False), Executor(seed, causes=False)
     early = stopped.run(data)
+    assert stopped.stalled_at and early.signature != full.run(data).signature  # the case
     sha = store.blobs.put(data)
     bid = work.triage_input(store, settings, sha, "seed", lambda _b: None)["bucket"]
     bucket = store.buckets.get(bid)
-    assert bucket is not None and bucket.signature.startswith("hang")
-    assert stopped.stalled_at and early.signature != bucket.signature  # the case at hand
+    assert bucket is not None
+    assert bucket.signature == "unchecked-field | ELF header | e_phentsize"
     out = work.minimize_bucket(store, settings, bid)
     assert out["state"] == "minimized", out
     assert store.stats.counters().get("harness_errors", 0) == 0
@@ -116,6 +119,27 @@ def test_a_hang_the_watchdog_stops_elsewhere_is_minimized_as_triage_judged_it(
     assert minimized is not None and minimized.minimized is not None
     report = store.reports.get(minimized.minimized, "seed")
     assert report is not None and report["signature"] == bucket.signature
+    assert report["findings"][1]["class"] == "hang"
+    assert work.verify_bucket(store, settings, bid, "fixed")["state"] == "fixed"
+
+
+def test_a_bucket_filed_before_its_cause_was_named_still_reproduces(
+        store: FarmStore, settings: Settings) -> None:
+    """A bucket an older farm filed under the consequence (a hang) of what is now named as its
+    cause: verify says it reproduces where that hang still comes, and fixed where not."""
+    from fuzz.solutions import bucket_id
+    from kernel_emu.executor import Executor
+    from kernel_emu.profile import load_profile
+
+    data = (Path(__file__).parent / "data" / "watchdog-hang.elf").read_bytes()
+    old = Executor(load_profile("seed"), snapshot=False, causes=False).run(data)
+    assert old.crash_class == "hang" and old.signature is not None
+    sha = store.blobs.put(data)
+    bid = bucket_id(old.signature)
+    store.buckets.upsert(bid, old.signature, "hang", "seed", sha, len(data), {})
+    seed = work.verify_bucket(store, settings, bid, "seed")
+    assert seed["state"] == "reproduces" and seed["class"] == "unchecked-field", seed
+    assert work.verify_bucket(store, settings, bid, "fixed")["state"] == "fixed"
 
 
 def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
