@@ -1,24 +1,26 @@
 """Causes in the input: a crash that a field of the ELF header, had the kernel checked it,
 would not have let happen.
 
-Some fields of an ELF64 x86-64 executable's header admit one value: the magic, the class, the
-byte order, the versions, the machine, the header's size. A table's entry size admits no value
-below the size of an entry. A loader must check such fields or never read them. One that uses
-such a field unchecked fails in ways that depend on the value: a program-header stride of 0
-walks the same entry for ever, one of 16 reads entries across two program headers. Where the
-damage shows says little about the bug, so signatures taken there file one missing check under
-as many buckets as it has symptoms.
+Some fields of an ELF64 x86-64 executable's header have one standard value: the magic, the
+class, the byte order, the versions, the machine, the sizes of the header and of a table's
+entries. A loader must check such fields, or never read them. One that uses such a field
+unchecked fails in ways that depend on the value: a program-header stride of 0 walks the same
+entry for ever, one of 16 reads entries across two program headers, one of 112 with a table
+end counted in 56-byte entries reads half the table. Where the damage shows says little
+about the bug, so signatures taken there file one missing check under as many buckets as it
+has symptoms.
 
-So a crash whose input breaks such a rule is booted again with that one field put right,
-nothing else changed: the value the rule asks for, or for an entry size the entry's own size.
-That is also how the farm's ELF reader (kernel_emu.elfview) reads such a file, so the file
-put right means what the oracles took the original to mean. If the crash does not happen then
-(no finding of the second run has the first's signature), the field is its cause: the Result
-gets a finding of class `unchecked-field` at site `ELF header`, field `e_phentsize` (say),
-before everything the run found, which the chain keeps as its consequences. Fields are tried
-in file order; the first whose value alone makes the difference is the cause. A crash the
-right value does not take away keeps its own signature: the field was wrong, but not why the
-kernel crashed.
+So a crash whose input has another value in such a field is booted again with that one field
+put right, nothing else changed. For an entry size that means the same entries, laid out at
+the standard size: the farm's ELF reader (kernel_emu.elfview) reads entries a larger size
+apart (the rest of each is padding) and entries a smaller size 56 bytes apart (none can be
+smaller), so the file put right means what the oracles took the original to mean. If the
+crash does not happen then (no finding of the second run has the first's signature), the
+field is its cause: the Result gets a finding of class `unchecked-field` at site `ELF
+header`, field `e_phentsize` (say), before everything the run found, which the chain keeps as
+its consequences. Fields are tried in file order; the first whose value alone makes the
+difference is the cause. A crash the standard value does not take away keeps its own
+signature: the field was unusual, but not why the kernel crashed.
 
 Fields with a range of legal values (`p_filesz` up to `p_memsz`, say) are not judged here:
 there is no one right value to put in place, and what the kernel did with the value is what
@@ -52,33 +54,49 @@ ELF_HEADER = "ELF header"
 
 @dataclass(frozen=True)
 class FixedField:
-    """A header field the format allows one value for, or with `least` no value below it
-    (`when`: only if that holds of the file, e.g. a table entry's size only matters when the
-    table has entries)."""
+    """A header field with one standard value (`when`: only if that holds of the file, e.g. a
+    table entry's size only matters when the table has entries). `table`: for an entry size,
+    the header fields that say where the table is and how many entries it has."""
 
     name: str
     offset: int
     size: int
     value: int
     meaning: str
-    least: bool = False
     when: Callable[[bytes], bool] | None = None
+    table: tuple[str, str] | None = None
 
     def broken(self, data: bytes) -> bool:
-        value = self.read(data)
-        return (value < self.value if self.least else value != self.value) and (
-            self.when is None or self.when(data))
+        return self.read(data) != self.value and (self.when is None or self.when(data))
 
     def read(self, data: bytes) -> int:
         return int.from_bytes(data[self.offset:self.offset + self.size], "little")
 
     def put_right(self, data: bytes) -> bytes:
+        """`data` with the standard value; for an entry size, with the entries that a larger
+        size pads moved to the standard size apart (in place, front to back: an entry only
+        ever moves onto bytes of itself or of entries already moved)."""
         out = bytearray(data)
+        stride = self.read(data)
+        if self.table is not None and stride > self.value:
+            start, count = (ELF64_EHDR[name].read(data) for name in self.table)
+            # a table over the header itself is left where it is: moving it would change
+            # other fields of the header
+            for i in range(count if start >= ELF64_EHDR_SIZE else 0):
+                src, dst = start + i * stride, start + i * self.value
+                if src + self.value > len(out):
+                    break
+                out[dst:dst + self.value] = out[src:src + self.value]
         out[self.offset:self.offset + self.size] = self.value.to_bytes(self.size, "little")
         return bytes(out)
 
     def format(self, value: int) -> str:
         return f"{value:#0{2 + 2 * self.size}x}" if self.name == "EI_MAG" else f"{value:#x}"
+
+    def right(self) -> str:
+        """The field put right, in words."""
+        laid = f" (the same entries, {self.value:#x} apart)" if self.table else ""
+        return f"{self.name} {self.format(self.value)}{laid}"
 
 
 def _count(name: str) -> Callable[[bytes], bool]:
@@ -100,15 +118,17 @@ FIXED_FIELDS: tuple[FixedField, ...] = (
     FixedField("e_ehsize", _at("e_ehsize"), 2, ELF64_EHDR_SIZE,
                "the size of an Elf64_Ehdr"),
     FixedField("e_phentsize", _at("e_phentsize"), 2, ELF64_PHDR_SIZE,
-               "the size of an Elf64_Phdr", least=True, when=_count("e_phnum")),
+               "the size of an Elf64_Phdr", when=_count("e_phnum"),
+               table=("e_phoff", "e_phnum")),
     FixedField("e_shentsize", _at("e_shentsize"), 2, ELF64_SHDR_SIZE,
-               "the size of an Elf64_Shdr", least=True, when=_count("e_shnum")),
+               "the size of an Elf64_Shdr", when=_count("e_shnum"),
+               table=("e_shoff", "e_shnum")),
 )
 
 
 def broken_fields(data: bytes) -> list[FixedField]:
-    """The fields whose rule `data` breaks, in file order (none for a file too short to hold
-    an ELF64 header)."""
+    """The fields `data` has another value in than the standard one, in file order (none for
+    a file too short to hold an ELF64 header)."""
     if len(data) < ELF64_EHDR_SIZE:
         return []
     return [f for f in FIXED_FIELDS if f.broken(data)]
@@ -128,11 +148,10 @@ def cause_finding(data: bytes, field: FixedField, consequence: Finding, after: s
     did with the field put right, as `outcome` says)."""
     return Finding(
         CrashClass.UNCHECKED_FIELD,
-        [f"{field.name} is {field.format(field.read(data))}; the format allows "
-         f"{'no less than' if field.least else 'only'} {field.format(field.value)} "
+        [f"{field.name} is {field.format(field.read(data))}, not {field.format(field.value)} "
          f"({field.meaning})",
-         f"with {field.name} {field.format(field.value)} and nothing else changed, the kernel "
-         f"{after}: it used the field unchecked, and the crash below follows from it"],
+         f"with {field.right()} and nothing else changed, the kernel {after}: it used the "
+         f"field unchecked, and the crash below follows from it"],
         frames=list(consequence.frames), field=field.name, pc=consequence.pc, site=ELF_HEADER)
 
 

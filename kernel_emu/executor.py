@@ -61,10 +61,11 @@ class Executor:
     header, so the finding (and its signature) names its last writer rather than where the run
     stopped. Off by default: a fuzzing job runs such inputs by the thousand, and the farm's
     jobs and triage must file a finding under one signature; `fuzzfarm boot` explains.
-    `causes`: when a crashing input breaks a header field the ELF format allows one value
-    for, boot it again with that value (on a second executor like this one, so that this
-    one's machine stays as the input left it) and, if the crash goes away, file it under the
-    field (kernel_emu.causes). Off in fuzzing jobs, which judge that once per signature."""
+    `causes`: when a crashing input has another value than the standard one in a header
+    field the ELF format fixes, boot it again with that field put right (on a second
+    executor like this one, so that this one's machine stays as the input left it) and, if
+    the crash goes away, file it under the field (kernel_emu.causes). Off in fuzzing jobs,
+    which judge that once per signature and field."""
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,

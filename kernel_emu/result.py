@@ -35,8 +35,8 @@ class CrashClass(StrEnum):
     KERNEL_MAPPING = "kernel-mapping"
     BAD_ENTRY = "bad-entry"
     MEMORY_LEAK = "memory-leak"
-    # a field the ELF format allows one value for, used unchecked: the crash goes away with
-    # that value (kernel_emu.causes)
+    # a header field the ELF format has one standard value for, used unchecked: the crash goes
+    # away with that value (kernel_emu.causes)
     UNCHECKED_FIELD = "unchecked-field"
 
 

@@ -31,8 +31,8 @@ def test_every_symptom_of_an_unchecked_stride_is_one_signature(seed: Executor,
         assert result.verdict == "crash" and result.signature == CAUSE, stride
         cause, first = result.findings[0], result.findings[1]
         assert cause.field == "e_phentsize" and cause.site == "ELF header"
-        assert cause.evidence[0] == (f"e_phentsize is {stride:#x}; the format allows no less "
-                                     f"than 0x38 (the size of an Elf64_Phdr)")
+        assert cause.evidence[0] == (f"e_phentsize is {stride:#x}, not 0x38 (the size of an "
+                                     f"Elf64_Phdr)")
         assert "the kernel loads it" in cause.evidence[1]
         # the frames are where the damage showed; the rest of the chain is the run's own
         assert cause.frames == first.frames
@@ -40,6 +40,36 @@ def test_every_symptom_of_an_unchecked_stride_is_one_signature(seed: Executor,
             [f.to_json() for f in raw.run(data).findings]
         consequences.add(first.signature())
     assert {c.split(" | ")[0] for c in consequences} == {"hang", "vaddr-corruption"}
+
+
+def _padded(elf: bytes, stride: int) -> bytes:
+    """`elf` with its program headers `stride` apart (padding after each), at its end."""
+    phoff, phnum = ELF64_EHDR["e_phoff"].read(elf), ELF64_EHDR["e_phnum"].read(elf)
+    table = b"".join(elf[phoff + i * 56:phoff + (i + 1) * 56] + b"\xee" * (stride - 56)
+                     for i in range(phnum))
+    out = bytearray(elf + bytes(-len(elf) % 8))
+    ELF64_EHDR["e_phoff"].write(out, len(out))
+    ELF64_EHDR["e_phentsize"].write(out, stride)
+    return bytes(out + table)
+
+
+def test_a_padded_table_the_kernel_walks_short_is_the_same_cause(seed: Executor,
+                                                                base_elf: bytes) -> None:
+    # entries 112 bytes apart: the seed counts the table's end in 56-byte entries and reads
+    # two of three. Put right, the same entries are laid 56 bytes apart, and it loads
+    data = _padded(base_elf, 112)
+    result = seed.run(data)
+    assert result.signature == CAUSE
+    assert result.findings[1].signature() == "vaddr-corruption | segment table | segments"
+    assert result.findings[0].evidence[1].startswith(
+        "with e_phentsize 0x38 (the same entries, 0x38 apart) and nothing else changed, "
+        "the kernel loads it")
+    field = next(f for f in FIXED_FIELDS if f.name == "e_phentsize")
+    laid = _padded(base_elf, 56)  # the file keeps its length: what the entries left after
+    assert field.put_right(data)[:len(laid)] == laid  # them stays as it was
+    # a stride the seed walks right (64: three entries before the 56-byte count's end) is
+    # no crash, unusual as it is
+    assert seed.run(_padded(base_elf, 64)).verdict == "ok"
 
 
 def test_the_executors_machine_is_the_inputs_after_the_second_boot(seed: Executor,
@@ -77,10 +107,18 @@ def test_the_fixed_build_refuses_the_stride(base_elf: bytes) -> None:
 def test_the_rules(base_elf: bytes) -> None:
     assert broken_fields(base_elf) == []
     assert broken_fields(base_elf[:63]) == []  # too short for a header: nothing to judge
-    # an entry size matters only when the table has entries; a larger one is padding, as
-    # the farm's ELF reader reads it
+    # an entry size matters only when the table has entries
     assert broken_fields(set_header(base_elf, phentsize=0, phnum=0)) == []
-    assert broken_fields(set_header(base_elf, phentsize=64)) == []
+    assert [f.name for f in broken_fields(set_header(base_elf, phentsize=64))] == [
+        "e_phentsize"]
+    # a table over the header itself stays where it is: only the field changes
+    over = set_header(base_elf, phoff=0, phentsize=112)
+    field = next(f for f in FIXED_FIELDS if f.name == "e_phentsize")
+    assert field.put_right(over) == set_header(over, phentsize=56)
+    # hostile values: a table past the end of the file, the largest stride and count
+    for phoff in (len(base_elf) - 8, 1 << 63):
+        far = set_header(base_elf, phoff=phoff, phentsize=0xFFFF, phnum=0xFFFF)
+        assert len(field.put_right(far)) == len(far)
     assert [f.name for f in broken_fields(set_header(base_elf, shentsize=8))] == \
         (["e_shentsize"] if ELF64_EHDR["e_shnum"].read(base_elf) else [])
     # several broken: in file order
