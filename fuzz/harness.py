@@ -188,7 +188,7 @@ class Job:
     def _new_executor(self) -> Executor:
         # no second run to name who wrote a damaged heap header (Executor.explain): jobs and
         # triage file findings under the same signature. A cause in the input is judged
-        # once per signature and broken fields (`_with_cause`), not for every run
+        # once per signature and field (`_with_cause`), not for every run
         executor = Executor(self.profile, native=self.config.native,
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
                             fast_routines=self.config.fast_routines,
