@@ -11,10 +11,13 @@ about the bug, so signatures taken there file one missing check under as many bu
 has symptoms.
 
 So a crash whose input has another value in such a field is booted again with that one field
-put right, nothing else changed. For an entry size that means the same entries, laid out at
-the standard size: the farm's ELF reader (kernel_emu.elfview) reads entries a larger size
-apart (the rest of each is padding) and entries a smaller size 56 bytes apart (none can be
-smaller), so the file put right means what the oracles took the original to mean. If the
+put right, nothing else changed. For the program headers' entry size that means the same
+entries, laid out at the standard size: the farm's ELF reader (kernel_emu.elfview) reads
+entries a larger size apart (the rest of each is padding) and entries a smaller size 56 bytes
+apart (none can be smaller), so the file put right means what the oracles took the original
+to mean. Where moving the entries would change anything else the file says (a note they
+would land on, the header itself), the field is not judged. Section headers are read by no
+oracle: their entry size alone is put right. If the
 crash does not happen then (no finding of the second run has the first's signature), the
 field is its cause: the Result gets a finding of class `unchecked-field` at site `ELF
 header`, field `e_phentsize` (say), before everything the run found, which the chain keeps as
@@ -45,7 +48,9 @@ from kernel_emu.elflayout import (
     ELFDATA2LSB,
     EM_X86_64,
     EV_CURRENT,
+    PT_NOTE,
 )
+from kernel_emu.elfview import read_elf
 from kernel_emu.result import CrashClass, Finding, Result, Verdict
 
 # the site every finding of this module names: the file's header, not where the run stopped
@@ -72,23 +77,26 @@ class FixedField:
     def read(self, data: bytes) -> int:
         return int.from_bytes(data[self.offset:self.offset + self.size], "little")
 
-    def put_right(self, data: bytes) -> bytes:
+    def put_right(self, data: bytes) -> bytes | None:
         """`data` with the standard value; for an entry size, with the entries that a larger
         size pads moved to the standard size apart (in place, front to back: an entry only
-        ever moves onto bytes of itself or of entries already moved)."""
+        ever moves onto bytes of itself or of entries already moved). None when that cannot
+        be done without changing what the file says otherwise (the moved entries land on a
+        note, say, or the table lies over the header itself)."""
         out = bytearray(data)
         stride = self.read(data)
-        if self.table is not None and stride > self.value:
-            start, count = (ELF64_EHDR[name].read(data) for name in self.table)
-            # a table over the header itself is left where it is: moving it would change
-            # other fields of the header
-            for i in range(count if start >= ELF64_EHDR_SIZE else 0):
-                src, dst = start + i * stride, start + i * self.value
-                if src + self.value > len(out):
-                    break
-                out[dst:dst + self.value] = out[src:src + self.value]
         out[self.offset:self.offset + self.size] = self.value.to_bytes(self.size, "little")
-        return bytes(out)
+        if self.table is None or stride <= self.value:
+            return bytes(out)
+        start, count = (ELF64_EHDR[name].read(data) for name in self.table)
+        if start < ELF64_EHDR_SIZE:
+            return None
+        for i in range(count):
+            src, dst = start + i * stride, start + i * self.value
+            if src + self.value > len(out):
+                break
+            out[dst:dst + self.value] = out[src:src + self.value]
+        return bytes(out) if _same_entries(data, bytes(out)) else None
 
     def format(self, value: int) -> str:
         return f"{value:#0{2 + 2 * self.size}x}" if self.name == "EI_MAG" else f"{value:#x}"
@@ -97,6 +105,16 @@ class FixedField:
         """The field put right, in words."""
         laid = f" (the same entries, {self.value:#x} apart)" if self.table else ""
         return f"{self.name} {self.format(self.value)}{laid}"
+
+
+def _same_entries(before: bytes, after: bytes) -> bool:
+    """`after` has the program headers the farm's ELF reader reads in `before`, and the same
+    bytes in every note they point at: the kernel reads nothing else of a file differently
+    (the bytes a PT_LOAD copies are compared with the file they came from)."""
+    was, now = read_elf(before).program_headers, read_elf(after).program_headers
+    return was == now and all(
+        before[ph.offset:ph.offset + ph.filesz] == after[ph.offset:ph.offset + ph.filesz]
+        for ph in was if ph.p_type == PT_NOTE)
 
 
 def _count(name: str) -> Callable[[bytes], bool]:
@@ -120,9 +138,9 @@ FIXED_FIELDS: tuple[FixedField, ...] = (
     FixedField("e_phentsize", _at("e_phentsize"), 2, ELF64_PHDR_SIZE,
                "the size of an Elf64_Phdr", when=_count("e_phnum"),
                table=("e_phoff", "e_phnum")),
+    # the farm reads no section headers: the value alone is put right, nothing re-laid
     FixedField("e_shentsize", _at("e_shentsize"), 2, ELF64_SHDR_SIZE,
-               "the size of an Elf64_Shdr", when=_count("e_shnum"),
-               table=("e_shoff", "e_shnum")),
+               "the size of an Elf64_Shdr", when=_count("e_shnum")),
 )
 
 
@@ -178,7 +196,10 @@ def attribute(data: bytes, result: Result, boot: Callable[[bytes], Result],
             if after is not None:
                 after += ", as an earlier input with this signature showed"
         else:
-            other = boot(field.put_right(data))
+            right = field.put_right(data)
+            if right is None:
+                continue  # no file says the same with the field put right: not judged
+            other = boot(right)
             # the crash happens all the same: the field is wrong, but not the cause
             after = None if any(f.signature() == result.signature for f in other.findings) \
                 else outcome(other)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kernel_emu.causes import FIXED_FIELDS, broken_fields
-from kernel_emu.elflayout import ELF64_EHDR
+from kernel_emu.elflayout import ELF64_EHDR, ELF64_PHDR, PT_NOTE
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 from tests.reproducers import REPRODUCERS, set_header
@@ -66,7 +66,8 @@ def test_a_padded_table_the_kernel_walks_short_is_the_same_cause(seed: Executor,
         "the kernel loads it")
     field = next(f for f in FIXED_FIELDS if f.name == "e_phentsize")
     laid = _padded(base_elf, 56)  # the file keeps its length: what the entries left after
-    assert field.put_right(data)[:len(laid)] == laid  # them stays as it was
+    right = field.put_right(data)  # them stays as it was
+    assert right is not None and right[:len(laid)] == laid
     # a stride the seed walks right (64: three entries before the 56-byte count's end) is
     # no crash, unusual as it is
     assert seed.run(_padded(base_elf, 64)).verdict == "ok"
@@ -111,14 +112,30 @@ def test_the_rules(base_elf: bytes) -> None:
     assert broken_fields(set_header(base_elf, phentsize=0, phnum=0)) == []
     assert [f.name for f in broken_fields(set_header(base_elf, phentsize=64))] == [
         "e_phentsize"]
-    # a table over the header itself stays where it is: only the field changes
-    over = set_header(base_elf, phoff=0, phentsize=112)
+    # a padded table over the header itself cannot be laid out again without changing the
+    # header: not judged. A smaller size needs no moving
     field = next(f for f in FIXED_FIELDS if f.name == "e_phentsize")
-    assert field.put_right(over) == set_header(over, phentsize=56)
+    assert field.put_right(set_header(base_elf, phoff=0, phentsize=112)) is None
+    assert field.put_right(set_header(base_elf, phoff=0, phentsize=8)) == \
+        set_header(base_elf, phoff=0)
     # hostile values: a table past the end of the file, the largest stride and count
     for phoff in (len(base_elf) - 8, 1 << 63):
         far = set_header(base_elf, phoff=phoff, phentsize=0xFFFF, phnum=0xFFFF)
-        assert len(field.put_right(far)) == len(far)
+        right = field.put_right(far)
+        assert right is None or len(right) == len(far)
+    # a note in the padding, where the entries would move: not judged either
+    padded = bytearray(_padded(base_elf, 112))
+    phoff = ELF64_EHDR["e_phoff"].read(padded)
+    last = phoff + 112 * (ELF64_EHDR["e_phnum"].read(padded) - 1)
+    ELF64_PHDR["p_type"].write(padded, PT_NOTE, last)
+    ELF64_PHDR["p_offset"].write(padded, phoff + 56, last)
+    ELF64_PHDR["p_filesz"].write(padded, 16, last)
+    assert field.put_right(bytes(padded)) is None
+    # section headers, which no oracle reads: the entry size alone, however far apart the
+    # entries are and whatever lies between them
+    shentsize = next(f for f in FIXED_FIELDS if f.name == "e_shentsize")
+    spread = set_header(base_elf, shoff=64, shentsize=256, shnum=48)
+    assert shentsize.put_right(spread) == set_header(spread, shentsize=64)
     assert [f.name for f in broken_fields(set_header(base_elf, shentsize=8))] == \
         (["e_shentsize"] if ELF64_EHDR["e_shnum"].read(base_elf) else [])
     # several broken: in file order
@@ -130,6 +147,7 @@ def test_the_rules(base_elf: bytes) -> None:
     for field in FIXED_FIELDS:
         if field.broken(bytes(data)):
             fixed = field.put_right(bytes(data))
+            assert fixed is not None
             assert not field.broken(fixed) and len(fixed) == len(data)
             assert sum(a != b for a, b in zip(fixed, data, strict=True)) <= field.size
 
