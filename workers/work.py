@@ -596,11 +596,20 @@ def _minimize_bucket(store: FarmStore, settings: Settings, bid: str) -> dict[str
         return {"state": "missing"}
     try:
         ex = _executor(store, settings, bucket.kernel, snapshot=True)
-        if ex.run(data).signature != bucket.signature and ex.stalled_at:
-            # The watchdog stopped the reproducer, and it stops some hangs in another
-            # function of their loop than the full budget does: minimized without it, as
-            # triage ran it (an exact cycle is skipped, so a hang costs milliseconds).
-            ex = _executor(store, settings, bucket.kernel, snapshot=True, watchdog=False)
+        if ex.run(data).signature != bucket.signature:
+            now = _executor(store, settings, bucket.kernel, snapshot=False).run(data)
+            if now.signature != bucket.signature:
+                # triage itself files the reproducer elsewhere now: the bucket was made by
+                # other oracles (before a cause was named, say). Not the farm failing
+                why = ("these oracles file the reproducer under another signature: "
+                       f"{now.signature or now.verdict}")
+                store.buckets.set_minimize_error(bid, why)
+                return {"state": "signature changed", "error": why}
+            if ex.stalled_at:
+                # The watchdog stopped the reproducer, and it stops some hangs in another
+                # function of their loop than the full budget does: minimized without it,
+                # as triage ran it (an exact cycle is skipped: a hang costs milliseconds).
+                ex = _executor(store, settings, bucket.kernel, snapshot=True, watchdog=False)
         outcome = minimize(data, ex, max_executions=settings.minimize_executions)
     except NotACrash as e:
         store.buckets.set_minimize_error(bid, str(e))

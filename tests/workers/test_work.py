@@ -140,6 +140,14 @@ def test_a_bucket_filed_before_its_cause_was_named_still_reproduces(
     seed = work.verify_bucket(store, settings, bid, "seed")
     assert seed["state"] == "reproduces" and seed["class"] == "unchecked-field", seed
     assert work.verify_bucket(store, settings, bid, "fixed")["state"] == "fixed"
+    # minimized it is not, under a signature triage no longer gives it; nor is that the
+    # farm failing
+    out = work.minimize_bucket(store, settings, bid)
+    assert out["state"] == "signature changed"
+    assert out["error"].endswith("another signature: unchecked-field | ELF header | e_phentsize")
+    bucket = store.buckets.get(bid)
+    assert bucket is not None and bucket.minimize_error == out["error"]
+    assert store.stats.counters().get("harness_errors", 0) == 0
 
 
 def test_a_users_kernel_build_is_added_once_and_booted_by_sha(store: FarmStore,
