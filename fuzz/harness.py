@@ -292,9 +292,16 @@ class Job:
                     return
                 result = confirmed
         self._seen.add(sig)
-        result = self._with_cause(data, result)
+        raw = result
+        result, borrowed = self._with_cause(data, raw)
         sig = result.signature
         entry = self.stats.findings.get(sig)
+        if borrowed and (entry is None or len(data) < entry.smallest or self._new_class(result)):
+            # an input the job writes is judged as triage will judge it: itself booted with
+            # each field put right, not by what another input of its signature showed
+            result, _ = self._with_cause(data, raw, exact=True)
+            sig = result.signature
+            entry = self.stats.findings.get(sig)
         if entry is None:
             entry = FindingStats(result.crash_class or "?", bucket_id(sig),
                                  first_exec=self.stats.execs + 1,
@@ -340,20 +347,28 @@ class Job:
                                        explain=False, lean=self.config.lean, causes=False)
         return self._confirmer.run(data)
 
-    def _with_cause(self, data: bytes, result: Any) -> Any:
+    def _with_cause(self, data: bytes, result: Any, exact: bool = False) -> tuple[Any, bool]:
         """`result` filed under its cause in the input, as triage files it (Executor's
-        `causes`). What putting a field right does is judged once per signature and field:
-        the first input of each is booted again with it put right, on the confirming
-        executor (the profile's budget; this job's executor and its feedback left alone)."""
+        `causes`), and whether that was judged by another input. Unless `exact`, what
+        putting a field right does is judged once per signature and field: the first input
+        of each is booted again with it put right, on the confirming executor (the profile's
+        budget; this job's executor and its feedback left alone)."""
         if result.signature is None or not causes.broken_fields(data):
-            return result
+            return result, False
+        known = self._causes.setdefault(result.signature, {})
+        borrowed = not exact and any(f.name in known for f in causes.broken_fields(data))
         try:
             return causes.attribute(data, result, self._full_budget,
-                                    self._causes.setdefault(result.signature, {}))[0]
+                                    None if exact else known)[0], borrowed
         except Exception as e:  # noqa: BLE001 - ours: the crash keeps its own signature
             self._confirmer = None
             self._harness_error(data, e)
-            return result
+            return result, False
+
+    def _new_class(self, result: Any) -> bool:
+        """Whether `result` has a class (or class and field) the job has not seen yet."""
+        return any(key not in self.stats.first_class for f in result.findings
+                   for key in [f.cls] + ([f"{f.cls}:{f.field}"] if f.field else []))
 
     def _harness_error(self, data: bytes, error: BaseException, rebuild: bool = False) -> None:
         self.stats.harness_errors += 1

@@ -166,3 +166,13 @@ def test_a_job_files_every_stride_under_the_cause_too(base_elf: bytes, tmp_path)
     # the hang (stalled under the watchdog) and the misread table: one judgement each
     assert {sig.split(" | ")[0]: list(fields) for sig, fields in job._causes.items()} == {
         "hang": ["e_phentsize"], "vaddr-corruption": ["e_phentsize"]}
+    # an input the job keeps as the smallest reproducer is judged by itself, as triage
+    # judges it; one only counted may be judged by an earlier input's
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path / "again")))
+    job.run_input(set_header(base_elf, phentsize=40) + bytes(64))
+    job.run_input(set_header(base_elf, phentsize=48) + bytes(64))
+    job.run_input(set_header(base_elf, phentsize=48))
+    assert job.stats.findings[CAUSE].count == 3
+    kept, result = job._unwritten[CAUSE]
+    assert len(kept) == len(base_elf)
+    assert "earlier input" not in result.findings[0].evidence[1]
