@@ -349,17 +349,21 @@ class Job:
 
     def _with_cause(self, data: bytes, result: Any, exact: bool = False) -> tuple[Any, bool]:
         """`result` filed under its cause in the input, as triage files it (Executor's
-        `causes`), and whether that was judged by another input. Unless `exact`, what
-        putting a field right does is judged once per signature and field: the first input
-        of each is booted again with it put right, on the confirming executor (the profile's
-        budget; this job's executor and its feedback left alone)."""
+        `causes`), and whether that cause was judged by another input. What putting a field
+        right does is judged once per signature and field (`exact`: the cause again, for
+        this input): the first input of each is booted again with it put right, on the
+        confirming executor (the profile's budget; this job's executor and its feedback left
+        alone)."""
         if result.signature is None or not causes.broken_fields(data):
             return result, False
         known = self._causes.setdefault(result.signature, {})
-        borrowed = not exact and any(f.name in known for f in causes.broken_fields(data))
         try:
-            return causes.attribute(data, result, self._full_budget,
-                                    None if exact else known)[0], borrowed
+            if exact:  # the field another input showed to be the cause, booted again; one
+                # shown not to be stays judged (triage may find a cause there, rarely)
+                known = {k: v for k, v in known.items() if v is None}
+            filed, field, after = causes.attribute(data, result, self._full_budget, known)
+            borrowed = field is not None and after is not None and after.endswith("showed")
+            return filed, borrowed
         except Exception as e:  # noqa: BLE001 - ours: the crash keeps its own signature
             self._confirmer = None
             self._harness_error(data, e)
