@@ -354,16 +354,16 @@ class Job:
         this input): the first input of each is booted again with it put right, on the
         confirming executor (the profile's budget; this job's executor and its feedback left
         alone)."""
-        if result.signature is None or not causes.broken_fields(data):
+        if result.signature is None:
             return result, False
         known = self._causes.setdefault(result.signature, {})
+        if exact:  # the field another input showed to be the cause, booted again; one shown
+            # not to be stays judged (triage may find a cause there, rarely)
+            known = {k: v for k, v in known.items() if v is None}
+        judged = set(known)
         try:
-            if exact:  # the field another input showed to be the cause, booted again; one
-                # shown not to be stays judged (triage may find a cause there, rarely)
-                known = {k: v for k, v in known.items() if v is None}
-            filed, field, after = causes.attribute(data, result, self._full_budget, known)
-            borrowed = field is not None and after is not None and after.endswith("showed")
-            return filed, borrowed
+            filed, field, _ = causes.attribute(data, result, self._full_budget, known)
+            return filed, field is not None and field.name in judged
         except Exception as e:  # noqa: BLE001 - ours: the crash keeps its own signature
             self._confirmer = None
             self._harness_error(data, e)
