@@ -121,3 +121,51 @@ def test_spinning_in_looks_up_each_block_once() -> None:
         counts = sorted(Counter(image.describe(b).rsplit("+0x", 1)[0] for b in blocks).values())
         ties += len(counts) > 1 and counts[-1] == counts[-2]
     assert ties > 50
+
+
+def test_segments_that_meet_are_found_as_a_pairwise_test_finds_them() -> None:
+    rng = random.Random(11)
+    met = 0
+    for _ in range(3000):
+        spans = []
+        for _ in range(rng.randrange(0, 9)):
+            lo = rng.randrange(0, 24) * rng.choice([1, PAGE])
+            spans.append((lo, lo + rng.choice([0, 0, 1, 5, PAGE, 3 * PAGE])))
+        if spans and rng.random() < 0.3:
+            spans.append(rng.choice(spans))  # the same span twice
+        want = [lo < hi and any(j != i and a < hi and lo < b for j, (a, b) in enumerate(spans))
+                for i, (lo, hi) in enumerate(spans)]
+        assert userspace.overlapping(spans) == want, spans
+        met += sum(want)
+    assert met > 1000
+
+
+def test_pages_read_off_the_walk_are_the_pages_a_walk_of_each_finds() -> None:
+    """The oracle's translator answers user pages from `walk_user`'s runs and walks the rest:
+    on the page tables of a real ring-3 entry it gives what a walk of each address gives."""
+    from pathlib import Path
+
+    from kernel_emu import pagewalk
+    from kernel_emu.executor import Executor
+    from kernel_emu.profile import load_profile
+
+    executor = Executor(load_profile("seed"), causes=False)
+    seeds = sorted((Path(__file__).parents[2] / "corpus" / "seeds").glob("*.elf"))
+    entered = 0
+    for seed in seeds[:8]:
+        if executor.run(seed.read_bytes()).stop != "until":
+            continue
+        entered += 1
+        m = executor.machine
+        cr3 = m.reg("cr3")
+        runs = pagewalk.walk_user(m, cr3, runs=True)
+        translate = userspace._translator(m, cr3, runs)
+        probes = [0, PAGE, 0x20_0000, 0x7FFF_FFFF_F000, 0x8000_0000_0000,
+                  0xFFFF_8000_0000_0000, 0xFFFF_FFFF_FFFF_F000, executor.image.start]
+        for run in runs:
+            for k in {0, 1, run.count // 2, run.count - 1, run.count}:
+                probes += [run.vaddr + k * run.size + d for d in (0, 5, -1)]
+        for vaddr in probes:
+            vaddr &= (1 << 64) - 1
+            assert translate(vaddr) == pagewalk.translate(m, cr3, vaddr), hex(vaddr)
+    assert entered >= 3
