@@ -173,6 +173,7 @@ class Job:
         self._slow_unwritten = False  # a slow input not yet in the statistics file
         self._mutator: Any = None
         self._mutator_seconds = 0.0
+        self._confirm_seconds = 0.0  # on the confirming executor: hangs confirmed, causes judged
         self._confirmer: Executor | None = None
         self._unconfirmed: set[str] = set()  # hang signatures the full budget did not confirm
         self._seen: set[str] = set()  # signatures as the executor gives them, seen before
@@ -345,7 +346,11 @@ class Job:
             self._confirmer = Executor(self.profile, native=self.config.native,
                                        fast_routines=self.config.fast_routines,
                                        explain=False, lean=self.config.lean, causes=False)
-        return self._confirmer.run(data)
+        start = time.perf_counter()
+        try:
+            return self._confirmer.run(data)
+        finally:
+            self._confirm_seconds += time.perf_counter() - start
 
     def _with_cause(self, data: bytes, result: Any, exact: bool = False) -> tuple[Any, bool]:
         """`result` filed under its cause in the input, as triage files it (Executor's
@@ -432,7 +437,8 @@ class Job:
         self.stats.edges = self.feedback.edges
         self.stats.compares = self.feedback.compares
         self.stats.seconds = {**{k: round(v, 3) for k, v in self.executor.phase_seconds.items()},
-                              "mutator": round(self._mutator_seconds, 3)}
+                              "mutator": round(self._mutator_seconds, 3),
+                              "confirm": round(self._confirm_seconds, 3)}
         self._write_solutions()
         try:
             write_atomic(stats_path(self.out, self.config.job),
