@@ -47,6 +47,9 @@ SLOW_INPUTS_KEPT = 20_000
 WATCHDOG = 200_000
 # libFuzzer's timeout only guards against a bug of ours: the guest's hangs end on the budget
 LIBFUZZER_TIMEOUT = 300
+# crashes waiting to be judged between runs (Job.defer_findings); past this many (libFuzzer
+# runs a corpus without mutating between its inputs) they are judged at once
+PENDING_CAP = 256
 
 
 @dataclass
@@ -180,6 +183,15 @@ class Job:
         # signature -> header field -> what the kernel did with it put right (None: it
         # crashed the same way), as causes.attribute keeps it
         self._causes: dict[str, dict[str, str | None]] = {}
+        # findings of runs libFuzzer timed, judged at its next call to the mutator (see
+        # `defer_findings`): (input, result, when, exec number, whether the watchdog stopped it)
+        self._pending: list[tuple[bytes, Any, float, int, bool]] = []
+        # libFuzzer times each input's callback and, with -entropic_scale_per_exec_time,
+        # mutates an input the less the slower it ran. What the job does beyond the run (a
+        # hang confirmed, a cause judged, a new bucket written: boots and files, milliseconds)
+        # is not the kernel's cost of the input, so with a mutator of the job's (called
+        # between runs, outside the timing) it is done there, not in the callback. Off: at once
+        self.defer_findings = False
         # signature -> its reproducer (signature and sha256 -> an input kept beside it)
         self._unwritten: dict[str, tuple[bytes, Any]] = {}
         self._canaries = canaries_for(self.profile, self.executor.image) \
@@ -256,7 +268,20 @@ class Job:
         if self._canaries is not None:
             self._record_canaries(now)
         if result.verdict == "crash" and result.signature:
-            self._finding(data, result, now)
+            stalled = bool(self.executor.stalled_at)
+            if self.defer_findings and len(self._pending) < PENDING_CAP:
+                self._pending.append((data, result, now, self.stats.execs + 1, stalled))
+            else:
+                self._finding(data, result, now, self.stats.execs + 1, stalled)
+
+    def judge_pending(self) -> None:
+        """Record the findings of the runs since the last call (`defer_findings`)."""
+        while self._pending:
+            data, result, now, exec_no, stalled = self._pending.pop(0)
+            try:
+                self._finding(data, result, now, exec_no, stalled)
+            except Exception as e:  # noqa: BLE001 - ours; the next findings still count
+                self._harness_error(data, e)
 
     def _record_canaries(self, now: float) -> None:
         canaries = self._canaries
@@ -274,11 +299,13 @@ class Job:
             if name in state.triggered and seen[1] is None:
                 seen[1] = when
 
-    def _finding(self, data: bytes, result: Any, now: float, *, checked: bool = False) -> None:
+    def _finding(self, data: bytes, result: Any, now: float, exec_no: int, stalled: bool) -> None:
+        """Record a crash found by run number `exec_no` at `now` (`stalled`: the watchdog
+        stopped that run)."""
         sig = result.signature
         # the watchdog ended this run early: only the profile's own budget can say what the
         # run really comes to (a hang, something else, or nothing)
-        if self.executor.stalled_at and not checked:
+        if stalled:
             if sig in self._unconfirmed:
                 self.stats.slow += 1
                 return
@@ -289,7 +316,7 @@ class Job:
                     self.stats.slow += 1
                     if confirmed is not None and confirmed.verdict == "crash":
                         # a slow input's real crash
-                        self._finding(data, confirmed, now, checked=True)
+                        self._finding(data, confirmed, now, exec_no, False)
                     return
                 result = confirmed
         self._seen.add(sig)
@@ -305,7 +332,7 @@ class Job:
             entry = self.stats.findings.get(sig)
         if entry is None:
             entry = FindingStats(result.crash_class or "?", bucket_id(sig),
-                                 first_exec=self.stats.execs + 1,
+                                 first_exec=exec_no,
                                  first_seconds=now - self.stats.started)
             self.stats.findings[sig] = entry
         entry.count += 1
@@ -314,7 +341,7 @@ class Job:
             keys = [finding.cls] + ([f"{finding.cls}:{finding.field}"] if finding.field else [])
             for key in keys:
                 if key not in self.stats.first_class:
-                    self.stats.first_class[key] = (self.stats.execs + 1,
+                    self.stats.first_class[key] = (exec_no,
                                                    now - self.stats.started)
                     first_sighting = True
         # A new bucket is written at once. A smaller reproducer of a known one, or the
@@ -394,6 +421,7 @@ class Job:
     def mutate(self, data: bytes, max_size: int, seed: int) -> bytes:
         import atheris
 
+        self.judge_pending()
         start = time.perf_counter()
         try:
             return self._get_mutator().mutate(data, max_size, seed)
@@ -406,6 +434,7 @@ class Job:
     def crossover(self, a: bytes, b: bytes, max_size: int, seed: int) -> bytes:
         import atheris
 
+        self.judge_pending()
         try:
             return self._get_mutator().crossover(a, b, max_size, seed)
         except Exception as e:  # noqa: BLE001
@@ -462,6 +491,7 @@ class Job:
         self.stats.last_write_error = f"{type(error).__name__}: {error}"[:300]
 
     def finish(self, reason: str, status: int = 0) -> None:
+        self.judge_pending()
         self.stats.done = True
         self.stats.stop_reason = reason
         self.flush()
@@ -525,6 +555,7 @@ def run_job(config: JobConfig) -> None:
     kwargs: dict[str, Any] = {}
     if config.mutator:
         kwargs = {"custom_mutator": job.mutate, "custom_crossover": job.crossover}
+        job.defer_findings = True  # judged in the mutator, between timed runs
     atheris.Setup(libfuzzer_args(config), job.test_one_input, **kwargs)
     if config.lean:
         # what was built so far (the snapshot's pages, the image, the modules) lives as long

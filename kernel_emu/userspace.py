@@ -152,20 +152,24 @@ def overlapping(spans: list[tuple[int, int]]) -> list[bool]:
 def _translator(m: Machine, cr3: int, runs: list[pagewalk.Mapping]) -> Translate:
     """`pagewalk.translate` under `cr3`. A page user mode can reach is read off `runs` (the
     walk of `walk_user`, in ascending virtual order), which holds the same leaf with the same
-    rights; any other page is walked, once (the oracles below ask for the same few pages
-    several times a run)."""
+    rights; any other page is walked. Each page is looked up once: the oracles below ask for
+    the same few pages several times a run."""
     starts = [r.vaddr for r in runs]
     walked: dict[int, pagewalk.Mapping | None] = {}
 
     def translate(vaddr: int) -> pagewalk.Mapping | None:
-        i = bisect.bisect_right(starts, vaddr) - 1
-        if i >= 0 and vaddr < runs[i].end:
-            run = runs[i]
-            return run.leaf((vaddr - run.vaddr) // run.size) if run.count > 1 else run
         page = vaddr >> 12
-        if page not in walked:
-            walked[page] = pagewalk.translate(m, cr3, vaddr)
-        return walked[page]
+        if page in walked:
+            return walked[page]
+        i = bisect.bisect_right(starts, vaddr) - 1
+        run = runs[i] if i >= 0 else None
+        if run is not None and vaddr < run.vaddr + run.size * run.count:
+            mp: pagewalk.Mapping | None = run if run.count == 1 else \
+                run.leaf((vaddr - run.vaddr) // run.size)
+        else:
+            mp = pagewalk.translate(m, cr3, vaddr)
+        walked[page] = mp
+        return mp
 
     return translate
 

@@ -176,3 +176,32 @@ def test_a_job_files_every_stride_under_the_cause_too(base_elf: bytes, tmp_path)
     kept, result = job._unwritten[CAUSE]
     assert len(kept) == len(base_elf)
     assert "earlier input" not in result.findings[0].evidence[1]
+
+
+def test_a_job_judges_between_runs_what_it_would_judge_at_once(base_elf: bytes,
+                                                               tmp_path) -> None:
+    """libFuzzer times each input's callback: a job whose mutator runs between inputs judges
+    their crashes there (a hang confirmed, a cause booted again, a bucket written), with the
+    same outcome, run numbers and times as when judged at once."""
+    from fuzz.harness import Job, JobConfig
+
+    inputs = [set_header(base_elf, phentsize=s) for s in (0, 40, 48, 0)] + [
+        base_elf, set_header(base_elf, phentsize=40) + bytes(64)]
+    at_once = Job(JobConfig(kernel="seed", out=str(tmp_path / "at-once")))
+    between = Job(JobConfig(kernel="seed", out=str(tmp_path / "between")))
+    between.defer_findings = True
+    for i, data in enumerate(inputs):
+        for job in (at_once, between):
+            job.run_input(data, now=100.0 + i)
+            job.stats.execs += 1  # as the callback counts them
+    # while the runs were timed: nothing judged, nothing booted again, nothing written
+    assert between.stats.findings == {} and between._confirmer is None
+    assert (tmp_path / "at-once" / "solutions").exists()
+    assert not (tmp_path / "between" / "solutions").exists()
+    between.judge_pending()
+    assert between._pending == [] and between.stats.harness_errors == 0
+    assert at_once.stats.findings and between.stats.findings == at_once.stats.findings
+    assert between.stats.first_class == at_once.stats.first_class
+    assert between._causes == at_once._causes
+    assert {k: v[0] for k, v in between._unwritten.items()} == \
+        {k: v[0] for k, v in at_once._unwritten.items()}
