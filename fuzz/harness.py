@@ -381,21 +381,18 @@ class Job:
 
     def _with_cause(self, data: bytes, result: Any, exact: bool = False) -> tuple[Any, bool]:
         """`result` filed under its cause in the input, as triage files it (Executor's
-        `causes`), and whether that cause was judged by another input. What putting a field
-        right does is judged once per signature and field (`exact`: the cause again, for
-        this input): the first input of each is booted again with it put right, on the
-        confirming executor (the profile's budget; this job's executor and its feedback left
-        alone)."""
+        `causes`), and whether another input judged a field of it (as the cause or not).
+        What putting a field right does is judged once per signature and field (`exact`:
+        every field again, for this input): the first input of each is booted again with it
+        put right, on the confirming executor (the profile's budget; this job's executor
+        and its feedback left alone)."""
         if result.signature is None:
             return result, False
-        known = self._causes.setdefault(result.signature, {})
-        if exact:  # the field another input showed to be the cause, booted again; one shown
-            # not to be stays judged (triage may find a cause there, rarely)
-            known = {k: v for k, v in known.items() if v is None}
-        judged = set(known)
+        known = None if exact else self._causes.setdefault(result.signature, {})
+        judged = set(known or ())
         try:
-            filed, field, _ = causes.attribute(data, result, self._full_budget, known)
-            return filed, field is not None and field.name in judged
+            filed, _, _ = causes.attribute(data, result, self._full_budget, known)
+            return filed, any(f.name in judged for f in causes.broken_fields(data))
         except Exception as e:  # noqa: BLE001 - ours: the crash keeps its own signature
             self._confirmer = None
             self._harness_error(data, e)

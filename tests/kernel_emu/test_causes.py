@@ -205,3 +205,21 @@ def test_a_job_judges_between_runs_what_it_would_judge_at_once(base_elf: bytes,
     assert between._causes == at_once._causes
     assert {k: v[0] for k, v in between._unwritten.items()} == \
         {k: v[0] for k, v in at_once._unwritten.items()}
+
+
+def test_an_input_a_job_keeps_is_judged_by_itself_whatever_another_showed(
+        base_elf: bytes, tmp_path) -> None:
+    """An earlier input of a signature may have shown a broken field not to be its cause
+    (its crash stayed with the field put right). An input of that signature that the job
+    keeps is still judged by itself, as triage will judge it: a job's bucket that triage
+    files elsewhere is a finding lost between them."""
+    from fuzz.harness import Job, JobConfig
+
+    data = set_header(base_elf, phentsize=40)
+    raw = Executor(load_profile("seed"), causes=False).run(data)
+    assert raw.signature != CAUSE
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path)))
+    job._causes[raw.signature] = {"e_phentsize": None}  # what an earlier input had shown
+    job.run_input(data)
+    assert job.stats.harness_errors == 0
+    assert list(job.stats.findings) == [CAUSE]
