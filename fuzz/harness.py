@@ -309,10 +309,15 @@ class Job:
             if sig in self._unconfirmed:
                 self.stats.slow += 1
                 return
-            if sig not in self._seen:
+            first = sig not in self._seen
+            # a first stalled signature; or an input whose header the job will judge for a
+            # cause, which it must judge against what the profile's budget makes of it, as
+            # triage does (the watchdog stops some hangs in another function of their loop)
+            if first or causes.broken_fields(data):
                 confirmed = self._confirm(data)
                 if confirmed is None or confirmed.signature != sig:
-                    self._unconfirmed.add(sig)
+                    if first:
+                        self._unconfirmed.add(sig)
                     self.stats.slow += 1
                     if confirmed is not None and confirmed.verdict == "crash":
                         # a slow input's real crash

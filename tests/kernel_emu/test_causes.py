@@ -223,3 +223,27 @@ def test_an_input_a_job_keeps_is_judged_by_itself_whatever_another_showed(
     job.run_input(data)
     assert job.stats.harness_errors == 0
     assert list(job.stats.findings) == [CAUSE]
+
+
+def test_a_job_judges_a_stalled_input_against_its_full_budget_run(tmp_path) -> None:
+    """The watchdog stops some hangs in another function of their loop than the profile's
+    budget does. A stalled input whose header the job judges for a cause is judged against
+    its full-budget run, as triage judges it: against the watchdog's signature, a field that
+    changes nothing (e_version here) looked like the cause of the hang."""
+    from pathlib import Path
+
+    from fuzz.harness import WATCHDOG, Job, JobConfig
+
+    hang = (Path(__file__).parents[1] / "workers" / "data" / "watchdog-hang.elf").read_bytes()
+    data = set_header(hang, version=2)
+    seed = load_profile("seed")
+    stopped = Executor(seed, watchdog=WATCHDOG, causes=False)
+    early = stopped.run(data)
+    assert stopped.stalled_at and early.signature is not None
+    triage = Executor(seed, snapshot=False).run(data)
+    assert triage.signature == CAUSE
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path)))
+    job._seen.add(early.signature)  # an earlier input of that signature was confirmed
+    job.run_input(data)
+    assert job.stats.harness_errors == 0
+    assert list(job.stats.findings) == [CAUSE]
