@@ -154,6 +154,11 @@ class JobStats:
         return cls(**data, findings=findings, first_class=first)
 
 
+def _class_keys(finding: Any) -> list[str]:
+    """How a finding counts among the classes first seen: its class, and class:field."""
+    return [finding.cls] + ([f"{finding.cls}:{finding.field}"] if finding.field else [])
+
+
 def stats_path(out: Path, job: int) -> Path:
     return out / "jobs" / f"job-{job}.json"
 
@@ -343,8 +348,7 @@ class Job:
         entry.count += 1
         first_sighting = False
         for finding in result.findings:  # consequences too: when was each class first seen
-            keys = [finding.cls] + ([f"{finding.cls}:{finding.field}"] if finding.field else [])
-            for key in keys:
+            for key in _class_keys(finding):
                 if key not in self.stats.first_class:
                     self.stats.first_class[key] = (exec_no,
                                                    now - self.stats.started)
@@ -397,7 +401,8 @@ class Job:
         judged = set(known or ())
         try:
             filed, _, _ = causes.attribute(data, result, self._full_budget, known)
-            return filed, any(f.name in judged for f in causes.broken_fields(data))
+            return filed, bool(judged) and any(f.name in judged
+                                               for f in causes.broken_fields(data))
         except Exception as e:  # noqa: BLE001 - ours: the crash keeps its own signature
             self._confirmer = None
             self._harness_error(data, e)
@@ -406,7 +411,7 @@ class Job:
     def _new_class(self, result: Any) -> bool:
         """Whether `result` has a class (or class and field) the job has not seen yet."""
         return any(key not in self.stats.first_class for f in result.findings
-                   for key in [f.cls] + ([f"{f.cls}:{f.field}"] if f.field else []))
+                   for key in _class_keys(f))
 
     def _harness_error(self, data: bytes, error: BaseException, rebuild: bool = False) -> None:
         self.stats.harness_errors += 1

@@ -163,7 +163,7 @@ def _translator(m: Machine, cr3: int, runs: list[pagewalk.Mapping]) -> Translate
             return walked[page]
         i = bisect.bisect_right(starts, vaddr) - 1
         run = runs[i] if i >= 0 else None
-        if run is not None and vaddr < run.vaddr + run.size * run.count:
+        if run is not None and vaddr < run.end:
             mp: pagewalk.Mapping | None = run if run.count == 1 else \
                 run.leaf((vaddr - run.vaddr) // run.size)
         else:
