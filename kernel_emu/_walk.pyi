@@ -4,7 +4,8 @@ from typing import Literal, overload
 
 from typing_extensions import Buffer
 
-def restore_pages(ram: Buffer, saved: Sequence[bytes | None], bitmap: Buffer, /) -> None: ...
+def restore_pages(ram: Buffer, saved: Sequence[bytes | None], bitmap: Buffer,
+                  give_back: Buffer | None = ..., /) -> None: ...
 def user_leaves(
     ram: Buffer, base: int, cr3: int, max_leaves: int, runs: bool = ..., /
 ) -> tuple[list[tuple[int, int, int, bool, bool, int, bool]], list[int]] | None: ...

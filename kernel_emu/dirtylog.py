@@ -287,6 +287,28 @@ class PageTableLog:
         self.sites = sorted({site for lo, hi in self.executable
                              for site in paging_sites(m.read(lo, hi - lo), lo)})
 
+    def maps_each_page_at_itself(self) -> bool:
+        """Whether every page the identity tables map is mapped at its own address (and so
+        at no other): a page's Dirty bit there then speaks for every store to the page made
+        through them."""
+        m = self.m
+
+        def rec(table: int, level: int, base: int) -> bool:
+            entries = struct.unpack("<512Q", m.read(table, PAGE))
+            span = 1 << (12 + 9 * (level - 1))
+            for i, e in enumerate(entries):
+                if not e & P:
+                    continue
+                va = base + i * span
+                if level == 1 or (level in (2, 3) and e & PS):
+                    if e & ADDR_MASK & ~(span - 1) != va:
+                        return False
+                elif not rec(e & ADDR_MASK, level - 1, va):
+                    return False
+            return True
+
+        return rec(self.identity, 4, 0)
+
     def arm(self) -> None:
         """Clear Dirty in the leaves and Accessed in the page-directory entries of the
         identity tables; call it once, before the snapshot is taken."""

@@ -49,10 +49,13 @@ class WrittenPages:
         self.paging_writes = 0  # watched paging instructions run since the last restore
         self._written: set[tuple[int, int]] = set()  # pages the watchdog took from the hook
         self._dirty_count = 0  # Dirty leaves at the last checkpoint
+        self._asked = False  # since_snapshot asked since the run, which answered _answer
+        self._answer: PageMasks | None = None
 
     def start_run(self) -> None:
         self._written.clear()
         self._dirty_count = 0
+        self._asked = False
 
     def take_events(self) -> list[WatchEvent]:
         """The tracer's watch events without those of the paging sites, which are counted."""
@@ -65,8 +68,13 @@ class WrittenPages:
         return events
 
     def since_snapshot(self) -> PageMasks | None:
-        """The pages the last run may have changed, per bank; None: all of them. Consumes
-        what the run left (read it once, before the restore)."""
+        """The pages the last run may have changed, per bank; None: all of them. Asked again
+        before the next run, the same answer."""
+        if not self._asked:
+            self._answer, self._asked = self._since_snapshot(), True
+        return self._answer
+
+    def _since_snapshot(self) -> PageMasks | None:
         if self.log is None:
             crossings = self.tracer.identity_crossings
             dirty = self._written.union(self.tracer.take_dirty())

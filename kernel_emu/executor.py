@@ -28,7 +28,7 @@ from kernel_emu.errors import HarnessError
 from kernel_emu.firmware import DEBUG_PORT, FIRMWARE_BASE, FIRMWARE_END, SERVICE_PORT, Firmware
 from kernel_emu.image import KernelImage, load_image
 from kernel_emu.inputs import channel_for, encode
-from kernel_emu.machine import Machine
+from kernel_emu.machine import PAGE, Machine
 from kernel_emu.observations import FaultObserver, RunObservations
 from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result, StopReason, Verdict
@@ -83,6 +83,9 @@ class Executor:
         self.count_blocks = count_blocks
         self.causes = causes
         self._second: Executor | None = None  # boots the inputs `causes` puts right
+        # the pages a zero fill may leave alone on the Dirty bits' word (Tracer.trust_zeros)
+        self._zero_pages: bytes | None = None
+        self.runs_again = 0  # runs made again without trust_zeros: the log could not vouch
         self.notes: list[str] = []
         # seconds spent per phase of `run` (prepare, guest, oracles), for benchmarks
         self.phase_seconds: defaultdict[str, float] = defaultdict(float)
@@ -154,7 +157,8 @@ class Executor:
         """Arm the bulk sites on the current machine; only while no memory hook watches guest
         data (the snapshot boot's ramdisk read hook would miss the routines' reads)."""
         sites = self.bulk_sites if on and self.fast_routines else ()
-        self.tracer.fast_forward(sites, [(b.base, b.size, b.address) for b in self.machine.banks])
+        self.tracer.fast_forward(sites, [(b.base, b.size, b.address, b.absent_zero)
+                                         for b in self.machine.banks])
 
     def add_machine_hook(self, attach: Callable[[Any], object]) -> None:
         """Call `attach(uc)` on the current machine and on every machine built later, so an
@@ -211,8 +215,28 @@ class Executor:
                                 self.success_addr)
         self.snapshot = Snapshot.capture(m, fw.state, tracer)
         tracer.identity_cr3 = fw.pml4
+        if use_page_tables and self.written.log is not None and \
+                self.written.log.maps_each_page_at_itself():
+            self._zero_pages = self._guest_zero_pages(self.snapshot)
+            tracer.trust_zeros(self._zero_pages)
         self._code_masks = code_masks(m, [*self.image.text_ranges,
                                           (FIRMWARE_BASE, FIRMWARE_END)])
+
+    def _guest_zero_pages(self, snap: Snapshot) -> bytes:
+        """The first bank's pages that the snapshot has as zeros and only the guest writes
+        (not the input's), as a bitmap: what a zero fill may leave alone while the identity
+        tables' Dirty bits say nothing stored to it since the restore (Tracer.trust_zeros)."""
+        bank = self.machine.banks[0]
+        zero = [page is None for page in snap.pages[0]]
+        for lo, hi in self.channel.ranges:
+            for addr in range(max(lo, bank.base) & ~(PAGE - 1), min(hi, bank.base + bank.size),
+                              PAGE):
+                zero[(addr - bank.base) // PAGE] = False
+        bits = bytearray((len(zero) + 7) // 8)
+        for i, z in enumerate(zero):
+            if z:
+                bits[i // 8] |= 1 << i % 8
+        return bytes(bits)
 
     def _no_snapshot(self, why: str) -> None:
         self.use_snapshot = False
@@ -234,7 +258,7 @@ class Executor:
             written = self.written.since_snapshot()
         elif written is None:
             self.channel.forget()  # every page is the snapshot's again, input included
-        snap.restore(self.machine, written, self._code_masks)
+        snap.restore(self.machine, written, self._code_masks, self.tracer.take_left_absent())
         self.firmware.state = snap.firmware.copy()
         self._start_run(self.budget - snap.instructions)
 
@@ -298,6 +322,10 @@ class Executor:
         events, live = replay(self.written.take_events(), self.alloc_sites,
                               lambda a, ret: image.describe(a, return_address=ret),
                               tracer.take_guard_hits(), freed)
+        if tracer.zeros_taken and self.written.since_snapshot() is None:
+            # zero fills left pages alone on the word of Dirty bits that the log cannot
+            # vouch for in this run: the same run again, every fill writing its pages
+            return self._run_writing_zeros(data, payload, watch)
         faults = self.faults
         observed = RunObservations(
             machine=self.machine, stop=stop, instructions=base + tracer.instructions,
@@ -326,6 +354,15 @@ class Executor:
         phases["guest"] += t2 - t1
         phases["oracles"] += t3 - t2
         return result
+
+    def _run_writing_zeros(self, data: bytes, payload: bytes,
+                           watch: tuple[int, int] | None) -> Result:
+        self.runs_again += 1
+        self.tracer.trust_zeros(None)
+        try:
+            return self._run(data, payload, watch)
+        finally:
+            self.tracer.trust_zeros(self._zero_pages)
 
     def _watch_writes(self, watch: tuple[int, int], writers: dict[int, list[str]]) -> Any:
         """Record, for the range `watch`, the frames of the last instruction that writes into
@@ -365,6 +402,12 @@ class Executor:
 
     def _served(self) -> None:
         self.services += 1
+        if self._zero_pages is not None and self.snapshot is not None:
+            # the firmware writes guest memory without a Dirty bit, and the restore cannot
+            # see those writes either: a page it wrote may keep its bytes into later runs,
+            # where a zero fill must not take the identity tables' word that it holds zeros
+            self._zero_pages = None
+            self.tracer.trust_zeros(None)
 
     # what the last run left --------------------------------------------------------------
     @property

@@ -4,6 +4,7 @@ Port I/O is hooked by the tracer (`kernel_emu.tracing`), natively."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import struct
@@ -70,12 +71,25 @@ class Label:
 
 
 class RamBank:
-    """One contiguous block of guest RAM, mapped into Unicorn from a host buffer."""
+    """One contiguous block of guest RAM, mapped into Unicorn from a host buffer.
+
+    The buffer is private anonymous memory where the host offers it (`absent_zero`): a page
+    the host does not hold reads as zeros, so the snapshot restore can give long runs of zero
+    pages back instead of clearing them, and the loader's fills of fresh frames leave them
+    alone (kernel_emu/native/bulk.h). Huge pages are declined: a store to a given-back page
+    would make the host clear 2 MiB instead of 4 KiB."""
 
     def __init__(self, base: int, size: int) -> None:
         self.base = base
         self.size = size
-        self.buffer = mmap.mmap(-1, size)
+        self.absent_zero = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
+        if self.absent_zero:
+            self.buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                with contextlib.suppress(OSError):  # a kernel without transparent huge pages
+                    self.buffer.madvise(mmap.MADV_NOHUGEPAGE)
+        else:
+            self.buffer = mmap.mmap(-1, size)
         self.view = memoryview(self.buffer)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
 

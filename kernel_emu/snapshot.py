@@ -5,11 +5,18 @@ tell the difference.
 A restore copies back only the pages the last run may have written (the caller says which,
 from the dirty-page observer; None means all), drops the translated code of those pages that
 hold code, and restores the CPU context.
+
+Guest RAM is private anonymous host memory where the host offers it (RamBank.absent_zero),
+and a page the host does not hold reads as zeros. The snapshot's zero pages start out given
+back to the host; a zero fill of whole pages leaves such pages alone (the tracer's bulk
+moves) and names them (`take_left_absent`), and the restore gives them back again instead of
+clearing them. A loader that zeroes megabytes of fresh frames a run would otherwise have the
+host allocate and clear each page, and the restore clear it a second time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,16 +49,24 @@ class Snapshot:
             data = bytes(bank.buffer)
             pages.append([page if (page := data[i:i + PAGE]) != ZERO_PAGE else None
                           for i in range(0, bank.size, PAGE)])
+            if native_walker is not None and bank.absent_zero:
+                every = _every_page(bank.size // PAGE)
+                native_walker.restore_pages(bank.buffer, pages[-1], every, every)
         return cls(m.uc.context_save(), pages, firmware.copy(), tracer.console(),
                    tuple(tracer.port_log()), tracer.instructions)
 
     def restore(self, m: Machine, written: dict[int, int | bytes] | None,
-                code_masks: list[bytes]) -> None:
+                code_masks: list[bytes], give_back: Sequence[bytes | None] = ()) -> None:
         """Put `m` back in the snapshot's state. `written`: bank index -> the pages that may
         differ from the snapshot, as a bit mask (bit i: page i) or a bitmap (bit i of byte
-        i // 8); None: all of them. `code_masks`: per bank, the bitmap of its code pages."""
+        i // 8); None: all of them. `code_masks`: per bank, the bitmap of its code pages.
+        `give_back`: per bank, a bitmap of pages to give back to the host where the snapshot
+        has zeros (the tracer's `take_left_absent`); with `written` None, every such page."""
         if written is None:
-            written = {r: (1 << bank.size // PAGE) - 1 for r, bank in enumerate(m.banks)}
+            every = [_every_page(bank.size // PAGE) for bank in m.banks]
+            written = dict(enumerate(every))
+            give_back = [bits if bank.absent_zero else None
+                         for bits, bank in zip(every, m.banks, strict=True)]
         bitmaps = {region: to_bits(mask, m.banks[region].size // PAGE)
                    for region, mask in written.items()}
         # first: Unicorn finds the code to drop with a page walk under the run's CR3, which
@@ -63,7 +78,9 @@ class Snapshot:
         for region, bits in bitmaps.items():
             bank = m.banks[region]
             if native_walker is not None:
-                native_walker.restore_pages(bank.buffer, self.pages[region], bits)
+                back = give_back[region] if region < len(give_back) else None
+                native_walker.restore_pages(bank.buffer, self.pages[region], bits,
+                                            back if bank.absent_zero else None)
                 continue
             saved = self.pages[region]
             for page in mask_indexes(bits):
@@ -71,6 +88,11 @@ class Snapshot:
         m.uc.context_restore(self.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
+
+
+def _every_page(count: int) -> bytes:
+    """A bitmap of `count` pages, every one set."""
+    return ((1 << count) - 1).to_bytes((count + 7) // 8, "little")
 
 
 def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[bytes]:

@@ -317,6 +317,34 @@ class GuestTracer(Protocol):
         """Console bytes since reset that did not fit in the :data:`CONSOLE_CAP` buffer."""
         ...
 
+    def trust_zeros(self, pages: bytes | None) -> None:
+        """From the next reset on, let a fast-forwarded zero fill leave alone the first
+        bank's ``pages`` (a bitmap, bit i of byte i // 8: page i; ``None``: none), which the
+        snapshot has as zeros and only the guest writes, while their leaves in the
+        :attr:`identity_cr3` tables have Dirty clear (nothing stored to them since the
+        restore), until a boot service runs.  The Dirty bits speak for the run only if the
+        dirty-page log vouches for it afterwards: when :attr:`zeros_taken` is not 0 and it
+        does not, the owner must run the input again with ``None``."""
+        ...
+
+    @property
+    def zeros_taken(self) -> int:
+        """Pages that zero fills left alone on the Dirty bits' word since reset."""
+        ...
+
+    @property
+    def pages_left_absent(self) -> int:
+        """Pages that zero fills left alone since reset, on the Dirty bits' word or on the
+        host's (it held none there, or its zero page)."""
+        ...
+
+    def take_left_absent(self) -> list[bytes | None]:
+        """Per RAM bank given to :meth:`fast_forward`, the pages that fast-forwarded zero
+        fills left to the host since the last take (they read as zeros already), as a bitmap
+        (bit i of byte i // 8: page i; ``None``: none); the snapshot restore gives them back
+        to the host again rather than clearing them."""
+        ...
+
     def take_service(self) -> int | None:
         """Return and clear the pending service request (the value OUT to the service port).
 
@@ -373,10 +401,13 @@ class GuestTracer(Protocol):
         :data:`kernel_emu.redzones.HITS_MAX`)."""
         ...
 
-    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+    def fast_forward(self, sites: Sequence[BulkSite],
+                     ram: Sequence[tuple[int, int, int, bool]]) -> None:
         """Fast-forward the bulk ``sites`` from now on (an empty sequence: never).
 
-        ``ram`` lists the guest RAM as ``(physical base, size, host address)``.  The native
+        ``ram`` lists the guest RAM as ``(physical base, size, host address, absent_zero)``
+        (absent_zero: private anonymous memory, whose pages the host does not hold read as
+        zeros; a long zero fill leaves those pages alone).  The native
         tracer performs, at the site, the iterations it can prove equivalent on the RAM
         directly (see ``kernel_emu/native/bulk.h``): registers, memory, page-table
         Accessed/Dirty bits, :attr:`instructions` (one per iteration, as if the guest had run
@@ -668,6 +699,20 @@ class NativeTracer:
     def console_dropped(self) -> int:
         return self._state.console_dropped
 
+    def trust_zeros(self, pages: bytes | None) -> None:
+        self._state.trust_zeros(pages)
+
+    @property
+    def zeros_taken(self) -> int:
+        return self._state.zeros_taken
+
+    @property
+    def pages_left_absent(self) -> int:
+        return self._state.pages_left_absent
+
+    def take_left_absent(self) -> list[bytes | None]:
+        return self._state.take_left_absent()
+
     def take_service(self) -> int | None:
         return self._state.take_service()
 
@@ -691,9 +736,11 @@ class NativeTracer:
     def take_guard_hits(self) -> list[GuardHit]:
         return [GuardHit._make(hit) for hit in self._state.take_guard_hits()]
 
-    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+    def fast_forward(self, sites: Sequence[BulkSite],
+                     ram: Sequence[tuple[int, int, int, bool]]) -> None:
         self._state.bulk([(site.address, _bulk_kind(site.kind)) for site in sites],
-                         [(base, size, host) for base, size, host in ram])
+                         [(base, size, host, absent_zero)
+                          for base, size, host, absent_zero in ram])
         self._state.bulk_on = bool(sites)
 
     @property
@@ -1046,6 +1093,20 @@ class PythonTracer:
     def console_dropped(self) -> int:
         return self._console_dropped
 
+    def trust_zeros(self, pages: bytes | None) -> None:
+        pass  # every bulk move is the guest's own
+
+    @property
+    def zeros_taken(self) -> int:
+        return 0
+
+    @property
+    def pages_left_absent(self) -> int:
+        return 0
+
+    def take_left_absent(self) -> list[bytes | None]:
+        return []
+
     def take_service(self) -> int | None:
         service, self._service = self._service, None
         return service
@@ -1081,7 +1142,8 @@ class PythonTracer:
         self._guard.hits.clear()
         return hits
 
-    def fast_forward(self, sites: Sequence[BulkSite], ram: Sequence[tuple[int, int, int]]) -> None:
+    def fast_forward(self, sites: Sequence[BulkSite],
+                     ram: Sequence[tuple[int, int, int, bool]]) -> None:
         for site in sites:
             _bulk_kind(site.kind)  # same validation as the native tracer, nothing else
 

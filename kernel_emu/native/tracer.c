@@ -83,11 +83,14 @@ typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 #define SAME_MAX 32 /* registers a stop_when_same arrival compares */
 enum { BULK_STOSQ, BULK_MOVSQ };
 
-/* Guest RAM as the owner mapped it: guest-physical base and size, host address. */
+/* Guest RAM as the owner mapped it: guest-physical base and size, host address;
+ * `absent_zero`: the host memory is a private anonymous mapping, so a page the host
+ * kernel does not hold (never written, or given back) reads as zeros (bulk.h). */
 typedef struct {
     uint64_t base;
     uint64_t size;
     uint8_t *host;
+    int absent_zero;
 } Bank;
 
 /* Registers a watch event records, in WatchEvent field order. */
@@ -200,9 +203,22 @@ typedef struct {
     int bulk_on;
     Bank banks[BANK_MAX];
     uint32_t nbanks;
+    /* per bank with absent_zero: the pages zero fills left to the host in this run, a
+     * bitmap (bit i of byte i / 8: page i), nonzero only in bytes [absent_lo, absent_hi) */
+    uint8_t *absent[BANK_MAX];
+    size_t absent_len[BANK_MAX], absent_lo[BANK_MAX], absent_hi[BANK_MAX];
+    /* trust_zeros: the first bank's pages the snapshot has as zeros and only the guest
+     * writes (bulk.h's zeros_known), a bitmap; NULL: none. `zeros_trusted`: whether this
+     * run may still take the guest's word for them (a boot service, whose writes the
+     * identity tables do not see, ends it); `zeros_taken`: pages taken on it this run. */
+    uint8_t *zero_bits;
+    size_t zero_len;
+    int zeros_trusted;
+    uint64_t zeros_taken;
     int direct_reads; /* frames read from the banks rather than through Unicorn */
     uc_reg_write_fn reg_write;
     uint64_t bulk_units; /* iterations fast-forwarded since reset */
+    uint64_t pages_left_absent; /* pages of zero fills left to the host since reset */
     /* The last refusal, so the iterations of one refused instance that stay
      * on the same pages are not re-examined one by one. */
     uint64_t memo_site;
@@ -725,6 +741,7 @@ static void out_hook(void *uc, uint32_t port, int size, uint32_t value, void *us
     if (port == s->service_port) {
         s->service_value = value;
         s->service_pending = 1;
+        s->zeros_trusted = 0; /* the firmware's writes set no Dirty bit */
         if (s->bc != NULL && s->bc->cur_counted) {
             /* no code hook comes to honour the stop at the next instruction */
             s->bc->inexact = 1;
@@ -802,6 +819,12 @@ static void State_dealloc(TracerState *s)
     s->other = NULL;
     free(s->console);
     s->console = NULL;
+    for (uint32_t i = 0; i < BANK_MAX; i++) {
+        PyMem_RawFree(s->absent[i]);
+        s->absent[i] = NULL;
+    }
+    PyMem_RawFree(s->zero_bits);
+    s->zero_bits = NULL;
     PyMem_RawFree(s->events);
     PyMem_RawFree(s->unwind);
     PyMem_RawFree(s->guard);
@@ -960,6 +983,9 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
         guard_clear(s->guard);
     }
     s->bulk_units = 0;
+    s->pages_left_absent = 0;
+    s->zeros_trusted = s->zero_bits != NULL;
+    s->zeros_taken = 0;
     s->memo_site = UINT64_MAX;
     if (s->stop_addr != UINT64_MAX) {
         s->stop_addr = UINT64_MAX;
@@ -1095,15 +1121,33 @@ static PyObject *State_bulk(TracerState *s, PyObject *args)
     }
     for (Py_ssize_t i = 0; i < nbanks; i++) {
         unsigned long long base, size, host;
+        int absent_zero = 0;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(banks, i),
-                              "KKK;a bank is (base, size, host_address)", &base, &size, &host)) {
+                              "KKK|p;a bank is (base, size, host_address[, absent_zero])",
+                              &base, &size, &host, &absent_zero)) {
             goto fail;
         }
         if (host == 0 || size == 0 || base + size < base) {
             PyErr_SetString(PyExc_ValueError, "bad RAM bank");
             goto fail;
         }
-        parsed[i] = (Bank){base, size, (uint8_t *)(uintptr_t)host};
+        parsed[i] = (Bank){base, size, (uint8_t *)(uintptr_t)host, absent_zero};
+    }
+    for (Py_ssize_t i = 0; i < BANK_MAX; i++) {
+        size_t len = i < nbanks && parsed[i].absent_zero
+                         ? (size_t)((parsed[i].size >> PAGE_SHIFT) + 7) / 8 : 0;
+        if (len != s->absent_len[i] || (len > 0 && s->absent[i] == NULL)) {
+            PyMem_RawFree(s->absent[i]);
+            s->absent[i] = len > 0 ? PyMem_RawCalloc(len, 1) : NULL;
+            if (len > 0 && s->absent[i] == NULL) {
+                parsed[i].absent_zero = 0; /* no room to note the pages: fill them all */
+                len = 0;
+            }
+            s->absent_len[i] = len;
+        } else if (len > 0) {
+            memset(s->absent[i], 0, len);
+        }
+        s->absent_lo[i] = s->absent_hi[i] = 0;
     }
     Py_DECREF(sites);
     Py_DECREF(banks);
@@ -1806,6 +1850,56 @@ static PyObject *State_console(TracerState *s, PyObject *Py_UNUSED(ignored))
     return PyBytes_FromStringAndSize((const char *)s->console, (Py_ssize_t)s->console_len);
 }
 
+static PyObject *State_trust_zeros(TracerState *s, PyObject *arg)
+{
+    uint8_t *bits = NULL;
+    Py_ssize_t len = 0;
+    if (arg != Py_None) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+            return NULL;
+        }
+        len = view.len;
+        bits = PyMem_RawMalloc(len > 0 ? (size_t)len : 1);
+        if (bits == NULL) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        memcpy(bits, view.buf, (size_t)len);
+        PyBuffer_Release(&view);
+    }
+    PyMem_RawFree(s->zero_bits);
+    s->zero_bits = bits;
+    s->zero_len = (size_t)len;
+    s->zeros_trusted = bits != NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_take_left_absent(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New((Py_ssize_t)s->nbanks);
+    if (list == NULL) {
+        return NULL;
+    }
+    for (uint32_t i = 0; i < s->nbanks; i++) {
+        PyObject *item;
+        if (s->absent[i] == NULL || s->absent_hi[i] <= s->absent_lo[i]) {
+            item = Py_NewRef(Py_None);
+        } else {
+            item = PyBytes_FromStringAndSize((const char *)s->absent[i],
+                                             (Py_ssize_t)s->absent_hi[i]);
+            if (item == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            memset(s->absent[i] + s->absent_lo[i], 0, s->absent_hi[i] - s->absent_lo[i]);
+            s->absent_lo[i] = s->absent_hi[i] = 0;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+    }
+    return list;
+}
+
 static PyObject *State_take_service(TracerState *s, PyObject *Py_UNUSED(ignored))
 {
     if (!s->service_pending) {
@@ -1895,6 +1989,16 @@ static PyMethodDef State_methods[] = {
      "oldest first."},
     {"console", (PyCFunction)State_console, METH_NOARGS,
      "console() -> bytes\n\nBytes written to the console port since reset."},
+    {"trust_zeros", (PyCFunction)State_trust_zeros, METH_O,
+     "trust_zeros(bitmap | None) -> None\n\nThe first bank's pages (bit i of byte i // 8: "
+     "page i) that the snapshot has as zeros and only the guest writes: from the next reset "
+     "on, a zero fill under identity_cr3 leaves such a page alone while its leaf there has "
+     "Dirty clear, until a boot service runs. The owner must run the input again without "
+     "this (None) when the Dirty bits cannot vouch for the run (zeros_taken > 0)."},
+    {"take_left_absent", (PyCFunction)State_take_left_absent, METH_NOARGS,
+     "take_left_absent() -> list[bytes | None]\n\nPer bank given to bulk(), the pages zero "
+     "fills left to the host since the last take, as a bitmap (bit i of byte i // 8: page "
+     "i; None: none), and forget them."},
     {"take_service", (PyCFunction)State_take_service, METH_NOARGS,
      "take_service() -> int | None\n\nReturn and clear the pending service request."},
     {"port_log", (PyCFunction)State_port_log, METH_NOARGS,
@@ -1943,7 +2047,9 @@ static PyMethodDef State_methods[] = {
      "repetition)."},
     {"bulk", (PyCFunction)State_bulk, METH_VARARGS,
      "bulk(sites, banks) -> None\n\nReplace the bulk sites ((address, kind), kind 0 for rep "
-     "stosq, 1 for rep movsq) and the RAM banks ((base, size, host_address)) they may use."},
+     "stosq, 1 for rep movsq) and the RAM banks ((base, size, host_address[, absent_zero])) "
+     "they may use; absent_zero: a private anonymous mapping, whose pages the host does not "
+     "hold read as zeros."},
     {"watched", (PyCFunction)State_watched, METH_NOARGS,
      "watched() -> tuple[int, ...]\n\nThe watched addresses, sorted."},
     {"take_events", (PyCFunction)State_take_events, METH_NOARGS,
@@ -1983,6 +2089,18 @@ static PyObject *State_get_bulk_units(TracerState *s, void *closure)
 {
     (void)closure;
     return PyLong_FromUnsignedLongLong(s->bulk_units);
+}
+
+static PyObject *State_get_zeros_taken(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->zeros_taken);
+}
+
+static PyObject *State_get_pages_left_absent(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->pages_left_absent);
 }
 
 static PyObject *State_get_bulk_on(TracerState *s, void *closure)
@@ -2073,6 +2191,11 @@ static PyGetSetDef State_getset[] = {
      "Whether the bulk sites are fast-forwarded (off: they only pass the filter).", NULL},
     {"bulk_units", (getter)State_get_bulk_units, NULL,
      "Iterations of bulk sites fast-forwarded since reset.", NULL},
+    {"zeros_taken", (getter)State_get_zeros_taken, NULL,
+     "Pages zero fills left alone on the guest's word (trust_zeros) since reset.", NULL},
+    {"pages_left_absent", (getter)State_get_pages_left_absent, NULL,
+     "Whole pages of fast-forwarded zero fills the host did not hold, so left alone, since "
+     "reset.", NULL},
     {"identity_cr3", (getter)State_get_identity_cr3, (setter)State_set_identity_cr3,
      "CR3 of identity page tables (0: none); crossing stores under it mark the next page.",
      NULL},

@@ -45,11 +45,14 @@
  *   question of every region it reaches (kernel_emu.leaks._held is the reference). One pass
  *   over the words with a binary search each, ending once every key is found.
  *
- * restore_pages(ram, saved, bitmap) -> None
+ * restore_pages(ram, saved, bitmap, give_back=None) -> None
  *   The copy half of a snapshot restore, which a run that loaded megabytes needs for
  *   thousands of pages: each page whose bit is set in `bitmap` (as above) gets saved[index]
  *   (4 KiB of bytes) or, where that is None, zeros, written into the writable buffer `ram`;
- *   `saved` is a list with one item per page of `ram`.
+ *   `saved` is a list with one item per page of `ram`.  Pages due zeros that are also in the
+ *   bitmap `give_back` (`ram` must then be a private anonymous mapping) are given back to
+ *   the host instead (madvise MADV_DONTNEED): it maps zeros there again when the page is
+ *   next touched, and a zero fill of it (bulk.h) leaves it alone.
  *
  * bits_meet(a, b), bits_or(a, b), bits_and_indexes(a, b)
  *   Such bitmaps combined: whether they share a page, all pages of both, the pages of both.
@@ -62,6 +65,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+
+#include "pagemap.h"
 
 #define P 1ULL
 #define W 2ULL
@@ -386,18 +392,91 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     return result;
 }
 
+/* How a page due zeros that a zero fill left to the host (bulk.h) is restored,
+ * by its pagemap entry and, where the host holds it, what it reads: */
+enum {
+    ZERO_KEEP,      /* absent, or the host's zero page: zeros, and no cost to leave so */
+    ZERO_GIVE_BACK, /* zeros of this process's own (the host drops it), swapped out, or
+                       shared with a forked parent */
+    ZERO_WRITE,     /* data of this process's own: written over, the next run may well
+                       write it again */
+};
+
+static int zero_kind(uint64_t entry, const uint8_t *page)
+{
+    if (!(entry & PAGEMAP_HOLDS)) {
+        return ZERO_KEEP;
+    }
+    if (!(entry & PAGEMAP_PRESENT)) {
+        return ZERO_GIVE_BACK;
+    }
+    int zeros = page_reads_zero(page);
+    if (!(entry & PAGEMAP_EXCLUSIVE)) {
+        return zeros ? ZERO_KEEP : ZERO_GIVE_BACK;
+    }
+    return zeros ? ZERO_GIVE_BACK : ZERO_WRITE;
+}
+
+static void zero_span(uint8_t *at, size_t count, int kind)
+{
+    if (kind == ZERO_KEEP ||
+        (kind == ZERO_GIVE_BACK && madvise(at, count * PAGE, MADV_DONTNEED) == 0)) {
+        return;
+    }
+    memset(at, 0, count * PAGE);
+}
+
+/* Zero `count` pages from `at`; with `give_back`, pages a zero fill left to the
+ * host, each as zero_kind says. */
+static void zero_pages(uint8_t *at, Py_ssize_t count, int give_back)
+{
+    if (count == 0) {
+        return;
+    }
+    if (!give_back) {
+        memset(at, 0, (size_t)count * PAGE);
+        return;
+    }
+    uint64_t entries[PAGEMAP_BATCH];
+    for (Py_ssize_t done = 0; done < count;) {
+        size_t n = (size_t)(count - done) < PAGEMAP_BATCH ? (size_t)(count - done) : PAGEMAP_BATCH;
+        uint8_t *from = at + done * (Py_ssize_t)PAGE;
+        if (pagemap_read((uintptr_t)from, n, entries) != 0) {
+            zero_span(from, n, ZERO_GIVE_BACK);
+        } else {
+            for (size_t i = 0; i < n;) {
+                int kind = zero_kind(entries[i], from + i * PAGE);
+                size_t j = i + 1;
+                while (j < n && zero_kind(entries[j], from + j * PAGE) == kind) {
+                    j++;
+                }
+                zero_span(from + i * PAGE, j - i, kind);
+                i = j;
+            }
+        }
+        done += (Py_ssize_t)n;
+    }
+}
+
 static PyObject *restore_pages(PyObject *self, PyObject *args)
 {
     (void)self;
-    Py_buffer ram, bits;
+    Py_buffer ram, bits, back = {0};
     PyObject *saved;
-    if (!PyArg_ParseTuple(args, "w*O!y*", &ram, &PyList_Type, &saved, &bits)) {
+    if (!PyArg_ParseTuple(args, "w*O!y*|z*", &ram, &PyList_Type, &saved, &bits, &back)) {
         return NULL;
     }
     PyObject *result = NULL;
     uint8_t *base = ram.buf;
     const uint8_t *mask = bits.buf;
+    const uint8_t *give = back.buf; /* NULL: none given back */
     Py_ssize_t npages = ram.len / (Py_ssize_t)PAGE;
+    /* the pages due zeros, gathered into runs given back or written alike */
+    Py_ssize_t zeros_from = 0, zeros = 0;
+    int zeros_back = 0;
+    if ((uintptr_t)base % PAGE != 0) {
+        give = NULL; /* madvise takes whole host pages */
+    }
     if (PyList_GET_SIZE(saved) != npages || bits.len > (npages + 7) / 8) {
         PyErr_SetString(PyExc_ValueError, "saved pages and bitmap must match the buffer");
         goto done;
@@ -414,7 +493,15 @@ static PyObject *restore_pages(PyObject *self, PyObject *args)
             }
             PyObject *content = PyList_GET_ITEM(saved, index);
             if (content == Py_None) {
-                memset(base + index * PAGE, 0, PAGE);
+                int to_host = give != NULL && byte < back.len && (give[byte] >> bit & 1);
+                if (zeros > 0 && zeros_from + zeros == index && zeros_back == to_host) {
+                    zeros++;
+                } else {
+                    zero_pages(base + zeros_from * PAGE, zeros, zeros_back);
+                    zeros_from = index;
+                    zeros = 1;
+                    zeros_back = to_host;
+                }
             } else if (PyBytes_Check(content) && PyBytes_GET_SIZE(content) == PAGE) {
                 memcpy(base + index * PAGE, PyBytes_AS_STRING(content), PAGE);
             } else {
@@ -425,6 +512,11 @@ static PyObject *restore_pages(PyObject *self, PyObject *args)
     }
     result = Py_NewRef(Py_None);
 done:
+    /* also on an error: the pages gathered so far are restored as the others were */
+    zero_pages(base + zeros_from * PAGE, zeros, zeros_back);
+    if (back.obj != NULL) {
+        PyBuffer_Release(&back);
+    }
     PyBuffer_Release(&bits);
     PyBuffer_Release(&ram);
     return result;
@@ -717,7 +809,10 @@ static PyMethodDef methods[] = {
     {"write_register", (PyCFunction)(void (*)(void))write_register, METH_FASTCALL,
      "write_register(uc_reg_write, uc, regid, value) -> None"},
     {"restore_pages", restore_pages, METH_VARARGS,
-     "restore_pages(ram, saved, bitmap) -> None"},
+     "restore_pages(ram, saved, bitmap, give_back=None) -> None\n\nCopy the saved pages "
+     "(bytes, or None for zeros) over the pages of ram the bitmap names; those due zeros "
+     "that the bitmap give_back also names (ram a private anonymous mapping) are given back "
+     "to the host instead of written."},
     {"user_leaves", user_leaves, METH_VARARGS,
      "user_leaves(ram, base, cr3, max_leaves, runs=0) -> (leaves, tables) | None"},
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
