@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import mmap
 import struct
+import sys
 from dataclasses import dataclass
 from typing import cast
 
@@ -82,7 +83,10 @@ class RamBank:
     def __init__(self, base: int, size: int) -> None:
         self.base = base
         self.size = size
-        self.absent_zero = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
+        # Linux's guarantees: a page given back (MADV_DONTNEED) reads as zeros again, and
+        # /proc/self/pagemap says which pages the host holds
+        self.absent_zero = sys.platform.startswith("linux") and hasattr(mmap, "MAP_PRIVATE") \
+            and hasattr(mmap, "MAP_ANONYMOUS")
         if self.absent_zero:
             self.buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_NOHUGEPAGE"):

@@ -419,10 +419,15 @@ static int zero_kind(uint64_t entry, const uint8_t *page)
 
 static void zero_span(uint8_t *at, size_t count, int kind)
 {
-    if (kind == ZERO_KEEP ||
-        (kind == ZERO_GIVE_BACK && madvise(at, count * PAGE, MADV_DONTNEED) == 0)) {
+    if (kind == ZERO_KEEP) {
         return;
     }
+#ifdef __linux__
+    /* elsewhere a page given back need not read as zeros again */
+    if (kind == ZERO_GIVE_BACK && madvise(at, count * PAGE, MADV_DONTNEED) == 0) {
+        return;
+    }
+#endif
     memset(at, 0, count * PAGE);
 }
 
