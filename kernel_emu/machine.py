@@ -75,9 +75,9 @@ class RamBank:
     """One contiguous block of guest RAM, mapped into Unicorn from a host buffer.
 
     The buffer is private anonymous memory where the host offers it (`absent_zero`): a page
-    the host does not hold reads as zeros, so the snapshot restore can give long runs of zero
-    pages back instead of clearing them, and the loader's fills of fresh frames leave them
-    alone (kernel_emu/native/bulk.h). Huge pages are declined: a store to a given-back page
+    the host does not hold reads as zeros, so the snapshot restore can give zero pages back
+    instead of clearing them, and the loader's fills of fresh frames leave them alone
+    (kernel_emu/native/bulk.h). Huge pages are declined: a store to a given-back page
     would make the host clear 2 MiB instead of 4 KiB."""
 
     def __init__(self, base: int, size: int) -> None:

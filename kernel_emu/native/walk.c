@@ -404,17 +404,13 @@ enum {
 
 static int zero_kind(uint64_t entry, const uint8_t *page)
 {
-    if (!(entry & PAGEMAP_HOLDS)) {
+    if (pagemap_zero(entry, page) != PAGE_DATA) {
         return ZERO_KEEP;
     }
-    if (!(entry & PAGEMAP_PRESENT)) {
-        return ZERO_GIVE_BACK;
+    if ((entry & PAGEMAP_PRESENT) && (entry & PAGEMAP_EXCLUSIVE)) {
+        return page_reads_zero(page) ? ZERO_GIVE_BACK : ZERO_WRITE;
     }
-    int zeros = page_reads_zero(page);
-    if (!(entry & PAGEMAP_EXCLUSIVE)) {
-        return zeros ? ZERO_KEEP : ZERO_GIVE_BACK;
-    }
-    return zeros ? ZERO_GIVE_BACK : ZERO_WRITE;
+    return ZERO_GIVE_BACK;
 }
 
 static void zero_span(uint8_t *at, size_t count, int kind)
@@ -449,13 +445,16 @@ static void zero_pages(uint8_t *at, Py_ssize_t count, int give_back)
         if (pagemap_read((uintptr_t)from, n, entries) != 0) {
             zero_span(from, n, ZERO_GIVE_BACK);
         } else {
+            uint8_t kinds[PAGEMAP_BATCH]; /* each page read once, at most */
+            for (size_t i = 0; i < n; i++) {
+                kinds[i] = (uint8_t)zero_kind(entries[i], from + i * PAGE);
+            }
             for (size_t i = 0; i < n;) {
-                int kind = zero_kind(entries[i], from + i * PAGE);
                 size_t j = i + 1;
-                while (j < n && zero_kind(entries[j], from + j * PAGE) == kind) {
+                while (j < n && kinds[j] == kinds[i]) {
                     j++;
                 }
-                zero_span(from + i * PAGE, j - i, kind);
+                zero_span(from + i * PAGE, j - i, kinds[i]);
                 i = j;
             }
         }

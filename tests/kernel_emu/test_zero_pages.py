@@ -5,6 +5,7 @@ compared here byte for byte with the guest doing its own fills."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -27,15 +28,19 @@ pytestmark = pytest.mark.skipif(walk is None, reason="the native walker is not b
 PRESENT, EXCLUSIVE = 1 << 63, 1 << 56
 
 
-def _pagemap(buffer: mmap.mmap, page: int) -> int:
-    """The host's pagemap entry of page `page` of `buffer`."""
-    import ctypes
-
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer)) + page * PAGE
+def _entries(buffer: mmap.mmap, first: int = 0, count: int | None = None) -> list[int]:
+    """The host's pagemap entries of `count` pages of `buffer` from page `first` (all)."""
+    count = len(buffer) // PAGE - first if count is None else count
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer)) + first * PAGE
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(address // PAGE * 8)
-        entry: int = struct.unpack("<Q", f.read(8))[0]
-    return entry
+        raw = f.read(count * 8)
+    return [entry for (entry,) in struct.iter_unpack("<Q", raw)]
+
+
+def _pagemap(buffer: mmap.mmap, page: int) -> int:
+    """The host's pagemap entry of page `page` of `buffer`."""
+    return _entries(buffer, page, 1)[0]
 
 
 @pytest.fixture
@@ -183,13 +188,7 @@ def test_every_identity_page_is_mapped_at_itself() -> None:
 
 def _held(buffer: mmap.mmap) -> int:
     """How many pages of `buffer` the host holds for this process alone (not its zero page)."""
-    import ctypes
-
-    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(address // PAGE * 8)
-        raw = f.read(len(buffer) // PAGE * 8)
-    return sum(1 for (entry,) in struct.iter_unpack("<Q", raw) if entry & EXCLUSIVE)
+    return sum(1 for entry in _entries(buffer) if entry & EXCLUSIVE)
 
 
 def test_the_pages_a_run_zeroed_are_not_held_after_the_restore(heavy: dict[str, bytes]) -> None:
