@@ -334,8 +334,8 @@ class Executor:
             recent_blocks=tracer.recent_blocks, stalled_at=self.watchdog.stalled_at,
             budget=self.budget, efi_main_status=self.firmware.state.efi_main_status,
             firmware_console=self.firmware.state.console, writers=writers, live=live,
-            freed=freed,
-            file=data)
+            freed=freed, file=data,
+            log_base=self.snapshot.log_base if self.snapshot is not None else None)
         self.last_observations = observed
         result = oracles.assess(observed, image, self.profile, segments)
         if watch is None and self.explain:

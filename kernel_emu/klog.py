@@ -29,8 +29,20 @@ class KernelLog:
     user_entry: tuple[int, int, int] | None = None
 
 
-def parse_log(text: str) -> KernelLog:
-    log = KernelLog(text)
+def parse_log(text: str, base: KernelLog | None = None) -> KernelLog:
+    """The log `text` says. `base`: what a prefix of `text` that ends a line says (the console
+    up to the snapshot, the same in every run): only the rest is read, the way a reading of
+    the whole text would go on from there. A `base` that is not a prefix of `text` is
+    ignored."""
+    if base is not None and base.text and base.text[-1] == "\n" and text.startswith(base.text):
+        log = KernelLog(text, base.segment_count, [dict(s) for s in base.segments], base.entry,
+                        base.rejected, base.panic, base.panic_location, base.kstack,
+                        base.user_entry)
+        return _read_lines(log, text[len(base.text):])
+    return _read_lines(KernelLog(text), text)
+
+
+def _read_lines(log: KernelLog, text: str) -> KernelLog:
     for line in text.splitlines():
         if not line.startswith(("[elf]", "rejected: ", "[PANIC]", "[mm] kstack", "[user]")):
             continue

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel_emu.allocations import Allocation
+from kernel_emu.klog import KernelLog
 from kernel_emu.machine import Machine
 from kernel_emu.result import Finding, StopReason
 
@@ -80,3 +81,5 @@ class RunObservations:
     freed: list[Allocation] = field(default_factory=list)
     # the input file (the ELF), as the kernel was given it
     file: bytes = b""
+    # what the console said up to the snapshot (klog.parse_log's `base`)
+    log_base: KernelLog | None = None

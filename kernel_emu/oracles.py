@@ -263,7 +263,7 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     """The Result of the run `obs` describes; `segments`: the input's PT_LOAD entries."""
     m, stop = obs.machine, obs.stop
     text = obs.console.decode("utf-8", errors="replace")
-    log = parse_log(text)
+    log = parse_log(text, obs.log_base)
     expected = _expected(segments)
     registers = m.registers()  # one read for all the oracles below
     pc = registers["rip"]

@@ -22,6 +22,7 @@ from typing import Any
 
 from kernel_emu.dirtylog import bits_and_indexes, mask_indexes, to_bits
 from kernel_emu.firmware import FirmwareState
+from kernel_emu.klog import KernelLog, parse_log
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.tracing import GuestTracer
 
@@ -41,6 +42,8 @@ class Snapshot:
     log: bytes  # console output before the snapshot
     ports: tuple[tuple[str, int, int, int], ...]  # other port accesses, likewise
     instructions: int  # instructions run to get here
+    # what the console's whole lines so far say: every run's log reads on from there
+    log_base: KernelLog
 
     @classmethod
     def capture(cls, m: Machine, firmware: FirmwareState, tracer: GuestTracer) -> Snapshot:
@@ -52,8 +55,10 @@ class Snapshot:
             if native_walker is not None and bank.absent_zero:
                 every = _every_page(bank.size // PAGE)
                 native_walker.restore_pages(bank.buffer, pages[-1], every, every)
-        return cls(m.uc.context_save(), pages, firmware.copy(), tracer.console(),
-                   tuple(tracer.port_log()), tracer.instructions)
+        console = tracer.console()
+        lines = console[:console.rfind(b"\n") + 1].decode("utf-8", errors="replace")
+        return cls(m.uc.context_save(), pages, firmware.copy(), console,
+                   tuple(tracer.port_log()), tracer.instructions, parse_log(lines))
 
     def restore(self, m: Machine, written: dict[int, int | bytes] | None,
                 code_masks: list[bytes], give_back: Sequence[bytes | None] = ()) -> None:

@@ -33,3 +33,30 @@ def test_rejection_and_panic_keep_the_first() -> None:
                     "[PANIC] out of memory at src/heap.rs:88\n[PANIC] again\n")
     assert log.rejected == "too many segments"
     assert (log.panic, log.panic_location) == ("out of memory", "src/heap.rs:88")
+
+
+def test_reading_on_from_a_base_reads_as_the_whole_text() -> None:
+    """A base read from the text's first lines gives the log of the whole text, whatever
+    line it ends at: the repeated lines still keep the first, and a later segment count
+    still starts the table again."""
+    text = BOOT + ("rejected: first\n[PANIC] boom at a.rs:1\n[elf] segments count=1\n"
+                   "[elf] seg 0 vaddr=0x1000 memsz=0x10 filesz=0x10 offset=0x0 flags=0x4\n"
+                   "rejected: second\r\n[PANIC] again\n")
+    whole = parse_log(text)
+    ends = [i + 1 for i, c in enumerate(text) if c == "\n"]
+    for end in ends:
+        base = parse_log(text[:end])
+        assert parse_log(text, base) == whole, end
+    # a base's table is its own: reading on never changes it
+    base = parse_log(text[:ends[6]])
+    before = [dict(s) for s in base.segments]
+    parse_log(text, base)
+    assert base.segments == before
+
+
+def test_a_base_that_does_not_fit_is_ignored() -> None:
+    whole = parse_log(BOOT)
+    # not a prefix of the text, or not ending a line: the whole text is read
+    assert parse_log(BOOT, parse_log("rejected: elsewhere\n")) == whole
+    assert parse_log(BOOT, parse_log(BOOT[:20])) == whole
+    assert parse_log(BOOT, parse_log("")) == whole
