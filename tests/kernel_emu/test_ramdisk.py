@@ -54,6 +54,14 @@ def test_init_ramdisk_layout() -> None:
     assert parse_ramdisk(image) == [("bin/init", data_offset, len(init))]
 
 
+def test_init_ramdisk_is_the_general_layout() -> None:
+    """The one-file image is put together on its own; byte for byte what the general
+    builder makes of the same file."""
+    for size in (0, 1, 15, 16, 17, 100, 4096, 32768):
+        init = bytes((i * 7 + size) & 0xFF for i in range(size))
+        assert build_init_ramdisk(init) == build_ramdisk([("bin/init", init, INIT_MODE)])
+
+
 def test_empty_init_still_round_trips() -> None:
     image = build_init_ramdisk(b"")
     [(name, offset, size)] = parse_ramdisk(image)
