@@ -50,6 +50,7 @@ REGISTERS = {
     "rip": UC_X86_REG_RIP, "rflags": UC_X86_REG_RFLAGS, "cr0": UC_X86_REG_CR0,
     "cr2": UC_X86_REG_CR2, "cr3": UC_X86_REG_CR3, "cr4": UC_X86_REG_CR4,
 }
+_REGISTER_IDS = tuple(REGISTERS.values())
 MSR_EFER = 0xC000_0080
 _U64 = struct.Struct("<Q")
 
@@ -218,6 +219,12 @@ class Machine:
         self.uc.msr_write(msr, value)
 
     def registers(self) -> dict[str, int]:
+        if _native is not None:
+            try:
+                return dict(zip(REGISTERS, _native.read_registers(_UC_REG_READ, self._handle,
+                                                                  _REGISTER_IDS), strict=True))
+            except OSError:
+                pass  # the batch read below raises Unicorn's own error
         status = uclib.uc_reg_read_batch(self.uc._uch, self._batch_ids, self._batch_ptrs,
                                          len(REGISTERS))
         if status:

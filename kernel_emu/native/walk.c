@@ -59,6 +59,9 @@
  *
  * read_register(uc_reg_read, uc, regid), write_register(uc_reg_write, uc, regid, value)
  *   One register through Unicorn's C API, without ctypes's per-call conversions.
+ *
+ * read_registers(uc_reg_read, uc, regids)
+ *   A tuple of registers' values in one call (the oracles read them all once a run).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -781,6 +784,49 @@ static PyObject *read_register(PyObject *self, PyObject *const *args, Py_ssize_t
     return PyLong_FromUnsignedLongLong(value[0]);
 }
 
+/* read_registers(uc_reg_read, uc, regids) -> tuple of int: each register of the tuple
+ * `regids` in turn, as read_register reads one. */
+static PyObject *read_registers(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long f, u;
+    PyObject *ids;
+    if (!PyArg_ParseTuple(args, "KKO!:read_registers", &f, &u, &PyTuple_Type, &ids)) {
+        return NULL;
+    }
+    if (f == 0 || u == 0) {
+        PyErr_SetString(PyExc_ValueError, "read_registers: a null function or engine");
+        return NULL;
+    }
+    uc_reg_read_fn fn = (uc_reg_read_fn)(uintptr_t)f;
+    void *uc = (void *)(uintptr_t)u;
+    Py_ssize_t n = PyTuple_GET_SIZE(ids);
+    PyObject *out = PyTuple_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long regid = PyLong_AsLong(PyTuple_GET_ITEM(ids, i));
+        if (regid == -1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        uint64_t value[8] = {0};
+        int status = fn(uc, (int)regid, value);
+        if (status != 0) {
+            Py_DECREF(out);
+            return PyErr_Format(PyExc_OSError, "uc_reg_read failed with status %d", status);
+        }
+        PyObject *v = PyLong_FromUnsignedLongLong(value[0]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
 /* write_register(uc_reg_write, uc, regid, value) -> None: the same for a write. */
 typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 
@@ -810,6 +856,8 @@ static PyMethodDef methods[] = {
     {"bits_and_indexes", bits_and_indexes, METH_VARARGS, "bits_and_indexes(a, b) -> [int]"},
     {"read_register", (PyCFunction)(void (*)(void))read_register, METH_FASTCALL,
      "read_register(uc_reg_read, uc, regid) -> int"},
+    {"read_registers", read_registers, METH_VARARGS,
+     "read_registers(uc_reg_read, uc, regids) -> tuple of int"},
     {"write_register", (PyCFunction)(void (*)(void))write_register, METH_FASTCALL,
      "write_register(uc_reg_write, uc, regid, value) -> None"},
     {"restore_pages", restore_pages, METH_VARARGS,
