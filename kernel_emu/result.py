@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -156,7 +156,10 @@ class Result:
     ports: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # `dataclasses.asdict` deep-copies every number of a Result with a few hundred heap
+        # blocks and segments: milliseconds a Result, where a job writes hundreds of them. The
+        # same dict, its containers copied and its values shared (they are immutable).
+        out = {name: _copied(getattr(self, name)) for name in _RESULT_FIELDS}
         if out["kernel_load_base"] is None:
             del out["kernel_load_base"]
         out["findings"] = [f.to_json() for f in self.findings]
@@ -211,3 +214,17 @@ class Result:
 _REQUIRED = frozenset(("verdict", "crash_class", "signature", "findings", "pc", "symbol",
                        "backtrace", "segments", "expected_segments", "log", "instructions",
                        "stop"))
+_RESULT_FIELDS = tuple(f.name for f in fields(Result))
+
+
+def _copied(value: Any) -> Any:
+    """`value` with its lists, tuples and dicts copied all the way down (what `asdict` makes
+    of a field that holds no dataclass)."""
+    kind = type(value)
+    if kind is list:
+        return [_copied(v) for v in value]
+    if kind is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    if kind is tuple:
+        return tuple(_copied(v) for v in value)
+    return value

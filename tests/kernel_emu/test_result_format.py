@@ -4,6 +4,7 @@ golden input, enums for verdicts, classes and stop reasons, and clear refusals."
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
@@ -50,6 +51,27 @@ def test_every_result_matches_the_schema_and_reads_back_as_itself() -> None:
         assert back.crash_class is None or type(back.crash_class) is CrashClass
         seen.add((back.verdict, back.crash_class))
     assert len(seen) >= 8  # the inputs reach every verdict and many classes
+
+
+def test_the_dict_is_what_asdict_makes_of_the_result_and_shares_no_container() -> None:
+    """`to_json` puts the dict together itself (asdict took milliseconds a Result): every
+    field as `dataclasses.asdict` gives it, and changing what it returns leaves the Result
+    as it was."""
+    for result in _results():
+        want = asdict(result)
+        if want["kernel_load_base"] is None:
+            del want["kernel_load_base"]
+        want["findings"] = [f.to_json() for f in result.findings]
+        want["version"] = RESULT_VERSION
+        raw = result.to_json()
+        assert raw == want
+        before = json.dumps(raw, sort_keys=True)
+        for value in raw.values():
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                value[0]["spoiled"] = 1
+            elif isinstance(value, (list, dict)):
+                value.clear()
+        assert json.dumps(result.to_json(), sort_keys=True) == before
 
 
 def test_a_result_stored_before_the_version_field_still_loads() -> None:
