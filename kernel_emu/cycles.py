@@ -92,6 +92,7 @@ class CycleFinder:
         self._cycle: _Cycle | None = None
         self._regime = 0  # block entries from here on follow the periodic sequence
         self.skipped = 0
+        self._too_large = False  # the run wrote more pages than a state may hold
         # for tests and diagnostics: (instructions outside bulk moves, bulk iterations) at
         # each probe, and the stops that were neither a probe nor an arrival (none expected)
         self.probes: list[tuple[int, int]] = []
@@ -145,11 +146,16 @@ class CycleFinder:
 
     def _small_enough(self) -> bool:
         """Whether a state could be captured now (see :meth:`_capture`): a run that has
-        written more pages is no candidate, and costs no stop."""
-        if not self._under_identity_tables():
+        written more pages is no candidate, and costs no stop. A run found too large once is
+        not counted again: pages it wrote stay written, and a probe left out only costs a
+        cycle not found, never a different Result."""
+        if self._too_large or not self._under_identity_tables():
             return False
         count = dirty_count(self.m, self.pml4, accessed_level=2)
-        return count is not None and count <= MAX_PAGES
+        if count is None or count > MAX_PAGES:
+            self._too_large = True
+            return False
+        return True
 
     def _under_identity_tables(self) -> bool:
         """Whose Dirty bits name every page the run wrote (see the module doc)."""
