@@ -83,13 +83,15 @@ def leak_findings(m: Machine, image: KernelImage, live: Sequence[Allocation],
                     frames=frames, field="allocation.leak", pc=first.ptr)]
 
 
-def _read(m: Machine, start: int, size: int) -> bytes | None:
-    if size <= 0 or m.bank_for(start, size) is None:
+def _read(m: Machine, start: int, size: int) -> memoryview | None:
+    """The RAM at [start, start + size), not copied (the scan only reads it)."""
+    bank = m.bank_for(start, size) if size > 0 else None
+    if bank is None:
         return None
-    return m.read(start, size)
+    return bank.view[start - bank.base:start - bank.base + size]
 
 
-def _held(data: bytes, start: int, wanted: dict[int, Allocation]) -> list[int]:
+def _held(data: bytes | memoryview, start: int, wanted: dict[int, Allocation]) -> list[int]:
     """The keys of `wanted` that `data` (at address `start`) holds at 8-aligned addresses:
     natively one pass over the words; in Python a small region is read as a set of words
     once, a large one searched for each key."""
@@ -98,7 +100,8 @@ def _held(data: bytes, start: int, wanted: dict[int, Allocation]) -> list[int]:
     return _held_python(data, start, wanted)
 
 
-def _held_python(data: bytes, start: int, wanted: dict[int, Allocation]) -> list[int]:
+def _held_python(data: bytes | memoryview, start: int,
+                 wanted: dict[int, Allocation]) -> list[int]:
     if len(data) <= WORDS_AT_ONCE:
         skip = -start % 8
         usable = (len(data) - skip) // 8 * 8
@@ -106,7 +109,8 @@ def _held_python(data: bytes, start: int, wanted: dict[int, Allocation]) -> list
             return []
         words = set(memoryview(data)[skip:skip + usable].cast("Q"))
         return [ptr for ptr in wanted if ptr in words]
-    return [ptr for ptr in wanted if _holds_word(data, start, ptr)]
+    found = bytes(data)  # searched with bytes.find
+    return [ptr for ptr in wanted if _holds_word(found, start, ptr)]
 
 
 def _holds_word(data: bytes, start: int, value: int) -> bool:
