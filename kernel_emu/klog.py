@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 _SEG = re.compile(
     r"^\[elf\] seg (\d+) vaddr=(0x[0-9a-fA-F]+) memsz=(0x[0-9a-fA-F]+) "
@@ -43,27 +44,72 @@ def parse_log(text: str, base: KernelLog | None = None) -> KernelLog:
 
 
 def _read_lines(log: KernelLog, text: str) -> KernelLog:
+    said, kept = _SAID, _SAID_KEPT
     for line in text.splitlines():
-        if not line.startswith(("[elf]", "rejected: ", "[PANIC]", "[mm] kstack", "[user]")):
+        what = said.get(line, _UNREAD)
+        if what is _UNREAD:
+            what = _line_says(line)
+            if len(line) <= _LINE_KEPT:
+                if len(said) >= kept:
+                    said.clear()
+                said[line] = what
+        if what is None:
             continue
-        if m := _SEG.match(line):
-            _, vaddr, memsz, filesz, offset, flags = m.groups()
-            log.segments.append({"vaddr": int(vaddr, 16), "memsz": int(memsz, 16),
-                                 "filesz": int(filesz, 16), "offset": int(offset, 16),
-                                 "flags": int(flags, 16)})
-        elif m := _COUNT.match(line):
-            log.segment_count = int(m.group(1))
+        kind = what[0]
+        if kind == _SEG_LINE:
+            _, vaddr, memsz, filesz, offset, flags = what
+            log.segments.append({"vaddr": vaddr, "memsz": memsz, "filesz": filesz,
+                                 "offset": offset, "flags": flags})
+        elif kind == _COUNT_LINE:
+            log.segment_count = what[1]
             log.segments = []
-        elif m := _ENTRY.match(line):
-            log.entry = int(m.group(1), 16)
-        elif line.startswith("rejected: ") and log.rejected is None:
-            log.rejected = line[len("rejected: "):].strip()
-        elif (m := _PANIC.match(line)) and log.panic is None:
-            log.panic = m.group(1)
-            if m.group(2):
-                log.panic_location = f"{m.group(2)}:{m.group(3)}"
-        elif m := _KSTACK.match(line):
-            log.kstack = (int(m.group(1), 16), int(m.group(2), 16))
-        elif m := _USER.match(line):
-            log.user_entry = (int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16))
+        elif kind == _ENTRY_LINE:
+            log.entry = what[1]
+        elif kind == _REJECTED_LINE:
+            if log.rejected is None:
+                log.rejected = what[1]
+        elif kind == _PANIC_LINE:
+            if log.panic is None:
+                log.panic = what[1]
+                if what[2] is not None:
+                    log.panic_location = what[2]
+        elif kind == _KSTACK_LINE:
+            log.kstack = what[1]
+        else:
+            log.user_entry = what[1]
     return log
+
+
+# What a line says does not depend on the lines around it (a rejection or panic after the
+# first is read, and ignored, where it is applied), and a run's console repeats most lines of
+# earlier runs: the segment table of a mutated input, say. So each line is read once, and what
+# it says kept by its text (lines up to _LINE_KEPT characters, _SAID_KEPT of them at most).
+_SEG_LINE, _COUNT_LINE, _ENTRY_LINE, _REJECTED_LINE, _PANIC_LINE, _KSTACK_LINE, _USER_LINE = \
+    range(7)
+_UNREAD: tuple[Any, ...] = ("not read yet",)
+_SAID: dict[str, tuple[Any, ...] | None] = {}
+_SAID_KEPT = 1 << 16
+_LINE_KEPT = 256
+
+
+def _line_says(line: str) -> tuple[Any, ...] | None:
+    """What one console line says, as `_read_lines` applies it; None: nothing."""
+    if not line.startswith(("[elf]", "rejected: ", "[PANIC]", "[mm] kstack", "[user]")):
+        return None
+    if m := _SEG.match(line):
+        _, vaddr, memsz, filesz, offset, flags = m.groups()
+        return (_SEG_LINE, int(vaddr, 16), int(memsz, 16), int(filesz, 16), int(offset, 16),
+                int(flags, 16))
+    if m := _COUNT.match(line):
+        return _COUNT_LINE, int(m.group(1))
+    if m := _ENTRY.match(line):
+        return _ENTRY_LINE, int(m.group(1), 16)
+    if line.startswith("rejected: "):
+        return _REJECTED_LINE, line[len("rejected: "):].strip()
+    if m := _PANIC.match(line):
+        return _PANIC_LINE, m.group(1), f"{m.group(2)}:{m.group(3)}" if m.group(2) else None
+    if m := _KSTACK.match(line):
+        return _KSTACK_LINE, (int(m.group(1), 16), int(m.group(2), 16))
+    if m := _USER.match(line):
+        return _USER_LINE, (int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16))
+    return None

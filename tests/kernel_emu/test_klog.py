@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from kernel_emu import klog
 from kernel_emu.klog import parse_log
 
 BOOT = """[boot] rustux
@@ -60,3 +63,21 @@ def test_a_base_that_does_not_fit_is_ignored() -> None:
     assert parse_log(BOOT, parse_log("rejected: elsewhere\n")) == whole
     assert parse_log(BOOT, parse_log(BOOT[:20])) == whole
     assert parse_log(BOOT, parse_log("")) == whole
+
+
+def test_lines_read_before_say_what_they_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line's reading is kept by its text: the same log read with the lines known, with
+    none known, through a full store that starts over, and with a line too long to keep."""
+    text = BOOT + "rejected: first\nrejected: second\n[PANIC] boom at a.rs:1\n[PANIC] x\n" + \
+        "[elf] seg 9 vaddr=0x1 memsz=0x2 filesz=0x3 offset=0x4 flags=0x5 " + " " * 300 + "\n"
+    klog._SAID.clear()
+    fresh = parse_log(text)
+    assert fresh.rejected == "first" and fresh.panic == "boom"
+    assert fresh.segments[-1] == {"vaddr": 1, "memsz": 2, "filesz": 3, "offset": 4, "flags": 5}
+    assert parse_log(text) == fresh  # every line known now
+    assert all(len(line) <= klog._LINE_KEPT for line in klog._SAID)
+    monkeypatch.setattr(klog, "_SAID_KEPT", 3)
+    klog._SAID.clear()
+    assert parse_log(text) == fresh
+    assert len(klog._SAID) <= 3
+    assert parse_log(text) == fresh
