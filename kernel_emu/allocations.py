@@ -64,6 +64,11 @@ class AllocatorSites:
         # asked at every run's replay: made once
         return redzones.Arguments.of(self.convention, self.realloc_takes_self)
 
+    @cached_property
+    def any_return(self) -> frozenset[int]:
+        """The `ret`s of allocate and reallocate, which the replay treats alike."""
+        return frozenset(self.alloc_returns) | frozenset(self.realloc_returns)
+
     @property
     def addresses(self) -> list[int]:
         return [address for address, _ in self.roles]
@@ -103,7 +108,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     entry. `describe(address, is_return_address)` symbolizes frames. `hits`: the redzone
     hits of the run (kernel_emu.redzones), each placed before the first event it did not
     come after."""
-    returns, realloc_returns = set(sites.alloc_returns), set(sites.realloc_returns)
+    returns = sites.any_return
     # (rsp, size, for a resize the pointer and the allocation it resizes)
     pending: list[tuple[int, int, int | None, Allocation | None]] = []
     live: dict[int, Allocation] = {}
@@ -164,7 +169,7 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
                     CrashClass.HEAP_CORRUPTION,
                     [f"resize of {old_ptr:#x}, which is not a live allocation"],
                     frames=event_frames(ev, describe), field="realloc.unknown", pc=ev.rip))
-        elif ev.address in returns or ev.address in realloc_returns:
+        elif ev.address in returns:
             match = len(pending) - 1  # nearly always the innermost call
             while match >= 0 and pending[match][0] != ev.rsp:
                 match -= 1
