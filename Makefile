@@ -44,7 +44,11 @@ test: $(NATIVE)
 	@$(SYSTEM) test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@# the unmarked tests in parallel, as test-fast runs them; then the marked ones, which start
+	@# servers, processes or a browser of their own, one at a time. Status 5: a selection
+	@# (PYTEST_ARGS) with no test of that kind
+	$(BIN)/python -m pytest -n auto -m "$(FAST_MARKERS)" $(PYTEST_ARGS) || test $$? -eq 5
+	$(BIN)/python -m pytest -m "not ($(FAST_MARKERS))" $(PYTEST_ARGS) || test $$? -eq 5
 
 test-fast: $(NATIVE)
 	@# the unmarked tests need no server, process or browser of their own: they run in parallel
