@@ -21,7 +21,7 @@ from unicorn.unicorn_py3.unicorn import UcError
 from kernel_emu import causes, codescan, dirtypages, oracles
 from kernel_emu.allocations import Allocation, AllocatorSites, replay
 from kernel_emu.cycles import CycleFinder
-from kernel_emu.dirtylog import PageTableLog
+from kernel_emu.dirtylog import PageTableLog, index_mask, to_bits
 from kernel_emu.dirtypages import PageMasks, WrittenPages
 from kernel_emu.elfview import load_segments
 from kernel_emu.errors import HarnessError
@@ -232,11 +232,8 @@ class Executor:
             for addr in range(max(lo, bank.base) & ~(PAGE - 1), min(hi, bank.base + bank.size),
                               PAGE):
                 zero[(addr - bank.base) // PAGE] = False
-        bits = bytearray((len(zero) + 7) // 8)
-        for i, z in enumerate(zero):
-            if z:
-                bits[i // 8] |= 1 << i % 8
-        return bytes(bits)
+        count = len(zero)
+        return bytes(to_bits(index_mask((i for i, z in enumerate(zero) if z), count), count))
 
     def _no_snapshot(self, why: str) -> None:
         self.use_snapshot = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 _SEG = re.compile(
@@ -36,9 +36,8 @@ def parse_log(text: str, base: KernelLog | None = None) -> KernelLog:
     the whole text would go on from there. A `base` that is not a prefix of `text` is
     ignored."""
     if base is not None and base.text and base.text[-1] == "\n" and text.startswith(base.text):
-        log = KernelLog(text, base.segment_count, [dict(s) for s in base.segments], base.entry,
-                        base.rejected, base.panic, base.panic_location, base.kstack,
-                        base.user_entry)
+        # every field of the base, its table a copy of its own
+        log = replace(base, text=text, segments=[dict(s) for s in base.segments])
         return _read_lines(log, text[len(base.text):])
     return _read_lines(KernelLog(text), text)
 

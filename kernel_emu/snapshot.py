@@ -53,7 +53,7 @@ class Snapshot:
             pages.append([page if (page := data[i:i + PAGE]) != ZERO_PAGE else None
                           for i in range(0, bank.size, PAGE)])
             if native_walker is not None and bank.absent_zero:
-                every = _every_page(bank.size // PAGE)
+                every = to_bits((1 << bank.size // PAGE) - 1, bank.size // PAGE)
                 native_walker.restore_pages(bank.buffer, pages[-1], every, every)
         console = tracer.console()
         lines = console[:console.rfind(b"\n") + 1].decode("utf-8", errors="replace")
@@ -68,7 +68,8 @@ class Snapshot:
         `give_back`: per bank, a bitmap of pages to give back to the host where the snapshot
         has zeros (the tracer's `take_left_absent`); with `written` None, every such page."""
         if written is None:
-            every = [_every_page(bank.size // PAGE) for bank in m.banks]
+            every = [bytes(to_bits((1 << bank.size // PAGE) - 1, bank.size // PAGE))
+                     for bank in m.banks]
             written = dict(enumerate(every))
             give_back = [bits if bank.absent_zero else None
                          for bits, bank in zip(every, m.banks, strict=True)]
@@ -93,11 +94,6 @@ class Snapshot:
         m.uc.context_restore(self.context)
         # a context restore keeps the softmmu TLB of the previous run; writing CR3 flushes it
         m.set_reg("cr3", m.reg("cr3"))
-
-
-def _every_page(count: int) -> bytes:
-    """A bitmap of `count` pages, every one set."""
-    return ((1 << count) - 1).to_bytes((count + 7) // 8, "little")
 
 
 def code_masks(m: Machine, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
