@@ -43,7 +43,9 @@ SLOW_INPUTS_KEPT = 20_000
 # A run that writes no new page for this many instructions (and is not in memset/memcpy) is
 # stopped as stalled: a hang costs ~1 ms instead of the profile's whole budget (~1 s or more),
 # while a legitimate load of 16 MiB of segments (millions of instructions) runs to its end.
-# A stalled run is confirmed once per signature with the profile's budget and no watchdog.
+# A stalled run is confirmed once per signature with the profile's budget and no watchdog. A
+# run the cycle search proves to be in an exact cycle is not stopped: it goes on to that budget
+# by whole periods (JobConfig.cycles_to_budget), and needs no confirming.
 WATCHDOG = 200_000
 # libFuzzer's timeout only guards against a bug of ours: the guest's hangs end on the budget
 LIBFUZZER_TIMEOUT = 300
@@ -81,6 +83,10 @@ class JobConfig:
     lean: bool = True
     # instructions counted per translated block (Executor's `count_blocks`; same results)
     count_blocks: bool = True
+    # a run proven to be in an exact cycle goes on to the profile's budget by whole periods
+    # (Executor's `cycles_to_budget`): filed as the budget files it, with no second boot to
+    # confirm it. Off: the watchdog stops it, and the job confirms it with the full budget
+    cycles_to_budget: bool = True
     # for benchmarks only: record when each planted bug's canary (the profile's [canaries])
     # was first reached and triggered; nothing of the fuzzing depends on them
     canaries: bool = False
@@ -219,7 +225,7 @@ class Job:
                             fast_routines=self.config.fast_routines,
                             skip_cycles=self.config.skip_cycles, explain=False,
                             lean=self.config.lean, count_blocks=self.config.count_blocks,
-                            causes=False)
+                            causes=False, cycles_to_budget=self.config.cycles_to_budget)
         if self.config.compares:
             executor.add_machine_hook(self.feedback.attach)
         return executor

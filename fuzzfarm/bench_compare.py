@@ -49,9 +49,11 @@ def rate(executor, data, n):
 out = {"snapshot": rate(Executor(profile), example, runs),
        "full": rate(Executor(profile, snapshot=False), example, max(1, runs // 40))}
 # as a fuzzing job runs inputs (where the tree has the options: no second run for damaged
-# headers, nor for inputs with a broken header field)
+# headers, nor for inputs with a broken header field; a proven cycle run to the budget)
 import inspect
-as_job = {k: False for k in ("explain", "causes") if k in inspect.signature(Executor).parameters}
+known = inspect.signature(Executor).parameters
+as_job = {k: False for k in ("explain", "causes") if k in known}
+as_job.update({k: True for k in ("cycles_to_budget",) if k in known})
 job = Executor(profile, coverage=True, watchdog=200_000, **as_job)
 for data in inputs[:20]:
     job.run(data)

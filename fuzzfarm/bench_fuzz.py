@@ -103,10 +103,11 @@ def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
         kw = {"fast_routines": speedups, "skip_cycles": speedups, "lean": lean,
               "count_blocks": blocks}
         on = Executor(profile, coverage=True, watchdog=WATCHDOG, explain=False, causes=False,
-                      **kw)
+                      cycles_to_budget=True, **kw)
         feedback = make_feedback()
         on.add_machine_hook(feedback.attach)
-        off = Executor(profile, watchdog=WATCHDOG, explain=False, causes=False, **kw)
+        off = Executor(profile, watchdog=WATCHDOG, explain=False, causes=False,
+                       cycles_to_budget=True, **kw)
         runs.append(((on, feedback), (off, None)))
     rates: list[tuple[list[float], list[float]]] = [([], []) for _ in setups]
     for _ in range(repeats):
@@ -137,7 +138,7 @@ def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, l
     """Per class of run (how it ended): runs, seconds, and seconds in each phase (prepare,
     guest, oracles) of replaying `inputs` as a fuzzing job runs them (feedback on)."""
     executor = Executor(load_profile(kernel), coverage=True, watchdog=WATCHDOG, explain=False,
-                        causes=False)
+                        causes=False, cycles_to_budget=True)
     feedback = make_feedback()
     executor.add_machine_hook(feedback.attach)
     for data in inputs[:50]:  # the translated code and the caches, as in a running job

@@ -241,7 +241,8 @@ class _JobLike:
         self.confirmed = 0
 
     def _new(self) -> Executor:
-        return Executor(self.profile, coverage=True, watchdog=WATCHDOG, explain=False)
+        return Executor(self.profile, coverage=True, watchdog=WATCHDOG, explain=False,
+                        cycles_to_budget=True)
 
     def run(self, data: bytes) -> tuple[Result, bool]:
         """The Result as a job would record it, and whether the watchdog stopped the run."""

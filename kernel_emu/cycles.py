@@ -11,7 +11,9 @@ the tracer to account for them (count, recent blocks, coverage; see ``GuestTrace
 Every watchdog checkpoint is still reached and judged as before, with the same state, so the
 Result is exactly the one of running every instruction. Without a watchdog (the profile's own
 budget, as when the farm checks a stalled run) the skip goes up to the budget: an endless loop
-costs a few milliseconds instead of its 60 million instructions.
+costs a few milliseconds instead of its 60 million instructions. So does it under a watchdog
+told to let a proven cycle run to the budget (kernel_emu/watchdog.py, `to_budget`): the run then
+ends exactly as it would with no watchdog, and no second run is needed to learn that.
 
 How a cycle is found, at a few probe points (4096, 8192, ... instructions, not counting the
 iterations of bulk moves performed natively, which make progress by definition): the guest is
@@ -69,7 +71,8 @@ class CycleFinder:
     """Per-run cycle search and skipping (see the module doc), on machine `m` whose
     identity page tables are at `pml4`. `no_stop` holds the addresses where the tracer
     already stops or acts (watches, bulk moves): a probe never stops there. `checkpoint`
-    gives the watchdog's next checkpoint, `services` the boot services performed so far."""
+    gives how far a skip may go (the watchdog's next checkpoint, or the run's budget),
+    `services` the boot services performed so far."""
 
     def __init__(self, m: Machine, tracer: GuestTracer, pml4: int, no_stop: frozenset[int],
                  checkpoint: Callable[[], int], services: Callable[[], int],
@@ -97,6 +100,11 @@ class CycleFinder:
         # each probe, and the stops that were neither a probe nor an arrival (none expected)
         self.probes: list[tuple[int, int]] = []
         self.idle_stops = 0
+
+    @property
+    def proven(self) -> bool:
+        """Whether this run is in an exact cycle: it repeats for ever, whatever its budget."""
+        return self._cycle is not None
 
     @property
     def next_probe(self) -> int | None:

@@ -54,6 +54,9 @@ class Executor:
     the profile's). `watchdog`: stop a run as stalled when it makes no progress for that many
     instructions. `native`, `fast_routines`, `skip_cycles`: the native tracer, the native bulk
     moves of memset/memcpy and the skipping of exact cycles; each changes only the speed.
+    `cycles_to_budget`: a run the cycle search proves to be in an exact cycle is not stopped
+    as stalled but goes on to its budget by whole periods (kernel_emu/watchdog.py): its Result
+    is the one the budget alone gives, as if there were no watchdog, at no more cost.
     `lean`: the leaner run (the tracer judges the cycle search's arrivals itself and reads
     the frames of watch events from the RAM banks), which changes only the speed too; off
     to measure it.
@@ -71,13 +74,15 @@ class Executor:
                  coverage: bool = False, budget: int | None = None,
                  watchdog: int | None = None, fast_routines: bool = True,
                  skip_cycles: bool = True, explain: bool = False, lean: bool = True,
-                 count_blocks: bool = True, causes: bool = True) -> None:
+                 count_blocks: bool = True, causes: bool = True,
+                 cycles_to_budget: bool = False) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
         self.budget = budget or profile.run.budget
         self.watchdog_interval = watchdog
         self.skip_cycles, self.fast_routines = skip_cycles, fast_routines
+        self.cycles_to_budget = cycles_to_budget
         self.explain = explain
         self.lean = lean
         self.count_blocks = count_blocks
@@ -148,7 +153,7 @@ class Executor:
     def _observe_writes(self, log: PageTableLog | None) -> None:
         self.written = WrittenPages(self.machine, self.firmware, self.tracer, log)
         self.watchdog = Watchdog(self.machine, self.tracer, self.watchdog_interval,
-                                 self.bulk_ranges, self.written)
+                                 self.bulk_ranges, self.written, self.cycles_to_budget)
         # where the tracer already stops or acts: the cycle search never probes there
         self._no_stop = frozenset((*self.alloc_sites.addresses, *self.written.paging_sites,
                                    *(site.address for site in self.bulk_sites)))
@@ -281,7 +286,7 @@ class Executor:
                 coverage=False, budget=self.budget, watchdog=self.watchdog_interval,
                 fast_routines=self.fast_routines, skip_cycles=self.skip_cycles,
                 explain=self.explain, lean=self.lean, count_blocks=self.count_blocks,
-                causes=False)
+                causes=False, cycles_to_budget=self.cycles_to_budget)
         return self._second.run(data)
 
     def _run(self, data: bytes, payload: bytes,
@@ -383,7 +388,7 @@ class Executor:
         if self.skip_cycles and self.written.log is not None and self.snapshot is not None:
             watchdog = self.watchdog
             cycles = CycleFinder(self.machine, self.tracer, self.firmware.pml4, self._no_stop,
-                                 lambda: watchdog.next_checkpoint, lambda: self.services,
+                                 lambda: watchdog.skip_limit, lambda: self.services,
                                  native_arrivals=self.lean)
         self.watchdog.start_run(run_budget, cycles)
 

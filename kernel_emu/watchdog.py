@@ -5,6 +5,13 @@ or copying a large segment) and has written no page it had not written before in
 stopped as stalled: a fuzzer's early verdict on a loop that makes no progress, instead of
 spending the whole budget on it. Between checkpoints the tracer may also stop for the cycle
 search (kernel_emu/cycles.py), which is not counted in bulk-move iterations.
+
+A run the cycle search has proven to be in an exact cycle makes no progress and never will.
+With `to_budget`, no checkpoint stops it as stalled: it goes on to its budget, which the cycle
+search reaches by whole periods, so the run ends as it would with no watchdog at all (the
+profile's own budget), and its Result is that one: what the farm would otherwise boot again
+without a watchdog to learn. A loop the search cannot prove (its memory moves on, say) is
+still stopped at a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,11 +24,14 @@ from kernel_emu.tracing import GuestTracer
 
 class Watchdog:
     """The stops of the runs on one machine. `interval` None: no checkpoints, only the
-    budget (and the cycle search, if one is given to `start_run`)."""
+    budget (and the cycle search, if one is given to `start_run`). `to_budget`: a run in a
+    proven exact cycle goes on to its budget instead (see the module doc)."""
 
     def __init__(self, m: Machine, tracer: GuestTracer, interval: int | None,
-                 bulk_ranges: tuple[tuple[int, int], ...], written: WrittenPages) -> None:
+                 bulk_ranges: tuple[tuple[int, int], ...], written: WrittenPages,
+                 to_budget: bool = False) -> None:
         self.m, self.tracer, self.interval = m, tracer, interval
+        self.to_budget = to_budget
         self.bulk_ranges, self.written = bulk_ranges, written
         self.run_budget = 0
         self.next_checkpoint = 0
@@ -48,6 +58,14 @@ class Watchdog:
             self.tracer.extend(probe, self.next_checkpoint)
 
     @property
+    def skip_limit(self) -> int:
+        """How far the cycle search may skip: to the next checkpoint, or with `to_budget`, to
+        the budget once the run is proven to be in a cycle (or from the moment it is)."""
+        if self.to_budget and self.cycles is not None:
+            return self.run_budget
+        return self.next_checkpoint
+
+    @property
     def skipped_instructions(self) -> int:
         """Instructions of the last run accounted for by whole periods of an exact cycle."""
         return self.cycles.skipped if self.cycles is not None else 0
@@ -61,9 +79,12 @@ class Watchdog:
             return False
         if tracer.instructions < self.next_checkpoint:
             # a stop of the cycle search, not a checkpoint
-            assert self.cycles is not None
-            tracer.extend(self.next_checkpoint)  # a skip may go up to the checkpoint
-            self.cycles.on_stop()
+            cycles = self.cycles
+            assert cycles is not None
+            tracer.extend(self.skip_limit)  # a skip may go up to there
+            cycles.on_stop()
+            if self.to_budget and cycles.proven:
+                self.next_checkpoint = self.run_budget
             self._arm_next_stop()
             return True
         if not self.interval:

@@ -66,7 +66,8 @@ def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bo
     ex = _executors.get(key)
     if ex is None:
         ex = _executors[key] = Executor(profile, snapshot=snapshot,
-                                        watchdog=WATCHDOG if stops_early else None)
+                                        watchdog=WATCHDOG if stops_early else None,
+                                        cycles_to_budget=True)
     return ex
 
 

@@ -242,8 +242,20 @@ def test_a_job_judges_a_stalled_input_against_its_full_budget_run(tmp_path) -> N
     assert stopped.stalled_at and early.signature is not None
     triage = Executor(seed, snapshot=False).run(data)
     assert triage.signature == CAUSE
-    job = Job(JobConfig(kernel="seed", out=str(tmp_path)))
+    # the watchdog's stop, confirmed with the full budget
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path), cycles_to_budget=False))
     job._seen.add(early.signature)  # an earlier input of that signature was confirmed
     job.run_input(data)
     assert job.stats.harness_errors == 0
     assert list(job.stats.findings) == [CAUSE]
+    # as jobs run by default: the loop is an exact cycle, which the job's own run takes to
+    # the full budget, and files alike with no second boot of the input to confirm it
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path / "to-budget")))
+    job._seen.add(early.signature)
+    boots: list[bytes] = []
+    full_budget = job._full_budget
+    job._full_budget = lambda d: boots.append(d) or full_budget(d)  # type: ignore[method-assign]
+    job.run_input(data)
+    assert job.stats.harness_errors == 0 and job.executor.stalled_at == 0
+    assert list(job.stats.findings) == [CAUSE]
+    assert data not in boots  # only the input put right (the cause judged) was booted

@@ -83,6 +83,53 @@ def test_without_a_watchdog_the_skip_goes_to_the_budget(base_elf: bytes, data: s
         assert on.skipped_instructions == 0
 
 
+def test_under_a_watchdog_a_proven_cycle_runs_to_the_budget(base_elf: bytes) -> None:
+    """With `cycles_to_budget`, the watchdog does not stop a run proven to be in an exact
+    cycle: it ends at the budget, exactly as the budget alone ends it (no watchdog, every
+    instruction run), and not at a checkpoint as stalled."""
+    profile = load_profile("seed")
+    budget = 3_000_000
+    to_budget = Executor(profile, coverage=True, budget=budget, watchdog=WATCHDOG,
+                         cycles_to_budget=True)
+    alone = Executor(profile, coverage=True, budget=budget, skip_cycles=False)
+    data = _hang(base_elf)
+    assert observe(to_budget, data) == observe(alone, data)
+    assert to_budget.stalled_at == 0
+    assert to_budget.skipped_instructions > budget * 0.9
+    assert to_budget.run(data).stop == "budget"
+    # the same executor's next run is watched as before
+    seed = SEEDS[0].read_bytes()
+    assert observe(to_budget, seed) == observe(alone, seed)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_under_a_watchdog_a_run_ends_as_the_budget_or_as_the_watchdog_ends_it(
+        base_elf: bytes, kernel: str) -> None:
+    """Mutants of the seeds and of the endless loop: with `cycles_to_budget`, each run ends
+    exactly as under the watchdog alone, or, where that stopped it as stalled, exactly as the
+    budget alone ends it."""
+    profile = load_profile(kernel)
+    budget = 1_000_000
+    to_budget = Executor(profile, coverage=True, budget=budget, watchdog=WATCHDOG,
+                         cycles_to_budget=True)
+    watched = Executor(profile, coverage=True, budget=budget, watchdog=WATCHDOG,
+                       skip_cycles=False)
+    alone = Executor(profile, coverage=True, budget=budget, skip_cycles=False)
+    starts = [p.read_bytes() for p in SEEDS] + [_hang(base_elf)] * 8
+    mutator = ElfMutator(None, seed=11)
+    rng = random.Random(11)
+    ran_on = 0
+    for _ in range(300):
+        data = mutator.mutate(rng.choice(starts), 16384, rng.randrange(1 << 32))
+        got = observe(to_budget, data)
+        if got == observe(watched, data):
+            continue
+        assert watched.stalled_at and to_budget.stalled_at == 0
+        assert got == observe(alone, data)
+        ran_on += 1
+    assert kernel == "fixed" or ran_on > 0
+
+
 def test_full_boots_are_not_skipped(base_elf: bytes) -> None:
     """The cycle search is only for snapshot runs (their Dirty-bit log names the written
     pages); a full boot runs every instruction, as before."""
