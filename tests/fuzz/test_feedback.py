@@ -94,3 +94,21 @@ def test_harness_error_is_recorded_apart_and_never_a_finding(tmp_path: Path,
     assert job.executor is not broken
     job.run_input(EXAMPLE.read_bytes())
     assert job.stats.harness_errors == 1
+
+
+def test_native_and_python_count_the_same_new_edges_in_any_map() -> None:
+    """Random maps, any byte values (a lone high bit, say), hits side by side in one word or
+    alone in a 64-byte line: the native collect counts new edges exactly as the Python one."""
+    native, python = NativeFeedback(), PythonFeedback()
+    rng = random.Random(9)
+    for _ in range(60):
+        run = bytearray(MAP_SIZE)
+        for _ in range(rng.choice((0, 1, 7, 300, 3000))):
+            at = rng.randrange(MAP_SIZE)
+            for k in range(rng.choice((1, 1, 2, 8))):
+                if at + k < MAP_SIZE:
+                    run[at + k] = rng.choice((1, 0x80, 0x10, rng.randrange(1, 256)))
+        got = native.collect(memoryview(bytes(run)))
+        assert got == python.collect(memoryview(bytes(run)))
+        assert native.edges == python.edges
+    assert native.edges > 1000
