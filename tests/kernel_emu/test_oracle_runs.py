@@ -118,9 +118,14 @@ def test_spinning_in_looks_up_each_block_once() -> None:
         pool = rng.sample(addresses, rng.randint(1, 6))
         blocks = [rng.choice(pool) for _ in range(rng.choice([0, 1, 2, 7, 64]))]
         assert oracles.spinning_in(image, blocks) == by_entry(blocks)
+        # what a hang finding reads, kept by image and blocks, says the same
+        spot, loop, funcs = oracles._loop(image, blocks)
+        assert (spot, loop) == by_entry(blocks)
+        assert funcs == {image.describe(b).rsplit("+0x", 1)[0] for b in blocks}
         counts = sorted(Counter(image.describe(b).rsplit("+0x", 1)[0] for b in blocks).values())
         ties += len(counts) > 1 and counts[-1] == counts[-2]
     assert ties > 50
+    assert 0 < len(oracles._LOOPS) <= oracles.LOOPS_KEPT
 
 
 def test_segments_that_meet_are_found_as_a_pairwise_test_finds_them() -> None:
