@@ -109,6 +109,8 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
 
 # bytes compared at each end of a segment's file data, and at the start of its BSS
 CONTENT_WINDOW = 64
+# a segment whose windows lie within this many bytes from its start is read once for all three
+WHOLE_READ = 2 * PAGE
 
 
 def content_findings(m: Machine, translate: Translate, expected: list[dict[str, int]],
@@ -123,11 +125,17 @@ def content_findings(m: Machine, translate: Translate, expected: list[dict[str, 
                 or vaddr + memsz > 1 << 64 or shared[i]:
             continue
         w = CONTENT_WINDOW
+        bss = min(w, memsz - filesz)
         windows = [(0, file[offset:offset + min(w, filesz)]),
                    (max(0, filesz - w), file[offset + max(0, filesz - w):offset + filesz]),
-                   (filesz, bytes(min(w, memsz - filesz)))]
+                   (filesz, bytes(bss))]
+        # a small segment's windows are read in one go (each read walks its pages again);
+        # where any page of them is not mapped, each window is read apart, as before
+        span = filesz + bss
+        whole = _read_user(m, translate, vaddr, span) if span <= WHOLE_READ else None
         for at, want in windows:
-            got = _read_user(m, translate, vaddr + at, len(want))
+            got = whole[at:at + len(want)] if whole is not None else \
+                _read_user(m, translate, vaddr + at, len(want))
             if got is not None and got != want:
                 k = next(k for k in range(len(want)) if got[k] != want[k])
                 source = f"file offset {offset + at + k:#x}" if at + k < filesz else "the BSS"
