@@ -59,8 +59,8 @@ class Watchdog:
 
     @property
     def skip_limit(self) -> int:
-        """How far the cycle search may skip: to the next checkpoint, or with `to_budget`, to
-        the budget once the run is proven to be in a cycle (or from the moment it is)."""
+        """How far the cycle search may skip (it skips only once it has proven a cycle): to
+        the next checkpoint, or with `to_budget`, to the run's budget."""
         if self.to_budget and self.cycles is not None:
             return self.run_budget
         return self.next_checkpoint
