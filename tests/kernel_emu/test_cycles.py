@@ -4,6 +4,7 @@ Result, count, watchdog stop, recent blocks, coverage and console with skipping 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,15 @@ def _hang(base_elf: bytes) -> bytes:
     return next(r for r in REPRODUCERS if r.bug == "RX-06").make(base_elf)
 
 
+def _mutants(base_elf: bytes, seed: int, count: int) -> Iterator[bytes]:
+    """Mutants of the seeds and of the endless loop (many of them loop differently)."""
+    starts = [p.read_bytes() for p in SEEDS] + [_hang(base_elf)] * 8
+    mutator = ElfMutator(None, seed=seed)
+    rng = random.Random(seed)
+    for _ in range(count):
+        yield mutator.mutate(rng.choice(starts), 16384, rng.randrange(1 << 32))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bug_reproducers_and_seeds(pairs: dict[str, tuple[Executor, Executor]],
                                    base_elf: bytes, kernel: str) -> None:
@@ -55,12 +65,8 @@ def test_the_endless_loop_is_skipped(pairs: dict[str, tuple[Executor, Executor]]
 def test_mutated_inputs(pairs: dict[str, tuple[Executor, Executor]], base_elf: bytes,
                         kernel: str) -> None:
     """Mutants of the seeds and of the endless loop (many of them loop differently)."""
-    starts = [p.read_bytes() for p in SEEDS] + [_hang(base_elf)] * 8
-    mutator = ElfMutator(None, seed=5)
-    rng = random.Random(5)
     skipped = 0
-    for _ in range(600):
-        data = mutator.mutate(rng.choice(starts), 16384, rng.randrange(1 << 32))
+    for data in _mutants(base_elf, 5, 600):
         skipped += _same(pairs[kernel], data) > 0
     assert kernel == "fixed" or skipped > 0
 
@@ -115,12 +121,8 @@ def test_under_a_watchdog_a_run_ends_as_the_budget_or_as_the_watchdog_ends_it(
     watched = Executor(profile, coverage=True, budget=budget, watchdog=WATCHDOG,
                        skip_cycles=False)
     alone = Executor(profile, coverage=True, budget=budget, skip_cycles=False)
-    starts = [p.read_bytes() for p in SEEDS] + [_hang(base_elf)] * 8
-    mutator = ElfMutator(None, seed=11)
-    rng = random.Random(11)
     ran_on = 0
-    for _ in range(300):
-        data = mutator.mutate(rng.choice(starts), 16384, rng.randrange(1 << 32))
+    for data in _mutants(base_elf, 11, 300):
         got = observe(to_budget, data)
         if got == observe(watched, data):
             continue
