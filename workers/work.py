@@ -59,7 +59,9 @@ def _executor(store: FarmStore, settings: Settings, kernel: str, *, snapshot: bo
     keyed by its image and profile bytes, so a replaced build gets a new one). Snapshot
     executors serve minimization and stop stalled candidates early unless `watchdog` is
     False (the minimizer keeps only candidates with the bucket's own signature, and triage
-    already judged with the full budget); full boots, for triage and verify, never do."""
+    already judged with the full budget); a candidate proven to be in an exact cycle is taken
+    to the budget instead, and ends as triage's run ends it. Full boots, for triage and
+    verify, never stop early."""
     profile = _profile(store, settings, kernel)
     stops_early = snapshot if watchdog is None else watchdog
     key = (kernel, str(profile.source), snapshot, stops_early)
