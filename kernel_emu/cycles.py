@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kernel_emu.dirtylog import ADDR_MASK, dirty_count, dirty_leaves
-from kernel_emu.machine import PAGE, REGISTERS, Machine
+from kernel_emu.machine import PAGE, REGISTER_IDS, Machine
 from kernel_emu.tracing import RING_SIZE, GuestTracer
 
 FIRST_PROBE = 4096
@@ -45,8 +45,6 @@ MAX_ARRIVALS = 16
 # whole states read per probe after its anchor: cycles of up to this many arrivals are found
 MAX_CAPTURES = 3
 MAX_PAGES = 256
-# what an arrival's registers are compared by (Machine.registers)
-_REGISTER_IDS = tuple(REGISTERS.values())
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class CycleFinder:
         self._address, self._first, self._anchor, self._arrivals = blocks[-1], None, None, 0
         self._captures = 0
         if self._same is not None:
-            self._same.stop_when_same(self._address, _REGISTER_IDS, MAX_ARRIVALS)
+            self._same.stop_when_same(self._address, REGISTER_IDS, MAX_ARRIVALS)
             return
         tracer.stop_at(self._address)
 

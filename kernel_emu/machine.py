@@ -50,7 +50,8 @@ REGISTERS = {
     "rip": UC_X86_REG_RIP, "rflags": UC_X86_REG_RFLAGS, "cr0": UC_X86_REG_CR0,
     "cr2": UC_X86_REG_CR2, "cr3": UC_X86_REG_CR3, "cr4": UC_X86_REG_CR4,
 }
-_REGISTER_IDS = tuple(REGISTERS.values())
+# their Unicorn ids, in that order: what a read of them all asks for
+REGISTER_IDS = tuple(REGISTERS.values())
 MSR_EFER = 0xC000_0080
 _U64 = struct.Struct("<Q")
 
@@ -120,7 +121,7 @@ class Machine:
         self._scratch_ref = ctypes.byref(self._scratch)
         # one array for a batch read of every register: its values come out as ints at once
         self._batch_values = (ctypes.c_uint64 * len(REGISTERS))()
-        self._batch_ids = (ctypes.c_int32 * len(REGISTERS))(*REGISTERS.values())
+        self._batch_ids = (ctypes.c_int32 * len(REGISTERS))(*REGISTER_IDS)
         self._batch_ptrs = (ctypes.c_void_p * len(REGISTERS))(
             *(ctypes.addressof(self._batch_values) + 8 * i for i in range(len(REGISTERS))))
 
@@ -222,7 +223,7 @@ class Machine:
         if _native is not None:
             try:
                 return dict(zip(REGISTERS, _native.read_registers(_UC_REG_READ, self._handle,
-                                                                  _REGISTER_IDS), strict=True))
+                                                                  REGISTER_IDS), strict=True))
             except OSError:
                 pass  # the batch read below raises Unicorn's own error
         status = uclib.uc_reg_read_batch(self.uc._uch, self._batch_ids, self._batch_ptrs,
