@@ -9,7 +9,6 @@ allocator-call replay), the snapshot (kernel_emu/snapshot.py) and the watchdog
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -345,7 +344,7 @@ class Executor:
             if damaged is not None:
                 # a block header found written over: the same run again, watching it
                 return self._run(data, payload, watch=damaged)
-        result.input_sha256 = hashlib.sha256(data).hexdigest()
+        result.of_input(data)
         result.snapshot = self.snapshot is not None
         result.notes = list(self.notes) + [
             f"the kernel asked the firmware for {name}, which this machine does not provide"

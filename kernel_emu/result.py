@@ -9,6 +9,7 @@ strings they were before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field, fields
@@ -126,6 +127,27 @@ def _frame_name(frame: str) -> str:
     return frame.rsplit("+0x", 1)[0] if "+0x" in frame else frame
 
 
+class _InputDigest:
+    """The `input_sha256` field. Set as a string, or to the input itself (`Result.of_input`),
+    whose SHA-256 is then taken the first time the field is read: a fuzzing job reads it only
+    for the few Results it keeps, and hashing every input took ~10 µs a run."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> str:
+        if obj is None:
+            return ""  # the field's default
+        value = obj.__dict__.get(self.slot, "")
+        if not isinstance(value, str):
+            value = hashlib.sha256(value).hexdigest()
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: str | bytes) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class Result:
     verdict: Verdict
@@ -148,12 +170,16 @@ class Result:
     # where a relocated (PE) image was loaded, which every address above depends on; absent
     # for an image run at its link addresses
     kernel_load_base: int | None = None
-    input_sha256: str = ""
+    input_sha256: str = _InputDigest()  # type: ignore[assignment]
     snapshot: bool = False
     notes: list[str] = field(default_factory=list)
     heap_blocks: list[dict[str, Any]] = field(default_factory=list)
     # port accesses other than the debug console and the firmware's service port
     ports: list[dict[str, Any]] = field(default_factory=list)
+
+    def of_input(self, data: bytes) -> None:
+        """This Result is of the input `data` (its `input_sha256`, taken when first read)."""
+        self.__dict__["_input_sha256"] = bytes(data)
 
     def to_json(self) -> dict[str, Any]:
         # `dataclasses.asdict` deep-copies every number of a Result with a few hundred heap

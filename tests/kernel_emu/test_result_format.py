@@ -107,3 +107,21 @@ def test_an_unknown_enum_value_is_refused(key: str, value: str) -> None:
 def test_enums_read_as_the_strings_they_were() -> None:
     assert Verdict.CRASH == "crash" and json.dumps([StopReason.UNTIL]) == '["until"]'
     assert f"{CrashClass.HEAP_CORRUPTION}" == "heap-corruption"
+
+
+def test_the_input_digest_is_the_inputs_sha256_when_read() -> None:
+    """A run's Result names its input by SHA-256, taken when first read: in its JSON, a
+    copy, a comparison, or set as a string outright."""
+    import hashlib
+    from dataclasses import replace
+
+    executor = Executor(load_profile("seed"))
+    for _, data in list(golden.inputs())[:6]:
+        want = hashlib.sha256(data).hexdigest()
+        result = executor.run(data)
+        assert replace(result).input_sha256 == want
+        assert result.to_json()["input_sha256"] == want
+        assert Result.loads(result.dumps()) == result
+        assert replace(result, input_sha256="elsewhere").input_sha256 == "elsewhere"
+    bare = Result(Verdict.OK, None, None, [], 0, "", [], [], [], "", 0, StopReason.HALT)
+    assert bare.input_sha256 == "" and bare.to_json()["input_sha256"] == ""
