@@ -71,8 +71,10 @@ class Feedback(Protocol):
     def attach(self, uc: Uc) -> None:
         """Hook the guest's compares on one machine (call ``ctl_flush_tb`` afterwards)."""
 
-    def collect(self, coverage: memoryview) -> int:
-        """Take one run's hit-count map; returns how many edges are new."""
+    def collect(self, coverage: memoryview, lines: bytes | None = None) -> int:
+        """Take one run's hit-count map; returns how many edges are new. `lines`: the
+        tracer's `coverage_lines` (the map's 64-byte lines outside which every counter is
+        zero), or None."""
 
 
 class NativeFeedback:
@@ -103,8 +105,8 @@ class NativeFeedback:
         add_native_hook(uc, UC_HOOK_TCG_OPCODE, _feedback.CMP_HOOK, self._state.hook_state,
                          ctypes.c_int(UC_TCG_OP_SUB), ctypes.c_int(UC_TCG_OP_FLAG_CMP))
 
-    def collect(self, coverage: memoryview) -> int:
-        return self._state.collect(coverage)
+    def collect(self, coverage: memoryview, lines: bytes | None = None) -> int:
+        return self._state.collect(coverage, lines)
 
 
 class PythonFeedback:
@@ -146,7 +148,7 @@ class PythonFeedback:
         elif self._cmp8 is not None:
             self._cmp8(arg1, arg2)
 
-    def collect(self, coverage: memoryview) -> int:
+    def collect(self, coverage: memoryview, lines: bytes | None = None) -> int:
         data = bytes(coverage)
         if len(data) != MAP_SIZE:
             raise ValueError(f"coverage map must be {MAP_SIZE} bytes, not {len(data)}")

@@ -282,7 +282,8 @@ class Job:
             self._harness_error(data, e, rebuild=True)
             return
         if self.config.coverage:
-            self.feedback.collect(self.executor.tracer.coverage())
+            tracer = self.executor.tracer
+            self.feedback.collect(tracer.coverage(), tracer.coverage_lines())
         if self._canaries is not None:
             self._record_canaries(now)
         if result.verdict == "crash" and result.signature:

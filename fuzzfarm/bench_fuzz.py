@@ -117,7 +117,8 @@ def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
                 for data in inputs:
                     executor.run(data)
                     if feedback is not None:
-                        feedback.collect(executor.tracer.coverage())
+                        feedback.collect(executor.tracer.coverage(),
+                                         executor.tracer.coverage_lines())
                 into.append(len(inputs) / (time.perf_counter() - start))
     return [(statistics.median(on), statistics.median(off)) for on, off in rates]
 
@@ -149,7 +150,7 @@ def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, l
         before = [phases[k] for k in names]
         start = time.perf_counter()
         result = executor.run(data)
-        feedback.collect(executor.tracer.coverage())
+        feedback.collect(executor.tracer.coverage(), executor.tracer.coverage_lines())
         took = time.perf_counter() - start
         name = _run_class(result, bool(executor.stalled_at))
         runs, seconds, split = table.get(name, (0, 0.0, [0.0, 0.0, 0.0]))

@@ -305,6 +305,12 @@ class GuestTracer(Protocol):
         """The 65536 saturating 8-bit edge counters (read-only view; zero if disabled)."""
         ...
 
+    def coverage_lines(self) -> bytes | None:
+        """A bitmap of the coverage map's 64-byte lines (bit i of byte i // 8: line i)
+        outside which every counter is zero, so that a reader need not go through all 64 KiB;
+        None: any line may hold hits."""
+        ...
+
     def console(self) -> bytes:
         """Bytes the guest wrote to the console port since reset (at most :data:`CONSOLE_CAP`).
 
@@ -691,6 +697,9 @@ class NativeTracer:
 
     def coverage(self) -> memoryview:
         return memoryview(self._state)
+
+    def coverage_lines(self) -> bytes | None:
+        return self._state.coverage_lines()
 
     def console(self) -> bytes:
         return self._state.console()
@@ -1085,6 +1094,9 @@ class PythonTracer:
 
     def coverage(self) -> memoryview:
         return memoryview(self._map).toreadonly()
+
+    def coverage_lines(self) -> bytes | None:
+        return None
 
     def console(self) -> bytes:
         return bytes(self._console)

@@ -104,12 +104,49 @@ static inline uint64_t load64(const uint8_t *p)
     return v;
 }
 
-static PyObject *Feedback_collect(Feedback *self, PyObject *arg)
+/* One 64-byte line of a run's map (at byte `line`): its non-zero words into the counters,
+ * and how many of its edges are new. */
+static uint64_t collect_line(Feedback *self, const uint8_t *map, size_t line)
 {
-    Py_buffer view;
+    const uint8_t *p = map + line;
+    uint64_t fresh = 0;
+    if ((load64(p) | load64(p + 8) | load64(p + 16) | load64(p + 24) | load64(p + 32) |
+         load64(p + 40) | load64(p + 48) | load64(p + 56)) == 0) {
+        return 0;
+    }
+    for (size_t i = line; i < line + 64; i += 8) {
+        uint64_t hit, seen;
+        memcpy(&hit, map + i, 8);
+        if (hit == 0) {
+            continue;
+        }
+        memcpy(self->counters + i, &hit, 8);
+        self->written[self->nwritten++] = (uint16_t)(i / 8);
+        /* without a branch per byte (edges hash to scattered bytes, where a branch
+         * mispredicts): 1 in each byte that is not zero, less the bytes seen before,
+         * summed by a multiply (eight bytes of 0 or 1 add up to at most 8) */
+        hit |= hit >> 4;
+        hit |= hit >> 2;
+        hit |= hit >> 1;
+        hit &= 0x0101010101010101ULL;
+        memcpy(&seen, self->seen + i, 8);
+        fresh += ((hit & ~seen) * 0x0101010101010101ULL) >> 56;
+        seen |= hit;
+        memcpy(self->seen + i, &seen, 8);
+    }
+    return fresh;
+}
+
+static PyObject *Feedback_collect(Feedback *self, PyObject *args)
+{
+    PyObject *arg, *lines_arg = Py_None;
+    Py_buffer view, lines = {0};
     const uint8_t *map;
     uint64_t fresh = 0;
 
+    if (!PyArg_ParseTuple(args, "O|O", &arg, &lines_arg)) {
+        return NULL;
+    }
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
@@ -119,6 +156,19 @@ static PyObject *Feedback_collect(Feedback *self, PyObject *arg)
                      MAP_SIZE, view.len);
         return NULL;
     }
+    if (lines_arg != Py_None) {
+        if (PyObject_GetBuffer(lines_arg, &lines, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (lines.len != MAP_SIZE / 64 / 8) {
+            PyErr_Format(PyExc_ValueError, "the lines bitmap must be %d bytes, not %zd",
+                         MAP_SIZE / 64 / 8, lines.len);
+            PyBuffer_Release(&lines);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
     map = (const uint8_t *)view.buf;
     /* The counters become the map: the words the last map wrote are cleared, this map's
      * non-zero words written (libFuzzer clears the counters before each run itself, but
@@ -127,33 +177,20 @@ static PyObject *Feedback_collect(Feedback *self, PyObject *arg)
         memset(self->counters + (size_t)self->written[k] * 8, 0, 8);
     }
     self->nwritten = 0;
-    /* Almost every word of a run's map is zero: a line of 64 bytes is tested at once, and
-     * only a line with a hit is gone through word by word. */
-    for (size_t line = 0; line < MAP_SIZE; line += 64) {
-        const uint8_t *p = map + line;
-        if ((load64(p) | load64(p + 8) | load64(p + 16) | load64(p + 24) | load64(p + 32) |
-             load64(p + 40) | load64(p + 48) | load64(p + 56)) == 0) {
-            continue;
-        }
-        for (size_t i = line; i < line + 64; i += 8) {
-            uint64_t hit, seen;
-            memcpy(&hit, map + i, 8);
-            if (hit == 0) {
-                continue;
+    if (lines.buf != NULL) {
+        /* only the lines the tracer says a run touched: every other byte is zero */
+        const uint8_t *bits = (const uint8_t *)lines.buf;
+        for (size_t k = 0; k < (size_t)lines.len; k++) {
+            for (unsigned b = bits[k]; b != 0; b &= b - 1) {
+                fresh += collect_line(self, map, (k * 8 + (size_t)__builtin_ctz(b)) * 64);
             }
-            memcpy(self->counters + i, &hit, 8);
-            self->written[self->nwritten++] = (uint16_t)(i / 8);
-            /* without a branch per byte (edges hash to scattered bytes, where a branch
-             * mispredicts): 1 in each byte that is not zero, less the bytes seen before,
-             * summed by a multiply (eight bytes of 0 or 1 add up to at most 8) */
-            hit |= hit >> 4;
-            hit |= hit >> 2;
-            hit |= hit >> 1;
-            hit &= 0x0101010101010101ULL;
-            memcpy(&seen, self->seen + i, 8);
-            fresh += ((hit & ~seen) * 0x0101010101010101ULL) >> 56;
-            seen |= hit;
-            memcpy(self->seen + i, &seen, 8);
+        }
+        PyBuffer_Release(&lines);
+    } else {
+        /* Almost every word of a run's map is zero: a line of 64 bytes is tested at once,
+         * and only a line with a hit is gone through word by word. */
+        for (size_t line = 0; line < MAP_SIZE; line += 64) {
+            fresh += collect_line(self, map, line);
         }
     }
     PyBuffer_Release(&view);
@@ -189,9 +226,11 @@ static PyMethodDef Feedback_methods[] = {
     {"route", (PyCFunction)Feedback_route, METH_VARARGS,
      "route(cmp8, cmp4) -> None\n\nSend compares to these __sanitizer_cov_trace_cmp8/4 "
      "addresses (0: only count them)."},
-    {"collect", (PyCFunction)Feedback_collect, METH_O,
-     "collect(coverage_map) -> int\n\nCopy one run's 64 KiB hit-count map into the "
-     "libFuzzer counters and return how many edges were never seen before."},
+    {"collect", (PyCFunction)Feedback_collect, METH_VARARGS,
+     "collect(coverage_map, lines=None) -> int\n\nCopy one run's 64 KiB hit-count map into "
+     "the libFuzzer counters and return how many edges were never seen before. `lines`: a "
+     "bitmap of the map's 64-byte lines (bit i of byte i // 8: line i) outside which every "
+     "counter is zero (the tracer's coverage_lines); None: any line may have hits."},
     {NULL, NULL, 0, NULL},
 };
 

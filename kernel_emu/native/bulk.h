@@ -457,7 +457,8 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     s->ring_pos += more;
     if (s->coverage_on && more > 0) {
         uint32_t cur = (uint32_t)((site * COVERAGE_MULTIPLIER) >> 48);
-        uint8_t *counter = &s->map[cur ^ s->prev_loc]; /* prev_loc is cur >> 1 by now */
+        map_line_touched(s, cur ^ s->prev_loc); /* prev_loc is cur >> 1 by now */
+        uint8_t *counter = &s->map[cur ^ s->prev_loc];
         uint64_t v = *counter + more;
         *counter = (uint8_t)(v > 0xff ? 0xff : v);
     }

@@ -257,8 +257,17 @@ typedef struct {
     struct HeapGuard *guard; /* see guard.h; NULL: no redzones kept */
     struct BlockCount *bc;   /* see blockcount.h; NULL: the code hook counts */
 
+    /* Bit i: the 64-byte line i of `map` may hold a non-zero counter (every
+     * write to the map sets its line's bit), so that reset() and a reader of
+     * the map go through the few lines a run touched, not all 64 KiB. */
+    uint64_t map_lines[MAP_SIZE / 64 / 64];
     uint8_t map[MAP_SIZE];
 } TracerState;
+
+static inline void map_line_touched(TracerState *s, uint32_t index)
+{
+    s->map_lines[index >> 12] |= 1ULL << ((index >> 6) & 63);
+}
 
 /* ------------------------------------------------------------------------ */
 /* Hook callbacks (run without the GIL)                                      */
@@ -513,6 +522,7 @@ static void record_block(TracerState *s, uint64_t address)
         /* Fibonacci hashing: the top 16 bits of the product depend on every
          * address bit, unlike a plain mask of the low bits. */
         uint32_t cur = (uint32_t)((address * COVERAGE_MULTIPLIER) >> 48);
+        map_line_touched(s, cur ^ s->prev_loc);
         uint8_t *counter = &s->map[cur ^ s->prev_loc];
         /* Saturating, so a hot loop can never wrap its edge back to zero. */
         if (*counter != 0xff) {
@@ -996,7 +1006,12 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->same_on = 0;
     s->quiet_block = 0;
     s->events_seen = 0;
-    memset(s->map, 0, sizeof(s->map));
+    for (size_t w = 0; w < sizeof(s->map_lines) / sizeof(s->map_lines[0]); w++) {
+        for (uint64_t bits = s->map_lines[w]; bits != 0; bits &= bits - 1) {
+            memset(s->map + (w * 64 + (size_t)__builtin_ctzll(bits)) * 64, 0, 64);
+        }
+        s->map_lines[w] = 0;
+    }
     state_clear_dirty(s);
     if (s->bc != NULL) {
         s->bc->cur_counted = 0;
@@ -1464,6 +1479,7 @@ static PyObject *State_skip(TracerState *s, PyObject *args)
             for (size_t i = w; i < w + 8; i++) {
                 uint64_t d = (uint64_t)(a[i] - b[i]);
                 if (d != 0) {
+                    map_line_touched(s, (uint32_t)i);
                     uint64_t v = periods >= 255 ? 255 : s->map[i] + d * periods;
                     s->map[i] = (uint8_t)(v > 255 ? 255 : v);
                 }
@@ -1815,6 +1831,15 @@ fail:
     return NULL;
 }
 
+static PyObject *State_coverage_lines(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    uint8_t out[sizeof(s->map_lines)];
+    for (size_t k = 0; k < sizeof(out); k++) { /* bit i of byte i // 8 on any host */
+        out[k] = (uint8_t)(s->map_lines[k / 8] >> (8 * (k % 8)));
+    }
+    return PyBytes_FromStringAndSize((const char *)out, sizeof(out));
+}
+
 static PyObject *State_recent_blocks(TracerState *s, PyObject *Py_UNUSED(ignored))
 {
     uint64_t count = s->ring_pos < RING_SIZE ? s->ring_pos : RING_SIZE;
@@ -1984,6 +2009,9 @@ static PyMethodDef State_methods[] = {
     {"take_dirty", (PyCFunction)State_take_dirty, METH_NOARGS,
      "take_dirty() -> list[tuple[int, int]]\n\nReturn and clear the pages written since "
      "the last take or reset, sorted."},
+    {"coverage_lines", (PyCFunction)State_coverage_lines, METH_NOARGS,
+     "coverage_lines() -> bytes\n\nA bitmap of the coverage map's 64-byte lines (bit i of "
+     "byte i // 8: line i) outside which every counter is zero."},
     {"recent_blocks", (PyCFunction)State_recent_blocks, METH_NOARGS,
      "recent_blocks() -> list[int]\n\nStart addresses of the last 64 executed blocks, "
      "oldest first."},

@@ -112,3 +112,56 @@ def test_native_and_python_count_the_same_new_edges_in_any_map() -> None:
         assert got == python.collect(memoryview(bytes(run)))
         assert native.edges == python.edges
     assert native.edges > 1000
+
+
+def _lines_of(coverage: bytes) -> set[int]:
+    return {i // 64 for i, byte in enumerate(coverage) if byte}
+
+
+def _named(lines: bytes) -> set[int]:
+    return {i for i in range(len(lines) * 8) if lines[i // 8] >> (i % 8) & 1}
+
+
+def test_the_tracer_names_every_line_a_run_hit(inputs: list[bytes]) -> None:
+    """Block entries, bulk moves and skipped cycles all bump counters: each counter a run
+    bumped lies in a line the tracer names, reset clears them all, and a collect told the
+    lines counts and copies what a collect of the whole map does."""
+    from fuzz.harness import WATCHDOG
+    from fuzz.mutator import ElfMutator
+    from tests.kernel_emu.test_cycles import _hang
+
+    ex = Executor(load_profile("seed"), coverage=True, watchdog=WATCHDOG)
+    whole, told = NativeFeedback(), NativeFeedback()
+    rng, mutator = random.Random(4), ElfMutator(None, seed=4)
+    runs = inputs + [_hang(inputs[0])] + [
+        mutator.mutate(rng.choice(inputs[:1] + [_hang(inputs[0])]), 16384,
+                       rng.randrange(1 << 32)) for _ in range(60)]
+    skipped = bulk = 0
+    for data in runs:
+        ex.run(data)
+        coverage, lines = bytes(ex.tracer.coverage()), ex.tracer.coverage_lines()
+        assert lines is not None and len(lines) == MAP_SIZE // 64 // 8
+        assert _lines_of(coverage) <= _named(lines)
+        skipped += ex.skipped_instructions > 0
+        bulk += ex.tracer.fast_units > 0
+        assert told.collect(memoryview(coverage), lines) == whole.collect(memoryview(coverage))
+        assert ctypes.string_at(told._state.counters_address, MAP_SIZE) == \
+            ctypes.string_at(whole._state.counters_address, MAP_SIZE)
+    assert told.edges == whole.edges > 100
+    assert skipped and bulk  # both other ways of bumping counters were taken
+    ex.tracer.reset(1000)
+    assert not any(ex.tracer.coverage()) and not any(ex.tracer.coverage_lines() or b"")
+
+
+def test_collect_with_lines_ignores_the_lines_not_named() -> None:
+    """The lines bitmap is trusted: a hit outside it is not read (which is why the tracer
+    must name every line it touched), and a bitmap of the wrong size is refused."""
+    fb = NativeFeedback()
+    run = bytearray(MAP_SIZE)
+    run[5], run[64 * 3 + 1] = 1, 2
+    lines = bytearray(MAP_SIZE // 64 // 8)
+    lines[0] = 1 << 3
+    assert fb.collect(memoryview(bytes(run)), bytes(lines)) == 1
+    assert fb.collect(memoryview(bytes(run))) == 1  # the other one, read this time
+    with pytest.raises(ValueError):
+        fb.collect(memoryview(bytes(run)), b"\xff")
