@@ -95,6 +95,25 @@ def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: byt
         seed.restore()
 
 
+
+def test_the_count_gives_up_past_its_cap(seed: Executor, base_elf: bytes) -> None:
+    """The count's cap on pages holds as the lists' does: exactly the cap still counts, one
+    page more gives up (None), whatever table the pages past it lie in."""
+    walker = dirtylog.native_walker
+    assert walker is not None, "the native walker is not built"
+    low = seed.machine.banks[0]
+    seed.run(base_elf)
+    pml4 = seed.firmware.pml4
+    python = dirty_leaves_python(seed.machine, pml4, 0)
+    assert python is not None and len(python.pages) > 2
+    n = len(python.pages)
+    for cap, want in ((n, n), (n + 5, n), (n - 1, None), (0, None)):
+        assert walker.dirty_leaves(low.buffer, low.base, pml4, 0, cap, dirtylog.MAX_TABLES,
+                                   dirtylog._COUNT) == want
+        lists = walker.dirty_leaves(low.buffer, low.base, pml4, 0, cap, dirtylog.MAX_TABLES)
+        assert (lists is None) == (want is None)
+    seed.restore()
+
 def _set_dirty(ex: Executor, addr: int) -> None:
     """Mark `addr`'s identity leaf Dirty, as a guest write to it would."""
     for pte_table in range(ex.firmware.pml4, ex.firmware.page_table_end, PAGE):
