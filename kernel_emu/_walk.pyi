@@ -1,8 +1,11 @@
 # Types of the native page-table walks and page copies (kernel_emu/native/walk.c).
 from collections.abc import Sequence
-from typing import Literal, overload
+from collections.abc import Set as AbstractSet
+from typing import Any, Literal, TypeVar, overload
 
 from typing_extensions import Buffer
+
+T = TypeVar("T")
 
 def restore_pages(ram: Buffer, saved: Sequence[bytes | None], bitmap: Buffer,
                   give_back: Buffer | None = ..., /) -> None: ...
@@ -33,3 +36,7 @@ def write_register(uc_reg_write: int, uc: int, regid: int, value: int, /) -> Non
 def bits_meet(a: Buffer, b: Buffer, /) -> bool: ...
 def bits_or(a: Buffer, b: Buffer, /) -> bytes: ...
 def bits_and_indexes(a: Buffer, b: Buffer, /) -> list[int]: ...
+def replay_allocations(events: Sequence[Any], alloc_entry: int, returns: AbstractSet[int],
+                       dealloc_entry: int, realloc_entry: int,
+                       registers: tuple[int, int, int, int], allocation: type[T], /
+                       ) -> tuple[list[T], list[T]] | None: ...

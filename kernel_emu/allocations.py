@@ -5,6 +5,7 @@ pointers that are not live."""
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,6 +15,11 @@ from typing import NamedTuple, Protocol
 from kernel_emu import redzones
 from kernel_emu.redzones import GuardHit
 from kernel_emu.result import CrashClass, Finding
+
+try:
+    from kernel_emu import _walk as native_walker
+except ImportError:  # not built: the replay below gives the same answer, slower
+    native_walker = None  # type: ignore[assignment]
 
 # the site of heap damage that no allocation of the run explains
 HEAP = "heap"
@@ -108,6 +114,10 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     entry. `describe(address, is_return_address)` symbolizes frames. `hits`: the redzone
     hits of the run (kernel_emu.redzones), each placed before the first event it did not
     come after."""
+    if not hits and native_walker is not None and events:
+        fast = _replay_natively(events, sites, freed)
+        if fast is not None:
+            return [], fast
     returns = sites.any_return
     # (rsp, size, for a resize the pointer and the allocation it resizes)
     pending: list[tuple[int, int, int | None, Allocation | None]] = []
@@ -205,6 +215,40 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
         findings.append(_redzone_finding(hit, live, None, describe))
     return findings, list(live.values())
 
+
+
+def _replay_natively(events: Sequence[WatchEvent], sites: AllocatorSites,
+                     freed: list[Allocation] | None) -> list[Allocation] | None:
+    """The live allocations of a run with nothing to report, replayed natively; None when
+    the native replay leaves the run to `replay`: it has something to report, or its events
+    are not tuples of the tracer's fields."""
+    registers = _event_registers(type(events[0]), sites.args)
+    if registers is None:
+        return None
+    realloc = -1 if sites.realloc_entry is None else sites.realloc_entry
+    out = native_walker.replay_allocations(events, sites.alloc_entry, sites.any_return,
+                                           sites.dealloc_entry, realloc, registers, Allocation)
+    if out is None:
+        return None
+    live, gone = out
+    if freed is not None:
+        freed.extend(gone)
+    return live
+
+
+@functools.cache
+def _event_registers(kind: type, args: redzones.Arguments) -> tuple[int, int, int, int] | None:
+    """Where in an event of type `kind` the allocator's arguments are (allocate's size,
+    deallocate's pointer, reallocate's pointer and new size); None where its fields do not
+    begin as the native replay reads them (address, instructions, rip, rsp, rbp, rax)."""
+    fields = getattr(kind, "_fields", None)
+    if fields is None or fields[:6] != ("address", "instructions", "rip", "rsp", "rbp", "rax"):
+        return None
+    try:
+        size, free, resized, new_size = (fields.index(name) for name in args)
+    except ValueError:
+        return None
+    return size, free, resized, new_size
 
 def _redzone_finding(hit: GuardHit, live: dict[int, Allocation], noticed: WatchEvent | None,
                      describe: Callable[[int, bool], str]) -> Finding:

@@ -57,6 +57,18 @@
  * bits_meet(a, b), bits_or(a, b), bits_and_indexes(a, b)
  *   Such bitmaps combined: whether they share a page, all pages of both, the pages of both.
  *
+ * replay_allocations(events, alloc_entry, returns, dealloc_entry, realloc_entry, registers,
+ *                    allocation) -> (live, freed) | None
+ *   kernel_emu.allocations.replay's common case natively (it is the reference): the run's
+ *   allocator events (tuples: address, instructions, rip, rsp, rbp, rax, then registers)
+ *   replayed into the allocations live at the end and those freed on the way, each an
+ *   `allocation` (a NamedTuple: seq, ptr, size, the event that returned it, the event of its
+ *   last resize or None), in the order the reference lists them. `returns`: the ret addresses of allocate and reallocate;
+ *   `realloc_entry` -1 for none; `registers`: the tuple indexes of allocate's size,
+ *   deallocate's pointer, reallocate's pointer and its new size. None for anything the
+ *   reference would report (an allocation over a live one, a free or resize of a pointer
+ *   not live) or a table too large: the caller then replays in Python, findings and all.
+ *
  * read_register(uc_reg_read, uc, regid), write_register(uc_reg_write, uc, regid, value)
  *   One register through Unicorn's C API, without ctypes's per-call conversions.
  *
@@ -866,6 +878,285 @@ static PyObject *write_register(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+
+/* ------------------------------------------------------------------------------------------
+ * The allocator replay's common case (see replay_allocations above). */
+
+#define REPLAY_MAX 65536
+
+typedef struct {
+    uint64_t ptr, size, seq;
+    Py_ssize_t returned, resized; /* event indexes; -1: none */
+    uint64_t order;               /* when it became live: a dict's insertion order */
+} Live;
+
+typedef struct {
+    uint64_t rsp, size, old_ptr;
+    int resize;      /* a reallocate's call */
+    int have_was;    /* `was`: the allocation it resizes, as it was at the call */
+    Live was;
+} Pending;
+
+typedef struct {
+    Live *items;      /* sorted by ptr */
+    Py_ssize_t n;
+} LiveSet;
+
+/* The index of the first item whose ptr is >= ptr. */
+static Py_ssize_t live_lower(const LiveSet *set, uint64_t ptr)
+{
+    Py_ssize_t lo = 0, hi = set->n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (set->items[mid].ptr < ptr) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+static Live *live_find(LiveSet *set, uint64_t ptr)
+{
+    Py_ssize_t i = live_lower(set, ptr);
+    return i < set->n && set->items[i].ptr == ptr ? &set->items[i] : NULL;
+}
+
+static void live_remove(LiveSet *set, Live *item)
+{
+    Py_ssize_t i = item - set->items;
+    memmove(&set->items[i], &set->items[i + 1], (size_t)(set->n - i - 1) * sizeof(Live));
+    set->n--;
+}
+
+/* Whether [ptr, ptr + max(size, 1)) shares a byte with a live allocation, as
+ * allocations._overlapping finds it; -1 where an end passes 2**64 (Python's integers do not
+ * wrap: the caller leaves such a run to the reference). */
+static int live_overlaps(const LiveSet *set, uint64_t ptr, uint64_t size)
+{
+    uint64_t end, before_end;
+    if (__builtin_add_overflow(ptr, size ? size : 1, &end)) {
+        return -1;
+    }
+    Py_ssize_t i = live_lower(set, ptr);
+    if (i < set->n && set->items[i].ptr == ptr) {
+        return 1; /* one starting at ptr itself */
+    }
+    if (i > 0) { /* the last starting before ptr */
+        const Live *before = &set->items[i - 1];
+        if (__builtin_add_overflow(before->ptr, before->size ? before->size : 1, &before_end)) {
+            return -1;
+        }
+        if (ptr < before_end) {
+            return 1;
+        }
+    }
+    return i < set->n && set->items[i].ptr < end;
+}
+
+static int event_u64(PyObject *event, Py_ssize_t index, uint64_t *out)
+{
+    if (!PyTuple_Check(event) || index >= PyTuple_GET_SIZE(event)) {
+        PyErr_SetString(PyExc_ValueError, "an event is a tuple of the watched registers");
+        return -1;
+    }
+    *out = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(event, index));
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static int cmp_order(const void *a, const void *b)
+{
+    uint64_t x = ((const Live *)a)->order, y = ((const Live *)b)->order;
+    return x < y ? -1 : x > y;
+}
+
+/* `items` as instances of `type` (a NamedTuple of seq, ptr, size, returned, resized: a
+ * tuple subclass with no fields of its own, made here as tuple.__new__ makes it), their
+ * event indexes turned into the events themselves. */
+static PyObject *live_rows(const Live *items, Py_ssize_t n, PyObject *events,
+                           PyTypeObject *type)
+{
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *returned = items[i].returned >= 0
+                                 ? PySequence_Fast_GET_ITEM(events, items[i].returned)
+                                 : Py_None;
+        PyObject *resized = items[i].resized >= 0
+                                ? PySequence_Fast_GET_ITEM(events, items[i].resized)
+                                : Py_None;
+        PyObject *fields = Py_BuildValue("(KKKOO)", (unsigned long long)items[i].seq,
+                                         (unsigned long long)items[i].ptr,
+                                         (unsigned long long)items[i].size, returned, resized);
+        PyObject *wrapped = fields == NULL ? NULL : PyTuple_Pack(1, fields);
+        PyObject *row = wrapped == NULL ? NULL : PyTuple_Type.tp_new(type, wrapped, NULL);
+        Py_XDECREF(fields);
+        Py_XDECREF(wrapped);
+        if (row == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, row);
+    }
+    return out;
+}
+
+static PyObject *replay_allocations(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *events_obj, *returns_obj;
+    PyTypeObject *type;
+    unsigned long long alloc_entry, dealloc_entry;
+    long long realloc_entry;
+    Py_ssize_t reg[4];
+    if (!PyArg_ParseTuple(args, "OKOKL(nnnn)O!", &events_obj, &alloc_entry, &returns_obj,
+                          &dealloc_entry, &realloc_entry, &reg[0], &reg[1], &reg[2],
+                          &reg[3], &PyType_Type, &type)) {
+        return NULL;
+    }
+    if (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "the allocation type must be a NamedTuple");
+        return NULL;
+    }
+    PyObject *events = PySequence_Fast(events_obj, "events must be a sequence");
+    if (events == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(events);
+    PyObject *result = NULL;
+    Live *live_items = NULL, *freed = NULL;
+    Pending *pending = NULL;
+    if (n > REPLAY_MAX) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    live_items = PyMem_Malloc((size_t)(n + 1) * sizeof(Live));
+    freed = PyMem_Malloc((size_t)(n + 1) * sizeof(Live));
+    pending = PyMem_Malloc((size_t)(n + 1) * sizeof(Pending));
+    if (live_items == NULL || freed == NULL || pending == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    LiveSet live = {live_items, 0};
+    Py_ssize_t nfreed = 0, npending = 0;
+    uint64_t seq = 0, order = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *ev = PySequence_Fast_GET_ITEM(events, k);
+        uint64_t address, rsp;
+        if (event_u64(ev, 0, &address) < 0 || event_u64(ev, 3, &rsp) < 0) {
+            goto done;
+        }
+        if (address == alloc_entry) {
+            Pending *p = &pending[npending++];
+            memset(p, 0, sizeof *p);
+            p->rsp = rsp;
+            if (event_u64(ev, reg[0], &p->size) < 0) {
+                goto done;
+            }
+        } else if (realloc_entry >= 0 && address == (uint64_t)realloc_entry) {
+            Pending *p = &pending[npending++];
+            memset(p, 0, sizeof *p);
+            p->rsp = rsp;
+            p->resize = 1;
+            if (event_u64(ev, reg[2], &p->old_ptr) < 0 || event_u64(ev, reg[3], &p->size) < 0) {
+                goto done;
+            }
+            Live *was = live_find(&live, p->old_ptr);
+            if (was != NULL) {
+                p->was = *was;
+                p->have_was = 1;
+            } else if (p->old_ptr) {
+                result = Py_NewRef(Py_None); /* a resize of a pointer not live */
+                goto done;
+            }
+        } else if (PySet_Contains(returns_obj, PyTuple_GET_ITEM(ev, 0)) == 1) {
+            Py_ssize_t match = npending - 1; /* nearly always the innermost call */
+            while (match >= 0 && pending[match].rsp != rsp) {
+                match--;
+            }
+            if (match < 0) {
+                continue;
+            }
+            Pending call = pending[match];
+            memmove(&pending[match], &pending[match + 1],
+                    (size_t)(npending - match - 1) * sizeof(Pending));
+            npending--;
+            uint64_t ptr;
+            if (event_u64(ev, 5, &ptr) < 0) { /* rax */
+                goto done;
+            }
+            if (!ptr) {
+                continue;
+            }
+            Live made = {ptr, call.size, 0, k, -1, 0};
+            if (call.resize) {
+                Live *old = live_find(&live, call.old_ptr);
+                if (ptr != call.old_ptr && old != NULL) { /* moved, not by its own calls */
+                    live_remove(&live, old);
+                }
+                Live *here = live_find(&live, ptr);
+                int have_was = call.have_was;
+                Live was = call.was;
+                if (here != NULL) { /* in place, or moved by its own allocate */
+                    if (!have_was) {
+                        was = *here;
+                        have_was = 1;
+                    }
+                    live_remove(&live, here);
+                }
+                if (have_was) {
+                    made.returned = was.returned;
+                    made.resized = k;
+                }
+            }
+            made.seq = ++seq;
+            if (live_overlaps(&live, ptr, call.size) != 0) {
+                result = Py_NewRef(Py_None); /* handed out over a live allocation */
+                goto done;
+            }
+            made.order = order++;
+            Py_ssize_t at = live_lower(&live, ptr);
+            memmove(&live.items[at + 1], &live.items[at], (size_t)(live.n - at) * sizeof(Live));
+            live.items[at] = made;
+            live.n++;
+        } else if (PyErr_Occurred()) {
+            goto done;
+        } else if (address == dealloc_entry) {
+            uint64_t ptr;
+            if (event_u64(ev, reg[1], &ptr) < 0) {
+                goto done;
+            }
+            if (!ptr) {
+                continue;
+            }
+            Live *ended = live_find(&live, ptr);
+            if (ended == NULL) {
+                result = Py_NewRef(Py_None); /* a free of a pointer not live */
+                goto done;
+            }
+            freed[nfreed++] = *ended;
+            live_remove(&live, ended);
+        }
+    }
+    qsort(live.items, (size_t)live.n, sizeof(Live), cmp_order);
+    PyObject *rows = live_rows(live.items, live.n, events, type);
+    PyObject *gone = rows == NULL ? NULL : live_rows(freed, nfreed, events, type);
+    if (gone != NULL) {
+        result = PyTuple_Pack(2, rows, gone);
+    }
+    Py_XDECREF(rows);
+    Py_XDECREF(gone);
+done:
+    PyMem_Free(live_items);
+    PyMem_Free(freed);
+    PyMem_Free(pending);
+    Py_DECREF(events);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bits_meet", bits_meet, METH_VARARGS, "bits_meet(a, b) -> bool"},
     {"bits_or", bits_or, METH_VARARGS, "bits_or(a, b) -> bytes"},
@@ -887,6 +1178,9 @@ static PyMethodDef methods[] = {
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
      "(pages, tables, executable) | int | None"},
     {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
+    {"replay_allocations", replay_allocations, METH_VARARGS,
+     "replay_allocations(events, alloc_entry, returns, dealloc_entry, realloc_entry, "
+     "registers, allocation) -> (live, freed) | None"},
     {NULL, NULL, 0, NULL},
 };
 

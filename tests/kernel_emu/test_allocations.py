@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from kernel_emu.allocations import AllocatorSites, replay
 from kernel_emu.redzones import GuardHit
 from kernel_emu.tracing import WatchEvent
@@ -149,3 +153,93 @@ def test_redzone_hits_are_charged_to_their_allocation_in_order() -> None:
     # an allocation the replay does not know (made before the run began): the heap names it
     findings, _ = replay([], SITES, describe, [over])
     assert findings[0].signature() == "heap-corruption | heap | block.overflow"
+
+
+RESIZING = AllocatorSites(alloc_entry=0x1000, alloc_returns=(0x1080, 0x10A0),
+                          dealloc_entry=0x2000, realloc_entry=0x3000, realloc_returns=(0x3080,))
+
+
+def _random_events(rng: random.Random, count: int, wrong: float,
+                   resizes: bool = True) -> list[WatchEvent]:
+    """Allocator calls as a guest makes them, nested or not, resizes in place or moving; and
+    with odds `wrong` each, as a broken allocator or a buggy caller makes them: blocks handed
+    out twice, frees and resizes of pointers never live, returns without a call, null and
+    huge pointers."""
+    def event(address: int, rsp: int, *, rax: int = 0, rsi: int = 0, rdx: int = 0) -> WatchEvent:
+        return WatchEvent(address, len(out), address, rsp, 0, rax, 0, rsi, rdx, 0, 0,
+                          (0x5000 + len(out),))
+
+    def bad() -> bool:
+        return rng.random() < wrong
+
+    out: list[WatchEvent] = []
+    live: list[int] = []
+    holes: dict[int, int] = {}  # freed blocks a first-fit allocator hands out again: size
+    sizes: dict[int, int] = {}
+    calls: list[tuple[int, int, int, int]] = []  # (rsp, return site, size, resized or 0)
+    fresh = 0x30_0000
+    for _ in range(count):
+        kind = rng.random()
+        rsp = 0x8000 - 0x100 * len(calls)
+        if calls and kind < 0.45:  # a pending call returns (the innermost, or not)
+            at = len(calls) - 1 if rng.random() < 0.9 else rng.randrange(len(calls))
+            call_rsp, site, size, old = calls.pop(at)
+            ptr = fresh
+            fits = [p for p, room in holes.items() if room >= max(size, 1)]
+            if old and old in live and rng.random() < 0.5:
+                ptr = old  # resized in place
+            elif fits and not old and rng.random() < 0.5:
+                ptr = rng.choice(fits)  # a freed block again, up to its neighbour
+                del holes[ptr]
+            elif bad():
+                ptr = rng.choice([0, rng.choice(live) if live else fresh, (1 << 64) - 0x10,
+                                  rng.randrange(1 << 64)])
+            if ptr == fresh:
+                fresh += (max(size, 1) + 0xF & ~0xF) + rng.choice((0, 0x10, 0x40))
+            if old in live and ptr != old:
+                live.remove(old)
+            if ptr and ptr not in live:
+                live.append(ptr)
+                sizes[ptr] = max(size, 1)
+            out.append(event(site, call_rsp if not bad() else 0x7777, rax=ptr))
+        elif kind < (0.65 if resizes else 0.75):
+            size = rng.choice((0, 8, 0x40, 0x1000)) if not bad() else 1 << 63
+            out.append(event(0x1000, rsp, rsi=size))
+            calls.append((rsp, rng.choice((0x1080, 0x10A0)), size, 0))
+        elif kind < 0.75:
+            old = rng.choice((0, 0x1234)) if bad() else rng.choice(live) if live else 0
+            size = rng.choice((0, 8, 0x80, 0x2000))
+            out.append(event(0x3000, rsp, rsi=old, rdx=size))
+            calls.append((rsp, 0x3080, size, old))
+        elif kind < 0.95:
+            ptr = rng.choice((0, 0x4242)) if bad() else rng.choice(live) if live else 0
+            if ptr in live:
+                live.remove(ptr)
+                holes[ptr] = sizes[ptr]
+            out.append(event(0x2000, rsp, rsi=ptr))
+        else:
+            out.append(event(0x9999, rsp))  # no site of the allocator
+    return out
+
+
+def test_the_native_replay_answers_as_the_python_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the events, the replay's findings, live and freed allocations are the same
+    with the native common case as without it (which it leaves every finding to)."""
+    import kernel_emu.allocations as allocations
+
+    assert allocations.native_walker is not None, "the native walker is not built"
+    rng = random.Random(11)
+    native_runs = 0
+    for trial in range(1500):
+        sites = RESIZING if trial % 2 else SITES
+        events = _random_events(rng, rng.choice((0, 1, 4, 12, 40, 150)),
+                                rng.choice((0.0, 0.0, 0.01, 0.1)), sites is RESIZING)
+        got_freed: list = []
+        got = replay(events, sites, describe, (), got_freed)
+        with monkeypatch.context() as m:
+            m.setattr(allocations, "native_walker", None)
+            want_freed: list = []
+            want = replay(events, sites, describe, (), want_freed)
+        assert (got, got_freed) == (want, want_freed), trial
+        native_runs += events != [] and not want[0]
+    assert native_runs > 300  # many runs with nothing to report, taken natively
