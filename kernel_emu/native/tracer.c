@@ -1640,14 +1640,30 @@ static PyObject *event_tuple(const WatchEvent *e)
                          frames);
 }
 
-static PyObject *State_take_events(TracerState *s, PyObject *Py_UNUSED(ignored))
+static PyObject *State_take_events(TracerState *s, PyObject *args)
 {
+    PyTypeObject *type = NULL;
+    if (!PyArg_ParseTuple(args, "|O!", &PyType_Type, &type)) {
+        return NULL;
+    }
+    if (type != NULL &&
+        (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_basicsize != PyTuple_Type.tp_basicsize)) {
+        PyErr_SetString(PyExc_TypeError, "an event type must be a NamedTuple");
+        return NULL;
+    }
     PyObject *out = PyList_New((Py_ssize_t)s->nevents);
     if (out == NULL) {
         return NULL;
     }
     for (uint32_t k = 0; k < s->nevents; k++) {
         PyObject *item = event_tuple(&s->events[k]);
+        if (item != NULL && type != NULL) {
+            /* made as tuple.__new__(type, item) makes it, without a call into Python */
+            PyObject *wrapped = PyTuple_Pack(1, item);
+            Py_DECREF(item);
+            item = wrapped == NULL ? NULL : PyTuple_Type.tp_new(type, wrapped, NULL);
+            Py_XDECREF(wrapped);
+        }
         if (item == NULL) {
             /* Keep the events so nothing is lost on a retry. */
             Py_DECREF(out);
@@ -2080,9 +2096,10 @@ static PyMethodDef State_methods[] = {
      "hold read as zeros."},
     {"watched", (PyCFunction)State_watched, METH_NOARGS,
      "watched() -> tuple[int, ...]\n\nThe watched addresses, sorted."},
-    {"take_events", (PyCFunction)State_take_events, METH_NOARGS,
-     "take_events() -> list[tuple]\n\nReturn and forget the watch events: (address, "
-     "instructions, rip, rsp, rbp, rax, rdi, rsi, rdx, rcx, frames)."},
+    {"take_events", (PyCFunction)State_take_events, METH_VARARGS,
+     "take_events(type=None) -> list[tuple]\n\nReturn and forget the watch events: (address, "
+     "instructions, rip, rsp, rbp, rax, rdi, rsi, rdx, rcx, r8, frames), as instances of "
+     "`type` (a NamedTuple of those fields) if given."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1392,6 +1392,24 @@ def test_take_events_forgets_and_reset_clears(native: bool) -> None:
     assert [(e.address, e.instructions) for e in tracer.take_events()] == [(F, 5), (F_RET, 10)]
 
 
+
+def test_events_are_watch_events_whichever_tracer(native: bool) -> None:
+    """The native tracer makes its events as WatchEvent itself: the same type, fields and
+    values as the Python tracer's, frozen alike; it refuses a type that is no NamedTuple."""
+    _, tracer = watch_run(CALL_PROGRAM, native, [F, F_RET])
+    events = tracer.take_events()
+    assert [type(e) for e in events] == [WatchEvent, WatchEvent]
+    assert events[0].address == events[0].rip == F and events[1].rsp == events[0].rsp
+    assert events[0] == WatchEvent(*events[0]) and events[0]._asdict()["frames"]
+    with pytest.raises(AttributeError):
+        events[0].rax = 0  # type: ignore[misc]
+    if native:
+        state = tracer._state  # type: ignore[attr-defined]
+        with pytest.raises(TypeError):
+            state.take_events(dict)
+        with pytest.raises(TypeError):
+            state.take_events(42)
+
 def test_watch_replaces_the_set(native: bool) -> None:
     uc, tracer = watch_run(CALL_PROGRAM, native, [F, F_RET])
     tracer.take_events()
