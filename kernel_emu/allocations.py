@@ -216,7 +216,6 @@ def replay(events: Sequence[WatchEvent], sites: AllocatorSites,
     return findings, list(live.values())
 
 
-
 def _replay_natively(events: Sequence[WatchEvent], sites: AllocatorSites,
                      freed: list[Allocation] | None) -> list[Allocation] | None:
     """The live allocations of a run with nothing to report, replayed natively; None when
@@ -249,6 +248,7 @@ def _event_registers(kind: type, args: redzones.Arguments) -> tuple[int, int, in
     except ValueError:
         return None
     return size, free, resized, new_size
+
 
 def _redzone_finding(hit: GuardHit, live: dict[int, Allocation], noticed: WatchEvent | None,
                      describe: Callable[[int, bool], str]) -> Finding:
