@@ -40,3 +40,6 @@ def replay_allocations(events: Sequence[Any], alloc_entry: int, returns: Abstrac
                        dealloc_entry: int, realloc_entry: int,
                        registers: tuple[int, int, int, int], allocation: type[T], /
                        ) -> tuple[list[T], list[T]] | None: ...
+def heap_blocks(ram: Buffer, base: int, heap_base: int, heap_end: int,
+                layout: tuple[int, int, int, int, int, int, int, int], head: tuple[int, bool],
+                by_address: bool, max_blocks: int, block: type[T], /) -> list[T] | None: ...

@@ -9,6 +9,11 @@ from typing import Any, NamedTuple
 from kernel_emu.machine import Machine
 from kernel_emu.profile import HeapLayout
 
+try:
+    from kernel_emu import _walk as native_walker
+except ImportError:  # not built: the walk below gives the same answer, slower
+    native_walker = None  # type: ignore[assignment]
+
 MAX_BLOCKS = 100_000
 
 
@@ -55,6 +60,16 @@ def walk_heap(m: Machine, heap: HeapLayout, free_list_head: int | None,
         return _walk_free_list(m, heap, free_list_head, max_blocks)
     # the header's size field, less what it counts beyond the payload
     counted = hs if heap.size_includes_header else 0
+    if native_walker is not None:
+        # a heap with nothing wrong, walked natively; anything to report is walked below
+        fine = native_walker.heap_blocks(
+            bank.buffer, bank.base, heap.base, heap.end,
+            (hs, counted, heap.size_offset, heap.free_offset, heap.magic_offset,
+             heap.prev_offset, heap.next_offset, heap.magic),
+            (free_list_head or 0, free_list_head is not None), heap.list_order == "address",
+            max_blocks, Block)
+        if fine is not None:
+            return HeapState(fine, [])
     addr = heap.base
     damaged: tuple[int, int] | None = None
     spot: int | None = None

@@ -69,6 +69,19 @@
  *   reference would report (an allocation over a live one, a free or resize of a pointer
  *   not live) or a table too large: the caller then replays in Python, findings and all.
  *
+ * heap_blocks(ram, base, heap_base, heap_end, layout, (head, listed), by_address, max_blocks,
+ *             block)
+ *     -> [block] | None
+ *   kernel_emu.heapwalk.walk_heap's common case natively (it is the reference), for a heap
+ *   whose blocks tile it: the blocks from heap_base, each a `block` (a NamedTuple: addr,
+ *   size, free, magic_ok, prev, next), when nothing is wrong with the heap. `layout`: (header
+ *   size, what the size field counts beyond the payload, the offsets of size, free byte,
+ *   magic, prev and next, the magic); `head` the free list's first node, checked if `listed`;
+ *   `by_address` whether the list is kept in address order. None for anything the
+ *   reference would report (a bad magic or size, blocks that do not end at heap_end, a
+ *   free list that loops, leaves the blocks or the free ones, or misses a free block), for
+ *   max_blocks blocks or more, or a heap outside `ram`: the caller walks in Python.
+ *
  * read_register(uc_reg_read, uc, regid), write_register(uc_reg_write, uc, regid, value)
  *   One register through Unicorn's C API, without ctypes's per-call conversions.
  *
@@ -1157,6 +1170,159 @@ done:
     return result;
 }
 
+
+/* ------------------------------------------------------------------------------------------
+ * The heap walk's common case (see heap_blocks above). */
+
+typedef struct {
+    uint64_t addr, size, prev, next;
+    uint8_t free, listed;
+} HeapBlock;
+
+static uint64_t ram_u64(const uint8_t *ram, uint64_t at)
+{
+    uint64_t v;
+    memcpy(&v, ram + at, sizeof v);
+    return v;
+}
+
+/* The index of the block at `addr`, or -1 (blocks are in address order). */
+static Py_ssize_t heap_find(const HeapBlock *blocks, Py_ssize_t n, uint64_t addr)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (blocks[mid].addr < addr) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < n && blocks[lo].addr == addr ? lo : -1;
+}
+
+static PyObject *heap_blocks(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer ram;
+    unsigned long long base, heap_base, heap_end, magic;
+    unsigned long long hs, counted, off[5]; /* size, free, magic, prev, next */
+    unsigned long long head;
+    int listed, by_address;
+    Py_ssize_t max_blocks;
+    PyTypeObject *type;
+    if (!PyArg_ParseTuple(args, "y*KKK(KKKKKKKK)(Kp)pnO!", &ram, &base, &heap_base, &heap_end,
+                          &hs, &counted, &off[0], &off[1], &off[2], &off[3], &off[4], &magic,
+                          &head, &listed, &by_address, &max_blocks, &PyType_Type, &type)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    HeapBlock *blocks = NULL;
+    if (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "the block type must be a NamedTuple");
+        goto done;
+    }
+    uint64_t len = (uint64_t)ram.len, widest = 0;
+    for (int k = 0; k < 5; k++) {
+        uint64_t end = off[k] + (k == 1 ? 1 : 8);
+        widest = end > widest ? end : widest;
+    }
+    /* the whole heap and every header field in `ram`, with room for the sums below */
+    if (heap_base < base || heap_end < heap_base || heap_end - base > len || hs > (1ULL << 32) ||
+        widest > hs || max_blocks <= 0 || heap_end >= (1ULL << 62)) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    uint64_t heap_size = heap_end - heap_base;
+    Py_ssize_t cap = max_blocks, n = 0;
+    uint64_t most = heap_size / (hs ? hs : 1) + 1; /* blocks the heap can hold at most */
+    if ((uint64_t)cap > most) {
+        cap = (Py_ssize_t)most;
+    }
+    blocks = PyMem_Malloc((size_t)cap * sizeof(HeapBlock));
+    if (blocks == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const uint8_t *mem = (const uint8_t *)ram.buf;
+    uint64_t addr = heap_base;
+    while (addr < heap_end) {
+        if (n >= cap || n >= max_blocks || addr + hs > heap_end) {
+            result = Py_NewRef(Py_None); /* past the cap, or a header past the heap's end */
+            goto done;
+        }
+        uint64_t at = addr - base;
+        HeapBlock *b = &blocks[n++];
+        b->addr = addr;
+        b->size = ram_u64(mem, at + off[0]);
+        b->free = mem[at + off[1]] != 0;
+        b->prev = ram_u64(mem, at + off[3]);
+        b->next = ram_u64(mem, at + off[4]);
+        b->listed = 0;
+        if (ram_u64(mem, at + off[2]) != magic || b->size > heap_size) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        uint64_t next = addr + hs + b->size - counted;
+        if (next > heap_end || next <= addr) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        addr = next;
+    }
+    if (addr != heap_end) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (listed) {
+        /* the free list from its head: every node a free block, met once, linked back to
+         * the one before (in address order if so kept); then every free block met */
+        uint64_t node = head, prev = 0;
+        while (node) {
+            Py_ssize_t i = heap_find(blocks, n, node);
+            if (i < 0 || blocks[i].listed || !blocks[i].free || blocks[i].prev != prev ||
+                (by_address && prev && node <= prev)) {
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
+            blocks[i].listed = 1;
+            prev = node;
+            node = blocks[i].next;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (blocks[i].free && !blocks[i].listed) {
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
+        }
+    }
+    PyObject *out = PyList_New(n);
+    if (out == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *fields = Py_BuildValue("(KKOOKK)", (unsigned long long)blocks[i].addr,
+                                         (unsigned long long)blocks[i].size,
+                                         blocks[i].free ? Py_True : Py_False, Py_True,
+                                         (unsigned long long)blocks[i].prev,
+                                         (unsigned long long)blocks[i].next);
+        PyObject *wrapped = fields == NULL ? NULL : PyTuple_Pack(1, fields);
+        PyObject *row = wrapped == NULL ? NULL : PyTuple_Type.tp_new(type, wrapped, NULL);
+        Py_XDECREF(fields);
+        Py_XDECREF(wrapped);
+        if (row == NULL) {
+            Py_DECREF(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, row);
+    }
+    result = out;
+done:
+    PyMem_Free(blocks);
+    PyBuffer_Release(&ram);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bits_meet", bits_meet, METH_VARARGS, "bits_meet(a, b) -> bool"},
     {"bits_or", bits_or, METH_VARARGS, "bits_or(a, b) -> bytes"},
@@ -1178,6 +1344,9 @@ static PyMethodDef methods[] = {
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
      "(pages, tables, executable) | int | None"},
     {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
+    {"heap_blocks", heap_blocks, METH_VARARGS,
+     "heap_blocks(ram, base, heap_base, heap_end, layout, (head, listed), by_address, "
+     "max_blocks, block) -> [block] | None"},
     {"replay_allocations", replay_allocations, METH_VARARGS,
      "replay_allocations(events, alloc_entry, returns, dealloc_entry, realloc_entry, "
      "registers, allocation) -> (live, freed) | None"},

@@ -6,6 +6,8 @@ import dataclasses
 import random
 import struct
 
+import pytest
+
 from kernel_emu import heapwalk
 from kernel_emu.heapwalk import walk_heap
 from kernel_emu.machine import Machine
@@ -96,3 +98,61 @@ def test_a_header_reads_the_same_whatever_its_layout() -> None:
                               u64(layout.magic_offset) == layout.magic,
                               u64(layout.prev_offset), u64(layout.next_offset))
         assert heapwalk._read_block(memoryview(buf), 7, 0x1234, layout) == want, offsets
+
+
+def _random_heap(rng: random.Random, m: Machine, heap: heapwalk.HeapLayout) -> int:
+    """Blocks tiling `heap`, some free and linked into the free list as the layout keeps it;
+    then, now and then, a header or list link written over. The list's head."""
+    hs, counted = heap.header_size, heap.header_size if heap.size_includes_header else 0
+    m.write(heap.base, bytes(heap.size))
+    addr, blocks = heap.base, []
+    while addr < heap.end:
+        size = min(rng.choice((0x10, 0x28, 0x100, 0x1000, 0x8000)), heap.end - addr - hs)
+        if size < 0x10 or rng.random() < 0.02:
+            size = heap.end - addr - hs  # the rest of the heap
+        blocks.append((addr, size, rng.random() < 0.4))
+        addr += hs + size
+    free = [a for a, _, f in blocks if f]
+    if heap.list_order != "address" or rng.random() < 0.2:  # or out of the order it keeps
+        rng.shuffle(free)
+    links = {a: free[i + 1] if i + 1 < len(free) else 0 for i, a in enumerate(free)}
+    back = {a: free[i - 1] if i else 0 for i, a in enumerate(free)}
+    for a, size, f in blocks:
+        _header(m, a, size + counted, f, back.get(a, 0), links.get(a, 0), heap.magic)
+    wrong = rng.random()
+    if wrong < 0.5:  # something written over: a header field, a link, a stray byte
+        a, size, _ = rng.choice(blocks)
+        at = a + rng.choice((heap.size_offset, heap.free_offset, heap.magic_offset,
+                             heap.prev_offset, heap.next_offset, rng.randrange(hs)))
+        value = rng.choice((0, 1, 0x28, heap.size, a, rng.choice(blocks)[0],
+                            rng.randrange(1 << 64)))
+        m.write(at, struct.pack("<Q", value) if rng.random() < 0.8 else bytes([value & 0xFF]))
+    head = free[0] if free else 0
+    if 0.5 <= wrong < 0.6:
+        head = rng.choice([b[0] for b in blocks] + [0, heap.base - 8, (1 << 64) - 8])
+    return head
+
+
+def test_the_native_walk_answers_as_the_python_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the heap holds, walk_heap gives the same blocks, problems and damaged spot
+    with the native common case as without it (which it leaves every problem to)."""
+    assert heapwalk.native_walker is not None, "the native walker is not built"
+    m = _machine()
+    rng = random.Random(3)
+    small = dataclasses.replace(SEED, size=0x1_0000)  # a few dozen blocks
+    layouts = [small, dataclasses.replace(small, list_order="any"),
+               dataclasses.replace(small, size_includes_header=True)]
+    clean = 0
+    for trial in range(1200):
+        heap = layouts[trial % len(layouts)]
+        head = _random_heap(rng, m, heap)
+        heads = [head, None] if trial % 7 == 0 else [head]
+        cap = rng.choice((heapwalk.MAX_BLOCKS, heapwalk.MAX_BLOCKS, 3))
+        for h in heads:
+            got = walk_heap(m, heap, h, cap)
+            with monkeypatch.context() as patch:
+                patch.setattr(heapwalk, "native_walker", None)
+                want = walk_heap(m, heap, h, cap)
+            assert got == want, trial
+            clean += not want.problems
+    assert clean > 400  # many heaps with nothing wrong, walked natively
