@@ -893,6 +893,29 @@ static PyObject *write_register(PyObject *self, PyObject *const *args, Py_ssize_
 
 
 /* ------------------------------------------------------------------------------------------
+ * Rows handed back as a NamedTuple of the caller's (no fields of its own beyond the tuple's),
+ * made as tuple.__new__(type, fields) makes them, without a call into Python. */
+
+static int is_named_tuple(PyTypeObject *type)
+{
+    if (PyType_IsSubtype(type, &PyTuple_Type) && type->tp_basicsize == PyTuple_Type.tp_basicsize) {
+        return 1;
+    }
+    PyErr_Format(PyExc_TypeError, "%s is not a NamedTuple", type->tp_name);
+    return 0;
+}
+
+/* `fields` (a new reference, NULL after a failure) as a `type`; NULL on failure. */
+static PyObject *as_named(PyTypeObject *type, PyObject *fields)
+{
+    PyObject *wrapped = fields == NULL ? NULL : PyTuple_Pack(1, fields);
+    PyObject *row = wrapped == NULL ? NULL : PyTuple_Type.tp_new(type, wrapped, NULL);
+    Py_XDECREF(fields);
+    Py_XDECREF(wrapped);
+    return row;
+}
+
+/* ------------------------------------------------------------------------------------------
  * The allocator replay's common case (see replay_allocations above). */
 
 #define REPLAY_MAX 65536
@@ -984,9 +1007,8 @@ static int cmp_order(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* `items` as instances of `type` (a NamedTuple of seq, ptr, size, returned, resized: a
- * tuple subclass with no fields of its own, made here as tuple.__new__ makes it), their
- * event indexes turned into the events themselves. */
+/* `items` as `type`s (seq, ptr, size, returned, resized), their event indexes turned into
+ * the events themselves. */
 static PyObject *live_rows(const Live *items, Py_ssize_t n, PyObject *events,
                            PyTypeObject *type)
 {
@@ -1001,13 +1023,10 @@ static PyObject *live_rows(const Live *items, Py_ssize_t n, PyObject *events,
         PyObject *resized = items[i].resized >= 0
                                 ? PySequence_Fast_GET_ITEM(events, items[i].resized)
                                 : Py_None;
-        PyObject *fields = Py_BuildValue("(KKKOO)", (unsigned long long)items[i].seq,
-                                         (unsigned long long)items[i].ptr,
-                                         (unsigned long long)items[i].size, returned, resized);
-        PyObject *wrapped = fields == NULL ? NULL : PyTuple_Pack(1, fields);
-        PyObject *row = wrapped == NULL ? NULL : PyTuple_Type.tp_new(type, wrapped, NULL);
-        Py_XDECREF(fields);
-        Py_XDECREF(wrapped);
+        PyObject *row = as_named(
+            type, Py_BuildValue("(KKKOO)", (unsigned long long)items[i].seq,
+                                (unsigned long long)items[i].ptr,
+                                (unsigned long long)items[i].size, returned, resized));
         if (row == NULL) {
             Py_DECREF(out);
             return NULL;
@@ -1030,8 +1049,7 @@ static PyObject *replay_allocations(PyObject *self, PyObject *args)
                           &reg[3], &PyType_Type, &type)) {
         return NULL;
     }
-    if (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_basicsize != PyTuple_Type.tp_basicsize) {
-        PyErr_SetString(PyExc_TypeError, "the allocation type must be a NamedTuple");
+    if (!is_named_tuple(type)) {
         return NULL;
     }
     PyObject *events = PySequence_Fast(events_obj, "events must be a sequence");
@@ -1218,8 +1236,7 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
     }
     PyObject *result = NULL;
     HeapBlock *blocks = NULL;
-    if (!PyType_IsSubtype(type, &PyTuple_Type) || type->tp_basicsize != PyTuple_Type.tp_basicsize) {
-        PyErr_SetString(PyExc_TypeError, "the block type must be a NamedTuple");
+    if (!is_named_tuple(type)) {
         goto done;
     }
     uint64_t len = (uint64_t)ram.len, widest = 0;
@@ -1301,15 +1318,12 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *fields = Py_BuildValue("(KKOOKK)", (unsigned long long)blocks[i].addr,
-                                         (unsigned long long)blocks[i].size,
-                                         blocks[i].free ? Py_True : Py_False, Py_True,
-                                         (unsigned long long)blocks[i].prev,
-                                         (unsigned long long)blocks[i].next);
-        PyObject *wrapped = fields == NULL ? NULL : PyTuple_Pack(1, fields);
-        PyObject *row = wrapped == NULL ? NULL : PyTuple_Type.tp_new(type, wrapped, NULL);
-        Py_XDECREF(fields);
-        Py_XDECREF(wrapped);
+        PyObject *row = as_named(
+            type, Py_BuildValue("(KKOOKK)", (unsigned long long)blocks[i].addr,
+                                (unsigned long long)blocks[i].size,
+                                blocks[i].free ? Py_True : Py_False, Py_True,
+                                (unsigned long long)blocks[i].prev,
+                                (unsigned long long)blocks[i].next));
         if (row == NULL) {
             Py_DECREF(out);
             goto done;
