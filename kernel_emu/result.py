@@ -179,7 +179,7 @@ class Result:
 
     def of_input(self, data: bytes) -> None:
         """This Result is of the input `data` (its `input_sha256`, taken when first read)."""
-        self.__dict__["_input_sha256"] = bytes(data)
+        self.input_sha256 = bytes(data)  # type: ignore[assignment]  # _InputDigest takes it
 
     def to_json(self) -> dict[str, Any]:
         # `dataclasses.asdict` deep-copies every number of a Result with a few hundred heap

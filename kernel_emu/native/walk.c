@@ -1252,7 +1252,7 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
     }
     uint64_t heap_size = heap_end - heap_base;
     Py_ssize_t cap = max_blocks, n = 0;
-    uint64_t most = heap_size / (hs ? hs : 1) + 1; /* blocks the heap can hold at most */
+    uint64_t most = heap_size / hs + 1; /* blocks the heap holds at most (hs >= widest > 0) */
     if ((uint64_t)cap > most) {
         cap = (Py_ssize_t)most;
     }
@@ -1264,7 +1264,7 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
     const uint8_t *mem = (const uint8_t *)ram.buf;
     uint64_t addr = heap_base;
     while (addr < heap_end) {
-        if (n >= cap || n >= max_blocks || addr + hs > heap_end) {
+        if (n >= cap || addr + hs > heap_end) {
             result = Py_NewRef(Py_None); /* past the cap, or a header past the heap's end */
             goto done;
         }
@@ -1285,11 +1285,7 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
             result = Py_NewRef(Py_None);
             goto done;
         }
-        addr = next;
-    }
-    if (addr != heap_end) {
-        result = Py_NewRef(Py_None);
-        goto done;
+        addr = next; /* never past heap_end: the blocks end exactly there */
     }
     if (listed) {
         /* the free list from its head: every node a free block, met once, linked back to
