@@ -106,7 +106,7 @@ def create_app(redis_url: str | None = None, *, token: str | None = None, local:
     access = ReadAccess(read_token or None, trust_header or None, token or None)
     cfg = Config(url, cache_dir or settings.cache_dir, token or None, local, coverage_sample,
                  secrets.token_urlsafe(32), access)
-    store = FarmStore.connect(url)
+    store = FarmStore.connect(url, "dashboard")
     send = send_task or _celery_sender(url)
     app = Flask(__name__)
     # every template, whatever its extension, and strings rendered from code

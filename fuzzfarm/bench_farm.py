@@ -98,7 +98,7 @@ def _time_to_seed_bug(data: Path, workers: int, cap: float) -> float:
                     url = url_from_status(err_path.read_text())
                     if url is None:
                         continue
-                    store = FarmStore.connect(url)
+                    store = FarmStore.connect(url, "bench")
                 for b in store.buckets.all():
                     if not b.minimized:
                         continue

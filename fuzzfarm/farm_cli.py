@@ -39,7 +39,7 @@ def _store(args: argparse.Namespace) -> Any:
     from workers.store import FarmStore, StoreError
 
     url = _url(args)
-    store = FarmStore.connect(url)
+    store = FarmStore.connect(url, "cli")
     try:
         store.ping()
     except StoreError as e:

@@ -174,7 +174,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s controller %(message)s")
     settings = Settings.from_env()
-    store = FarmStore.connect(settings.redis_url)
+    store = FarmStore.connect(settings.redis_url, "controller")
     stopping = False
     waiting = False
 

@@ -144,7 +144,7 @@ class LocalFarm:
             log = self.data / "logs" / "redis.log"
             wait_for_redis(self.url, alive=lambda: None if proc.popen.poll() is None else (
                 f"the Redis server exited at start ({_log_tail(log)}); see {log}"))
-        store = FarmStore.connect(self.url)
+        store = FarmStore.connect(self.url, "up")
         ensure_builtin(store)
         say(f"starting {self.workers} worker(s) and the controller")
         why = qemu.missing() if Settings.from_env().crosscheck else "FUZZFARM_CROSSCHECK=0"

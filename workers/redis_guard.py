@@ -1,9 +1,11 @@
 """`python -m workers.redis_guard -- SERVER COMMAND…`: the Redis server of `fuzzfarm up`, stopped
 last. The guard starts the server and, when asked to stop (SIGTERM, SIGINT or SIGHUP, and the
 SIGTERM the kernel sends it when `fuzzfarm up` dies, even by SIGKILL), waits until the farm's
-other processes have closed their connections — workers finishing their slices' reports —
-before it stops the server, which then writes its AOF. So the order of a stop is the same
-whichever way the farm is stopped: slices, workers, controller, dashboard, Redis.
+workers and controller have closed their connections — workers finishing their slices'
+reports — before it stops the server, which then writes its AOF. So the order of a stop is the
+same whichever way the farm is stopped: slices, workers, controller, dashboard, Redis. Other
+clients (`fuzzfarm status`, a script reading the store) have nothing to finish and are not
+waited for: the farm's connections are named by role (workers/store/connection.py).
 
 The Redis URL (with its password, if any) comes from REDIS_URL, as for every farm process.
 """
@@ -27,6 +29,8 @@ PR_SET_PDEATHSIG = 1
 # the longest the guard waits for the farm's clients to go: a slice told to stop reports
 # within seconds, a worker then exits
 CLIENTS_WAIT = float(os.environ.get("FUZZFARM_REDIS_STOP_WAIT", "60"))
+# the connections that may have a report to finish
+REPORTING = ("worker", "controller")
 SERVER_STOP = 30.0  # a server writing a large AOF
 
 
@@ -36,14 +40,15 @@ def _server_dies_with_guard() -> None:
 
 
 def wait_for_clients_to_leave(url: str, timeout: float) -> int:
-    """Until the server has no client but this one, or `timeout` seconds; the clients left."""
-    store = FarmStore.connect(url)
+    """Until the server has no worker or controller connection, or `timeout` seconds; the
+    ones left."""
+    store = FarmStore.connect(url, "guard")
     deadline = time.monotonic() + timeout
     others = -1
     try:
         while time.monotonic() < deadline:
             try:
-                others = store.clients() - 1
+                others = store.clients(REPORTING)
             except StoreError:
                 return 0  # the server is gone already
             if others <= 0:
@@ -78,8 +83,8 @@ def main(argv: list[str]) -> int:
     log.info("stop asked (signal %d): waiting for the farm's clients to leave", stop_asked[0])
     left = wait_for_clients_to_leave(url, CLIENTS_WAIT) if url else 0
     if left:
-        log.warning("%d client(s) still connected after %.0f s; stopping anyway", left,
-                    CLIENTS_WAIT)
+        log.warning("%d worker or controller connection(s) still open after %.0f s; stopping "
+                    "anyway", left, CLIENTS_WAIT)
     server.terminate()  # SIGTERM: the server writes its AOF and exits
     try:
         return server.wait(timeout=SERVER_STOP) or 0

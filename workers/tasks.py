@@ -20,7 +20,7 @@ log = logging.getLogger("fuzzfarm.workers")
 
 @cache
 def _store() -> FarmStore:
-    return FarmStore.connect(_settings().redis_url)
+    return FarmStore.connect(_settings().redis_url, "worker")
 
 
 def _settings() -> Settings:

@@ -12,6 +12,8 @@ again after a crash) changes nothing the second time.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from workers.store.blobs import Blobs, sha256
 from workers.store.buckets import Bucket, Buckets, Reports, Triage, Upsert
 from workers.store.campaigns import Campaign, Campaigns, Slice, StateWatch
@@ -49,17 +51,20 @@ class FarmStore:
         self.coverage = Coverage(conn)
 
     @classmethod
-    def connect(cls, url: str) -> FarmStore:
-        """No command is sent yet: a Redis that is down raises StoreUnavailable on first use."""
-        return cls(Connection.from_url(url))
+    def connect(cls, url: str, role: str = "client") -> FarmStore:
+        """No command is sent yet: a Redis that is down raises StoreUnavailable on first use.
+        `role` names the connection on the server (`fuzzfarm-<role>`): `worker` and
+        `controller` are the ones a stopping farm waits for (workers/redis_guard.py)."""
+        return cls(Connection.from_url(url, role))
 
     def ping(self) -> None:
         """Raises StoreError (StoreUnavailable when nothing answers) unless Redis answers."""
         self._conn.ping()
 
-    def clients(self) -> int:
-        """Client connections the Redis server has, this store's included."""
-        return self._conn.clients()
+    def clients(self, roles: Collection[str] | None = None) -> int:
+        """Client connections the Redis server has, this store's included; with `roles`, only
+        the farm's connections of those roles."""
+        return self._conn.clients(roles)
 
     def commands_processed(self) -> int:
         """Commands the Redis server ran since it started (for measuring the farm's load)."""

@@ -8,7 +8,7 @@ Only the store modules beside this one hold a client; everything else in the far
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis
@@ -21,6 +21,8 @@ StoreUnavailable = redis.exceptions.ConnectionError
 
 # a blocking pop's socket must stay open past the wait itself
 BLOCKING_SLACK = 15
+# the farm's connections are named by role on the server: fuzzfarm-worker, fuzzfarm-controller…
+CLIENT_PREFIX = "fuzzfarm-"
 
 
 def decode(value: Any) -> str:
@@ -57,9 +59,11 @@ class Connection:
         self._blocking: redis.Redis | None = None
 
     @classmethod
-    def from_url(cls, url: str) -> Connection:
+    def from_url(cls, url: str, role: str = "client") -> Connection:
+        """`role` names the connection on the server (CLIENT LIST): `fuzzfarm-<role>`."""
         return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5,
-                                        retry_on_timeout=True, health_check_interval=30))
+                                        retry_on_timeout=True, health_check_interval=30,
+                                        client_name=CLIENT_PREFIX + role))
 
     def script(self, source: str) -> Script:
         """A Lua script run by its sha (EVALSHA), loaded again by itself after a restart."""
@@ -79,9 +83,14 @@ class Connection:
         """Raises StoreError (StoreUnavailable when nothing answers) unless Redis answers."""
         self.client.ping()
 
-    def clients(self) -> int:
-        """Client connections the server has, this one included."""
-        return len(self.client.client_list())
+    def clients(self, roles: Collection[str] | None = None) -> int:
+        """Client connections the server has, this one included; with `roles`, only the
+        farm's connections of those roles."""
+        listed = self.client.client_list()
+        if roles is None:
+            return len(listed)
+        names = {CLIENT_PREFIX + role for role in roles}
+        return sum(c.get("name") in names for c in listed)
 
     def commands_processed(self) -> int:
         """The server's count of commands run since it started (INFO stats)."""
