@@ -128,10 +128,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise FarmUsageError("--workers must be at least 1")
+    if args.first_slice_seconds < 0:
+        raise FarmUsageError("--first-slice-seconds must be positive or 0")
     Settings.from_env()  # a setting that cannot be read stops `up` before anything starts
     farm = LocalFarm(data=Path(args.data), workers=args.workers, kernel=args.kernel,
                      redis_url=args.redis_url or os.environ.get("REDIS_URL"),
-                     slice_seconds=args.slice_seconds, dashboard_port=args.port)
+                     slice_seconds=args.slice_seconds,
+                     first_slice_seconds=args.first_slice_seconds, dashboard_port=args.port)
     store = None
     started = time.monotonic()
     stopped_by: list[int] = []
@@ -253,9 +256,11 @@ def cmd_campaign(args: argparse.Namespace) -> int:
 
         ensure_builtin(store)
         _check_kernel(store, args.kernel)
-        if args.slices < 1 or args.slice_seconds <= 0:
-            raise FarmUsageError("--slices must be >= 1 and --slice-seconds positive")
-        cid = store.campaigns.create(args.kernel, args.slices, args.slice_seconds)
+        if args.slices < 1 or args.slice_seconds <= 0 or args.first_slice_seconds < 0:
+            raise FarmUsageError("--slices must be >= 1, --slice-seconds positive and "
+                                 "--first-slice-seconds positive or 0")
+        cid = store.campaigns.create(args.kernel, args.slices, args.slice_seconds,
+                                     args.first_slice_seconds)
         print(cid)
         return EXIT_OK
     running = [c for c in store.campaigns.all() if c.state == "running"]
@@ -489,6 +494,15 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--redis-url", default=None, metavar="URL",
                        help=f"the farm's Redis (default: $REDIS_URL or {DEFAULT_URL})")
 
+    def first_slice_opt(p: argparse.ArgumentParser) -> None:
+        from workers.settings import Settings
+
+        first = Settings.first_slice_seconds
+        p.add_argument("--first-slice-seconds", type=float, default=first, metavar="S",
+                       help=f"a new campaign's first slices last this long, so that its first "
+                            f"findings are triaged soon after the start (default: {first:.0f}; "
+                            f"0: as long as the others)")
+
     p = sub.add_parser("up", help="run the whole farm locally (Redis, workers, controller)",
                        description="Start the farm on this machine: a Redis server (unless "
                                    "--redis-url/REDIS_URL names one), N Celery workers, the "
@@ -501,6 +515,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--kernel", default="seed", help="kernel build to fuzz (default: seed)")
     p.add_argument("--slice-seconds", type=float, default=60.0, metavar="S",
                    help="length of one fuzzing task (default: 60)")
+    first_slice_opt(p)
     p.add_argument("--data", default="out/farm", metavar="DIR",
                    help="Redis data (AOF), logs and caches (default: out/farm)")
     p.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
@@ -521,6 +536,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--kernel", default="seed")
     p.add_argument("--slices", type=int, default=2, help="slices in flight (default: 2)")
     p.add_argument("--slice-seconds", type=float, default=60.0)
+    first_slice_opt(p)
     redis_opt(p)
     p.set_defaults(func=cmd_campaign)
 

@@ -62,7 +62,8 @@ class Controller:
                         if server_now is not None else campaigns.inflight(cid))
             if state == "running":
                 for _ in range(campaign.slices - len(inflight)):
-                    sid = campaigns.new_slice(cid, campaign.kernel, campaign.slice_seconds)
+                    sid = campaigns.new_slice(cid, campaign.kernel,
+                                              campaign.next_slice_seconds())
                     try:
                         self.send_slice(sid)
                     except Exception:
@@ -147,7 +148,7 @@ def _start_configured_campaign(store: FarmStore) -> None:
     from workers.kernels import ensure_builtin
 
     slices = int(os.environ.get("FUZZFARM_CAMPAIGN_SLICES") or 2)
-    seconds = Settings.from_env().slice_seconds
+    settings = Settings.from_env()
     while True:
         try:
             ensure_builtin(store)
@@ -161,7 +162,8 @@ def _start_configured_campaign(store: FarmStore) -> None:
                     store.campaigns.set_slices(c.id, slices)
                     log.info("campaign %s now keeps %d slices in flight", c.id, slices)
             if not running:
-                cid = store.campaigns.create(kernel, slices, seconds)
+                cid = store.campaigns.create(kernel, slices, settings.slice_seconds,
+                                             settings.first_slice_seconds)
                 log.info("started campaign %s on %s", cid, kernel)
             return
         except StoreError as e:

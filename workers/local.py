@@ -89,6 +89,7 @@ class LocalFarm:
     kernel: str = "seed"
     redis_url: str | None = None
     slice_seconds: float = 60.0
+    first_slice_seconds: float = 0.0  # a new campaign's first slices (0: as long as the others)
     dashboard_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
@@ -220,7 +221,8 @@ class LocalFarm:
             last = max(paused, key=lambda c: c.created)
             store.campaigns.set_state(last.id, "running")
             return last.id
-        return store.campaigns.create(self.kernel, self.workers, self.slice_seconds)
+        return store.campaigns.create(self.kernel, self.workers, self.slice_seconds,
+                                      self.first_slice_seconds)
 
     def kill_all(self, store: FarmStore | None = None) -> None:
         """The second Ctrl-C: stop everything now (Redis still gets a SIGTERM to write its

@@ -45,6 +45,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # one fuzzing task: a job process run for this long on one kernel build
     slice_seconds: float = 60.0
+    # the first slices of a campaign the farm starts (`up`, FUZZFARM_CAMPAIGN, `campaign
+    # start`): short, so that its first findings are triaged soon after the start (0: off)
+    first_slice_seconds: float = 15.0
     # above the longest task (a slice, a minimization), or Redis hands a running task out again
     visibility_timeout: float = 900.0
     slice_rss_mb: int = 1024
@@ -65,6 +68,7 @@ class Settings:
         return cls(
             redis_url=os.environ.get("REDIS_URL") or d.redis_url,
             slice_seconds=_float("FUZZFARM_SLICE_SECONDS", d.slice_seconds),
+            first_slice_seconds=_float("FUZZFARM_FIRST_SLICE_SECONDS", d.first_slice_seconds),
             visibility_timeout=_float("FUZZFARM_VISIBILITY_TIMEOUT", d.visibility_timeout),
             slice_rss_mb=int(_float("FUZZFARM_SLICE_RSS_MB", d.slice_rss_mb)),
             minimize_executions=int(_float("FUZZFARM_MINIMIZE_EXECUTIONS",

@@ -75,6 +75,35 @@ def test_a_running_campaign_keeps_its_slices_in_flight(store: FarmStore,
     assert len(sent.slices) == 4  # fewer wanted: none sent, none taken back
 
 
+def test_a_new_campaign_s_first_slices_are_short_until_one_finishes(
+        store: FarmStore, redis_server: RedisServer) -> None:
+    sent = Sent()
+    c = controller(store, redis_server.url, sent)
+    cid = store.campaigns.create("seed", 2, 60.0, first_slice_seconds=15.0)
+    plain = store.campaigns.create("seed", 1, 60.0)
+    c.step()
+    seconds = {s: store.campaigns.slice(s).seconds for s in sent.slices}
+    short = store.campaigns.inflight(cid)
+    assert sorted(seconds[s] for s in short) == [15.0, 15.0]
+    assert [seconds[s] for s in store.campaigns.inflight(plain)] == [60.0]
+    # one lost before any finished: its replacement is short too
+    store.campaigns.drop_slice(short[0], cid, "lost")
+    c.step()
+    assert store.campaigns.slice(sent.slices[-1]).seconds == 15.0
+    # once a slice finished, the campaign's slices are full length
+    assert store.campaigns.claim_slice(short[1], "w@h")
+    store.campaigns.finish_slice(short[1], cid, {"execs": 500, "edges": 9})
+    c.step(full=False)
+    assert store.campaigns.slice(sent.slices[-1]).seconds == 60.0
+    campaign = store.campaigns.get(cid)
+    assert campaign is not None and campaign.first_slice_seconds == 15.0
+    # a first length not below the others changes nothing
+    long_first = store.campaigns.create("seed", 1, 10.0, first_slice_seconds=15.0)
+    c.step()
+    assert [store.campaigns.slice(s).seconds
+            for s in store.campaigns.inflight(long_first)] == [10.0]
+
+
 def test_a_slice_whose_worker_died_is_marked_lost_and_replaced(
         store: FarmStore, redis_server: RedisServer) -> None:
     sent = Sent()

@@ -10,7 +10,9 @@ Schema
     Written by: campaign creation (adds), a change to `stopped` (removes).
 `ff:campaign:<id>` (hash)
     `id`, `kernel`, `state` (running, stopping, stopped), `slices` (in flight),
-    `slice_seconds`, `created`, `execs`, `edges` (max over slices), `slices_done`, `paused`
+    `slice_seconds`, `first_slice_seconds` (the length of the slices queued before any slice
+    of the campaign finished, so its first findings reach triage soon; 0 or absent: the same
+    as the others), `created`, `execs`, `edges` (max over slices), `slices_done`, `paused`
     (1: stopped by the farm's own shutdown, resumed by the next `fuzzfarm up`).
     Written by: creation; the `FINISH_SLICE` script adds each slice's counts once.
 `ff:campaign:<id>:inflight` (set)
@@ -161,13 +163,24 @@ class Campaign:
     edges: int
     slices_done: int
     paused: bool = False  # stopped by the farm's shutdown, to be resumed by the next start
+    first_slice_seconds: float = 0.0  # 0: the first slices are as long as the others
 
     @classmethod
     def from_hash(cls, h: dict[str, str]) -> Campaign:
         return cls(h["id"], h.get("kernel", ""), h.get("state", ""), int(h.get("slices", 0)),
                    float(h.get("slice_seconds", 0)), float(h.get("created", 0)),
                    int(h.get("execs", 0)), int(h.get("edges", 0)),
-                   int(h.get("slices_done", 0)), h.get("paused") == "1")
+                   int(h.get("slices_done", 0)), h.get("paused") == "1",
+                   float(h.get("first_slice_seconds", 0)))
+
+    def next_slice_seconds(self) -> float:
+        """How long the next slice queued for this campaign runs: its first slices (those
+        queued before any slice finished) are short when the campaign says so, so that the
+        first findings are triaged within seconds of the start, not after a whole slice."""
+        first = self.first_slice_seconds
+        if self.slices_done == 0 and 0 < first < self.slice_seconds:
+            return first
+        return self.slice_seconds
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,13 +237,16 @@ class Campaigns:
         self._drop = conn.script(DROP_SLICE)
 
     # campaigns -------------------------------------------------------------------------------
-    def create(self, kernel: str, slices: int, slice_seconds: float) -> str:
+    def create(self, kernel: str, slices: int, slice_seconds: float,
+               first_slice_seconds: float = 0.0) -> str:
+        """A running campaign; `first_slice_seconds` (if shorter than `slice_seconds`): the
+        length of its first slices (:meth:`Campaign.next_slice_seconds`)."""
         cid = uuid.uuid4().hex[:12]
         with self._r.pipeline() as p:
             p.hset(campaign_key(cid), mapping={
                 "id": cid, "kernel": kernel, "state": "running", "slices": slices,
-                "slice_seconds": slice_seconds, "created": time.time(), "execs": 0,
-                "edges": 0, "slices_done": 0})
+                "slice_seconds": slice_seconds, "first_slice_seconds": first_slice_seconds,
+                "created": time.time(), "execs": 0, "edges": 0, "slices_done": 0})
             p.zadd(CAMPAIGNS, {cid: time.time()})
             p.sadd(ACTIVE, cid)
             p.lpush(WAKE, cid)
