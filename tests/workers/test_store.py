@@ -207,8 +207,8 @@ def test_writes_use_the_schema_s_keys_and_fields(store: FarmStore, raw: redis.Re
     cid = store.campaigns.create("seed", 2, 30.0)
     sid = store.campaigns.new_slice(cid, "seed", 30.0)
     assert set(raw.hgetall(f"ff:campaign:{cid}")) == {
-        "id", "kernel", "state", "slices", "slice_seconds", "created", "execs", "edges",
-        "slices_done"}
+        "id", "kernel", "state", "slices", "slice_seconds", "first_slice_seconds", "created",
+        "execs", "edges", "slices_done"}
     assert raw.smembers(f"ff:campaign:{cid}:inflight") == {sid}
     assert raw.hget(f"ff:slice:{sid}", "state") == "queued"
     sha = store.blobs.put(b"input")
