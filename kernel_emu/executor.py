@@ -164,6 +164,14 @@ class Executor:
         self.tracer.fast_forward(sites, [(b.base, b.size, b.address, b.absent_zero)
                                          for b in self.machine.banks])
 
+    def _count_blocks(self) -> None:
+        """Count instructions per block from here to the run's end (the success address) on
+        the current machine. The firmware's boot-service stubs stop the guest right after an
+        `out`: they run under the per-instruction hook."""
+        if self.count_blocks and isinstance(self.tracer, NativeTracer):
+            self.tracer.count_blocks(self.image.text_ranges, [(FIRMWARE_BASE, FIRMWARE_END)],
+                                     self.success_addr)
+
     def add_machine_hook(self, attach: Callable[[Any], object]) -> None:
         """Call `attach(uc)` on the current machine and on every machine built later, so an
         observer (e.g. the fuzzer's compare hook) sees snapshot runs and full boots alike."""
@@ -212,11 +220,8 @@ class Executor:
         else:
             tracer.take_dirty()
         self._fast_forward(True)
-        if self.count_blocks and isinstance(tracer, NativeTracer):
-            # Before the capture: setting up translates code, and the page walks set Accessed
-            # bits. The firmware's boot-service stubs stop the guest right after an `out`.
-            tracer.count_blocks(self.image.text_ranges, [(FIRMWARE_BASE, FIRMWARE_END)],
-                                self.success_addr)
+        # before the capture: setting up translates code, and the page walks set Accessed bits
+        self._count_blocks()
         self.snapshot = Snapshot.capture(m, fw.state, tracer)
         tracer.identity_cr3 = fw.pml4
         if use_page_tables and self.written.log is not None and \
@@ -299,7 +304,9 @@ class Executor:
             self.restore()
             base = self.snapshot.instructions
         else:
-            self._new_machine()
+            # the pages a full boot writes matter only to a watchdog's verdict of progress:
+            # without one, guest stores stay off the write hook (Unicorn's slow path)
+            self._new_machine(track_writes=self.watchdog_interval is not None)
             self._fast_forward(True)
             self._start_run(self.budget)
             base = 0
@@ -308,7 +315,8 @@ class Executor:
         hook = self._watch_writes(watch, writers) if watch is not None else None
         t1 = time.perf_counter()
         try:
-            stop = self._emulate(until=self.success_addr)
+            stop = self._emulate_from_boot() if self.snapshot is None else \
+                self._emulate(until=self.success_addr)
         finally:
             if hook is not None:
                 self.machine.uc.hook_del(hook)
@@ -390,6 +398,18 @@ class Executor:
                                  lambda: watchdog.skip_limit, lambda: self.services,
                                  native_arrivals=self.lean)
         self.watchdog.start_run(run_budget, cycles)
+
+    def _emulate_from_boot(self) -> StopReason:
+        """A full boot: to the snapshot point per instruction, as the snapshot's boot runs,
+        and from there per block (the code before it is not all fixed: an ELF build's boot
+        copies code, for one)."""
+        if not self.count_blocks or not isinstance(self.tracer, NativeTracer):
+            return self._emulate(until=self.success_addr)
+        stop = self._emulate(until=self.snapshot_addr)
+        if stop != StopReason.UNTIL:
+            return stop
+        self._count_blocks()
+        return self._emulate(until=self.success_addr)
 
     def _emulate(self, until: int) -> StopReason:
         """Run to `until`; why the guest stopped."""

@@ -122,3 +122,23 @@ def test_kernel_runs_are_the_same_counted_per_block(kernel: str) -> None:
         assert ("budget", True) in stops  # the watchdog's stop, mid-block
     counts = blocks.tracer.block_counts()
     assert counts is not None and counts["counted"] > 1000 and counts["restarts"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["seed", "seed-elf"])
+def test_full_boots_are_the_same_counted_per_block(kernel: str) -> None:
+    """As triage boots them (a new machine each time, the profile's whole budget): the boot
+    runs per instruction to the snapshot point and per block from there (an ELF build's boot
+    copies code before it), with every Result and recent-block ring the same."""
+    base = (ROOT / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes()
+    profile = load_profile(kernel)
+    exact = Executor(profile, snapshot=False, count_blocks=False, cycles_to_budget=True)
+    blocks = Executor(profile, snapshot=False, cycles_to_budget=True)
+    stops = set()
+    for data in _job_inputs(base)[:60]:
+        want = exact.run(data)
+        got = blocks.run(data)
+        assert got.to_json() == want.to_json(), data[:64]
+        assert blocks.tracer.recent_blocks() == exact.tracer.recent_blocks()
+        assert isinstance(blocks.tracer, NativeTracer) and blocks.tracer.counts_blocks
+        stops.add(str(want.stop))
+    assert {"until", "halt", "budget"} <= stops
