@@ -5,10 +5,12 @@ the UEFI one: `--kernel seed-elf --other-kernel seed`).
 
 Each round runs one measurement process in this checkout and one in the other, alternately,
 so that whatever else loads the machine hits both alike; each process imports its own tree's
-code (and native hooks, which the other checkout must have built). Three figures, on the same
-inputs for both: snapshot runs per second of an example, full boots per second, and the
-execs per second of a fuzzing job's own work (guest coverage on, the watchdog armed) over a
-fixed set of mutated seeds, without libFuzzer. Medians, each round, and the ratios.
+code (and native hooks, which the other checkout must have built). Four figures, on the same
+inputs for both: snapshot runs per second of an example, full boots per second, full boots
+per second of a hang that spends the profile's whole budget (the example with e_phentsize 0,
+as triage confirms a stalled input), and the execs per second of a fuzzing job's own work
+(guest coverage on, the watchdog armed) over a fixed set of mutated seeds, without libFuzzer.
+Medians, each round, and the ratios.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = (("snapshot", "snapshot runs/s"), ("full", "full boots/s"),
-           ("replay", "fuzz-job execs/s"))
+           ("hang", "hang boots/s"), ("replay", "fuzz-job execs/s"))
+E_PHENTSIZE = 0x36  # Elf64_Ehdr
 
 # run in each checkout with that checkout first on sys.path; uses only the Executor's oldest
 # public surface (a profile name, run(), coverage and watchdog options)
@@ -47,7 +50,9 @@ def rate(executor, data, n):
     return n / (time.perf_counter() - t)
 
 out = {"snapshot": rate(Executor(profile), example, runs),
-       "full": rate(Executor(profile, snapshot=False), example, max(1, runs // 40))}
+       "full": rate(Executor(profile, snapshot=False), example, max(1, runs // 40)),
+       "hang": rate(Executor(profile, snapshot=False), (inputs_dir / "hang.elf").read_bytes(),
+                    1)}
 # as a fuzzing job runs inputs (where the tree has the options: no second run for damaged
 # headers, nor for inputs with a broken header field; a proven cycle run to the budget)
 import inspect
@@ -67,8 +72,12 @@ print(json.dumps(out))
 
 def _inputs(where: Path, count: int) -> None:
     """The example, and `count` seeds with a few bytes changed (mostly in the headers)."""
-    (where / "example.elf").write_bytes(
-        (ROOT / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes())
+    example = (ROOT / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes()
+    (where / "example.elf").write_bytes(example)
+    # program headers 0 bytes apart: the kernel reads the same one for ever
+    hang = bytearray(example)
+    hang[E_PHENTSIZE:E_PHENTSIZE + 2] = b"\0\0"
+    (where / "hang.elf").write_bytes(bytes(hang))
     seeds = [p.read_bytes() for p in sorted((ROOT / "corpus" / "seeds").glob("*.elf"))]
     rng = random.Random(2026)
     for i in range(count):
