@@ -116,6 +116,9 @@ class Executor:
         self._code_masks: list[bytes] = []
         self._machine_hooks: list[Callable[[Any], object]] = []
         self._fast_units = 0
+        # whether every boot passes the snapshot point before it reads the input (None: not
+        # known yet): a full boot may then count blocks from there (_emulate_from_boot)
+        self._boot_prefix: bool | None = None
         self.use_snapshot = snapshot
         if snapshot:
             self._take_snapshot()
@@ -247,6 +250,7 @@ class Executor:
     def _no_snapshot(self, why: str) -> None:
         self.use_snapshot = False
         self.snapshot = None
+        self._boot_prefix = False
         self.notes.append(f"snapshot disabled, full boots instead: {why}")
 
     @property
@@ -403,13 +407,25 @@ class Executor:
         """A full boot: to the snapshot point per instruction, as the snapshot's boot runs,
         and from there per block (the code before it is not all fixed: an ELF build's boot
         copies code, for one)."""
-        if not self.count_blocks or not isinstance(self.tracer, NativeTracer):
+        if not self.count_blocks or not isinstance(self.tracer, NativeTracer) or \
+                not self._boots_share_a_prefix():
             return self._emulate(until=self.success_addr)
         stop = self._emulate(until=self.snapshot_addr)
         if stop != StopReason.UNTIL:
             return stop
         self._count_blocks()
         return self._emulate(until=self.success_addr)
+
+    def _boots_share_a_prefix(self) -> bool:
+        """Whether this kernel's boot reaches the snapshot point before it reads the input,
+        so that every full boot, whatever its input, passes there first (the run must not
+        be stopped at a point it would never reach, and go past the success address). Learnt
+        once, by taking a snapshot."""
+        if self._boot_prefix is None:
+            probe = Executor(self.profile, native=self.native, fast_routines=self.fast_routines,
+                             count_blocks=False, causes=False)
+            self._boot_prefix = probe.snapshot is not None
+        return self._boot_prefix
 
     def _emulate(self, until: int) -> StopReason:
         """Run to `until`; why the guest stopped."""

@@ -8,6 +8,7 @@ a block, and the seed kernel's runs of mutated inputs, bug reproducers, hangs an
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,21 @@ def test_full_boots_are_the_same_counted_per_block(kernel: str) -> None:
         assert isinstance(blocks.tracer, NativeTracer) and blocks.tracer.counts_blocks
         stops.add(str(want.stop))
     assert {"until", "halt", "budget"} <= stops
+
+
+def test_a_boot_that_never_passes_the_snapshot_point_runs_whole() -> None:
+    """A profile whose snapshot point the boot never reaches (here: the panic handler, on an
+    input that does not panic): no snapshot, and full boots are not split there, so they still
+    stop at the success address, as per instruction."""
+    seed = load_profile("seed")
+    profile = replace(seed, kernel=replace(seed.kernel,
+                                           snapshot_symbol="__rustc::rust_begin_unwind"))
+    base = (ROOT / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes()
+    exact = Executor(profile, snapshot=False, count_blocks=False)
+    blocks = Executor(profile)  # its snapshot fails: full boots
+    assert blocks.snapshot is None and "snapshot disabled" in blocks.notes[0]
+    want = {k: v for k, v in exact.run(base).to_json().items() if k != "notes"}
+    assert want["stop"] == "until"
+    for executor in (blocks, Executor(profile, snapshot=False)):
+        got = executor.run(base).to_json()
+        assert {k: v for k, v in got.items() if k != "notes"} == want
