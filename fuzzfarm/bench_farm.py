@@ -63,7 +63,8 @@ def _run_farm(workers: int, seconds: float, slice_seconds: float, data: Path) ->
         while _campaign(store, cid).slices_done < workers or _backlog(store):
             time.sleep(2.0)
             if time.time() - start > seconds + 900:
-                raise RuntimeError("the farm did not settle; see " + str(data / "logs"))
+                raise RuntimeError(f"the farm with {workers} worker(s) did not settle: triage "
+                                   f"or minimization still busy after {seconds + 900:.0f} s")
         warmup = time.time() - start
         t0, execs0, cmds0 = time.time(), _campaign(store, cid).execs, _commands(store)
         while time.time() - t0 < seconds:
@@ -125,7 +126,11 @@ def bench_farm(seconds: float, slice_seconds: float, repeats: int, cap: float) -
         runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
         for r in range(repeats):
             for workers in (1, 2):
-                out = _run_farm(workers, seconds, slice_seconds, root / f"w{workers}-{r}")
+                try:
+                    out = _run_farm(workers, seconds, slice_seconds, root / f"w{workers}-{r}")
+                except RuntimeError as e:  # the farm's own failure, said as such
+                    print(f"fuzzfarm: error: {e}", file=sys.stderr)
+                    return 1
                 runs[workers].append(out)
                 print(f"   {workers} worker(s): {out['rate']:,.0f} execs/s, "
                       f"{out['commands'] * 1000 / max(out['execs'], 1):.2f} Redis commands "

@@ -111,7 +111,9 @@ def _triage(task: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
     try:
         if not isinstance(shas, list) or not all(isinstance(s, str) for s in shas):
             raise TypeError(f"triage needs a list of input ids, got {type(shas).__name__}")
-        return work.triage_inputs(store, _settings(), str(kernel), shas, send_minimize)
+        # with the inputs that slices added while this task waited in the queue
+        everything = [*shas, *store.triage.starting(str(kernel))]
+        return work.triage_inputs(store, _settings(), str(kernel), everything, send_minimize)
     except Exception as e:  # noqa: BLE001
         work.record_harness_error(store, "triage", f"{type(e).__name__}: {e}")
         if isinstance(shas, list):

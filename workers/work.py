@@ -334,9 +334,14 @@ class SliceStream:
         if not shas:
             return
         self.findings += len(shas)
+        # a triage task still queued for this build takes these too when it starts: a worker
+        # triages between its slices, so one task per flush would pile up
+        if not self.store.triage.should_send(self.kernel):
+            return
         try:
             self.enqueue_triage(self.kernel, shas)
         except Exception as e:  # noqa: BLE001 - the broker away: the controller sends them
+            self.store.triage.not_sent(self.kernel)
             log.warning("slice %s could not send %d input(s) to triage (the controller will "
                         "send them): %s", self.slice_id, len(shas), e)
 
@@ -477,35 +482,6 @@ class _CampaignWatch:
         if self.sub is not None:
             self._drop_subscription()
         self.done = True
-
-
-def _push_findings(store: FarmStore, work: Path, kernel: str, enqueue_triage: Enqueue) -> int:
-    """Send the slice's crashing inputs to triage, all in one task: one input per signature
-    (the job kept the smallest), and only when the bucket is new or this input is clearly
-    smaller than its smallest known input. Known buckets hit again are marked seen. The
-    job's own counts are in the slice's statistics."""
-    root = work / "solutions"
-    if not root.is_dir():
-        return 0
-    smallest: dict[str, Path] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        inputs = sorted(folder.glob("*.elf"), key=lambda p: (p.stat().st_size, p.name))
-        if inputs:
-            smallest[folder.name] = inputs[0]
-    known = store.buckets.smallest_sizes(list(smallest))
-    send: list[bytes] = []
-    for bid, path in smallest.items():
-        size = known.get(bid)
-        if size is None or path.stat().st_size < size * SHRINK_WORTH_TRIAGE:
-            send.append(path.read_bytes())
-    store.buckets.mark_seen([bid for bid, size in known.items() if size is not None])
-    if not send:
-        return 0
-    shas = store.blobs.put_many(send)
-    # recorded before the task is sent: if this worker dies now, the controller re-sends it
-    store.triage.pending(shas, kernel)
-    enqueue_triage(kernel, shas)
-    return len(shas)
 
 
 # triage --------------------------------------------------------------------------------------

@@ -159,6 +159,28 @@ def test_one_triage_task_queues_one_minimization_for_its_new_buckets(
     assert "Task workers.tasks.minimize[" not in log
 
 
+def test_a_triage_task_takes_the_inputs_slices_added_while_it_waited(
+        farm: Farm, store: FarmStore) -> None:
+    """A slice sends a triage task only when none of its build is queued; the one queued
+    triages, when it starts, every input pending for the build, its own and the later ones."""
+    app = make_app(Settings(redis_url=farm.url))
+    base = (EXAMPLES / "three-segments.elf").read_bytes()
+    first, later = [store.blobs.put_many([r.make(base)])
+                    for r in REPRODUCERS if r.bug in ("RX-01", "RX-04")]
+    store.triage.pending(first, "seed")
+    assert store.triage.should_send("seed")
+    app.send_task("workers.tasks.triage_many", args=["seed", first])
+    store.triage.pending(later, "seed")  # a later flush, while that task waits
+    assert not store.triage.should_send("seed")
+    farm.worker("w1")
+    wait_for(lambda: store.triage.backlog() == 0, 120, "both inputs to be triaged")
+    assert all(store.reports.get(sha, "seed") for sha in first + later)
+    log = farm.log("w1")
+    assert len(re.findall(r"Task workers\.tasks\.triage_many\[\S+\] received", log)) == 1
+    store.triage.pending(["0" * 64], "seed")
+    assert store.triage.should_send("seed")  # the task started: the next flush sends again
+
+
 def test_the_dashboard_s_coverage_button_runs_the_sample_on_a_worker(
         farm: Farm, store: FarmStore) -> None:
     from dashboard.app import create_app

@@ -219,6 +219,8 @@ def test_writes_use_the_schema_s_keys_and_fields(store: FarmStore, raw: redis.Re
     assert raw.hget("ff:bucket-sizes", "feedfacefeedface") == "5"
     store.triage.pending([sha], "seed")
     assert raw.zrange("ff:triage:pending", 0, -1) == [f"seed:{sha}"]
+    assert store.triage.should_send("seed")
+    assert raw.get("ff:triage:queued:seed") == "1" and raw.ttl("ff:triage:queued:seed") > 0
     store.stats.heartbeat("w@h", "fuzz", sid)
     beat = json.loads(raw.hget("ff:workers", "w@h"))
     assert list(beat) == ["task", "slice", "seen"] and beat["slice"] == sid
@@ -275,3 +277,21 @@ def test_a_split_moves_the_inputs_named(store: FarmStore) -> None:
     with pytest.raises(ValueError, match="not inputs"):
         store.buckets.split("s1", ["e" * 64], "none", sizes, lambda s: "y" * 16)
     assert [e["action"] for e in store.buckets.review_log()] == ["split"]
+
+
+def test_one_triage_task_at_a_time_is_queued_per_build(store: FarmStore) -> None:
+    """While a triage task of a build waits in the queue, flushes send none of their own: the
+    task takes every input pending for its build when it starts."""
+    store.triage.pending(["a1"], "seed")
+    assert store.triage.should_send("seed")
+    store.triage.pending(["a2"], "seed")
+    assert not store.triage.should_send("seed")  # the queued task will take a2 too
+    store.triage.pending(["b1"], "fixed")
+    assert store.triage.should_send("fixed")  # another build: a task of its own
+    assert sorted(store.triage.starting("seed")) == ["a1", "a2"]
+    store.triage.done(["a1", "a2"], "seed")
+    store.triage.pending(["a3"], "seed")
+    assert store.triage.should_send("seed")  # the task started: the next input sends one
+    store.triage.not_sent("seed")  # ... which the broker refused
+    assert store.triage.should_send("seed")
+    assert store.triage.starting("fixed") == ["b1"]

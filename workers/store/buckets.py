@@ -47,6 +47,12 @@ Schema
     `<kernel>:<sha256>` → when sent, by Redis's clock: triage not yet finished; the
     controller re-sends entries older than `FUZZFARM_TRIAGE_GRACE`.
     Written by: slices (before sending), triage (removes).
+`ff:triage:queued:<kernel>` (string, expires after `QUEUED_TTL` s)
+    Set by the slice that sends a triage task for the build, deleted by that task when it
+    starts, which then takes every input pending for the build: while it is set, slices add
+    their inputs to the pending set and send no task of their own (a worker triages between
+    its slices, so one task per flush would pile up faster than workers take them).
+    Written by: slices (set), triage (deletes).
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ SEEN = "ff:bucket-seen"
 ALIAS = "ff:bucket-alias"
 LOG = "ff:bucket-log"
 PENDING = "ff:triage:pending"
+QUEUED = "ff:triage:queued:"
+# a task sent and never started (lost with its worker) stops holding back new ones after this;
+# the controller re-sends its inputs anyway once they are older than the triage grace
+QUEUED_TTL = 300
 SAMPLES_KEPT = 5
 
 
@@ -477,6 +487,22 @@ class Triage:
     def done(self, shas: list[str], kernel: str) -> None:
         if shas:
             self._r.zrem(PENDING, *[f"{kernel}:{sha}" for sha in shas])
+
+    def should_send(self, kernel: str) -> bool:
+        """Whether to send a triage task for `kernel`'s pending inputs (call after
+        :meth:`pending`): not while one sent before has not started yet, since that one takes
+        them all (:meth:`starting`)."""
+        return bool(self._r.set(QUEUED + kernel, "1", nx=True, ex=QUEUED_TTL))
+
+    def not_sent(self, kernel: str) -> None:
+        """The task :meth:`should_send` allowed could not be sent: the next flush sends one."""
+        self._r.delete(QUEUED + kernel)
+
+    def starting(self, kernel: str) -> list[str]:
+        """A triage task for `kernel` starts: the next input pending sends a task again, and
+        this one takes every input pending for the build now (their shas)."""
+        self._r.delete(QUEUED + kernel)
+        return [sha for sha, k in self.waiting() if k == kernel]
 
     def stale(self, older_than: float) -> list[tuple[str, str]]:
         """(sha, kernel) of the inputs waiting longer than `older_than` seconds."""
