@@ -46,13 +46,14 @@ def test_the_guard_waits_for_a_worker_but_not_for_a_reader(tmp_path: Path) -> No
     guard, url = _guarded_server(tmp_path)
     worker, reader = FarmStore.connect(url, "worker"), FarmStore.connect(url, "cli")
     try:
-        worker.ping(), reader.ping()
+        worker.ping()
+        reader.ping()
         assert reader.clients(("worker", "controller")) == 1
         assert reader.clients() >= 2
         guard.send_signal(signal.SIGTERM)
         # the worker still has its report to send: the server stays up for it
         assert not _stopped_within(guard, 3.0)
-        worker.campaigns.server_time()
+        worker.campaigns.server_time()  # its last report
         worker.close()
         closed = time.monotonic()
         # the reader's open connection does not hold the stop up
