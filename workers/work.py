@@ -300,9 +300,10 @@ class SliceStream:
         self.new_inputs += len(fresh)
 
     def _push_findings(self) -> None:
-        """Crashing inputs to triage, all in one task: per signature the smallest input the
-        job kept, when the bucket is new to this slice and to the farm or the input is clearly
-        smaller than the smallest known one. Known buckets hit again are marked seen."""
+        """Crashing inputs to triage (in one task, unless a task of this build is queued
+        already, which takes them): per signature the smallest input the job kept, when the
+        bucket is new to this slice and to the farm or the input is clearly smaller than the
+        smallest known one. Known buckets hit again are marked seen."""
         root = self.work / "solutions"
         if not root.is_dir():
             return
