@@ -167,11 +167,16 @@ class Executor:
         self.tracer.fast_forward(sites, [(b.base, b.size, b.address, b.absent_zero)
                                          for b in self.machine.banks])
 
+    @property
+    def _can_count_blocks(self) -> bool:
+        return self.count_blocks and isinstance(self.tracer, NativeTracer)
+
     def _count_blocks(self) -> None:
         """Count instructions per block from here to the run's end (the success address) on
         the current machine. The firmware's boot-service stubs stop the guest right after an
         `out`: they run under the per-instruction hook."""
-        if self.count_blocks and isinstance(self.tracer, NativeTracer):
+        if self._can_count_blocks:
+            assert isinstance(self.tracer, NativeTracer)
             self.tracer.count_blocks(self.image.text_ranges, [(FIRMWARE_BASE, FIRMWARE_END)],
                                      self.success_addr)
 
@@ -407,8 +412,7 @@ class Executor:
         """A full boot: to the snapshot point per instruction, as the snapshot's boot runs,
         and from there per block (the code before it is not all fixed: an ELF build's boot
         copies code, for one)."""
-        if not self.count_blocks or not isinstance(self.tracer, NativeTracer) or \
-                not self._boots_share_a_prefix():
+        if not self._can_count_blocks or not self._boots_share_a_prefix():
             return self._emulate(until=self.success_addr)
         stop = self._emulate(until=self.snapshot_addr)
         if stop != StopReason.UNTIL:

@@ -108,16 +108,17 @@ def triage_many(self: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]
 def _triage(task: Any, kernel: str, shas: list[str]) -> list[dict[str, Any]]:
     store = _store()
     store.stats.heartbeat(_worker_name(task), "triage")
+    taken: list[str] = []  # the inputs slices added while this task waited in the queue
     try:
         if not isinstance(shas, list) or not all(isinstance(s, str) for s in shas):
             raise TypeError(f"triage needs a list of input ids, got {type(shas).__name__}")
-        # with the inputs that slices added while this task waited in the queue
-        everything = [*shas, *store.triage.starting(str(kernel))]
-        return work.triage_inputs(store, _settings(), str(kernel), everything, send_minimize)
+        taken = store.triage.starting(str(kernel))
+        return work.triage_inputs(store, _settings(), str(kernel), [*shas, *taken],
+                                  send_minimize)
     except Exception as e:  # noqa: BLE001
         work.record_harness_error(store, "triage", f"{type(e).__name__}: {e}")
-        if isinstance(shas, list):
-            store.triage.done([str(s) for s in shas], str(kernel))
+        given = [str(s) for s in shas] if isinstance(shas, list) else []
+        store.triage.done([*given, *taken], str(kernel))
         return [{"state": "harness-error"}]
 
 

@@ -146,9 +146,10 @@ def test_full_boots_are_the_same_counted_per_block(kernel: str) -> None:
 
 
 def test_a_boot_that_never_passes_the_snapshot_point_runs_whole() -> None:
-    """A profile whose snapshot point the boot never reaches (here: the panic handler, on an
-    input that does not panic): no snapshot, and full boots are not split there, so they still
-    stop at the success address, as per instruction."""
+    """A profile whose snapshot point comes after the kernel reads its input (here: the panic
+    handler, which an input that does not panic never reaches at all): no snapshot, and full
+    boots are not split there, so they still stop at the success address, as per
+    instruction."""
     seed = load_profile("seed")
     profile = replace(seed, kernel=replace(seed.kernel,
                                            snapshot_symbol="__rustc::rust_begin_unwind"))
