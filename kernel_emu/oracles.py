@@ -332,7 +332,7 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     state += _segment_findings(log, expected, frames, cut_short=stop == StopReason.BUDGET)
     if stop == StopReason.UNTIL:
         state += user_space_findings(m, image, profile, log, expected, frames, kstack_base,
-                                     obs.file)
+                                     obs.file, segments)
     if stop == StopReason.UNTIL or (stop == StopReason.HALT and log.rejected is not None):
         # a settled kernel: everything the run allocated is freed or still in use. Entering
         # user mode abandons the kernel stack (the next entry starts at its top), so only a

@@ -11,7 +11,7 @@ same page as a page-by-page scan would.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from kernel_emu import pagewalk
@@ -22,6 +22,11 @@ from kernel_emu.machine import PAGE, Machine
 from kernel_emu.profile import TargetProfile
 from kernel_emu.result import CrashClass, Finding
 
+try:
+    from kernel_emu import _walk as native_walker
+except ImportError:  # not built: the Python oracle gives the same answer, slower
+    native_walker = None  # type: ignore[assignment]
+
 USER_STACK_PAGES = 64
 # a page walk under the run's final CR3: the leaf mapping a virtual address (None: not mapped)
 Translate = Callable[[int], pagewalk.Mapping | None]
@@ -29,8 +34,48 @@ Translate = Callable[[int], pagewalk.Mapping | None]
 
 def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log: KernelLog,
                         expected: list[dict[str, int]], frames: list[str],
-                        kstack_base: int | None, file: bytes = b"") -> list[Finding]:
-    """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop)."""
+                        kstack_base: int | None, file: bytes = b"",
+                        segments: Sequence[tuple[int, int, int, int, int]] | None = None
+                        ) -> list[Finding]:
+    """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop).
+    `segments`: `expected` as (vaddr, memsz, filesz, offset, flags) tuples, when the caller
+    has them. An address space with nothing to report is nearly always recognised natively;
+    anything else is judged below, findings and all."""
+    kernel_phys = kernel_ranges(image, prof, kstack_base)
+    if native_walker is not None:
+        if segments is None:
+            segments = [(s["vaddr"], s["memsz"], s["filesz"], s["offset"], s["flags"])
+                        for s in expected]
+        stack_top = log.user_entry[1] if log.user_entry else None
+        low = m.banks[0]
+        if native_walker.user_space_clean(
+                low.buffer, low.base, m.reg("cr3"), m.reg("rsp"), prof.kernel.user_top,
+                segments, file, [(lo, hi) for lo, hi, _ in kernel_phys],
+                None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top),
+                pagewalk.MAX_LEAVES):
+            return []
+    return user_space_findings_python(m, prof, log, expected, frames, kernel_phys, file)
+
+
+def kernel_ranges(image: KernelImage, prof: TargetProfile,
+                  kstack_base: int | None) -> list[tuple[int, int, str]]:
+    """Physical memory no user page may map: (start, end, what it is)."""
+    kernel_phys = [(image.start, image.end, "kernel image"),
+                   (prof.heap.base, prof.heap.end, "kernel heap"),
+                   (0, 0x10_0000, "firmware memory"),
+                   (prof.memory.ramdisk_base, prof.memory.ramdisk_base + prof.memory.ramdisk_size,
+                    "the ramdisk")]
+    if kstack_base:
+        kernel_phys.append((kstack_base - PAGE, kstack_base + prof.kernel.stack_size,
+                            "kernel stack"))
+    return kernel_phys
+
+
+def user_space_findings_python(m: Machine, prof: TargetProfile, log: KernelLog,
+                               expected: list[dict[str, int]], frames: list[str],
+                               kernel_phys: list[tuple[int, int, str]],
+                               file: bytes = b"") -> list[Finding]:
+    """The whole oracle in Python: the reference, and the judge of anything to report."""
     cr3 = m.reg("cr3")
     tables: set[int] = set()
     runs = pagewalk.walk_user(m, cr3, tables, runs=True)
@@ -78,14 +123,6 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                                    field=f"segments[{i}].flags"))
                 break
     stack_top = log.user_entry[1] if log.user_entry else None
-    kernel_phys = [(image.start, image.end, "kernel image"),
-                   (prof.heap.base, prof.heap.end, "kernel heap"),
-                   (0, 0x10_0000, "firmware memory"),
-                   (prof.memory.ramdisk_base, prof.memory.ramdisk_base + prof.memory.ramdisk_size,
-                    "the ramdisk")]
-    if kstack_base:
-        kernel_phys.append((kstack_base - PAGE, kstack_base + prof.kernel.stack_size,
-                            "kernel stack"))
     bad = first_bad_mapping(runs, prof.kernel.user_top, kernel_phys, sorted(tables))
     if bad is not None:
         # the most specific evidence first: a user page over kernel memory (a missing bound)

@@ -18,6 +18,10 @@
  *   tables     [table address] of every table visited
  *   None       a table lies outside `ram`: the caller walks in Python instead
  *
+ * user_space_clean(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack,
+ *                  max_leaves) -> bool
+ *   Whether the user-space oracle would report nothing: see userspace.h.
+ *
  * dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0)
  *     -> (pages, tables, executable) | int | None
  *   The same RAM, every present entry, user or not, in walk order:
@@ -124,15 +128,44 @@ typedef struct {
     Py_ssize_t seen;  /* leaves so far */
     int runs;
     Run run;          /* the entry being built; count 0: none */
-    PyObject *leaves;
+    PyObject *leaves; /* leaves and tables NULL: into the arrays below (userspace.h) */
     PyObject *tables;
     int outside;
+    Run *out;
+    Py_ssize_t nout, capout;
+    uint64_t *tabs;
+    Py_ssize_t ntabs, captabs;
 } Walk;
+
+/* Append one item to a PyMem array that grows by doubling; -1 with MemoryError set. */
+static int grow(void **items, Py_ssize_t *n, Py_ssize_t *cap, size_t size)
+{
+    if (*n < *cap) {
+        return 0;
+    }
+    Py_ssize_t more = *cap ? 2 * *cap : 64;
+    void *bigger = PyMem_Realloc(*items, (size_t)more * size);
+    if (bigger == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *items = bigger;
+    *cap = more;
+    return 0;
+}
 
 static int flush_run(Walk *w)
 {
     Run *r = &w->run;
     if (r->count == 0) {
+        return 0;
+    }
+    if (w->leaves == NULL) {
+        if (grow((void **)&w->out, &w->nout, &w->capout, sizeof *w->out) < 0) {
+            return -1;
+        }
+        w->out[w->nout++] = *r;
+        r->count = 0;
         return 0;
     }
     PyObject *item = Py_BuildValue("(KKKOOKO)", (unsigned long long)r->vaddr,
@@ -184,12 +217,19 @@ static int walk(Walk *w, uint64_t table, int level, uint64_t base, int writable,
         w->outside = 1;
         return 0;
     }
-    PyObject *addr = PyLong_FromUnsignedLongLong(table);
-    if (addr == NULL || PyList_Append(w->tables, addr) < 0) {
-        Py_XDECREF(addr);
-        return -1;
+    if (w->tables == NULL) {
+        if (grow((void **)&w->tabs, &w->ntabs, &w->captabs, sizeof *w->tabs) < 0) {
+            return -1;
+        }
+        w->tabs[w->ntabs++] = table;
+    } else {
+        PyObject *addr = PyLong_FromUnsignedLongLong(table);
+        if (addr == NULL || PyList_Append(w->tables, addr) < 0) {
+            Py_XDECREF(addr);
+            return -1;
+        }
+        Py_DECREF(addr);
     }
-    Py_DECREF(addr);
     const uint8_t *entries = w->ram + (table - w->base);
     unsigned shift = 12 + 9 * (unsigned)(level - 1);
     for (unsigned i = 0; i < 512; i++) {
@@ -232,7 +272,7 @@ static PyObject *user_leaves(PyObject *self, PyObject *args)
         return NULL;
     }
     Walk w = {ram.buf, base, (uint64_t)ram.len, max_leaves, 0, runs, {0, 0, 0, 0, 0, 0, 0},
-              PyList_New(0), PyList_New(0), 0};
+              PyList_New(0), PyList_New(0), 0, NULL, 0, 0, NULL, 0, 0};
     PyObject *result = NULL;
     if (w.leaves != NULL && w.tables != NULL && (uint64_t)ram.len >= PAGE &&
         walk(&w, cr3, 4, 0, 1, 0) == 0 && flush_run(&w) == 0) {
@@ -249,6 +289,8 @@ static PyObject *user_leaves(PyObject *self, PyObject *args)
     PyBuffer_Release(&ram);
     return result;
 }
+
+#include "userspace.h"
 
 typedef struct {
     const uint8_t *ram;
@@ -1350,6 +1392,10 @@ static PyMethodDef methods[] = {
      "to the host instead of written."},
     {"user_leaves", user_leaves, METH_VARARGS,
      "user_leaves(ram, base, cr3, max_leaves, runs=0) -> (leaves, tables) | None"},
+    {"user_space_clean", user_space_clean, METH_VARARGS,
+     "user_space_clean(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack, "
+     "max_leaves) -> bool\n\nTrue only when kernel_emu.userspace.user_space_findings would "
+     "report nothing."},
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
      "(pages, tables, executable) | int | None"},
