@@ -319,7 +319,7 @@ static PyObject *user_space_clean(PyObject *self, PyObject *args)
     }
     if (n > MAX_CLEAN_SEGMENTS || (uint64_t)ram.len < PAGE ||
         (stack_arg != Py_None && u64_items(stack_arg, stack, 2) < 0)) {
-        goto decided;
+        goto done;
     }
     segs = PyMem_Calloc((size_t)n + 1, sizeof *segs);
     phys = PyMem_Calloc((size_t)nphys + 1, sizeof *phys);
@@ -335,7 +335,7 @@ static PyObject *user_space_clean(PyObject *self, PyObject *args)
         Py_XDECREF(item);
         if (bad) {
             PyErr_Clear();
-            goto decided;
+            goto done;
         }
         segs[i] = (Seg){v[0], v[1], v[2], v[3], v[4]};
     }
@@ -345,7 +345,7 @@ static PyObject *user_space_clean(PyObject *self, PyObject *args)
         Py_XDECREF(item);
         if (bad) {
             PyErr_Clear();
-            goto decided;
+            goto done;
         }
     }
     if (walk(&w, cr3, 4, 0, 1, 0) < 0 || flush_run(&w) < 0) {
@@ -357,15 +357,6 @@ static PyObject *user_space_clean(PyObject *self, PyObject *args)
                                     (uint64_t)file.len, (const uint64_t (*)[2])phys, nphys,
                                     stack_arg != Py_None ? stack : NULL, covered);
     }
-decided:
-    PyMem_Free(segs);
-    PyMem_Free(phys);
-    PyMem_Free(covered);
-    PyMem_Free(w.out);
-    PyMem_Free(w.tabs);
-    PyBuffer_Release(&ram);
-    PyBuffer_Release(&file);
-    return PyBool_FromLong(clean);
 done:
     PyMem_Free(segs);
     PyMem_Free(phys);
@@ -374,5 +365,6 @@ done:
     PyMem_Free(w.tabs);
     PyBuffer_Release(&ram);
     PyBuffer_Release(&file);
-    return PyErr_Occurred() ? NULL : PyBool_FromLong(0);
+    /* an error left set is ours (no memory); what the check could not read is cleared */
+    return PyErr_Occurred() ? NULL : PyBool_FromLong(clean);
 }
