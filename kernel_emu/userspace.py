@@ -6,6 +6,10 @@ covers, and an entry into ring 3 at user-executable code with a writable stack.
 The page walk comes as runs of consecutive pages (a 16 MiB segment is a dozen runs, not 4096
 mappings); every check finds the first page of a run it applies to, so the findings name the
 same page as a page-by-page scan would.
+
+Most runs have nothing to report. The native check (native/userspace.h) makes the same checks
+on one walk and says so; whatever it cannot vouch for is judged here, and this module stays
+the reference for what the oracle finds.
 """
 
 from __future__ import annotations
