@@ -41,7 +41,7 @@ def _spoil(rng: random.Random, m: Machine, args: dict[str, Any]) -> list[tuple[i
     """Write over one thing the oracle looks at; returns what to put back."""
     cr3, rsp = m.reg("cr3"), m.reg("rsp")
     leaves = pagewalk.walk_user(m, cr3, None)
-    tables = sorted(pagewalk_tables(m, cr3))
+    tables = sorted(_tables(m, cr3))
     kernel = [lo for lo, _, _ in userspace.kernel_ranges(args["image"], args["prof"],
                                                         args["kstack_base"])]
     frames = [*kernel, *tables, 0x10_0000, rng.randrange(1 << 40) & ~(PAGE - 1)]
@@ -79,7 +79,7 @@ def _spoil(rng: random.Random, m: Machine, args: dict[str, Any]) -> list[tuple[i
     return []  # kind 4, or nothing to spoil: the address space as the kernel left it
 
 
-def pagewalk_tables(m: Machine, cr3: int) -> set[int]:
+def _tables(m: Machine, cr3: int) -> set[int]:
     tables: set[int] = set()
     pagewalk.walk_user(m, cr3, tables)
     return tables
