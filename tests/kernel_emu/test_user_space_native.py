@@ -104,6 +104,7 @@ def _compare(kernel: str, runs: int, spoils: int, seed: int,
     def both(m: Machine, image: Any, prof: Any, log: Any, expected: Any, frames: Any,
              kstack_base: Any, file: bytes = b"", segments: Any = None) -> list[Any]:
         args = {"image": image, "prof": prof, "expected": expected, "kstack_base": kstack_base}
+        found: list[Any] = []
         for spoil in range(spoils + 1):
             undo = _spoil(rng, m, args) if spoil else []
             try:
@@ -118,7 +119,9 @@ def _compare(kernel: str, runs: int, spoils: int, seed: int,
             assert got == want, (kernel, spoil, [f.field for f in want])
             counts[0] += 1
             counts[1 if not want else 2] += 1
-        return real(m, image, prof, log, expected, frames, kstack_base, file, segments)
+            if not spoil:
+                found = got  # the run's own findings, as the kernel left it
+        return found
 
     monkeypatch.setattr(oracles, "user_space_findings", both)
     ex = Executor(load_profile(kernel), explain=False, causes=False)
