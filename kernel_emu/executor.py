@@ -502,10 +502,15 @@ def run_guest(m: Machine, tracer: GuestTracer, faults: FaultObserver, firmware: 
     A boot-service stub stops the guest right after its `out`; the firmware performs the
     service (`served` is told) and the guest resumes. A spent budget with no fault lets the
     guest on while `keep_going()` says so (the watchdog's checkpoints)."""
-    counting = tracer if isinstance(tracer, NativeTracer) and tracer.counts_blocks else None
+    native = tracer if isinstance(tracer, NativeTracer) else None
+    counting = native if native is not None and native.counts_blocks else None
     if counting is not None and until != counting.until:
         raise HarnessError(f"the tracer counts blocks for runs to {counting.until:#x}, "
                            f"not {until:#x}")
+    if native is not None:
+        # the native tracer stops the guest there itself: Unicorn's `until` costs a
+        # translation of the block before it in every run that reaches it
+        native.exit_at(until)
     while True:
         try:
             m.uc.emu_start(m.reg("rip"), until)
@@ -524,6 +529,8 @@ def run_guest(m: Machine, tracer: GuestTracer, faults: FaultObserver, firmware: 
         served()
         if firmware.state.efi_main_status is not None:
             return StopReason.EFI_RETURN
+        if native is not None and native.exited:
+            break  # as `until` would end the run at once when it resumed there
     pc = m.reg("rip")
     if counting is not None:
         if faults.fault is not None:

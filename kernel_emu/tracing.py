@@ -624,6 +624,7 @@ class NativeTracer:
         self._handles: list[int] = []
         self._code_hook: int | None = None
         self.until: int | None = None  # while counting blocks: where every run goes
+        self._exits_taken = False  # whether exit_at turned Unicorn's own exits off
         address = self._state.address
         try:
             hooks = [(UC_HOOK_CODE, native_tracer.CODE_HOOK),
@@ -663,7 +664,34 @@ class NativeTracer:
         if uc is not None:
             pc = uc.reg_read(UC_X86_REG_RIP)
             uc.ctl_remove_cache(pc, pc + 1)
-            uc.emu_start(pc, pc)
+            if self._exits_taken:
+                uc.ctl_set_exits([pc])
+            try:
+                uc.emu_start(pc, pc)
+            finally:
+                if self._exits_taken:
+                    uc.ctl_set_exits([])
+
+    def exit_at(self, address: int) -> None:
+        """Native only: stop the guest before the instruction at `address`, uncounted, as
+        ``emu_start``'s `until` would (which from now on has no effect on this engine):
+        :attr:`exited` tells when it did. Unicorn, given `until`, walks the page of `until -
+        1` at the end of every ``emu_start`` and drops the block translated there, the last
+        one before the stop, which the next run must then translate again."""
+        uc = self._uc
+        if uc is None:
+            raise ValueError("the tracer is detached")
+        if not self._exits_taken:
+            # exit points on and none set: Unicorn neither stops nor walks anything
+            uc.ctl_exits_enabled(True)
+            uc.ctl_set_exits([])
+            self._exits_taken = True
+        self._state.set_exit(address)
+
+    @property
+    def exited(self) -> bool:
+        """Whether the guest stopped at :meth:`exit_at`'s address since reset."""
+        return bool(self._state.exit_hit)
 
     def extend(self, budget: int, limit: int | None = None) -> None:
         self._state.extend(_check_budget(budget), None if limit is None else _check_budget(limit))
@@ -809,8 +837,8 @@ class NativeTracer:
         with the same counts, stops and events (see ``kernel_emu/native/blockcount.h``):
         `text` holds the [start, end) ranges of code that never changes, `precise` ranges
         run under the per-instruction hook always (code that stops the guest at an ``out``),
-        and every ``emu_start`` must run to `until`. After a fault, :meth:`settle` mends the
-        count before it is read."""
+        and every run must stop at `until` (:meth:`exit_at`). After a fault, :meth:`settle`
+        mends the count before it is read."""
         uc = self._uc
         if uc is None or self._code_hook is None:
             raise ValueError("the tracer is detached or counts blocks already")
@@ -864,6 +892,9 @@ class NativeTracer:
             if status != 0:
                 errors.append(status)
         self._handles.clear()
+        if self._exits_taken:
+            uc.ctl_exits_enabled(False)  # `until` stops the guest again
+            self._exits_taken = False
         if errors:
             # A hook may still point at the state: keep it owned by the engine forever
             # rather than risk a callback into freed memory.

@@ -22,8 +22,11 @@
  *   precise.
  * - Precise ranges: the code hook over a whole block, counting each
  *   instruction as without this mode.  A block runs precise when it reaches
- *   the `until` address (Unicorn ends the block there with an exit that is no
- *   instruction), lies outside the ranges the owner vouches hold fixed code,
+ *   the `until` address: with Unicorn's own until, Unicorn ends the block
+ *   there with an exit that is no instruction; with the tracer's exit there
+ *   (set_exit), the code hook stops the guest at it (at a block's first
+ *   instruction, the block hook does).  It also runs precise when it lies
+ *   outside the ranges the owner vouches hold fixed code,
  *   holds a point it cannot place, overlaps a precise range in part, or when
  *   the budget ends inside it.  The block hook runs before the block's first
  *   instruction, and Unicorn checks for a stop or a new pc right after it, so

@@ -233,6 +233,11 @@ typedef struct {
     uint64_t stop_armed_at; /* count when armed: the stopped instruction is no arrival */
     int stop_hit;
     int quiet_block;
+    /* set_exit: the guest stops before the instruction at exit_addr, as
+     * Unicorn's `until` would stop it, with nothing of it run or counted
+     * (UINT64_MAX: no exit); exit_hit: it did since the last reset. */
+    uint64_t exit_addr;
+    int exit_hit;
     /* stop_when_same: the arrivals at stop_addr stop the guest only when these
      * registers equal those of the first arrival (read when it comes, with no
      * stop), and the search ends by itself after same_max arrivals past the
@@ -481,6 +486,12 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
 {
     TracerState *s = (TracerState *)user_data;
     (void)size;
+    if (UNLIKELY(address == s->exit_addr)) {
+        /* before anything else, as Unicorn's `until` comes before any hook */
+        s->exit_hit = 1;
+        s->emu_stop(uc);
+        return;
+    }
     if (s->icount < s->budget) {
         /* Watching happens only here, for instructions that will run: one
          * the budget or a service stop keeps from running is announced
@@ -537,6 +548,15 @@ static void block_hook_counting(TracerState *s, void *uc, uint64_t address, uint
 static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     TracerState *s = (TracerState *)user_data;
+    if (UNLIKELY(address == s->exit_addr)) {
+        /* a block the guest never enters under Unicorn's `until`: the code
+         * hook at its first instruction stops it, counting off */
+        if (s->bc != NULL) {
+            s->exit_hit = 1;
+            s->emu_stop(uc);
+        }
+        return;
+    }
     if (s->bc != NULL) {
         block_hook_counting(s, uc, address, size);
         return;
@@ -917,6 +937,7 @@ static PyObject *State_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     s->reg_write = (uc_reg_write_fn)(uintptr_t)reg_write;
     s->memo_site = UINT64_MAX;
     s->stop_addr = UINT64_MAX;
+    s->exit_addr = UINT64_MAX;
     s->coverage_on = coverage;
     s->emu_stop = (uc_emu_stop_fn)(uintptr_t)emu_stop;
     s->reg_read = (uc_reg_read_fn)(uintptr_t)reg_read;
@@ -1003,6 +1024,7 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     }
     s->stop_left = 0;
     s->stop_hit = 0;
+    s->exit_hit = 0;
     s->same_on = 0;
     s->quiet_block = 0;
     s->events_seen = 0;
@@ -1260,6 +1282,20 @@ static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
     s->stop_armed_at = s->icount;
     s->stop_hit = 0;
     rebuild_filter(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_set_exit(TracerState *s, PyObject *arg)
+{
+    uint64_t a = UINT64_MAX;
+    if (arg != Py_None) {
+        a = PyLong_AsUnsignedLongLong(arg);
+        if (a == (uint64_t)-1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    s->exit_addr = a;
+    s->exit_hit = 0;
     Py_RETURN_NONE;
 }
 
@@ -2065,7 +2101,12 @@ static PyMethodDef State_methods[] = {
      "count_blocks(uc, uc_hook_add, uc_hook_del, uc_ctl, text, precise, until) -> None\n\n"
      "Count instructions per translated block from now on (see blockcount.h); the global "
      "code hook must be gone. text: the [start, end) ranges of fixed code; precise: ranges "
-     "run under the code hook always; until: the address every emu_start runs to."},
+     "run under the code hook always; until: where every run stops (emu_start's until, or "
+     "the exit of set_exit)."},
+    {"set_exit", (PyCFunction)State_set_exit, METH_O,
+     "set_exit(address) -> None\n\nStop the guest before the instruction at address, "
+     "uncounted, before any other hook acts there, as Unicorn's until does (None or 2**64-1: "
+     "no exit); kept by reset."},
     {"stop_counting_blocks", (PyCFunction)State_stop_counting_blocks, METH_NOARGS,
      "stop_counting_blocks() -> None\n\nRemove the hooks of counting per block (points and "
      "precise ranges) and forget it; the owner detaches, or adds a code hook over all code."},
@@ -2176,6 +2217,12 @@ static PyObject *State_get_stop_hit(TracerState *s, void *closure)
     return PyBool_FromLong(s->stop_hit);
 }
 
+static PyObject *State_get_exit_hit(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(s->exit_hit);
+}
+
 static PyObject *State_get_blocks(TracerState *s, void *closure)
 {
     (void)closure;
@@ -2229,6 +2276,8 @@ static PyGetSetDef State_getset[] = {
     {"same_arrivals", (getter)State_get_same_arrivals, NULL,
      "Arrivals past the first of the current stop_when_same search.", NULL},
     {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
+    {"exit_hit", (getter)State_get_exit_hit, NULL,
+     "True once the guest stopped at the exit (set_exit) since reset.", NULL},
     {"blocks", (getter)State_get_blocks, NULL, "Block entries recorded since reset.", NULL},
     {"event_count", (getter)State_get_event_count, NULL,
      "Watch events recorded or dropped since reset, taken or not.", NULL},

@@ -31,11 +31,12 @@ END_TAIL = bytes.fromhex("83c007" "f4")
 ROOT = Path(__file__).parents[2]
 
 
-def _machine(code: bytes, blocks: bool) -> tuple[Uc, NativeTracer, int]:
+def _machine(code: bytes, blocks: bool,
+             until: int = BASE + 0x80) -> tuple[Uc, NativeTracer, int]:
+    """`until` by default is never reached: hlt stops the guest, in a block counted whole."""
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000)
     uc.mem_write(BASE, code)
-    until = BASE + 0x80  # never reached: hlt stops the guest, in a block counted whole
     tracer = attach_tracer(uc, [(0, 0x10000)], native=True, coverage=True)
     assert isinstance(tracer, NativeTracer)
     tracer.watch([WATCHED])
@@ -84,6 +85,34 @@ def test_a_fault_part_way_through_a_block_is_counted_to_the_faulting_instruction
     # and stopped by a budget before it, in the block that faults
     for budget in range(want["instructions"] - 3, want["instructions"] + 1):
         assert _run(*blocks, budget) == _run(*exact, budget), budget
+
+
+# the address of each instruction of HEAD + END_TAIL
+INSTRUCTIONS = [BASE, LOOP, LOOP + 3, WATCHED, WATCHED + 1, WATCHED + 3, WATCHED + 5,
+                WATCHED + 8, WATCHED + 11]
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["per-instruction", "per-block"])
+def test_the_tracers_exit_stops_where_unicorns_until_does(blocks: bool) -> None:
+    """`exit_at` in place of emu_start's `until`: at every instruction, at a block's start
+    or inside it, the watched one included, with budgets that end before, at and after it,
+    the same count, registers, events, recent blocks and coverage as `until` gives."""
+    code = HEAD + END_TAIL
+    for stop in INSTRUCTIONS:
+        # both count blocks for runs to `stop`: one stopped there by Unicorn, one by the tracer
+        want_uc, want_tracer, _ = _machine(code, blocks, until=stop)
+        uc, tracer, _ = _machine(code, blocks, until=stop)
+        tracer.exit_at(stop)
+        first = _run(want_uc, want_tracer, stop, 10**6)["instructions"]
+        # from the largest budget down: the runs that reach it before those that do not
+        for budget in sorted({0, 1, max(first - 1, 0), first, first + 1, 10**6}, reverse=True):
+            want = _run(want_uc, want_tracer, stop, budget)
+            got = _run(uc, tracer, 0, budget)  # `until` has no effect once exits are taken
+            assert got == want, (hex(stop), budget)
+            assert tracer.exited == (not want["exhausted"] and want["rip"] == stop)
+        assert tracer.exited == (stop == BASE)  # the last one, budget 0, reaches only BASE
+        tracer.detach()
+        assert _run(uc, tracer, LOOP, 10**6)["rip"] == LOOP  # and `until` stops it again
 
 
 def _job_inputs(base: bytes) -> list[bytes]:
