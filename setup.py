@@ -14,7 +14,8 @@ setup(
         Extension(
             "kernel_emu._walk",
             ["kernel_emu/native/walk.c"],
-            depends=["kernel_emu/native/pagemap.h", "kernel_emu/native/userspace.h"],
+            depends=["kernel_emu/native/pagemap.h", "kernel_emu/native/reach.h",
+                     "kernel_emu/native/userspace.h"],
             extra_compile_args=["-O2"],
         ),
         Extension(

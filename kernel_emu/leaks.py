@@ -24,15 +24,18 @@ from kernel_emu.machine import Machine
 from kernel_emu.result import CrashClass, Finding
 
 try:
-    from kernel_emu._walk import held_words
+    from kernel_emu._walk import held_words, leaks_reached
 except ImportError:  # not built: the scan below, in Python
     held_words = None  # type: ignore[assignment]
+    leaks_reached = None  # type: ignore[assignment]
 
 PF_W = 2
 # a block larger than this is scanned only up to it (a loaded segment's bytes, not a table)
 SCAN_LIMIT = 1 << 20
 # regions up to this size are read as a set of words (faster than a search per allocation)
 WORDS_AT_ONCE = 1 << 16
+# live allocations the native check judges at most (more: the scan below, as ever)
+NATIVE_MAX_LIVE = 1 << 16
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12",
              "r13", "r14", "r15")
 
@@ -48,16 +51,31 @@ def leak_findings(m: Machine, image: KernelImage, live: Sequence[Allocation],
         return []
     if registers is None:
         registers = m.registers()
-    pending = {a.ptr: a for a in live}
-    values = {registers[r] for r in REGISTERS}
-    in_registers = [pending.pop(ptr) for ptr in [p for p in pending if p in values]]
-    regions: list[tuple[int, int]] = [(s.vaddr, s.memsz) for s in image.segments
-                                      if s.flags & PF_W]
-    regions += [(a.ptr, min(max(a.size, 1), SCAN_LIMIT)) for a in in_registers]
+    roots: list[tuple[int, int]] = [(s.vaddr, s.memsz) for s in image.segments
+                                    if s.flags & PF_W]
     if stack is not None:
         rsp = registers["rsp"]
         low = rsp if stack[0] <= rsp < stack[1] else stack[0]
-        regions.append((low, stack[1] - low))
+        roots.append((low, stack[1] - low))
+    if leaks_reached is not None:
+        # nothing leaked, as is nearly always so, is told natively; anything else is found
+        # below, which gives the finding
+        low_bank = m.banks[0]
+        if leaks_reached(low_bank.buffer, low_bank.base, live, roots,
+                         [registers[r] for r in REGISTERS], SCAN_LIMIT, NATIVE_MAX_LIVE):
+            return []
+    return leak_findings_python(live, roots, registers, m, describe)
+
+
+def leak_findings_python(live: Sequence[Allocation], roots: list[tuple[int, int]],
+                         registers: dict[str, int], m: Machine,
+                         describe: Callable[[int, bool], str]) -> list[Finding]:
+    """The whole oracle in Python: the reference, and the judge of any leak. `roots`: the
+    regions scanned before any allocation (the writable segments, the live stack)."""
+    pending = {a.ptr: a for a in live}
+    values = {registers[r] for r in REGISTERS}
+    in_registers = [pending.pop(ptr) for ptr in [p for p in pending if p in values]]
+    regions = roots + [(a.ptr, min(max(a.size, 1), SCAN_LIMIT)) for a in in_registers]
     # what is reached does not depend on the order regions are scanned in, so the smallest
     # go first and the scan ends once nothing is left to find: the tables that point at a
     # loaded segment's buffer are read, the megabytes of the buffer itself seldom are

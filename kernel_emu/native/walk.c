@@ -49,6 +49,10 @@
  *   question of every region it reaches (kernel_emu.leaks._held is the reference). One pass
  *   over the words with a binary search each, ending once every key is found.
  *
+ * leaks_reached(ram, base, live, roots, values, scan_limit, max_live) -> bool
+ *   Whether every live allocation is reached from the roots, as kernel_emu.leaks judges it
+ *   (the reference): see reach.h.
+ *
  * restore_pages(ram, saved, bitmap, give_back=None) -> None
  *   The copy half of a snapshot restore, which a run that loaded megabytes needs for
  *   thousands of pages: each page whose bit is set in `bitmap` (as above) gets saved[index]
@@ -702,6 +706,8 @@ done:
     PyBuffer_Release(&data);
     return result;
 }
+
+#include "reach.h"
 
 /* Bitmaps of pages, as dirty_leaves and restore_pages use them: bit i of byte i / 8 (bit i %
  * 8) is page i; two bitmaps may differ in length, the shorter read as zeros past its end.
@@ -1400,6 +1406,8 @@ static PyMethodDef methods[] = {
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
      "(pages, tables, executable) | int | None"},
     {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
+    {"leaks_reached", leaks_reached, METH_VARARGS,
+     "leaks_reached(ram, base, live, roots, values, scan_limit, max_live) -> bool"},
     {"heap_blocks", heap_blocks, METH_VARARGS,
      "heap_blocks(ram, base, heap_base, heap_end, layout, (head, listed), by_address, "
      "max_blocks, block) -> [block] | None"},
