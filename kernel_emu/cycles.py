@@ -81,6 +81,10 @@ class CycleFinder:
         # never: the same search without a stop per arrival
         self._same: Any = (tracer if native_arrivals and hasattr(tracer, "stop_when_same")
                            else None)
+        # and it makes the probes themselves, without a stop (start_probes): this search
+        # learns of one only at the arrival it armed the guest to stop at
+        self._native: Any = self._same if hasattr(self._same, "start_probes") else None
+        self._searches = 0  # the tracer's searches taken up so far
         self._checkpoint, self._services = checkpoint, services
         self._probe_at: int | None = FIRST_PROBE  # in instructions outside bulk moves
         self._address: int | None = None
@@ -96,8 +100,20 @@ class CycleFinder:
         self._too_large = False  # the run wrote more pages than a state may hold
         # for tests and diagnostics: (instructions outside bulk moves, bulk iterations) at
         # each probe, and the stops that were neither a probe nor an arrival (none expected)
-        self.probes: list[tuple[int, int]] = []
+        self._probes: list[tuple[int, int]] = []
         self.idle_stops = 0
+
+    def start(self) -> None:
+        """After the tracer's reset for the run: the probes start."""
+        if self._native is not None:
+            self._native.start_probes(FIRST_PROBE, self.pml4, REGISTER_IDS, MAX_ARRIVALS,
+                                      self.no_stop)
+
+    @property
+    def probes(self) -> list[tuple[int, int]]:
+        """For tests and diagnostics: (instructions outside bulk moves, bulk iterations) at
+        each probe (at most the first 64 when the tracer makes them)."""
+        return self._native.probe_log() if self._native is not None else self._probes
 
     @property
     def proven(self) -> bool:
@@ -108,10 +124,11 @@ class CycleFinder:
     def next_probe(self) -> int | None:
         """The instruction count of the next probe if no bulk move comes first (the tracer's
         floating stop moves it on by each iteration of one)."""
-        if self._probe_at is None:
+        at = self._native.probe[0] if self._native is not None else self._probe_at
+        if at is None:
             return None
         tracer = self.tracer
-        return tracer.instructions + max(0, self._probe_at - self._own(tracer))
+        return tracer.instructions + max(0, at - self._own(tracer))
 
     @staticmethod
     def _own(tracer: GuestTracer) -> int:
@@ -123,7 +140,8 @@ class CycleFinder:
         tracer.quiet_resume()
         if tracer.stop_hit:
             self._arrived()
-        elif self._probe_at is not None and self._own(tracer) >= self._probe_at:
+        elif (self._native is None and self._probe_at is not None
+              and self._own(tracer) >= self._probe_at):
             self._probe()
         else:
             self.idle_stops += 1
@@ -138,7 +156,7 @@ class CycleFinder:
 
     def _probe(self) -> None:
         tracer = self.tracer
-        self.probes.append((self._own(tracer), tracer.fast_units))
+        self._probes.append((self._own(tracer), tracer.fast_units))
         self._probe_at = 2 * self._own(tracer)
         blocks = tracer.recent_blocks()
         if not blocks or not self._may_stop_at(blocks[-1]) or not self._small_enough():
@@ -177,6 +195,13 @@ class CycleFinder:
             return
         if self._same is not None:
             # an arrival whose registers equal the first arrival's (the tracer compared them)
+            if self._native is not None:
+                _, _, searches, address = self._native.probe
+                if searches != self._searches:
+                    # of a search a probe armed since: it starts afresh, as a probe here would
+                    self._address, self._first, self._anchor = address, None, None
+                    self._arrivals = self._captures = 0
+                    self._searches = searches
             self._arrivals = self._same.same_arrivals
             self._same_registers()
             return
@@ -210,6 +235,8 @@ class CycleFinder:
                                  state.blocks - anchor.blocks, self._arrivals - self._anchored_at,
                                  anchor.coverage, state.coverage)
             self._probe_at = None
+            if self._native is not None:
+                self._native.stop_probes()
             self._skip()
             return
         self._captures += 1
@@ -264,6 +291,11 @@ class CycleFinder:
             return None
         pages = sorted(set(walk.pages).union(walk.tables))
         if len(pages) > MAX_PAGES:
+            # the pages written stay written: no later probe could capture either (the
+            # tracer's probes do not count them, so only an arrival finds this out)
+            self._too_large = True
+            if self._native is not None:
+                self._native.stop_probes(searches_only=True)
             return None
         memory = b"".join(m.read(page, PAGE) for page in pages)
         context = m.uc.context_save()

@@ -98,7 +98,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -821,6 +821,32 @@ class NativeTracer:
     @property
     def same_arrivals(self) -> int:
         return self._state.same_arrivals
+
+    def start_probes(self, first: int, pml4: int, registers: Sequence[int],
+                     max_arrivals: int, no_stop: Iterable[int]) -> None:
+        """Native only, after :meth:`reset`: make the cycle search's probes in the hooks
+        from now on, without a stop. When the budget (set at a probe's count, below its
+        limit) is reached at `first` instructions outside bulk moves, then at twice each
+        probe's count, the tracer logs the probe, moves the budget on to the next one, and
+        arms :meth:`stop_when_same` at the block the guest is in, with `registers` and
+        `max_arrivals`, unless that block is in `no_stop` or CR3 is not `pml4`.
+        :meth:`reset` ends them."""
+        self._state.start_probes(first, pml4, list(registers), max_arrivals, list(no_stop))
+
+    def stop_probes(self, searches_only: bool = False) -> None:
+        """No more searches armed by the probes; unless `searches_only`, no more probes."""
+        self._state.stop_probes(searches_only)
+
+    @property
+    def probe(self) -> tuple[int | None, int, int, int]:
+        """Since :meth:`start_probes`: the next probe's count outside bulk moves (None: no
+        more), the probes made, the searches they armed, and where the last one was armed."""
+        return self._state.probe
+
+    def probe_log(self) -> list[tuple[int, int]]:
+        """The first 64 probes since :meth:`start_probes`: (count outside bulk moves, bulk
+        iterations) at each."""
+        return self._state.probe_log()
 
     def take_events(self) -> list[WatchEvent]:
         # a NamedTuple (a few hundred of these per run, built far faster than dataclasses),

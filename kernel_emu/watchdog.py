@@ -46,6 +46,8 @@ class Watchdog:
         self.next_checkpoint = min(run_budget, self.interval) if self.interval else run_budget
         self.cycles = cycles
         self.tracer.reset(self.next_checkpoint)
+        if cycles is not None:
+            cycles.start()
         self._arm_next_stop()
 
     def _arm_next_stop(self) -> None:

@@ -130,6 +130,7 @@ typedef struct BlockCount {
 
 static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data);
 static void watch_check(TracerState *s, void *uc, uint64_t address);
+static void probe_natively(TracerState *s, void *uc, uint64_t block, int have_block);
 
 static BlockInfo *bc_find(BlockCount *bc, uint64_t pc, uint32_t size)
 {
@@ -437,6 +438,10 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
     uint64_t e = b + size;
     bc->entries++;
     bc->cur_counted = 0;
+    if (s->icount >= s->budget && s->probe_on && s->budget < s->bulk_limit) {
+        /* a probe's count: made here, at this block, and the guest goes on */
+        probe_natively(s, uc, b, 1);
+    }
     if (s->icount >= s->budget) {
         /* where the code hook would stop at the block's first instruction */
         return BLOCK_STOP;

@@ -81,6 +81,8 @@ typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 #define BULK_MAX 8
 #define BANK_MAX 8
 #define SAME_MAX 32 /* registers a stop_when_same arrival compares */
+#define PROBE_LOG_MAX 64 /* probes listed (a run makes one per doubling of its count) */
+#define CR3_ADDR_MASK 0x000FFFFFFFFFF000ULL
 enum { BULK_STOSQ, BULK_MOVSQ };
 
 /* Guest RAM as the owner mapped it: guest-physical base and size, host address;
@@ -238,6 +240,24 @@ typedef struct {
      * (UINT64_MAX: no exit); exit_hit: it did since the last reset. */
     uint64_t exit_addr;
     int exit_hit;
+    /* start_probes: the cycle search's probes made here, without a stop (see
+     * probe_natively): its next probe at probe_at instructions outside bulk moves, where
+     * a search for a same-register arrival is armed at the block the guest is in, if it
+     * may stop there (not in probe_no_stop, under the tables at probe_pml4) and
+     * probe_search still allows one */
+    int probe_on;
+    int probe_search;
+    uint64_t probe_at;
+    uint64_t probe_pml4;
+    uint32_t probe_nregs;
+    uint32_t probe_max;
+    int probe_ids[SAME_MAX];
+    uint64_t *probe_no_stop; /* sorted */
+    uint32_t probe_nno_stop;
+    uint64_t probes;         /* made since start_probes */
+    uint64_t probe_log[PROBE_LOG_MAX][2]; /* the first ones: (own count, bulk units) */
+    uint64_t probe_searches; /* searches armed since start_probes */
+    uint64_t probe_addr;     /* where the last one was armed */
     /* stop_when_same: the arrivals at stop_addr stop the guest only when these
      * registers equal those of the first arrival (read when it comes, with no
      * stop), and the search ends by itself after same_max arrivals past the
@@ -482,6 +502,57 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
     e->nframes = walk_frames(s, uc, e->regs[W_RSP], e->regs[W_RBP], e->frames);
 }
 
+/* A probe of the cycle search at its count, made here rather than at a stop (see
+ * start_probes): logged, the next one armed at twice the count outside bulk moves (or the
+ * budget's limit, if that comes first), and a search for an arrival at `block` with the same
+ * registers armed as stop_when_same arms it, where the search may stop. As the owner's
+ * probe does at a stop, except that a run with too many pages written to capture is found
+ * so only when an arrival stops (the owner then turns probe_search off). */
+static NOINLINE void probe_natively(TracerState *s, void *uc, uint64_t block, int have_block)
+{
+    uint64_t own = s->icount - s->bulk_units;
+    if (s->probes < PROBE_LOG_MAX) {
+        s->probe_log[s->probes][0] = own;
+        s->probe_log[s->probes][1] = s->bulk_units;
+    }
+    s->probes++;
+    s->probe_at = 2 * own;
+    uint64_t next = s->icount + (own ? own : 1);
+    s->budget = next < s->bulk_limit ? next : s->bulk_limit;
+    if (!s->probe_search || !have_block) {
+        return;
+    }
+    uint32_t lo = 0, hi = s->probe_nno_stop;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (s->probe_no_stop[mid] < block) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (lo < s->probe_nno_stop && s->probe_no_stop[lo] == block) {
+        return;
+    }
+    uint64_t cr3 = 0;
+    if (s->reg_read(uc, UC_X86_REG_CR3, &cr3) != 0 || (cr3 & CR3_ADDR_MASK) != s->probe_pml4) {
+        return;
+    }
+    memcpy(s->same_ids, s->probe_ids, sizeof(int) * s->probe_nregs);
+    s->same_nregs = s->probe_nregs;
+    s->same_have_first = 0;
+    s->same_arrivals = 0;
+    s->same_max = s->probe_max;
+    s->same_on = 1;
+    s->stop_addr = block;
+    s->stop_left = 1;
+    s->stop_armed_at = s->icount;
+    s->stop_hit = 0;
+    rebuild_filter(s);
+    s->probe_searches++;
+    s->probe_addr = block;
+}
+
 static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     TracerState *s = (TracerState *)user_data;
@@ -517,6 +588,14 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
          * before running it, so it is not counted. */
         clear_stop_pending(s);
         return;
+    }
+    if (s->probe_on && s->budget < s->bulk_limit) {
+        /* a probe's count: made here, in the block recorded last, and the guest goes on */
+        probe_natively(s, uc, s->ring[(s->ring_pos - 1) & (RING_SIZE - 1)], s->ring_pos != 0);
+        if (s->icount < s->budget) {
+            code_hook(uc, address, size, user_data);
+            return;
+        }
     }
     /* Unicorn checks for a stop request right after the code hook, so the
      * instruction this hook announced is not executed and the count stays
@@ -857,6 +936,7 @@ static void State_dealloc(TracerState *s)
     s->zero_bits = NULL;
     PyMem_RawFree(s->events);
     PyMem_RawFree(s->unwind);
+    PyMem_Free(s->probe_no_stop);
     PyMem_RawFree(s->guard);
     /* the owner stops counting (its hooks) before it lets the state go (detach) */
     bc_free(s->bc);
@@ -1025,6 +1105,7 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->stop_left = 0;
     s->stop_hit = 0;
     s->exit_hit = 0;
+    s->probe_on = 0; /* a run's probes are started after its reset */
     s->same_on = 0;
     s->quiet_block = 0;
     s->events_seen = 0;
@@ -1297,6 +1378,116 @@ static PyObject *State_set_exit(TracerState *s, PyObject *arg)
     s->exit_addr = a;
     s->exit_hit = 0;
     Py_RETURN_NONE;
+}
+
+static PyObject *State_start_probes(TracerState *s, PyObject *args)
+{
+    unsigned long long first, pml4;
+    PyObject *ids_obj, *no_stop_obj;
+    unsigned int max_arrivals;
+    if (!PyArg_ParseTuple(args, "KKOIO", &first, &pml4, &ids_obj, &max_arrivals,
+                          &no_stop_obj)) {
+        return NULL;
+    }
+    PyObject *ids = PySequence_Fast(ids_obj, "register ids must be a sequence");
+    if (ids == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
+    if (n < 1 || n > SAME_MAX || max_arrivals == 0 || first == 0) {
+        Py_DECREF(ids);
+        PyErr_Format(PyExc_ValueError, "between 1 and %d registers, arrivals and a first "
+                     "probe above 0", SAME_MAX);
+        return NULL;
+    }
+    int parsed[SAME_MAX];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(ids, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(ids);
+            return NULL;
+        }
+        parsed[i] = (int)v;
+    }
+    Py_DECREF(ids);
+    PyObject *no_stop = PySequence_Fast(no_stop_obj, "no_stop must be a sequence");
+    if (no_stop == NULL) {
+        return NULL;
+    }
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(no_stop);
+    uint64_t *addresses = PyMem_Malloc(sizeof(uint64_t) * (size_t)(m ? m : 1));
+    if (addresses == NULL) {
+        Py_DECREF(no_stop);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        addresses[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(no_stop, i));
+        if (addresses[i] == (uint64_t)-1 && PyErr_Occurred()) {
+            Py_DECREF(no_stop);
+            PyMem_Free(addresses);
+            return NULL;
+        }
+    }
+    Py_DECREF(no_stop);
+    qsort(addresses, (size_t)m, sizeof(uint64_t), compare_u64);
+    PyMem_Free(s->probe_no_stop);
+    s->probe_no_stop = addresses;
+    s->probe_nno_stop = (uint32_t)m;
+    memcpy(s->probe_ids, parsed, sizeof(int) * (size_t)n);
+    s->probe_nregs = (uint32_t)n;
+    s->probe_max = max_arrivals;
+    s->probe_pml4 = pml4 & CR3_ADDR_MASK;
+    s->probe_at = first;
+    s->probes = 0;
+    s->probe_searches = 0;
+    s->probe_addr = UINT64_MAX;
+    s->probe_search = 1;
+    s->probe_on = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_stop_probes(TracerState *s, PyObject *arg)
+{
+    int searches_only = PyObject_IsTrue(arg);
+    if (searches_only < 0) {
+        return NULL;
+    }
+    s->probe_search = 0;
+    if (!searches_only) {
+        s->probe_on = 0;
+        s->probe_at = UINT64_MAX;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_probe_log(TracerState *s, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t n = s->probes < PROBE_LOG_MAX ? s->probes : PROBE_LOG_MAX;
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (uint64_t i = 0; out != NULL && i < n; i++) {
+        PyObject *item = Py_BuildValue("(KK)", (unsigned long long)s->probe_log[i][0],
+                                       (unsigned long long)s->probe_log[i][1]);
+        if (item == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+    return out;
+}
+
+static PyObject *State_get_probe(TracerState *s, void *closure)
+{
+    (void)closure;
+    /* (next probe's count or None, probes made, searches armed, where the last one was) */
+    PyObject *at = s->probe_on && s->probe_at != UINT64_MAX
+                       ? PyLong_FromUnsignedLongLong(s->probe_at) : Py_NewRef(Py_None);
+    if (at == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("(NKKK)", at, (unsigned long long)s->probes,
+                         (unsigned long long)s->probe_searches,
+                         (unsigned long long)s->probe_addr);
 }
 
 static PyObject *State_quiet_resume(TracerState *s, PyObject *Py_UNUSED(ignored))
@@ -2103,6 +2294,19 @@ static PyMethodDef State_methods[] = {
      "code hook must be gone. text: the [start, end) ranges of fixed code; precise: ranges "
      "run under the code hook always; until: where every run stops (emu_start's until, or "
      "the exit of set_exit)."},
+    {"start_probes", (PyCFunction)State_start_probes, METH_VARARGS,
+     "start_probes(first, pml4, register_ids, max_arrivals, no_stop) -> None\n\nMake the "
+     "cycle search's probes here from now on, without a stop: at `first` instructions "
+     "outside bulk moves, then at twice each probe's count, when the budget (set there by "
+     "the owner, below its limit) is reached. Each arms stop_when_same(the block the guest "
+     "is in, register_ids, max_arrivals) where it may stop: not in no_stop, CR3 at pml4. "
+     "reset ends them."},
+    {"stop_probes", (PyCFunction)State_stop_probes, METH_O,
+     "stop_probes(searches_only) -> None\n\nNo more searches armed by probes; and, unless "
+     "searches_only, no more probes."},
+    {"probe_log", (PyCFunction)State_probe_log, METH_NOARGS,
+     "probe_log() -> [(count, bulk_units)]\n\nThe first 64 probes since start_probes: "
+     "the count outside bulk moves and the bulk units at each."},
     {"set_exit", (PyCFunction)State_set_exit, METH_O,
      "set_exit(address) -> None\n\nStop the guest before the instruction at address, "
      "uncounted, before any other hook acts there, as Unicorn's until does (None or 2**64-1: "
@@ -2276,6 +2480,9 @@ static PyGetSetDef State_getset[] = {
     {"same_arrivals", (getter)State_get_same_arrivals, NULL,
      "Arrivals past the first of the current stop_when_same search.", NULL},
     {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
+    {"probe", (getter)State_get_probe, NULL,
+     "(next probe's count outside bulk moves or None, probes made, searches armed, the "
+     "address of the last one) since start_probes.", NULL},
     {"exit_hit", (getter)State_get_exit_hit, NULL,
      "True once the guest stopped at the exit (set_exit) since reset.", NULL},
     {"blocks", (getter)State_get_blocks, NULL, "Block entries recorded since reset.", NULL},

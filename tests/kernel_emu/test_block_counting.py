@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc, UcError
-from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RIP
+from unicorn.x86_const import (
+    UC_X86_REG_RAX,
+    UC_X86_REG_RBX,
+    UC_X86_REG_RCX,
+    UC_X86_REG_RDX,
+    UC_X86_REG_RIP,
+)
 
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
@@ -28,6 +34,7 @@ LOOP = BASE + 5
 WATCHED = BASE + 10  # the nop, three instructions into the loop's block
 LOAD_UNMAPPED = bytes.fromhex("488b142500002000")  # mov rdx, [0x200000]
 END_TAIL = bytes.fromhex("83c007" "f4")
+END_TAIL_AT = BASE + len(HEAD) + 3  # its hlt
 ROOT = Path(__file__).parents[2]
 
 
@@ -191,3 +198,40 @@ def test_a_boot_that_never_passes_the_snapshot_point_runs_whole() -> None:
     for executor in (blocks, Executor(profile, snapshot=False)):
         got = executor.run(base).to_json()
         assert {k: v for k, v in got.items() if k != "notes"} == want
+
+
+@pytest.mark.parametrize("blocks", [False, True], ids=["per-instruction", "per-block"])
+def test_the_tracers_probes_arm_a_search_only_where_it_may_stop(blocks: bool) -> None:
+    """`start_probes`: at 10, 20, 40 and 80 instructions (per block: at the first block entry
+    from there on) a probe is made with no stop, and arms a search at the block the guest is
+    in, the loop's, unless that block is one the search must not stop at or CR3 is not the
+    tables it was given. The search then stops the guest at the loop's next arrival with the
+    registers it compares unchanged (rdx; rax changes in every iteration: no stop)."""
+    code = HEAD + END_TAIL
+    uc, tracer, until = _machine(code, blocks)
+    cases = [([UC_X86_REG_RDX], [], 0, LOOP), ([UC_X86_REG_RDX], [LOOP], 0, None),
+             ([UC_X86_REG_RDX], [], 0x5000, None), ([UC_X86_REG_RAX], [], 0, None)]
+    for registers, no_stop, pml4, stop in cases:
+        tracer.end_run()
+        tracer.reset(10)
+        for reg in (UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX):
+            uc.reg_write(reg, 0)
+        tracer.start_probes(10, pml4, registers, 4, no_stop)
+        tracer.extend(10, 10**6)  # a probe's count: below the limit
+        uc.emu_start(BASE, until)
+        rip = uc.reg_read(UC_X86_REG_RIP)
+        counts = [at for at, _ in tracer.probe_log()]
+        _, made, searches, address = tracer.probe
+        if stop is None:
+            # no stop at all: the probes at every doubling, then the hlt
+            assert rip == END_TAIL_AT + 1 and not tracer.stop_hit, (registers, no_stop, pml4)
+            assert len(counts) == made and searches == (registers == [UC_X86_REG_RAX]) * made
+            if blocks:  # each from the first block entry on, the next at twice that count
+                wanted = [10] + [2 * at for at in counts[:-1]]
+                assert all(0 <= at - want < 5 for at, want in zip(counts, wanted, strict=True))
+                assert counts[-1] <= 104 < 2 * counts[-1]
+            else:
+                assert counts == [10, 20, 40, 80]
+        else:
+            assert rip == stop and tracer.stop_hit and address == stop
+            assert made == 1 and searches == 1

@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fuzz.harness import WATCHDOG
 from fuzz.mutator import ElfMutator
+from kernel_emu.cycles import CycleFinder
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
 from kernel_emu.tracing import MAP_SIZE
@@ -163,3 +165,46 @@ def test_skip_refuses_what_it_cannot_account_for(native: bool) -> None:
         tracer.skip(10, 1, 1, zeros, zeros)  # the recent blocks are not full yet
     with pytest.raises(ValueError):
         tracer.skip(10, 1, 1, zeros, zeros[:-1])
+
+
+def test_probes_made_by_the_tracer_are_the_probes_made_at_stops(
+        base_elf: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native tracer makes the probes in its hooks, with no stop; made at stops of the
+    guest instead, each run has the same probes (counts and bulk iterations), the same
+    arrivals (count, and where the search is), the same cycle proven and skipped, and
+    everything else the same. One difference is by design: the tracer's probes do not count
+    the pages written, so in a run with too many to capture a search may stop the guest once
+    at an arrival, where the capture finds it too large; those arrivals are left out."""
+    ex = Executor(load_profile("seed"), coverage=True, watchdog=WATCHDOG)
+    real_init, real_arrived = CycleFinder.__init__, CycleFinder._arrived
+    arrivals: list[tuple[int, int | None]] = []
+
+    def arrived(self: CycleFinder) -> None:
+        real_arrived(self)
+        if not self._too_large:
+            arrivals.append((self.tracer.instructions, self._address))
+
+    monkeypatch.setattr(CycleFinder, "_arrived", arrived)
+
+    def at_stops(self: CycleFinder, *args: Any, **kw: Any) -> None:
+        real_init(self, *args, **kw)
+        self._native = None
+
+    def run(data: bytes, stops: bool) -> tuple[object, ...]:
+        arrivals.clear()
+        with monkeypatch.context() as patch:
+            if stops:
+                patch.setattr(CycleFinder, "__init__", at_stops)
+            seen = observe(ex, data)
+        finder = ex.watchdog.cycles
+        assert finder is not None and (finder._native is None) == stops
+        return seen, finder.probes[:64], list(arrivals), finder.proven, ex.skipped_instructions
+
+    proven = probed = stopped = 0
+    for data in [_hang(base_elf), *(p.read_bytes() for p in SEEDS), *_mutants(base_elf, 9, 250)]:
+        native = run(data, stops=False)
+        assert native == run(data, stops=True), data[:64]
+        proven += native[3]
+        probed += len(native[1]) > 0
+        stopped += len(native[2]) > 0
+    assert proven > 5 and probed > 100 and stopped > 5, (proven, probed, stopped)
