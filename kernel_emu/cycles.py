@@ -27,6 +27,14 @@ Only snapshot runs under the firmware's identity page tables are probed (the Dir
 name every page the run wrote), and only while the run has written at most
 :data:`MAX_PAGES` pages. The extra stops leave no trace: the tracer drops
 the block entry of each resume (``quiet_resume``).
+
+The native tracer does the stopping part itself: it compares each arrival's registers with the
+first arrival's and stops the guest only at one with the same (``stop_when_same``), and it makes
+the probes in its hooks (``start_probes``): at a probe's count it arms that search at the block
+the guest is in, where it may stop, with no stop at all. So a run that is no cycle, nearly every
+run, is never stopped for the search. The pages written are then counted only when an arrival
+stops the guest, where the whole state would be read: a run with too many is found so there,
+and probes arm no search after it.
 """
 
 from __future__ import annotations
