@@ -36,6 +36,21 @@ static int compare_live(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* The index of the allocation at `ptr` in `pending` (ascending), or -1. */
+static Py_ssize_t live_at(const LiveBlock *pending, Py_ssize_t n, uint64_t ptr)
+{
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (pending[mid].ptr < ptr) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < n && pending[lo].ptr == ptr ? lo : -1;
+}
+
 /* The region an allocation reached makes: its payload, at least a byte, at most scan_limit. */
 static uint64_t reach_extent(uint64_t size, uint64_t scan_limit)
 {
@@ -119,19 +134,12 @@ static PyObject *leaks_reached(PyObject *self, PyObject *args)
         if (value == (uint64_t)-1 && PyErr_Occurred()) {
             goto done;
         }
-        Py_ssize_t lo = 0, hi = nlive;
-        while (lo < hi) {
-            Py_ssize_t mid = lo + (hi - lo) / 2;
-            if (pending[mid].ptr < value) {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        if (lo < nlive && pending[lo].ptr == value && !reached[lo]) {
-            reached[lo] = 1;
+        Py_ssize_t at = live_at(pending, nlive, value);
+        if (at >= 0 && !reached[at]) {
+            reached[at] = 1;
             left--;
-            regions[nregions++] = (ReachRegion){value, reach_extent(pending[lo].size, scan_limit), 0};
+            regions[nregions++] =
+                (ReachRegion){value, reach_extent(pending[at].size, scan_limit), 0};
         }
     }
     const uint8_t *bytes = ram.buf;
@@ -159,20 +167,12 @@ static PyObject *leaks_reached(PyObject *self, PyObject *args)
             if (word < pending[0].ptr || word > pending[nlive - 1].ptr) {
                 continue;
             }
-            Py_ssize_t lo = 0, hi = nlive;
-            while (lo < hi) {
-                Py_ssize_t mid = lo + (hi - lo) / 2;
-                if (pending[mid].ptr < word) {
-                    lo = mid + 1;
-                } else {
-                    hi = mid;
-                }
-            }
-            if (lo < nlive && pending[lo].ptr == word && !reached[lo]) {
-                reached[lo] = 1;
+            Py_ssize_t at = live_at(pending, nlive, word);
+            if (at >= 0 && !reached[at]) {
+                reached[at] = 1;
                 left--;
                 regions[nregions++] =
-                    (ReachRegion){word, reach_extent(pending[lo].size, scan_limit), 0};
+                    (ReachRegion){word, reach_extent(pending[at].size, scan_limit), 0};
             }
         }
     }

@@ -502,6 +502,18 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
     e->nframes = walk_frames(s, uc, e->regs[W_RSP], e->regs[W_RBP], e->frames);
 }
 
+/* Arm the search of stop_when_same at `address`, its registers set. */
+static void arm_same(TracerState *s, uint64_t address, uint32_t max_arrivals)
+{
+    s->same_max = max_arrivals;
+    s->same_on = 1;
+    s->stop_addr = address;
+    s->stop_left = 1;
+    s->stop_armed_at = s->icount;
+    s->stop_hit = 0;
+    rebuild_filter(s);
+}
+
 /* A probe of the cycle search at its count, made here rather than at a stop (see
  * start_probes): logged, the next one armed at twice the count outside bulk moves (or the
  * budget's limit, if that comes first), and a search for an arrival at `block` with the same
@@ -542,13 +554,7 @@ static NOINLINE void probe_natively(TracerState *s, void *uc, uint64_t block, in
     s->same_nregs = s->probe_nregs;
     s->same_have_first = 0;
     s->same_arrivals = 0;
-    s->same_max = s->probe_max;
-    s->same_on = 1;
-    s->stop_addr = block;
-    s->stop_left = 1;
-    s->stop_armed_at = s->icount;
-    s->stop_hit = 0;
-    rebuild_filter(s);
+    arm_same(s, block, s->probe_max);
     s->probe_searches++;
     s->probe_addr = block;
 }
@@ -1315,6 +1321,32 @@ static PyObject *State_stop_at(TracerState *s, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Register ids for stop_when_same: 1 to SAME_MAX Unicorn ids into `out`; how many, or -1
+ * with the error set. */
+static Py_ssize_t parse_register_ids(PyObject *obj, int out[SAME_MAX])
+{
+    PyObject *ids = PySequence_Fast(obj, "register ids must be a sequence");
+    if (ids == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
+    if (n < 1 || n > SAME_MAX) {
+        Py_DECREF(ids);
+        PyErr_Format(PyExc_ValueError, "between 1 and %d registers", SAME_MAX);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(ids, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(ids);
+            return -1;
+        }
+        out[i] = (int)v;
+    }
+    Py_DECREF(ids);
+    return n;
+}
+
 static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
 {
     unsigned long long a;
@@ -1328,26 +1360,11 @@ static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
         return NULL;
     }
     if (ids_obj != Py_None) {
-        PyObject *ids = PySequence_Fast(ids_obj, "register ids must be a sequence");
-        if (ids == NULL) {
-            return NULL;
-        }
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
-        if (n < 1 || n > SAME_MAX) {
-            Py_DECREF(ids);
-            PyErr_Format(PyExc_ValueError, "between 1 and %d registers", SAME_MAX);
-            return NULL;
-        }
         int parsed[SAME_MAX];
-        for (Py_ssize_t i = 0; i < n; i++) {
-            long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(ids, i));
-            if (v == -1 && PyErr_Occurred()) {
-                Py_DECREF(ids);
-                return NULL;
-            }
-            parsed[i] = (int)v;
+        Py_ssize_t n = parse_register_ids(ids_obj, parsed);
+        if (n < 0) {
+            return NULL;
         }
-        Py_DECREF(ids);
         memcpy(s->same_ids, parsed, sizeof(int) * (size_t)n);
         s->same_nregs = (uint32_t)n;
         s->same_have_first = 0;
@@ -1356,13 +1373,7 @@ static PyObject *State_stop_when_same(TracerState *s, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "no search to go on with");
         return NULL;
     }
-    s->same_max = max_arrivals;
-    s->same_on = 1;
-    s->stop_addr = a;
-    s->stop_left = 1;
-    s->stop_armed_at = s->icount;
-    s->stop_hit = 0;
-    rebuild_filter(s);
+    arm_same(s, a, max_arrivals);
     Py_RETURN_NONE;
 }
 
@@ -1389,27 +1400,15 @@ static PyObject *State_start_probes(TracerState *s, PyObject *args)
                           &no_stop_obj)) {
         return NULL;
     }
-    PyObject *ids = PySequence_Fast(ids_obj, "register ids must be a sequence");
-    if (ids == NULL) {
-        return NULL;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(ids);
-    if (n < 1 || n > SAME_MAX || max_arrivals == 0 || first == 0) {
-        Py_DECREF(ids);
-        PyErr_Format(PyExc_ValueError, "between 1 and %d registers, arrivals and a first "
-                     "probe above 0", SAME_MAX);
+    if (max_arrivals == 0 || first == 0) {
+        PyErr_SetString(PyExc_ValueError, "arrivals and a first probe must be above 0");
         return NULL;
     }
     int parsed[SAME_MAX];
-    for (Py_ssize_t i = 0; i < n; i++) {
-        long v = PyLong_AsLong(PySequence_Fast_GET_ITEM(ids, i));
-        if (v == -1 && PyErr_Occurred()) {
-            Py_DECREF(ids);
-            return NULL;
-        }
-        parsed[i] = (int)v;
+    Py_ssize_t n = parse_register_ids(ids_obj, parsed);
+    if (n < 0) {
+        return NULL;
     }
-    Py_DECREF(ids);
     PyObject *no_stop = PySequence_Fast(no_stop_obj, "no_stop must be a sequence");
     if (no_stop == NULL) {
         return NULL;

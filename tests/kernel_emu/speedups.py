@@ -24,3 +24,18 @@ def observe(ex: Executor, data: bytes) -> tuple[object, ...]:
     result = ex.run(data)
     return (result.comparable(), result.instructions, ex.stalled_at, ex.tracer.recent_blocks(),
             bytes(ex.tracer.coverage()), ex.console(), ex.tracer.instructions)
+
+
+def count_calls(monkeypatch: Any, owner: object, name: str) -> list[int]:
+    """Replace `owner.name` (a reference judge behind a native fast path) by itself, counted:
+    the count is the returned list's only item, so a test can hold that the fast path really
+    spares the calls."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from kernel_emu.executor import Executor
 from kernel_emu.leaks import WORDS_AT_ONCE, _held, _held_python, _holds_word
 from kernel_emu.machine import Machine
 from kernel_emu.profile import load_profile
+from tests.kernel_emu.speedups import count_calls
 from tests.reproducers import REPRODUCERS
 
 ROOT = Path(__file__).parents[2]
@@ -160,21 +160,13 @@ def test_runs_with_nothing_leaked_never_reach_the_python_scan(
     speed-up is real, not a check that always defers); a leak reproducer's run reaches the
     scan in Python, which gives its finding."""
     ex = Executor(load_profile("seed"), explain=False, causes=False)
-    python = 0
-    real = leaks.leak_findings_python
-
-    def counted(*args: Any, **kw: Any) -> list[Any]:
-        nonlocal python
-        python += 1
-        return real(*args, **kw)
-
-    monkeypatch.setattr(leaks, "leak_findings_python", counted)
+    python = count_calls(monkeypatch, leaks, "leak_findings_python")
     judged = 0
     for path in sorted((ROOT / "corpus" / "seeds").glob("*.elf")):
         result = ex.run(path.read_bytes())
         assert not any(f.cls == "memory-leak" for f in result.findings)
         judged += result.stop in ("until", "halt")
-    assert judged >= 10 and python == 0, (judged, python)
+    assert judged >= 10 and python == [0], (judged, python)
     leak = next(r for r in REPRODUCERS if r.expected == "memory-leak")
     result = ex.run(leak.make(base_elf))
-    assert python >= 1 and any(f.cls == "memory-leak" for f in result.findings)
+    assert python[0] >= 1 and any(f.cls == "memory-leak" for f in result.findings)

@@ -18,6 +18,7 @@ from kernel_emu import oracles, pagewalk, userspace
 from kernel_emu.executor import Executor
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.profile import load_profile
+from tests.kernel_emu.speedups import count_calls
 
 SEEDS = sorted((Path(__file__).parents[2] / "corpus" / "seeds").glob("*.elf"))
 P, W, U, PS, NX = 1, 2, 4, 0x80, 1 << 63
@@ -145,18 +146,10 @@ def test_a_clean_address_space_is_recognised_natively(monkeypatch: pytest.Monkey
     """Runs the Python oracle finds nothing in are (nearly) all recognised without it: the
     speed-up is real, not a check that always defers."""
     ex = Executor(load_profile("seed"), explain=False, causes=False)
-    python = 0
-    real = userspace.user_space_findings_python
-
-    def counted(*args: Any, **kw: Any) -> list[Any]:
-        nonlocal python
-        python += 1
-        return real(*args, **kw)
-
-    monkeypatch.setattr(userspace, "user_space_findings_python", counted)
+    python = count_calls(monkeypatch, userspace, "user_space_findings_python")
     ring3 = 0
     for path in SEEDS:
         result = ex.run(path.read_bytes())
         if result.stop == "until" and not result.findings:
             ring3 += 1
-    assert ring3 >= 10 and python == 0, (ring3, python)
+    assert ring3 >= 10 and python == [0], (ring3, python)
