@@ -28,6 +28,7 @@ typedef struct {
 
 typedef struct {
     uint64_t ptr, size;
+    int reached;
 } LiveBlock;
 
 static int compare_live(const void *a, const void *b)
@@ -58,6 +59,19 @@ static uint64_t reach_extent(uint64_t size, uint64_t scan_limit)
     return n < scan_limit ? n : scan_limit;
 }
 
+/* `ptr` found in a reached region or a register: the allocation there, if one not reached
+ * yet, is reached now, and its payload a region to scan. */
+static void reach(LiveBlock *pending, Py_ssize_t nlive, uint64_t ptr, uint64_t scan_limit,
+                  ReachRegion *regions, Py_ssize_t *nregions, Py_ssize_t *left)
+{
+    Py_ssize_t i = live_at(pending, nlive, ptr);
+    if (i >= 0 && !pending[i].reached) {
+        pending[i].reached = 1;
+        (*left)--;
+        regions[(*nregions)++] = (ReachRegion){ptr, reach_extent(pending[i].size, scan_limit), 0};
+    }
+}
+
 static PyObject *leaks_reached(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -73,8 +87,7 @@ static PyObject *leaks_reached(PyObject *self, PyObject *args)
     PyObject *live = PySequence_Fast(live_arg, "live must be a sequence");
     PyObject *roots = live ? PySequence_Fast(roots_arg, "roots must be a sequence") : NULL;
     PyObject *values = roots ? PySequence_Fast(values_arg, "values must be a sequence") : NULL;
-    LiveBlock *pending = NULL;  /* ascending by pointer; reached ones marked */
-    uint8_t *reached = NULL;
+    LiveBlock *pending = NULL;  /* ascending by pointer */
     ReachRegion *regions = NULL;
     if (values == NULL) {
         goto done;
@@ -89,11 +102,10 @@ static PyObject *leaks_reached(PyObject *self, PyObject *args)
         result = Py_NewRef(Py_False);
         goto done;
     }
-    pending = PyMem_Malloc(sizeof(LiveBlock) * (size_t)nlive);
-    reached = PyMem_Calloc((size_t)nlive, 1);
+    pending = PyMem_Calloc((size_t)nlive, sizeof(LiveBlock));
     /* every allocation adds at most one region, once reached */
     regions = PyMem_Malloc(sizeof(ReachRegion) * (size_t)(nroots + nlive));
-    if (pending == NULL || reached == NULL || regions == NULL) {
+    if (pending == NULL || regions == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -134,13 +146,7 @@ static PyObject *leaks_reached(PyObject *self, PyObject *args)
         if (value == (uint64_t)-1 && PyErr_Occurred()) {
             goto done;
         }
-        Py_ssize_t at = live_at(pending, nlive, value);
-        if (at >= 0 && !reached[at]) {
-            reached[at] = 1;
-            left--;
-            regions[nregions++] =
-                (ReachRegion){value, reach_extent(pending[at].size, scan_limit), 0};
-        }
+        reach(pending, nlive, value, scan_limit, regions, &nregions, &left);
     }
     const uint8_t *bytes = ram.buf;
     uint64_t ram_size = (uint64_t)ram.len;
@@ -167,19 +173,12 @@ static PyObject *leaks_reached(PyObject *self, PyObject *args)
             if (word < pending[0].ptr || word > pending[nlive - 1].ptr) {
                 continue;
             }
-            Py_ssize_t at = live_at(pending, nlive, word);
-            if (at >= 0 && !reached[at]) {
-                reached[at] = 1;
-                left--;
-                regions[nregions++] =
-                    (ReachRegion){word, reach_extent(pending[at].size, scan_limit), 0};
-            }
+            reach(pending, nlive, word, scan_limit, regions, &nregions, &left);
         }
     }
     result = Py_NewRef(left == 0 ? Py_True : Py_False);
 done:
     PyMem_Free(pending);
-    PyMem_Free(reached);
     PyMem_Free(regions);
     Py_XDECREF(values);
     Py_XDECREF(roots);
