@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -46,6 +47,8 @@ class CampaignSummary:
     # with JobConfig.canaries: planted bug -> (first reached, first triggered), seconds into
     # the campaign (None: never)
     canaries: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    # the jobs' runs by how they ended: [runs, seconds, prepare, guest, oracles] (JobStats)
+    run_endings: dict[str, list[float]] = field(default_factory=dict)
 
     rate: float = 0.0  # sum over jobs of execs / seconds fuzzing (start-up excluded)
 
@@ -127,7 +130,19 @@ def summarize(out: Path, jobs: int, seconds: float) -> CampaignSummary:
         edges=max((s.edges for s in stats), default=0), corpus=_corpus_size(out),
         harness_errors=sum(s.harness_errors for s in stats), findings=dict(findings),
         first_seen=first, first_class=first_class, buckets=Solutions(out).buckets(), notes=notes,
-        rate=sum(s.execs / s.elapsed for s in stats if s.elapsed > 0), canaries=canaries)
+        rate=sum(s.execs / s.elapsed for s in stats if s.elapsed > 0), canaries=canaries,
+        run_endings=add_run_endings(s.run_endings for s in stats))
+
+
+def add_run_endings(tables: Iterable[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Several jobs' or campaigns' runs by how they ended, added up."""
+    total: dict[str, list[float]] = {}
+    for table in tables:
+        for name, row in table.items():
+            was = total.get(name)
+            total[name] = list(row) if was is None else \
+                [a + b for a, b in zip(was, row, strict=True)]
+    return total
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

@@ -33,6 +33,7 @@ from kernel_emu.canaries import canaries_for
 from kernel_emu.errors import HarnessError, InputError
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
+from kernel_emu.result import Result, run_ending
 
 STATS_INTERVAL = 1.0
 FINISH_WAIT = 15.0  # how long an ending job waits for room to write what it still holds
@@ -141,6 +142,9 @@ class JobStats:
     # with JobConfig.canaries: planted bug -> seconds when first reached, first triggered
     # (None: not yet)
     canaries: dict[str, list[float | None]] = field(default_factory=dict)
+    # how runs ended (kernel_emu.result.RUN_ENDINGS) -> [runs, seconds booting and judging
+    # them, of which prepare, guest, oracles]: where the job's run time goes, by kind of run
+    run_endings: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def elapsed(self) -> float:
@@ -155,6 +159,7 @@ class JobStats:
                     slow_inputs=list(self.slow_inputs),
                     first_class={k: list(v) for k, v in self.first_class.items()},
                     canaries={k: list(v) for k, v in self.canaries.items()},
+                    run_endings={k: list(v) for k, v in self.run_endings.items()},
                     elapsed=self.elapsed)
         return data
 
@@ -267,10 +272,13 @@ class Job:
         if now is None:
             now = time.monotonic()
         try:
+            phases = self.executor.phase_seconds
+            before = (phases["prepare"], phases["guest"], phases["oracles"])
             started = time.perf_counter()
             result = self.executor.run(data)
-            if time.perf_counter() - started > SLOW_INPUT and \
-                    len(self.stats.slow_inputs) < SLOW_INPUTS_KEPT:
+            took = time.perf_counter() - started
+            self._count_ending(result, took, before)
+            if took > SLOW_INPUT and len(self.stats.slow_inputs) < SLOW_INPUTS_KEPT:
                 self.stats.slow_inputs.append(hashlib.sha256(data).hexdigest())
                 # in the statistics before libFuzzer may write the input to its corpus, where
                 # a farm slice reading both keeps it out of the shared corpus
@@ -292,6 +300,21 @@ class Job:
                 self._pending.append((data, result, now, self.stats.execs + 1, stalled))
             else:
                 self._finding(data, result, now, self.stats.execs + 1, stalled)
+
+    def _count_ending(self, result: Result, took: float,
+                      before: tuple[float, float, float]) -> None:
+        """Count the run that just ended, and its time (`took`, and the executor's phases,
+        `before` it), by how it ended."""
+        phases = self.executor.phase_seconds
+        name = run_ending(result.stop, result.verdict, bool(self.executor.stalled_at))
+        row = self.stats.run_endings.get(name)
+        if row is None:
+            row = self.stats.run_endings[name] = [0, 0.0, 0.0, 0.0, 0.0]
+        row[0] += 1
+        row[1] += took
+        row[2] += phases["prepare"] - before[0]
+        row[3] += phases["guest"] - before[1]
+        row[4] += phases["oracles"] - before[2]
 
     def judge_pending(self) -> None:
         """Record the findings of the runs since the last call (`defer_findings`)."""

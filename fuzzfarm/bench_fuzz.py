@@ -27,12 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fuzz.campaign import CampaignSummary, run_campaign
+from fuzz.campaign import CampaignSummary, add_run_endings, run_campaign
 from fuzz.feedback import make_feedback
 from fuzz.harness import WATCHDOG, JobConfig
 from fuzz.mutator import ElfMutator
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
+from kernel_emu.result import run_ending
 
 SEEDS = Path(__file__).parents[1] / "corpus" / "seeds"
 SEED_BUG = "vaddr-corruption:segments[0].vaddr"
@@ -123,21 +124,9 @@ def _replay_rates(kernel: str, inputs: list[bytes], repeats: int,
     return [(statistics.median(on), statistics.median(off)) for on, off in rates]
 
 
-def _run_class(result: Any, stalled: bool) -> str:
-    """How a run ended, for the breakdown of where a replay's time goes."""
-    stop = str(result.stop)
-    if stop == "until":
-        return f"enters ring 3, {'a finding' if result.verdict == 'crash' else 'clean'}"
-    if stop == "halt":
-        return "halts: rejected" if result.verdict == "rejected" else "halts: a finding"
-    if stop == "budget":
-        return "stopped by the watchdog" if stalled else "budget spent"
-    return stop
-
-
-def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, list[float]]]:
-    """Per class of run (how it ended): runs, seconds, and seconds in each phase (prepare,
-    guest, oracles) of replaying `inputs` as a fuzzing job runs them (feedback on)."""
+def _by_ending(kernel: str, inputs: list[bytes]) -> dict[str, list[float]]:
+    """Replaying `inputs` as a fuzzing job runs them (feedback on): per way a run ended, [runs,
+    seconds, and seconds in prepare, guest, oracles], as a job's statistics count them."""
     executor = Executor(load_profile(kernel), coverage=True, watchdog=WATCHDOG, explain=False,
                         causes=False, cycles_to_budget=True)
     feedback = make_feedback()
@@ -145,18 +134,37 @@ def _by_class(kernel: str, inputs: list[bytes]) -> list[tuple[str, int, float, l
     for data in inputs[:50]:  # the translated code and the caches, as in a running job
         executor.run(data)
     phases, names = executor.phase_seconds, ("prepare", "guest", "oracles")
-    table: dict[str, tuple[int, float, list[float]]] = {}
+    table: dict[str, list[float]] = {}
     for data in inputs:
         before = [phases[k] for k in names]
         start = time.perf_counter()
         result = executor.run(data)
         feedback.collect(executor.tracer.coverage(), executor.tracer.coverage_lines())
         took = time.perf_counter() - start
-        name = _run_class(result, bool(executor.stalled_at))
-        runs, seconds, split = table.get(name, (0, 0.0, [0.0, 0.0, 0.0]))
-        table[name] = (runs + 1, seconds + took,
-                       [t + phases[k] - b for t, k, b in zip(split, names, before, strict=True)])
-    return sorted(((name, *row) for name, row in table.items()), key=lambda r: -r[2])
+        row = table.setdefault(run_ending(result.stop, result.verdict,
+                                          bool(executor.stalled_at)), [0, 0.0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += took
+        for i, (k, b) in enumerate(zip(names, before, strict=True)):
+            row[2 + i] += phases[k] - b
+    return table
+
+
+def _print_endings(title: str, table: dict[str, list[float]]) -> None:
+    """A table of runs by how they ended (`_by_ending`, a job's `run_endings`): each kind's
+    share of the runs and of their time, and its µs a run in all and in each phase."""
+    runs, seconds = sum(r[0] for r in table.values()), sum(r[1] for r in table.values())
+    if not runs or seconds <= 0:
+        print(f"   {title}: no runs")
+        return
+    print(f"   {title}: {seconds / runs * 1e6:,.0f} µs a run")
+    print(f"     {'':26} {'runs':>6} {'time':>6} {'µs a run':>9} {'prepare':>8} {'guest':>7} "
+          f"{'oracles':>8}")
+    for name, row in sorted(table.items(), key=lambda kv: -kv[1][1]):
+        n, took, *split = row
+        per = [x / n * 1e6 for x in split]
+        print(f"     {name:26} {n / runs:6.1%} {took / seconds:6.1%} {took / n * 1e6:9,.0f} "
+              f"{per[0]:8,.0f} {per[1]:7,.0f} {per[2]:8,.0f}", flush=True)
 
 
 def _mutated_inputs(count: int, seed: int = 7) -> list[bytes]:
@@ -209,11 +217,15 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
                    other: Path | None = None) -> None:
     rates: list[list[float]] = [[] for _ in _SETUPS]
     theirs: list[float] = []
+    defaults: list[CampaignSummary] = []  # this checkout's default campaigns
     for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
         for got, (_, feedback, fast, skip, lean, blocks) in zip(rates, _SETUPS, strict=True):
-            got.append(_campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
-                                 compares=feedback, fast_routines=fast, skip_cycles=skip,
-                                 lean=lean, count_blocks=blocks).execs_per_second)
+            summary = _campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
+                                compares=feedback, fast_routines=fast, skip_cycles=skip,
+                                lean=lean, count_blocks=blocks)
+            got.append(summary.execs_per_second)
+            if got is rates[0]:
+                defaults.append(summary)
             if other is not None and got is rates[0]:
                 # right after this checkout's default: the same setup by the other's code
                 summary = _campaign(kernel, 1, fresh(), checkout=other, seconds=seconds)
@@ -241,6 +253,12 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
           f"{ratio(med[0], med[1])}; all / without that and the lean runs: "
           f"{ratio(med[0], med[2])}; all / none: {ratio(med[0], med[4])}; feedback off / on "
           f"with all: {ratio(med[5], med[0])}, with none: {ratio(med[6], med[4])}")
+    endings = add_run_endings(d.run_endings for d in defaults)
+    ran = sum(row[1] for row in endings.values())
+    fuzzing = sum(d.execs / d.rate for d in defaults if d.rate > 0)
+    share = f"; runs are {ran / fuzzing:.0%} of the jobs' time" if fuzzing > 0 else ""
+    _print_endings(f"where the default campaigns' time goes, by how a run ends (the jobs' own "
+                   f"clocks{share})", endings)
     inputs = _mutated_inputs(1000)
     setups = [(True, True, True, "all speed-ups"),
               (True, True, False, "without block counting"),
@@ -254,16 +272,8 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
               f"off/on {r_off / r_on:.2f}x")
     print(f"     feedback on: all / without block counting "
           f"{ratio(replayed[0][0], replayed[1][0])}", flush=True)
-    rows = _by_class(kernel, inputs)
-    runs, seconds = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    print(f"   where the replay's time goes (feedback on, all speed-ups), by how a run ends: "
-          f"{seconds / runs * 1e6:,.0f} µs a run")
-    print(f"     {'':26} {'runs':>6} {'time':>6} {'µs a run':>9} {'prepare':>8} {'guest':>7} "
-          f"{'oracles':>8}")
-    for name, n, took, split in rows:
-        per = [x / n * 1e6 for x in split]
-        print(f"     {name:26} {n / runs:6.1%} {took / seconds:6.1%} {took / n * 1e6:9,.0f} "
-              f"{per[0]:8,.0f} {per[1]:7,.0f} {per[2]:8,.0f}", flush=True)
+    _print_endings("where the replay's time goes (feedback on, all speed-ups), by how a run "
+                   "ends", _by_ending(kernel, inputs))
 
 
 def _time_to_first(first_runs: int, first_cap: float, fresh: Callable[[], Path]) -> None:

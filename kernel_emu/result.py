@@ -52,6 +52,25 @@ class StopReason(StrEnum):
     UC_ERROR = "uc-error"  # the emulator refused to go on (e.g. fetch from unmapped memory)
 
 
+# how a run ended, as a job's statistics and the benchmarks count runs and their time
+RUN_ENDINGS = ("enters ring 3, clean", "enters ring 3, a finding", "halts: rejected",
+               "halts: a finding", "stopped by the watchdog", "budget spent", "fault",
+               "uc-error", "efi-return")
+
+
+def run_ending(stop: str, verdict: str, stalled: bool) -> str:
+    """How a run ended (one of RUN_ENDINGS), from its Result's stop and verdict; `stalled`:
+    the watchdog, not the profile's budget, stopped it."""
+    if stop == StopReason.UNTIL:
+        return "enters ring 3, a finding" if verdict == Verdict.CRASH else \
+            "enters ring 3, clean"
+    if stop == StopReason.HALT:
+        return "halts: rejected" if verdict == Verdict.REJECTED else "halts: a finding"
+    if stop == StopReason.BUDGET:
+        return "stopped by the watchdog" if stalled else "budget spent"
+    return str(stop)
+
+
 VERDICTS = tuple(Verdict)
 CLASSES = tuple(CrashClass)
 # classes about what the kernel built rather than where it stopped: their signature names the

@@ -6,12 +6,17 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
-from fuzz.campaign import run_campaign
-from fuzz.harness import JobConfig
+from fuzz.campaign import add_run_endings, read_job_stats, run_campaign
+from fuzz.harness import Job, JobConfig
+from kernel_emu.result import RUN_ENDINGS, run_ending
+from tests.reproducers import REPRODUCERS
 
 SEEDS = Path(__file__).parents[2] / "corpus" / "seeds"
+EXAMPLE = Path(__file__).parents[2] / "fuzzfarm" / "examples" / "three-segments.elf"
 
 
 def _config(tmp_path: Path, kernel: str, **kw: object) -> JobConfig:
@@ -101,9 +106,41 @@ def test_job_statistics_are_written_as_every_field_holds_them() -> None:
     stats = JobStats(job=1, kernel="seed", pid=7, started=1.0, updated=3.5, execs=10,
                      seconds={"guest": 0.5}, notes=["a note"], slow_inputs=["ab" * 32],
                      findings={"sig": FindingStats("hang", "b1", 2, 3, 0.25, 100)},
-                     first_class={"hang": (3, 0.25)}, canaries={"RX-01": [0.5, None]})
+                     first_class={"hang": (3, 0.25)}, canaries={"RX-01": [0.5, None]},
+                     run_endings={"halts: rejected": [4, 0.01, 0.002, 0.003, 0.004]})
     expected = asdict(stats)
     expected["elapsed"] = stats.elapsed
     written = json.loads(json.dumps(stats.to_json()))
     assert written == json.loads(json.dumps(expected))
     assert JobStats.from_json(written) == stats
+
+
+def test_a_job_counts_its_runs_and_their_time_by_how_they_ended(tmp_path: Path) -> None:
+    """Each run the kernel saw is counted once, under how it ended (the same input booted
+    again says), with its time and the executor's phases of it; an input the kernel never
+    sees is not a run. The statistics file carries the table, and campaigns add them up."""
+    three = EXAMPLE.read_bytes()
+    inputs = [three, b"\x7fELF" + bytes(60), three] + [r.make(three) for r in REPRODUCERS[:5]]
+    job = Job(JobConfig(kernel="seed", out=str(tmp_path / "out")))
+    start = time.perf_counter()
+    for data in inputs:
+        job.run_input(data)
+    took = time.perf_counter() - start
+    job.run_input(bytes(64 << 20))  # larger than the ramdisk: skipped
+    assert job.stats.skipped == 1
+    expected: Counter[str] = Counter()
+    for data in inputs:
+        result = job.executor.run(data)
+        expected[run_ending(result.stop, result.verdict, bool(job.executor.stalled_at))] += 1
+    endings = job.stats.run_endings
+    assert {name: int(row[0]) for name, row in endings.items()} == dict(expected)
+    assert {"enters ring 3, clean", "halts: rejected"} <= set(endings) <= set(RUN_ENDINGS)
+    assert len(expected) >= 3  # findings too, not only the clean and the rejected
+    assert 0 < sum(row[1] for row in endings.values()) <= took
+    for _runs, seconds, *phases in endings.values():
+        assert all(p > 0 for p in phases) and sum(phases) <= seconds
+    job.flush()
+    written = read_job_stats(tmp_path / "out", 0)
+    assert written is not None and written.run_endings == endings
+    twice = add_run_endings([endings, written.run_endings])
+    assert twice == {name: [2 * x for x in row] for name, row in endings.items()}
