@@ -78,8 +78,10 @@ typedef struct {
     uint32_t size;   /* 0: empty slot */
     uint32_t n;      /* instructions; UINT32_MAX: unknown */
     uint32_t gen;    /* point generation the flags below were found for */
+    uint32_t covered_gen; /* range generation `covered` was found for */
     uint8_t unplaced; /* holds a point it cannot place */
     uint8_t text;    /* inside the vouched code ranges */
+    uint8_t covered; /* bc_covered of the block */
 } BlockInfo;
 
 typedef struct {
@@ -107,6 +109,7 @@ typedef struct BlockCount {
     uint32_t cap, used;
     PreciseRange *ranges; /* sorted, disjoint */
     uint32_t nranges, ranges_cap;
+    uint32_t ranges_gen; /* moves on whenever a range comes or goes */
     PreciseRange *stale; /* ranges deleted since the last run ended (see bc_drop) */
     uint32_t nstale, stale_cap;
     Point points[BC_POINTS_MAX];
@@ -222,6 +225,7 @@ static BlockInfo *bc_info(BlockCount *bc, void *uc, uint64_t pc, uint32_t size)
             }
         }
         info->gen = bc->gen - 1;
+        info->covered_gen = bc->ranges_gen - 1;
         bc->used++;
     }
     if (info->gen != bc->gen) {
@@ -275,6 +279,7 @@ static int bc_insert(BlockCount *bc, uint64_t begin, uint64_t end, size_t hook, 
     bc->ranges[i].hook = hook;
     bc->ranges[i].per_run = per_run;
     bc->nranges++;
+    bc->ranges_gen++;
     return 0;
 }
 
@@ -361,6 +366,9 @@ static void bc_drop(BlockCount *bc, int all)
             bc->stale_cap = cap;
         }
         bc->stale[bc->nstale++] = *r;
+    }
+    if (kept != bc->nranges) {
+        bc->ranges_gen++;
     }
     bc->nranges = kept;
 }
@@ -451,11 +459,21 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
          * announces it, as without this mode */
         e = b + 1;
     }
-    int covered = bc_covered(bc, b, e);
+    BlockInfo *info = size == 0 ? NULL : bc_info(bc, uc, b, size);
+    int covered;
+    if (info == NULL) {
+        covered = bc_covered(bc, b, e);
+    } else {
+        /* the ranges change a few times a run; a block is entered thousands of times */
+        if (info->covered_gen != bc->ranges_gen) {
+            info->covered = (uint8_t)bc_covered(bc, b, e);
+            info->covered_gen = bc->ranges_gen;
+        }
+        covered = info->covered;
+    }
     if (covered == 2) {
         return BLOCK_PRECISE;
     }
-    BlockInfo *info = size == 0 ? NULL : bc_info(bc, uc, b, size);
     int per_run = 0;
     if (size == 0) {
         per_run = 1;
