@@ -242,9 +242,10 @@ class CycleFinder:
             self._cycle = _Cycle(state.instructions - anchor.instructions,
                                  state.blocks - anchor.blocks, self._arrivals - self._anchored_at,
                                  anchor.coverage, state.coverage)
-            self._probe_at = None
             if self._native is not None:
                 self._native.stop_probes()
+            else:
+                self._probe_at = None
             self._skip()
             return
         self._captures += 1
