@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,21 @@ class JobStats:
         return cls(**data, findings=findings, first_class=first)
 
 
+def count_run(endings: dict[str, list[float]], name: str, took: float,
+              phases: Mapping[str, float], before: tuple[float, float, float]) -> None:
+    """Add a run that ended as `name` (kernel_emu.result.run_ending) to `endings` (as
+    JobStats.run_endings holds them): its seconds `took`, and its share of the executor's
+    `phases`, which stood at `before` (prepare, guest, oracles) when it started."""
+    row = endings.get(name)
+    if row is None:
+        row = endings[name] = [0, 0.0, 0.0, 0.0, 0.0]
+    row[0] += 1
+    row[1] += took
+    row[2] += phases["prepare"] - before[0]
+    row[3] += phases["guest"] - before[1]
+    row[4] += phases["oracles"] - before[2]
+
+
 def _class_keys(finding: Any) -> list[str]:
     """How a finding counts among the classes first seen: its class, and class:field."""
     return [finding.cls] + ([f"{finding.cls}:{finding.field}"] if finding.field else [])
@@ -305,16 +321,9 @@ class Job:
                       before: tuple[float, float, float]) -> None:
         """Count the run that just ended, and its time (`took`, and the executor's phases,
         `before` it), by how it ended."""
-        phases = self.executor.phase_seconds
-        name = run_ending(result.stop, result.verdict, bool(self.executor.stalled_at))
-        row = self.stats.run_endings.get(name)
-        if row is None:
-            row = self.stats.run_endings[name] = [0, 0.0, 0.0, 0.0, 0.0]
-        row[0] += 1
-        row[1] += took
-        row[2] += phases["prepare"] - before[0]
-        row[3] += phases["guest"] - before[1]
-        row[4] += phases["oracles"] - before[2]
+        count_run(self.stats.run_endings,
+                  run_ending(result.stop, result.verdict, bool(self.executor.stalled_at)),
+                  took, self.executor.phase_seconds, before)
 
     def judge_pending(self) -> None:
         """Record the findings of the runs since the last call (`defer_findings`)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from fuzz.campaign import CampaignSummary, add_run_endings, run_campaign
 from fuzz.feedback import make_feedback
-from fuzz.harness import WATCHDOG, JobConfig
+from fuzz.harness import WATCHDOG, JobConfig, count_run
 from fuzz.mutator import ElfMutator
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
@@ -133,20 +133,15 @@ def _by_ending(kernel: str, inputs: list[bytes]) -> dict[str, list[float]]:
     executor.add_machine_hook(feedback.attach)
     for data in inputs[:50]:  # the translated code and the caches, as in a running job
         executor.run(data)
-    phases, names = executor.phase_seconds, ("prepare", "guest", "oracles")
+    phases = executor.phase_seconds
     table: dict[str, list[float]] = {}
     for data in inputs:
-        before = [phases[k] for k in names]
+        before = (phases["prepare"], phases["guest"], phases["oracles"])
         start = time.perf_counter()
         result = executor.run(data)
         feedback.collect(executor.tracer.coverage(), executor.tracer.coverage_lines())
-        took = time.perf_counter() - start
-        row = table.setdefault(run_ending(result.stop, result.verdict,
-                                          bool(executor.stalled_at)), [0, 0.0, 0.0, 0.0, 0.0])
-        row[0] += 1
-        row[1] += took
-        for i, (k, b) in enumerate(zip(names, before, strict=True)):
-            row[2 + i] += phases[k] - b
+        count_run(table, run_ending(result.stop, result.verdict, bool(executor.stalled_at)),
+                  time.perf_counter() - start, phases, before)
     return table
 
 
@@ -255,6 +250,7 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
           f"with all: {ratio(med[5], med[0])}, with none: {ratio(med[6], med[4])}")
     endings = add_run_endings(d.run_endings for d in defaults)
     ran = sum(row[1] for row in endings.values())
+    # one job each: its execs over its rate are its seconds fuzzing
     fuzzing = sum(d.execs / d.rate for d in defaults if d.rate > 0)
     share = f"; runs are {ran / fuzzing:.0%} of the jobs' time" if fuzzing > 0 else ""
     _print_endings(f"where the default campaigns' time goes, by how a run ends (the jobs' own "
