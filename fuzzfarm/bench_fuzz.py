@@ -219,9 +219,10 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
                                 compares=feedback, fast_routines=fast, skip_cycles=skip,
                                 lean=lean, count_blocks=blocks)
             got.append(summary.execs_per_second)
-            if got is rates[0]:
-                defaults.append(summary)
-            if other is not None and got is rates[0]:
+            if got is not rates[0]:
+                continue
+            defaults.append(summary)
+            if other is not None:
                 # right after this checkout's default: the same setup by the other's code
                 summary = _campaign(kernel, 1, fresh(), checkout=other, seconds=seconds)
                 if not summary.execs:
