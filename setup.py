@@ -23,5 +23,10 @@ setup(
             ["fuzz/native/feedback.c"],
             extra_compile_args=["-O2"],
         ),
+        Extension(
+            "fuzz._rng",
+            ["fuzz/native/rng.c"],
+            extra_compile_args=["-O2"],
+        ),
     ],
 )

@@ -58,6 +58,11 @@ from kernel_emu.elflayout import (
     PT_TLS,
 )
 
+try:
+    from fuzz import _rng
+except ImportError:  # pragma: no cover - exercised only where the extension is not built
+    _rng = None  # type: ignore[assignment]
+
 ByteMutate = Callable[[bytes, int], bytes]
 
 PAGE = 0x1000
@@ -254,6 +259,34 @@ def heap_free_before(heap: HeapFacts, record: int, table_entries: int,
     return free
 
 
+class _CallRandom(random.Random):
+    """random.Random's draws (randrange, choice, sample, ...) over fuzz._rng's generator,
+    which seeds in well under a microsecond where the Mersenne Twister takes ~4 µs: one is
+    made for every mutator call. Not a general-purpose Random: it cannot be reseeded."""
+
+    def __init__(self, seed: int) -> None:  # no super().__init__: nothing of MT to seed
+        generator = _rng.Generator(seed)
+        # instance attributes, found before the methods below by every draw of the class
+        self.random = generator.random  # type: ignore[method-assign]
+        self.getrandbits = generator.getrandbits  # type: ignore[method-assign]
+
+    # Defined so that random.Random builds its integer draws on getrandbits; never called
+    def random(self) -> float:  # pragma: no cover
+        raise NotImplementedError
+
+    def getrandbits(self, k: int) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def seed(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a mutator call's generator is seeded once, when it is made")
+
+
+def call_random(seed: int) -> random.Random:
+    """The generator of one mutator call: fuzz._rng's when it is built, else the Mersenne
+    Twister (the same draws for the same seed on either, but not the same as each other)."""
+    return _CallRandom(seed) if _rng is not None else random.Random(seed)
+
+
 Operation = Callable[[random.Random, _Elf, int], bool]
 
 
@@ -312,7 +345,7 @@ class ElfMutator:
     def mutate(self, data: bytes, max_size: int, seed: int) -> bytes:
         """One mutation of `data`, at most `max_size` bytes long."""
         max_size = max(0, int(max_size))
-        rng = random.Random((int(seed) & U64_MAX) ^ self._salt)
+        rng = call_random((int(seed) & U64_MAX) ^ self._salt)
         try:
             out = self._mutate(rng, bytes(data), max_size)
         except Exception:
@@ -329,7 +362,7 @@ class ElfMutator:
         elf = parse(bytes(data)[:max(0, max_size)])
         if elf is None:
             return None
-        rng = random.Random((int(seed) & U64_MAX) ^ self._salt)
+        rng = call_random((int(seed) & U64_MAX) ^ self._salt)
         if not op(rng, elf, max_size):
             return None
         return bytes(elf.buf[:max_size])
@@ -338,7 +371,7 @@ class ElfMutator:
         """A mix of `a` and `b`: `a` with program headers (and their data) taken from `b`,
         or a byte-level splice when either is not an ELF file."""
         max_size = max(0, int(max_size))
-        rng = random.Random((int(seed) & U64_MAX) ^ self._salt)
+        rng = call_random((int(seed) & U64_MAX) ^ self._salt)
         a, b = bytes(a), bytes(b)
         try:
             out = self._crossover(rng, a, b, max_size)

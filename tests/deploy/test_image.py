@@ -248,7 +248,7 @@ def test_the_build_stage_wheel_holds_the_images_and_native_hooks(wheel: Path) ->
             assert z.read(member) == (ROOT / member).read_bytes()
         for profile in ("seed", "fixed", "seed-elf", "fixed-elf"):
             assert f"kernel_emu/profiles/{profile}.toml" in names
-        for ext in ("kernel_emu/_tracer", "kernel_emu/_walk", "fuzz/_feedback"):
+        for ext in ("kernel_emu/_tracer", "kernel_emu/_walk", "fuzz/_feedback", "fuzz/_rng"):
             assert any(n.startswith(ext) and n.endswith(".so") for n in names), ext
         assert any(n.startswith("corpus/seeds/") for n in names)
         assert any(n.startswith("fuzzfarm/examples/") for n in names)

@@ -299,7 +299,8 @@ def test_header_field_and_ident_edits_stay_in_the_header() -> None:
 
 def test_phdr_field_edits_touch_one_entry() -> None:
     off = _phoff(THREE)
-    outs = _each("phdr_field", seeds=400, facts=seed_facts())
+    # the rarest of the values below comes in ~0.4% of the edits
+    outs = _each("phdr_field", seeds=2000, facts=seed_facts())
     values: set[int] = set()
     for out in outs:
         diff = [i for i in range(len(THREE)) if out[i] != THREE[i]]
