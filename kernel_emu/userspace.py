@@ -32,6 +32,9 @@ except ImportError:  # not built: the Python oracle gives the same answer, slowe
     native_walker = None  # type: ignore[assignment]
 
 USER_STACK_PAGES = 64
+# the native check's answers (native/userspace.h): nothing to report; nothing but the entry
+NATIVE_CLEAN = 1
+NATIVE_ENTRY_ONLY = 2
 # a page walk under the run's final CR3: the leaf mapping a virtual address (None: not mapped)
 Translate = Callable[[int], pagewalk.Mapping | None]
 
@@ -44,7 +47,8 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
     """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop).
     `segments`: `expected` as (vaddr, memsz, filesz, offset, flags) tuples, when the caller
     has them. An address space with nothing to report is nearly always recognised natively;
-    anything else is judged below, findings and all."""
+    anything else is judged below, findings and all. So is an address space whose only
+    finding is the entry, which the native check names too: that finding is made alone."""
     kernel_phys = kernel_ranges(image, prof, kstack_base)
     if native_walker is not None:
         if segments is None:
@@ -52,12 +56,18 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                         for s in expected]
         stack_top = log.user_entry[1] if log.user_entry else None
         low = m.banks[0]
-        if native_walker.user_space_clean(
-                low.buffer, low.base, m.reg("cr3"), m.reg("rsp"), prof.kernel.user_top,
-                segments, file, [(lo, hi) for lo, hi, _ in kernel_phys],
-                None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top),
-                pagewalk.MAX_LEAVES):
+        cr3 = m.reg("cr3")
+        verdict = native_walker.user_space_check(
+            low.buffer, low.base, cr3, m.reg("rsp"), prof.kernel.user_top,
+            segments, file, [(lo, hi) for lo, hi, _ in kernel_phys],
+            None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top),
+            pagewalk.MAX_LEAVES)
+        if verdict == NATIVE_CLEAN:
             return []
+        if verdict == NATIVE_ENTRY_ONLY:
+            # every check before the entry's passed: the reference would come to this one
+            # with nothing found, and its page looked up by a walk of its own
+            return entry_findings(m, lambda vaddr: pagewalk.translate(m, cr3, vaddr), frames)
     return user_space_findings_python(m, prof, log, expected, frames, kernel_phys, file)
 
 

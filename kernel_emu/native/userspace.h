@@ -2,15 +2,18 @@
  * `iretq` into ring 3 leaves kernel_emu.userspace.user_space_findings (the reference)
  * nothing to report. Included by walk.c, whose walk it shares.
  *
- * user_space_clean(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack,
- *                  max_leaves) -> bool
+ * user_space_check(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack,
+ *                  max_leaves) -> int
  *   ram, base   the first RAM bank, as for user_leaves
  *   cr3, rsp    the registers at the stop: the tables to walk, and the `iretq` frame
  *   segments    [(vaddr, memsz, filesz, offset, flags)]: the input's PT_LOAD entries
  *   file        the input's bytes (empty: the file contents are not compared)
  *   kernel_phys [(lo, hi)]: physical ranges no user page may map
  *   stack       (lo, hi) of the user stack the kernel announced, or None
- *   True only when the reference would find nothing. False whenever anything may be wrong,
+ *   1 (USER_SPACE_CLEAN) only when the reference would find nothing; 2 (USER_SPACE_ENTRY)
+ *   only when it would find nothing but the entry (every check before it passed, and the
+ *   `iretq` enters ring 3 at a page that is not user-executable), whose finding the caller
+ *   makes alone; 0 whenever anything else may be wrong,
  *   and wherever this check cannot follow the reference exactly (a table, frame or byte
  *   outside `ram`, max_leaves leaves or more, more than MAX_CLEAN_SEGMENTS segments, a
  *   window of a segment's contents not mapped): the caller then runs the reference, which
@@ -24,6 +27,8 @@
  */
 
 #define MAX_CLEAN_SEGMENTS 256
+#define USER_SPACE_CLEAN 1
+#define USER_SPACE_ENTRY 2
 #define CONTENT_WINDOW 64
 
 typedef unsigned __int128 u128;
@@ -157,8 +162,9 @@ static int compare_range(const void *a, const void *b)
     return x[1] < y[1] ? -1 : x[1] > y[1];
 }
 
-/* The checks, on the walk `s` and the parsed arguments; 1: nothing to report. */
-static int user_space_is_clean(const Space *s, const uint64_t *tables, Py_ssize_t ntables,
+/* The checks, on the walk `s` and the parsed arguments: USER_SPACE_CLEAN, nothing to
+ * report; USER_SPACE_ENTRY, nothing but the entry; 0: anything else may be wrong. */
+static int user_space_verdict(const Space *s, const uint64_t *tables, Py_ssize_t ntables,
                                uint64_t rsp, uint64_t user_top, const Seg *segs, Py_ssize_t n,
                                const uint8_t *file, uint64_t file_len,
                                const uint64_t (*phys)[2], Py_ssize_t nphys,
@@ -291,11 +297,11 @@ static int user_space_is_clean(const Space *s, const uint64_t *tables, Py_ssize_
             }
         }
     }
-    /* the entry: user-executable code */
-    return space_leaf(s, rip, &leaf) && leaf.executable;
+    /* the entry: user-executable code (the last check: all the others passed) */
+    return space_leaf(s, rip, &leaf) && leaf.executable ? USER_SPACE_CLEAN : USER_SPACE_ENTRY;
 }
 
-static PyObject *user_space_clean(PyObject *self, PyObject *args)
+static PyObject *user_space_check(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer ram, file;
@@ -306,7 +312,7 @@ static PyObject *user_space_clean(PyObject *self, PyObject *args)
                           &file, &kernel_phys, &stack_arg, &max_leaves)) {
         return NULL;
     }
-    int clean = 0;
+    int verdict = 0;
     Seg *segs = NULL;
     uint64_t (*phys)[2] = NULL;
     uint64_t (*covered)[2] = NULL;
@@ -353,7 +359,7 @@ static PyObject *user_space_clean(PyObject *self, PyObject *args)
     }
     if (!w.outside && w.seen < max_leaves) {
         Space s = {ram.buf, base, (uint64_t)ram.len, w.out, w.nout};
-        clean = user_space_is_clean(&s, w.tabs, w.ntabs, rsp, user_top, segs, n, file.buf,
+        verdict = user_space_verdict(&s, w.tabs, w.ntabs, rsp, user_top, segs, n, file.buf,
                                     (uint64_t)file.len, (const uint64_t (*)[2])phys, nphys,
                                     stack_arg != Py_None ? stack : NULL, covered);
     }
@@ -366,5 +372,5 @@ done:
     PyBuffer_Release(&ram);
     PyBuffer_Release(&file);
     /* an error left set is ours (no memory); what the check could not read is cleared */
-    return PyErr_Occurred() ? NULL : PyBool_FromLong(clean);
+    return PyErr_Occurred() ? NULL : PyLong_FromLong(verdict);
 }

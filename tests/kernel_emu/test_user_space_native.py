@@ -153,3 +153,44 @@ def test_a_clean_address_space_is_recognised_natively(monkeypatch: pytest.Monkey
         if result.stop == "until" and not result.findings:
             ring3 += 1
     assert ring3 >= 10 and python == [0], (ring3, python)
+
+
+def test_an_entry_that_is_the_only_finding_is_made_without_the_python_oracle(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run into ring 3 whose `iretq` would enter where user mode cannot run, and which is
+    clean otherwise: its one finding is made without the whole Python oracle, and is the
+    one that oracle makes."""
+    calls: list[tuple[Any, ...]] = []
+    real = userspace.user_space_findings
+
+    def keep(*args: Any) -> list[Any]:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(oracles, "user_space_findings", keep)
+    ex = Executor(load_profile("seed"), explain=False, causes=False)
+    python = count_calls(monkeypatch, userspace, "user_space_findings_python")
+    checked = 0
+    for path in SEEDS:
+        calls.clear()
+        result = ex.run(path.read_bytes())
+        if result.stop != "until" or result.findings:
+            continue
+        (args,) = calls
+        m = args[0]
+        rsp = m.reg("rsp")
+        rip = m.u64(rsp)
+        # kernel code (mapped, not for user mode), an unmapped page, the user stack (not
+        # executable)
+        for bad in (m.reg("rip"), 0x5A5A_0000_0000, m.u64(rsp + 24) - 8):
+            m.write(rsp, struct.pack("<Q", bad))
+            before = python[0]
+            got = real(*args)
+            assert python[0] == before, "the Python oracle ran"
+            with monkeypatch.context() as patch:
+                patch.setattr(userspace, "native_walker", None)
+                want = real(*args)
+            assert got == want and [f.field for f in got] == ["entry.rip"], (bad, want)
+            checked += 1
+        m.write(rsp, struct.pack("<Q", rip))
+    assert checked >= 9, checked
