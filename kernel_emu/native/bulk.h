@@ -84,6 +84,38 @@ typedef struct {
     uint64_t value;
 } MsrValue;
 
+/* The walks of a call's first pages, kept for the rest of the call: a page-sized move walks
+ * its page once instead of three times (to prove the span, to ask whether a zero fill may
+ * leave it alone, to set Accessed and Dirty).  Exact, because nothing the call does between
+ * those walks changes what they read but Accessed and Dirty bits: it stores only outside
+ * every table it walked (bulk_forward truncates the move before any), and a walk that marks
+ * re-reads each entry before it sets a bit, as the walk it stands for would. */
+#define BULK_MEMO_PAGES 4
+
+typedef struct {
+    uint64_t va;      /* the virtual page */
+    uint64_t frame;   /* its frame */
+    uint64_t leaf;    /* its leaf entry as the walk read it, before any marking */
+    uint8_t *slot[4]; /* the entry read at each level, top level first */
+} WalkedPage;
+
+typedef struct {
+    WalkedPage pages[BULK_MEMO_PAGES];
+    uint32_t n;
+} WalkMemo;
+
+static const WalkedPage *memo_find(const WalkMemo *memo, uint64_t va)
+{
+    if (memo != NULL) {
+        for (uint32_t i = 0; i < memo->n; i++) {
+            if (memo->pages[i].va == va) {
+                return &memo->pages[i];
+            }
+        }
+    }
+    return NULL;
+}
+
 /* Zero fills of fewer whole pages are written without asking (a read of the
  * pagemap costs a system call, several small memsets' worth). */
 #define ABSENT_MIN_PAGES 16
@@ -137,8 +169,10 @@ static int tables_add(TableSet *t, uint64_t frame)
 /* The frame behind virtual page `va`, or UINT64_MAX when the fast path cannot
  * vouch for the access.  With `mark`, sets Accessed at every level and Dirty
  * in the leaf for a store, as QEMU's page walker does. */
-static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int store, int nxe,
-                               TableSet *tables, int mark, uint64_t *leaf)
+/* ... and where `walked` is given, what a later walk of the same page in the same call
+ * needs (WalkMemo), filled in when the walk succeeds. */
+static uint64_t walk_page(TracerState *s, uint64_t cr3, uint64_t va, int store, int nxe,
+                          TableSet *tables, int mark, uint64_t *leaf, WalkedPage *walked)
 {
     uint64_t table = cr3 & PTE_FRAME;
     uint64_t allowed = PTE_W, nx = 0;
@@ -147,6 +181,9 @@ static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int st
         uint8_t *slot = bank_host(s, table + index * 8, 8, NULL);
         if (slot == NULL || (tables != NULL && !tables_add(tables, table))) {
             return UINT64_MAX;
+        }
+        if (walked != NULL) {
+            walked->slot[4 - level] = slot;
         }
         uint64_t e;
         memcpy(&e, slot, 8);
@@ -161,6 +198,9 @@ static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int st
         if (level == 1 && leaf != NULL) {
             *leaf = e; /* as it was before this walk marked it */
         }
+        if (level == 1 && walked != NULL) {
+            walked->leaf = e;
+        }
         if (mark) {
             uint64_t bits = PTE_A | (level == 1 && store ? PTE_D : 0);
             if ((e & bits) != bits) {
@@ -173,7 +213,35 @@ static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int st
     if (store && (!(allowed & PTE_W) || !nx)) {
         return UINT64_MAX;
     }
-    return bank_host(s, table, 1ULL << PAGE_SHIFT, NULL) != NULL ? table : UINT64_MAX;
+    if (bank_host(s, table, 1ULL << PAGE_SHIFT, NULL) == NULL) {
+        return UINT64_MAX;
+    }
+    if (walked != NULL) {
+        walked->va = va;
+        walked->frame = table;
+    }
+    return table;
+}
+
+static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int store, int nxe,
+                               TableSet *tables, int mark, uint64_t *leaf)
+{
+    return walk_page(s, cr3, va, store, nxe, tables, mark, leaf, NULL);
+}
+
+/* Set Accessed at every level of a page walked before in this call, and Dirty in its leaf
+ * for a store: what a marking walk of it does (it can only succeed again). */
+static void memo_mark(const WalkedPage *walked, int store)
+{
+    for (int k = 0; k < 4; k++) {
+        uint64_t bits = PTE_A | (k == 3 && store ? PTE_D : 0);
+        uint64_t e;
+        memcpy(&e, walked->slot[k], 8);
+        if ((e & bits) != bits) {
+            e |= bits;
+            memcpy(walked->slot[k], &e, 8);
+        }
+    }
 }
 
 /* Whether a zero fill may leave the whole page at guest-virtual `va` (frame
@@ -186,7 +254,7 @@ static uint64_t bulk_translate(TracerState *s, uint64_t cr3, uint64_t va, int st
  * (kernel_emu.dirtylog): the owner runs the input again without trusting the
  * guest's word (trust_zeros(None)) where it cannot. */
 static int zeros_known(TracerState *s, uint32_t b, uint64_t cr3, uint64_t va, uint64_t frame,
-                       int nxe)
+                       int nxe, const WalkMemo *memo)
 {
     if (!s->zeros_trusted || b != 0 || va != frame || (cr3 & PTE_FRAME) != s->identity_cr3) {
         return 0;
@@ -194,6 +262,10 @@ static int zeros_known(TracerState *s, uint32_t b, uint64_t cr3, uint64_t va, ui
     uint64_t index = (frame - s->banks[0].base) >> PAGE_SHIFT;
     if (index / 8 >= s->zero_len || !(s->zero_bits[index / 8] >> (index % 8) & 1)) {
         return 0;
+    }
+    const WalkedPage *walked = memo_find(memo, va);
+    if (walked != NULL) { /* a store's walk of this page, nothing marked since */
+        return walked->frame == frame && !(walked->leaf & PTE_D);
     }
     uint64_t leaf = PTE_D;
     return bulk_translate(s, cr3, va, 1, nxe, NULL, 0, &leaf) == frame && !(leaf & PTE_D);
@@ -243,7 +315,7 @@ static uint64_t zero_held(TracerState *s, uint32_t b, uintptr_t at, size_t count
  * (take_left_absent), so the restore gives them back again rather than
  * clearing them.  Returns the pages left alone. */
 static uint64_t zero_fill(TracerState *s, uint32_t b, uint8_t *to, uint64_t bytes, uint64_t cr3,
-                          uint64_t va, uint64_t phys, int nxe)
+                          uint64_t va, uint64_t phys, int nxe, const WalkMemo *memo)
 {
     uintptr_t start = (uintptr_t)to, end = start + (uintptr_t)bytes;
     uintptr_t first = (start + HOST_PAGE - 1) & ~(uintptr_t)(HOST_PAGE - 1);
@@ -257,7 +329,7 @@ static uint64_t zero_fill(TracerState *s, uint32_t b, uint8_t *to, uint64_t byte
     uintptr_t unknown = first; /* the pages from here to `page` are not known */
     for (uintptr_t page = first; page < last; page += HOST_PAGE) {
         uint64_t at = offset + (page - first);
-        if (zeros_known(s, b, cr3, va + at, phys + at, nxe)) {
+        if (zeros_known(s, b, cr3, va + at, phys + at, nxe, memo)) {
             left_alone += zero_held(s, b, unknown, (page - unknown) / HOST_PAGE);
             note_absent(s, b, page);
             s->zeros_taken++;
@@ -273,7 +345,7 @@ static uint64_t zero_fill(TracerState *s, uint32_t b, uint8_t *to, uint64_t byte
 /* How many of `want` 8-byte units from `va` lie on pages the fast path can
  * vouch for, physically contiguous in one bank; their first physical byte. */
 static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t want, int store,
-                          int nxe, TableSet *tables, uint64_t *phys)
+                          int nxe, TableSet *tables, uint64_t *phys, WalkMemo *memo)
 {
     /* stay inside the canonical half that holds va: beyond it is #GP */
     uint64_t limit;
@@ -295,15 +367,21 @@ static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t wa
     }
     uint64_t first_page = va & ~((1ULL << PAGE_SHIFT) - 1);
     uint64_t last_page = (va + want * 8 - 1) & ~((1ULL << PAGE_SHIFT) - 1);
-    uint64_t base = bulk_translate(s, cr3, first_page, store, nxe, tables, 0, NULL);
+    memo->n = 0;
+    uint64_t base = walk_page(s, cr3, first_page, store, nxe, tables, 0, NULL, &memo->pages[0]);
     uint32_t bank;
     if (base == UINT64_MAX || bank_host(s, base, 1, &bank) == NULL) {
         return 0;
     }
+    memo->n = 1;
     uint64_t good_end = first_page + (1ULL << PAGE_SHIFT);
     for (uint64_t page = first_page + (1ULL << PAGE_SHIFT); page != last_page + (1ULL << PAGE_SHIFT);
          page += 1ULL << PAGE_SHIFT) {
-        uint64_t frame = bulk_translate(s, cr3, page, store, nxe, tables, 0, NULL);
+        WalkedPage *walked = memo->n < BULK_MEMO_PAGES ? &memo->pages[memo->n] : NULL;
+        uint64_t frame = walk_page(s, cr3, page, store, nxe, tables, 0, NULL, walked);
+        if (walked != NULL && frame != UINT64_MAX) {
+            memo->n++;
+        }
         uint32_t other;
         if (frame != base + (page - first_page) || bank_host(s, frame, 1, &other) == NULL ||
             other != bank) {
@@ -317,12 +395,17 @@ static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t wa
 }
 
 static void bulk_mark(TracerState *s, uint64_t cr3, uint64_t va, uint64_t bytes, int store,
-                      int nxe)
+                      int nxe, const WalkMemo *memo)
 {
     uint64_t page = va & ~((1ULL << PAGE_SHIFT) - 1);
     uint64_t last = (va + bytes - 1) & ~((1ULL << PAGE_SHIFT) - 1);
     for (;; page += 1ULL << PAGE_SHIFT) {
-        (void)bulk_translate(s, cr3, page, store, nxe, NULL, 1, NULL);
+        const WalkedPage *walked = memo_find(memo, page);
+        if (walked != NULL) {
+            memo_mark(walked, store);
+        } else {
+            (void)bulk_translate(s, cr3, page, store, nxe, NULL, 1, NULL);
+        }
         if (page == last) {
             break;
         }
@@ -368,10 +451,12 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     uint64_t want = rcx < room ? rcx : room;
     want = want < BULK_WINDOW_UNITS ? want : BULK_WINDOW_UNITS;
     TableSet tables = {.n = 0};
+    WalkMemo stores, loads; /* the pages walked for the destination, the source */
+    stores.n = loads.n = 0;
     uint64_t dst = 0, src = 0;
-    uint64_t units = bulk_span(s, cr3, rdi, want, 1, nxe, &tables, &dst);
+    uint64_t units = bulk_span(s, cr3, rdi, want, 1, nxe, &tables, &dst, &stores);
     if (kind == BULK_MOVSQ && units > 0) {
-        uint64_t readable = bulk_span(s, cr3, rsi, units, 0, nxe, &tables, &src);
+        uint64_t readable = bulk_span(s, cr3, rsi, units, 0, nxe, &tables, &src, &loads);
         units = readable < units ? readable : units;
         /* a forward copy onto a higher overlapping address reads bytes that
          * earlier iterations wrote: only the iterations before that point */
@@ -395,14 +480,15 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     if (kind == BULK_MOVSQ) {
         /* dst <= src or disjoint: memmove equals the forward qword copy */
         memmove(to, bank_host(s, src, bytes, NULL), (size_t)bytes);
-        bulk_mark(s, cr3, rsi, bytes, 0, nxe);
+        bulk_mark(s, cr3, rsi, bytes, 0, nxe, &loads);
     } else {
         uint8_t pattern[8];
         for (int i = 0; i < 8; i++) {
             pattern[i] = (uint8_t)(rax >> (8 * i));
         }
         if (rax == 0 && s->banks[to_bank].absent_zero) {
-            s->pages_left_absent += zero_fill(s, to_bank, to, bytes, cr3, rdi, dst, nxe);
+            s->pages_left_absent += zero_fill(s, to_bank, to, bytes, cr3, rdi, dst, nxe,
+                                              &stores);
         } else if (rax == (rax & 0xff) * 0x0101010101010101ULL) {
             memset(to, pattern[0], (size_t)bytes);
         } else {
@@ -411,7 +497,7 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
             }
         }
     }
-    bulk_mark(s, cr3, rdi, bytes, 1, nxe);
+    bulk_mark(s, cr3, rdi, bytes, 1, nxe, &stores);
     /* the write hook's view, for owners that track writes with it */
     if (s->nregions > 0) {
         for (uint64_t page = dst >> PAGE_SHIFT; page <= (dst + bytes - 1) >> PAGE_SHIFT; page++) {
