@@ -269,6 +269,7 @@ class _CallRandom(random.Random):
         # instance attributes, found before the methods below by every draw of the class
         self.random = generator.random  # type: ignore[method-assign]
         self.getrandbits = generator.getrandbits  # type: ignore[method-assign]
+        self.gauss_next = None  # as random.Random.__init__ leaves it, for gauss()
 
     # Defined so that random.Random builds its integer draws on getrandbits; never called
     def random(self) -> float:  # pragma: no cover
