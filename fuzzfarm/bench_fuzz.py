@@ -213,18 +213,23 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
     rates: list[list[float]] = [[] for _ in _SETUPS]
     theirs: list[float] = []
     defaults: list[CampaignSummary] = []  # this checkout's default campaigns
-    for _ in range(repeats):  # interleaved, so another load on the machine hits all alike
+    # Each repeat has a fuzzing seed of its own (libFuzzer's, mixed into the ELF mutator's;
+    # a campaign's job n fuzzes with its seed + n + 1), the same for every setup and the
+    # other checkout in it. With one seed for all of them, the repeats of a setup were one
+    # campaign up to timing: what it ran, and so its rate, was that seed's draw
+    for seed in range(repeats):  # interleaved: another load on the machine hits all alike
         for got, (_, feedback, fast, skip, lean, blocks) in zip(rates, _SETUPS, strict=True):
             summary = _campaign(kernel, 1, fresh(), seconds=seconds, coverage=feedback,
                                 compares=feedback, fast_routines=fast, skip_cycles=skip,
-                                lean=lean, count_blocks=blocks)
+                                lean=lean, count_blocks=blocks, seed=seed)
             got.append(summary.execs_per_second)
             if got is not rates[0]:
                 continue
             defaults.append(summary)
             if other is not None:
                 # right after this checkout's default: the same setup by the other's code
-                summary = _campaign(kernel, 1, fresh(), checkout=other, seconds=seconds)
+                summary = _campaign(kernel, 1, fresh(), checkout=other, seconds=seconds,
+                                    seed=seed)
                 if not summary.execs:
                     raise RuntimeError(f"the other checkout's campaign failed: "
                                        f"{'; '.join(summary.job_failures) or 'no execution'}")
@@ -234,8 +239,8 @@ def _feedback_cost(kernel: str, seconds: float, repeats: int, fresh: Callable[[]
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "inf"
 
-    print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats "
-          f"(execs/s, median [each repeat]):", flush=True)
+    print(f"\n1. campaigns of {seconds:.0f} s, 1 job, {repeats} interleaved repeats, fuzzing "
+          f"seeds 1-{repeats}, one per repeat (execs/s, median [each repeat]):", flush=True)
     for (label, feedback, *_), m, r in zip(_SETUPS, med, rates, strict=True):
         shown = ", ".join(f"{x:,.0f}" for x in r)
         print(f"   feedback {'on ' if feedback else 'off'}, {label}: {m:7,.0f}  [{shown}]")
