@@ -284,7 +284,7 @@ class _CallRandom(random.Random):
 
 def call_random(seed: int) -> random.Random:
     """The generator of one mutator call: fuzz._rng's when it is built, else the Mersenne
-    Twister (the same draws for the same seed on either, but not the same as each other)."""
+    Twister. Either draws the same for the same seed every time; the two draw differently."""
     return _CallRandom(seed) if _rng is not None else random.Random(seed)
 
 

@@ -46,9 +46,9 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                         ) -> list[Finding]:
     """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop).
     `segments`: `expected` as (vaddr, memsz, filesz, offset, flags) tuples, when the caller
-    has them. An address space with nothing to report is nearly always recognised natively;
-    anything else is judged below, findings and all. So is an address space whose only
-    finding is the entry, which the native check names too: that finding is made alone."""
+    has them. An address space with nothing to report is nearly always recognised natively,
+    and so is one whose only finding is the entry, whose finding is then made alone; anything
+    else is judged below, findings and all."""
     kernel_phys = kernel_ranges(image, prof, kstack_base)
     if native_walker is not None:
         if segments is None:

@@ -165,10 +165,10 @@ static int compare_range(const void *a, const void *b)
 /* The checks, on the walk `s` and the parsed arguments: USER_SPACE_CLEAN, nothing to
  * report; USER_SPACE_ENTRY, nothing but the entry; 0: anything else may be wrong. */
 static int user_space_verdict(const Space *s, const uint64_t *tables, Py_ssize_t ntables,
-                               uint64_t rsp, uint64_t user_top, const Seg *segs, Py_ssize_t n,
-                               const uint8_t *file, uint64_t file_len,
-                               const uint64_t (*phys)[2], Py_ssize_t nphys,
-                               const uint64_t *stack, uint64_t (*covered)[2])
+                              uint64_t rsp, uint64_t user_top, const Seg *segs, Py_ssize_t n,
+                              const uint8_t *file, uint64_t file_len,
+                              const uint64_t (*phys)[2], Py_ssize_t nphys,
+                              const uint64_t *stack, uint64_t (*covered)[2])
 {
     int ok = 1;
     /* every segment within the user half */
@@ -360,8 +360,8 @@ static PyObject *user_space_check(PyObject *self, PyObject *args)
     if (!w.outside && w.seen < max_leaves) {
         Space s = {ram.buf, base, (uint64_t)ram.len, w.out, w.nout};
         verdict = user_space_verdict(&s, w.tabs, w.ntabs, rsp, user_top, segs, n, file.buf,
-                                    (uint64_t)file.len, (const uint64_t (*)[2])phys, nphys,
-                                    stack_arg != Py_None ? stack : NULL, covered);
+                                     (uint64_t)file.len, (const uint64_t (*)[2])phys, nphys,
+                                     stack_arg != Py_None ? stack : NULL, covered);
     }
 done:
     PyMem_Free(segs);
