@@ -168,9 +168,9 @@ static int tables_add(TableSet *t, uint64_t frame)
 
 /* The frame behind virtual page `va`, or UINT64_MAX when the fast path cannot
  * vouch for the access.  With `mark`, sets Accessed at every level and Dirty
- * in the leaf for a store, as QEMU's page walker does. */
-/* ... and where `walked` is given, what a later walk of the same page in the same call
- * needs (WalkMemo), filled in when the walk succeeds. */
+ * in the leaf for a store, as QEMU's page walker does.  With `walked`, what a
+ * later walk of the same page in the same call needs (WalkMemo): its entries'
+ * places here, its va and frame once the walk succeeds (its leaf is `leaf`). */
 static uint64_t walk_page(TracerState *s, uint64_t cr3, uint64_t va, int store, int nxe,
                           TableSet *tables, int mark, uint64_t *leaf, WalkedPage *walked)
 {
@@ -197,9 +197,6 @@ static uint64_t walk_page(TracerState *s, uint64_t cr3, uint64_t va, int store, 
         nx |= e & PTE_NX;
         if (level == 1 && leaf != NULL) {
             *leaf = e; /* as it was before this walk marked it */
-        }
-        if (level == 1 && walked != NULL) {
-            walked->leaf = e;
         }
         if (mark) {
             uint64_t bits = PTE_A | (level == 1 && store ? PTE_D : 0);
@@ -347,6 +344,7 @@ static uint64_t zero_fill(TracerState *s, uint32_t b, uint8_t *to, uint64_t byte
 static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t want, int store,
                           int nxe, TableSet *tables, uint64_t *phys, WalkMemo *memo)
 {
+    memo->n = 0;
     /* stay inside the canonical half that holds va: beyond it is #GP */
     uint64_t limit;
     if (va < (1ULL << 47)) {
@@ -367,8 +365,8 @@ static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t wa
     }
     uint64_t first_page = va & ~((1ULL << PAGE_SHIFT) - 1);
     uint64_t last_page = (va + want * 8 - 1) & ~((1ULL << PAGE_SHIFT) - 1);
-    memo->n = 0;
-    uint64_t base = walk_page(s, cr3, first_page, store, nxe, tables, 0, NULL, &memo->pages[0]);
+    uint64_t base = walk_page(s, cr3, first_page, store, nxe, tables, 0, &memo->pages[0].leaf,
+                              &memo->pages[0]);
     uint32_t bank;
     if (base == UINT64_MAX || bank_host(s, base, 1, &bank) == NULL) {
         return 0;
@@ -378,7 +376,8 @@ static uint64_t bulk_span(TracerState *s, uint64_t cr3, uint64_t va, uint64_t wa
     for (uint64_t page = first_page + (1ULL << PAGE_SHIFT); page != last_page + (1ULL << PAGE_SHIFT);
          page += 1ULL << PAGE_SHIFT) {
         WalkedPage *walked = memo->n < BULK_MEMO_PAGES ? &memo->pages[memo->n] : NULL;
-        uint64_t frame = walk_page(s, cr3, page, store, nxe, tables, 0, NULL, walked);
+        uint64_t frame = walk_page(s, cr3, page, store, nxe, tables, 0,
+                                   walked != NULL ? &walked->leaf : NULL, walked);
         if (walked != NULL && frame != UINT64_MAX) {
             memo->n++;
         }
@@ -452,7 +451,6 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     want = want < BULK_WINDOW_UNITS ? want : BULK_WINDOW_UNITS;
     TableSet tables = {.n = 0};
     WalkMemo stores, loads; /* the pages walked for the destination, the source */
-    stores.n = loads.n = 0;
     uint64_t dst = 0, src = 0;
     uint64_t units = bulk_span(s, cr3, rdi, want, 1, nxe, &tables, &dst, &stores);
     if (kind == BULK_MOVSQ && units > 0) {
