@@ -26,7 +26,7 @@ from kernel_emu.elfview import load_segments
 from kernel_emu.errors import HarnessError
 from kernel_emu.firmware import DEBUG_PORT, FIRMWARE_BASE, FIRMWARE_END, SERVICE_PORT, Firmware
 from kernel_emu.image import KernelImage, load_image
-from kernel_emu.inputs import channel_for, encode
+from kernel_emu.inputs import channel_for, encode_parts
 from kernel_emu.machine import PAGE, Machine
 from kernel_emu.observations import FaultObserver, RunObservations
 from kernel_emu.profile import TargetProfile
@@ -280,7 +280,7 @@ class Executor:
     # running -----------------------------------------------------------------------------
     def run(self, data: bytes) -> Result:
         """Boot `data` as bin/init. Raises HarnessError when the farm, not the kernel, failed."""
-        payload = encode(self.profile, data)
+        payload = encode_parts(self.profile, data)
         try:
             result = self._run(data, payload)
             if self.causes and result.verdict == Verdict.CRASH:
@@ -302,7 +302,7 @@ class Executor:
                 causes=False, cycles_to_budget=self.cycles_to_budget)
         return self._second.run(data)
 
-    def _run(self, data: bytes, payload: bytes,
+    def _run(self, data: bytes, payload: tuple[bytes, ...],
              watch: tuple[int, int] | None = None) -> Result:
         """One run; `watch`: (address, size) whose last writer to record, in a run made again
         as the first (the guest itself doing the bulk moves, so that every write is seen; a
@@ -319,7 +319,7 @@ class Executor:
             self._fast_forward(True)
             self._start_run(self.budget)
             base = 0
-        self.channel.place(payload)
+        self.channel.place(*payload)
         writers: dict[int, list[str]] = {}
         hook = self._watch_writes(watch, writers) if watch is not None else None
         t1 = time.perf_counter()
@@ -373,7 +373,7 @@ class Executor:
         phases["oracles"] += t3 - t2
         return result
 
-    def _run_writing_zeros(self, data: bytes, payload: bytes,
+    def _run_writing_zeros(self, data: bytes, payload: tuple[bytes, ...],
                            watch: tuple[int, int] | None) -> Result:
         self.runs_again += 1
         self.tracer.trust_zeros(None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kernel_emu.errors import ImageError
@@ -326,13 +326,17 @@ class Firmware:
         m.set_reg("rip", self.image.entry)
 
     # ramdisk -----------------------------------------------------------------------------
-    def hand_over_ramdisk(self, image: bytes, previous_size: int) -> None:
-        """Place the ramdisk and its descriptor; zero what a longer previous one left behind."""
+    def hand_over_ramdisk(self, parts: Sequence[bytes], previous_size: int) -> None:
+        """Place the ramdisk (`parts`, back to back) and its descriptor; zero what a longer
+        previous one left behind."""
         base = self.profile.memory.ramdisk_base
-        self.m.write(base, image)
-        if previous_size > len(image):
-            self.m.write(base + len(image), bytes(previous_size - len(image)))
-        self.m.write(RAMDISK_DESCRIPTOR, struct.pack("<QQQ", RAMDISK_MAGIC, base, len(image)))
+        size = 0
+        for part in parts:
+            self.m.write(base + size, part)
+            size += len(part)
+        if previous_size > size:
+            self.m.zero(base + size, previous_size - size)
+        self.m.write(RAMDISK_DESCRIPTOR, struct.pack("<QQQ", RAMDISK_MAGIC, base, size))
 
     @property
     def ramdisk_ranges(self) -> list[tuple[int, int]]:

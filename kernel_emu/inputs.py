@@ -21,7 +21,7 @@ from kernel_emu.firmware import Firmware
 from kernel_emu.image import KernelImage
 from kernel_emu.machine import Machine
 from kernel_emu.profile import TargetProfile
-from kernel_emu.ramdisk import RamdiskTooLarge, build_init_ramdisk
+from kernel_emu.ramdisk import RamdiskTooLarge, init_ramdisk_head
 
 
 class RamdiskChannel:
@@ -35,9 +35,10 @@ class RamdiskChannel:
     def ranges(self) -> list[tuple[int, int]]:
         return self.firmware.ramdisk_ranges
 
-    def place(self, payload: bytes) -> None:
-        self.firmware.hand_over_ramdisk(payload, self._previous)
-        self._previous = len(payload)
+    def place(self, *parts: bytes) -> None:
+        """Place the input's encoding (`encode_parts`, or `encode`'s bytes)."""
+        self.firmware.hand_over_ramdisk(parts, self._previous)
+        self._previous = sum(len(part) for part in parts)
 
     def forget(self) -> None:
         """A fresh machine: nothing of an earlier input is left to clear."""
@@ -61,31 +62,41 @@ class EmbeddedChannel:
     def ranges(self) -> list[tuple[int, int]]:
         return [(self.size_at, self.size_at + 8), (self.data_at, self.data_at + self.capacity)]
 
-    def place(self, payload: bytes) -> None:
+    def place(self, *parts: bytes) -> None:
         m = self.machine
-        m.write(self.data_at, payload)
-        if self._previous > len(payload):
-            m.write(self.data_at + len(payload), bytes(self._previous - len(payload)))
-        m.write(self.size_at, struct.pack("<Q", len(payload)))
-        self._previous = len(payload)
+        size = 0
+        for part in parts:
+            m.write(self.data_at + size, part)
+            size += len(part)
+        if self._previous > size:
+            m.zero(self.data_at + size, self._previous - size)
+        m.write(self.size_at, struct.pack("<Q", size))
+        self._previous = size
 
     def forget(self) -> None:
         self._previous = self.capacity
 
 
-def encode(profile: TargetProfile, data: bytes) -> bytes:
-    """What `place` puts in guest memory for the input `data`: the ramdisk holding it, or the
-    bytes themselves. InputError when it does not fit."""
+def encode_parts(profile: TargetProfile, data: bytes) -> tuple[bytes, ...]:
+    """What `place` puts in guest memory for the input `data`, in parts written back to
+    back: the ramdisk's head and the input itself, or the input alone (a run places the
+    input where it lies, without a copy joined to the head). InputError when it does not
+    fit."""
     layout = profile.input
     if layout.channel == "embedded":
         if len(data) > layout.capacity:
             raise InputError(f"input is {len(data)} bytes, over the {layout.capacity}-byte "
                              "capacity of the kernel's embedded init program")
-        return bytes(data)
+        return (bytes(data),)
     try:
-        return build_init_ramdisk(data)
+        return init_ramdisk_head(len(data)), bytes(data)
     except RamdiskTooLarge as e:
         raise InputError(str(e)) from e
+
+
+def encode(profile: TargetProfile, data: bytes) -> bytes:
+    """`encode_parts` as one string of bytes."""
+    return b"".join(encode_parts(profile, data))
 
 
 def channel_for(machine: Machine, firmware: Firmware, profile: TargetProfile,

@@ -161,6 +161,13 @@ class Machine:
         off = addr - bank.base
         bank.view[off:off + len(data)] = data
 
+    def zero(self, addr: int, size: int) -> None:
+        """Write `size` zero bytes from `addr` (without building them first)."""
+        bank = self.bank_for(addr, size)
+        if bank is None:
+            raise ValueError(f"host write outside RAM at {addr:#x}")
+        ctypes.memset(bank.address + addr - bank.base, 0, size)
+
     def u64_in_ram(self, addr: int) -> int | None:
         """The 64-bit word at `addr`, or None when RAM does not hold all of its bytes."""
         off = addr - self._low_base

@@ -95,17 +95,23 @@ _INIT_HEADERS = SUPERBLOCK_SIZE + FILE_HEADER_SIZE + len(_INIT_NAME)
 _INIT_DATA = _align_up(_INIT_HEADERS, DATA_ALIGN)
 
 
-def build_init_ramdisk(init: bytes) -> bytes:
-    """An image holding only bin/init, the fuzzed ELF byte for byte: `build_ramdisk`'s
-    layout, put together in one copy (every run of a fuzzing job builds one)."""
-    total = _INIT_DATA + len(init)
+def init_ramdisk_head(size: int) -> bytes:
+    """The bytes of an image holding only bin/init that come before init's own, for an init
+    of `size` bytes (`build_ramdisk`'s layout): the image is this, then init byte for byte.
+    Every run of a fuzzing job places one, the input written after it where it lies."""
+    total = _INIT_DATA + size
     if total > RAMDISK_CAPACITY:
         raise RamdiskTooLarge(total)
     return b"".join((
         _SUPERBLOCK.pack(RAMDISK_MAGIC, RAMDISK_VERSION, 1, total, SUPERBLOCK_SIZE),
         _FILE_HEADER.pack(SUPERBLOCK_SIZE + FILE_HEADER_SIZE, len(_INIT_NAME), _INIT_DATA,
-                          len(init), INIT_MODE),
-        _INIT_NAME, bytes(_INIT_DATA - _INIT_HEADERS), init))
+                          size, INIT_MODE),
+        _INIT_NAME, bytes(_INIT_DATA - _INIT_HEADERS)))
+
+
+def build_init_ramdisk(init: bytes) -> bytes:
+    """An image holding only bin/init, the fuzzed ELF byte for byte."""
+    return init_ramdisk_head(len(init)) + bytes(init)
 
 
 def parse_ramdisk(image: bytes) -> list[tuple[str, int, int]]:

@@ -106,8 +106,8 @@ def test_output_string_is_captured(firmware: Firmware) -> None:
 def test_ramdisk_hand_over_clears_a_longer_previous_image(firmware: Firmware) -> None:
     m = firmware.m
     base = firmware.profile.memory.ramdisk_base
-    firmware.hand_over_ramdisk(b"\xaa" * 100, 0)
-    firmware.hand_over_ramdisk(b"\xbb" * 10, 100)
+    firmware.hand_over_ramdisk([b"\xaa" * 100], 0)
+    firmware.hand_over_ramdisk([b"\xbb" * 4, b"\xbb" * 6], 100)
     assert m.read(base, 100) == b"\xbb" * 10 + bytes(90)
     magic, rd_base, rd_size = struct.unpack("<QQQ", m.read(fw.RAMDISK_DESCRIPTOR, 24))
     assert (magic, rd_base, rd_size) == (fw.RAMDISK_MAGIC, base, 10)
