@@ -16,6 +16,7 @@
  */
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -29,20 +30,31 @@
 #define HOST_PAGE 4096ULL
 
 static int pagemap_fd = -1;
-static pid_t pagemap_pid = -1;
+static int pagemap_opened = 0;
+
+/* A forked child reads its own pagemap: the parent's descriptor would describe
+ * the parent.  (Asking getpid() at every read instead cost a system call per
+ * read, more than the read itself took.) */
+static void pagemap_forked(void)
+{
+    if (pagemap_fd >= 0) {
+        close(pagemap_fd);
+    }
+    pagemap_fd = -1;
+    pagemap_opened = 0;
+}
 
 /* The entries of the `n` (at most PAGEMAP_BATCH) host pages from `page` (page
- * aligned); 0, or -1 when the pagemap cannot be read (not Linux, no /proc).  A
- * forked child opens its own: the parent's would describe the parent. */
+ * aligned); 0, or -1 when the pagemap cannot be read (not Linux, no /proc). */
 static inline int pagemap_read(uintptr_t page, size_t n, uint64_t *entries)
 {
-    pid_t pid = getpid();
-    if (pid != pagemap_pid) {
-        if (pagemap_fd >= 0) {
-            close(pagemap_fd);
+    if (!pagemap_opened) {
+        static int registered = 0;
+        if (!registered) {
+            registered = pthread_atfork(NULL, NULL, pagemap_forked) == 0;
         }
         pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-        pagemap_pid = pid;
+        pagemap_opened = 1;
     }
     if (pagemap_fd < 0) {
         return -1;

@@ -79,18 +79,23 @@ def test_the_restore_gives_back_what_need_not_be_written(private: mmap.mmap) -> 
 
 def test_a_forked_child_gives_back_what_it_shares(private: mmap.mmap) -> None:
     """In a forked child the parent's pages are shared, not the child's own: read from its
-    own pagemap, they are given back, and read as zeros."""
+    own pagemap, they are given back, and read as zeros. So is a page of zeros the child
+    wrote itself, which the parent's pagemap (read before the fork) has as absent."""
     private[0:PAGE] = b"\x5a" * PAGE
+    walk.restore_pages(private, [None] * 8, b"\x02", b"\x02")  # the parent reads its pagemap
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
         ok = False
         try:
             shared = _pagemap(private, 0)
-            walk.restore_pages(private, [None] * 8, b"\x01", b"\x01")
-            given_back = not _pagemap(private, 0) & PRESENT
-            ok = bool(shared & PRESENT and not shared & EXCLUSIVE and given_back and
-                      bytes(private[0:PAGE]) == bytes(PAGE))
+            private[2 * PAGE:3 * PAGE] = bytes(PAGE)
+            own = _pagemap(private, 2)
+            walk.restore_pages(private, [None] * 8, b"\x05", b"\x05")
+            given_back = not _pagemap(private, 0) & PRESENT and \
+                not _pagemap(private, 2) & PRESENT
+            ok = bool(shared & PRESENT and not shared & EXCLUSIVE and own & EXCLUSIVE and
+                      given_back and bytes(private[0:PAGE]) == bytes(PAGE))
         finally:
             os.write(writer, b"1" if ok else b"0")
             os._exit(0)
