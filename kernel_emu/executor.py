@@ -106,10 +106,11 @@ class Executor:
             realloc_returns=codescan.return_sites(self.image, realloc.address, realloc.size)
             if realloc else (), realloc_takes_self=h.realloc_takes_self)
         self.bulk_ranges = codescan.bulk_ranges(self.image)
-        # the bulk moves of memset/memcpy/memmove the native tracer performs itself where that
-        # is provably the same (see kernel_emu/native/bulk.h); without: the guest runs them
-        self.bulk_sites = (codescan.bulk_sites(self.image, self.bulk_ranges) if fast_routines
-                           else ())
+        # the bulk moves of memset/memcpy/memmove, and the strings written to the console, the
+        # native tracer performs itself where that is provably the same (see
+        # kernel_emu/native/bulk.h); without: the guest runs them
+        self.bulk_sites = (codescan.bulk_sites(self.image, self.bulk_ranges) +
+                           codescan.port_string_sites(self.image) if fast_routines else ())
         self.services = 0  # boot services performed in this run
         self.snapshot: Snapshot | None = None
         self.last_observations: RunObservations | None = None  # of the last run

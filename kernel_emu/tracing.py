@@ -194,14 +194,15 @@ class PortConfig:
 
 class BulkSite(NamedTuple):
     """A ``rep stosq`` (kind ``"stosq"``) or ``rep movsq`` (``"movsq"``) instruction of the
-    guest's memory routines that the native tracer may fast-forward (see
+    guest's memory routines, or a ``rep outsb`` (``"outsb"``: fast-forwarded only when it
+    writes to the console port), that the native tracer may fast-forward (see
     :meth:`GuestTracer.fast_forward`)."""
 
     address: int
     kind: str
 
 
-BULK_KINDS = ("stosq", "movsq")
+BULK_KINDS = ("stosq", "movsq", "outsb")
 
 
 class WatchEvent(NamedTuple):
@@ -425,7 +426,14 @@ class GuestTracer(Protocol):
 
     @property
     def fast_units(self) -> int:
-        """Iterations fast-forwarded since reset (always 0 for the Python tracer)."""
+        """Iterations of bulk moves fast-forwarded since reset (always 0 for the Python
+        tracer)."""
+        ...
+
+    @property
+    def console_units(self) -> int:
+        """Console bytes of ``rep outsb`` sites put in one step since reset (always 0 for the
+        Python tracer)."""
         ...
 
     def stop_at(self, address: int | None, nth: int = 1) -> None:
@@ -783,6 +791,10 @@ class NativeTracer:
     @property
     def fast_units(self) -> int:
         return self._state.bulk_units
+
+    @property
+    def console_units(self) -> int:
+        return self._state.console_units
 
     def stop_at(self, address: int | None, nth: int = 1) -> None:
         self._state.stop_at(address, nth)
@@ -1219,6 +1231,10 @@ class PythonTracer:
 
     @property
     def fast_units(self) -> int:
+        return 0
+
+    @property
+    def console_units(self) -> int:
         return 0
 
     def stop_at(self, address: int | None, nth: int = 1) -> None:

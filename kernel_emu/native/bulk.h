@@ -73,6 +73,8 @@
 /* After this many emulated block entries the ring holds only the site and
  * its self-edge counter has saturated: further entries change nothing else. */
 #define BULK_BLOCKS_REPLAYED (RING_SIZE + 256)
+/* Console bytes put per call: a log line is a few hundred at most */
+#define CONSOLE_WINDOW 4096
 
 typedef struct {
     uint64_t frames[BULK_TABLES_MAX];
@@ -419,9 +421,56 @@ static void bulk_refuse(TracerState *s, uint64_t site, uint64_t rcx, uint64_t rd
     s->memo_src_page = rsi >> PAGE_SHIFT;
 }
 
+/* Whether the guest runs in ring 0 of 4-level long mode with DF clear and none of
+ * the paging features the walks here leave out (1, with its cr3 and NXE), or not (0);
+ * -1 when a register cannot be read. */
+static int plain_long_mode(TracerState *s, void *uc, uint64_t *cr3, int *nxe)
+{
+    uint64_t rflags = 0, cs = 0, cr0 = 0, cr4 = 0;
+    MsrValue efer = {MSR_EFER, 0};
+    if (s->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) != 0 ||
+        s->reg_read(uc, UC_X86_REG_CS, &cs) != 0 || s->reg_read(uc, UC_X86_REG_CR0, &cr0) != 0 ||
+        s->reg_read(uc, UC_X86_REG_CR3, cr3) != 0 || s->reg_read(uc, UC_X86_REG_CR4, &cr4) != 0 ||
+        s->reg_read(uc, UC_X86_REG_MSR, &efer) != 0) {
+        return -1;
+    }
+    if ((cs & 3) != 0 || (rflags & RFLAGS_DF) || !(cr0 & CR0_PG) || !(cr4 & CR4_PAE) ||
+        (cr4 & (CR4_LA57 | CR4_SMAP | CR4_PKE)) || !(efer.value & EFER_LMA)) {
+        return 0;
+    }
+    *nxe = (efer.value & EFER_NXE) != 0;
+    return 1;
+}
+
+/* The block entries of `units` iterations of the one-instruction block at `site`
+ * that the hook performed itself: each iteration the guest would have run re-enters
+ * the instruction as a block of its own.  The first entry comes from the block
+ * before; every later one is the site's edge to itself: the ring's last entries
+ * become the site and that counter goes up, saturating, as record_block would have
+ * done one entry at a time. */
+static void account_entries(TracerState *s, uint64_t site, uint64_t units)
+{
+    uint64_t replay = units < BULK_BLOCKS_REPLAYED ? units : BULK_BLOCKS_REPLAYED;
+    record_block(s, site);
+    uint64_t more = replay - 1;
+    uint64_t fill = more < RING_SIZE ? more : RING_SIZE;
+    for (uint64_t i = more - fill; i < more; i++) {
+        s->ring[(s->ring_pos + i) & (RING_SIZE - 1)] = site;
+    }
+    s->ring_pos += more;
+    if (s->coverage_on && more > 0) {
+        uint32_t cur = (uint32_t)((site * COVERAGE_MULTIPLIER) >> 48);
+        map_line_touched(s, cur ^ s->prev_loc); /* prev_loc is cur >> 1 by now */
+        uint8_t *counter = &s->map[cur ^ s->prev_loc];
+        uint64_t v = *counter + more;
+        *counter = (uint8_t)(v > 0xff ? 0xff : v);
+    }
+    s->ring_pos += units - replay;
+}
+
 static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int kind)
 {
-    uint64_t rcx = 0, rdi = 0, rsi = 0, rax = 0, rflags = 0, cs = 0, cr0 = 0, cr3 = 0, cr4 = 0;
+    uint64_t rcx = 0, rdi = 0, rsi = 0, rax = 0, cr3 = 0;
     if (!s->bulk_on || s->reg_write == NULL || s->reg_read(uc, UC_X86_REG_RCX, &rcx) != 0 ||
         rcx == 0 || s->reg_read(uc, UC_X86_REG_RDI, &rdi) != 0 ||
         s->reg_read(uc, UC_X86_REG_RSI, &rsi) != 0) {
@@ -431,20 +480,17 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
         (kind == BULK_STOSQ || rsi >> PAGE_SHIFT == s->memo_src_page)) {
         return;
     }
-    MsrValue efer = {MSR_EFER, 0};
-    if (s->reg_read(uc, UC_X86_REG_RAX, &rax) != 0 ||
-        s->reg_read(uc, UC_X86_REG_RFLAGS, &rflags) != 0 ||
-        s->reg_read(uc, UC_X86_REG_CS, &cs) != 0 || s->reg_read(uc, UC_X86_REG_CR0, &cr0) != 0 ||
-        s->reg_read(uc, UC_X86_REG_CR3, &cr3) != 0 || s->reg_read(uc, UC_X86_REG_CR4, &cr4) != 0 ||
-        s->reg_read(uc, UC_X86_REG_MSR, &efer) != 0) {
+    int nxe = 0;
+    if (s->reg_read(uc, UC_X86_REG_RAX, &rax) != 0) {
         return;
     }
-    if ((cs & 3) != 0 || (rflags & RFLAGS_DF) || !(cr0 & CR0_PG) || !(cr4 & CR4_PAE) ||
-        (cr4 & (CR4_LA57 | CR4_SMAP | CR4_PKE)) || !(efer.value & EFER_LMA)) {
-        bulk_refuse(s, site, rcx, rdi, rsi);
+    int mode = plain_long_mode(s, uc, &cr3, &nxe);
+    if (mode <= 0) {
+        if (mode == 0) {
+            bulk_refuse(s, site, rcx, rdi, rsi);
+        }
         return;
     }
-    int nxe = (efer.value & EFER_NXE) != 0;
     /* > 0: the code hook checked icount < budget <= bulk_limit */
     uint64_t room = s->bulk_limit - s->icount;
     uint64_t want = rcx < room ? rcx : room;
@@ -526,25 +572,64 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     s->bulk_units += units;
     /* a floating stop is not counted in these iterations (an exact one has no room) */
     s->budget = s->bulk_limit - s->budget > units ? s->budget + units : s->bulk_limit;
-    /* each iteration the guest would have run re-enters the instruction as a
-     * block of its own */
-    uint64_t replay = units < BULK_BLOCKS_REPLAYED ? units : BULK_BLOCKS_REPLAYED;
-    /* the first entry comes from the block before; every later one is the site's edge to
-     * itself: the ring's last entries become the site and that counter goes up, saturating,
-     * as record_block would have done one entry at a time */
-    record_block(s, site);
-    uint64_t more = replay - 1;
-    uint64_t fill = more < RING_SIZE ? more : RING_SIZE;
-    for (uint64_t i = more - fill; i < more; i++) {
-        s->ring[(s->ring_pos + i) & (RING_SIZE - 1)] = site;
+    account_entries(s, site, units);
+}
+
+/* `rep outsb` to the console port at `site`: the bytes the guest would write one
+ * iteration at a time, put on the console in one step, counted one instruction per
+ * iteration.  Each OUT the guest runs itself makes Unicorn find the instruction's
+ * pc in its translation before the OUT hook is called; a log line costs that once
+ * per byte.  These are ordinary instructions, not a bulk move: the next stop, a
+ * probe's or the budget's, stays where it is, and the iterations end one before it,
+ * so that the guest arrives there itself (a probe is then made in the code hook, not
+ * at a stop of the emulator).  The source is read page by page, as the guest's walks
+ * would mark it; where a page cannot be vouched for, the guest goes on from there. */
+static NOINLINE void console_forward(TracerState *s, void *uc, uint64_t site)
+{
+    uint64_t rcx = 0, rdx = 0, rsi = 0, cr3 = 0;
+    if (!s->bulk_on || s->reg_write == NULL || s->reg_read(uc, UC_X86_REG_RCX, &rcx) != 0 ||
+        rcx == 0 || s->reg_read(uc, UC_X86_REG_RDX, &rdx) != 0 ||
+        (rdx & 0xffff) != s->console_port || s->reg_read(uc, UC_X86_REG_RSI, &rsi) != 0) {
+        return;
     }
-    s->ring_pos += more;
-    if (s->coverage_on && more > 0) {
-        uint32_t cur = (uint32_t)((site * COVERAGE_MULTIPLIER) >> 48);
-        map_line_touched(s, cur ^ s->prev_loc); /* prev_loc is cur >> 1 by now */
-        uint8_t *counter = &s->map[cur ^ s->prev_loc];
-        uint64_t v = *counter + more;
-        *counter = (uint8_t)(v > 0xff ? 0xff : v);
+    /* > 0 or none: the code hook checked icount < budget */
+    uint64_t room = s->budget - s->icount - 1;
+    uint64_t want = rcx < room ? rcx : room;
+    want = want < CONSOLE_WINDOW ? want : CONSOLE_WINDOW;
+    int nxe = 0;
+    if (want == 0 || plain_long_mode(s, uc, &cr3, &nxe) <= 0) {
+        return;
     }
-    s->ring_pos += units - replay;
+    uint64_t units = 0;
+    while (units < want) {
+        uint64_t va = rsi + units;
+        /* a byte outside the canonical halves is #GP: the guest's to raise */
+        if (va < rsi || (va >= (1ULL << 47) && va < 0xFFFF800000000000ULL)) {
+            break;
+        }
+        uint64_t page = va & ~((1ULL << PAGE_SHIFT) - 1);
+        uint64_t frame = bulk_translate(s, cr3, page, 0, nxe, NULL, 1, NULL);
+        if (frame == UINT64_MAX) {
+            break;
+        }
+        uint64_t in_page = page + (1ULL << PAGE_SHIFT) - va;
+        uint64_t n = want - units < in_page ? want - units : in_page;
+        const uint8_t *from = bank_host(s, frame + (va - page), n, NULL);
+        for (uint64_t i = 0; i < n; i++) {
+            console_put(s, from[i]);
+        }
+        units += n;
+    }
+    if (units == 0) {
+        return;
+    }
+    uint64_t left = rcx - units, new_rsi = rsi + units;
+    if (s->reg_write(uc, UC_X86_REG_RCX, &left) != 0 ||
+        s->reg_write(uc, UC_X86_REG_RSI, &new_rsi) != 0) {
+        s->unknown = 1;
+        return;
+    }
+    s->icount += units;
+    s->console_units += units;
+    account_entries(s, site, units);
 }

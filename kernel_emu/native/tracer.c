@@ -78,12 +78,12 @@ typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*uc_mem_read_fn)(void *uc, uint64_t address, void *bytes, uint64_t size);
 typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 
-#define BULK_MAX 8
+#define BULK_MAX 64
 #define BANK_MAX 8
 #define SAME_MAX 32 /* registers a stop_when_same arrival compares */
 #define PROBE_LOG_MAX 64 /* probes listed (a run makes one per doubling of its count) */
 #define CR3_ADDR_MASK 0x000FFFFFFFFFF000ULL
-enum { BULK_STOSQ, BULK_MOVSQ };
+enum { BULK_STOSQ, BULK_MOVSQ, BULK_OUTSB };
 
 /* Guest RAM as the owner mapped it: guest-physical base and size, host address;
  * `absent_zero`: the host memory is a private anonymous mapping, so a page the host
@@ -220,6 +220,7 @@ typedef struct {
     int direct_reads; /* frames read from the banks rather than through Unicorn */
     uc_reg_write_fn reg_write;
     uint64_t bulk_units; /* iterations fast-forwarded since reset */
+    uint64_t console_units; /* console bytes of `rep outsb` put in one step since reset */
     uint64_t pages_left_absent; /* pages of zero fills left to the host since reset */
     /* The last refusal, so the iterations of one refused instance that stay
      * on the same pages are not re-examined one by one. */
@@ -411,6 +412,7 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
 
 static void record_block(TracerState *s, uint64_t address);
 static void mark_page(TracerState *s, uint64_t page);
+static void console_put(TracerState *s, uint8_t byte);
 #include "bulk.h"
 #include "guard.h"
 #include "blockcount.h"
@@ -476,7 +478,11 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
         /* a watched address is never fast-forwarded: its events would go */
         for (uint32_t b = 0; b < s->nbulk; b++) {
             if (s->bulk_sites[b] == address) {
-                bulk_forward(s, uc, address, s->bulk_kinds[b]);
+                if (s->bulk_kinds[b] == BULK_OUTSB) {
+                    console_forward(s, uc, address);
+                } else {
+                    bulk_forward(s, uc, address, s->bulk_kinds[b]);
+                }
                 return;
             }
         }
@@ -1100,6 +1106,7 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
         guard_clear(s->guard);
     }
     s->bulk_units = 0;
+    s->console_units = 0;
     s->pages_left_absent = 0;
     s->zeros_trusted = s->zero_bits != NULL;
     s->zeros_taken = 0;
@@ -1236,7 +1243,7 @@ static PyObject *State_bulk(TracerState *s, PyObject *args)
                               &a, &kind)) {
             goto fail;
         }
-        if (kind != BULK_STOSQ && kind != BULK_MOVSQ) {
+        if (kind != BULK_STOSQ && kind != BULK_MOVSQ && kind != BULK_OUTSB) {
             PyErr_Format(PyExc_ValueError, "unknown bulk kind %d", kind);
             goto fail;
         }
@@ -2380,6 +2387,12 @@ static PyObject *State_get_bulk_units(TracerState *s, void *closure)
     return PyLong_FromUnsignedLongLong(s->bulk_units);
 }
 
+static PyObject *State_get_console_units(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->console_units);
+}
+
 static PyObject *State_get_zeros_taken(TracerState *s, void *closure)
 {
     (void)closure;
@@ -2491,6 +2504,8 @@ static PyGetSetDef State_getset[] = {
      "Whether the bulk sites are fast-forwarded (off: they only pass the filter).", NULL},
     {"bulk_units", (getter)State_get_bulk_units, NULL,
      "Iterations of bulk sites fast-forwarded since reset.", NULL},
+    {"console_units", (getter)State_get_console_units, NULL,
+     "Console bytes of string sites put in one step since reset.", NULL},
     {"zeros_taken", (getter)State_get_zeros_taken, NULL,
      "Pages zero fills left alone on the guest's word (trust_zeros) since reset.", NULL},
     {"pages_left_absent", (getter)State_get_pages_left_absent, NULL,

@@ -1,6 +1,7 @@
-"""The native fast path of the guest's memset/memcpy bulk moves changes nothing but speed:
-every run gives the same Result, instruction count, watchdog stop, recent blocks, coverage and
-RAM with it as without it (and as the pure-Python tracer, which never takes it)."""
+"""The native fast path of the guest's memset/memcpy bulk moves, and of its strings written to
+the console, changes nothing but speed: every run gives the same Result, instruction count,
+watchdog stop, recent blocks, coverage, console and RAM with it as without it (and as the
+pure-Python tracer, which never takes it)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,13 @@ def test_the_heap_filling_trigger_is_fast_forwarded(pairs: dict[str, tuple[Execu
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_seeds_and_regressions(pairs: dict[str, tuple[Executor, Executor]], kernel: str) -> None:
     assert SEEDS and REGRESSIONS
-    units = sum(_same(pairs[kernel], path.read_bytes()) for path in SEEDS + REGRESSIONS)
+    units = console = 0
+    for path in SEEDS + REGRESSIONS:
+        units += _same(pairs[kernel], path.read_bytes())
+        console += pairs[kernel][0].tracer.console_units
+        assert pairs[kernel][1].tracer.console_units == 0
     assert units > 0
+    assert console > 100 * len(SEEDS)  # every run logs its segments, a line at a time
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -121,6 +127,25 @@ def test_budget_stop_inside_a_bulk_move(base_elf: bytes) -> None:
     assert fast.tracer.budget_exhausted
     assert fast.machine.reg("rip") in {site.address for site in fast.bulk_sites}
     assert fast.machine.registers() == slow.machine.registers()
+
+
+def test_budget_stops_inside_console_strings(base_elf: bytes) -> None:
+    """Budgets that end in the middle of a string the kernel writes to its console stop at the
+    same iteration, with the same registers and console, as the guest's own run."""
+    profile = load_profile("seed")
+    data = set_phdr(base_elf, loads(base_elf)[0], vaddr=0x1001)  # rejected: one more line
+    full = Executor(profile, fast_routines=False).run(data).instructions
+    fast, slow = Executor(profile), Executor(profile, fast_routines=False)
+    strings = {site.address for site in fast.bulk_sites if site.kind == "outsb"}
+    inside = 0
+    for budget in range(full - 400, full):
+        fast.budget = slow.budget = budget
+        assert observe(fast, data) == observe(slow, data)
+        assert fast.machine.registers() == slow.machine.registers()
+        if slow.machine.reg("rip") in strings and slow.machine.reg("rcx") > 0:
+            inside += 1
+            assert fast.tracer.console_units > 0
+    assert inside > 20
 
 
 @pytest.mark.parametrize("count_blocks", [False, True])
@@ -207,8 +232,12 @@ def test_ram_is_restored_byte_for_byte(monkeypatch: pytest.MonkeyPatch, base_elf
 def test_bulk_sites_come_from_the_image_symbols() -> None:
     ex = Executor(load_profile("seed"))
     kinds = {site.kind for site in ex.bulk_sites}
-    assert kinds == {"stosq", "movsq"}
+    assert kinds == {"stosq", "movsq", "outsb"}
     for site in ex.bulk_sites:
-        assert any(lo <= site.address < hi for lo, hi in ex.bulk_ranges)
+        if site.kind == "outsb":  # inlined wherever the kernel logs
+            assert ex.image.bytes_at(site.address, 2) == b"\xf3\x6e"
+        else:
+            assert any(lo <= site.address < hi for lo, hi in ex.bulk_ranges)
+    assert sum(site.kind == "outsb" for site in ex.bulk_sites) > 5
     assert Executor(load_profile("seed"), fast_routines=False).bulk_sites == ()
 
