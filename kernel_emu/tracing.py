@@ -631,6 +631,7 @@ class NativeTracer:
         states[id(self._state)] = self._state
         self._handles: list[int] = []
         self._code_hook: int | None = None
+        self._probes_given: tuple[Sequence[int], Iterable[int]] | None = None
         self.until: int | None = None  # while counting blocks: where every run goes
         self._exits_taken = False  # whether exit_at turned Unicorn's own exits off
         address = self._state.address
@@ -843,7 +844,13 @@ class NativeTracer:
         arms :meth:`stop_when_same` at the block the guest is in, with `registers` and
         `max_arrivals`, unless that block is in `no_stop` or CR3 is not `pml4`.
         :meth:`reset` ends them."""
-        self._state.start_probes(first, pml4, list(registers), max_arrivals, list(no_stop))
+        # a job's runs pass the same tuple and frozenset: handed over once
+        given = self._probes_given
+        same = given is not None and registers is given[0] and no_stop is given[1] and \
+            isinstance(registers, tuple) and isinstance(no_stop, (tuple, frozenset))
+        self._state.start_probes(first, pml4, None if same else list(registers), max_arrivals,
+                                 None if same else list(no_stop))
+        self._probes_given = (registers, no_stop)
 
     def stop_probes(self, searches_only: bool = False) -> None:
         """No more searches armed by the probes; unless `searches_only`, no more probes."""

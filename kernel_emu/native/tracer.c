@@ -1411,36 +1411,41 @@ static PyObject *State_start_probes(TracerState *s, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "arrivals and a first probe must be above 0");
         return NULL;
     }
-    int parsed[SAME_MAX];
-    Py_ssize_t n = parse_register_ids(ids_obj, parsed);
-    if (n < 0) {
-        return NULL;
-    }
-    PyObject *no_stop = PySequence_Fast(no_stop_obj, "no_stop must be a sequence");
-    if (no_stop == NULL) {
-        return NULL;
-    }
-    Py_ssize_t m = PySequence_Fast_GET_SIZE(no_stop);
-    uint64_t *addresses = PyMem_Malloc(sizeof(uint64_t) * (size_t)(m ? m : 1));
-    if (addresses == NULL) {
-        Py_DECREF(no_stop);
-        return PyErr_NoMemory();
-    }
-    for (Py_ssize_t i = 0; i < m; i++) {
-        addresses[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(no_stop, i));
-        if (addresses[i] == (uint64_t)-1 && PyErr_Occurred()) {
-            Py_DECREF(no_stop);
-            PyMem_Free(addresses);
+    /* None: the registers and addresses of the last call (a run's are its job's) */
+    if (ids_obj != Py_None) {
+        int parsed[SAME_MAX];
+        Py_ssize_t n = parse_register_ids(ids_obj, parsed);
+        if (n < 0) {
             return NULL;
         }
+        memcpy(s->probe_ids, parsed, sizeof(int) * (size_t)n);
+        s->probe_nregs = (uint32_t)n;
     }
-    Py_DECREF(no_stop);
-    qsort(addresses, (size_t)m, sizeof(uint64_t), compare_u64);
-    PyMem_Free(s->probe_no_stop);
-    s->probe_no_stop = addresses;
-    s->probe_nno_stop = (uint32_t)m;
-    memcpy(s->probe_ids, parsed, sizeof(int) * (size_t)n);
-    s->probe_nregs = (uint32_t)n;
+    if (no_stop_obj != Py_None) {
+        PyObject *no_stop = PySequence_Fast(no_stop_obj, "no_stop must be a sequence");
+        if (no_stop == NULL) {
+            return NULL;
+        }
+        Py_ssize_t m = PySequence_Fast_GET_SIZE(no_stop);
+        uint64_t *addresses = PyMem_Malloc(sizeof(uint64_t) * (size_t)(m ? m : 1));
+        if (addresses == NULL) {
+            Py_DECREF(no_stop);
+            return PyErr_NoMemory();
+        }
+        for (Py_ssize_t i = 0; i < m; i++) {
+            addresses[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(no_stop, i));
+            if (addresses[i] == (uint64_t)-1 && PyErr_Occurred()) {
+                Py_DECREF(no_stop);
+                PyMem_Free(addresses);
+                return NULL;
+            }
+        }
+        Py_DECREF(no_stop);
+        qsort(addresses, (size_t)m, sizeof(uint64_t), compare_u64);
+        PyMem_Free(s->probe_no_stop);
+        s->probe_no_stop = addresses;
+        s->probe_nno_stop = (uint32_t)m;
+    }
     s->probe_max = max_arrivals;
     s->probe_pml4 = pml4 & CR3_ADDR_MASK;
     s->probe_at = first;
@@ -2306,7 +2311,7 @@ static PyMethodDef State_methods[] = {
      "outside bulk moves, then at twice each probe's count, when the budget (set there by "
      "the owner, below its limit) is reached. Each arms stop_when_same(the block the guest "
      "is in, register_ids, max_arrivals) where it may stop: not in no_stop, CR3 at pml4. "
-     "reset ends them."},
+     "register_ids or no_stop None: those of the last call. reset ends them."},
     {"stop_probes", (PyCFunction)State_stop_probes, METH_O,
      "stop_probes(searches_only) -> None\n\nNo more searches armed by probes; and, unless "
      "searches_only, no more probes."},

@@ -209,8 +209,11 @@ def test_the_tracers_probes_arm_a_search_only_where_it_may_stop(blocks: bool) ->
     registers it compares unchanged (rdx; rax changes in every iteration: no stop)."""
     code = HEAD + END_TAIL
     uc, tracer, until = _machine(code, blocks)
+    # the same tuple and frozenset again are handed to the tracer once, and kept
+    keep, never = (UC_X86_REG_RDX,), frozenset([LOOP])
     cases = [([UC_X86_REG_RDX], [], 0, LOOP), ([UC_X86_REG_RDX], [LOOP], 0, None),
-             ([UC_X86_REG_RDX], [], 0x5000, None), ([UC_X86_REG_RAX], [], 0, None)]
+             ([UC_X86_REG_RDX], [], 0x5000, None), ([UC_X86_REG_RAX], [], 0, None),
+             (keep, never, 0, None), (keep, never, 0, None), (keep, frozenset(), 0, LOOP)]
     for registers, no_stop, pml4, stop in cases:
         tracer.end_run()
         tracer.reset(10)
