@@ -18,7 +18,7 @@ def user_space_check(
     kernel_phys: Sequence[tuple[int, int]], stack: tuple[int, int] | None, max_leaves: int, /
 ) -> int: ...
 
-# the three forms of a dirty walk's answer: lists, bit masks (bytes), a count
+# the forms of a dirty walk's answer: lists, bit masks (bytes), a count, one bit mask
 @overload
 def dirty_leaves(
     ram: Buffer, base: int, root: int, accessed_level: int, max_pages: int, max_tables: int,
@@ -34,6 +34,11 @@ def dirty_leaves(
     ram: Buffer, base: int, root: int, accessed_level: int, max_pages: int, max_tables: int,
     form: Literal[2], /
 ) -> int | None: ...
+@overload
+def dirty_leaves(
+    ram: Buffer, base: int, root: int, accessed_level: int, max_pages: int, max_tables: int,
+    form: Literal[3], forbidden: Buffer, /
+) -> bytes | None: ...
 def held_words(data: Buffer, start: int, keys: Sequence[int], /) -> list[int]: ...
 def leaks_reached(ram: Buffer, base: int, live: Sequence[Sequence[Any]],
                   roots: Sequence[tuple[int, int]], values: Sequence[int], scan_limit: int,

@@ -55,6 +55,7 @@ MAX_TABLES = 1 << 12
 _LISTS: Literal[0] = 0
 _BITMAPS: Literal[1] = 1
 _COUNT: Literal[2] = 2
+_UNION: Literal[3] = 3
 
 # Legacy and REX prefixes: bytes that may come before an opcode in one instruction.
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3" + bytes(range(0x40, 0x50)))
@@ -185,6 +186,21 @@ def dirty_masks(m: Machine, root: int, accessed_level: int = 0) -> MaskWalk | No
         return None
     count = m.banks[0].size // PAGE
     return MaskWalk(to_bits(pages, count), to_bits(tables, count), walk.executable)
+
+
+def dirty_union(m: Machine, root: int, accessed_level: int,
+                forbidden: bytes | bytearray) -> bytes | None:
+    """The bitmap of :func:`dirty_masks`'s pages and tables together, or ``None`` also when
+    one of its pages is `forbidden` (a bitmap of pages); natively in one walk, without the
+    list of executable mappings (a restore after every run asks this)."""
+    if native_walker is not None:
+        low = m.banks[0]
+        return native_walker.dirty_leaves(low.buffer, low.base, root, accessed_level,
+                                          MAX_PAGES, MAX_TABLES, _UNION, forbidden)
+    walk = dirty_masks(m, root, accessed_level)
+    if walk is None or bits_meet(walk.page_bits, forbidden):
+        return None
+    return bits_or(walk.page_bits, walk.table_bits)
 
 
 def dirty_count(m: Machine, root: int, accessed_level: int = 0) -> int | None:
@@ -340,12 +356,11 @@ class PageTableLog:
         :class:`MaskWalk`), or ``None`` when only a full restore is safe (see the module doc).
         Read it before the next restore; the pages include the tables the walks visited."""
         m = self.m
-        identity = dirty_masks(m, self.identity, accessed_level=2)
-        if identity is None or paging_writes > 1:
+        if paging_writes > 1:
             return None
-        if bits_meet(identity.page_bits, self._forbidden):
+        restore = dirty_union(m, self.identity, 2, self._forbidden)
+        if restore is None:
             return None
-        restore = bits_or(identity.page_bits, identity.table_bits)
         cr3 = m.reg("cr3") & ADDR_MASK
         if not m.reg("cr0") & CR0_PG or (cr3 != self.identity and not paging_writes):
             return None

@@ -119,6 +119,7 @@
 #define FORM_LISTS 0
 #define FORM_BITMAPS 1
 #define FORM_COUNT 2
+#define FORM_UNION 3 /* one bitmap of the pages and the tables, none of them forbidden */
 
 typedef struct {
     uint64_t vaddr, paddr, size, count;
@@ -310,6 +311,8 @@ typedef struct {
     PyObject *executable;
     uint8_t *page_bits;    /* bitmaps over the RAM's pages instead of the two lists */
     uint8_t *table_bits;
+    const uint8_t *forbidden; /* pages whose Dirty leaf makes the walk give up, or NULL */
+    Py_ssize_t forbidden_len;
     int give_up;
 } DirtyWalk;
 
@@ -400,7 +403,13 @@ static int dirty_walk(DirtyWalk *d, uint64_t table, int level, uint64_t base, in
                     return 0;
                 }
                 for (uint64_t off = 0; off < size; off += PAGE) {
-                    set_bit(d->page_bits, (paddr - d->base + off) / PAGE);
+                    uint64_t index = (paddr - d->base + off) / PAGE;
+                    if (d->forbidden != NULL && (Py_ssize_t)(index / 8) < d->forbidden_len &&
+                        (d->forbidden[index / 8] >> (index % 8) & 1)) {
+                        d->give_up = 1;
+                        return 0;
+                    }
+                    set_bit(d->page_bits, index);
                 }
                 continue;
             }
@@ -426,18 +435,29 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer ram;
     unsigned long long base, root;
+    Py_buffer forbidden = {0};
     int accessed_level, form = FORM_LISTS;
     Py_ssize_t max_pages, max_tables;
-    if (!PyArg_ParseTuple(args, "y*KKinn|i", &ram, &base, &root, &accessed_level, &max_pages,
-                          &max_tables, &form)) {
+    if (!PyArg_ParseTuple(args, "y*KKinn|iy*", &ram, &base, &root, &accessed_level, &max_pages,
+                          &max_tables, &form, &forbidden)) {
         return NULL;
     }
     Py_ssize_t nbytes = (ram.len / (Py_ssize_t)PAGE + 7) / 8;
     DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,
-                   0, 0, NULL, NULL, NULL, NULL, NULL, 0};
+                   0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
     PyObject *page_bits = NULL, *table_bits = NULL;
     int ready = 1;
-    if (form == FORM_BITMAPS) {
+    if (form == FORM_UNION) {
+        /* the bytes object is filled before anyone sees it */
+        page_bits = PyBytes_FromStringAndSize(NULL, nbytes);
+        ready = page_bits != NULL;
+        if (ready) {
+            d.page_bits = d.table_bits = (uint8_t *)PyBytes_AS_STRING(page_bits);
+            memset(d.page_bits, 0, (size_t)nbytes);
+            d.forbidden = forbidden.buf;
+            d.forbidden_len = forbidden.buf != NULL ? forbidden.len : 0;
+        }
+    } else if (form == FORM_BITMAPS) {
         page_bits = PyByteArray_FromStringAndSize(NULL, nbytes);
         table_bits = PyByteArray_FromStringAndSize(NULL, nbytes);
         ready = page_bits != NULL && table_bits != NULL;
@@ -453,9 +473,12 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
         ready = d.pages != NULL && d.tables != NULL;
     } else if (form != FORM_COUNT) {
         PyBuffer_Release(&ram);
+        if (forbidden.obj != NULL) {
+            PyBuffer_Release(&forbidden);
+        }
         return PyErr_Format(PyExc_ValueError, "unknown form %d", form);
     }
-    if (form != FORM_COUNT) {
+    if (form != FORM_COUNT && form != FORM_UNION) {
         d.executable = PyList_New(0);
         ready = ready && d.executable != NULL;
     }
@@ -466,6 +489,8 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
             result = Py_NewRef(Py_None);
         } else if (form == FORM_COUNT) {
             result = PyLong_FromSsize_t(d.npages);
+        } else if (form == FORM_UNION) {
+            result = Py_NewRef(page_bits);
         } else if (form == FORM_BITMAPS) {
             result = PyTuple_Pack(3, page_bits, table_bits, d.executable);
         } else {
@@ -480,6 +505,9 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     Py_XDECREF(d.tables);
     Py_XDECREF(d.executable);
     PyBuffer_Release(&ram);
+    if (forbidden.obj != NULL) {
+        PyBuffer_Release(&forbidden);
+    }
     return result;
 }
 
@@ -1404,8 +1432,8 @@ static PyMethodDef methods[] = {
      "max_leaves) -> int\n\n1 only when kernel_emu.userspace.user_space_findings would "
      "report nothing; 2 only when it would report nothing but the entry; else 0."},
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
-     "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0) -> "
-     "(pages, tables, executable) | int | None"},
+     "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0, "
+     "forbidden=None) -> (pages, tables, executable) | int | bytes | None"},
     {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
     {"leaks_reached", leaks_reached, METH_VARARGS,
      "leaks_reached(ram, base, live, roots, values, scan_limit, max_live) -> bool"},

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kernel_emu import dirtylog, dirtypages, snapshot
-from kernel_emu.dirtylog import D, dirty_leaves_python, paging_sites
+from kernel_emu.dirtylog import D, dirty_leaves_python, paging_sites, to_bits
 from kernel_emu.executor import Executor
 from kernel_emu.machine import PAGE
 from kernel_emu.profile import load_profile
@@ -74,6 +74,7 @@ def test_snapshot_runs_need_no_full_restore(seed: Executor, base_elf: bytes) -> 
 
 def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: bytes) -> None:
     assert dirtylog.native_walker is not None, "the native walker is not built"
+    forbidding = 0
     for data in _inputs(base_elf):
         seed.run(data)
         pml4 = seed.firmware.pml4
@@ -92,7 +93,23 @@ def test_native_dirty_walk_matches_the_python_walk(seed: Executor, base_elf: byt
             low = seed.machine.banks[0]
             assert [low.base + i * PAGE for i in dirtylog.mask_indexes(masks.pages)] == \
                 sorted(python.pages)
+            # the union in one walk: None as soon as a page (not a table) is forbidden
+            count = low.size // PAGE
+            union = dirtylog.bits_or(masks.page_bits, masks.table_bits)
+            tables_only = [t for t in python.tables if t not in python.pages]
+            clean = next(low.base + i * PAGE for i in range(count)
+                         if low.base + i * PAGE not in python.pages)
+            cases = [(0, union), (dirtylog.page_mask(seed.machine, [clean]), union),
+                     (dirtylog.page_mask(seed.machine, tables_only), union)]
+            if python.pages:
+                cases.append((dirtylog.page_mask(seed.machine, python.pages[-1:]), None))
+                forbidding += 1
+            for forbidden, want in cases:
+                assert forbidden is not None
+                assert dirtylog.dirty_union(seed.machine, root, level,
+                                            to_bits(forbidden, count)) == want
         seed.restore()
+    assert forbidding > 0
 
 
 
