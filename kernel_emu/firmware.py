@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from kernel_emu.errors import ImageError
 from kernel_emu.image import KernelImage
-from kernel_emu.machine import MSR_EFER, PAGE, Machine
+from kernel_emu.machine import MSR_EFER, PAGE, Machine, zero_view
 from kernel_emu.profile import TargetProfile
 
 EFI_SUCCESS = 0
@@ -38,6 +38,7 @@ BOOT_SERVICES = 0x8_1200
 RUNTIME_SERVICES = 0x8_1400
 CONFIG_TABLE = 0x8_1600
 RAMDISK_DESCRIPTOR = 0x8_1700
+_DESCRIPTOR = struct.Struct("<QQQ")  # magic, base, size
 VENDOR_STRING = 0x8_1800
 POOL_BASE = 0x8_2000
 FIRMWARE_END = 0xA_0000
@@ -165,6 +166,10 @@ class Firmware:
         self.page_table_end = PAGE_TABLES
         if self.guard_page < PAGE_TABLES + 0x50 * PAGE:
             raise ValueError("firmware stack too large for the firmware area")
+        # the ramdisk region and the descriptor, as views of the RAM that holds them (every
+        # run places an input there); None where RAM does not hold them whole
+        self._ramdisk = machine.ram_view(mem.ramdisk_base, mem.ramdisk_size)
+        self._descriptor = machine.ram_view(RAMDISK_DESCRIPTOR, _DESCRIPTOR.size)
 
     # layout ------------------------------------------------------------------------------
     def _memory_map(self) -> list[MemoryDescriptor]:
@@ -330,13 +335,28 @@ class Firmware:
         """Place the ramdisk (`parts`, back to back) and its descriptor; zero what a longer
         previous one left behind."""
         base = self.profile.memory.ramdisk_base
+        size = sum(len(part) for part in parts)
+        view, descriptor = self._ramdisk, self._descriptor
+        if view is None or descriptor is None or max(size, previous_size) > len(view):
+            self._hand_over_slowly(parts, previous_size)  # raises for bytes outside RAM
+            return
+        at = 0
+        for part in parts:
+            view[at:at + len(part)] = part
+            at += len(part)
+        if previous_size > size:
+            zero_view(view, size, previous_size)
+        _DESCRIPTOR.pack_into(descriptor, 0, RAMDISK_MAGIC, base, size)
+
+    def _hand_over_slowly(self, parts: Sequence[bytes], previous_size: int) -> None:
+        base = self.profile.memory.ramdisk_base
         size = 0
         for part in parts:
             self.m.write(base + size, part)
             size += len(part)
         if previous_size > size:
             self.m.zero(base + size, previous_size - size)
-        self.m.write(RAMDISK_DESCRIPTOR, struct.pack("<QQQ", RAMDISK_MAGIC, base, size))
+        self.m.write(RAMDISK_DESCRIPTOR, _DESCRIPTOR.pack(RAMDISK_MAGIC, base, size))
 
     @property
     def ramdisk_ranges(self) -> list[tuple[int, int]]:

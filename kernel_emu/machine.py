@@ -73,6 +73,18 @@ class Label:
     name: str
 
 
+_ZEROS = memoryview(bytes(1 << 16))
+
+
+def zero_view(view: memoryview, start: int, end: int) -> None:
+    """Zero `view[start:end]`, copied from a buffer of zeros kept for it (no bytes built,
+    no foreign call)."""
+    while start < end:
+        n = min(end - start, len(_ZEROS))
+        view[start:start + n] = _ZEROS[:n]
+        start += n
+
+
 class RamBank:
     """One contiguous block of guest RAM, mapped into Unicorn from a host buffer.
 
@@ -166,7 +178,14 @@ class Machine:
         bank = self.bank_for(addr, size)
         if bank is None:
             raise ValueError(f"host write outside RAM at {addr:#x}")
-        ctypes.memset(bank.address + addr - bank.base, 0, size)
+        zero_view(bank.view, addr - bank.base, addr - bank.base + size)
+
+    def ram_view(self, addr: int, size: int) -> memoryview | None:
+        """A view of the `size` bytes of RAM from `addr` (writes through it are guest
+        writes the tracer does not see, as `write`'s), or None when one bank does not hold
+        them all."""
+        bank = self.bank_for(addr, size)
+        return None if bank is None else bank.view[addr - bank.base:addr - bank.base + size]
 
     def u64_in_ram(self, addr: int) -> int | None:
         """The 64-bit word at `addr`, or None when RAM does not hold all of its bytes."""
