@@ -1274,6 +1274,8 @@ typedef struct {
     uint8_t free, listed;
 } HeapBlock;
 
+#define HEAP_BLOCKS_FIRST 64
+
 static uint64_t ram_u64(const uint8_t *ram, uint64_t at)
 {
     uint64_t v;
@@ -1312,7 +1314,10 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
         return NULL;
     }
     PyObject *result = NULL;
-    HeapBlock *blocks = NULL;
+    /* a heap holds a few blocks in most runs: the array grows as they come, from room on
+     * the stack (allocating the cap's worth, megabytes, cost a system call or two a run) */
+    HeapBlock first[HEAP_BLOCKS_FIRST];
+    HeapBlock *blocks = first;
     if (!is_named_tuple(type)) {
         goto done;
     }
@@ -1333,17 +1338,27 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
     if ((uint64_t)cap > most) {
         cap = (Py_ssize_t)most;
     }
-    blocks = PyMem_Malloc((size_t)cap * sizeof(HeapBlock));
-    if (blocks == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    Py_ssize_t room = HEAP_BLOCKS_FIRST;
     const uint8_t *mem = (const uint8_t *)ram.buf;
     uint64_t addr = heap_base;
     while (addr < heap_end) {
         if (n >= cap || addr + hs > heap_end) {
             result = Py_NewRef(Py_None); /* past the cap, or a header past the heap's end */
             goto done;
+        }
+        if (n == room) {
+            Py_ssize_t grown = room * 2 < cap ? room * 2 : cap;
+            HeapBlock *more = PyMem_Malloc((size_t)grown * sizeof(HeapBlock));
+            if (more == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            memcpy(more, blocks, (size_t)n * sizeof(HeapBlock));
+            if (blocks != first) {
+                PyMem_Free(blocks);
+            }
+            blocks = more;
+            room = grown;
         }
         uint64_t at = addr - base;
         HeapBlock *b = &blocks[n++];
@@ -1405,7 +1420,9 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
     }
     result = out;
 done:
-    PyMem_Free(blocks);
+    if (blocks != first) {
+        PyMem_Free(blocks);
+    }
     PyBuffer_Release(&ram);
     return result;
 }

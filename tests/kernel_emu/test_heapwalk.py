@@ -100,14 +100,15 @@ def test_a_header_reads_the_same_whatever_its_layout() -> None:
         assert heapwalk._read_block(memoryview(buf), 7, 0x1234, layout) == want, offsets
 
 
-def _random_heap(rng: random.Random, m: Machine, heap: heapwalk.HeapLayout) -> int:
-    """Blocks tiling `heap`, some free and linked into the free list as the layout keeps it;
-    then, now and then, a header or list link written over. The list's head."""
+def _random_heap(rng: random.Random, m: Machine, heap: heapwalk.HeapLayout,
+                 sizes: tuple[int, ...] = (0x10, 0x28, 0x100, 0x1000, 0x8000)) -> int:
+    """Blocks of `sizes` tiling `heap`, some free and linked into the free list as the layout
+    keeps it; then, now and then, a header or list link written over. The list's head."""
     hs, counted = heap.header_size, heap.header_size if heap.size_includes_header else 0
     m.write(heap.base, bytes(heap.size))
     addr, blocks = heap.base, []
     while addr < heap.end:
-        size = min(rng.choice((0x10, 0x28, 0x100, 0x1000, 0x8000)), heap.end - addr - hs)
+        size = min(rng.choice(sizes), heap.end - addr - hs)
         if size < 0x10 or rng.random() < 0.02:
             size = heap.end - addr - hs  # the rest of the heap
         blocks.append((addr, size, rng.random() < 0.4))
@@ -142,10 +143,12 @@ def test_the_native_walk_answers_as_the_python_one(monkeypatch: pytest.MonkeyPat
     small = dataclasses.replace(SEED, size=0x1_0000)  # a few dozen blocks
     layouts = [small, dataclasses.replace(small, list_order="any"),
                dataclasses.replace(small, size_includes_header=True)]
-    clean = 0
+    clean = crowded = 0
     for trial in range(1200):
         heap = layouts[trial % len(layouts)]
-        head = _random_heap(rng, m, heap)
+        # now and then hundreds of small blocks: more than the walk first makes room for
+        head = _random_heap(rng, m, heap, (0x10, 0x28, 0x40)) if trial % 5 == 0 else \
+            _random_heap(rng, m, heap)
         heads = [head, None] if trial % 7 == 0 else [head]
         cap = rng.choice((heapwalk.MAX_BLOCKS, heapwalk.MAX_BLOCKS, 3))
         for h in heads:
@@ -155,4 +158,6 @@ def test_the_native_walk_answers_as_the_python_one(monkeypatch: pytest.MonkeyPat
                 want = walk_heap(m, heap, h, cap)
             assert got == want, trial
             clean += not want.problems
+            crowded += not want.problems and len(want.blocks) > 150
     assert clean > 400  # many heaps with nothing wrong, walked natively
+    assert crowded > 5
