@@ -436,6 +436,12 @@ class GuestTracer(Protocol):
         Python tracer)."""
         ...
 
+    @property
+    def copies_left_absent(self) -> int:
+        """Pages bulk copies left to the host since reset: zeros onto pages it holds none of
+        (always 0 for the Python tracer)."""
+        ...
+
     def stop_at(self, address: int | None, nth: int = 1) -> None:
         """Stop the guest before its ``nth`` next arrival at ``address``, as a budget stop
         would (:attr:`budget_exhausted` and :attr:`stop_hit` set, the instruction neither run
@@ -796,6 +802,10 @@ class NativeTracer:
     @property
     def console_units(self) -> int:
         return self._state.console_units
+
+    @property
+    def copies_left_absent(self) -> int:
+        return self._state.copies_left_absent
 
     def stop_at(self, address: int | None, nth: int = 1) -> None:
         self._state.stop_at(address, nth)
@@ -1242,6 +1252,10 @@ class PythonTracer:
 
     @property
     def console_units(self) -> int:
+        return 0
+
+    @property
+    def copies_left_absent(self) -> int:
         return 0
 
     def stop_at(self, address: int | None, nth: int = 1) -> None:

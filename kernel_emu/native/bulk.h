@@ -308,6 +308,77 @@ static uint64_t zero_held(TracerState *s, uint32_t b, uintptr_t at, size_t count
     return left_alone;
 }
 
+/* Whether the `n` bytes at `p` (any alignment) are all zero. */
+static int bytes_read_zero(const uint8_t *p, size_t n)
+{
+    uint64_t any = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        any |= w;
+        if (any && (i & 511) == 0) {
+            return 0;
+        }
+    }
+    for (; i < n; i++) {
+        any |= p[i];
+    }
+    return any == 0;
+}
+
+/* Copy `bytes` from `from` to `to` (bank `b`, whose absent pages read as zeros; `to` no
+ * higher than `from`, or apart: the forward copy).  In a copy of enough whole pages to pay
+ * for the system call, a destination page the host holds none of (or only its zero page),
+ * whose source bytes read as zeros, is left alone and noted, as a zero fill leaves it: it
+ * reads as what the copy would write, and writing it would only make the host fault it in
+ * (zeros read past a file's end into fresh pages, say).  Returns the pages left alone. */
+static uint64_t copy_held(TracerState *s, uint32_t b, uint8_t *to, const uint8_t *from,
+                          uint64_t bytes)
+{
+    uintptr_t start = (uintptr_t)to, end = start + (uintptr_t)bytes;
+    uintptr_t first = (start + HOST_PAGE - 1) & ~(uintptr_t)(HOST_PAGE - 1);
+    uintptr_t last = end & ~(uintptr_t)(HOST_PAGE - 1);
+    if (last <= first || (last - first) / HOST_PAGE < ABSENT_MIN_PAGES || s->absent[b] == NULL) {
+        memmove(to, from, (size_t)bytes);
+        return 0;
+    }
+    memmove(to, from, first - start);
+    uint64_t left_alone = 0;
+    uint64_t entries[PAGEMAP_BATCH];
+    for (uintptr_t page = first; page < last;) {
+        size_t n = (last - page) / HOST_PAGE;
+        n = n < PAGEMAP_BATCH ? n : PAGEMAP_BATCH;
+        const uint8_t *src = from + (page - start);
+        if (pagemap_read(page, n, entries) != 0) {
+            memmove((void *)page, src, last - page);
+            break;
+        }
+        for (size_t i = 0; i < n;) {
+            size_t j = i;
+            /* the pages to write, in one copy */
+            while (j < n &&
+                   (pagemap_zero(entries[j], (const uint8_t *)(page + j * HOST_PAGE)) ==
+                        PAGE_DATA ||
+                    !bytes_read_zero(src + j * HOST_PAGE, HOST_PAGE))) {
+                j++;
+            }
+            if (j > i) {
+                memmove((void *)(page + i * HOST_PAGE), src + i * HOST_PAGE,
+                        (j - i) * HOST_PAGE);
+                i = j;
+                continue;
+            }
+            note_absent(s, b, page + i * HOST_PAGE);
+            left_alone++;
+            i++;
+        }
+        page += n * HOST_PAGE;
+    }
+    memmove((void *)last, from + (last - start), end - last);
+    return left_alone;
+}
+
 /* Zero `bytes` at `to`: guest-virtual `va`, guest-physical `phys` in bank `b`,
  * whose absent pages read as zeros.  Whole pages known to hold zeros already
  * (zeros_known, or the host holds none: zero_held) are left alone and noted
@@ -523,7 +594,14 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
     uint8_t *to = bank_host(s, dst, bytes, &to_bank);
     if (kind == BULK_MOVSQ) {
         /* dst <= src or disjoint: memmove equals the forward qword copy */
-        memmove(to, bank_host(s, src, bytes, NULL), (size_t)bytes);
+        const uint8_t *from = bank_host(s, src, bytes, NULL);
+        if (s->banks[to_bank].absent_zero) {
+            uint64_t left = copy_held(s, to_bank, to, from, bytes);
+            s->pages_left_absent += left;
+            s->copies_left_absent += left;
+        } else {
+            memmove(to, from, (size_t)bytes);
+        }
         bulk_mark(s, cr3, rsi, bytes, 0, nxe, &loads);
     } else {
         uint8_t pattern[8];

@@ -221,6 +221,7 @@ typedef struct {
     uc_reg_write_fn reg_write;
     uint64_t bulk_units; /* iterations fast-forwarded since reset */
     uint64_t console_units; /* console bytes of `rep outsb` put in one step since reset */
+    uint64_t copies_left_absent; /* pages of copies left to the host since reset */
     uint64_t pages_left_absent; /* pages of zero fills left to the host since reset */
     /* The last refusal, so the iterations of one refused instance that stay
      * on the same pages are not re-examined one by one. */
@@ -1107,6 +1108,7 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     }
     s->bulk_units = 0;
     s->console_units = 0;
+    s->copies_left_absent = 0;
     s->pages_left_absent = 0;
     s->zeros_trusted = s->zero_bits != NULL;
     s->zeros_taken = 0;
@@ -2398,6 +2400,12 @@ static PyObject *State_get_console_units(TracerState *s, void *closure)
     return PyLong_FromUnsignedLongLong(s->console_units);
 }
 
+static PyObject *State_get_copies_left_absent(TracerState *s, void *closure)
+{
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(s->copies_left_absent);
+}
+
 static PyObject *State_get_zeros_taken(TracerState *s, void *closure)
 {
     (void)closure;
@@ -2511,6 +2519,9 @@ static PyGetSetDef State_getset[] = {
      "Iterations of bulk sites fast-forwarded since reset.", NULL},
     {"console_units", (getter)State_get_console_units, NULL,
      "Console bytes of string sites put in one step since reset.", NULL},
+    {"copies_left_absent", (getter)State_get_copies_left_absent, NULL,
+     "Pages bulk copies left to the host (zeros onto pages it holds none of) since reset.",
+     NULL},
     {"zeros_taken", (getter)State_get_zeros_taken, NULL,
      "Pages zero fills left alone on the guest's word (trust_zeros) since reset.", NULL},
     {"pages_left_absent", (getter)State_get_pages_left_absent, NULL,

@@ -247,6 +247,50 @@ def test_a_page_written_in_the_run_is_zeroed_by_the_fill(pages: int) -> None:
     assert ex.tracer.zeros_taken == 0 and ex.tracer.pages_left_absent == 0
 
 
+def _call_memcpy(ex: Executor, to: int, source: int, size: int) -> None:
+    """Have the guest call its own memcpy(to, source, size), stopping as it returns."""
+    m = ex.machine
+    back = ex.image.symbol("memset").address  # any code the call does not reach
+    rsp = (m.reg("rsp") - 256) & ~0xF
+    m.put_u64(rsp, back)
+    for name, v in (("rsp", rsp), ("rip", ex.image.symbol("memcpy").address),
+                    ("rcx", to), ("rdx", source), ("r8", size)):
+        m.set_reg(name, v)
+    assert ex._emulate(until=back) == "until"
+
+
+def test_a_copy_of_zeros_leaves_pages_the_host_does_not_hold_alone() -> None:
+    """A long copy writes only the destination pages that would change: a page the host holds
+    none of, whose source reads as zeros, is left alone (and given back by the restore); a
+    page with data in its source, or one the host holds, is written."""
+    pages = 40
+    ex = Executor(load_profile("seed"), count_blocks=False)  # a run to another address
+    ex.restore()
+    bank, m = ex.machine.banks[0], ex.machine
+    zero = ex._guest_zero_pages(ex.snapshot) if ex.snapshot else b""
+    # zeros the host holds none of, or only as its zero page
+    free = {i for i, entry in enumerate(_entries(bank.buffer))
+            if not entry & EXCLUSIVE and zero[i // 8] >> i % 8 & 1}
+    runs = [i for i in range(bank.size // PAGE // 2, bank.size // PAGE - pages)
+            if all(j in free for j in range(i, i + pages))]
+    to, source = runs[0], next(i for i in runs if i >= runs[0] + pages)
+    _call_memset(ex, bank.base + (source + 3) * PAGE + 100, 0x44, 4)  # a source page's bytes
+    _call_memset(ex, bank.base + (to + 7) * PAGE, 0x55, PAGE)  # one destination page held
+    _call_memcpy(ex, bank.base + to * PAGE, bank.base + source * PAGE, pages * PAGE)
+    want = bytearray(pages * PAGE)
+    want[3 * PAGE + 100:3 * PAGE + 104] = b"DDDD"
+    assert m.read(bank.base + to * PAGE, pages * PAGE) == bytes(want)
+    held = [i for i in range(to, to + pages) if _pagemap(bank.buffer, i) & EXCLUSIVE]
+    assert to + 3 in held and to + 7 in held
+    assert ex.tracer.copies_left_absent >= pages - 4 - len(held)
+    assert ex.tracer.copies_left_absent > pages // 2
+    ex.restore()
+    assert _differences(ex) == []
+    # the pages left alone are noted as a fill notes them: the restore does not write them
+    assert all(not _pagemap(bank.buffer, i) & EXCLUSIVE
+               for i in range(to, to + pages) if i not in held)
+
+
 def test_a_boot_service_after_the_snapshot_ends_the_trust(heavy: dict[str, bytes],
                                                           guest_fills: Executor) -> None:
     """The firmware writes guest memory without Dirty bits, and no restore sees it: once a
