@@ -212,17 +212,22 @@ def test_the_pages_a_run_zeroed_are_not_held_after_the_restore(heavy: dict[str, 
     assert before < len(low) // PAGE - 1024
 
 
-def _call_memset(ex: Executor, address: int, value: int, size: int) -> None:
-    """Have the guest call its own memset(address, value, size) (the UEFI target's calling
-    convention: rcx, rdx, r8), stopping as it returns."""
+def _call_guest(ex: Executor, routine: str, *args: int) -> None:
+    """Have the guest call its own `routine` (memset or memcpy) with `args` (the UEFI
+    target's calling convention: rcx, rdx, r8), stopping as it returns."""
     m = ex.machine
-    back = ex.image.symbol("memcpy").address  # any code the call does not reach
+    back = ex.image.symbol("memcpy" if routine == "memset" else "memset").address  # not reached
     rsp = (m.reg("rsp") - 256) & ~0xF
     m.put_u64(rsp, back)
-    for name, v in (("rsp", rsp), ("rip", ex.image.symbol("memset").address),
-                    ("rcx", address), ("rdx", value), ("r8", size)):
+    m.set_reg("rsp", rsp)
+    m.set_reg("rip", ex.image.symbol(routine).address)
+    for name, v in zip(("rcx", "rdx", "r8"), args, strict=True):
         m.set_reg(name, v)
     assert ex._emulate(until=back) == "until"
+
+
+def _call_memset(ex: Executor, address: int, value: int, size: int) -> None:
+    _call_guest(ex, "memset", address, value, size)
 
 
 @pytest.mark.parametrize("pages", [2, 32], ids=["dirty-bits", "pagemap"])
@@ -247,18 +252,6 @@ def test_a_page_written_in_the_run_is_zeroed_by_the_fill(pages: int) -> None:
     assert ex.tracer.zeros_taken == 0 and ex.tracer.pages_left_absent == 0
 
 
-def _call_memcpy(ex: Executor, to: int, source: int, size: int) -> None:
-    """Have the guest call its own memcpy(to, source, size), stopping as it returns."""
-    m = ex.machine
-    back = ex.image.symbol("memset").address  # any code the call does not reach
-    rsp = (m.reg("rsp") - 256) & ~0xF
-    m.put_u64(rsp, back)
-    for name, v in (("rsp", rsp), ("rip", ex.image.symbol("memcpy").address),
-                    ("rcx", to), ("rdx", source), ("r8", size)):
-        m.set_reg(name, v)
-    assert ex._emulate(until=back) == "until"
-
-
 def test_a_copy_of_zeros_leaves_pages_the_host_does_not_hold_alone() -> None:
     """A long copy writes only the destination pages that would change: a page the host holds
     none of, whose source reads as zeros, is left alone (and given back by the restore); a
@@ -276,7 +269,7 @@ def test_a_copy_of_zeros_leaves_pages_the_host_does_not_hold_alone() -> None:
     to, source = runs[0], next(i for i in runs if i >= runs[0] + pages)
     _call_memset(ex, bank.base + (source + 3) * PAGE + 100, 0x44, 4)  # a source page's bytes
     _call_memset(ex, bank.base + (to + 7) * PAGE, 0x55, PAGE)  # one destination page held
-    _call_memcpy(ex, bank.base + to * PAGE, bank.base + source * PAGE, pages * PAGE)
+    _call_guest(ex, "memcpy", bank.base + to * PAGE, bank.base + source * PAGE, pages * PAGE)
     want = bytearray(pages * PAGE)
     want[3 * PAGE + 100:3 * PAGE + 104] = b"DDDD"
     assert m.read(bank.base + to * PAGE, pages * PAGE) == bytes(want)
