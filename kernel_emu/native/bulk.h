@@ -308,7 +308,8 @@ static uint64_t zero_held(TracerState *s, uint32_t b, uintptr_t at, size_t count
     return left_alone;
 }
 
-/* Whether the `n` bytes at `p` (any alignment) are all zero. */
+/* Whether the `n` bytes at `p` (any alignment) are all zero: a word at a time, given up
+ * at the first 512 bytes that are not. */
 static int bytes_read_zero(const uint8_t *p, size_t n)
 {
     uint64_t any = 0;
@@ -317,7 +318,7 @@ static int bytes_read_zero(const uint8_t *p, size_t n)
         uint64_t w;
         memcpy(&w, p + i, 8);
         any |= w;
-        if (any && (i & 511) == 0) {
+        if (any && (i & 511) == 504) {
             return 0;
         }
     }
