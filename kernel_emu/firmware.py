@@ -331,32 +331,25 @@ class Firmware:
         m.set_reg("rip", self.image.entry)
 
     # ramdisk -----------------------------------------------------------------------------
-    def hand_over_ramdisk(self, parts: Sequence[bytes], previous_size: int) -> None:
+    def hand_over_ramdisk(self, parts: Sequence[bytes], previous_size: int) -> int:
         """Place the ramdisk (`parts`, back to back) and its descriptor; zero what a longer
-        previous one left behind."""
+        previous one left behind. Returns the ramdisk's size."""
         base = self.profile.memory.ramdisk_base
         size = sum(len(part) for part in parts)
-        view, descriptor = self._ramdisk, self._descriptor
-        if view is None or descriptor is None or max(size, previous_size) > len(view):
-            self._hand_over_slowly(parts, previous_size)  # raises for bytes outside RAM
-            return
+        need = max(size, previous_size)
+        view = self._ramdisk
+        if view is None or need > len(view):  # past the region: wherever RAM holds it
+            view = self.m.ram_view(base, need)
+        if view is None or self._descriptor is None:
+            raise ValueError(f"host write outside RAM at {base:#x}")
         at = 0
         for part in parts:
             view[at:at + len(part)] = part
             at += len(part)
         if previous_size > size:
             zero_view(view, size, previous_size)
-        _DESCRIPTOR.pack_into(descriptor, 0, RAMDISK_MAGIC, base, size)
-
-    def _hand_over_slowly(self, parts: Sequence[bytes], previous_size: int) -> None:
-        base = self.profile.memory.ramdisk_base
-        size = 0
-        for part in parts:
-            self.m.write(base + size, part)
-            size += len(part)
-        if previous_size > size:
-            self.m.zero(base + size, previous_size - size)
-        self.m.write(RAMDISK_DESCRIPTOR, _DESCRIPTOR.pack(RAMDISK_MAGIC, base, size))
+        _DESCRIPTOR.pack_into(self._descriptor, 0, RAMDISK_MAGIC, base, size)
+        return size
 
     @property
     def ramdisk_ranges(self) -> list[tuple[int, int]]:

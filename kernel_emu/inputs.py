@@ -37,8 +37,7 @@ class RamdiskChannel:
 
     def place(self, *parts: bytes) -> None:
         """Place the input's encoding (`encode_parts`, or `encode`'s bytes)."""
-        self.firmware.hand_over_ramdisk(parts, self._previous)
-        self._previous = sum(len(part) for part in parts)
+        self._previous = self.firmware.hand_over_ramdisk(parts, self._previous)
 
     def forget(self) -> None:
         """A fresh machine: nothing of an earlier input is left to clear."""
