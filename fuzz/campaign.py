@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from fuzz.harness import JobConfig, JobStats, stats_path
+from fuzz.harness import JobConfig, JobStats, job_environment, stats_path
 from fuzz.progress import ProgressLine
 from fuzz.solutions import Bucket, Solutions
 
@@ -75,12 +75,9 @@ class _Job:
 def _spawn(config: JobConfig, out: Path,
            checkout: Path | None = None) -> tuple[subprocess.Popen[bytes], TextIO]:
     log = (out / "jobs" / f"job-{config.job}.log").open("a")
-    env = dict(os.environ)
-    # Python-level coverage of the harness must not reach libFuzzer
-    env.pop("PYTHONCOVERAGE", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "fuzz.harness", config.dumps()],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=job_environment(),
         # another checkout's job runs that checkout's code (`python -m` looks in cwd first)
         cwd=checkout,
         # the parent decides when jobs stop: a terminal's Ctrl-C reaches only the parent

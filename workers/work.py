@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fuzz.harness import WATCHDOG, JobConfig, JobStats, stats_path
+from fuzz.harness import WATCHDOG, JobConfig, JobStats, job_environment, stats_path
 from fuzz.minimize import NotACrash, minimize
 from fuzz.solutions import bucket_id
 from kernel_emu import crosscheck, qemu
@@ -395,8 +395,8 @@ def _run_job(store: FarmStore, settings: Settings, profile: Path, work: Path, co
     with (work / "jobs" / "job-0.log").open("w") as out:
         child = subprocess.Popen([sys.executable, "-m", "fuzz.harness", config.dumps()],
                                  stdin=subprocess.DEVNULL, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=_die_with_parent)
+                                 stderr=subprocess.STDOUT, env=job_environment(),
+                                 start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + seconds + SLICE_GRACE
         watch = _CampaignWatch(store, cid, worker)
         asked_to_stop = False

@@ -10,8 +10,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fuzz.campaign import add_run_endings, read_job_stats, run_campaign
-from fuzz.harness import Job, JobConfig
+import pytest
+
+from fuzz import harness
+from fuzz.campaign import _spawn, add_run_endings, read_job_stats, run_campaign
+from fuzz.harness import LIBC_TUNABLE, Job, JobConfig, job_environment
 from kernel_emu.result import RUN_ENDINGS, run_ending
 from tests.reproducers import REPRODUCERS
 
@@ -144,3 +147,50 @@ def test_a_job_counts_its_runs_and_their_time_by_how_they_ended(tmp_path: Path) 
     assert written is not None and written.run_endings == endings
     twice = add_run_endings([endings, written.run_endings])
     assert twice == {name: [2 * x for x in row] for name, row in endings.items()}
+
+
+LD_SO = Path("/lib64/ld-linux-x86-64.so.2")
+AVX512 = pytest.mark.skipif(not harness._libc_has_avx512_functions(),
+                            reason="glibc has no AVX-512 string functions on this CPU")
+
+
+def _prefers_no_avx512(env: dict[str, str]) -> bool:
+    out = subprocess.run([str(LD_SO), "--list-diagnostics"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return "x86.cpu_features.preferred.Prefer_No_AVX512=0x1" in out.splitlines()
+
+
+def test_a_job_environment_drops_coverage_and_keeps_the_rest() -> None:
+    env = job_environment({"PATH": "/usr/bin", "PYTHONCOVERAGE": "1", "X": "y"})
+    assert "PYTHONCOVERAGE" not in env
+    assert env["PATH"] == "/usr/bin" and env["X"] == "y"
+
+
+@AVX512
+def test_jobs_prefer_glibcs_256_bit_string_functions_unless_the_user_chose() -> None:
+    assert job_environment({})["GLIBC_TUNABLES"] == LIBC_TUNABLE
+    theirs = job_environment({"GLIBC_TUNABLES": "glibc.malloc.check=3"})
+    assert theirs["GLIBC_TUNABLES"] == "glibc.malloc.check=3:" + LIBC_TUNABLE
+    chosen = {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}
+    assert job_environment(chosen) == chosen
+    # and glibc takes it
+    if LD_SO.exists():
+        plain = {k: v for k, v in job_environment().items() if k != "GLIBC_TUNABLES"}
+        assert _prefers_no_avx512(job_environment(plain))
+
+
+@AVX512
+def test_a_campaigns_job_process_starts_with_the_job_environment(tmp_path: Path) -> None:
+    (tmp_path / "out" / "jobs").mkdir(parents=True)
+    config = _config(tmp_path, "seed", seconds=30)
+    process, log = _spawn(config, tmp_path / "out")
+    try:
+        environ = b"\0" + Path(f"/proc/{process.pid}/environ").read_bytes()
+    finally:
+        process.kill()
+        process.wait()
+        log.close()
+    expected = job_environment()["GLIBC_TUNABLES"]
+    # glibc may cut its own copy of the variable at each ':' as it reads it
+    assert any(f"\0GLIBC_TUNABLES={expected}".replace(":", cut).encode() in environ
+               for cut in (":", "\0"))
