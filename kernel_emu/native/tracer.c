@@ -2590,6 +2590,7 @@ static struct PyModuleDef tracer_module = {
 
 PyMODINIT_FUNC PyInit__tracer(void)
 {
+    pagemap_setup();
     if (PyType_Ready(&StateType) < 0) {
         return NULL;
     }

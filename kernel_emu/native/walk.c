@@ -1471,5 +1471,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__walk(void)
 {
+    pagemap_setup();
     return PyModule_Create(&module);
 }

@@ -9,7 +9,10 @@ import ctypes
 import mmap
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -77,15 +80,18 @@ def test_the_restore_gives_back_what_need_not_be_written(private: mmap.mmap) -> 
     assert entries[5] & EXCLUSIVE  # not named: written over
 
 
-def test_a_forked_child_gives_back_what_it_shares(private: mmap.mmap) -> None:
-    """In a forked child the parent's pages are shared, not the child's own: read from its
-    own pagemap, they are given back, and read as zeros. So is a page of zeros the child
-    wrote itself, which the parent's pagemap (read before the fork) has as absent."""
+def _fork_scenario() -> None:
+    """The fork tests' body, run in an interpreter of its own (a fork makes every later
+    restore of the process read the pages it shares, and the tests after these must see
+    the process that never forked)."""
+    private = mmap.mmap(-1, 8 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     private[0:PAGE] = b"\x5a" * PAGE
+    private[3 * PAGE:4 * PAGE] = b"\xa5" * PAGE
     walk.restore_pages(private, [None] * 8, b"\x02", b"\x02")  # the parent reads its pagemap
     reader, writer = os.pipe()
+    done_reader, done_writer = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
+    if pid == 0:  # the child reports through the pipe
         ok = False
         try:
             shared = _pagemap(private, 0)
@@ -98,12 +104,33 @@ def test_a_forked_child_gives_back_what_it_shares(private: mmap.mmap) -> None:
                       given_back and bytes(private[0:PAGE]) == bytes(PAGE))
         finally:
             os.write(writer, b"1" if ok else b"0")
+            os.read(done_reader, 1)  # page 3 stays shared until the parent is done with it
             os._exit(0)
     os.close(writer)
     answer = os.read(reader, 1)
+    # the parent too: its page 3, shared with the child, is not the host's zero page
+    parents = _pagemap(private, 3)
+    walk.restore_pages(private, [None] * 8, b"\x08", b"\x08")
+    os.write(done_writer, b"1")
     os.waitpid(pid, 0)
     assert answer == b"1"
     assert bytes(private[0:PAGE]) == b"\x5a" * PAGE  # the parent's page is its own
+    assert parents & PRESENT and not parents & EXCLUSIVE
+    assert bytes(private[3 * PAGE:4 * PAGE]) == bytes(PAGE)
+
+
+def test_a_forked_process_reads_the_pages_it_shares() -> None:
+    """In a forked child the parent's pages are shared, not the child's own: read from its
+    own pagemap, they are given back, and read as zeros. So is a page of zeros the child
+    wrote itself, which the parent's pagemap (read before the fork) has as absent. And in
+    the parent, a page of data it now shares with the child is written over, not taken for
+    the host's zero page."""
+    root = Path(__file__).parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "from tests.kernel_emu.test_zero_pages import _fork_scenario; _fork_scenario()"],
+        cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
