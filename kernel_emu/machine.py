@@ -59,6 +59,11 @@ try:
     from kernel_emu import _walk as _native
 except ImportError:  # not built: registers are read through ctypes
     _native = None  # type: ignore[assignment]
+# Both native modules judge guest RAM's pages by the host's pagemap, which they must watch
+# for forks from before the first bank exists (native/pagemap.h): loaded here, with the
+# banks' module, not later by whoever first asks for a tracer
+with contextlib.suppress(ImportError):
+    from kernel_emu import _tracer  # noqa: F401
 # uc_reg_read and uc_reg_write of the Unicorn library the binding loaded
 _UC_REG_READ = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value or 0
 _UC_REG_WRITE = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value or 0

@@ -133,6 +133,17 @@ def test_a_forked_process_reads_the_pages_it_shares() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_both_native_modules_watch_for_forks_before_the_first_bank_exists() -> None:
+    """Each module reads the pagemap with its own fork handler: both are loaded with the
+    banks' module, so no bank can be shared by a fork that one of them missed."""
+    code = ("import sys, kernel_emu.machine; "
+            "sys.exit(0 if {'kernel_emu._walk', 'kernel_emu._tracer'} <= set(sys.modules) "
+            "else 1)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def heavy(tmp_path_factory: pytest.TempPathFactory, base_elf: bytes) -> dict[str, bytes]:
     """Inputs that zero megabytes: a segment of 4 MiB of BSS, and RX-01's heap filling."""
