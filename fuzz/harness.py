@@ -598,9 +598,9 @@ def libfuzzer_args(config: JobConfig) -> list[str]:
 
 # glibc picks its string functions for the CPU when a process starts. On a Xeon with AVX-512
 # its 512-bit memset wrote 17-24 GB/s where the 256-bit one it takes on CPUs that downclock
-# for AVX-512 (its preference Prefer_No_AVX512) wrote 24-30, at sizes from 64 B to 1 MiB; a
-# job clears pages, TLBs and tables in every run into ring 3, and such runs took 13-16% less
-# time with the preference set (docs/performance.md). A user's own `glibc.cpu.hwcaps` wins.
+# for AVX-512 (its preference Prefer_No_AVX512) wrote 24-30, at sizes from 64 B to 1 MiB;
+# runs into ring 3, which clear pages, TLBs and tables, took 16% less time with the
+# preference set (docs/performance.md). A user's own `glibc.cpu.hwcaps` wins.
 LIBC_TUNABLE = "glibc.cpu.hwcaps=Prefer_No_AVX512"
 
 
