@@ -288,20 +288,22 @@ static uint64_t zero_held(TracerState *s, uint32_t b, uintptr_t at, size_t count
             memset((void *)page, 0, last - page);
             break;
         }
+        /* each page looked at once: the pages to write, in one memset, then the one that
+         * ended them, left alone */
         for (size_t i = 0; i < n;) {
-            if (pagemap_zero(entries[i], (const uint8_t *)(page + i * HOST_PAGE)) != PAGE_DATA) {
-                note_absent(s, b, page + i * HOST_PAGE);
-                left_alone++;
-                i++;
-                continue;
-            }
-            size_t j = i + 1;
+            size_t j = i;
             while (j < n &&
                    pagemap_zero(entries[j], (const uint8_t *)(page + j * HOST_PAGE)) == PAGE_DATA) {
                 j++;
             }
-            memset((void *)(page + i * HOST_PAGE), 0, (j - i) * HOST_PAGE);
-            i = j;
+            if (j > i) {
+                memset((void *)(page + i * HOST_PAGE), 0, (j - i) * HOST_PAGE);
+            }
+            if (j < n) {
+                note_absent(s, b, page + j * HOST_PAGE);
+                left_alone++;
+            }
+            i = j + 1;
         }
         page += n * HOST_PAGE;
     }
@@ -355,9 +357,10 @@ static uint64_t copy_held(TracerState *s, uint32_t b, uint8_t *to, const uint8_t
             memmove((void *)page, src, last - page);
             break;
         }
+        /* each page looked at once (its source read once): the pages to write, in one
+         * copy, then the one that ended them, left alone */
         for (size_t i = 0; i < n;) {
             size_t j = i;
-            /* the pages to write, in one copy */
             while (j < n &&
                    (pagemap_zero(entries[j], (const uint8_t *)(page + j * HOST_PAGE)) ==
                         PAGE_DATA ||
@@ -367,12 +370,12 @@ static uint64_t copy_held(TracerState *s, uint32_t b, uint8_t *to, const uint8_t
             if (j > i) {
                 memmove((void *)(page + i * HOST_PAGE), src + i * HOST_PAGE,
                         (j - i) * HOST_PAGE);
-                i = j;
-                continue;
             }
-            note_absent(s, b, page + i * HOST_PAGE);
-            left_alone++;
-            i++;
+            if (j < n) {
+                note_absent(s, b, page + j * HOST_PAGE);
+                left_alone++;
+            }
+            i = j + 1;
         }
         page += n * HOST_PAGE;
     }
