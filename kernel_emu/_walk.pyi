@@ -12,11 +12,11 @@ def restore_pages(ram: Buffer, saved: Sequence[bytes | None], bitmap: Buffer,
 def user_leaves(
     ram: Buffer, base: int, cr3: int, max_leaves: int, runs: bool = ..., /
 ) -> tuple[list[tuple[int, int, int, bool, bool, int, bool]], list[int]] | None: ...
-def user_space_check(
+def user_space_judge(
     ram: Buffer, base: int, cr3: int, rsp: int, user_top: int,
     segments: Sequence[tuple[int, int, int, int, int]], file: Buffer,
     kernel_phys: Sequence[tuple[int, int]], stack: tuple[int, int] | None, max_leaves: int, /
-) -> int: ...
+) -> tuple[Any, ...] | None: ...
 
 # the forms of a dirty walk's answer: lists, bit masks (bytes), a count, one bit mask
 @overload

@@ -7,16 +7,16 @@ The page walk comes as runs of consecutive pages (a 16 MiB segment is a dozen ru
 mappings); every check finds the first page of a run it applies to, so the findings name the
 same page as a page-by-page scan would.
 
-Most runs have nothing to report. The native check (native/userspace.h) makes the same checks
-on one walk and says so; whatever it cannot vouch for is judged here, and this module stays
-the reference for what the oracle finds.
+The native judge (native/userspace.h) makes the same checks on one walk and says what each
+found, which the findings below word; what it cannot follow exactly is judged here, and this
+module stays the reference for what the oracle finds.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kernel_emu import pagewalk
 from kernel_emu.elflayout import PF_W, PF_X
@@ -32,11 +32,10 @@ except ImportError:  # not built: the Python oracle gives the same answer, slowe
     native_walker = None  # type: ignore[assignment]
 
 USER_STACK_PAGES = 64
-# the native check's answers (native/userspace.h): nothing to report; nothing but the entry
-NATIVE_CLEAN = 1
-NATIVE_ENTRY_ONLY = 2
 # a page walk under the run's final CR3: the leaf mapping a virtual address (None: not mapped)
 Translate = Callable[[int], pagewalk.Mapping | None]
+# the native judge's `bad`: a user page in the upper half, over a page table
+BAD_UPPER, BAD_TABLE = -2, -1
 
 
 def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log: KernelLog,
@@ -46,9 +45,8 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
                         ) -> list[Finding]:
     """Walk the page tables the kernel is about to enter ring 3 with (CR3 at the stop).
     `segments`: `expected` as (vaddr, memsz, filesz, offset, flags) tuples, when the caller
-    has them. An address space with nothing to report is nearly always recognised natively,
-    and so is one whose only finding is the entry, whose finding is then made alone; anything
-    else is judged below, findings and all."""
+    has them. The native judge nearly always says what each check finds, and the findings
+    are worded from that; anything else is judged below, findings and all."""
     kernel_phys = kernel_ranges(image, prof, kstack_base)
     if native_walker is not None:
         if segments is None:
@@ -57,18 +55,50 @@ def user_space_findings(m: Machine, image: KernelImage, prof: TargetProfile, log
         stack_top = log.user_entry[1] if log.user_entry else None
         low = m.banks[0]
         cr3 = m.reg("cr3")
-        verdict = native_walker.user_space_check(
+        judged = native_walker.user_space_judge(
             low.buffer, low.base, cr3, m.reg("rsp"), prof.kernel.user_top,
             segments, file, [(lo, hi) for lo, hi, _ in kernel_phys],
             None if stack_top is None else (stack_top - USER_STACK_PAGES * PAGE, stack_top),
             pagewalk.MAX_LEAVES)
-        if verdict == NATIVE_CLEAN:
-            return []
-        if verdict == NATIVE_ENTRY_ONLY:
-            # every check before the entry's passed: the reference would come to this one
-            # with nothing found, and its page looked up by a walk of its own
-            return entry_findings(m, lambda vaddr: pagewalk.translate(m, cr3, vaddr), frames)
+        if judged is not None:
+            return _judged_findings(m, cr3, prof, expected, frames, kernel_phys, judged) \
+                if judged else []
     return user_space_findings_python(m, prof, log, expected, frames, kernel_phys, file)
+
+
+def _judged_findings(m: Machine, cr3: int, prof: TargetProfile,
+                     expected: list[dict[str, int]], frames: list[str],
+                     kernel_phys: list[tuple[int, int, str]],
+                     judged: tuple[Any, ...]) -> list[Finding]:
+    """The reference's findings, in its order, from what the native judge found: the stack
+    and the entry, when it says they fail, by the reference's own check (a walk of a page
+    or two)."""
+    bounds, stack_ok, pages, bad, uncovered, content, entry_ok = judged
+
+    def translate(vaddr: int) -> pagewalk.Mapping | None:
+        return pagewalk.translate(m, cr3, vaddr)
+
+    out: list[Finding] = []
+    if bounds >= 0:
+        out.append(_bounds_finding(bounds, expected[bounds], prof.kernel.user_top, frames))
+    if not stack_ok:
+        out += stack_findings(m, translate, frames)
+    for i, page, rights, writable, executable in pages:
+        out.append(_rights_finding(i, expected[i], page, writable, executable, frames)
+                   if rights else _unmapped_finding(i, expected[i], page, frames))
+    if bad is not None:
+        vaddr, paddr, what = bad
+        name = None if what == BAD_UPPER else \
+            "a page table of this address space" if what == BAD_TABLE else kernel_phys[what][2]
+        out.insert(bounds >= 0, BadMapping(vaddr, paddr, name).finding(frames))
+    if uncovered is not None:
+        out.append(_uncovered_finding(uncovered, frames))
+    if content is not None:
+        i, at, got, want = content
+        out.append(_content_finding(i, expected[i], at, got, want, frames))
+    if not entry_ok:
+        out += entry_findings(m, translate, frames)
+    return out
 
 
 def kernel_ranges(image: KernelImage, prof: TargetProfile,
@@ -99,11 +129,7 @@ def user_space_findings_python(m: Machine, prof: TargetProfile, log: KernelLog,
     # whatever its pages then look like
     for i, seg in enumerate(expected):
         if seg["memsz"] and seg["vaddr"] + seg["memsz"] > prof.kernel.user_top:
-            out.append(Finding(CrashClass.KERNEL_MAPPING,
-                               [f"segment {i}: the ELF asks for {seg['vaddr']:#x}+"
-                                f"{seg['memsz']:#x}, past the user half (which ends at "
-                                f"{prof.kernel.user_top:#x}), and the kernel entered ring 3 "
-                                f"with it"], frames=frames, field="segments.bounds"))
+            out.append(_bounds_finding(i, seg, prof.kernel.user_top, frames))
             break
     # the kernel's own mapping, the user stack, before what the file asked for: a stack
     # mapped to the wrong place also shows as a segment page it took, or a page nobody asked
@@ -122,19 +148,12 @@ def user_space_findings_python(m: Machine, prof: TargetProfile, log: KernelLog,
         for page in (first, last):
             mp = translate(page)
             if mp is None or not mp.user:
-                out.append(Finding(CrashClass.VADDR_CORRUPTION,
-                                   [f"segment {i}: ELF says vaddr {seg['vaddr']:#x}, but page "
-                                    f"{page:#x} is not mapped for user mode"],
-                                   frames=frames, field=f"segments[{i}].vaddr"))
+                out.append(_unmapped_finding(i, seg, page, frames))
                 break
             # a page two segments share carries the rights of both
             flags = page_flags.get(page, 0)
             if mp.writable != bool(flags & PF_W) or mp.executable != bool(flags & PF_X):
-                perms = ("W" if mp.writable else "-") + ("X" if mp.executable else "-")
-                out.append(Finding(CrashClass.VADDR_CORRUPTION,
-                                   [f"segment {i}: ELF flags {seg['flags']:#x}, page {page:#x} "
-                                    f"mapped {perms}"], frames=frames,
-                                   field=f"segments[{i}].flags"))
+                out.append(_rights_finding(i, seg, page, mp.writable, mp.executable, frames))
                 break
     stack_top = log.user_entry[1] if log.user_entry else None
     bad = first_bad_mapping(runs, prof.kernel.user_top, kernel_phys, sorted(tables))
@@ -148,14 +167,50 @@ def user_space_findings_python(m: Machine, prof: TargetProfile, log: KernelLog,
         for run in runs:
             vaddr = first_uncovered(run, merged, stack, prof.kernel.user_top)
             if vaddr is not None:
-                out.append(Finding(CrashClass.VADDR_CORRUPTION,
-                                   [f"user page {vaddr:#x} is mapped but no program header "
-                                    f"covers it"], frames=frames, field="segments.extra"))
+                out.append(_uncovered_finding(vaddr, frames))
                 break
     if file and not out:
         out += content_findings(m, translate, expected, file, frames)
     out += entry_findings(m, translate, frames)
     return out
+
+
+def _bounds_finding(i: int, seg: dict[str, int], user_top: int,
+                    frames: list[str]) -> Finding:
+    return Finding(CrashClass.KERNEL_MAPPING,
+                   [f"segment {i}: the ELF asks for {seg['vaddr']:#x}+{seg['memsz']:#x}, past "
+                    f"the user half (which ends at {user_top:#x}), and the kernel entered "
+                    f"ring 3 with it"], frames=frames, field="segments.bounds")
+
+
+def _unmapped_finding(i: int, seg: dict[str, int], page: int, frames: list[str]) -> Finding:
+    return Finding(CrashClass.VADDR_CORRUPTION,
+                   [f"segment {i}: ELF says vaddr {seg['vaddr']:#x}, but page {page:#x} is not "
+                    f"mapped for user mode"], frames=frames, field=f"segments[{i}].vaddr")
+
+
+def _rights_finding(i: int, seg: dict[str, int], page: int, writable: bool, executable: bool,
+                    frames: list[str]) -> Finding:
+    perms = ("W" if writable else "-") + ("X" if executable else "-")
+    return Finding(CrashClass.VADDR_CORRUPTION,
+                   [f"segment {i}: ELF flags {seg['flags']:#x}, page {page:#x} mapped {perms}"],
+                   frames=frames, field=f"segments[{i}].flags")
+
+
+def _uncovered_finding(vaddr: int, frames: list[str]) -> Finding:
+    return Finding(CrashClass.VADDR_CORRUPTION,
+                   [f"user page {vaddr:#x} is mapped but no program header covers it"],
+                   frames=frames, field="segments.extra")
+
+
+def _content_finding(i: int, seg: dict[str, int], at: int, got: int, want: int,
+                     frames: list[str]) -> Finding:
+    """Byte `at` of segment `i` (from its start) reads `got` where the file, or the BSS,
+    says `want`."""
+    source = f"file offset {seg['offset'] + at:#x}" if at < seg["filesz"] else "the BSS"
+    return Finding(CrashClass.VADDR_CORRUPTION,
+                   [f"segment {i}: user memory at {seg['vaddr'] + at:#x} reads {got:#04x}, "
+                    f"{source} says {want:#04x}"], frames=frames, field=f"segments[{i}].data")
 
 
 # bytes compared at each end of a segment's file data, and at the start of its BSS
@@ -189,11 +244,7 @@ def content_findings(m: Machine, translate: Translate, expected: list[dict[str, 
                 _read_user(m, translate, vaddr + at, len(want))
             if got is not None and got != want:
                 k = next(k for k in range(len(want)) if got[k] != want[k])
-                source = f"file offset {offset + at + k:#x}" if at + k < filesz else "the BSS"
-                return [Finding(CrashClass.VADDR_CORRUPTION,
-                                [f"segment {i}: user memory at {vaddr + at + k:#x} reads "
-                                 f"{got[k]:#04x}, {source} says {want[k]:#04x}"],
-                                frames=frames, field=f"segments[{i}].data")]
+                return [_content_finding(i, seg, at + k, got[k], want[k], frames)]
     return []
 
 

@@ -18,10 +18,10 @@
  *   tables     [table address] of every table visited
  *   None       a table lies outside `ram`: the caller walks in Python instead
  *
- * user_space_check(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack,
- *                  max_leaves) -> int
- *   Whether the user-space oracle would report nothing (1), nothing but the entry (2), or
- *   may report anything (0): see userspace.h.
+ * user_space_judge(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack,
+ *                  max_leaves) -> () | tuple | None
+ *   What the user-space oracle finds, check by check (None: ask the oracle in Python):
+ *   see userspace.h.
  *
  * dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0)
  *     -> (pages, tables, executable) | int | None
@@ -1444,10 +1444,10 @@ static PyMethodDef methods[] = {
      "to the host instead of written."},
     {"user_leaves", user_leaves, METH_VARARGS,
      "user_leaves(ram, base, cr3, max_leaves, runs=0) -> (leaves, tables) | None"},
-    {"user_space_check", user_space_check, METH_VARARGS,
-     "user_space_check(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack, "
-     "max_leaves) -> int\n\n1 only when kernel_emu.userspace.user_space_findings would "
-     "report nothing; 2 only when it would report nothing but the entry; else 0."},
+    {"user_space_judge", user_space_judge, METH_VARARGS,
+     "user_space_judge(ram, base, cr3, rsp, user_top, segments, file, kernel_phys, stack, "
+     "max_leaves) -> () | tuple | None\n\nWhat kernel_emu.userspace.user_space_findings "
+     "finds, check by check: () nothing; None: only the Python oracle can say."},
     {"dirty_leaves", dirty_leaves, METH_VARARGS,
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0, "
      "forbidden=None) -> (pages, tables, executable) | int | bytes | None"},
