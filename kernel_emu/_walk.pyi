@@ -12,6 +12,7 @@ def restore_pages(ram: Buffer, saved: Sequence[bytes | None], bitmap: Buffer,
 def user_leaves(
     ram: Buffer, base: int, cr3: int, max_leaves: int, runs: bool = ..., /
 ) -> tuple[list[tuple[int, int, int, bool, bool, int, bool]], list[int]] | None: ...
+def pt_loads(data: Buffer, segment: type[T], /) -> tuple[T, ...]: ...
 def user_space_judge(
     ram: Buffer, base: int, cr3: int, rsp: int, user_top: int,
     segments: Sequence[tuple[int, int, int, int, int]], file: Buffer,

@@ -91,6 +91,12 @@
  *   free list that loops, leaves the blocks or the free ones, or misses a free block), for
  *   max_blocks blocks or more, or a heap outside `ram`: the caller walks in Python.
  *
+ * pt_loads(data, segment) -> (segment, ...)
+ *   kernel_emu.elfview.load_segments natively (its Python body is the reference): the PT_LOAD
+ *   entries of the ELF64 little-endian file `data`, each a `segment` (a NamedTuple: vaddr,
+ *   memsz, filesz, offset, flags), read e_phentsize apart (at least an Elf64_Phdr) while
+ *   whole entries fit in the file; () for anything else.
+ *
  * read_register(uc_reg_read, uc, regid), write_register(uc_reg_write, uc, regid, value)
  *   One register through Unicorn's C API, without ctypes's per-call conversions.
  *
@@ -993,6 +999,74 @@ static PyObject *as_named(PyTypeObject *type, PyObject *fields)
 }
 
 /* ------------------------------------------------------------------------------------------
+ * A file's PT_LOAD entries (see pt_loads above). */
+
+#define EHDR64_SIZE 64
+#define PHDR64_SIZE 56
+
+static uint64_t le_u64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint32_t le_u32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static PyObject *pt_loads(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer buf;
+    PyTypeObject *type;
+    if (!PyArg_ParseTuple(args, "y*O!", &buf, &PyType_Type, &type)) {
+        return NULL;
+    }
+    if (!is_named_tuple(type)) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
+    const uint8_t *d = buf.buf;
+    uint64_t size = (uint64_t)buf.len, phoff = 0, stride = 0, count = 0, loads = 0;
+    if (size >= EHDR64_SIZE && memcmp(d, "\x7f" "ELF", 4) == 0 && d[4] == 2 && d[5] == 1) {
+        phoff = le_u64(d + 32);
+        uint64_t phentsize = (uint64_t)d[54] | (uint64_t)d[55] << 8;
+        uint64_t phnum = (uint64_t)d[56] | (uint64_t)d[57] << 8;
+        if (phnum != 0 && phoff < size && size - phoff >= PHDR64_SIZE) {
+            stride = phentsize > PHDR64_SIZE ? phentsize : PHDR64_SIZE;
+            count = (size - phoff - PHDR64_SIZE) / stride + 1;
+            count = count < phnum ? count : phnum;  /* phnum < 65536, the reference's cap */
+        }
+    }
+    for (uint64_t i = 0; i < count; i++) {
+        loads += le_u32(d + phoff + i * stride) == 1;
+    }
+    PyObject *out = PyTuple_New((Py_ssize_t)loads);
+    Py_ssize_t k = 0;
+    for (uint64_t i = 0; out != NULL && i < count; i++) {
+        const uint8_t *ph = d + phoff + i * stride;
+        if (le_u32(ph) != 1) {
+            continue;
+        }
+        PyObject *row = as_named(type, Py_BuildValue(
+            "(KKKKk)", (unsigned long long)le_u64(ph + 16), (unsigned long long)le_u64(ph + 40),
+            (unsigned long long)le_u64(ph + 32), (unsigned long long)le_u64(ph + 8),
+            (unsigned long)le_u32(ph + 4)));
+        if (row == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyTuple_SET_ITEM(out, k++, row);
+    }
+    PyBuffer_Release(&buf);
+    return out;
+}
+
+/* ------------------------------------------------------------------------------------------
  * The allocator replay's common case (see replay_allocations above). */
 
 #define REPLAY_MAX 65536
@@ -1452,6 +1526,9 @@ static PyMethodDef methods[] = {
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0, "
      "forbidden=None) -> (pages, tables, executable) | int | bytes | None"},
     {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
+    {"pt_loads", pt_loads, METH_VARARGS,
+     "pt_loads(data, segment) -> (segment, ...)\n\nThe PT_LOAD entries of an ELF64 "
+     "little-endian file, as kernel_emu.elfview.load_segments reads them."},
     {"leaks_reached", leaks_reached, METH_VARARGS,
      "leaks_reached(ram, base, live, roots, values, scan_limit, max_live) -> bool"},
     {"heap_blocks", heap_blocks, METH_VARARGS,

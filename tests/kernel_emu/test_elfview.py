@@ -19,6 +19,7 @@ from kernel_emu.elfview import (
     Segment,
     describe_header,
     load_segments,
+    load_segments_python,
     read_elf,
 )
 from tests.elfs import build_elf, readelf_loads, tools_available
@@ -62,8 +63,12 @@ def _patch(image: bytes, offset: int, width: int, value: int) -> bytes:
 
 def _check_invariants(view: ElfView, data: bytes) -> None:
     assert isinstance(view, ElfView)
-    # the lean reader every run uses must agree with the full one on any bytes
-    assert load_segments(data) == view.load_segments
+    # the lean reader every run uses (natively where built, and its Python reference) must
+    # agree with the full one on any bytes
+    lean = load_segments(data)
+    assert lean == view.load_segments == load_segments_python(data)
+    assert all(type(seg) is Segment for seg in lean)
+    assert load_segments(bytearray(data)) == load_segments(memoryview(data)) == lean
     assert all(isinstance(p, str) for p in view.problems)
     assert len(view.problems) <= MAX_PROBLEMS + 1
     assert len(view.program_headers) <= min(view.phnum, 65535)
