@@ -55,7 +55,9 @@ class FaultObserver:
             self.uc_error = str(error)
 
 
-@dataclass(frozen=True)
+# slots, and not frozen: made once a run, where a frozen dataclass's __init__ (a call of
+# object.__setattr__ per field) took three times as long; nothing writes it after the run
+@dataclass(slots=True)
 class RunObservations:
     """Everything the oracles judge one run by."""
 
