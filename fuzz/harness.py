@@ -241,8 +241,9 @@ class Job:
     def _new_executor(self) -> Executor:
         # no second run to name who wrote a damaged heap header (Executor.explain): jobs and
         # triage file findings under the same signature. A cause in the input is judged
-        # once per signature and field (`_with_cause`), not for every run
-        executor = Executor(self.profile, native=self.config.native,
+        # once per signature and field (`_with_cause`), not for every run. A run with
+        # nothing to report leaves only its verdict here: no backtrace, no heap blocks
+        executor = Executor(self.profile, native=self.config.native, details=False,
                             coverage=self.config.coverage, watchdog=self.config.watchdog or None,
                             fast_routines=self.config.fast_routines,
                             skip_cycles=self.config.skip_cycles, explain=False,

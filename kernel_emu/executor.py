@@ -67,14 +67,16 @@ class Executor:
     field the ELF format fixes, boot it again with that field put right (on a second
     executor like this one, so that this one's machine stays as the input left it) and, if
     the crash goes away, file it under the field (kernel_emu.causes). Off in fuzzing jobs,
-    which judge that once per signature and field."""
+    which judge that once per signature and field.
+    `details`: every Result in full; off, one with nothing to report leaves out its backtrace
+    and heap blocks (kernel_emu.oracles.assess), which only show it: a fuzzing job's runs."""
 
     def __init__(self, profile: TargetProfile, *, snapshot: bool = True, native: bool = True,
                  coverage: bool = False, budget: int | None = None,
                  watchdog: int | None = None, fast_routines: bool = True,
                  skip_cycles: bool = True, explain: bool = False, lean: bool = True,
                  count_blocks: bool = True, causes: bool = True,
-                 cycles_to_budget: bool = False) -> None:
+                 cycles_to_budget: bool = False, details: bool = True) -> None:
         self.profile = profile
         self.image: KernelImage = load_image(profile.image, profile.kernel.load_base)
         self.native, self.coverage = native, coverage
@@ -85,6 +87,7 @@ class Executor:
         self.explain = explain
         self.lean = lean
         self.count_blocks = count_blocks
+        self.details = details
         self.causes = causes
         self._second: Executor | None = None  # boots the inputs `causes` puts right
         # the pages a zero fill may leave alone on the Dirty bits' word (Tracer.trust_zeros)
@@ -356,7 +359,7 @@ class Executor:
             freed=freed, file=data,
             log_base=self.snapshot.log_base if self.snapshot is not None else None)
         self.last_observations = observed
-        result = oracles.assess(observed, image, self.profile, segments)
+        result = oracles.assess(observed, image, self.profile, segments, self.details)
         if watch is None and self.explain:
             damaged = oracles.heap_damage(observed, image, self.profile, result)
             if damaged is not None:

@@ -279,15 +279,22 @@ def _segment_findings(log: KernelLog, expected: list[dict[str, int]],
 # ------------------------------------------------------------------------------------------
 
 def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
-           segments: tuple[Segment, ...]) -> Result:
-    """The Result of the run `obs` describes; `segments`: the input's PT_LOAD entries."""
+           segments: tuple[Segment, ...], details: bool = True) -> Result:
+    """The Result of the run `obs` describes; `segments`: the input's PT_LOAD entries.
+    Without `details`, a Result with nothing to report leaves out what only shows it (its
+    backtrace and heap blocks): a fuzzing job keeps nothing of such a run but its verdict."""
     m, stop = obs.machine, obs.stop
     text = obs.console.decode("utf-8", errors="replace")
     log = parse_log(text, obs.log_base)
     expected = _expected(segments)
     registers = m.registers()  # one read for all the oracles below
     pc = registers["rip"]
-    frames = backtrace(m, image, registers=registers)
+    # a stop that is a finding by itself takes the backtrace at once; a settled kernel's (in
+    # ring 3's doorway, or halted refusing the input) only once something is found in it,
+    # below: this list, which the findings made meanwhile hold, is filled in then
+    settled = stop == StopReason.UNTIL or (
+        stop == StopReason.HALT and log.panic is None and log.rejected is not None)
+    frames = [] if settled else backtrace(m, image, registers=registers)
     kstack_base = kernel_stack_base(m, image, profile) or None
     terminal: Finding | None = None
     if stop in (StopReason.FAULT, StopReason.UC_ERROR):
@@ -345,6 +352,8 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
                                lambda a, ret: image.describe(a, return_address=ret),
                                registers)
     findings = _dedupe(obs.events + state + ([terminal] if terminal else []))
+    if settled and (findings or details):
+        frames += backtrace(m, image, registers=registers)
     primary = findings[0] if findings else None
     if primary is not None:
         verdict = Verdict.CRASH
@@ -372,7 +381,7 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
         kernel=profile.name,
         kernel_sha256=image.sha256,
         kernel_load_base=image.load_base,
-        heap_blocks=[b.to_json(hs) for b in blocks[:256]],
+        heap_blocks=[b.to_json(hs) for b in blocks[:256]] if details or primary else [],
         ports=[{"access": kind, "port": port, "size": size, "value": value}
                for kind, port, size, value in obs.ports],
     )
