@@ -289,6 +289,9 @@ class PageTableLog:
         self.m = m
         self.identity = cr3 & ADDR_MASK
         self.executable = _merge(executable)
+        # _runs_only_own_code's answers by the executable leaves asked about: nearly every
+        # run ends with the same few (the kernel's code, where it was mapped)
+        self._own_code: dict[tuple[tuple[int, int, int], ...], bool] = {}
         self._exec_pages = frozenset(page for lo, hi in self.executable
                                      for page in range(lo, hi, PAGE))
         full = dirty_leaves_python(m, self.identity)
@@ -346,9 +349,16 @@ class PageTableLog:
         rec(self.identity, 4)
 
     def _runs_only_own_code(self, walk: MaskWalk) -> bool:
-        return all(vaddr == paddr and all(page in self._exec_pages
-                                          for page in range(paddr, paddr + size, PAGE))
-                   for vaddr, paddr, size in walk.executable)
+        key = tuple(walk.executable)
+        own = self._own_code.get(key)
+        if own is None:
+            own = all(vaddr == paddr and all(page in self._exec_pages
+                                             for page in range(paddr, paddr + size, PAGE))
+                      for vaddr, paddr, size in key)
+            if len(self._own_code) >= 256:
+                self._own_code.clear()
+            self._own_code[key] = own
+        return own
 
     def collect(self, paging_writes: int) -> bytes | None:
         """The physical pages to restore after a run in which ``paging_writes`` watched
