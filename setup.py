@@ -15,7 +15,7 @@ setup(
             "kernel_emu._walk",
             ["kernel_emu/native/walk.c"],
             depends=["kernel_emu/native/pagemap.h", "kernel_emu/native/reach.h",
-                     "kernel_emu/native/userspace.h"],
+                     "kernel_emu/native/userspace.h", "kernel_emu/native/klog.h"],
             extra_compile_args=["-O2"],
         ),
         Extension(

@@ -6,6 +6,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+try:
+    from kernel_emu import _walk as native_walker
+except ImportError:  # not built: every line read in Python
+    native_walker = None  # type: ignore[assignment]
+
 _SEG = re.compile(
     r"^\[elf\] seg (\d+) vaddr=(0x[0-9a-fA-F]+) memsz=(0x[0-9a-fA-F]+) "
     r"filesz=(0x[0-9a-fA-F]+) offset=(0x[0-9a-fA-F]+) flags=(0x[0-9a-fA-F]+)\s*$")
@@ -46,17 +51,10 @@ def parse_log(text: str, base: KernelLog | None = None) -> KernelLog:
 
 
 def _read_lines(log: KernelLog, text: str) -> KernelLog:
-    said, kept = _SAID, _SAID_KEPT
-    for line in text.splitlines():
-        what = said.get(line, _UNREAD)
-        if what is _UNREAD:
-            what = _line_says(line)
-            if len(line) <= _LINE_KEPT:
-                if len(said) >= kept:
-                    said.clear()
-                said[line] = what
-        if what is None:
-            continue
+    # natively, every line at once; else, or where the native reading cannot follow
+    # _line_says exactly, line by line (_lines_say)
+    says = native_walker.log_lines(text) if native_walker is not None else None
+    for what in _lines_say(text) if says is None else says:
         kind = what[0]
         if kind == _SEG_LINE:
             _, vaddr, memsz, filesz, offset, flags = what
@@ -80,6 +78,24 @@ def _read_lines(log: KernelLog, text: str) -> KernelLog:
         else:
             log.user_entry = what[1]
     return log
+
+
+def _lines_say(text: str) -> list[tuple[Any, ...]]:
+    """What the lines of `text` that say something say, in order (the reference of the
+    native log_lines)."""
+    said, kept = _SAID, _SAID_KEPT
+    out = []
+    for line in text.splitlines():
+        what = said.get(line, _UNREAD)
+        if what is _UNREAD:
+            what = _line_says(line)
+            if len(line) <= _LINE_KEPT:
+                if len(said) >= kept:
+                    said.clear()
+                said[line] = what
+        if what is not None:
+            out.append(what)
+    return out
 
 
 # What a line says does not depend on the lines around it (a rejection or panic after the

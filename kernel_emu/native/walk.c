@@ -91,6 +91,9 @@
  *   free list that loops, leaves the blocks or the free ones, or misses a free block), for
  *   max_blocks blocks or more, or a heap outside `ram`: the caller walks in Python.
  *
+ * log_lines(text) -> [what] | None
+ *   What each line of a run's console says, as kernel_emu.klog reads it: see klog.h.
+ *
  * pt_loads(data, segment) -> (segment, ...)
  *   kernel_emu.elfview.load_segments natively (its Python body is the reference): the PT_LOAD
  *   entries of the ELF64 little-endian file `data`, each a `segment` (a NamedTuple: vaddr,
@@ -743,6 +746,7 @@ done:
 }
 
 #include "reach.h"
+#include "klog.h"
 
 /* Bitmaps of pages, as dirty_leaves and restore_pages use them: bit i of byte i / 8 (bit i %
  * 8) is page i; two bitmaps may differ in length, the shorter read as zeros past its end.
@@ -1526,6 +1530,9 @@ static PyMethodDef methods[] = {
      "dirty_leaves(ram, base, root, accessed_level, max_pages, max_tables, form=0, "
      "forbidden=None) -> (pages, tables, executable) | int | bytes | None"},
     {"held_words", held_words, METH_VARARGS, "held_words(data, start, keys) -> [key]"},
+    {"log_lines", log_lines, METH_O,
+     "log_lines(text) -> [what] | None\n\nWhat each line of a console says, as "
+     "kernel_emu.klog reads it; None: only that reading can say."},
     {"pt_loads", pt_loads, METH_VARARGS,
      "pt_loads(data, segment) -> (segment, ...)\n\nThe PT_LOAD entries of an ELF64 "
      "little-endian file, as kernel_emu.elfview.load_segments reads them."},

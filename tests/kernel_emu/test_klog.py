@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from kernel_emu import klog
@@ -67,7 +69,9 @@ def test_a_base_that_does_not_fit_is_ignored() -> None:
 
 def test_lines_read_before_say_what_they_said(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each line's reading is kept by its text: the same log read with the lines known, with
-    none known, through a full store that starts over, and with a line too long to keep."""
+    none known, through a full store that starts over, and with a line too long to keep (the
+    reading in Python, the native one's reference)."""
+    monkeypatch.setattr(klog, "native_walker", None)
     text = BOOT + "rejected: first\nrejected: second\n[PANIC] boom at a.rs:1\n[PANIC] x\n" + \
         "[elf] seg 9 vaddr=0x1 memsz=0x2 filesz=0x3 offset=0x4 flags=0x5 " + " " * 300 + "\n"
     klog._SAID.clear()
@@ -81,3 +85,50 @@ def test_lines_read_before_say_what_they_said(monkeypatch: pytest.MonkeyPatch) -
     assert parse_log(text) == fresh
     assert len(klog._SAID) <= 3
     assert parse_log(text) == fresh
+
+
+# lines like the kernel's, and the characters a mutation puts into them
+LINES = BOOT.splitlines() + [
+    "rejected: too many segments ", "rejected:\t", "[PANIC] out of memory at src/heap.rs:88",
+    "[PANIC] a at b:1 at c:2", "[PANIC] at x:1", "[PANIC]  at x:1", "[PANIC] boom at :1",
+    "[PANIC] boom at a.rs:", "[PANIC] boom at a.rs:12 tail", "[PANIC] ", "[PANIC] x \x1f",
+    "[elf] segments count=00012 ", "[elf] entry=0x0000000000000000000001",
+    "[elf] seg 3 vaddr=0xFFFFFFFFFFFFFFFF memsz=0x0 filesz=0x1 offset=0x2 flags=0x3\t",
+    "[mm] kstack base=0x1 top=0x2 and more", "[user] enter rip=0x1 rsp=0x2 cr3=0x3zz"]
+NOISE = [" ", "\t", "\x1f", "\x1e", "\r", "\x0b", "0", "9", "a", "F", "x", ":", "=", "[",
+         "]", " at ", "0x", "é", "\u2028", "12345678901234567890", "ffffffffffffffff1"]
+
+
+def _numbers(says: list[tuple[object, ...]]) -> list[int]:
+    return [v for what in says for item in what[1:]
+            for v in (item if isinstance(item, tuple) else (item,)) if isinstance(v, int)]
+
+
+def test_the_native_reading_says_what_each_line_says() -> None:
+    """The native reading of a console gives what the lines say as the reference reads them
+    one by one, for lines like the kernel's with characters put in, taken out or changed,
+    and says only of the texts it cannot follow (another line break, a character past ASCII,
+    a number of 2**64 or more) that it cannot."""
+    assert klog.native_walker is not None, "the native walker is not built"
+    rng = random.Random(7)
+    read = deferred = 0
+    for _ in range(20000):
+        lines = []
+        for _ in range(rng.randrange(1, 6)):
+            line = rng.choice(LINES)
+            for _ in range(rng.randrange(0, 3)):
+                at = rng.randrange(len(line) + 1)
+                cut = rng.choice((0, 0, 1, 2))
+                line = line[:at] + rng.choice(NOISE + [""]) + line[at + cut:]
+            lines.append(line)
+        text = "\n".join(lines) + rng.choice(("", "\n"))
+        got = klog.native_walker.log_lines(text)
+        want = klog._lines_say(text)
+        if got is None:
+            deferred += 1
+            assert not text.isascii() or any(c in text for c in "\r\x0b\x0c\x1c\x1d\x1e") \
+                or any(v >> 64 for v in _numbers(want)), text
+            continue
+        read += 1
+        assert got == want, text
+    assert read > 10000 and deferred > 1000, (read, deferred)
