@@ -117,7 +117,7 @@ def test_under_a_watchdog_a_run_ends_as_the_budget_or_as_the_watchdog_ends_it(
     exactly as under the watchdog alone, or, where that stopped it as stalled, exactly as the
     budget alone ends it."""
     profile = load_profile(kernel)
-    budget = 1_000_000
+    budget = 5 * WATCHDOG  # checkpoints before it
     to_budget = Executor(profile, coverage=True, budget=budget, watchdog=WATCHDOG,
                          cycles_to_budget=True)
     watched = Executor(profile, coverage=True, budget=budget, watchdog=WATCHDOG,
