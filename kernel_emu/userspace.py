@@ -90,7 +90,7 @@ def _judged_findings(m: Machine, cr3: int, prof: TargetProfile,
         vaddr, paddr, what = bad
         name = None if what == BAD_UPPER else \
             "a page table of this address space" if what == BAD_TABLE else kernel_phys[what][2]
-        out.insert(bounds >= 0, BadMapping(vaddr, paddr, name).finding(frames))
+        out.insert(int(bounds >= 0), BadMapping(vaddr, paddr, name).finding(frames))
     if uncovered is not None:
         out.append(_uncovered_finding(uncovered, frames))
     if content is not None:
