@@ -50,7 +50,7 @@ SLOW_INPUTS_KEPT = 20_000
 # no watchdog. A run the cycle search proves to be in an exact cycle is not stopped: it goes
 # on to that budget by whole periods (JobConfig.cycles_to_budget), and needs no confirming.
 # Every checkpoint stops the guest (and, inside a block, makes it translate that block twice
-# over): at 200,000 a late campaign's runs into ring 3 made ~3 each, ~170 µs of ~1 ms, and
+# over): at 200,000 a late campaign's runs into ring 3 made ~3 each, 120-170 µs of ~1 ms, and
 # 0.1% of its runs were stopped as stalled, all of them runs that then finished under the
 # budget (docs/performance.md).
 WATCHDOG = 500_000
