@@ -92,19 +92,22 @@ def test_minimize_then_verify_on_fixed(store: FarmStore, settings: Settings) -> 
 
 
 def test_a_hang_the_watchdog_stops_elsewhere_is_minimized_as_triage_judged_it(
-        store: FarmStore, settings: Settings) -> None:
+        store: FarmStore, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """An endless loop (RX-06) that the watchdog stops in another function of the loop than
     the full budget does. Its cause is in the input (a program-header stride of 0), so
     triage and the minimizer's snapshot executor, which stops stalled runs early, file it
     under that cause alike, and it is minimized without a harness error. (A fuzzing job's
-    input, kept as it was found.)"""
-    from fuzz.harness import WATCHDOG
+    input, kept as it was found, under the interval it was found with: where a checkpoint
+    stops the loop depends on it.)"""
     from kernel_emu.executor import Executor
     from kernel_emu.profile import load_profile
 
+    found_with = 200_000
+    monkeypatch.setattr(work, "WATCHDOG", found_with)
     data = (Path(__file__).parent / "data" / "watchdog-hang.elf").read_bytes()
     seed = load_profile("seed")
-    stopped, full = Executor(seed, watchdog=WATCHDOG, causes=False), Executor(seed, causes=False)
+    stopped = Executor(seed, watchdog=found_with, causes=False)
+    full = Executor(seed, causes=False)
     early = stopped.run(data)
     assert stopped.stalled_at and early.signature != full.run(data).signature  # the case
     sha = store.blobs.put(data)
