@@ -209,10 +209,10 @@ static int space_diff(const Space *s, uint64_t vaddr, const uint8_t *want, uint6
 }
 
 /* The first leaf, in walk order, in the upper half or over kernel memory or a page table
- * (kernel_emu.userspace.first_bad_mapping); 0: none. */
-static int first_bad_leaf(const Space *s, const uint64_t *tables, Py_ssize_t ntables,
-                          uint64_t user_top, const uint64_t (*phys)[2], Py_ssize_t nphys,
-                          Judged *j)
+ * (kernel_emu.userspace.first_bad_mapping), into j->bad and its fields; left clear: none. */
+static void first_bad_leaf(const Space *s, const uint64_t *tables, Py_ssize_t ntables,
+                           uint64_t user_top, const uint64_t (*phys)[2], Py_ssize_t nphys,
+                           Judged *j)
 {
     for (Py_ssize_t r = 0; r < s->nruns; r++) {
         const Run *run = &s->runs[r];
@@ -270,7 +270,7 @@ static int first_bad_leaf(const Space *s, const uint64_t *tables, Py_ssize_t nta
         j->bad_paddr = run->descending ? run->paddr - step : run->paddr + step;
         if (j->bad_vaddr >= user_top) {
             j->bad_what = BAD_UPPER;
-            return 1;
+            return;
         }
         j->bad_what = BAD_TABLE;
         for (Py_ssize_t k = 0; k < nphys; k++) {
@@ -279,9 +279,8 @@ static int first_bad_leaf(const Space *s, const uint64_t *tables, Py_ssize_t nta
                 break;
             }
         }
-        return 1;
+        return;
     }
-    return 0;
 }
 
 /* The reference's checks, in its order, on the walk `s` and the parsed arguments, into `j`;

@@ -1008,6 +1008,8 @@ static PyObject *as_named(PyTypeObject *type, PyObject *fields)
 #define EHDR64_SIZE 64
 #define PHDR64_SIZE 56
 
+/* The little-endian word at `p` (a file's or the guest's: both are little-endian, as is
+ * the host). */
 static uint64_t le_u64(const uint8_t *p)
 {
     uint64_t v;
@@ -1354,13 +1356,6 @@ typedef struct {
 
 #define HEAP_BLOCKS_FIRST 64
 
-static uint64_t ram_u64(const uint8_t *ram, uint64_t at)
-{
-    uint64_t v;
-    memcpy(&v, ram + at, sizeof v);
-    return v;
-}
-
 /* The index of the block at `addr`, or -1 (blocks are in address order). */
 static Py_ssize_t heap_find(const HeapBlock *blocks, Py_ssize_t n, uint64_t addr)
 {
@@ -1441,12 +1436,12 @@ static PyObject *heap_blocks(PyObject *self, PyObject *args)
         uint64_t at = addr - base;
         HeapBlock *b = &blocks[n++];
         b->addr = addr;
-        b->size = ram_u64(mem, at + off[0]);
+        b->size = le_u64(mem + at + off[0]);
         b->free = mem[at + off[1]] != 0;
-        b->prev = ram_u64(mem, at + off[3]);
-        b->next = ram_u64(mem, at + off[4]);
+        b->prev = le_u64(mem + at + off[3]);
+        b->next = le_u64(mem + at + off[4]);
         b->listed = 0;
-        if (ram_u64(mem, at + off[2]) != magic || b->size > heap_size) {
+        if (le_u64(mem + at + off[2]) != magic || b->size > heap_size) {
             result = Py_NewRef(Py_None);
             goto done;
         }
