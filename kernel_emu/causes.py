@@ -144,12 +144,33 @@ FIXED_FIELDS: tuple[FixedField, ...] = (
 )
 
 
+def _standard_spans(fields: tuple[FixedField, ...]) -> tuple[tuple[int, bytes], ...]:
+    """The fields' standard values as the bytes of a header holding them all, joined where
+    fields adjoin: (offset, bytes) per span."""
+    spans: list[tuple[int, bytes]] = []
+    for f in sorted(fields, key=lambda f: f.offset):
+        value = f.value.to_bytes(f.size, "little")
+        if spans and spans[-1][0] + len(spans[-1][1]) == f.offset:
+            spans[-1] = (spans[-1][0], spans[-1][1] + value)
+        else:
+            spans.append((f.offset, value))
+    return tuple(spans)
+
+
+# a header whose fixed fields all hold their standard values has none broken, whatever the
+# conditions say: nearly every input a fuzzing job judges (a few slices instead of nine reads)
+_STANDARD = _standard_spans(FIXED_FIELDS)
+
+
 def broken_fields(data: bytes) -> list[FixedField]:
     """The fields `data` has another value in than the standard one, in file order (none for
     a file too short to hold an ELF64 header)."""
     if len(data) < ELF64_EHDR_SIZE:
         return []
-    return [f for f in FIXED_FIELDS if f.broken(data)]
+    for at, standard in _STANDARD:
+        if data[at:at + len(standard)] != standard:
+            return [f for f in FIXED_FIELDS if f.broken(data)]
+    return []
 
 
 def outcome(result: Result) -> str:

@@ -152,6 +152,20 @@ def test_the_rules(base_elf: bytes) -> None:
             assert sum(a != b for a, b in zip(fixed, data, strict=True)) <= field.size
 
 
+def test_the_standard_header_shortcut_says_what_each_field_says(base_elf: bytes) -> None:
+    # broken_fields answers a header holding every standard value without reading the fields
+    # one by one: it must agree with them on headers one or two bytes off, anywhere
+    import random
+
+    rng = random.Random(7)
+    for _ in range(20_000):
+        data = bytearray(base_elf[:rng.choice((64, 80, len(base_elf)))])
+        for _ in range(rng.randrange(3)):
+            data[rng.randrange(64)] = rng.randrange(256)
+        each = [f for f in FIXED_FIELDS if f.broken(bytes(data))]
+        assert broken_fields(bytes(data)) == each, bytes(data[:64]).hex()
+
+
 def test_a_job_files_every_stride_under_the_cause_too(base_elf: bytes, tmp_path) -> None:
     """A fuzzing job judges a signature's fields once, on its confirming executor, and files
     later inputs of that signature by what the first showed (triage boots each)."""
