@@ -82,6 +82,7 @@ typedef struct {
     uint8_t unplaced; /* holds a point it cannot place */
     uint8_t text;    /* inside the vouched code ranges */
     uint8_t covered; /* bc_covered of the block */
+    uint8_t console; /* starts at a console string's site (found for `gen`) */
 } BlockInfo;
 
 typedef struct {
@@ -119,6 +120,7 @@ typedef struct BlockCount {
     uint64_t last_address, last_entry;
     /* the block entered last, if it was counted at its entry */
     int cur_counted;
+    int cur_console; /* and it starts at a console string's site */
     uint64_t cur_start, cur_end, cur_base, cur_n;
     /* counts nobody can vouch for: a service OUT in a counted block (its stop
      * would come late), a point out of place, a fault settle() could not
@@ -203,7 +205,8 @@ static uint8_t bc_unplaced(const BlockCount *bc, uint64_t b, uint64_t e, uint32_
 }
 
 /* The block [pc, pc + size): its count and what it holds; NULL if out of memory. */
-static BlockInfo *bc_info(BlockCount *bc, void *uc, uint64_t pc, uint32_t size)
+static BlockInfo *bc_info(TracerState *s, BlockCount *bc, void *uc, uint64_t pc,
+                          uint32_t size)
 {
     if ((bc->used + 1) * 2 > bc->cap && bc_grow(bc) < 0) {
         return NULL;
@@ -230,6 +233,10 @@ static BlockInfo *bc_info(BlockCount *bc, void *uc, uint64_t pc, uint32_t size)
     }
     if (info->gen != bc->gen) {
         info->unplaced = bc_unplaced(bc, pc, pc + size, info->n);
+        info->console = 0;
+        for (uint32_t i = 0; i < s->nbulk; i++) {
+            info->console |= s->bulk_sites[i] == pc && s->bulk_kinds[i] == BULK_OUTSB;
+        }
         info->gen = bc->gen;
     }
     return info;
@@ -394,7 +401,12 @@ static int bc_sync_points(TracerState *s, BlockCount *bc)
         want[nwant++] = s->watched[i];
     }
     for (uint32_t i = 0; i < s->nbulk; i++) {
-        want[nwant++] = s->bulk_sites[i];
+        /* a console string's site has none: after the first, each iteration of a `rep outsb`
+         * is a block of its own that starts there, and the block hook serves it (a code hook
+         * of its own would make Unicorn walk one more hook at every point of every run) */
+        if (s->bulk_kinds[i] != BULK_OUTSB) {
+            want[nwant++] = s->bulk_sites[i];
+        }
     }
     uint32_t kept = 0;
     for (uint32_t i = 0; i < bc->npoints; i++) {
@@ -459,7 +471,7 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
          * announces it, as without this mode */
         e = b + 1;
     }
-    BlockInfo *info = size == 0 ? NULL : bc_info(bc, uc, b, size);
+    BlockInfo *info = size == 0 ? NULL : bc_info(s, bc, uc, b, size);
     int covered;
     if (info == NULL) {
         covered = bc_covered(bc, b, e);
@@ -498,6 +510,7 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
             }
         }
         bc->cur_counted = 1;
+        bc->cur_console = info->console;
         bc->cur_start = b;
         bc->cur_end = e;
         bc->cur_base = s->icount;

@@ -678,7 +678,7 @@ static NOINLINE void bulk_forward(TracerState *s, void *uc, uint64_t site, int k
  * so that the guest arrives there itself (a probe is then made in the code hook, not
  * at a stop of the emulator).  The source is read page by page, as the guest's walks
  * would mark it; where a page cannot be vouched for, the guest goes on from there. */
-static NOINLINE void console_forward(TracerState *s, void *uc, uint64_t site)
+static NOINLINE void console_forward(TracerState *s, void *uc, uint64_t site, int counted)
 {
     uint64_t rcx = 0, rdx = 0, rsi = 0, cr3 = 0;
     if (!s->bulk_on || s->reg_write == NULL || s->reg_read(uc, UC_X86_REG_RCX, &rcx) != 0 ||
@@ -686,8 +686,15 @@ static NOINLINE void console_forward(TracerState *s, void *uc, uint64_t site)
         (rdx & 0xffff) != s->console_port || s->reg_read(uc, UC_X86_REG_RSI, &rsi) != 0) {
         return;
     }
-    /* > 0 or none: the code hook checked icount < budget */
-    uint64_t room = s->budget - s->icount - 1;
+    /* The iterations before the next stop, the guest's own execution of the instruction
+     * left out. Called by the code hook at the instruction (`counted` 0), which checked
+     * icount < budget, or at the entry of a block that starts there (1), which counted the
+     * instruction already: a block the guest runs after these iterations, as the one that
+     * ends the string (rcx 0) or the next iteration. */
+    if (counted && s->icount >= s->budget) {
+        return;
+    }
+    uint64_t room = s->budget - s->icount - (counted ? 0 : 1);
     uint64_t want = rcx < room ? rcx : room;
     want = want < CONSOLE_WINDOW ? want : CONSOLE_WINDOW;
     int nxe = 0;

@@ -480,7 +480,7 @@ static NOINLINE void watch_check(TracerState *s, void *uc, uint64_t address)
         for (uint32_t b = 0; b < s->nbulk; b++) {
             if (s->bulk_sites[b] == address) {
                 if (s->bulk_kinds[b] == BULK_OUTSB) {
-                    console_forward(s, uc, address);
+                    console_forward(s, uc, address, 0);
                 } else {
                     bulk_forward(s, uc, address, s->bulk_kinds[b]);
                 }
@@ -687,6 +687,9 @@ static void block_hook_counting(TracerState *s, void *uc, uint64_t address, uint
         s->quiet_block = 0;
     } else {
         record_block(s, address);
+    }
+    if (action == BLOCK_COUNTED && s->bc->cur_console) {
+        console_forward(s, uc, address, 1);
     }
     if (action == BLOCK_STOP) {
         s->exhausted = 1;

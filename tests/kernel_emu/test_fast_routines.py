@@ -149,6 +149,24 @@ def test_budget_stops_inside_console_strings(base_elf: bytes) -> None:
 
 
 @pytest.mark.parametrize("count_blocks", [False, True])
+def test_console_strings_are_written_natively_but_their_first_byte(base_elf: bytes,
+                                                                   count_blocks: bool) -> None:
+    """Counting per block, a console string's site has no code hook: the guest writes the
+    first byte, and the block hook, at the block each later iteration starts, the rest.
+    Per instruction, the code hook writes them all. The kernel writes a log line with one
+    `rep outsb`."""
+    ex = Executor(load_profile("seed"), count_blocks=count_blocks)
+    slow = Executor(load_profile("seed"), fast_routines=False)
+    assert ex.run(base_elf).instructions == slow.run(base_elf).instructions
+    assert ex.console() == slow.console()
+    written = ex.tracer.console()
+    lines = written.count(b"\n")
+    assert lines >= 5
+    left = lines if count_blocks else 0
+    assert ex.tracer.console_units == len(written) - left
+
+
+@pytest.mark.parametrize("count_blocks", [False, True])
 def test_cycle_probes_are_not_counted_in_bulk_moves(base_elf: bytes, count_blocks: bool) -> None:
     """The cycle search probes at 4096, 8192, ... instructions outside the bulk moves: the
     tracer's floating stop moves on with every iteration performed natively, so a run zeroing
