@@ -140,15 +140,24 @@ static void note_absent(TracerState *s, uint32_t b, uintptr_t page)
     }
 }
 
+/* Where [phys, phys + size) lies in bank `b` on the host, or NULL if not wholly inside it. */
+static inline uint8_t *in_bank(const Bank *b, uint64_t phys, uint64_t size)
+{
+    if (phys >= b->base && phys - b->base <= b->size && size <= b->size - (phys - b->base)) {
+        return b->host + (phys - b->base);
+    }
+    return NULL;
+}
+
 static uint8_t *bank_host(TracerState *s, uint64_t phys, uint64_t size, uint32_t *bank)
 {
     for (uint32_t i = 0; i < s->nbanks; i++) {
-        Bank *b = &s->banks[i];
-        if (phys >= b->base && phys - b->base <= b->size && size <= b->size - (phys - b->base)) {
+        uint8_t *host = in_bank(&s->banks[i], phys, size);
+        if (host != NULL) {
             if (bank != NULL) {
                 *bank = i;
             }
-            return b->host + (phys - b->base);
+            return host;
         }
     }
     return NULL;
@@ -158,12 +167,8 @@ static uint8_t *bank_host(TracerState *s, uint64_t phys, uint64_t size, uint32_t
  * from 0), which bank_host looks at first too */
 static inline uint8_t *walk_host(TracerState *s, uint64_t phys, uint64_t size)
 {
-    const Bank *b = &s->banks[0];
-    if (s->nbanks > 0 && phys >= b->base && phys - b->base <= b->size &&
-        size <= b->size - (phys - b->base)) {
-        return b->host + (phys - b->base);
-    }
-    return bank_host(s, phys, size, NULL);
+    uint8_t *host = s->nbanks > 0 ? in_bank(&s->banks[0], phys, size) : NULL;
+    return host != NULL ? host : bank_host(s, phys, size, NULL);
 }
 
 static int tables_add(TableSet *t, uint64_t frame)
