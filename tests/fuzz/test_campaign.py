@@ -185,7 +185,13 @@ def test_a_campaigns_job_process_starts_with_the_job_environment(tmp_path: Path)
     config = _config(tmp_path, "seed", seconds=30)
     process, log = _spawn(config, tmp_path / "out")
     try:
-        environ = b"\0" + Path(f"/proc/{process.pid}/environ").read_bytes()
+        # the parent may see the exec through before the kernel has set the new image's
+        # environment up: until then the file reads empty
+        deadline = time.monotonic() + 10
+        while not (environ := Path(f"/proc/{process.pid}/environ").read_bytes()):
+            assert time.monotonic() < deadline, "the job process showed no environment"
+            time.sleep(0.01)
+        environ = b"\0" + environ
     finally:
         process.kill()
         process.wait()
