@@ -36,6 +36,10 @@ def page_table_log(m: Machine, fw: Firmware, watched: Sequence[int]) -> PageTabl
     return log
 
 
+# the level whose entries without Accessed a checkpoint's Dirty count does not follow
+CHECKPOINT_ACCESSED_LEVEL = 2
+
+
 class WrittenPages:
     """The pages written by the runs on one machine. With a `log` (snapshot runs), the
     tracer must watch `paging_sites`: their events are taken out of the tracer's events and
@@ -48,13 +52,13 @@ class WrittenPages:
         self.paging_sites = frozenset(log.sites) if log is not None else frozenset()
         self.paging_writes = 0  # watched paging instructions run since the last restore
         self._written: set[tuple[int, int]] = set()  # pages the watchdog took from the hook
-        self._dirty_count = 0  # Dirty leaves at the last checkpoint
+        self.checkpoint_count = 0  # Dirty leaves at the last checkpoint
         self._asked = False  # since_snapshot asked since the run, which answered _answer
         self._answer: PageMasks | None = None
 
     def start_run(self) -> None:
         self._written.clear()
-        self._dirty_count = 0
+        self.checkpoint_count = 0
         self._asked = False
 
     def take_events(self) -> list[WatchEvent]:
@@ -105,9 +109,9 @@ class WrittenPages:
             return bool(new)
         # the log clears Accessed in the page directories: tables not used since hold no
         # Dirty leaf, and skipping them makes a checkpoint ~10x cheaper
-        count = dirty_count(self.m, self.fw.pml4, accessed_level=2)
+        count = dirty_count(self.m, self.fw.pml4, accessed_level=CHECKPOINT_ACCESSED_LEVEL)
         if count is None:
             return True  # the scan gave up: no verdict, so no early stop
-        fresh = count > self._dirty_count
-        self._dirty_count = count
+        fresh = count > self.checkpoint_count
+        self.checkpoint_count = count
         return fresh

@@ -16,10 +16,13 @@ still stopped at a checkpoint.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kernel_emu.cycles import CycleFinder
-from kernel_emu.dirtypages import WrittenPages
+from kernel_emu.dirtylog import MAX_PAGES, MAX_TABLES
+from kernel_emu.dirtypages import CHECKPOINT_ACCESSED_LEVEL, WrittenPages
 from kernel_emu.machine import Machine
-from kernel_emu.tracing import GuestTracer
+from kernel_emu.tracing import GuestTracer, NativeTracer
 
 
 class Watchdog:
@@ -37,6 +40,21 @@ class Watchdog:
         self.next_checkpoint = 0
         self.stalled_at = 0  # the instruction count at which the run was called stalled
         self.cycles: CycleFinder | None = None
+        # The native tracer passes the checkpoints where the run made progress itself, with
+        # no stop (its `checkpoints`): only those of snapshot runs, whose Dirty count is the
+        # page-table log's. Every other stop still comes here, with the checkpoint and the
+        # count it has reached (_take_back), and the watchdog's decision goes back to it
+        # (_hand_over). A stop costs the guest's exit and re-entry and this module's Python,
+        # ~20 µs; a run that loads megabytes meets several.
+        state = tracer.state if isinstance(tracer, NativeTracer) else None
+        self._native: Any = state if (interval and written.log is not None and
+                                      hasattr(state, "checkpoints")) else None
+        if self._native is not None:
+            try:
+                self._native.checkpoint_walk(written.fw.pml4, CHECKPOINT_ACCESSED_LEVEL,
+                                             MAX_PAGES, MAX_TABLES, bulk_ranges)
+            except ValueError:  # more bulk routines than it holds: every checkpoint stops
+                self._native = None
 
     def start_run(self, run_budget: int, cycles: CycleFinder | None) -> None:
         """Reset the tracer for a run of `run_budget` instructions and arm its first stop."""
@@ -49,6 +67,26 @@ class Watchdog:
         if cycles is not None:
             cycles.start()
         self._arm_next_stop()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The tracer passes the checkpoints from here, as keep_going would (not once the
+        cycle search has proven a cycle: a checkpoint then arms its skip)."""
+        if self._native is not None:
+            cycles = self.cycles
+            self._native.checkpoints(cycles is None or not cycles.proven, self.next_checkpoint,
+                                     self.written.checkpoint_count, self.run_budget,
+                                     self.interval)
+
+    def _take_back(self) -> None:
+        """At a stop: the checkpoint and the Dirty count the tracer has reached."""
+        if self._native is not None:
+            self.next_checkpoint, self.written.checkpoint_count, _ = self._native.checkpoint
+
+    @property
+    def passed_natively(self) -> int:
+        """Checkpoints of the last run the tracer passed with no stop."""
+        return self._native.checkpoint[2] if self._native is not None else 0
 
     def _arm_next_stop(self) -> None:
         """Stop at the next checkpoint, or before it at the cycle search's next probe, which
@@ -76,6 +114,13 @@ class Watchdog:
         """At a stop of the tracer: resume (True) or end the run (False): the budget is
         spent, or at a checkpoint the run is stalled. Progress is a page written for the
         first time in this run, or being inside a bulk memory routine."""
+        self._take_back()
+        if self._keep_going():
+            self._hand_over()
+            return True
+        return False
+
+    def _keep_going(self) -> bool:
         tracer = self.tracer
         if tracer.instructions >= self.run_budget:
             return False

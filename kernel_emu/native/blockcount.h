@@ -464,6 +464,18 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
     }
     if (s->icount >= s->budget) {
         /* where the code hook would stop at the block's first instruction */
+        if (checkpoint_passes(s, b)) {
+            /* the entry of the stop, as the block hook makes it after a stop; then the
+             * blocks made precise for it count whole again, as `extend` makes them, and
+             * the entry of the guest's resume here follows */
+            if (s->quiet_block) {
+                s->quiet_block = 0;
+            } else {
+                record_block(s, b);
+            }
+            bc_drop(bc, 0);
+            return bc_entry(s, bc, uc, b, size);
+        }
         return BLOCK_STOP;
     }
     if (size == 0) {

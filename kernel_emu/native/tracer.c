@@ -45,6 +45,7 @@
 #define EVENT_CAP 4096
 #define MAX_FRAMES 16
 #define WATCH_FILTER_BITS 4096 /* power of two: indexed by the low address bits */
+#define CK_RANGES_MAX 16 /* bulk routines whose code is progress at a checkpoint */
 
 /* Values from unicorn/x86.h; copied so the build needs no Unicorn headers. */
 #define UC_X86_REG_RAX 35
@@ -283,6 +284,23 @@ typedef struct {
     uint32_t nunwind;
     struct HeapGuard *guard; /* see guard.h; NULL: no redzones kept */
     struct BlockCount *bc;   /* see blockcount.h; NULL: the code hook counts */
+    /* checkpoints(): the watchdog's checkpoints passed here, with no stop, when the run
+     * made progress (see checkpoint_passes); the owner still decides every other one.
+     * checkpoint_walk(): the Dirty count's tables (at ck_root, in the first RAM bank) and
+     * the bulk routines' code, where being is progress. */
+    int ck_on;
+    uint64_t ck_next;      /* the next checkpoint's count */
+    uint64_t ck_run_budget;
+    uint64_t ck_interval;
+    int64_t ck_count;      /* Dirty leaves at the last checkpoint */
+    uint64_t ck_passed;    /* checkpoints passed here since reset */
+    int ck_walk;           /* checkpoint_walk was given */
+    uint64_t ck_root;
+    int ck_level;
+    int64_t ck_max_pages;
+    int64_t ck_max_tables;
+    uint32_t ck_nranges;
+    uint64_t ck_ranges[CK_RANGES_MAX][2];
 
     /* Bit i: the 64-byte line i of `map` may hold a non-zero counter (every
      * write to the map sets its line's bit), so that reset() and a reader of
@@ -416,6 +434,66 @@ static void mark_page(TracerState *s, uint64_t page);
 static void console_put(TracerState *s, uint8_t byte);
 #include "bulk.h"
 #include "guard.h"
+#include "dirtycount.h"
+
+/* The budget stopped the guest at the watchdog's checkpoint, before the instruction at `pc`
+ * runs: whether the guest goes on from here with no stop, as the watchdog would let it after
+ * one. Only where the watchdog's verdict is progress: a page Dirty now that was not at the
+ * last checkpoint (a count whose walk gives up is no verdict: no early stop, as there), or
+ * `pc` in a bulk routine. The next checkpoint is then armed as the watchdog arms it, before
+ * it the next probe if that comes first. Any other stop is the owner's: a stalled run, the
+ * run's budget, a service or an arrival of the cycle search at the same count, no tables to
+ * count. The caller makes what the guest's resume would make: its block entry at `pc`. */
+static NOINLINE int checkpoint_passes(TracerState *s, uint64_t pc)
+{
+    if (!s->ck_on || !s->ck_walk || s->icount != s->ck_next || s->budget != s->ck_next ||
+        s->bulk_limit != s->ck_next || s->icount >= s->ck_run_budget || s->stop_pending ||
+        s->service_pending || s->stop_hit || s->exit_hit || s->nbanks == 0 ||
+        s->reg_write == NULL) {
+        return 0;
+    }
+    const Bank *low = &s->banks[0];
+    int64_t count = dirty_count(low->host, low->base, low->size, s->ck_root, s->ck_level,
+                                s->ck_max_pages, s->ck_max_tables);
+    int progress = count < 0 || count > s->ck_count;
+    for (uint32_t i = 0; !progress && i < s->ck_nranges; i++) {
+        progress = s->ck_ranges[i][0] <= pc && pc < s->ck_ranges[i][1];
+    }
+    if (!progress) {
+        return 0;
+    }
+    if (count >= 0) {
+        s->ck_count = count;
+    }
+    s->ck_passed++;
+    uint64_t room = s->ck_run_budget - s->icount;
+    s->ck_next = s->icount + (s->ck_interval < room ? s->ck_interval : room);
+    uint64_t budget = s->ck_next;
+    if (s->probe_on && s->probe_at != UINT64_MAX) {
+        uint64_t own = s->icount - s->bulk_units;
+        uint64_t probe = s->icount + (s->probe_at > own ? s->probe_at - own : 0);
+        budget = probe < budget ? probe : budget;
+    }
+    s->budget = budget;
+    s->bulk_limit = s->ck_next;
+    return 1;
+}
+
+static void bc_drop(struct BlockCount *bc, int all);
+
+/* A checkpoint passed in the code hook, before the instruction at `pc`: the guest starts
+ * again there, as after a stop. The blocks made precise for the stop count whole again, as
+ * `extend` makes them, and the block the guest is in is left at once: Unicorn ends it right
+ * after the hook when its pc is written, and goes on at `pc` with a block entry of its own,
+ * where the instruction is announced again. */
+static void resume_at(TracerState *s, void *uc, uint64_t pc)
+{
+    if (s->bc != NULL) {
+        bc_drop(s->bc, 0);
+    }
+    (void)s->reg_write(uc, UC_X86_REG_RIP, &pc);
+}
+
 #include "blockcount.h"
 
 /* Outside a run, after the watched addresses or bulk sites changed. */
@@ -587,6 +665,10 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
                 /* a fast-forward may have used up the budget: stop exactly
                  * where the iterations it stood for would have stopped */
                 if (UNLIKELY(s->icount >= s->budget)) {
+                    if (checkpoint_passes(s, address)) {
+                        resume_at(s, uc, address);
+                        return;
+                    }
                     s->exhausted = 1;
                     s->emu_stop(uc);
                     return;
@@ -609,6 +691,10 @@ static void code_hook(void *uc, uint64_t address, uint32_t size, void *user_data
             code_hook(uc, address, size, user_data);
             return;
         }
+    }
+    if (checkpoint_passes(s, address)) {
+        resume_at(s, uc, address);
+        return;
     }
     /* Unicorn checks for a stop request right after the code hook, so the
      * instruction this hook announced is not executed and the count stays
@@ -1124,6 +1210,8 @@ static PyObject *State_reset(TracerState *s, PyObject *arg)
     s->stop_hit = 0;
     s->exit_hit = 0;
     s->probe_on = 0; /* a run's probes are started after its reset */
+    s->ck_on = 0;    /* and its checkpoints */
+    s->ck_passed = 0;
     s->same_on = 0;
     s->quiet_block = 0;
     s->events_seen = 0;
@@ -1490,6 +1578,74 @@ static PyObject *State_probe_log(TracerState *s, PyObject *Py_UNUSED(ignored))
         PyList_SET_ITEM(out, (Py_ssize_t)i, item);
     }
     return out;
+}
+
+static PyObject *State_checkpoint_walk(TracerState *s, PyObject *args)
+{
+    unsigned long long root;
+    int level;
+    long long max_pages, max_tables;
+    PyObject *ranges_obj;
+    if (!PyArg_ParseTuple(args, "KiLLO", &root, &level, &max_pages, &max_tables, &ranges_obj)) {
+        return NULL;
+    }
+    PyObject *ranges = PySequence_Fast(ranges_obj, "ranges must be a sequence");
+    if (ranges == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(ranges);
+    uint64_t parsed[CK_RANGES_MAX][2];
+    if (n > CK_RANGES_MAX) {
+        Py_DECREF(ranges);
+        return PyErr_Format(PyExc_ValueError, "at most %d ranges", CK_RANGES_MAX);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long lo, hi;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(ranges, i), "KK;a range is (start, end)",
+                              &lo, &hi)) {
+            Py_DECREF(ranges);
+            return NULL;
+        }
+        parsed[i][0] = lo;
+        parsed[i][1] = hi;
+    }
+    Py_DECREF(ranges);
+    memcpy(s->ck_ranges, parsed, sizeof(parsed[0]) * (size_t)n);
+    s->ck_nranges = (uint32_t)n;
+    s->ck_root = root;
+    s->ck_level = level;
+    s->ck_max_pages = max_pages;
+    s->ck_max_tables = max_tables;
+    s->ck_walk = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_checkpoints(TracerState *s, PyObject *args)
+{
+    int on;
+    unsigned long long next, run_budget, interval;
+    long long count;
+    if (!PyArg_ParseTuple(args, "pKLKK", &on, &next, &count, &run_budget, &interval)) {
+        return NULL;
+    }
+    if (on && (!s->ck_walk || interval == 0)) {
+        PyErr_SetString(PyExc_ValueError, "checkpoints need checkpoint_walk and an interval");
+        return NULL;
+    }
+    s->ck_on = on;
+    s->ck_next = next;
+    s->ck_count = count;
+    s->ck_run_budget = run_budget;
+    s->ck_interval = interval;
+    Py_RETURN_NONE;
+}
+
+static PyObject *State_get_checkpoint(TracerState *s, void *closure)
+{
+    (void)closure;
+    /* (the next checkpoint's count, Dirty leaves at the last one, passed here since reset) */
+    return Py_BuildValue("(KLK)", (unsigned long long)s->ck_next, (long long)s->ck_count,
+                         (unsigned long long)s->ck_passed);
 }
 
 static PyObject *State_get_probe(TracerState *s, void *closure)
@@ -2260,6 +2416,17 @@ static PyMethodDef State_methods[] = {
     {"reset", (PyCFunction)State_reset, METH_O,
      "reset(budget) -> None\n\nZero counters, coverage, recent blocks and dirty sets; "
      "stop the guest before instruction number budget + 1."},
+    {"checkpoint_walk", (PyCFunction)State_checkpoint_walk, METH_VARARGS,
+     "checkpoint_walk(root, accessed_level, max_pages, max_tables, ranges) -> None\n\n"
+     "What the watchdog's checkpoints count: the Dirty leaves under the tables at root in "
+     "the first RAM bank (as dirty_leaves counts them), and the code ranges [start, end) of "
+     "the bulk routines, where being is progress."},
+    {"checkpoints", (PyCFunction)State_checkpoints, METH_VARARGS,
+     "checkpoints(on, next, count, run_budget, interval) -> None\n\nAt the checkpoint "
+     "`next` (an exact stop of the budget) and the later ones, pass those where the run made "
+     "progress here, with no stop: a Dirty count above `count`, or the guest in a bulk "
+     "routine; the next one is then `interval` further, never past `run_budget`. Off after "
+     "reset."},
     {"extend", (PyCFunction)State_extend, METH_VARARGS,
      "extend(budget, limit=None) -> None\n\nRaise the budget (counted since reset) of a run "
      "the budget stopped, so the guest can be resumed where it stopped. With a limit, the "
@@ -2508,6 +2675,9 @@ static PyGetSetDef State_getset[] = {
     {"same_arrivals", (getter)State_get_same_arrivals, NULL,
      "Arrivals past the first of the current stop_when_same search.", NULL},
     {"stop_hit", (getter)State_get_stop_hit, NULL, "True once stop_at stopped the guest.", NULL},
+    {"checkpoint", (getter)State_get_checkpoint, NULL,
+     "(next checkpoint, Dirty count at the last one, checkpoints passed here since reset)",
+     NULL},
     {"probe", (getter)State_get_probe, NULL,
      "(next probe's count outside bulk moves or None, probes made, searches armed, the "
      "address of the last one) since start_probes.", NULL},

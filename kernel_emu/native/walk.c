@@ -114,6 +114,7 @@
 #include <sys/mman.h>
 
 #include "pagemap.h"
+#include "dirtycount.h"
 
 #define P 1ULL
 #define W 2ULL
@@ -358,22 +359,6 @@ static int dirty_walk(DirtyWalk *d, uint64_t table, int level, uint64_t base, in
     }
     const uint8_t *entries = d->ram + (table - d->base);
     unsigned shift = 12 + 9 * (unsigned)(level - 1);
-    if (level == 1 && d->pages == NULL && d->page_bits == NULL && d->executable == NULL) {
-        /* Only counting (the watchdog asks at every checkpoint of a run that maps
-         * megabytes): the leaves with Present and Dirty, without a branch per entry. */
-        Py_ssize_t n = 0;
-        for (unsigned i = 0; i < 512; i++) {
-            uint64_t e;
-            memcpy(&e, entries + 8 * i, sizeof e);
-            n += (e & (P | D)) == (P | D);
-        }
-        if (d->max_pages - d->npages < n) {
-            d->give_up = 1;
-        } else {
-            d->npages += n;
-        }
-        return 0;
-    }
     for (unsigned i = 0; i < 512; i++) {
         uint64_t e;
         memcpy(&e, entries + 8 * i, sizeof e);
@@ -450,6 +435,16 @@ static PyObject *dirty_leaves(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*KKinn|iy*", &ram, &base, &root, &accessed_level, &max_pages,
                           &max_tables, &form, &forbidden)) {
         return NULL;
+    }
+    if (form == FORM_COUNT) {
+        /* only counting (the watchdog at a checkpoint): the walk the tracer counts with */
+        int64_t n = dirty_count(ram.buf, base, (uint64_t)ram.len, root, accessed_level,
+                                max_pages, max_tables);
+        PyBuffer_Release(&ram);
+        if (forbidden.obj != NULL) {
+            PyBuffer_Release(&forbidden);
+        }
+        return n < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(n);
     }
     Py_ssize_t nbytes = (ram.len / (Py_ssize_t)PAGE + 7) / 8;
     DirtyWalk d = {ram.buf, base, (uint64_t)ram.len, accessed_level, max_pages, max_tables,

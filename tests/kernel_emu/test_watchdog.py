@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from kernel_emu import dirtypages
+from kernel_emu.dirtylog import MAX_PAGES, MAX_TABLES
+from kernel_emu.dirtypages import CHECKPOINT_ACCESSED_LEVEL
 from kernel_emu.executor import Executor
 from kernel_emu.profile import load_profile
+from tests.kernel_emu.speedups import observe
 from tests.reproducers import REPRODUCERS, get_phdr, loads, set_phdr
 
 BASE = (Path(__file__).parents[2] / "fuzzfarm" / "examples" / "three-segments.elf").read_bytes()
@@ -84,3 +88,68 @@ def test_a_segment_table_cut_off_by_the_budget_is_not_a_short_one() -> None:
             assert result.crash_class == "hang"
             assert all(f.field != "segments" for f in result.findings), result.findings
     assert cut_runs > 0  # some budget really did stop the kernel inside its table
+
+
+def _checkpoint_inputs(base_elf: bytes) -> list[bytes]:
+    """Runs that meet checkpoints where they make progress, inside bulk moves and outside,
+    and runs that stall or loop (the endless loop and its mutants)."""
+    import random
+
+    from fuzz.mutator import ElfMutator
+
+    seeds = sorted((Path(__file__).parents[2] / "corpus" / "seeds").glob("*.elf"))
+    starts = [*(r.make(base_elf) for r in REPRODUCERS), *(p.read_bytes() for p in seeds),
+              *(_big_bss(mib) for mib in (1, 3))]
+    mutator, rng = ElfMutator(None, seed=7), random.Random(7)
+    mutants = [mutator.mutate(rng.choice(starts), 16384, rng.randrange(1 << 32))
+               for _ in range(120)]
+    return starts + mutants
+
+
+@pytest.mark.parametrize(("blocks", "cycles"), [(True, True), (True, False), (False, False)],
+                         ids=["per-block", "per-block-no-cycle-search", "per-instruction"])
+def test_the_checkpoints_the_tracer_passes_leave_each_run_as_a_stop_there_leaves_it(
+        base_elf: bytes, blocks: bool, cycles: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native tracer passes a checkpoint where the run made progress with no stop: every
+    run ends as it does when the guest stops at each checkpoint for the watchdog's Python,
+    to its recent blocks, coverage and count (the entry of the resume included), with the
+    same stall verdicts; checkpoints every 10,000 instructions. Without the cycle search the
+    endless loops are stalls at checkpoints the tracer was handed (with one, a proven cycle
+    takes the checkpoints back)."""
+    ex = Executor(load_profile("seed"), coverage=True, watchdog=10_000, count_blocks=blocks,
+                  skip_cycles=cycles)
+    passed = stalled = 0
+    for data in _checkpoint_inputs(base_elf):
+        natively = observe(ex, data)
+        passed += ex.watchdog.passed_natively
+        with monkeypatch.context() as patch:
+            patch.setattr(ex.watchdog, "_native", None)
+            at_stops = observe(ex, data)
+        assert ex.watchdog.passed_natively == 0
+        assert natively == at_stops, data[:64]
+        stalled += ex.stalled_at > 0
+    assert passed > 500 and stalled >= 3, (passed, stalled)
+
+
+def test_inside_a_bulk_routine_the_tracer_passes_a_checkpoint_with_no_page_written(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Dirty count held still (0 in the watchdog's Python; in the tracer, the count
+    under an empty table), only being in a bulk routine is progress. A checkpoint halfway
+    through a load that zeroes a megabyte falls in its memset: the tracer passes it, and the
+    run ends as when the watchdog's Python judges it."""
+    data = _big_bss(1)
+    plain = Executor(load_profile("seed"))
+    whole = plain.run(data).instructions
+    assert plain.fast_units > whole // 2  # mostly the memset: its middle is in it
+    ex = Executor(load_profile("seed"), coverage=True, watchdog=whole // 2, skip_cycles=False)
+    empty = next(a for a in range(0x1000, 0x80000, 0x1000)
+                 if ex.machine.read(a, 0x1000) == bytes(0x1000))
+    monkeypatch.setattr(dirtypages, "dirty_count", lambda *args, **kw: 0)
+    ex.watchdog._native.checkpoint_walk(empty, CHECKPOINT_ACCESSED_LEVEL, MAX_PAGES,
+                                        MAX_TABLES, ex.bulk_ranges)
+    natively = observe(ex, data)
+    assert ex.watchdog.passed_natively == 1 and ex.stalled_at == 0
+    assert ex.machine.read(empty, 0x1000) == bytes(0x1000)
+    with monkeypatch.context() as patch:
+        patch.setattr(ex.watchdog, "_native", None)
+        assert observe(ex, data) == natively
