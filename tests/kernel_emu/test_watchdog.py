@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
 
+from fuzz.mutator import ElfMutator
 from kernel_emu import dirtypages
 from kernel_emu.dirtylog import MAX_PAGES, MAX_TABLES
 from kernel_emu.dirtypages import CHECKPOINT_ACCESSED_LEVEL
@@ -93,10 +95,6 @@ def test_a_segment_table_cut_off_by_the_budget_is_not_a_short_one() -> None:
 def _checkpoint_inputs(base_elf: bytes) -> list[bytes]:
     """Runs that meet checkpoints where they make progress, inside bulk moves and outside,
     and runs that stall or loop (the endless loop and its mutants)."""
-    import random
-
-    from fuzz.mutator import ElfMutator
-
     seeds = sorted((Path(__file__).parents[2] / "corpus" / "seeds").glob("*.elf"))
     starts = [*(r.make(base_elf) for r in REPRODUCERS), *(p.read_bytes() for p in seeds),
               *(_big_bss(mib) for mib in (1, 3))]
