@@ -468,11 +468,7 @@ static int bc_entry(TracerState *s, BlockCount *bc, void *uc, uint64_t b, uint32
             /* the entry of the stop, as the block hook makes it after a stop; then the
              * blocks made precise for it count whole again, as `extend` makes them, and
              * the entry of the guest's resume here follows */
-            if (s->quiet_block) {
-                s->quiet_block = 0;
-            } else {
-                record_block(s, b);
-            }
+            record_entry(s, b);
             bc_drop(bc, 0);
             return bc_entry(s, bc, uc, b, size);
         }

@@ -430,6 +430,7 @@ static uint32_t walk_frames(TracerState *s, void *uc, uint64_t rsp, uint64_t rbp
 }
 
 static void record_block(TracerState *s, uint64_t address);
+static void record_entry(TracerState *s, uint64_t address);
 static void mark_page(TracerState *s, uint64_t page);
 static void console_put(TracerState *s, uint8_t byte);
 #include "bulk.h"
@@ -446,7 +447,7 @@ static void console_put(TracerState *s, uint8_t byte);
  * count. The caller makes what the guest's resume would make: its block entry at `pc`. */
 static NOINLINE int checkpoint_passes(TracerState *s, uint64_t pc)
 {
-    if (!s->ck_on || !s->ck_walk || s->icount != s->ck_next || s->budget != s->ck_next ||
+    if (!s->ck_on || s->icount != s->ck_next || s->budget != s->ck_next ||
         s->bulk_limit != s->ck_next || s->icount >= s->ck_run_budget || s->stop_pending ||
         s->service_pending || s->stop_hit || s->exit_hit || s->nbanks == 0 ||
         s->reg_write == NULL) {
@@ -721,6 +722,17 @@ static void record_block(TracerState *s, uint64_t address)
     }
 }
 
+/* A block entry: recorded, but for the block a resume starts mid-way, which an
+ * uninterrupted run has no entry for (quiet_resume). */
+static void record_entry(TracerState *s, uint64_t address)
+{
+    if (s->quiet_block) {
+        s->quiet_block = 0;
+    } else {
+        record_block(s, address);
+    }
+}
+
 static void block_hook_counting(TracerState *s, void *uc, uint64_t address, uint32_t size);
 
 static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
@@ -748,13 +760,7 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user_dat
          * the code hook was told to ignore will never come. */
         clear_stop_pending(s);
     }
-    if (s->quiet_block) {
-        /* the block a resume starts mid-way: an uninterrupted run has no
-         * such entry */
-        s->quiet_block = 0;
-        return;
-    }
-    record_block(s, address);
+    record_entry(s, address);
 }
 
 /* The block hook while blocks are counted (see blockcount.h): the entry is
@@ -769,11 +775,7 @@ static void block_hook_counting(TracerState *s, void *uc, uint64_t address, uint
     if (action == BLOCK_RESTARTED) {
         return;
     }
-    if (s->quiet_block) {
-        s->quiet_block = 0;
-    } else {
-        record_block(s, address);
-    }
+    record_entry(s, address);
     if (action == BLOCK_COUNTED && s->bc->cur_console) {
         console_forward(s, uc, address, 1);
     }
