@@ -41,6 +41,9 @@
  *     the run that the dirty-page log vouches for those bits (trust_zeros);
  *   - or on the host's, in a fill of at least ABSENT_MIN_PAGES pages: it holds
  *     no page there, or its zero page (/proc/self/pagemap).
+ * A copy leaves alone, and names, the whole pages where it would write zeros
+ * over zeros: it reads both sides, or asks the host about the destination as a
+ * long fill does (copy_held).
  * Every other page is written, so the memory is the same either way.
  */
 
@@ -348,40 +351,43 @@ static int bytes_read_zero(const uint8_t *p, size_t n)
 }
 
 /* Copy `bytes` from `from` to `to` (bank `b`, whose absent pages read as zeros; `to` no
- * higher than `from`, or apart: the forward copy).  In a copy of enough whole pages to pay
- * for the system call, a destination page the host holds none of (or only its zero page),
- * whose source bytes read as zeros, is left alone and noted, as a zero fill leaves it: it
- * reads as what the copy would write, and writing it would only make the host fault it in
- * (zeros read past a file's end into fresh pages, say).  Returns the pages left alone. */
+ * higher than `from`, or apart: the forward copy).  A whole destination page that reads as
+ * zeros, whose source bytes read as zeros too, is left alone and noted, as a zero fill leaves
+ * it: the copy would write zeros over zeros, and writing them would make the host fault in a
+ * page of its own there, which the restore would then give back (zeros read past a file's end
+ * into fresh frames, say, that a fill has just left to the host).  In a copy of enough whole
+ * pages to pay for the system call, the host says which destination pages it holds none of
+ * (or only its zero page), which need not be read.  Returns the pages left alone. */
 static uint64_t copy_held(TracerState *s, uint32_t b, uint8_t *to, const uint8_t *from,
                           uint64_t bytes)
 {
     uintptr_t start = (uintptr_t)to, end = start + (uintptr_t)bytes;
     uintptr_t first = (start + HOST_PAGE - 1) & ~(uintptr_t)(HOST_PAGE - 1);
     uintptr_t last = end & ~(uintptr_t)(HOST_PAGE - 1);
-    if (last <= first || (last - first) / HOST_PAGE < ABSENT_MIN_PAGES || s->absent[b] == NULL) {
+    if (last <= first || s->absent[b] == NULL) {
         memmove(to, from, (size_t)bytes);
         return 0;
     }
     memmove(to, from, first - start);
+    int ask = (last - first) / HOST_PAGE >= ABSENT_MIN_PAGES;
     uint64_t left_alone = 0;
     uint64_t entries[PAGEMAP_BATCH];
     for (uintptr_t page = first; page < last;) {
         size_t n = (last - page) / HOST_PAGE;
         n = n < PAGEMAP_BATCH ? n : PAGEMAP_BATCH;
         const uint8_t *src = from + (page - start);
-        if (pagemap_read(page, n, entries) != 0) {
-            memmove((void *)page, src, last - page);
-            break;
-        }
+        int asked = ask && pagemap_read(page, n, entries) == 0;
         /* each page looked at once (its source read once): the pages to write, in one
          * copy, then the one that ended them, left alone */
         for (size_t i = 0; i < n;) {
             size_t j = i;
-            while (j < n &&
-                   (pagemap_zero(entries[j], (const uint8_t *)(page + j * HOST_PAGE)) ==
-                        PAGE_DATA ||
-                    !bytes_read_zero(src + j * HOST_PAGE, HOST_PAGE))) {
+            while (j < n) {
+                const uint8_t *dst = (const uint8_t *)(page + j * HOST_PAGE);
+                if (bytes_read_zero(src + j * HOST_PAGE, HOST_PAGE) &&
+                    ((asked && pagemap_zero(entries[j], dst) != PAGE_DATA) ||
+                     page_reads_zero(dst))) {
+                    break;
+                }
                 j++;
             }
             if (j > i) {

@@ -322,6 +322,35 @@ def test_a_copy_of_zeros_leaves_pages_the_host_does_not_hold_alone() -> None:
                for i in range(to, to + pages) if i not in held)
 
 
+def test_a_short_copy_of_zeros_leaves_pages_that_read_as_zeros_alone() -> None:
+    """A copy too short to ask the host reads its destination instead: a page that reads as
+    zeros, whose source does too, is left alone whether the host holds it or not (a fill
+    wrote it, say), and noted, so that the restore gives it back; a page with data on either
+    side is written."""
+    pages = 6
+    ex = Executor(load_profile("seed"), count_blocks=False)  # a run to another address
+    ex.restore()
+    bank, m = ex.machine.banks[0], ex.machine
+    zero = ex._guest_zero_pages(ex.snapshot) if ex.snapshot else b""
+    runs = [i for i in range(bank.size // PAGE // 2, bank.size // PAGE - pages)
+            if all(zero[j // 8] >> j % 8 & 1 for j in range(i, i + pages))]
+    to, source = runs[0], next(i for i in runs if i >= runs[0] + pages)
+    _call_memset(ex, bank.base + (source + 2) * PAGE + 100, 0x44, 4)  # a source page's bytes
+    _call_memset(ex, bank.base + (to + 4) * PAGE, 0x55, PAGE)  # a destination page's data
+    _call_memset(ex, bank.base + (to + 1) * PAGE, 0x66, PAGE)  # held by the host, then
+    _call_memset(ex, bank.base + (to + 1) * PAGE, 0, PAGE)  # zeros again
+    assert _pagemap(bank.buffer, to + 1) & EXCLUSIVE
+    _call_guest(ex, "memcpy", bank.base + to * PAGE, bank.base + source * PAGE, pages * PAGE)
+    want = bytearray(pages * PAGE)
+    want[2 * PAGE + 100:2 * PAGE + 104] = b"DDDD"
+    assert m.read(bank.base + to * PAGE, pages * PAGE) == bytes(want)
+    assert ex.tracer.copies_left_absent == pages - 2  # all but the two with data
+    ex.restore()
+    assert _differences(ex) == []
+    assert all(not _pagemap(bank.buffer, i) & EXCLUSIVE
+               for i in range(to, to + pages) if i not in (to + 2, to + 4))
+
+
 def test_a_boot_service_after_the_snapshot_ends_the_trust(heavy: dict[str, bytes],
                                                           guest_fills: Executor) -> None:
     """The firmware writes guest memory without Dirty bits, and no restore sees it: once a
