@@ -31,6 +31,12 @@ VECTORS = {0: "#DE divide error", 6: "#UD invalid opcode", 13: "#GP general prot
            14: "#PF page fault", 8: "#DF double fault", 3: "#BP breakpoint", 4: "#OF overflow",
            5: "#BR bound range", 12: "#SS stack fault", 17: "#AC alignment check"}
 OOM_MARKERS = ("memory allocation of", "out of physical pages", "out of memory")
+# A stack that overflows reaches its guard page through the stack pointer: a push or a call
+# writes just below rsp, and a function touches its frame above it (a frame of more than this
+# is not looked for). Any other access to a guard page is a stray one (a copy from a wild
+# source address, say), filed as the page fault it is.
+STACK_BELOW_RSP = 256
+STACK_FRAME_MAX = 64 * 1024
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md.detail = True
@@ -132,7 +138,8 @@ def _fault_finding(obs: RunObservations, image: KernelImage, kstack_base: int | 
             guard = "firmware stack"
         elif kstack_base and kstack_base - PAGE <= fault.cr2 < kstack_base:
             guard = "kernel stack"
-        if guard is not None:
+        if guard is not None and \
+                fault.rsp - STACK_BELOW_RSP <= fault.cr2 < fault.rsp + STACK_FRAME_MAX:
             return Finding(CrashClass.STACK_OVERFLOW,
                            [f"{access} of the {guard} guard page at {fault.cr2:#x} "
                             f"(rsp={fault.rsp:#x}) at {where}"], frames=frames, pc=fault.pc)

@@ -10,10 +10,11 @@ import pytest
 from kernel_emu.errors import HarnessError
 from kernel_emu.executor import Executor
 from kernel_emu.klog import parse_log
+from kernel_emu.machine import PAGE
 from kernel_emu.oracles import _segment_findings
 from kernel_emu.profile import load_profile
 from tests.elfs import build_elf, readelf_loads
-from tests.reproducers import REPRODUCERS, loads, set_header, set_phdr, split_trigger
+from tests.reproducers import REPRODUCERS, get_phdr, loads, set_header, set_phdr, split_trigger
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,25 @@ def test_small_firmware_stack_overflows_into_guard(tmp_path: Path, base_elf: byt
     result = Executor(load_profile(str(path))).run(base_elf)
     assert result.crash_class == "stack-overflow", result.findings
     assert "firmware stack guard page" in result.findings[0].evidence[0]
+
+
+def test_a_stray_read_of_a_guard_page_is_a_page_fault(base_elf: bytes) -> None:
+    """A copy from a wild source address runs into the firmware stack's guard page, far from
+    where the stack pointer is: the page fault it is, filed with that copy's other faults, and
+    not a stack overflow. Here the file offset wraps around to low RAM, and offset + size
+    wraps back past the loader's check."""
+    ex = Executor(load_profile("seed"))
+    file_at = int(ex.run(base_elf).log.split("bin/init at ")[1].split(",")[0], 16)
+    data = loads(base_elf)[-1]
+    vaddr = get_phdr(base_elf, data)["vaddr"]
+    source = PAGE + ((vaddr + file_at) & (PAGE - 1))  # offset and vaddr agree modulo a page
+    offset = (source - file_at) % (1 << 64)
+    wild = set_phdr(base_elf, data, offset=offset,
+                    filesz=(len(base_elf) - 64 - offset) % (1 << 64), memsz=0xF00000)
+    result = ex.run(wild)
+    assert result.crash_class == "cpu-fault", result.findings
+    assert "[guard:firmware-stack]" in result.findings[0].evidence[0]
+    assert result.findings[0].frames[0].startswith("memcpy")
 
 
 def test_bug_in_an_observer_is_a_harness_error(monkeypatch: pytest.MonkeyPatch,
