@@ -17,7 +17,9 @@ entries a larger size apart (the rest of each is padding) and entries a smaller 
 apart (none can be smaller), so the file put right means what the oracles took the original
 to mean. Where moving the entries would change anything else the file says (a note they
 would land on, the header itself), the field is not judged. Section headers are read by no
-oracle: their entry size alone is put right. If the
+oracle: their entry size alone is put right. Nor is any field judged whose bytes a program
+header lies over (a table at offset 0 overlaps the header, and e_shentsize is then part of
+an entry's type): put right, the field would change that entry too. If the
 crash does not happen then (no finding of the second run has the first's signature), the
 field is its cause: the Result gets a finding of class `unchecked-field` at site `ELF
 header`, field `e_phentsize` (say), before everything the run found, which the chain keeps as
@@ -82,21 +84,23 @@ class FixedField:
         size pads moved to the standard size apart (in place, front to back: an entry only
         ever moves onto bytes of itself or of entries already moved). None when that cannot
         be done without changing what the file says otherwise (the moved entries land on a
-        note, say, or the table lies over the header itself)."""
+        note, say, or the table lies over the header itself, the field included)."""
+        if _under_an_entry(data, self.offset, self.size):
+            return None
         out = bytearray(data)
         stride = self.read(data)
         out[self.offset:self.offset + self.size] = self.value.to_bytes(self.size, "little")
-        if self.table is None or stride <= self.value:
-            return bytes(out)
-        start, count = (ELF64_EHDR[name].read(data) for name in self.table)
-        if start < ELF64_EHDR_SIZE:
-            return None
-        for i in range(count):
-            src, dst = start + i * stride, start + i * self.value
-            if src + self.value > len(out):
-                break
-            out[dst:dst + self.value] = out[src:src + self.value]
-        return bytes(out) if _same_entries(data, bytes(out)) else None
+        if self.table is not None and stride > self.value:
+            start, count = (ELF64_EHDR[name].read(data) for name in self.table)
+            if start < ELF64_EHDR_SIZE:
+                return None
+            for i in range(count):
+                src, dst = start + i * stride, start + i * self.value
+                if src + self.value > len(out):
+                    break
+                out[dst:dst + self.value] = out[src:src + self.value]
+            return bytes(out) if _same_entries(data, bytes(out)) else None
+        return bytes(out)
 
     def format(self, value: int) -> str:
         return f"{value:#0{2 + 2 * self.size}x}" if self.name == "EI_MAG" else f"{value:#x}"
@@ -105,6 +109,17 @@ class FixedField:
         """The field put right, in words."""
         laid = f" (the same entries, {self.value:#x} apart)" if self.table else ""
         return f"{self.name} {self.format(self.value)}{laid}"
+
+
+def _under_an_entry(data: bytes, offset: int, size: int) -> bool:
+    """Whether a program header lies over the header's bytes [offset, offset + size): the
+    table as the header places it, its entries `e_phentsize` apart or, smaller, 56 (as the
+    kernel may read them, and as the farm's reader does)."""
+    phoff, phnum = ELF64_EHDR["e_phoff"].read(data), ELF64_EHDR["e_phnum"].read(data)
+    if phnum == 0 or phoff >= offset + size:
+        return False
+    stride = max(ELF64_EHDR["e_phentsize"].read(data), ELF64_PHDR_SIZE)
+    return phoff + (phnum - 1) * stride + ELF64_PHDR_SIZE > offset
 
 
 def _same_entries(before: bytes, after: bytes) -> bool:

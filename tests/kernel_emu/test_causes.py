@@ -113,11 +113,12 @@ def test_the_rules(base_elf: bytes) -> None:
     assert [f.name for f in broken_fields(set_header(base_elf, phentsize=64))] == [
         "e_phentsize"]
     # a padded table over the header itself cannot be laid out again without changing the
-    # header: not judged. A smaller size needs no moving
+    # header: not judged. A smaller size needs no moving, but at offset 0 the field is part
+    # of the first entry (its p_align): not judged either
     field = next(f for f in FIXED_FIELDS if f.name == "e_phentsize")
     assert field.put_right(set_header(base_elf, phoff=0, phentsize=112)) is None
-    assert field.put_right(set_header(base_elf, phoff=0, phentsize=8)) == \
-        set_header(base_elf, phoff=0)
+    assert field.put_right(set_header(base_elf, phoff=0, phentsize=8)) is None
+    assert field.put_right(set_header(base_elf, phentsize=8)) == base_elf
     # hostile values: a table past the end of the file, the largest stride and count
     for phoff in (len(base_elf) - 8, 1 << 63):
         far = set_header(base_elf, phoff=phoff, phentsize=0xFFFF, phnum=0xFFFF)
@@ -150,6 +151,19 @@ def test_the_rules(base_elf: bytes) -> None:
             assert fixed is not None
             assert not field.broken(fixed) and len(fixed) == len(data)
             assert sum(a != b for a, b in zip(fixed, data, strict=True)) <= field.size
+
+
+def test_a_field_a_program_header_lies_over_is_not_judged(base_elf: bytes) -> None:
+    """With the program headers at offset 0, e_phnum and e_shentsize are the second entry's
+    p_type (4 and 0: a PT_NOTE, which a fuzzing job met). Put right, e_shentsize would change
+    that entry too, so it is not judged; where no entry lies over it, its value alone is put
+    right."""
+    shentsize = next(f for f in FIXED_FIELDS if f.name == "e_shentsize")
+    over = set_header(base_elf, phoff=0, phnum=4, shentsize=0)
+    assert ELF64_PHDR["p_type"].read(over, 56) == PT_NOTE
+    assert [f.name for f in broken_fields(over)] == ["e_shentsize"]
+    assert shentsize.put_right(over) is None
+    assert shentsize.put_right(set_header(base_elf, shentsize=0)) == base_elf
 
 
 def test_the_standard_header_shortcut_says_what_each_field_says(base_elf: bytes) -> None:
