@@ -33,6 +33,7 @@ from kernel_emu.profile import TargetProfile
 from kernel_emu.result import Result, StopReason, Verdict
 from kernel_emu.snapshot import Snapshot, code_masks
 from kernel_emu.tracing import (
+    EVENT_CAP,
     PORT_LOG_SIZE,
     GuestTracer,
     NativeTracer,
@@ -356,7 +357,7 @@ class Executor:
             recent_blocks=tracer.recent_blocks, stalled_at=self.watchdog.stalled_at,
             budget=self.budget, efi_main_status=self.firmware.state.efi_main_status,
             firmware_console=self.firmware.state.console, writers=writers, live=live,
-            freed=freed, file=data,
+            freed=freed, events_dropped=tracer.events_dropped, file=data,
             log_base=self.snapshot.log_base if self.snapshot is not None else None)
         self.last_observations = observed
         result = oracles.assess(observed, image, self.profile, segments, self.details)
@@ -370,6 +371,11 @@ class Executor:
         result.notes = list(self.notes) + [
             f"the kernel asked the firmware for {name}, which this machine does not provide"
             for name in dict.fromkeys(self.firmware.state.unsupported)]
+        if observed.events_dropped:
+            result.notes.append(
+                f"the allocator's calls made {observed.events_dropped} events more than the "
+                f"tracer's log holds ({EVENT_CAP}): no leak was judged, and heap damage was "
+                f"charged to no allocation")
         t3 = time.perf_counter()
         phases = self.phase_seconds
         phases["prepare"] += t1 - t0

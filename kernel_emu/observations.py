@@ -81,6 +81,9 @@ class RunObservations:
     live: list[Allocation] = field(default_factory=list)
     # allocations this run made and freed, in the order they were freed
     freed: list[Allocation] = field(default_factory=list)
+    # the allocator's events that did not fit in the tracer's log: with any, `live` and
+    # `freed` are what the first events say, not the whole run
+    events_dropped: int = 0
     # the input file (the ELF), as the kernel was given it
     file: bytes = b""
     # what the console said up to the snapshot (klog.parse_log's `base`)

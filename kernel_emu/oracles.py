@@ -328,7 +328,9 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
             lines, where = [evidence], frames
             # the damage is charged to the allocation it lies in or right after (as a heap
             # overflow report names the overflowed block), wherever the run then stopped
-            culprit = _culprit(obs.live, heap.spot, profile.heap.header_size, obs.freed)
+            # (only from a whole log of the allocator's calls)
+            culprit = None if obs.events_dropped else \
+                _culprit(obs.live, heap.spot, profile.heap.header_size, obs.freed)
             if culprit is not None and culprit.returned is not None:
                 where = event_frames(culprit.returned,
                                      lambda a, ret: image.describe(a, return_address=ret))
@@ -349,8 +351,10 @@ def assess(obs: RunObservations, image: KernelImage, profile: TargetProfile,
     if stop == StopReason.UNTIL:
         state += user_space_findings(m, image, profile, log, expected, frames, kstack_base,
                                      obs.file, segments)
-    if stop == StopReason.UNTIL or (stop == StopReason.HALT and log.rejected is not None):
-        # a settled kernel: everything the run allocated is freed or still in use. Entering
+    if (stop == StopReason.UNTIL or (stop == StopReason.HALT and log.rejected is not None)) \
+            and not obs.events_dropped:
+        # a settled kernel: everything the run allocated is freed or still in use (known only
+        # from a whole log of the allocator's calls: what the log missed is not live). Entering
         # user mode abandons the kernel stack (the next entry starts at its top), so only a
         # halted kernel's stack is a root
         stack = (kstack_base, kstack_base + profile.kernel.stack_size) \

@@ -16,7 +16,7 @@ from kernel_emu.leaks import WORDS_AT_ONCE, _held, _held_python, _holds_word
 from kernel_emu.machine import Machine
 from kernel_emu.profile import load_profile
 from tests.kernel_emu.speedups import count_calls
-from tests.reproducers import REPRODUCERS
+from tests.reproducers import REPRODUCERS, build_id, with_notes
 
 ROOT = Path(__file__).parents[2]
 
@@ -170,3 +170,19 @@ def test_runs_with_nothing_leaked_never_reach_the_python_scan(
     leak = next(r for r in REPRODUCERS if r.expected == "memory-leak")
     result = ex.run(leak.make(base_elf))
     assert python[0] >= 1 and any(f.cls == "memory-leak" for f in result.findings)
+
+
+def test_a_log_of_the_allocator_too_short_for_the_run_judges_no_leak(base_elf: bytes) -> None:
+    """A thousand build-ID notes make the fixed build call its allocator more often than the
+    tracer's log holds events for: what was live is then not known, and a leak read from the
+    log's first part (an early build ID, freed after the log was full) would be the farm's
+    own. No leak is judged, and the Result says why; a few notes are judged as ever."""
+    fixed = Executor(load_profile("fixed"))
+    many = with_notes(base_elf, b"".join(build_id(fill=i % 256) for i in range(1000)))
+    result = fixed.run(many)
+    assert fixed.tracer.events_dropped > 0
+    assert result.verdict == "ok", result.findings
+    assert any("no leak was judged" in note for note in result.notes)
+    few = fixed.run(with_notes(base_elf, build_id(fill=1) + build_id(fill=2)))
+    assert fixed.tracer.events_dropped == 0 and few.verdict == "ok"
+    assert not any("no leak was judged" in note for note in few.notes)
