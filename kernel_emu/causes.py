@@ -17,9 +17,9 @@ entries a larger size apart (the rest of each is padding) and entries a smaller 
 apart (none can be smaller), so the file put right means what the oracles took the original
 to mean. Where moving the entries would change anything else the file says (a note they
 would land on, the header itself), the field is not judged. Section headers are read by no
-oracle: their entry size alone is put right. Nor is any field judged whose bytes a program
-header lies over (a table at offset 0 overlaps the header, and e_shentsize is then part of
-an entry's type): put right, the field would change that entry too. If the
+oracle: their entry size alone is put right. Nor is any other field judged whose bytes a
+program header lies over (a table at offset 0 overlaps the header, and e_shentsize is then
+part of an entry's type): put right, the field would change that entry too. If the
 crash does not happen then (no finding of the second run has the first's signature), the
 field is its cause: the Result gets a finding of class `unchecked-field` at site `ELF
 header`, field `e_phentsize` (say), before everything the run found, which the chain keeps as
@@ -85,8 +85,8 @@ class FixedField:
         ever moves onto bytes of itself or of entries already moved). None when that cannot
         be done without changing what the file says otherwise (the moved entries land on a
         note, say, or the table lies over the header itself, the field included)."""
-        if _under_an_entry(data, self.offset, self.size):
-            return None
+        if self.table is None and _under_an_entry(data, self.offset, self.size):
+            return None  # (a table's own entry size is what lays its entries out: judged)
         out = bytearray(data)
         stride = self.read(data)
         out[self.offset:self.offset + self.size] = self.value.to_bytes(self.size, "little")

@@ -113,12 +113,12 @@ def test_the_rules(base_elf: bytes) -> None:
     assert [f.name for f in broken_fields(set_header(base_elf, phentsize=64))] == [
         "e_phentsize"]
     # a padded table over the header itself cannot be laid out again without changing the
-    # header: not judged. A smaller size needs no moving, but at offset 0 the field is part
-    # of the first entry (its p_align): not judged either
+    # header: not judged. A smaller size needs no moving (and is judged even where the
+    # table lies over it: the stride is what lays the entries out)
     field = next(f for f in FIXED_FIELDS if f.name == "e_phentsize")
     assert field.put_right(set_header(base_elf, phoff=0, phentsize=112)) is None
-    assert field.put_right(set_header(base_elf, phoff=0, phentsize=8)) is None
-    assert field.put_right(set_header(base_elf, phentsize=8)) == base_elf
+    assert field.put_right(set_header(base_elf, phoff=0, phentsize=8)) == \
+        set_header(base_elf, phoff=0)
     # hostile values: a table past the end of the file, the largest stride and count
     for phoff in (len(base_elf) - 8, 1 << 63):
         far = set_header(base_elf, phoff=phoff, phentsize=0xFFFF, phnum=0xFFFF)
@@ -164,6 +164,10 @@ def test_a_field_a_program_header_lies_over_is_not_judged(base_elf: bytes) -> No
     assert [f.name for f in broken_fields(over)] == ["e_shentsize"]
     assert shentsize.put_right(over) is None
     assert shentsize.put_right(set_header(base_elf, shentsize=0)) == base_elf
+    # e_version lies under the first entry (its p_vaddr) of a table at offset 0 too
+    version = next(f for f in FIXED_FIELDS if f.name == "e_version")
+    assert version.put_right(set_header(over, version=7)) is None
+    assert version.put_right(set_header(base_elf, version=7)) == base_elf
 
 
 def test_the_standard_header_shortcut_says_what_each_field_says(base_elf: bytes) -> None:
