@@ -11,7 +11,7 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -290,6 +290,17 @@ def test_a_page_written_in_the_run_is_zeroed_by_the_fill(pages: int) -> None:
     assert ex.tracer.zeros_taken == 0 and ex.tracer.pages_left_absent == 0
 
 
+def _copy_ends(ex: Executor, pages: int,
+               usable: Callable[[int], bool] = lambda _i: True) -> tuple[int, int]:
+    """A copy's destination and source in the upper half of the first bank: two runs of
+    `pages` pages, one after the other, that the snapshot has as zeros and `usable` takes."""
+    bank = ex.machine.banks[0]
+    zero = ex._guest_zero_pages(ex.snapshot) if ex.snapshot else b""
+    runs = [i for i in range(bank.size // PAGE // 2, bank.size // PAGE - pages)
+            if all(zero[j // 8] >> j % 8 & 1 and usable(j) for j in range(i, i + pages))]
+    return runs[0], next(i for i in runs if i >= runs[0] + pages)
+
+
 def test_a_copy_of_zeros_leaves_pages_the_host_does_not_hold_alone() -> None:
     """A long copy writes only the destination pages that would change: a page the host holds
     none of, whose source reads as zeros, is left alone (and given back by the restore); a
@@ -298,13 +309,9 @@ def test_a_copy_of_zeros_leaves_pages_the_host_does_not_hold_alone() -> None:
     ex = Executor(load_profile("seed"), count_blocks=False)  # a run to another address
     ex.restore()
     bank, m = ex.machine.banks[0], ex.machine
-    zero = ex._guest_zero_pages(ex.snapshot) if ex.snapshot else b""
     # zeros the host holds none of, or only as its zero page
-    free = {i for i, entry in enumerate(_entries(bank.buffer))
-            if not entry & EXCLUSIVE and zero[i // 8] >> i % 8 & 1}
-    runs = [i for i in range(bank.size // PAGE // 2, bank.size // PAGE - pages)
-            if all(j in free for j in range(i, i + pages))]
-    to, source = runs[0], next(i for i in runs if i >= runs[0] + pages)
+    entries = _entries(bank.buffer)
+    to, source = _copy_ends(ex, pages, lambda i: not entries[i] & EXCLUSIVE)
     _call_memset(ex, bank.base + (source + 3) * PAGE + 100, 0x44, 4)  # a source page's bytes
     _call_memset(ex, bank.base + (to + 7) * PAGE, 0x55, PAGE)  # one destination page held
     _call_guest(ex, "memcpy", bank.base + to * PAGE, bank.base + source * PAGE, pages * PAGE)
@@ -331,10 +338,7 @@ def test_a_short_copy_of_zeros_leaves_pages_that_read_as_zeros_alone() -> None:
     ex = Executor(load_profile("seed"), count_blocks=False)  # a run to another address
     ex.restore()
     bank, m = ex.machine.banks[0], ex.machine
-    zero = ex._guest_zero_pages(ex.snapshot) if ex.snapshot else b""
-    runs = [i for i in range(bank.size // PAGE // 2, bank.size // PAGE - pages)
-            if all(zero[j // 8] >> j % 8 & 1 for j in range(i, i + pages))]
-    to, source = runs[0], next(i for i in runs if i >= runs[0] + pages)
+    to, source = _copy_ends(ex, pages)
     _call_memset(ex, bank.base + (source + 2) * PAGE + 100, 0x44, 4)  # a source page's bytes
     _call_memset(ex, bank.base + (to + 4) * PAGE, 0x55, PAGE)  # a destination page's data
     _call_memset(ex, bank.base + (to + 1) * PAGE, 0x66, PAGE)  # held by the host, then
